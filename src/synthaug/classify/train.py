@@ -1,0 +1,271 @@
+"""One plain PyTorch training loop for the classifier, with the options the baselines and
+recipes need: sampler, loss, augmentation, Mixup/CutMix, SAM, per-sample weights, and cRT
+(re-fit the head on class-balanced real data). Resumable from per-epoch checkpoints."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
+from torchvision.transforms import v2
+
+from ..data.dataset import ImageDataset
+from ..errors import SynthaugError
+from ..utils.io import load_state, save_state
+from ..utils.runtime import progress_bar, resolve_device
+from .losses import SAM, mix_batch, soft_cross_entropy
+from .models import Classifier, create_model
+
+SAMPLERS = ("uniform", "class-balanced", "sqrt")
+LOSSES = ("ce", "logit-adjusted", "balanced-softmax")
+AUGMENTATIONS = ("none", "crop", "flip", "randaugment", "trivialaugment", "autoaugment")
+MIXES = ("none", "mixup", "cutmix", "mixup-cutmix")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides how a classifier is trained. Defaults suit 28x28 images on a CPU."""
+
+    model: str = "small-cnn"
+    epochs: int = 15
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 1.0
+    sampler: str = field(default="uniform", metadata={"choices": SAMPLERS})
+    loss: str = field(default="ce", metadata={"choices": LOSSES})
+    tau: float = 1.0  # logit-adjustment strength (balanced-softmax fixes it to 1)
+    label_smoothing: float = 0.0
+    augment: str = field(default="crop", metadata={"help": "'+'-joined: " + ", ".join(AUGMENTATIONS)})
+    mix: str = field(default="none", metadata={"choices": MIXES})
+    mix_alpha: float = 1.0
+    mix_prob: float = 1.0
+    sam_rho: float = 0.0  # > 0 turns on SAM
+    refit_head: bool = False  # cRT: re-fit the head on class-balanced real data after training
+    refit_per_class: str = field(default="all", metadata={"help": "'all' (class-balanced weights over all images), 'min' or a number"})
+    refit_epochs: int = 10
+    refit_lr: float = 0.05
+    device: str = "auto"
+
+    def __post_init__(self):
+        for part in self.augment.split("+"):
+            if part not in AUGMENTATIONS:
+                raise SynthaugError(f"unknown augmentation '{part}': use '+'-joined names from {', '.join(AUGMENTATIONS)}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise SynthaugError("epochs and batch_size must be >= 1")
+
+
+@dataclass
+class TrainResult:
+    model: Classifier
+    history: list[dict]
+    seconds: float
+    config: dict
+
+
+def build_augmentation(spec: str, image_size: tuple[int, int]) -> v2.Compose | None:
+    """Per-image torchvision v2 transforms on uint8 tensors, from a spec like 'crop+flip'."""
+    ops = []
+    for part in spec.split("+"):
+        if part == "crop":
+            ops.append(v2.RandomCrop(image_size, padding=max(1, image_size[0] // 8)))
+        elif part == "flip":
+            ops.append(v2.RandomHorizontalFlip())
+        elif part == "randaugment":
+            ops.append(v2.RandAugment())
+        elif part == "trivialaugment":
+            ops.append(v2.TrivialAugmentWide())
+        elif part == "autoaugment":
+            ops.append(v2.AutoAugment())
+    return v2.Compose(ops) if ops else None
+
+
+class _ImageTensors(torch.utils.data.Dataset):
+    def __init__(self, ds: ImageDataset, weights: torch.Tensor, transform):
+        self.images, self.labels, self.weights, self.transform = ds.images, ds.labels, weights, transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        x = self.images[i]
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, self.labels[i], self.weights[i]
+
+
+def make_sampler(kind: str, labels: torch.Tensor, num_classes: int, generator: torch.Generator):
+    if kind == "uniform":
+        return RandomSampler(range(len(labels)), generator=generator)
+    counts = torch.bincount(labels, minlength=num_classes).float().clamp(min=1)
+    per_class = 1.0 / counts if kind == "class-balanced" else 1.0 / counts.sqrt()
+    return WeightedRandomSampler(per_class[labels].double(), num_samples=len(labels), replacement=True, generator=generator)
+
+
+def channel_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = images[: 20000].float() / 255
+    return x.mean((0, 2, 3)), x.std((0, 2, 3))
+
+
+def fit_classifier(
+    train: ImageDataset,
+    config: TrainConfig | None = None,
+    *,
+    seed: int = 0,
+    sample_weights: torch.Tensor | None = None,
+    checkpoint_dir: str | Path | None = None,
+    progress: bool = False,
+) -> TrainResult:
+    """Train a classifier from scratch on `train` (SGD, cosine schedule with warmup).
+
+    Each epoch re-seeds from (seed, epoch), so a run resumed from `checkpoint_dir` after an
+    interruption ends with the same weights as one that never stopped."""
+    cfg = config or TrainConfig()
+    if len(train) == 0:
+        raise SynthaugError("the training set is empty: check the split parameters")
+    if int((train.labels < 0).sum()):
+        raise SynthaugError("the training set has unlabeled images: train on the labelled split only")
+    device = resolve_device(cfg.device)
+    torch.manual_seed(seed)
+    model = create_model(cfg.model, num_classes=train.num_classes, in_channels=train.channels, image_size=train.image_size)
+    model.set_normalization(*channel_stats(train.images))
+    model.to(device)
+
+    weights = torch.ones(len(train)) if sample_weights is None else torch.as_tensor(sample_weights, dtype=torch.float32)
+    if weights.shape != (len(train),):
+        raise SynthaugError(f"sample_weights has {len(weights)} entries for {len(train)} images")
+    loader_data = _ImageTensors(train, weights, build_augmentation(cfg.augment, train.image_size))
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine_with_warmup(s, warmup, total_steps))
+    sam = SAM(params, optimizer, cfg.sam_rho) if cfg.sam_rho > 0 else None
+
+    counts = train.class_counts().float()
+    log_prior = torch.log(counts.clamp(min=1) / counts.sum()).to(device)
+    tau = 1.0 if cfg.loss == "balanced-softmax" else (cfg.tau if cfg.loss == "logit-adjusted" else 0.0)
+
+    history, start_epoch, spent = [], 0, 0.0
+    state = load_state(checkpoint_dir) if checkpoint_dir else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history, start_epoch, spent = state["history"], state["epoch"], state["seconds"]
+
+    def loss_of(x, targets, w):
+        return soft_cross_entropy(model(x), targets, log_prior=log_prior, tau=tau, weights=w)
+
+    t0 = time.perf_counter()
+    with progress_bar(progress) as bar:
+        task = bar.add_task("train classifier", total=cfg.epochs, completed=start_epoch, info="")
+        for epoch in range(start_epoch, cfg.epochs):
+            torch.manual_seed(seed * 100_003 + epoch)
+            g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+            loader = DataLoader(loader_data, batch_size=cfg.batch_size,
+                                sampler=make_sampler(cfg.sampler, train.labels, train.num_classes, g), drop_last=False)
+            model.train()
+            total_loss, correct, seen, epoch_start = 0.0, 0, 0, time.perf_counter()
+            for x, y, w in loader:
+                x, y, w = x.to(device, non_blocking=True).float().div_(255), y.to(device), w.to(device)
+                targets = F.one_hot(y, train.num_classes).float()
+                if cfg.label_smoothing:
+                    targets = targets * (1 - cfg.label_smoothing) + cfg.label_smoothing / train.num_classes
+                if cfg.mix != "none" and torch.rand(()) < cfg.mix_prob:
+                    x, targets, w = mix_batch(x, targets, w, mode=cfg.mix, alpha=cfg.mix_alpha)
+                logits = model(x)
+                loss = soft_cross_entropy(logits, targets, log_prior=log_prior, tau=tau, weights=w)
+                loss.backward()
+                if sam is not None:
+                    sam.first_step()
+                    loss_of(x, targets, w).backward()
+                    sam.second_step()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                total_loss += float(loss.detach()) * len(y)
+                correct += int((logits.argmax(1) == targets.argmax(1)).sum())
+                seen += len(y)
+            history.append({
+                "epoch": epoch + 1, "loss": total_loss / seen, "train_acc": correct / seen,
+                "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - epoch_start,
+            })
+            bar.update(task, advance=1, info=f"loss {total_loss / seen:.3f}")
+            if checkpoint_dir:
+                save_state(checkpoint_dir, {
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "history": history, "epoch": epoch + 1, "seconds": spent + time.perf_counter() - t0,
+                })
+    seconds = spent + time.perf_counter() - t0
+    result = TrainResult(model.eval(), history, seconds, asdict(cfg))
+    if cfg.refit_head:
+        t1 = time.perf_counter()
+        refit_head(model, train, per_class=cfg.refit_per_class, epochs=cfg.refit_epochs, lr=cfg.refit_lr, seed=seed)
+        result.seconds += time.perf_counter() - t1
+    return result
+
+
+def _cosine_with_warmup(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+@torch.no_grad()
+def extract_features(model: Classifier, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Penultimate features of uint8 images, in eval mode."""
+    device = next(model.parameters()).device
+    model.eval()
+    out = [model.forward_features(images[i : i + batch_size].to(device).float() / 255).cpu()
+           for i in range(0, len(images), batch_size)]
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def refit_head(
+    model: Classifier,
+    data: ImageDataset,
+    *,
+    per_class: str | int = "all",
+    epochs: int = 10,
+    lr: float = 0.05,
+    batch_size: int = 256,
+    weight_decay: float = 5e-4,
+    seed: int = 0,
+) -> Classifier:
+    """cRT (Kang et al. 2020): freeze the features, re-initialise the head and train it
+    class-balanced. `per_class="all"` uses every image with class-balanced loss weights;
+    "min" or a number subsamples each class to the same count first (SYNAuG's re-fit)."""
+    from ..data.splits import class_balanced_subsample
+
+    if per_class != "all":
+        n = None if per_class == "min" else int(per_class)
+        data = class_balanced_subsample(data, n, seed=seed)
+    device = next(model.parameters()).device
+    feats = extract_features(model, data.images).to(device)
+    labels = data.labels.to(device)
+    counts = torch.bincount(labels, minlength=data.num_classes).float().clamp(min=1)
+    class_weight = (counts.sum() / (len(counts) * counts)) if per_class == "all" else torch.ones_like(counts)
+    g = torch.Generator().manual_seed(seed)
+    model.head.reset_parameters()
+    optimizer = torch.optim.SGD(model.head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    steps = epochs * math.ceil(len(labels) / batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine_with_warmup(s, 0, steps))
+    for _ in range(epochs):
+        for idx in torch.randperm(len(labels), generator=g).split(batch_size):
+            idx = idx.to(device)
+            loss = F.cross_entropy(model.head(feats[idx]), labels[idx], weight=class_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    return model.eval()

@@ -1,0 +1,155 @@
+"""The run configuration: nested dataclasses, read from YAML and overridden with `key=value`
+pairs (`train.epochs=5`). Unknown keys and wrong types are errors, never ignored."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .classify.train import TrainConfig
+from .errors import SynthaugError
+
+SPLITS = ("none", "long-tail", "few-shot", "colored")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "mnist-5k"  # a name from `synthaug datasets`, an ImageFolder path, or hf:<dataset>
+    image_size: int | None = None  # resize to this many pixels (square)
+    channels: int | None = None  # 1 or 3 to convert; None keeps the source's
+    cache_dir: str | None = None  # where extracted / downloaded data is kept (default ~/.cache/synthaug)
+
+
+@dataclass
+class SplitConfig:
+    kind: str = field(default="long-tail", metadata={"choices": SPLITS})
+    seed: int = 0  # the split is fixed across training seeds, as is the field's convention
+    ratio: float = 50.0  # long-tail: head size / tail size
+    profile: str = field(default="exp", metadata={"choices": ("exp", "step")})
+    n_max: int | None = None  # long-tail: images in the head class (default: the smallest class's size)
+    k: int = 10  # few-shot: labelled images per class
+    unlabeled_pool: bool = True  # few-shot: keep the other images as an unlabeled pool
+    agreement: float = 0.95  # colored: share of training images whose colour agrees with the class
+    val_per_class: int = 0  # carve a class-balanced validation split of this many images per class
+
+
+@dataclass
+class EvalConfig:
+    many_threshold: float | None = None  # many-shot: classes with more training images (default 20% of the head)
+    few_threshold: float | None = None  # few-shot: classes with fewer (default 4% of the head)
+    posthoc_tau: float = 1.0  # strength of post-hoc logit adjustment (recipe posthoc-la)
+
+
+@dataclass
+class RunConfig:
+    recipe: str = "ce"
+    name: str | None = None  # run folder name (default: dataset-split-recipe-seed)
+    seed: int = 0
+    output_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def run_name(self) -> str:
+        if self.name:
+            return self.name
+        dataset = Path(self.data.dataset).name if "/" in self.data.dataset else self.data.dataset
+        split = self.split.kind
+        if split == "long-tail":
+            split = f"lt{self.split.ratio:g}"
+        elif split == "few-shot":
+            split = f"{self.split.k}shot"
+        return f"{dataset}-{split}-{self.recipe}-s{self.seed}".replace(":", "_")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> RunConfig:
+    """Defaults, then the YAML file, then the `key=value` overrides; validated."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise SynthaugError(f"config file '{path}' does not exist: give a YAML file (see configs/)")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise SynthaugError(f"config file '{path}' is not valid YAML ({str(e).splitlines()[0]}): fix the syntax") from None
+        if not isinstance(raw, dict):
+            raise SynthaugError(f"config file '{path}' must hold a mapping of keys to values")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SynthaugError(f"override '{item}' is not key=value: write e.g. train.epochs=5")
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise SynthaugError(f"override '{item}': '{part}' is not a section")
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    return build(RunConfig, raw, "")
+
+
+def build(cls, raw: dict, prefix: str):
+    """Instantiate dataclass `cls` from a dict, checking keys, types and choices."""
+    if not isinstance(raw, dict):
+        raise SynthaugError(f"config section '{prefix.rstrip('.')}' must be a mapping")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f"; known keys: {', '.join(fields)}"
+            raise SynthaugError(f"unknown config key '{prefix}{key}'{hint}")
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind):
+            kwargs[key] = build(kind, value or {}, f"{prefix}{key}.")
+            continue
+        kwargs[key] = _coerce(value, kind, f"{prefix}{key}")
+        choices = fields[key].metadata.get("choices")
+        if choices and kwargs[key] not in choices:
+            raise SynthaugError(f"config key '{prefix}{key}' is '{value}': use one of {', '.join(choices)}")
+    return cls(**kwargs)
+
+
+def _coerce(value, kind, key):
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        kinds = [a for a in args if a is not type(None)]
+        for k in kinds:
+            try:
+                return _coerce(value, k, key)
+            except SynthaugError:
+                continue
+        raise SynthaugError(f"config key '{key}' got {value!r}: expected {' or '.join(k.__name__ for k in kinds)}")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif kind is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    else:
+        return value
+    raise SynthaugError(f"config key '{key}' got {value!r}: expected {kind.__name__}")
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

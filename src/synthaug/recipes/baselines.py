@@ -1,0 +1,74 @@
+"""The classical baselines every generative recipe must beat (no synthetic data).
+
+Each is a change to the training config, which data it trains on, and an optional step
+after training. `trained` (a dict) lets a benchmark share one trained model between the
+baselines that train identically (ce, crt, posthoc-la)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from ..classify import evaluate, fit_classifier, refit_head
+from .registry import RecipeResult, register_recipe
+
+
+@dataclass(frozen=True)
+class Baseline:
+    train_overrides: dict = field(default_factory=dict)
+    data: str = "train"  # "train" (the split) or "oracle" (the full balanced training set)
+    after: str | None = None  # "refit" (cRT) or "posthoc" (post-hoc logit adjustment)
+
+
+BASELINES = {
+    "ce": ("cross-entropy, uniform sampling", Baseline()),
+    "class-balanced": ("class-balanced sampling (each class drawn equally often)", Baseline({"sampler": "class-balanced"})),
+    "logit-adjusted": ("logit-adjusted loss, strength train.tau (Menon et al. 2021)", Baseline({"loss": "logit-adjusted"})),
+    "balanced-softmax": ("Balanced Softmax: logit-adjusted loss at tau=1 (Ren et al. 2020)", Baseline({"loss": "balanced-softmax"})),
+    "posthoc-la": ("cross-entropy, then post-hoc logit adjustment (eval.posthoc_tau)", Baseline(after="posthoc")),
+    "crt": ("cRT: cross-entropy, then the head re-fit class-balanced (Kang et al. 2020)", Baseline(after="refit")),
+    "oracle": ("the full balanced real training set: the upper bound for generated data", Baseline(data="oracle")),
+}
+
+
+def run_baseline(name, task, config, *, workdir=None, progress=False, trained=None) -> RecipeResult:
+    baseline = BASELINES[name][1]
+    cfg = replace(config.train, **baseline.train_overrides)
+    data = task.oracle if baseline.data == "oracle" else task.train
+    key = (baseline.data, json.dumps(asdict(cfg), sort_keys=True), config.seed)
+    if trained is not None and key in trained:
+        result = trained[key]
+    else:
+        result = fit_classifier(data, cfg, seed=config.seed, progress=progress,
+                                checkpoint_dir=Path(workdir) / "checkpoint" if workdir else None)
+        if trained is not None:
+            trained[key] = result
+    seconds = {"train": result.seconds}
+    model, posthoc_tau = result.model, 0.0
+    if baseline.after == "refit":
+        t0 = time.perf_counter()
+        model = refit_head(copy.deepcopy(model), task.train, per_class=config.train.refit_per_class,
+                           epochs=config.train.refit_epochs, lr=config.train.refit_lr, seed=config.seed)
+        seconds["refit_head"] = time.perf_counter() - t0
+    elif baseline.after == "posthoc":
+        posthoc_tau = config.eval.posthoc_tau
+    t0 = time.perf_counter()
+    metrics = evaluate(model, task.test, train_counts=task.train.class_counts(), posthoc_tau=posthoc_tau,
+                       many_threshold=config.eval.many_threshold, few_threshold=config.eval.few_threshold)
+    seconds["evaluate"] = time.perf_counter() - t0
+    return RecipeResult(metrics=metrics, model=model, history=result.history, seconds=seconds)
+
+
+def _register(name, description):
+    def fn(task, config, *, workdir=None, progress=False, trained=None):
+        return run_baseline(name, task, config, workdir=workdir, progress=progress, trained=trained)
+
+    fn.__name__ = name.replace("-", "_")
+    register_recipe(name, description)(fn)
+
+
+for _name, (_description, _) in BASELINES.items():
+    _register(_name, _description)

@@ -1,0 +1,48 @@
+"""The problem a run solves: a split of a dataset into the training set the user has, a
+balanced test set, optional validation and unlabeled pool, and the oracle (the full
+balanced training set) that bounds what generated data can recover."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import SplitConfig
+from .data import ImageDataset, LoadedDataset, balanced_validation, colored, few_shot, long_tail
+
+
+@dataclass
+class Task:
+    train: ImageDataset
+    test: ImageDataset
+    oracle: ImageDataset
+    val: ImageDataset | None = None
+    unlabeled: ImageDataset | None = None
+
+    def describe(self) -> dict:
+        out = {"train": self.train.describe(), "test": {"images": len(self.test)}, "oracle": {"images": len(self.oracle)}}
+        if self.val is not None:
+            out["val"] = {"images": len(self.val)}
+        if self.unlabeled is not None:
+            out["unlabeled"] = {"images": len(self.unlabeled)}
+        out["split"] = dict(self.train.info)
+        return out
+
+
+def make_task(data: LoadedDataset, split: SplitConfig) -> Task:
+    full, test = data.train, data.test
+    unlabeled = None
+    if split.kind == "colored":
+        full = colored(data.train, agreement=None, seed=split.seed)  # oracle: colour independent of class
+        train = colored(data.train, agreement=split.agreement, seed=split.seed)
+        test = colored(data.test, agreement=None, seed=split.seed + 1)
+    elif split.kind == "long-tail":
+        train = long_tail(data.train, split.ratio, profile=split.profile, seed=split.seed, n_max=split.n_max)
+    elif split.kind == "few-shot":
+        train, pool = few_shot(data.train, split.k, seed=split.seed)
+        unlabeled = pool if split.unlabeled_pool else None
+    else:
+        train = data.train
+    val = None
+    if split.val_per_class:
+        train, val = balanced_validation(train, split.val_per_class, seed=split.seed)
+    return Task(train=train, test=test, oracle=full, val=val, unlabeled=unlabeled)

@@ -1,0 +1,57 @@
+import pytest
+
+from synthaug.config import RunConfig, dump_config, load_config
+from synthaug.errors import SynthaugError
+
+
+def test_defaults_file_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("recipe: crt\ntrain:\n  epochs: 7\n  lr: 1\nsplit:\n  ratio: 10\n")
+    cfg = load_config(path, ["train.epochs=3", "data.dataset=digits", "split.n_max=null"])
+    assert cfg.recipe == "crt" and cfg.train.epochs == 3 and cfg.train.lr == 1.0
+    assert isinstance(cfg.train.lr, float) and cfg.split.ratio == 10.0 and cfg.split.n_max is None
+    assert cfg.data.dataset == "digits" and cfg.train.batch_size == RunConfig().train.batch_size
+    assert load_config(None, []).to_dict() == RunConfig().to_dict()
+    # the dumped config loads back to the same thing
+    (tmp_path / "d.yaml").write_text(dump_config(cfg))
+    assert load_config(tmp_path / "d.yaml").to_dict() == cfg.to_dict()
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["train.epoch=3"], r"unknown config key 'train.epoch' \(did you mean 'train.epochs'\?\)"),
+        (["nonsense=1"], "unknown config key 'nonsense'"),
+        (["train.epochs=many"], "train.epochs' got 'many': expected int"),
+        (["train.loss=focal"], "train.loss' is 'focal': use one of ce, logit-adjusted, balanced-softmax"),
+        (["split.kind=zipf"], "use one of none, long-tail"),
+        (["train.epochs"], "not key=value"),
+        (["train.augment=crop+blur"], "unknown augmentation 'blur'"),
+    ],
+)
+def test_bad_config(overrides, match):
+    with pytest.raises(SynthaugError, match=match):
+        load_config(None, overrides)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(SynthaugError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("train: [unclosed")
+    with pytest.raises(SynthaugError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(SynthaugError, match="mapping"):
+        load_config(tmp_path / "list.yaml")
+
+
+def test_run_name():
+    assert load_config(None, ["data.dataset=fashion-mnist", "split.ratio=100", "recipe=crt"]).run_name() == \
+        "fashion-mnist-lt100-crt-s0"
+    assert load_config(None, ["split.kind=few-shot", "split.k=5"]).run_name() == "mnist-5k-5shot-ce-s0"
+
+
+@pytest.mark.parametrize("path", sorted((__import__("pathlib").Path(__file__).parents[1] / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    assert load_config(path).recipe

@@ -1,0 +1,54 @@
+import pytest
+import torch
+from conftest import make_dataset
+
+from synthaug.config import load_config
+from synthaug.data import LoadedDataset
+from synthaug.errors import SynthaugError
+from synthaug.recipes import RECIPES, get_recipe
+from synthaug.task import make_task
+
+FAST = ["train.epochs=2", "train.batch_size=16", "train.augment=none", "split.ratio=8", "split.n_max=32"]
+
+
+@pytest.fixture(scope="module")
+def data():
+    return LoadedDataset("tiny", make_dataset((40, 40, 40), seed=0), make_dataset((10, 10, 10), seed=1))
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_every_recipe_runs(name, data):
+    config = load_config(None, [*FAST, f"recipe={name}"])
+    task = make_task(data, config.split)
+    assert task.train.class_counts().tolist() == [32, 11, 4]
+    result = get_recipe(name).fn(task, config)
+    for key in ("accuracy", "balanced_accuracy", "many_shot_accuracy", "confusion_matrix"):
+        assert key in result.metrics
+    assert result.seconds["train"] > 0
+
+
+def test_shared_training_between_baselines(data):
+    config = load_config(None, FAST)
+    task = make_task(data, config.split)
+    trained = {}
+    ce = get_recipe("ce").fn(task, config, trained=trained)
+    crt = get_recipe("crt").fn(task, config, trained=trained)
+    get_recipe("posthoc-la").fn(task, config, trained=trained)
+    assert len(trained) == 1  # one model trained for the three
+    assert not torch.equal(ce.model.head.weight, crt.model.head.weight)  # crt re-fitted a copy
+
+
+def test_task_kinds(data):
+    few = make_task(data, load_config(None, ["split.kind=few-shot", "split.k=5"]).split)
+    assert few.train.class_counts().tolist() == [5, 5, 5] and len(few.unlabeled) == 105
+    col = make_task(data, load_config(None, ["split.kind=colored", "split.val_per_class=3"]).split)
+    assert col.train.groups is not None and col.test.groups is not None and col.oracle.channels == 3
+    assert col.val.class_counts().tolist() == [3, 3, 3]
+    config = load_config(None, [*FAST, "split.kind=colored", "recipe=ce"])
+    metrics = get_recipe("ce").fn(make_task(data, config.split), config).metrics
+    assert "worst_group_accuracy" in metrics
+
+
+def test_unknown_recipe():
+    with pytest.raises(SynthaugError, match="unknown recipe"):
+        get_recipe("magic")

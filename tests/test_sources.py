@@ -1,0 +1,166 @@
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_idx, write_image_folder
+
+from synthaug.data import SOURCES, load_dataset
+from synthaug.errors import SynthaugError
+
+
+def test_digits_real_data():
+    data = load_dataset("digits")
+    assert data.train.images.shape[1:] == (1, 8, 8) and data.train.images.dtype == torch.uint8
+    assert len(data.train) + len(data.test) == 1797
+    assert data.classes == [str(i) for i in range(10)]
+    assert int(data.train.images.max()) == 255
+    # the held-out split is deterministic
+    assert torch.equal(load_dataset("digits").test.labels, data.test.labels)
+
+
+def test_mnist_5k_real_data():
+    data = load_dataset("mnist-5k")
+    assert data.train.images.shape == (4000, 1, 28, 28) and len(data.test) == 1000
+    assert data.train.class_counts().tolist() == [400] * 10
+
+
+def _fake_fashion(root, compress=True, names=("train", "t10k")):
+    rng = np.random.default_rng(0)
+    for prefix, n in zip(names, (30, 10)):
+        suffix = ".gz" if compress else ""
+        write_idx(root / f"{prefix}-images-idx3-ubyte{suffix}", rng.integers(0, 255, (n, 28, 28)), compress)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte{suffix}", np.arange(n) % 10, compress)
+
+
+def test_fashion_mnist_idx_files(tmp_path, monkeypatch):
+    _fake_fashion(tmp_path / "fm")
+    monkeypatch.setenv("SYNTHAUG_FASHION_MNIST_DIR", str(tmp_path / "fm"))
+    monkeypatch.setattr("synthaug.data.sources.FASHION_MNIST_DIRS", ())
+    data = load_dataset("fashion-mnist")
+    assert data.train.images.shape == (30, 1, 28, 28) and len(data.test) == 10
+    assert data.classes[0] == "T-shirt/top" and data.train.labels[:3].tolist() == [0, 1, 2]
+
+
+def test_fashion_mnist_torchvision_fallback(tmp_path, monkeypatch):
+    """Without the Debian files, torchvision's FashionMNIST is used (its download is skipped
+    when the raw files are already in the cache)."""
+    monkeypatch.setattr("synthaug.data.sources.FASHION_MNIST_DIRS", ())
+    _fake_fashion(tmp_path / "cache" / "torchvision" / "FashionMNIST" / "raw", compress=False)
+    data = load_dataset("fashion-mnist", cache_dir=tmp_path / "cache")
+    assert data.train.images.shape == (30, 1, 28, 28)
+
+
+def test_fashion_mnist_missing_gives_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr("synthaug.data.sources.FASHION_MNIST_DIRS", ())
+
+    def no_network(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr("torchvision.datasets.FashionMNIST.download", no_network)
+    with pytest.raises(SynthaugError, match="dataset-fashion-mnist"):
+        load_dataset("fashion-mnist", cache_dir=tmp_path / "c")
+
+
+def test_corrupt_idx(tmp_path, monkeypatch):
+    _fake_fashion(tmp_path / "fm")
+    (tmp_path / "fm" / "train-images-idx3-ubyte.gz").write_bytes(b"garbage")
+    monkeypatch.setenv("SYNTHAUG_FASHION_MNIST_DIR", str(tmp_path / "fm"))
+    with pytest.raises(SynthaugError, match="IDX"):
+        load_dataset("fashion-mnist")
+
+
+def test_cifar10_from_jpeg_tarball(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    for part, n in (("train", 3), ("test", 2)):
+        for c in ("airplane", "cat"):
+            write_image_folder(src / part, counts=(n,), size=(32, 32), fmt="jpg")
+            (src / part / "cls0").rename(src / part / c)
+    tarball = tmp_path / "cifar10-jpg.tar.gz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        for p in ("train", "test"):
+            tar.add(src / p, arcname=p)
+    monkeypatch.setenv("SYNTHAUG_CIFAR10", str(tarball))
+    data = load_dataset("cifar10")
+    assert data.classes == ["airplane", "cat"]
+    assert data.train.images.shape == (6, 3, 32, 32) and len(data.test) == 4
+    again = load_dataset("cifar10")  # second load comes from the decoded cache
+    assert torch.equal(again.train.images, data.train.images)
+
+
+def test_cifar10_torchvision_path(monkeypatch, tmp_path):
+    class FakeCIFAR10:
+        classes = ["a", "b"]
+
+        def __init__(self, root, train, download):
+            self.data = np.zeros((4 if train else 2, 32, 32, 3), np.uint8)
+            self.targets = [0, 1] * (2 if train else 1)
+
+    monkeypatch.setattr("synthaug.data.sources._find_cifar10_tarball", lambda: None)
+    monkeypatch.setattr("torchvision.datasets.CIFAR10", FakeCIFAR10)
+    data = load_dataset("cifar10")
+    assert data.train.images.shape == (4, 3, 32, 32) and data.classes == ["a", "b"]
+
+
+def test_image_folder_flat_rgb(tmp_path):
+    root = write_image_folder(tmp_path / "f", counts=(10, 5))
+    data = load_dataset(root)
+    assert data.classes == ["cls0", "cls1"]
+    assert data.train.channels == 3 and data.train.image_size == (10, 10)
+    assert len(data.train) + len(data.test) == 15
+    assert data.train.info["test_split"].startswith("stratified")
+
+
+def test_image_folder_train_test_gray_resize_and_channels(tmp_path):
+    write_image_folder(tmp_path / "f" / "train", counts=(3, 3), mode="L", size=(12, 9))
+    write_image_folder(tmp_path / "f" / "test", counts=(2, 2), mode="L", size=(12, 9))
+    data = load_dataset(tmp_path / "f", image_size=8, channels=3)
+    assert data.train.images.shape == (6, 3, 8, 8) and data.test.images.shape == (4, 3, 8, 8)
+    gray = load_dataset(tmp_path / "f")
+    assert gray.train.images.shape == (6, 1, 9, 12)
+
+
+def test_image_folder_mixed_sizes_need_image_size(tmp_path):
+    write_image_folder(tmp_path / "f", counts=(2, 2), size=(10, 10))
+    write_image_folder(tmp_path / "g", counts=(2,), size=(16, 12))
+    (tmp_path / "g" / "cls0" / "0.png").rename(tmp_path / "f" / "cls0" / "big.png")
+    with pytest.raises(SynthaugError, match="image_size"):
+        load_dataset(tmp_path / "f")
+    assert load_dataset(tmp_path / "f", image_size=8).train.image_size == (8, 8)
+
+
+def test_hf_imagefolder(tmp_path):
+    pytest.importorskip("datasets")
+    write_image_folder(tmp_path / "hf" / "train", counts=(3, 2), mode="L")
+    write_image_folder(tmp_path / "hf" / "test", counts=(2, 2), mode="L")
+    data = load_dataset(f"hf:{tmp_path / 'hf'}")
+    assert data.classes == ["cls0", "cls1"]
+    assert data.train.images.shape == (5, 1, 10, 10) and len(data.test) == 4
+
+
+def test_every_registered_source_has_a_description():
+    assert set(SOURCES) >= {"digits", "mnist-5k", "fashion-mnist", "cifar10"}
+    assert all(s.description for s in SOURCES.values())
+
+
+@pytest.mark.parametrize(
+    "setup, match",
+    [
+        (lambda root: None, "does not exist"),
+        (lambda root: root.mkdir(), "no class subfolders"),
+        (lambda root: (write_image_folder(root), (root / "empty").mkdir()), "holds no images"),
+        (lambda root: (write_image_folder(root), (root / "cls0" / "bad.png").write_bytes(b"not a png")), "cannot read image"),
+        (lambda root: (write_image_folder(root), (root / "cls1" / "notes.txt").write_text("x")), "is not an image"),
+    ],
+    ids=["missing", "empty", "empty-class", "corrupt", "non-image"],
+)
+def test_bad_folders(tmp_path, setup, match):
+    root = tmp_path / "data"
+    setup(root)
+    with pytest.raises(SynthaugError, match=match):
+        load_dataset(str(root) + "/")
+
+
+def test_unknown_name():
+    with pytest.raises(SynthaugError, match="unknown dataset 'nope'"):
+        load_dataset("nope")

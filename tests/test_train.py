@@ -1,0 +1,172 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_dataset
+
+import synthaug.classify.train as train_mod
+from synthaug.classify import TrainConfig, evaluate, fit_classifier, refit_head
+from synthaug.classify.losses import SAM, mix_batch, soft_cross_entropy
+from synthaug.classify.train import AUGMENTATIONS, MIXES, SAMPLERS, build_augmentation, make_sampler
+from synthaug.errors import SynthaugError
+
+FAST = dict(epochs=2, batch_size=16, lr=0.05, augment="none")
+
+
+def small_train(**kw):
+    return fit_classifier(make_dataset((24, 12, 6)), TrainConfig(**{**FAST, **kw}), seed=0)
+
+
+def test_learns_the_tiny_problem():
+    ds = make_dataset((40, 40, 40))
+    result = fit_classifier(ds, TrainConfig(epochs=6, batch_size=16, lr=0.05, augment="none"), seed=0)
+    metrics = evaluate(result.model, make_dataset((20, 20, 20), seed=1))
+    assert metrics["accuracy"] > 0.9
+    assert [h["epoch"] for h in result.history] == list(range(1, 7))
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_samplers(sampler):
+    labels = torch.tensor([0] * 90 + [1] * 10)
+    drawn = labels[list(make_sampler(sampler, labels, 2, torch.Generator().manual_seed(0)))]
+    share = (drawn == 1).float().mean()
+    expected = {"uniform": 0.1, "class-balanced": 0.5, "sqrt": 1 / (1 + 3)}[sampler]
+    assert abs(share - expected) < 0.12
+    small_train(sampler=sampler)
+
+
+@pytest.mark.parametrize("loss", ["ce", "logit-adjusted", "balanced-softmax"])
+def test_losses_train(loss):
+    result = small_train(loss=loss, tau=2.0)
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
+
+
+def test_soft_cross_entropy_matches_torch_and_logit_adjustment():
+    logits, y = torch.randn(5, 3), torch.tensor([0, 1, 2, 1, 0])
+    onehot = F.one_hot(y, 3).float()
+    assert torch.allclose(soft_cross_entropy(logits, onehot), F.cross_entropy(logits, y))
+    log_prior = torch.log(torch.tensor([0.7, 0.2, 0.1]))
+    adjusted = soft_cross_entropy(logits, onehot, log_prior=log_prior, tau=1.0)
+    assert torch.allclose(adjusted, F.cross_entropy(logits + log_prior, y))
+    w = torch.tensor([1.0, 0, 0, 0, 0])
+    assert torch.allclose(soft_cross_entropy(logits, onehot, weights=w), F.cross_entropy(logits[:1], y[:1]) / 5)
+
+
+@pytest.mark.parametrize("spec", [*AUGMENTATIONS, "crop+flip+randaugment"])
+def test_augmentations(spec):
+    aug = build_augmentation(spec, (8, 8))
+    x = torch.randint(0, 255, (1, 8, 8), dtype=torch.uint8)
+    out = x if aug is None else aug(x)
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    if spec != "none":
+        small_train(augment=spec, epochs=1)
+
+
+def test_unknown_augmentation():
+    with pytest.raises(SynthaugError, match="unknown augmentation 'jitter'"):
+        TrainConfig(augment="crop+jitter")
+
+
+@pytest.mark.parametrize("mode", ["mixup", "cutmix", "mixup-cutmix"])
+def test_mix_batch(mode):
+    torch.manual_seed(0)
+    x, y = torch.rand(6, 1, 8, 8), F.one_hot(torch.arange(6) % 3, 3).float()
+    w = torch.arange(6).float()
+    mx, my, mw = mix_batch(x, y, w, mode=mode, alpha=1.0, partner=torch.arange(6).roll(1))
+    assert mx.shape == x.shape and torch.allclose(my.sum(1), torch.ones(6))
+    lam = my[0, 0]  # sample 0 (class 0) paired with sample 5 (class 2)
+    assert torch.allclose(mw[0], lam * w[0] + (1 - lam) * w[5])
+
+
+@pytest.mark.parametrize("mix", [m for m in MIXES if m != "none"])
+def test_training_with_mix(mix):
+    small_train(mix=mix, mix_alpha=0.4)
+
+
+def test_sam_restores_and_steps():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sam = SAM(model.parameters(), opt, rho=0.5)
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    F.cross_entropy(model(x), y).backward()
+    sam.first_step()
+    assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))  # perturbed
+    F.cross_entropy(model(x), y).backward()
+    grads_at_perturbed = [p.grad.clone() for p in model.parameters()]
+    sam.second_step()
+    for p, b, g in zip(model.parameters(), before, grads_at_perturbed):
+        assert torch.allclose(p, b - 0.1 * g, atol=1e-6)  # stepped from the original weights
+    small_train(sam_rho=0.05)
+
+
+def test_sample_weights_shape_and_effect():
+    ds = make_dataset((24, 12, 6))
+    with pytest.raises(SynthaugError, match="sample_weights"):
+        fit_classifier(ds, TrainConfig(**FAST), sample_weights=torch.ones(3))
+    # zero weight on class 2 -> the model never learns to predict it
+    w = (ds.labels != 2).float()
+    result = fit_classifier(ds, TrainConfig(**{**FAST, "epochs": 4}), sample_weights=w)
+    preds = result.model(ds.images.float() / 255).argmax(1)
+    assert (preds[ds.labels == 2] == 2).float().mean() < 0.5
+
+
+def test_refit_head_only_changes_head():
+    ds = make_dataset((40, 10, 4))
+    model = fit_classifier(ds, TrainConfig(**FAST), seed=0).model
+    backbone = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    head = model.head.weight.detach().clone()
+    for per_class in ("all", "min", "3"):
+        refit_head(model, ds, per_class=per_class, epochs=3)
+        assert all(torch.equal(v, model.backbone.state_dict()[k]) for k, v in backbone.items())
+        assert not torch.equal(head, model.head.weight)
+    result = small_train(refit_head=True, refit_per_class="min")
+    assert result.model.head.weight.requires_grad
+
+
+def test_same_seed_same_model():
+    a, b = small_train(augment="crop+flip", mix="mixup"), small_train(augment="crop+flip", mix="mixup")
+    for (k, va), vb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(va, vb), k
+
+
+def test_resume_after_interruption_gives_the_same_model(tmp_path, monkeypatch):
+    ds = make_dataset((24, 12, 6))
+    cfg = TrainConfig(**{**FAST, "epochs": 3, "augment": "crop", "sampler": "class-balanced"})
+    reference = fit_classifier(ds, cfg, seed=3).model.state_dict()
+
+    real_save, saves = train_mod.save_state, []
+
+    def save_then_die(folder, state):
+        real_save(folder, state)
+        saves.append(state["epoch"])
+        if state["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "save_state", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        fit_classifier(ds, cfg, seed=3, checkpoint_dir=tmp_path / "ckpt")
+    monkeypatch.setattr(train_mod, "save_state", real_save)
+    resumed = fit_classifier(ds, cfg, seed=3, checkpoint_dir=tmp_path / "ckpt")
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]  # nothing lost, nothing repeated
+    for k, v in reference.items():
+        assert torch.allclose(v.float(), resumed.model.state_dict()[k].float(), atol=1e-6), k
+
+
+def test_corrupt_checkpoint_is_reported(tmp_path):
+    ds = make_dataset((24, 12, 6))
+    cfg = TrainConfig(**{**FAST, "epochs": 1})
+    fit_classifier(ds, cfg, checkpoint_dir=tmp_path)
+    blob = tmp_path / "state.safetensors"
+    blob.write_bytes(b"\x01" * blob.stat().st_size)
+    with pytest.raises(SynthaugError, match="corrupt"):
+        fit_classifier(ds, cfg, checkpoint_dir=tmp_path)
+
+
+def test_rejects_unlabeled_or_empty():
+    ds = make_dataset((5, 5))
+    with pytest.raises(SynthaugError, match="empty"):
+        fit_classifier(ds.subset([]), TrainConfig(**FAST))
+    ds.labels[0] = -1
+    with pytest.raises(SynthaugError, match="unlabeled"):
+        fit_classifier(ds, TrainConfig(**FAST))
