@@ -1,0 +1,12 @@
+"""Generators: the embedded class-conditional diffusion model (and, later, Stable Diffusion)."""
+
+from .diffusion import (
+    PRESETS,
+    DiffusionGenerator,
+    GeneratorConfig,
+    GeneratorTrainConfig,
+    SamplerConfig,
+    parameter_count,
+)
+
+__all__ = ["PRESETS", "DiffusionGenerator", "GeneratorConfig", "GeneratorTrainConfig", "SamplerConfig", "parameter_count"]

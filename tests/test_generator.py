@@ -1,0 +1,115 @@
+"""The embedded diffusion generator on a tiny in-code UNet and 8x8 images."""
+
+import pytest
+import torch
+from conftest import make_dataset
+
+import synthaug.generate.diffusion as diffusion
+from synthaug.errors import SynthaugError
+from synthaug.generate import (
+    DiffusionGenerator,
+    GeneratorConfig,
+    GeneratorTrainConfig,
+    SamplerConfig,
+)
+
+TRAIN = GeneratorTrainConfig(steps=4, batch_size=8, checkpoint_every=2, warmup_steps=1)
+FAST_SAMPLER = SamplerConfig(steps=3, guidance_scale=2.0)
+
+
+def tiny_config(ds, **kw):
+    return GeneratorConfig(image_size=8, channels=ds.channels, classes=ds.classes, preset="tiny", **kw)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    ds = make_dataset((12, 8, 4))
+    return ds, DiffusionGenerator.fit(ds, tiny_config(ds), TRAIN, seed=0)
+
+
+def test_generate_shapes_and_per_image_seeds(trained):
+    ds, gen = trained
+    images = gen.generate([0, 1, 2, 1], [10, 11, 12, 13], sampler=FAST_SAMPLER)
+    assert images.shape == (4, 1, 8, 8) and images.dtype == torch.uint8
+    assert len(gen.history) >= 1 and gen.train_seconds > 0
+    # any image regenerates from its (label, seed) alone, inside a batch or not
+    alone = gen.generate([1], [13], sampler=FAST_SAMPLER)
+    assert (alone[0].int() - images[3].int()).abs().max() <= 1
+    other_seed = gen.generate([1], [14], sampler=FAST_SAMPLER)
+    assert not torch.equal(other_seed[0], alone[0])
+    assert gen.generate([], [], sampler=FAST_SAMPLER).shape == (0, 1, 8, 8)
+
+
+@pytest.mark.parametrize("sampler", ["dpm-solver++", "ddim"])
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_samplers_and_guidance(trained, sampler, guidance):
+    _, gen = trained
+    images = gen.generate([0, 2], [1, 2], sampler=SamplerConfig(sampler=sampler, steps=3, guidance_scale=guidance))
+    assert images.shape == (2, 1, 8, 8)
+
+
+def test_save_and_load_give_the_same_images(trained, tmp_path):
+    ds, gen = trained
+    gen.save_pretrained(tmp_path / "gen")
+    assert (tmp_path / "gen" / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    assert not list(tmp_path.glob("**/*.bin")) and not list(tmp_path.glob("**/*.pt"))
+    loaded = DiffusionGenerator.from_pretrained(tmp_path / "gen")
+    assert loaded.config == gen.config and loaded.fingerprint() == gen.fingerprint()
+    assert torch.equal(loaded.generate([2], [7], sampler=FAST_SAMPLER), gen.generate([2], [7], sampler=FAST_SAMPLER))
+    loaded.check_compatible(ds)
+
+
+def test_bad_generator_folders(trained, tmp_path):
+    ds, gen = trained
+    with pytest.raises(SynthaugError, match="has no generator.json"):
+        DiffusionGenerator.from_pretrained(tmp_path)
+    gen.save_pretrained(tmp_path / "g")
+    (tmp_path / "g" / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(SynthaugError, match="cannot load the generator"):
+        DiffusionGenerator.from_pretrained(tmp_path / "g")
+    with pytest.raises(SynthaugError, match="classes"):
+        gen.check_compatible(make_dataset((3, 3)))
+    with pytest.raises(SynthaugError, match="1x8px"):
+        gen.check_compatible(make_dataset((3, 3, 3), channels=3))
+
+
+def test_config_errors():
+    with pytest.raises(SynthaugError, match="8 to 64 px"):
+        GeneratorConfig(image_size=128, channels=1, classes=["a"])
+    with pytest.raises(SynthaugError, match="divisible"):
+        GeneratorConfig(image_size=10, channels=1, classes=["a"], preset="base")
+    with pytest.raises(SynthaugError, match="unknown generator preset"):
+        GeneratorConfig(image_size=8, channels=1, classes=["a"], preset="huge")
+    ds = make_dataset((3, 3), size=8)
+    with pytest.raises(SynthaugError, match="set data.image_size"):
+        DiffusionGenerator.fit(ds, GeneratorConfig(image_size=16, channels=1, classes=ds.classes, preset="tiny"), TRAIN)
+
+
+def test_group_conditioning():
+    ds = make_dataset((6, 6), channels=3)
+    ds.groups = torch.tensor([0, 1] * 6)
+    gen = DiffusionGenerator.fit(ds, tiny_config(ds, num_groups=2), TRAIN)
+    assert gen.unet.config.num_class_embeds == 3 * 3
+    images = gen.generate([0, 1], [0, 1], groups=[1, 0], sampler=FAST_SAMPLER)
+    assert images.shape == (2, 3, 8, 8)
+
+
+def test_resume_after_interruption(tmp_path, monkeypatch):
+    ds = make_dataset((12, 8, 4))
+    reference = DiffusionGenerator.fit(ds, tiny_config(ds), TRAIN, seed=1)
+
+    real_save = diffusion.save_state
+
+    def save_then_die(folder, state):
+        real_save(folder, state)
+        if state["step"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(diffusion, "save_state", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        DiffusionGenerator.fit(ds, tiny_config(ds), TRAIN, seed=1, checkpoint_dir=tmp_path)
+    monkeypatch.setattr(diffusion, "save_state", real_save)
+    resumed = DiffusionGenerator.fit(ds, tiny_config(ds), TRAIN, seed=1, checkpoint_dir=tmp_path)
+    assert [h["step"] for h in resumed.history] == [h["step"] for h in reference.history]
+    for (k, a), b in zip(reference.unet.state_dict().items(), resumed.unet.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), k
