@@ -1,0 +1,157 @@
+"""The synthetic store: generated images in the ImageFolder / Hugging Face `imagefolder`
+layout, `train/<class>/<id>.png`, with one `train/metadata.jsonl` row per image (file_name,
+label, class, group, seed, generator fingerprint, recipe, conditioning, scores).
+
+Writes are atomic (temp file + rename; a metadata row is appended only after its image is
+in place), so an interrupted generation leaves no corrupt file, and `fill` generates only
+the rows that are missing."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .data.dataset import ImageDataset
+from .errors import SynthaugError
+from .utils.runtime import progress_bar
+
+SPLIT = "train"
+
+
+class SyntheticStore:
+    def __init__(self, root: str | os.PathLike, classes: Sequence[str]):
+        self.root = Path(root)
+        self.classes = list(classes)
+        self.split_dir = self.root / SPLIT
+        self.metadata_file = self.split_dir / "metadata.jsonl"
+
+    # ------------------------------------------------------------------ reading
+    def rows(self) -> list[dict]:
+        """Metadata rows whose image is present. A last line cut off by a crash is ignored."""
+        if not self.metadata_file.exists():
+            return []
+        rows, seen = [], set()
+        for line in self.metadata_file.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a row cut off mid-write; its image will be regenerated
+            if row["id"] in seen:
+                continue
+            if (self.split_dir / row["file_name"]).exists():
+                rows.append(row)
+                seen.add(row["id"])
+        return rows
+
+    def done_ids(self) -> set[str]:
+        return {r["id"] for r in self.rows()}
+
+    def verify(self):
+        """Raise if metadata and files disagree (a row without its image, an image without a
+        row, a class the store does not know)."""
+        if not self.split_dir.exists():
+            return
+        listed = set()
+        if self.metadata_file.exists():
+            for n, line in enumerate(self.metadata_file.read_text().splitlines(), 1):
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    raise SynthaugError(f"{self.metadata_file} line {n} is not JSON: run the generation again to repair it") from None
+                if row.get("class") not in self.classes:
+                    raise SynthaugError(f"{self.metadata_file} line {n} has unknown class {row.get('class')!r}: "
+                                        "this store belongs to other data; use another folder")
+                if not (self.split_dir / row["file_name"]).exists():
+                    raise SynthaugError(f"store row '{row['id']}' points to missing {row['file_name']}: "
+                                        "run the generation again to fill it")
+                listed.add(row["file_name"])
+        on_disk = {str(p.relative_to(self.split_dir)) for p in self.split_dir.glob("*/*.png")}
+        extra = sorted(on_disk - listed)
+        if extra:
+            raise SynthaugError(f"{len(extra)} image(s) in {self.split_dir} have no metadata row (e.g. {extra[0]}): "
+                                "run the generation again to repair the store")
+
+    def load(self) -> ImageDataset:
+        """The store as a dataset (metadata order), with `info['rows']` holding the metadata."""
+        rows = self.rows()
+        images = []
+        for r in rows:
+            with Image.open(self.split_dir / r["file_name"]) as img:
+                images.append(torch.from_numpy(np.array(img)).reshape(img.size[1], img.size[0], -1).permute(2, 0, 1))
+        if not rows:
+            raise SynthaugError(f"synthetic store '{self.root}' is empty: generate first")
+        labels = torch.tensor([self.classes.index(r["class"]) for r in rows])
+        groups = None
+        if all(r.get("group") is not None for r in rows):
+            groups = torch.tensor([r["group"] for r in rows])
+        return ImageDataset(torch.stack(images).contiguous(), labels, self.classes, groups=groups,
+                            name=str(self.root), info={"rows": rows})
+
+    # ------------------------------------------------------------------ writing
+    def fill(self, plan: list[dict], make_images: Callable[[list[dict]], torch.Tensor], *, batch_size: int = 64,
+             extra: dict | None = None, progress: bool = False) -> int:
+        """Generate and write every plan row not yet in the store. A plan row has `id`,
+        `label`, `seed` and optional `group`, `conditioning`, ...; `make_images(rows)`
+        returns uint8 images for them. Returns the number of images written."""
+        ids = [r["id"] for r in plan]
+        if len(set(ids)) != len(ids):
+            raise ValueError("plan row ids must be unique")
+        self.split_dir.mkdir(parents=True, exist_ok=True)
+        self._repair_metadata()
+        done = self.done_ids()
+        todo = [r for r in plan if r["id"] not in done]
+        written = 0
+        with progress_bar(progress) as bar:
+            task = bar.add_task("generate", total=len(plan), completed=len(plan) - len(todo), info="")
+            for i in range(0, len(todo), batch_size):
+                rows = todo[i : i + batch_size]
+                images = make_images(rows)
+                with self.metadata_file.open("a") as meta:
+                    for row, image in zip(rows, images):
+                        record = self._write_image(row, image, extra or {})
+                        meta.write(json.dumps(record) + "\n")
+                        meta.flush()
+                    os.fsync(meta.fileno())
+                written += len(rows)
+                bar.advance(task, len(rows))
+        return written
+
+    def _write_image(self, row: dict, image: torch.Tensor, extra: dict) -> dict:
+        name = self.classes[int(row["label"])]
+        rel = f"{_safe(name)}/{row['id']}.png"
+        path = self.split_dir / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        array = image.permute(1, 2, 0).numpy()
+        tmp = path.with_name(f".{path.name}.tmp")
+        Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(tmp, format="PNG")
+        os.replace(tmp, path)
+        return {"file_name": rel, "class": name, **{k: v for k, v in row.items()}, **extra}
+
+    def _repair_metadata(self):
+        """Rewrite metadata.jsonl without cut-off lines or rows whose image is missing, and
+        delete images that have no row and leftover temp files (they are regenerated)."""
+        if not self.split_dir.exists():
+            return
+        for tmp in self.split_dir.glob("*/.*.tmp"):
+            tmp.unlink()
+        rows = self.rows()
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+        if not self.metadata_file.exists() or self.metadata_file.read_text() != text:
+            tmp = self.metadata_file.with_name(".metadata.jsonl.tmp")
+            tmp.write_text(text)
+            os.replace(tmp, self.metadata_file)
+        listed = {r["file_name"] for r in rows}
+        for p in self.split_dir.glob("*/*.png"):
+            if str(p.relative_to(self.split_dir)) not in listed:
+                p.unlink()
+
+
+def _safe(name: str) -> str:
+    """A class name usable as a folder name."""
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)

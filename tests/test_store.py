@@ -1,0 +1,94 @@
+"""The synthetic store: layout, atomic writes, resume without duplicates, consistency."""
+
+import json
+
+import pytest
+import torch
+
+from synthaug.errors import SynthaugError
+from synthaug.store import SyntheticStore
+
+CLASSES = ["zero", "T-shirt/top"]
+
+
+def plan(n=10):
+    return [{"id": f"synaug-{i:04d}", "label": i % 2, "seed": 100 + i, "group": None, "recipe": "synaug"} for i in range(n)]
+
+
+def fake_images(rows, calls=None):
+    if calls is not None:
+        calls.extend(r["id"] for r in rows)
+    return torch.stack([torch.full((1, 8, 8), r["seed"] % 256, dtype=torch.uint8) for r in rows])
+
+
+def test_layout_metadata_and_load(tmp_path):
+    store = SyntheticStore(tmp_path / "syn", CLASSES)
+    assert store.fill(plan(), fake_images, batch_size=4, extra={"generator": "abc"}) == 10
+    assert (tmp_path / "syn" / "train" / "zero" / "synaug-0000.png").exists()
+    assert (tmp_path / "syn" / "train" / "T-shirt_top" / "synaug-0001.png").exists()
+    rows = [json.loads(line) for line in (tmp_path / "syn" / "train" / "metadata.jsonl").read_text().splitlines()]
+    assert rows[1] == {"file_name": "T-shirt_top/synaug-0001.png", "class": "T-shirt/top", "id": "synaug-0001",
+                       "label": 1, "seed": 101, "group": None, "recipe": "synaug", "generator": "abc"}
+    ds = store.load()
+    assert ds.images.shape == (10, 1, 8, 8) and ds.labels.tolist() == [0, 1] * 5
+    assert int(ds.images[3, 0, 0, 0]) == 103
+    store.verify()
+
+
+def test_interrupted_fill_resumes_without_duplicates(tmp_path):
+    store = SyntheticStore(tmp_path, CLASSES)
+    calls = []
+
+    def dies_on_third_batch(rows):
+        if len(calls) >= 6:
+            raise KeyboardInterrupt
+        return fake_images(rows, calls)
+
+    with pytest.raises(KeyboardInterrupt):
+        store.fill(plan(), dies_on_third_batch, batch_size=3)
+    assert len(store.rows()) == 6
+    calls.clear()
+    assert store.fill(plan(), lambda rows: fake_images(rows, calls), batch_size=3) == 4
+    assert calls == [f"synaug-{i:04d}" for i in range(6, 10)]  # only the missing rows
+    assert [r["id"] for r in store.rows()] == [f"synaug-{i:04d}" for i in range(10)]
+    assert store.fill(plan(), fake_images) == 0  # a finished store is not redone
+    store.verify()
+
+
+def test_crash_debris_is_repaired(tmp_path):
+    store = SyntheticStore(tmp_path, CLASSES)
+    store.fill(plan(4), fake_images)
+    split = tmp_path / "train"
+    # a metadata line cut off mid-write, an image without its row, a temp file
+    with (split / "metadata.jsonl").open("a") as f:
+        f.write('{"file_name": "zero/synaug-0004.png", "id": "synaug-00')
+    (split / "zero" / "synaug-0099.png").write_bytes((split / "zero" / "synaug-0000.png").read_bytes())
+    (split / "zero" / ".synaug-0004.png.tmp").write_bytes(b"half")
+    with pytest.raises(SynthaugError, match="not JSON"):
+        store.verify()
+    calls = []
+    assert store.fill(plan(6), lambda rows: fake_images(rows, calls)) == 2
+    assert calls == ["synaug-0004", "synaug-0005"]
+    store.verify()
+    assert not (split / "zero" / "synaug-0099.png").exists()
+
+
+def test_metadata_that_disagrees_with_files(tmp_path):
+    store = SyntheticStore(tmp_path, CLASSES)
+    store.fill(plan(4), fake_images)
+    (tmp_path / "train" / "zero" / "synaug-0002.png").unlink()
+    with pytest.raises(SynthaugError, match="points to missing"):
+        store.verify()
+    (tmp_path / "train" / "metadata.jsonl").write_text(json.dumps({"file_name": "x/y.png", "class": "dog", "id": "y"}) + "\n")
+    with pytest.raises(SynthaugError, match="unknown class 'dog'"):
+        store.verify()
+    with pytest.raises(SynthaugError, match="empty"):
+        SyntheticStore(tmp_path / "none", CLASSES).load()
+
+
+def test_store_loads_as_hf_imagefolder(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    store = SyntheticStore(tmp_path, CLASSES)
+    store.fill(plan(4), fake_images)
+    ds = datasets.load_dataset("imagefolder", data_dir=str(tmp_path), cache_dir=str(tmp_path / "hf"))["train"]
+    assert len(ds) == 4 and ds[0]["seed"] == 100
