@@ -87,6 +87,27 @@ def train(
     console.print(f"run folder: {run_dir}")
 
 
+@app.command()
+def run(
+    config_file: Path = CONFIG_ARG,
+    overrides: list[str] = SET_OPT,
+    seed: int = typer.Option(None, help="shortcut for -s seed=..."),
+    force: bool = typer.Option(False, help="delete an existing run folder of the same name first"),
+    quiet: bool = typer.Option(False, help="no progress bars"),
+):
+    """The whole loop: data, split, generator (trained or cached), plan, generate, train,
+    evaluate against the baselines, report.html."""
+    from .config import load_config
+    from .runs import train_run
+
+    cfg = load_config(config_file, [*overrides, *([f"seed={seed}"] if seed is not None else [])])
+    run_dir, metrics = train_run(cfg, progress=not quiet, force=force, compare=True)
+    print_metrics(metrics)
+    if (run_dir / "report.html").exists():
+        console.print(f"report: {run_dir / 'report.html'}")
+    console.print(f"run folder: {run_dir}")
+
+
 def print_metrics(metrics: dict):
     test = metrics["test"]
     table = Table("metric", "value", title=f"{metrics['recipe']} on {metrics['dataset']} (seed {metrics['seed']})")
@@ -94,8 +115,14 @@ def print_metrics(metrics: dict):
                 "worst_class_accuracy", "worst_group_accuracy"):
         if test.get(key) is not None:
             table.add_row(key, f"{100 * test[key]:.2f}")
-    table.add_row("train seconds", f"{sum(v for k, v in metrics['seconds'].items() if k != 'load_data'):.1f}")
+    table.add_row("seconds", f"{sum(v for k, v in metrics['seconds'].items() if k != 'load_data'):.1f}")
     console.print(table)
+    if metrics.get("baselines"):
+        compare = Table("method", "balanced acc", "few-shot acc", title="against the baselines (same split, same run)")
+        for name, m in {metrics["recipe"]: metrics, **metrics["baselines"]}.items():
+            few = m["test"].get("few_shot_accuracy")
+            compare.add_row(name, f"{100 * m['test']['balanced_accuracy']:.2f}", "n/a" if few is None else f"{100 * few:.2f}")
+        console.print(compare)
 
 
 def main():

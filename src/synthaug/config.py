@@ -14,6 +14,7 @@ import yaml
 
 from .classify.train import TrainConfig
 from .errors import SynthaugError
+from .generate.diffusion import PRESETS, SAMPLERS
 
 SPLITS = ("none", "long-tail", "few-shot", "colored")
 
@@ -47,6 +48,44 @@ class EvalConfig:
 
 
 @dataclass
+class GeneratorSection:
+    """The embedded diffusion generator: network, training and sampling."""
+
+    path: str | None = None  # a folder written by save_pretrained: use it instead of training one
+    preset: str = field(default="small", metadata={"choices": tuple(PRESETS)})
+    steps: int = 2400
+    batch_size: int = 64
+    lr: float = 2.0e-4
+    ema_decay: float = 0.999
+    label_dropout: float = 0.1
+    seed: int = 0  # the generator's own seed (vary it to measure the generator's variance)
+    sampler: str = field(default="dpm-solver++", metadata={"choices": SAMPLERS})
+    sampling_steps: int = 15
+    guidance_scale: float = 2.0
+    sampling_batch_size: int = 128
+    cache_dir: str | None = None  # trained generators, by fingerprint (default: <output_dir>/generators)
+
+
+@dataclass
+class SynaugSection:
+    """SYNAuG: uniformize with generated images, domain mixup, head re-fit on real data."""
+
+    target_per_class: int | None = None  # images per class after filling (default: the largest class)
+    balance_groups: bool = True  # with groups: fill every (class, group) cell
+    domain_mixup: bool = True
+    mix_alpha: float = 0.5
+    mix_prob: float = 1.0
+    refit_head: bool = True
+    refit_per_class: str = "min"  # real images per class for the re-fit: 'min' (smallest class) or a number
+
+
+@dataclass
+class ReportSection:
+    baselines: list = field(default_factory=lambda: ["ce", "balanced-softmax", "crt"])  # trained in the same run
+    html: bool = True
+
+
+@dataclass
 class RunConfig:
     recipe: str = "ce"
     name: str | None = None  # run folder name (default: dataset-split-recipe-seed)
@@ -56,6 +95,9 @@ class RunConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    generator: GeneratorSection = field(default_factory=GeneratorSection)
+    synaug: SynaugSection = field(default_factory=SynaugSection)
+    report: ReportSection = field(default_factory=ReportSection)
 
     def run_name(self) -> str:
         if self.name:
@@ -146,6 +188,11 @@ def _coerce(value, kind, key):
     elif kind is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
+    elif kind is list:
+        if isinstance(value, list):
+            return value
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
     else:
         return value
     raise SynthaugError(f"config key '{key}' got {value!r}: expected {kind.__name__}")

@@ -36,11 +36,17 @@ def prepare_run_dir(run_dir: Path, config: RunConfig, *, force: bool = False) ->
     return False
 
 
-def train_run(config: RunConfig, *, progress: bool = True, force: bool = False) -> tuple[Path, dict]:
-    """Run one recipe as configured; returns the run folder and the metrics written there."""
+def train_run(config: RunConfig, *, progress: bool = True, force: bool = False, compare: bool = False,
+              ) -> tuple[Path, dict]:
+    """Run one recipe as configured; returns the run folder and the metrics written there.
+
+    With `compare`, the baselines in `config.report.baselines` are trained in the same run on
+    the same split (each saved as it finishes, so an interrupted run keeps them), and
+    `report.html` is written."""
     import json
 
     recipe = get_recipe(config.recipe)
+    baselines = [get_recipe(b) for b in config.report.baselines] if compare else []
     t0 = time.perf_counter()
     data = load_dataset(config.data.dataset, image_size=config.data.image_size, channels=config.data.channels,
                         cache_dir=config.data.cache_dir)
@@ -52,6 +58,14 @@ def train_run(config: RunConfig, *, progress: bool = True, force: bool = False) 
         return run_dir, json.loads((run_dir / "metrics.json").read_text())
     result = recipe.fn(task, config, workdir=run_dir, progress=progress)
     result.model.save_pretrained(run_dir / "classifier")
+    compared, trained = {}, {}
+    for baseline in baselines:
+        done_file = run_dir / "baselines" / f"{baseline.name}.json"
+        if not done_file.exists():
+            b = baseline.fn(task, config, workdir=run_dir / "baselines" / baseline.name, progress=progress, trained=trained)
+            atomic_write_json(done_file, {"test": b.metrics, "seconds": b.seconds})
+            shutil.rmtree(run_dir / "baselines" / baseline.name, ignore_errors=True)
+        compared[baseline.name] = json.loads(done_file.read_text())
     metrics = {
         "recipe": config.recipe,
         "description": recipe.description,
@@ -63,6 +77,15 @@ def train_run(config: RunConfig, *, progress: bool = True, force: bool = False) 
         "history": result.history,
         **result.extra,
     }
+    if compared:
+        metrics["baselines"] = compared
+    if compare and config.report.html:
+        from .report import write_report
+        from .store import SyntheticStore
+
+        store = SyntheticStore(run_dir / "synthetic", task.train.classes)
+        synthetic = store.load() if store.rows() else None
+        write_report(run_dir / "report.html", metrics, task.train, synthetic, dump_config(config))
     atomic_write_json(run_dir / "metrics.json", metrics)
     shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
     return run_dir, metrics

@@ -24,7 +24,7 @@ from .models import Classifier, create_model
 SAMPLERS = ("uniform", "class-balanced", "sqrt")
 LOSSES = ("ce", "logit-adjusted", "balanced-softmax")
 AUGMENTATIONS = ("none", "crop", "flip", "randaugment", "trivialaugment", "autoaugment")
-MIXES = ("none", "mixup", "cutmix", "mixup-cutmix")
+MIXES = ("none", "mixup", "cutmix", "mixup-cutmix", "domain-mixup")
 
 
 @dataclass
@@ -87,8 +87,8 @@ def build_augmentation(spec: str, image_size: tuple[int, int]) -> v2.Compose | N
 
 
 class _ImageTensors(torch.utils.data.Dataset):
-    def __init__(self, ds: ImageDataset, weights: torch.Tensor, transform):
-        self.images, self.labels, self.weights, self.transform = ds.images, ds.labels, weights, transform
+    def __init__(self, ds: ImageDataset, weights: torch.Tensor, domains: torch.Tensor, transform):
+        self.images, self.labels, self.weights, self.domains, self.transform = ds.images, ds.labels, weights, domains, transform
 
     def __len__(self):
         return len(self.labels)
@@ -97,7 +97,19 @@ class _ImageTensors(torch.utils.data.Dataset):
         x = self.images[i]
         if self.transform is not None:
             x = self.transform(x)
-        return x, self.labels[i], self.weights[i]
+        return x, self.labels[i], self.weights[i], self.domains[i]
+
+
+def cross_domain_partners(domains: torch.Tensor) -> torch.Tensor:
+    """For each sample, a random partner from the other domain (real <-> synthetic) in the
+    batch: SYNAuG's domain mixup. Samples with no other-domain sample in the batch pair at random."""
+    n = len(domains)
+    partner = torch.randperm(n, device=domains.device)
+    for d in domains.unique():
+        mine, others = torch.nonzero(domains == d).flatten(), torch.nonzero(domains != d).flatten()
+        if len(others):
+            partner[mine] = others[torch.randint(len(others), (len(mine),), device=domains.device)]
+    return partner
 
 
 def make_sampler(kind: str, labels: torch.Tensor, num_classes: int, generator: torch.Generator):
@@ -119,10 +131,14 @@ def fit_classifier(
     *,
     seed: int = 0,
     sample_weights: torch.Tensor | None = None,
+    domains: torch.Tensor | None = None,
     checkpoint_dir: str | Path | None = None,
     progress: bool = False,
 ) -> TrainResult:
     """Train a classifier from scratch on `train` (SGD, cosine schedule with warmup).
+
+    `sample_weights` scale each image's loss; `domains` (0 real, 1 synthetic) pair real with
+    synthetic images when `mix="domain-mixup"`.
 
     Each epoch re-seeds from (seed, epoch), so a run resumed from `checkpoint_dir` after an
     interruption ends with the same weights as one that never stopped."""
@@ -140,7 +156,10 @@ def fit_classifier(
     weights = torch.ones(len(train)) if sample_weights is None else torch.as_tensor(sample_weights, dtype=torch.float32)
     if weights.shape != (len(train),):
         raise SynthaugError(f"sample_weights has {len(weights)} entries for {len(train)} images")
-    loader_data = _ImageTensors(train, weights, build_augmentation(cfg.augment, train.image_size))
+    domains = torch.zeros(len(train), dtype=torch.int64) if domains is None else torch.as_tensor(domains, dtype=torch.int64)
+    if domains.shape != (len(train),):
+        raise SynthaugError(f"domains has {len(domains)} entries for {len(train)} images")
+    loader_data = _ImageTensors(train, weights, domains, build_augmentation(cfg.augment, train.image_size))
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
@@ -175,12 +194,15 @@ def fit_classifier(
                                 sampler=make_sampler(cfg.sampler, train.labels, train.num_classes, g), drop_last=False)
             model.train()
             total_loss, correct, seen, epoch_start = 0.0, 0, 0, time.perf_counter()
-            for x, y, w in loader:
+            for x, y, w, dom in loader:
                 x, y, w = x.to(device, non_blocking=True).float().div_(255), y.to(device), w.to(device)
                 targets = F.one_hot(y, train.num_classes).float()
                 if cfg.label_smoothing:
                     targets = targets * (1 - cfg.label_smoothing) + cfg.label_smoothing / train.num_classes
-                if cfg.mix != "none" and torch.rand(()) < cfg.mix_prob:
+                if cfg.mix == "domain-mixup" and torch.rand(()) < cfg.mix_prob:
+                    x, targets, w = mix_batch(x, targets, w, mode="mixup", alpha=cfg.mix_alpha,
+                                              partner=cross_domain_partners(dom.to(device)))
+                elif cfg.mix != "none" and torch.rand(()) < cfg.mix_prob:
                     x, targets, w = mix_batch(x, targets, w, mode=cfg.mix, alpha=cfg.mix_alpha)
                 logits = model(x)
                 loss = soft_cross_entropy(logits, targets, log_prior=log_prior, tau=tau, weights=w)

@@ -301,7 +301,7 @@ class DiffusionGenerator:
         meta = json.loads((folder / "generator.json").read_text())
         config = GeneratorConfig(**meta["config"])
         try:
-            unet = UNet2DModel.from_pretrained(folder / "unet")
+            unet = UNet2DModel.from_pretrained(folder / "unet", low_cpu_mem_usage=False)
         except Exception as e:
             raise SynthaugError(f"cannot load the generator in '{folder}' ({str(e).splitlines()[0]}): retrain it") from None
         gen = cls(config, unet.to(resolve_device(device)).eval())

@@ -1,0 +1,50 @@
+"""Planners decide what to synthesise. A plan is a list of rows (dicts): a unique `id`, the
+`label`, an optional `group`, the image's own `seed`, the `recipe`, and whatever
+conditioning the generator needs. Generating is a pure function of a row, so a plan can be
+sharded, retried and resumed."""
+
+from __future__ import annotations
+
+import hashlib
+
+from .data.dataset import ImageDataset
+from .errors import SynthaugError
+
+
+def row_seed(plan_seed: int, row_id: str) -> int:
+    """An image's seed, from the plan seed and the row id alone (stable when a plan grows)."""
+    return int(hashlib.sha256(f"{plan_seed}:{row_id}".encode()).hexdigest()[:8], 16)
+
+
+def balance_plan(data: ImageDataset, *, target_per_class: int | None = None, by_group: bool = False,
+                 seed: int = 0, recipe: str = "synaug") -> list[dict]:
+    """SYNAuG's uniformizing plan: for every class (or every (class, group) cell with
+    `by_group`) below the target, rows for the missing images. The target defaults to the
+    largest class (cell)."""
+    counts = data.class_counts()
+    if by_group:
+        if data.groups is None or not data.group_names:
+            raise SynthaugError("balance by group needs a split with groups (split.kind=colored): set synaug.balance_groups=false")
+        n_groups = len(data.group_names)
+        cells = {(c, g): int(((data.labels == c) & (data.groups == g)).sum())
+                 for c in range(data.num_classes) for g in range(n_groups)}
+    else:
+        cells = {(c, None): int(counts[c]) for c in range(data.num_classes)}
+    largest = max(cells.values())
+    target = largest if target_per_class is None else int(target_per_class)
+    if by_group and target_per_class is not None:
+        target = int(target_per_class) // len(data.group_names)
+    if target < 1:
+        raise SynthaugError(f"target of {target_per_class} images per class is impossible: use a positive number or leave it unset")
+    if target < largest and target_per_class is not None:
+        raise SynthaugError(f"synaug.target_per_class={target_per_class} is below the largest class ({largest} per cell): "
+                            "raise it or leave it unset (uniformize to the largest class)")
+    rows = []
+    for (c, g), n in cells.items():
+        for k in range(target - n):
+            row_id = f"{recipe}-c{c}" + ("" if g is None else f"-g{g}") + f"-{k:06d}"
+            rows.append({
+                "id": row_id, "label": c, "group": g, "seed": row_seed(seed, row_id), "recipe": recipe,
+                "conditioning": "class" if g is None else "class+group",
+            })
+    return rows

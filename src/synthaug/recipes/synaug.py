@@ -1,0 +1,88 @@
+"""SYNAuG (seed 004): uniformize the classes with generated data, train on real + synthetic
+with domain mixup, then re-fit the classifier's head on a class-balanced subsample of the
+REAL data.
+
+1. Count real images per class (or per (class, group) cell); generate n_max - n_c images
+   for every cell below the largest, conditioned on its class (and group).
+2. Train on the now uniform real + synthetic set with the usual augmentation, plus Mixup
+   between real and synthetic images ("domain mixup") to narrow the domain gap.
+3. Freeze the features; re-fit only the last layer on real data, each class cut to the
+   same count.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ..classify import evaluate, fit_classifier, refit_head
+from ..data import concat
+from ..generate.cache import generator_for, sampler_config
+from ..plan import balance_plan
+from ..store import SyntheticStore
+from .registry import RecipeResult, register_recipe
+
+
+@register_recipe("synaug", "SYNAuG: uniformize classes (or groups) with generated images, domain mixup, head re-fit on real data")
+def synaug(task, config, *, workdir=None, progress=False, trained=None) -> RecipeResult:
+    opts, seconds = config.synaug, {}
+    workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="synthaug-"))
+    real = task.train
+    by_group = opts.balance_groups and real.groups is not None
+
+    # 1. generator (trained on the real training split, or cached / given), plan, generate
+    t0 = time.perf_counter()
+    cache_root = config.generator.cache_dir or Path(config.output_dir) / "generators"
+    generator, generator_info = generator_for(real, config.generator, cache_root=cache_root, progress=progress,
+                                              device=config.train.device)
+    seconds["generator"] = time.perf_counter() - t0
+    plan = balance_plan(real, target_per_class=opts.target_per_class, by_group=by_group, seed=config.generator.seed)
+    sampling = sampler_config(config.generator)
+    store = SyntheticStore(workdir / "synthetic", real.classes)
+
+    def make_images(rows):
+        groups = [r["group"] for r in rows] if by_group else None
+        return generator.generate([r["label"] for r in rows], [r["seed"] for r in rows], groups=groups, sampler=sampling)
+
+    t0 = time.perf_counter()
+    written = store.fill(plan, make_images, batch_size=sampling.batch_size, progress=progress,
+                         extra={"generator": generator.fingerprint(), "guidance_scale": sampling.guidance_scale,
+                                "sampler": f"{sampling.sampler}/{sampling.steps}"})
+    seconds["generate"] = time.perf_counter() - t0
+    synthetic = store.load() if plan else real.subset([])
+    store.verify()
+
+    # 2. train on real + synthetic, with mixup between a real and a synthetic image
+    data = concat(real, synthetic) if len(synthetic) else real
+    domains = torch.cat([torch.zeros(len(real)), torch.ones(len(synthetic))]).long()
+    train_cfg = config.train
+    if opts.domain_mixup:
+        train_cfg = replace(train_cfg, mix="domain-mixup", mix_alpha=opts.mix_alpha, mix_prob=opts.mix_prob)
+    result = fit_classifier(data, replace(train_cfg, refit_head=False), seed=config.seed, domains=domains,
+                            checkpoint_dir=workdir / "checkpoint", progress=progress)
+    seconds["train"] = result.seconds
+    model = result.model
+
+    # 3. re-fit the head on a class-balanced subsample of the real data
+    if opts.refit_head:
+        t0 = time.perf_counter()
+        refit_head(model, real, per_class=opts.refit_per_class, epochs=config.train.refit_epochs,
+                   lr=config.train.refit_lr, seed=config.seed)
+        seconds["refit_head"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    metrics = evaluate(model, task.test, train_counts=real.class_counts(), many_threshold=config.eval.many_threshold,
+                       few_threshold=config.eval.few_threshold)
+    seconds["evaluate"] = time.perf_counter() - t0
+    extra = {
+        "generator": {**generator_info, "fingerprint": generator.fingerprint(), "train_seconds": generator.train_seconds,
+                      "history": generator.history},
+        "synthetic": {"planned": len(plan), "generated_now": written, "images": len(synthetic),
+                      "counts_after": data.class_counts().tolist(), "store": str(store.root),
+                      "images_per_second": written / seconds["generate"] if written else None},
+    }
+    return RecipeResult(metrics=metrics, model=model, history=result.history, seconds=seconds, extra=extra)

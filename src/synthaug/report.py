@@ -1,0 +1,173 @@
+"""report.html: one self-contained page per run (plots and image grids inline as PNG), for a
+person to read: what the data lacked, what was generated, what it bought against the
+baselines, and where the time went."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+import torch
+
+from .data.dataset import ImageDataset
+
+STYLE = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+h1{font-size:1.6em;margin-bottom:.2em} h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ddd;padding-bottom:.2em}
+table{border-collapse:collapse;margin:.5em 0} th,td{border:1px solid #ddd;padding:.3em .7em;text-align:right}
+th:first-child,td:first-child{text-align:left} tr.recipe td{font-weight:bold;background:#eef6ff}
+.muted{color:#666} img{max-width:100%} .summary{font-size:1.1em;background:#f6f8fa;padding:.8em 1em;border-radius:6px}
+pre{background:#f6f8fa;padding:1em;overflow-x:auto;font-size:.85em}
+"""
+METRIC_COLUMNS = [("accuracy", "accuracy"), ("balanced_accuracy", "balanced acc"), ("many_shot_accuracy", "many"),
+                  ("medium_shot_accuracy", "medium"), ("few_shot_accuracy", "few"),
+                  ("worst_class_accuracy", "worst class"), ("worst_group_accuracy", "worst group")]
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _pct(v):
+    return "n/a" if v is None else f"{100 * v:.2f}"
+
+
+def metrics_table(rows: dict[str, dict], recipe: str) -> str:
+    present = [(k, label) for k, label in METRIC_COLUMNS if any(r.get(k) is not None for r in rows.values())]
+    out = ["<table><tr><th>method</th>" + "".join(f"<th>{label}</th>" for _, label in present) + "</tr>"]
+    for name, m in rows.items():
+        cls = ' class="recipe"' if name == recipe else ""
+        out.append(f"<tr{cls}><td>{html.escape(name)}</td>" + "".join(f"<td>{_pct(m.get(k))}</td>" for k, _ in present) + "</tr>")
+    return "".join(out) + "</table>"
+
+
+def counts_plot(classes, real_counts, synthetic_counts) -> str:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(classes)), 3.2))
+    x = range(len(classes))
+    ax.bar(x, real_counts, label="real", color="#4c72b0")
+    ax.bar(x, synthetic_counts, bottom=real_counts, label="synthetic", color="#dd8452")
+    ax.set_xticks(list(x), classes, rotation=45, ha="right")
+    ax.set_ylabel("training images")
+    ax.legend()
+    return _png(fig)
+
+
+def sample_grid(classes, real: ImageDataset, synthetic: ImageDataset | None, per_side: int = 8) -> str:
+    """One row per class: up to `per_side` real images, a gap, up to `per_side` synthetic ones."""
+    plt = _plt()
+    rows = len(classes)
+    fig, axes = plt.subplots(rows, 1, figsize=(2 * per_side * 0.55 + 1, rows * 0.62))
+    axes = [axes] if rows == 1 else axes
+    for c, ax in enumerate(axes):
+        strip = [_tile(real, c, per_side), torch.full((real.channels, real.image_size[0], 4), 255, dtype=torch.uint8)]
+        if synthetic is not None and len(synthetic):
+            strip.append(_tile(synthetic, c, per_side))
+        img = torch.cat(strip, dim=2)
+        ax.imshow(img.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray" if real.channels == 1 else None, vmin=0, vmax=255)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(classes[c], rotation=0, ha="right", va="center", fontsize=8)
+    axes[0].set_title("real  |  synthetic", fontsize=9)
+    return _png(fig)
+
+
+def _tile(ds: ImageDataset, c: int, n: int) -> torch.Tensor:
+    imgs = ds.images[ds.labels == c][:n]
+    h, w = ds.image_size
+    out = torch.full((ds.channels, h, n * w), 255, dtype=torch.uint8)
+    for i, im in enumerate(imgs):
+        out[:, :, i * w : (i + 1) * w] = im
+    return out
+
+
+def per_class_plot(classes, rows: dict[str, dict]) -> str:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(classes)), 3.2))
+    width = 0.8 / max(1, len(rows))
+    for i, (name, m) in enumerate(rows.items()):
+        acc = [100 * m["per_class_accuracy"].get(c, 0) for c in classes]
+        ax.bar([j + i * width for j in range(len(classes))], acc, width, label=name)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(classes))], classes, rotation=45, ha="right")
+    ax.set_ylabel("test accuracy (%)")
+    ax.legend(fontsize=8, ncol=min(4, len(rows)))
+    return _png(fig)
+
+
+def curve_plot(history: list[dict], x: str, y: str, xlabel: str, ylabel: str) -> str:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 2.8))
+    ax.plot([h[x] for h in history], [h[y] for h in history])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    return _png(fig)
+
+
+def write_report(path: str | Path, metrics: dict, real: ImageDataset, synthetic: ImageDataset | None,
+                 config_yaml: str) -> Path:
+    recipe = metrics["recipe"]
+    rows = {recipe: metrics["test"], **{k: v["test"] for k, v in metrics.get("baselines", {}).items()}}
+    classes = real.classes
+    parts = [f"<h1>synthaug run: {html.escape(recipe)} on {html.escape(str(metrics['dataset']))}</h1>",
+             f"<p class='muted'>{html.escape(metrics.get('description', ''))} · seed {metrics['seed']}</p>"]
+    parts.append(f"<div class='summary'>{_summary(metrics, rows)}</div>")
+    parts.append("<h2>Test metrics (%), balanced test set</h2>" + metrics_table(rows, recipe))
+    synthetic_counts = [0] * len(classes)
+    if synthetic is not None and len(synthetic):
+        synthetic_counts = synthetic.class_counts().tolist()
+    parts.append("<h2>Training images per class, before and after</h2>"
+                 + counts_plot(classes, real.class_counts().tolist(), synthetic_counts))
+    parts.append("<h2>Real and synthetic samples</h2>" + sample_grid(classes, real, synthetic))
+    parts.append("<h2>Per-class test accuracy</h2>" + per_class_plot(classes, rows))
+    generator = metrics.get("generator")
+    if generator and generator.get("history"):
+        parts.append(f"<h2>Generator training</h2><p class='muted'>{html.escape(generator.get('source', ''))}: "
+                     f"{html.escape(generator.get('path', ''))}</p>"
+                     + curve_plot(generator["history"], "step", "loss", "step", "denoising loss"))
+    if metrics.get("history"):
+        parts.append("<h2>Classifier training</h2>" + curve_plot(metrics["history"], "epoch", "loss", "epoch", "training loss"))
+    stage_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.1f}</td></tr>" for k, v in metrics["seconds"].items())
+    parts.append(f"<h2>Time per stage</h2><table><tr><th>stage</th><th>seconds</th></tr>{stage_rows}</table>")
+    parts.append(f"<h2>Config</h2><details><summary>resolved config</summary><pre>{html.escape(config_yaml)}</pre></details>")
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>synthaug: {html.escape(recipe)}</title>"
+            f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(page)
+    tmp.replace(path)
+    return path
+
+
+def _summary(metrics: dict, rows: dict[str, dict]) -> str:
+    recipe = metrics["recipe"]
+    ours = rows[recipe]["balanced_accuracy"]
+    text = f"<b>{html.escape(recipe)}</b>: balanced accuracy {_pct(ours)}%."
+    baselines = {k: v for k, v in rows.items() if k not in (recipe, "oracle")}
+    if baselines:
+        best = max(baselines, key=lambda k: baselines[k]["balanced_accuracy"])
+        delta = 100 * (ours - baselines[best]["balanced_accuracy"])
+        text += f" Best baseline: {html.escape(best)} at {_pct(baselines[best]['balanced_accuracy'])}% ({delta:+.2f} points)."
+        if "oracle" in rows:
+            gap = rows["oracle"]["balanced_accuracy"] - baselines[best]["balanced_accuracy"]
+            if gap > 0:
+                text += f" Oracle {_pct(rows['oracle']['balanced_accuracy'])}%: {100 * (ours - baselines[best]['balanced_accuracy']) / gap:.0f}% of the gap closed."
+    syn = metrics.get("synthetic")
+    if syn:
+        text += f" {syn['images']} synthetic images."
+    return text

@@ -1,0 +1,139 @@
+"""SYNAuG end to end on tiny data with a tiny in-code generator: plan, generate into the
+store, train with domain mixup, re-fit the head; caching, resume and the report."""
+
+import json
+import sys
+
+import pytest
+import torch
+from conftest import make_dataset
+
+from synthaug.classify.train import cross_domain_partners
+from synthaug.cli import main
+from synthaug.config import load_config
+from synthaug.data import LoadedDataset, colored
+from synthaug.errors import SynthaugError
+from synthaug.generate import DiffusionGenerator
+from synthaug.plan import balance_plan
+from synthaug.recipes import get_recipe
+from synthaug.task import make_task
+
+FAST = ["train.epochs=2", "train.batch_size=16", "train.augment=none", "split.ratio=8", "split.n_max=32",
+        "recipe=synaug", "generator.preset=tiny", "generator.steps=4", "generator.batch_size=8",
+        "generator.sampling_steps=3", "generator.sampling_batch_size=16"]
+
+
+@pytest.fixture(scope="module")
+def data():
+    return LoadedDataset("tiny", make_dataset((40, 40, 40), seed=0), make_dataset((10, 10, 10), seed=1))
+
+
+def test_balance_plan():
+    ds = make_dataset((10, 4, 1))
+    plan = balance_plan(ds, seed=3)
+    assert [sum(r["label"] == c for r in plan) for c in range(3)] == [0, 6, 9]
+    assert len({r["id"] for r in plan}) == len(plan) == len({r["seed"] for r in plan})
+    assert balance_plan(ds, seed=3) == plan and balance_plan(ds, seed=4)[0]["seed"] != plan[0]["seed"]
+    assert len(balance_plan(ds, target_per_class=12)) == 2 + 8 + 11
+    with pytest.raises(SynthaugError, match="below the largest class"):
+        balance_plan(ds, target_per_class=5)
+    with pytest.raises(SynthaugError, match="needs a split with groups"):
+        balance_plan(ds, by_group=True)
+
+
+def test_balance_plan_by_group():
+    ds = colored(make_dataset((20, 20, 20)), agreement=0.8, seed=0)
+    plan = balance_plan(ds, by_group=True)
+    cells = {}
+    for c in range(3):
+        for g in range(3):
+            real = int(((ds.labels == c) & (ds.groups == g)).sum())
+            cells[c, g] = real + sum(r["label"] == c and r["group"] == g for r in plan)
+    assert len(set(cells.values())) == 1  # every (class, colour) cell is filled to the same size
+
+
+def test_cross_domain_partners():
+    domains = torch.tensor([0, 0, 0, 1, 1])
+    partner = cross_domain_partners(domains)
+    assert (domains[partner] != domains).all()
+    assert cross_domain_partners(torch.zeros(4, dtype=torch.long)).sort().values.tolist() == [0, 1, 2, 3]
+
+
+def test_synaug_end_to_end_reuses_generator_and_store(data, tmp_path):
+    config = load_config(None, [*FAST, f"output_dir={tmp_path}"])
+    task = make_task(data, config.split)
+    result = get_recipe("synaug").fn(task, config, workdir=tmp_path / "run")
+    syn = result.extra["synthetic"]
+    assert syn["counts_after"] == [32, 32, 32] and syn["images"] == 32 - 11 + 32 - 4
+    assert result.extra["generator"]["source"] == "trained"
+    assert set(result.seconds) >= {"generator", "generate", "train", "refit_head", "evaluate"}
+    rows = [json.loads(line) for line in (tmp_path / "run" / "synthetic" / "train" / "metadata.jsonl").read_text().splitlines()]
+    assert rows[0]["generator"] == result.extra["generator"]["fingerprint"] and rows[0]["recipe"] == "synaug"
+    again = get_recipe("synaug").fn(task, config, workdir=tmp_path / "run")
+    assert again.extra["generator"]["source"] == "cache" and again.extra["synthetic"]["generated_now"] == 0
+
+
+@pytest.mark.parametrize("flags", [["synaug.domain_mixup=false"], ["synaug.refit_head=false"]])
+def test_ablations(data, tmp_path, flags):
+    config = load_config(None, [*FAST, f"output_dir={tmp_path}", *flags])
+    result = get_recipe("synaug").fn(make_task(data, config.split), config, workdir=tmp_path / "run")
+    assert ("refit_head" in result.seconds) == config.synaug.refit_head
+
+
+def test_groups_are_balanced_and_reported(data, tmp_path):
+    config = load_config(None, [*FAST, f"output_dir={tmp_path}", "split.kind=colored", "split.agreement=0.9"])
+    task = make_task(data, config.split)
+    result = get_recipe("synaug").fn(task, config, workdir=tmp_path / "run")
+    assert "worst_group_accuracy" in result.metrics
+    rows = [json.loads(line) for line in (tmp_path / "run" / "synthetic" / "train" / "metadata.jsonl").read_text().splitlines()]
+    assert all(r["conditioning"] == "class+group" and r["group"] is not None for r in rows)
+
+
+def test_generation_interrupted_then_resumed(data, tmp_path, monkeypatch):
+    config = load_config(None, [*FAST, f"output_dir={tmp_path}", "generator.sampling_batch_size=8"])
+    task = make_task(data, config.split)
+    real_generate, calls = DiffusionGenerator.generate, []
+
+    def dies_on_second_batch(self, labels, seeds, **kw):
+        calls.append(list(seeds))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_generate(self, labels, seeds, **kw)
+
+    monkeypatch.setattr(DiffusionGenerator, "generate", dies_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        get_recipe("synaug").fn(task, config, workdir=tmp_path / "run")
+    monkeypatch.setattr(DiffusionGenerator, "generate", real_generate)
+    result = get_recipe("synaug").fn(task, config, workdir=tmp_path / "run")
+    assert result.extra["synthetic"]["generated_now"] == 32 - 11 + 32 - 4 - 8  # only what was missing
+    assert result.extra["synthetic"]["images"] == 49
+
+
+def test_pretrained_generator_that_does_not_match(data, tmp_path):
+    other = make_dataset((5, 5), seed=2)
+    config = load_config(None, [*FAST, f"output_dir={tmp_path}"])
+    from synthaug.generate import GeneratorConfig, GeneratorTrainConfig
+
+    gen = DiffusionGenerator.fit(other, GeneratorConfig(image_size=8, channels=1, classes=other.classes, preset="tiny"),
+                                 GeneratorTrainConfig(steps=1, batch_size=4))
+    gen.save_pretrained(tmp_path / "gen")
+    config = load_config(None, [*FAST, f"output_dir={tmp_path}", f"generator.path={tmp_path / 'gen'}"])
+    with pytest.raises(SynthaugError, match="classes"):
+        get_recipe("synaug").fn(make_task(data, config.split), config, workdir=tmp_path / "run")
+
+
+def test_synthaug_run_writes_report(tmp_path, capsys, monkeypatch):
+    args = ["synthaug", "run", "--quiet", "-s", "data.dataset=digits", "-s", "split.ratio=10", "-s", f"output_dir={tmp_path}",
+            "-s", "report.baselines=ce,oracle", *[a for kv in FAST if not kv.startswith("split.") for a in ("-s", kv)]]
+    monkeypatch.setattr(sys, "argv", args)
+    main()
+    out = capsys.readouterr().out
+    assert "report:" in out and "oracle" in out
+    run = tmp_path / "digits-lt10-synaug-s0"
+    page = (run / "report.html").read_text()
+    for section in ("Test metrics", "Training images per class", "Real and synthetic samples", "Per-class test accuracy",
+                    "Generator training", "Time per stage"):
+        assert section in page
+    assert page.count("data:image/png;base64,") >= 5 and "<script" not in page
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["baselines"]) == {"ce", "oracle"} and metrics["synthetic"]["images"] > 0
