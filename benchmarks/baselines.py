@@ -13,21 +13,17 @@ rows); the summary table goes to benchmarks/results/baselines.md and into BENCHM
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
-import torch
+from common import HERE, append_row, environment, fmt, read_rows, splice
 
 from synthaug.config import load_config
 from synthaug.data import load_dataset
 from synthaug.recipes import get_recipe
 from synthaug.task import make_task
 
-HERE = Path(__file__).resolve().parent
 SETTINGS = {
     "Fashion-MNIST-LT r100": ["data.dataset=fashion-mnist", "split.ratio=100", "train.epochs=10"],
     "MNIST-5k-LT r50": ["data.dataset=mnist-5k", "split.ratio=50", "train.epochs=30"],
@@ -46,7 +42,7 @@ def main():
         args.seeds, args.results = [0], args.results.with_name("baselines-quick.jsonl")
     args.results.parent.mkdir(parents=True, exist_ok=True)
     done = {(r["setting"], r["method"], r["seed"]) for r in read_rows(args.results)}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
+    env = environment()
 
     for setting, overrides in SETTINGS.items():
         if args.quick:
@@ -71,11 +67,9 @@ def main():
                     "train_images": len(task.oracle if method == "oracle" else task.train),
                     "epochs": config.train.epochs, "model": config.train.model,
                     "shot_thresholds": result.metrics.get("shot_thresholds"),
-                    "commit": commit, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "machine": platform.processor() or platform.machine(),
+                    **env,
                 }
-                with args.results.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
+                append_row(args.results, row)
                 print(f"{setting:22s} {method:17s} seed {seed}  balanced acc {100 * row['balanced_accuracy']:.2f}"
                       f"  ({row['train_seconds']:.0f} s)", flush=True)
     table = summarise(read_rows(args.results))
@@ -83,19 +77,6 @@ def main():
     if not args.quick:
         splice(HERE.parent / "BENCHMARKS.md", "baselines", table)
     print(table)
-
-
-def read_rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
-def fmt(values):
-    values = [v for v in values if v is not None]
-    if not values:
-        return "n/a"
-    mean = 100 * statistics.fmean(values)
-    std = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.2f} ± {std:.2f}"
 
 
 def summarise(rows: list[dict]) -> str:
@@ -119,18 +100,6 @@ def summarise(rows: list[dict]) -> str:
             lines.append(f"| {method} | " + " | ".join(cells) + f" | {sec} |")
         lines.append("")
     return "\n".join(lines)
-
-
-def splice(path: Path, key: str, text: str):
-    """Replace the block between <!-- key:start --> and <!-- key:end --> in `path`."""
-    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
-    doc = path.read_text() if path.exists() else ""
-    block = f"{start}\n{text}\n{end}"
-    if start in doc and end in doc:
-        doc = doc[: doc.index(start)] + block + doc[doc.index(end) + len(end):]
-    else:
-        doc = doc.rstrip() + "\n\n" + block + "\n"
-    path.write_text(doc)
 
 
 if __name__ == "__main__":

@@ -92,3 +92,15 @@ def test_store_loads_as_hf_imagefolder(tmp_path):
     store.fill(plan(4), fake_images)
     ds = datasets.load_dataset("imagefolder", data_dir=str(tmp_path), cache_dir=str(tmp_path / "hf"))["train"]
     assert len(ds) == 4 and ds[0]["seed"] == 100
+
+
+def test_memorization_ratio_flags_copies():
+    from conftest import make_dataset
+
+    from synthaug.validate import memorization_ratio
+
+    train, heldout = make_dataset((20, 20), seed=0), make_dataset((20, 20), seed=1)
+    copies = train.subset(torch.arange(len(train)))
+    fresh = make_dataset((20, 20), seed=2)
+    assert memorization_ratio(copies, train, heldout)["median"] == 0.0
+    assert 0.7 < memorization_ratio(fresh, train, heldout)["median"] < 1.3

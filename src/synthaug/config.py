@@ -77,6 +77,8 @@ class SynaugSection:
     mix_prob: float = 1.0
     refit_head: bool = True
     refit_per_class: str = "min"  # real images per class for the re-fit: 'min' (smallest class) or a number
+    store_dir: str | None = None  # where generated images go (default: <run folder>/synthetic); runs with the
+    # same generator and plan can share one store
 
 
 @dataclass

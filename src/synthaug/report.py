@@ -113,7 +113,7 @@ def per_class_plot(classes, rows: dict[str, dict]) -> str:
 def curve_plot(history: list[dict], x: str, y: str, xlabel: str, ylabel: str) -> str:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 2.8))
-    ax.plot([h[x] for h in history], [h[y] for h in history])
+    ax.plot([h[x] for h in history], [h[y] for h in history], marker="o" if len(history) < 20 else None)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     return _png(fig)
@@ -134,6 +134,14 @@ def write_report(path: str | Path, metrics: dict, real: ImageDataset, synthetic:
     parts.append("<h2>Training images per class, before and after</h2>"
                  + counts_plot(classes, real.class_counts().tolist(), synthetic_counts))
     parts.append("<h2>Real and synthetic samples</h2>" + sample_grid(classes, real, synthetic))
+    memo = metrics.get("memorization")
+    if memo and memo.get("per_class"):
+        cells = "".join(f"<td>{v:.2f}</td>" for v in memo["per_class"].values())
+        heads = "".join(f"<th>{html.escape(k)}</th>" for k in memo["per_class"])
+        parts.append("<h2>Memorisation check</h2><p class='muted'>Median distance of synthetic images to the nearest "
+                     "real training image of their class, over the same for held-out real images: about 1 means new "
+                     "images, well below 1 means copies.</p>"
+                     f"<table><tr><th>class</th>{heads}</tr><tr><td>ratio</td>{cells}</tr></table>")
     parts.append("<h2>Per-class test accuracy</h2>" + per_class_plot(classes, rows))
     generator = metrics.get("generator")
     if generator and generator.get("history"):

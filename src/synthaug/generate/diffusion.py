@@ -249,6 +249,11 @@ class DiffusionGenerator:
             return torch.empty(0, c, s, s, dtype=torch.uint8)
         return torch.cat(out)
 
+    def generate_rows(self, rows: list[dict], sampler: SamplerConfig | None = None) -> torch.Tensor:
+        """Images for plan rows (`label`, `seed`, optional `group`): what a store's `fill` calls."""
+        groups = [r["group"] for r in rows] if rows and rows[0].get("group") is not None else None
+        return self.generate([r["label"] for r in rows], [r["seed"] for r in rows], groups=groups, sampler=sampler)
+
     def _sample_batch(self, labels, seeds, groups, sc: SamplerConfig) -> torch.Tensor:
         device = next(self.unet.parameters()).device
         c, s = self.config.channels, self.config.image_size

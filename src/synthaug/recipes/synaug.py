@@ -24,6 +24,7 @@ from ..data import concat
 from ..generate.cache import generator_for, sampler_config
 from ..plan import balance_plan
 from ..store import SyntheticStore
+from ..validate import memorization_ratio
 from .registry import RecipeResult, register_recipe
 
 
@@ -42,14 +43,11 @@ def synaug(task, config, *, workdir=None, progress=False, trained=None) -> Recip
     seconds["generator"] = time.perf_counter() - t0
     plan = balance_plan(real, target_per_class=opts.target_per_class, by_group=by_group, seed=config.generator.seed)
     sampling = sampler_config(config.generator)
-    store = SyntheticStore(workdir / "synthetic", real.classes)
-
-    def make_images(rows):
-        groups = [r["group"] for r in rows] if by_group else None
-        return generator.generate([r["label"] for r in rows], [r["seed"] for r in rows], groups=groups, sampler=sampling)
+    store = SyntheticStore(Path(opts.store_dir) if opts.store_dir else workdir / "synthetic", real.classes)
 
     t0 = time.perf_counter()
-    written = store.fill(plan, make_images, batch_size=sampling.batch_size, progress=progress,
+    written = store.fill(plan, lambda rows: generator.generate_rows(rows, sampling), batch_size=sampling.batch_size,
+                         progress=progress,
                          extra={"generator": generator.fingerprint(), "guidance_scale": sampling.guidance_scale,
                                 "sampler": f"{sampling.sampler}/{sampling.steps}"})
     seconds["generate"] = time.perf_counter() - t0
@@ -78,7 +76,11 @@ def synaug(task, config, *, workdir=None, progress=False, trained=None) -> Recip
     metrics = evaluate(model, task.test, train_counts=real.class_counts(), many_threshold=config.eval.many_threshold,
                        few_threshold=config.eval.few_threshold)
     seconds["evaluate"] = time.perf_counter() - t0
+    # memorisation check: are synthetic images as far from the training images as fresh real ones?
+    heldout = task.val if task.val is not None else task.test
+    memorization = memorization_ratio(synthetic, real, heldout) if len(synthetic) else None
     extra = {
+        "memorization": memorization,
         "generator": {**generator_info, "fingerprint": generator.fingerprint(), "train_seconds": generator.train_seconds,
                       "history": generator.history},
         "synthetic": {"planned": len(plan), "generated_now": written, "images": len(synthetic),
