@@ -8,7 +8,8 @@ from synthaug.errors import SynthaugError
 from synthaug.recipes import RECIPES, get_recipe
 from synthaug.task import make_task
 
-FAST = ["train.epochs=2", "train.batch_size=16", "train.augment=none", "split.ratio=8", "split.n_max=32"]
+FAST = ["train.epochs=2", "train.batch_size=16", "train.augment=none", "split.ratio=8", "split.n_max=32",
+        "generator.preset=tiny", "generator.steps=4", "generator.batch_size=8", "generator.sampling_steps=3"]
 
 
 @pytest.fixture(scope="module")
@@ -17,11 +18,11 @@ def data():
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
-def test_every_recipe_runs(name, data):
-    config = load_config(None, [*FAST, f"recipe={name}"])
+def test_every_recipe_runs(name, data, tmp_path):
+    config = load_config(None, [*FAST, f"recipe={name}", f"output_dir={tmp_path}"])
     task = make_task(data, config.split)
     assert task.train.class_counts().tolist() == [32, 11, 4]
-    result = get_recipe(name).fn(task, config)
+    result = get_recipe(name).fn(task, config, workdir=tmp_path / "run")
     for key in ("accuracy", "balanced_accuracy", "many_shot_accuracy", "confusion_matrix"):
         assert key in result.metrics
     assert result.seconds["train"] > 0
