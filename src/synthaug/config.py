@@ -59,6 +59,7 @@ class GeneratorSection:
     ema_decay: float = 0.999
     label_dropout: float = 0.1
     seed: int = 0  # the generator's own seed (vary it to measure the generator's variance)
+    checkpoint_every: int = 200  # training steps between checkpoints (resume point after an interruption)
     sampler: str = field(default="dpm-solver++", metadata={"choices": SAMPLERS})
     sampling_steps: int = 15
     guidance_scale: float = 2.0

@@ -48,7 +48,7 @@ def generator_for(data: ImageDataset, section, *, cache_root: str | Path, progre
     config = GeneratorConfig(image_size=data.image_size[0], channels=data.channels, classes=data.classes,
                              num_groups=num_groups, preset=section.preset, label_dropout=section.label_dropout)
     train = GeneratorTrainConfig(steps=section.steps, batch_size=section.batch_size, lr=section.lr,
-                                 ema_decay=section.ema_decay, device=device)
+                                 ema_decay=section.ema_decay, checkpoint_every=section.checkpoint_every, device=device)
     gen = DiffusionGenerator.fit(data, config, train, seed=section.seed, checkpoint_dir=folder / "checkpoint",
                                  progress=progress)
     gen.save_pretrained(folder)
