@@ -263,10 +263,13 @@ def refit_head(
     batch_size: int = 256,
     weight_decay: float = 5e-4,
     seed: int = 0,
+    min_steps: int = 200,
 ) -> Classifier:
     """cRT (Kang et al. 2020): freeze the features, re-initialise the head and train it
     class-balanced. `per_class="all"` uses every image with class-balanced loss weights;
-    "min" or a number subsamples each class to the same count first (SYNAuG's re-fit)."""
+    "min" or a number subsamples each class to the same count first (SYNAuG's re-fit).
+    Runs `epochs` passes but at least `min_steps` steps, so a small re-fit set (8 images
+    per class) still trains the head to convergence."""
     from ..data.splits import class_balanced_subsample
 
     if per_class != "all":
@@ -280,7 +283,9 @@ def refit_head(
     g = torch.Generator().manual_seed(seed)
     model.head.reset_parameters()
     optimizer = torch.optim.SGD(model.head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
-    steps = epochs * math.ceil(len(labels) / batch_size)
+    steps_per_epoch = math.ceil(len(labels) / batch_size)
+    epochs = max(epochs, math.ceil(min_steps / steps_per_epoch))
+    steps = epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine_with_warmup(s, 0, steps))
     for _ in range(epochs):
         for idx in torch.randperm(len(labels), generator=g).split(batch_size):
