@@ -27,6 +27,11 @@ def test_defaults_file_and_overrides(tmp_path):
         (["split.kind=zipf"], "use one of none, long-tail"),
         (["train.epochs"], "not key=value"),
         (["train.augment=crop+blur"], "unknown augmentation 'blur'"),
+        (["train.refit_per_class=abc"], "use 'all', 'min' or a positive number"),
+        (["train.mix_alpha=0"], "mix_alpha must be > 0"),
+        (["generator.checkpoint_every=0"], "checkpoint_every must be >= 1"),
+        (["split.val_per_class=-1"], "val_per_class must be >= 0"),
+        (["train.lr=[0.1"], "not valid YAML"),
     ],
 )
 def test_bad_config(overrides, match):

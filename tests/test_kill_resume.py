@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from synthaug.utils.io import load_state
+
 ARGS = ["-s", "recipe=synaug", "-s", "data.dataset=digits", "-s", "split.ratio=10", "-s", "train.epochs=1", "-s", "train.augment=none",
         "-s", "generator.preset=tiny", "-s", "generator.batch_size=8", "-s", "generator.sampling_steps=2",
         "-s", "report.baselines=ce", "--quiet"]
@@ -43,12 +45,12 @@ def finish(tmp_path, *extra):
 def test_kill_during_generator_training(tmp_path):
     extra = ["-s", "generator.steps=150", "-s", "generator.checkpoint_every=10", "-s", "generator.sampling_batch_size=512"]
     proc = start(tmp_path, *extra)
-    kill_when(proc, lambda: any(p.name == "state.json" for p in (tmp_path / "generators").rglob("state.json")))
-    state = json.loads(next((tmp_path / "generators").rglob("state.json")).read_text())
+    kill_when(proc, lambda: any((tmp_path / "generators").rglob("state.safetensors")))
+    state = load_state(next((tmp_path / "generators").rglob("state.safetensors")).parent)
     assert not list((tmp_path / "generators").rglob("generator.json"))  # killed before the end
     metrics = finish(tmp_path, *extra)
     steps = [h["step"] for h in metrics["generator"]["history"]]
-    assert steps == sorted(set(steps)) and steps[-1] == 150 and state["bytes"] > 0
+    assert steps == sorted(set(steps)) and steps[-1] == 150 and 0 < state["step"] < 150
     assert metrics["generator"]["source"] == "trained"
 
 

@@ -127,7 +127,11 @@ def print_metrics(metrics: dict):
 
 def main():
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)
+        if isinstance(rc, int) and rc:  # typer turns Ctrl-C into exit code 130
+            if rc == 130:
+                Console(stderr=True).print("interrupted: run the same command again to resume")
+            sys.exit(rc)
     except SynthaugError as e:
         from rich.markup import escape
 

@@ -39,6 +39,10 @@ class SplitConfig:
     agreement: float = 0.95  # colored: share of training images whose colour agrees with the class
     val_per_class: int = 0  # carve a class-balanced validation split of this many images per class
 
+    def __post_init__(self):
+        if self.val_per_class < 0 or self.k < 1 or (self.n_max is not None and self.n_max < 1):
+            raise SynthaugError("split.val_per_class must be >= 0, split.k >= 1 and split.n_max >= 1")
+
 
 @dataclass
 class EvalConfig:
@@ -66,6 +70,15 @@ class GeneratorSection:
     sampling_batch_size: int = 128
     cache_dir: str | None = None  # trained generators, by fingerprint (default: <output_dir>/generators)
 
+    def __post_init__(self):
+        for key in ("steps", "batch_size", "checkpoint_every", "sampling_steps", "sampling_batch_size"):
+            if getattr(self, key) < 1:
+                raise SynthaugError(f"generator.{key} must be >= 1, got {getattr(self, key)}")
+        if not 0 <= self.label_dropout < 1 or not 0 < self.ema_decay < 1 or self.lr <= 0:
+            raise SynthaugError("generator.label_dropout must be in [0, 1), generator.ema_decay in (0, 1), generator.lr > 0")
+        if self.guidance_scale < 1:
+            raise SynthaugError(f"generator.guidance_scale must be >= 1 (1 = no guidance), got {self.guidance_scale}")
+
 
 @dataclass
 class SynaugSection:
@@ -80,6 +93,13 @@ class SynaugSection:
     refit_per_class: str = "min"  # real images per class for the re-fit: 'min' (smallest class) or a number
     store_dir: str | None = None  # where generated images go (default: <run folder>/synthetic); runs with the
     # same generator and plan can share one store
+
+    def __post_init__(self):
+        from .classify.train import check_per_class
+
+        check_per_class(self.refit_per_class, "synaug.refit_per_class")
+        if self.mix_alpha <= 0 or not 0 <= self.mix_prob <= 1:
+            raise SynthaugError("synaug.mix_alpha must be > 0 and synaug.mix_prob in [0, 1]")
 
 
 @dataclass
@@ -140,7 +160,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise SynthaugError(f"override '{item}': '{part}' is not a section")
-        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+        try:
+            node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            raise SynthaugError(f"override '{item}': the value is not valid YAML; quote it or fix the brackets") from None
     return build(RunConfig, raw, "")
 
 

@@ -51,6 +51,8 @@ def train_run(config: RunConfig, *, progress: bool = True, force: bool = False, 
     data = load_dataset(config.data.dataset, image_size=config.data.image_size, channels=config.data.channels,
                         cache_dir=config.data.cache_dir)
     task = make_task(data, config.split)
+    if recipe.check is not None:
+        recipe.check(task, config)
     load_seconds = time.perf_counter() - t0
     # Everything above can fail on bad input; nothing is written before this point.
     run_dir = Path(config.output_dir) / config.run_name()

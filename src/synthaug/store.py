@@ -77,9 +77,13 @@ class SyntheticStore:
             raise SynthaugError(f"{len(extra)} image(s) in {self.split_dir} have no metadata row (e.g. {extra[0]}): "
                                 "run the generation again to repair the store")
 
-    def load(self) -> ImageDataset:
-        """The store as a dataset (metadata order), with `info['rows']` holding the metadata."""
+    def load(self, ids: Sequence[str] | None = None) -> ImageDataset:
+        """The store (or only the rows in `ids`) as a dataset in metadata order, with
+        `info['rows']` holding the metadata."""
         rows = self.rows()
+        if ids is not None:
+            wanted = set(ids)
+            rows = [r for r in rows if r["id"] in wanted]
         images = []
         for r in rows:
             with Image.open(self.split_dir / r["file_name"]) as img:
@@ -104,8 +108,14 @@ class SyntheticStore:
             raise ValueError("plan row ids must be unique")
         self.split_dir.mkdir(parents=True, exist_ok=True)
         self._repair_metadata()
-        done = self.done_ids()
-        todo = [r for r in plan if r["id"] not in done]
+        existing = {r["id"]: r for r in self.rows()}
+        producer = (extra or {}).get("generator")
+        for r in plan:
+            made_by = existing.get(r["id"], {}).get("generator")
+            if producer and made_by and made_by != producer:
+                raise SynthaugError(f"store '{self.root}' holds '{r['id']}' from generator {made_by}, not {producer}: "
+                                    "use another store folder for this generator")
+        todo = [r for r in plan if r["id"] not in existing]
         written = 0
         with progress_bar(progress) as bar:
             task = bar.add_task("generate", total=len(plan), completed=len(plan) - len(todo), info="")
@@ -129,7 +139,10 @@ class SyntheticStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         array = image.permute(1, 2, 0).numpy()
         tmp = path.with_name(f".{path.name}.tmp")
-        Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(tmp, format="PNG")
+        with open(tmp, "wb") as f:
+            Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(f, format="PNG")
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
         return {"file_name": rel, "class": name, **{k: v for k, v in row.items()}, **extra}
 

@@ -4,6 +4,7 @@ recipes need: sampler, loss, augmentation, Mixup/CutMix, SAM, per-sample weights
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -57,8 +58,22 @@ class TrainConfig:
         for part in self.augment.split("+"):
             if part not in AUGMENTATIONS:
                 raise SynthaugError(f"unknown augmentation '{part}': use '+'-joined names from {', '.join(AUGMENTATIONS)}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise SynthaugError("epochs and batch_size must be >= 1")
+        if self.epochs < 1 or self.batch_size < 1 or self.refit_epochs < 1:
+            raise SynthaugError("train.epochs, train.batch_size and train.refit_epochs must be >= 1")
+        if self.mix_alpha <= 0:
+            raise SynthaugError(f"train.mix_alpha must be > 0, got {self.mix_alpha}")
+        for name in ("mix_prob", "label_smoothing"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise SynthaugError(f"train.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.sam_rho < 0 or self.lr <= 0 or self.refit_lr <= 0:
+            raise SynthaugError("train.sam_rho must be >= 0 and train.lr, train.refit_lr > 0")
+        check_per_class(self.refit_per_class, "train.refit_per_class")
+
+
+def check_per_class(value, key: str):
+    if value in ("all", "min") or (str(value).isdigit() and int(value) > 0):
+        return
+    raise SynthaugError(f"{key} is '{value}': use 'all', 'min' or a positive number")
 
 
 @dataclass
@@ -121,7 +136,7 @@ def make_sampler(kind: str, labels: torch.Tensor, num_classes: int, generator: t
 
 
 def channel_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    x = images[: 20000].float() / 255
+    x = images[:: max(1, len(images) // 20000)].float() / 255  # a strided sample covers class-sorted data
     return x.mean((0, 2, 3)), x.std((0, 2, 3))
 
 
@@ -174,8 +189,10 @@ def fit_classifier(
     tau = 1.0 if cfg.loss == "balanced-softmax" else (cfg.tau if cfg.loss == "logit-adjusted" else 0.0)
 
     history, start_epoch, spent = [], 0, 0.0
+    # a checkpoint is resumed only by the same training (config, seed, data size)
+    run_key = json.dumps({"config": asdict(cfg), "seed": seed, "images": len(train), "classes": train.classes})
     state = load_state(checkpoint_dir) if checkpoint_dir else None
-    if state is not None:
+    if state is not None and state.get("run_key") == run_key:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -227,6 +244,7 @@ def fit_classifier(
                 save_state(checkpoint_dir, {
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "history": history, "epoch": epoch + 1, "seconds": spent + time.perf_counter() - t0,
+                    "run_key": run_key,
                 })
     seconds = spent + time.perf_counter() - t0
     result = TrainResult(model.eval(), history, seconds, asdict(cfg))
@@ -281,6 +299,7 @@ def refit_head(
     counts = torch.bincount(labels, minlength=data.num_classes).float().clamp(min=1)
     class_weight = (counts.sum() / (len(counts) * counts)) if per_class == "all" else torch.ones_like(counts)
     g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # the re-initialised head depends on the seed alone
     model.head.reset_parameters()
     optimizer = torch.optim.SGD(model.head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(len(labels) / batch_size)

@@ -25,14 +25,15 @@ class Recipe:
     name: str
     description: str
     fn: Callable[..., RecipeResult]
+    check: Callable | None = None  # check(task, config): raise SynthaugError before anything is written
 
 
 RECIPES: dict[str, Recipe] = {}
 
 
-def register_recipe(name: str, description: str):
+def register_recipe(name: str, description: str, check: Callable | None = None):
     def wrap(fn):
-        RECIPES[name] = Recipe(name, description, fn)
+        RECIPES[name] = Recipe(name, description, fn, check)
         return fn
 
     return wrap

@@ -21,14 +21,26 @@ import torch
 
 from ..classify import evaluate, fit_classifier, refit_head
 from ..data import concat
+from ..errors import SynthaugError
 from ..generate.cache import generator_for, sampler_config
+from ..generate.diffusion import GeneratorConfig
 from ..plan import balance_plan
 from ..store import SyntheticStore
 from ..validate import memorization_ratio
 from .registry import RecipeResult, register_recipe
 
 
-@register_recipe("synaug", "SYNAuG: uniformize classes (or groups) with generated images, domain mixup, head re-fit on real data")
+def check(task, config):
+    """Fail on an impossible plan or generator before anything is written."""
+    by_group = config.synaug.balance_groups and task.train.groups is not None
+    balance_plan(task.train, target_per_class=config.synaug.target_per_class, by_group=by_group)
+    if not config.generator.path:
+        GeneratorConfig(image_size=task.train.image_size[0], channels=task.train.channels, classes=task.train.classes,
+                        preset=config.generator.preset)
+
+
+@register_recipe("synaug", "SYNAuG: uniformize classes (or groups) with generated images, domain mixup, head re-fit on real data",
+                 check=check)
 def synaug(task, config, *, workdir=None, progress=False, trained=None) -> RecipeResult:
     opts, seconds = config.synaug, {}
     workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="synthaug-"))
@@ -41,6 +53,8 @@ def synaug(task, config, *, workdir=None, progress=False, trained=None) -> Recip
     generator, generator_info = generator_for(real, config.generator, cache_root=cache_root, progress=progress,
                                               device=config.train.device)
     seconds["generator"] = time.perf_counter() - t0
+    if by_group and generator.config.num_groups == 0:
+        raise SynthaugError("the generator is not conditioned on groups: train one on this split or set synaug.balance_groups=false")
     plan = balance_plan(real, target_per_class=opts.target_per_class, by_group=by_group, seed=config.generator.seed)
     sampling = sampler_config(config.generator)
     store = SyntheticStore(Path(opts.store_dir) if opts.store_dir else workdir / "synthetic", real.classes)
@@ -51,7 +65,7 @@ def synaug(task, config, *, workdir=None, progress=False, trained=None) -> Recip
                          extra={"generator": generator.fingerprint(), "guidance_scale": sampling.guidance_scale,
                                 "sampler": f"{sampling.sampler}/{sampling.steps}"})
     seconds["generate"] = time.perf_counter() - t0
-    synthetic = store.load() if plan else real.subset([])
+    synthetic = store.load(ids=[r["id"] for r in plan]) if plan else real.subset([])
     store.verify()
 
     # 2. train on real + synthetic, with mixup between a real and a synthetic image

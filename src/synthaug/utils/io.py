@@ -1,5 +1,5 @@
-"""Atomic file writes, and training state (model, optimizer, scheduler, RNG) saved as
-safetensors + JSON, never pickle."""
+"""Atomic file writes, and training state (model, optimizer, scheduler, counters) saved as
+safetensors, never pickle."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ def atomic_write_text(path: str | os.PathLike, text: str):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
+    _fsync(tmp)
     os.replace(tmp, path)
 
 
@@ -56,9 +57,9 @@ def _join_tensors(obj, tensors):
 
 
 def save_state(folder: str | os.PathLike, state: dict):
-    """Save a nested dict of tensors and plain values (state_dicts, RNG states, counters) as
-    `state.safetensors` + `state.json`. The JSON is written last and names the tensor file's
-    size, so a state cut off mid-write is detected and ignored."""
+    """Save a nested dict of tensors and plain values (state_dicts, counters, history) as one
+    `state.safetensors`: the tensors, with the rest as JSON in the file's metadata. One file
+    renamed into place, so a checkpoint is either the old one or the new one, never a mix."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -66,26 +67,29 @@ def save_state(folder: str | os.PathLike, state: dict):
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _split_tensors(state, "s", tensors)
     tmp = folder / ".state.safetensors.tmp"
-    save_file(tensors, tmp)
+    save_file(tensors, tmp, metadata={"synthaug_state": json.dumps(skeleton)})
+    _fsync(tmp)
     os.replace(tmp, folder / "state.safetensors")
-    atomic_write_json(folder / "state.json", {"skeleton": skeleton, "bytes": (folder / "state.safetensors").stat().st_size})
 
 
 def load_state(folder: str | os.PathLike) -> dict | None:
-    """The state saved by `save_state`, or None if there is none (or it is incomplete)."""
-    from safetensors.torch import load_file
+    """The state saved by `save_state`, or None if there is none."""
+    from safetensors import safe_open
 
-    folder = Path(folder)
-    meta, blob = folder / "state.json", folder / "state.safetensors"
-    if not (meta.exists() and blob.exists()):
-        return None
-    info = json.loads(meta.read_text())
-    if blob.stat().st_size != info["bytes"]:
+    blob = Path(folder) / "state.safetensors"
+    if not blob.exists():
         return None
     try:
-        tensors = load_file(blob)
+        with safe_open(str(blob), framework="pt") as f:
+            skeleton = json.loads(f.metadata()["synthaug_state"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
         from ..errors import SynthaugError
 
         raise SynthaugError(f"checkpoint '{blob}' is corrupt ({str(e).splitlines()[0]}): delete '{folder}' to start over") from None
-    return _join_tensors(info["skeleton"], tensors)
+    return _join_tensors(skeleton, tensors)
+
+
+def _fsync(path: Path):
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
