@@ -80,7 +80,7 @@ def _bad_folder(tmp_path):
         (["-s", "recipe=magic"], "unknown recipe 'magic'"),
         (["missing.yaml"], "config file 'missing.yaml' does not exist"),
         (["-s", "recipe=synaug", "-s", "synaug.target_per_class=3"], "below the largest class"),
-        (["-s", "recipe=synaug", "-s", "generator.preset=base", "-s", "data.image_size=12"], "not divisible"),
+        (["-s", "recipe=synaug", "-s", "generator.preset=base", "-s", "data.image_size=10"], "not divisible"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(args, match, tmp_path, capsys, monkeypatch):
