@@ -17,6 +17,9 @@ console = Console()
 
 CONFIG_ARG = typer.Argument(None, help="YAML config (see configs/); defaults apply without one")
 SET_OPT = typer.Option([], "--set", "-s", help="override a config key: -s train.epochs=5 (repeatable)")
+SEED_OPT = typer.Option(None, help="shortcut for -s seed=...")
+FORCE_OPT = typer.Option(False, help="delete an existing run folder of the same name first")
+QUIET_OPT = typer.Option(False, help="no progress bars")
 
 
 @app.command()
@@ -72,9 +75,9 @@ def train(
     overrides: list[str] = SET_OPT,
     recipe: str = typer.Option(None, help="shortcut for -s recipe=..."),
     dataset: str = typer.Option(None, help="shortcut for -s data.dataset=..."),
-    seed: int = typer.Option(None, help="shortcut for -s seed=..."),
-    force: bool = typer.Option(False, help="delete an existing run folder of the same name first"),
-    quiet: bool = typer.Option(False, help="no progress bars"),
+    seed: int = SEED_OPT,
+    force: bool = FORCE_OPT,
+    quiet: bool = QUIET_OPT,
 ):
     """Train and evaluate a classifier with a baseline recipe; writes a run folder."""
     from .config import load_config
@@ -91,9 +94,9 @@ def train(
 def run(
     config_file: Path = CONFIG_ARG,
     overrides: list[str] = SET_OPT,
-    seed: int = typer.Option(None, help="shortcut for -s seed=..."),
-    force: bool = typer.Option(False, help="delete an existing run folder of the same name first"),
-    quiet: bool = typer.Option(False, help="no progress bars"),
+    seed: int = SEED_OPT,
+    force: bool = FORCE_OPT,
+    quiet: bool = QUIET_OPT,
 ):
     """The whole loop: data, split, generator (trained or cached), plan, generate, train,
     evaluate against the baselines, report.html."""
