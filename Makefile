@@ -8,7 +8,7 @@ STAMP := $(VENV)/.synthaug-installed
 # torch from this pin installs from the machine's wheel cache in about a minute; see README.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-slow bench-baselines lint clean
+.PHONY: demo test test-slow bench-baselines bench-synaug bench-sampler lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/synthaug train configs/demo.yaml
+	$(BIN)/synthaug run configs/demo.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -28,6 +28,12 @@ test-slow: $(STAMP)
 
 bench-baselines: $(STAMP)
 	$(BIN)/python benchmarks/baselines.py
+
+bench-synaug: $(STAMP)
+	$(BIN)/python benchmarks/synaug.py
+
+bench-sampler: $(STAMP)
+	$(BIN)/python benchmarks/sampler.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

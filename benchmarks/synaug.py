@@ -28,7 +28,7 @@ from common import HERE, append_row, environment, fmt, read_rows, splice
 from synthaug.classify import evaluate
 from synthaug.config import load_config
 from synthaug.data import load_dataset
-from synthaug.generate.cache import generator_for, sampler_config
+from synthaug.generate.cache import generator_for, provenance, sampler_config
 from synthaug.generate.diffusion import build_sampler
 from synthaug.plan import balance_plan
 from synthaug.recipes import get_recipe
@@ -61,6 +61,7 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--generator-seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--extra", nargs="*", default=[], help="config overrides for every run (e.g. synaug.mix_alpha=0.2)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--tag", default="", help="suffix for the results file (for tuning runs)")
     parser.add_argument("--quick", action="store_true", help="tiny generator, 1 epoch, 1 seed: checks the script")
     args = parser.parse_args()
@@ -84,7 +85,7 @@ def main():
             gconfig = load_config(None, [*base, f"generator.seed={gseed}"])
             t0 = time.perf_counter()
             generator, info = generator_for(task.train, gconfig.generator, cache_root=cache / "generators", progress=True)
-            store_dir = cache / "stores" / f"{setting}-{generator.fingerprint()}"
+            store_dir = cache / "stores" / store_name(setting, generator, gconfig.generator)
             if (setting, "generator", None, None, gseed) in done:
                 continue
             # generate the uniformizing plan into the shared store, timed
@@ -92,7 +93,8 @@ def main():
             sampling = sampler_config(gconfig.generator)
             store = SyntheticStore(store_dir, task.train.classes)
             t1 = time.perf_counter()
-            written = store.fill(plan, partial(generator.generate_rows, sampler=sampling), batch_size=sampling.batch_size)
+            written = store.fill(plan, partial(generator.generate_rows, sampler=sampling), batch_size=sampling.batch_size,
+                                 extra=provenance(generator, sampling), progress=True)
             generate_seconds = time.perf_counter() - t1
             synthetic = store.load()
             ours, bare = sampling_throughput(generator, sampling, store_dir.parent / f"speed-{gseed}", n=256)
@@ -119,17 +121,18 @@ def main():
 
         for seed in args.seeds:
             gseed = args.generator_seeds[seed % len(args.generator_seeds)]
-            for method, overrides in METHODS.items():
+            for method in args.methods:
+                overrides = METHODS[method]
                 if (setting, "run", method, seed, gseed) in done:
                     continue
                 config = load_config(None, [*base, *overrides, f"seed={seed}", f"generator.seed={gseed}"])
                 store_dir = None
                 if config.recipe == "synaug":
                     generator, _ = generator_for(task.train, config.generator, cache_root=cache / "generators")
-                    store_dir = cache / "stores" / f"{setting}-{generator.fingerprint()}"
+                    store_dir = cache / "stores" / store_name(setting, generator, config.generator)
                     config = load_config(None, [*base, *overrides, f"seed={seed}", f"generator.seed={gseed}",
                                                 f"synaug.store_dir={store_dir}"])
-                workdir = cache / "runs" / setting / method.replace(" ", "_") / str(seed)
+                workdir = cache / "runs" / f"{setting}{args.tag}" / method.replace(" ", "_").replace("/", "_") / str(seed)
                 t0 = time.perf_counter()
                 result = get_recipe(config.recipe).fn(task, config, workdir=workdir, trained=trained)
                 append_row(results, {
@@ -147,6 +150,10 @@ def main():
     if not args.quick and not args.tag:
         splice(HERE.parent / "BENCHMARKS.md", "synaug", table)
     print(table)
+
+
+def store_name(setting, generator, section) -> str:
+    return f"{setting}-{generator.fingerprint()}-{section.sampler}-{section.sampling_steps}-g{section.guidance_scale}"
 
 
 @torch.no_grad()
@@ -175,8 +182,12 @@ def sampling_throughput(generator, sampling, folder: Path, n: int) -> tuple[floa
         x = torch.randn(len(y), c, s, s, device=device) * scheduler.init_noise_sigma
         for t in scheduler.timesteps:
             model_in = scheduler.scale_model_input(x, t)
-            eps_c, eps_u = unet(torch.cat([model_in, model_in]), t, class_labels=torch.cat([y, null])).sample.chunk(2)
-            x = scheduler.step(eps_u + sampling.guidance_scale * (eps_c - eps_u), t, x).prev_sample
+            if sampling.guidance_scale == 1.0:
+                eps = unet(model_in, t, class_labels=y).sample
+            else:
+                eps_c, eps_u = unet(torch.cat([model_in, model_in]), t, class_labels=torch.cat([y, null])).sample.chunk(2)
+                eps = eps_u + sampling.guidance_scale * (eps_c - eps_u)
+            x = scheduler.step(eps, t, x).prev_sample
     bare = n / (time.perf_counter() - t0)
     return ours, bare
 
@@ -194,7 +205,7 @@ def summarise(rows: list[dict]) -> str:
                   "| method | balanced acc | many | medium | few | worst class | synthetic images | train s/run |",
                   "|---|---|---|---|---|---|---|---|"]
         means = {}
-        for method in dict.fromkeys(r["method"] for r in runs):
+        for method in sorted(dict.fromkeys(r["method"] for r in runs), key=lambda m: list(METHODS).index(m)):
             m = [r for r in runs if r["method"] == method]
             means[method] = statistics.fmean(r["balanced_accuracy"] for r in m)
             secs = [r["train_seconds"] for r in m]

@@ -15,6 +15,8 @@ def test_defaults_file_and_overrides(tmp_path):
     # the dumped config loads back to the same thing
     (tmp_path / "d.yaml").write_text(dump_config(cfg))
     assert load_config(tmp_path / "d.yaml").to_dict() == cfg.to_dict()
+    # YAML 1.1 reads 1e-3 as a string: a float field takes it as the number it means
+    assert load_config(None, ["generator.lr=1e-3"]).generator.lr == 0.001
 
 
 @pytest.mark.parametrize(
@@ -32,6 +34,7 @@ def test_defaults_file_and_overrides(tmp_path):
         (["generator.checkpoint_every=0"], "checkpoint_every must be >= 1"),
         (["split.val_per_class=-1"], "val_per_class must be >= 0"),
         (["train.lr=[0.1"], "not valid YAML"),
+        (["train.lr=fast"], "train.lr' got 'fast': expected float"),
     ],
 )
 def test_bad_config(overrides, match):

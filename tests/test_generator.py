@@ -7,6 +7,7 @@ from conftest import make_dataset
 import synthaug.generate.diffusion as diffusion
 from synthaug.errors import SynthaugError
 from synthaug.generate import (
+    SAMPLERS,
     DiffusionGenerator,
     GeneratorConfig,
     GeneratorTrainConfig,
@@ -40,12 +41,15 @@ def test_generate_shapes_and_per_image_seeds(trained):
     assert gen.generate([], [], sampler=FAST_SAMPLER).shape == (0, 1, 8, 8)
 
 
-@pytest.mark.parametrize("sampler", ["dpm-solver++", "ddim"])
+@pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
 def test_samplers_and_guidance(trained, sampler, guidance):
     _, gen = trained
-    images = gen.generate([0, 2], [1, 2], sampler=SamplerConfig(sampler=sampler, steps=3, guidance_scale=guidance))
-    assert images.shape == (2, 1, 8, 8)
+    config = SamplerConfig(sampler=sampler, steps=3, guidance_scale=guidance)
+    images = gen.generate([0, 2, 1], [1, 2, 3], sampler=config)
+    assert images.shape == (3, 1, 8, 8)
+    # stochastic samplers too: an image depends on its own seed, not on its batch
+    assert (gen.generate([1], [3], sampler=config)[0].int() - images[2].int()).abs().max() <= 1
 
 
 def test_save_and_load_give_the_same_images(trained, tmp_path):

@@ -73,12 +73,15 @@ def test_crash_debris_is_repaired(tmp_path):
     assert not (split / "zero" / "synaug-0099.png").exists()
 
 
-def test_a_store_refuses_images_from_another_generator(tmp_path):
+def test_a_store_refuses_images_from_another_generator_or_sampler(tmp_path):
     store = SyntheticStore(tmp_path, CLASSES)
-    store.fill(plan(4), fake_images, extra={"generator": "aaa"})
-    with pytest.raises(SynthaugError, match="from generator aaa, not bbb"):
-        store.fill(plan(6), fake_images, extra={"generator": "bbb"})
+    store.fill(plan(4), fake_images, extra={"generator": "aaa", "sampler": "ddim/15"})
+    with pytest.raises(SynthaugError, match="made with generator aaa, not bbb"):
+        store.fill(plan(6), fake_images, extra={"generator": "bbb", "sampler": "ddim/15"})
+    with pytest.raises(SynthaugError, match="made with sampler ddim/15, not ddim/30"):
+        store.fill(plan(6), fake_images, extra={"generator": "aaa", "sampler": "ddim/30"})
     assert len(store.load(ids=["synaug-0001", "synaug-0003"])) == 2
+    assert store.fill(plan(6), fake_images, extra={"generator": "aaa", "sampler": "ddim/15"}) == 2
 
 
 def test_metadata_that_disagrees_with_files(tmp_path):

@@ -64,9 +64,9 @@ class GeneratorSection:
     label_dropout: float = 0.1
     seed: int = 0  # the generator's own seed (vary it to measure the generator's variance)
     checkpoint_every: int = 200  # training steps between checkpoints (resume point after an interruption)
-    sampler: str = field(default="dpm-solver++", metadata={"choices": SAMPLERS})
+    sampler: str = field(default="sde-dpm-solver++", metadata={"choices": SAMPLERS})
     sampling_steps: int = 15
-    guidance_scale: float = 2.0
+    guidance_scale: float = 3.0
     sampling_batch_size: int = 128
     cache_dir: str | None = None  # trained generators, by fingerprint (default: <output_dir>/generators)
 
@@ -211,6 +211,11 @@ def _coerce(value, kind, key):
     elif kind is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif kind is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

@@ -109,12 +109,13 @@ class SyntheticStore:
         self.split_dir.mkdir(parents=True, exist_ok=True)
         self._repair_metadata()
         existing = {r["id"]: r for r in self.rows()}
-        producer = (extra or {}).get("generator")
+        # `extra` names what made the images (generator, sampler, ...): a row made otherwise is refused
         for r in plan:
-            made_by = existing.get(r["id"], {}).get("generator")
-            if producer and made_by and made_by != producer:
-                raise SynthaugError(f"store '{self.root}' holds '{r['id']}' from generator {made_by}, not {producer}: "
-                                    "use another store folder for this generator")
+            made = existing.get(r["id"], {})
+            for key, value in (extra or {}).items():
+                if key in made and made[key] != value:
+                    raise SynthaugError(f"store '{self.root}' holds '{r['id']}' made with {key} {made[key]}, not {value}: "
+                                        f"use another store folder for this {key}")
         todo = [r for r in plan if r["id"] not in existing]
         written = 0
         with progress_bar(progress) as bar:

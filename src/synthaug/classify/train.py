@@ -4,6 +4,7 @@ recipes need: sampler, loss, augmentation, Mixup/CutMix, SAM, per-sample weights
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -189,8 +190,9 @@ def fit_classifier(
     tau = 1.0 if cfg.loss == "balanced-softmax" else (cfg.tau if cfg.loss == "logit-adjusted" else 0.0)
 
     history, start_epoch, spent = [], 0, 0.0
-    # a checkpoint is resumed only by the same training (config, seed, data size)
-    run_key = json.dumps({"config": asdict(cfg), "seed": seed, "images": len(train), "classes": train.classes})
+    # a checkpoint is resumed only by the same training (config, seed, data, weights, domains)
+    extras = [hashlib.sha256(t.cpu().numpy().tobytes()).hexdigest() for t in (weights, domains)]
+    run_key = json.dumps({"config": asdict(cfg), "seed": seed, "data": train.fingerprint(), "extras": extras})
     state = load_state(checkpoint_dir) if checkpoint_dir else None
     if state is not None and state.get("run_key") == run_key:
         model.load_state_dict(state["model"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -52,6 +54,15 @@ class ImageDataset:
     @property
     def image_size(self) -> tuple[int, int]:
         return tuple(self.images.shape[2:])
+
+    def fingerprint(self) -> str:
+        """A hash of the images, labels, groups and class names: names this exact data."""
+        h = hashlib.sha256()
+        for t in (self.images, self.labels, self.groups):
+            if t is not None:
+                h.update(t.contiguous().numpy().tobytes())
+        h.update(json.dumps(self.classes).encode())
+        return h.hexdigest()
 
     def class_counts(self) -> torch.Tensor:
         """Images per class (unlabeled images are not counted)."""

@@ -2,6 +2,7 @@
 
 from .diffusion import (
     PRESETS,
+    SAMPLERS,
     DiffusionGenerator,
     GeneratorConfig,
     GeneratorTrainConfig,
@@ -9,4 +10,4 @@ from .diffusion import (
     parameter_count,
 )
 
-__all__ = ["PRESETS", "DiffusionGenerator", "GeneratorConfig", "GeneratorTrainConfig", "SamplerConfig", "parameter_count"]
+__all__ = ["PRESETS", "SAMPLERS", "DiffusionGenerator", "GeneratorConfig", "GeneratorTrainConfig", "SamplerConfig", "parameter_count"]

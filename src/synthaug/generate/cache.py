@@ -16,18 +16,9 @@ from .diffusion import DiffusionGenerator, GeneratorConfig, GeneratorTrainConfig
 TRAINING_KEYS = ("preset", "steps", "batch_size", "lr", "ema_decay", "label_dropout", "seed")
 
 
-def data_fingerprint(data: ImageDataset) -> str:
-    h = hashlib.sha256()
-    for t in (data.images, data.labels, data.groups):
-        if t is not None:
-            h.update(t.contiguous().numpy().tobytes())
-    h.update(json.dumps(data.classes).encode())
-    return h.hexdigest()
-
-
 def generator_fingerprint(data: ImageDataset, section, num_groups: int) -> str:
     keys = {k: getattr(section, k) for k in TRAINING_KEYS}
-    payload = json.dumps({"data": data_fingerprint(data), "generator": keys, "groups": num_groups}, sort_keys=True)
+    payload = json.dumps({"data": data.fingerprint(), "generator": keys, "groups": num_groups}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -59,3 +50,9 @@ def generator_for(data: ImageDataset, section, *, cache_root: str | Path, progre
 def sampler_config(section) -> SamplerConfig:
     return SamplerConfig(sampler=section.sampler, steps=section.sampling_steps, guidance_scale=section.guidance_scale,
                          batch_size=section.sampling_batch_size)
+
+
+def provenance(generator, sampling: SamplerConfig) -> dict:
+    """What made an image, as recorded in a store's metadata (a store refuses rows made otherwise)."""
+    return {"generator": generator.fingerprint(), "guidance_scale": sampling.guidance_scale,
+            "sampler": f"{sampling.sampler}/{sampling.steps}"}

@@ -22,7 +22,7 @@ import torch
 from ..classify import evaluate, fit_classifier, refit_head
 from ..data import concat
 from ..errors import SynthaugError
-from ..generate.cache import generator_for, sampler_config
+from ..generate.cache import generator_for, provenance, sampler_config
 from ..generate.diffusion import GeneratorConfig
 from ..plan import balance_plan
 from ..store import SyntheticStore
@@ -62,8 +62,7 @@ def synaug(task, config, *, workdir=None, progress=False, trained=None) -> Recip
     t0 = time.perf_counter()
     written = store.fill(plan, lambda rows: generator.generate_rows(rows, sampling), batch_size=sampling.batch_size,
                          progress=progress,
-                         extra={"generator": generator.fingerprint(), "guidance_scale": sampling.guidance_scale,
-                                "sampler": f"{sampling.sampler}/{sampling.steps}"})
+                         extra=provenance(generator, sampling))
     seconds["generate"] = time.perf_counter() - t0
     synthetic = store.load(ids=[r["id"] for r in plan]) if plan else real.subset([])
     store.verify()
