@@ -88,6 +88,25 @@ def test_cifar10_from_jpeg_tarball(tmp_path, monkeypatch):
     assert torch.equal(again.train.images, data.train.images)
 
 
+@pytest.mark.parametrize("with_data_filter", [True, False])
+def test_a_tarball_with_unsafe_members_is_refused(tmp_path, monkeypatch, with_data_filter):
+    from synthaug.data.sources import _extract_once
+
+    if not with_data_filter:  # the check used on Pythons older than 3.10.12
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    (tmp_path / "ok.txt").write_text("x")
+    good, bad = tmp_path / "good.tar", tmp_path / "bad.tar"
+    with tarfile.open(good, "w") as tar:
+        tar.add(tmp_path / "ok.txt", arcname="train/a/ok.txt")
+    with tarfile.open(bad, "w") as tar:
+        tar.add(tmp_path / "ok.txt", arcname="../escaped.txt")
+    assert (_extract_once(good, tmp_path / "out-good") / "train" / "a" / "ok.txt").read_text() == "x"
+    with pytest.raises(SynthaugError, match="cannot extract"):
+        _extract_once(bad, tmp_path / "out" / "bad")
+    assert not (tmp_path / "out" / "escaped.txt").exists() and not (tmp_path / "out" / "bad").exists()
+    assert not list((tmp_path / "out").glob(".extract-*"))  # nothing half-written left behind
+
+
 def test_cifar10_torchvision_path(monkeypatch, tmp_path):
     class FakeCIFAR10:
         classes = ["a", "b"]

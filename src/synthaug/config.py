@@ -59,7 +59,7 @@ class GeneratorSection:
     preset: str = field(default="small", metadata={"choices": tuple(PRESETS)})
     steps: int = 2400
     batch_size: int = 64
-    lr: float = 2.0e-4
+    lr: float = 1.0e-3  # 800 steps at 1e-3 come close to 2,400 at 2e-4 (BENCHMARKS.md, sampler table)
     ema_decay: float = 0.999
     label_dropout: float = 0.1
     seed: int = 0  # the generator's own seed (vary it to measure the generator's variance)

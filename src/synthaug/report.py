@@ -84,6 +84,9 @@ def sample_grid(classes, real: ImageDataset, synthetic: ImageDataset | None, per
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_ylabel(classes[c], rotation=0, ha="right", va="center", fontsize=8)
+        if synthetic is not None and len(synthetic) and not bool((synthetic.labels == c).any()):
+            ax.text(1.5 * per_side * real.image_size[1] + 4, real.image_size[0] / 2, "none needed",
+                    ha="center", va="center", fontsize=8, color="0.4")
     axes[0].set_title("real  |  synthetic", fontsize=9)
     return _png(fig)
 

@@ -250,7 +250,15 @@ def _extract_once(archive: Path, target: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".extract-"))
     try:
         with tarfile.open(archive) as tar:
-            tar.extractall(tmp, filter="data")
+            if hasattr(tarfile, "data_filter"):  # Python >= 3.10.12: refuses unsafe members
+                tar.extractall(tmp, filter="data")
+            else:  # older Pythons: regular files and folders inside the target only
+                members = tar.getmembers()
+                unsafe = [m.name for m in members if not (m.isfile() or m.isdir())
+                          or Path(m.name).is_absolute() or ".." in Path(m.name).parts]
+                if unsafe:
+                    raise tarfile.TarError(f"unsafe member '{unsafe[0]}'")
+                tar.extractall(tmp, members=members)
         os.replace(tmp, target)
     except (tarfile.TarError, OSError) as e:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -68,7 +68,7 @@ class GeneratorConfig:
 class GeneratorTrainConfig:
     steps: int = 2400
     batch_size: int = 64
-    lr: float = 2e-4
+    lr: float = 1e-3
     warmup_steps: int = 100
     ema_decay: float = 0.999
     checkpoint_every: int = 200
