@@ -237,9 +237,13 @@ class DiffusionGenerator:
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
     def generate(self, labels, seeds, groups=None, sampler: SamplerConfig | None = None, *,
-                 progress: bool = False) -> torch.Tensor:
+                 init_images: torch.Tensor | None = None, strength=1.0, progress: bool = False) -> torch.Tensor:
         """uint8 images (N, C, H, W), image i drawn from initial noise seeded by `seeds[i]`:
-        the same (label, group, seed, sampler settings) gives the same image again."""
+        the same (label, group, seed, sampler settings) gives the same image again.
+
+        With `init_images` (uint8, one per label), image-guided generation (SDEdit): each
+        real image is noised to `strength` (0 < strength <= 1, one value or one per image;
+        the share of the sampler's steps that are run) and denoised under its label."""
         sc = sampler or SamplerConfig()
         labels = torch.as_tensor(labels, dtype=torch.int64)
         seeds = [int(s) for s in seeds]
@@ -250,24 +254,36 @@ class DiffusionGenerator:
         groups = None if groups is None else torch.as_tensor(groups, dtype=torch.int64)
         if groups is not None and len(groups) and (int(groups.min()) < 0 or int(groups.max()) >= max(1, self.config.num_groups)):
             raise SynthaugError(f"groups must be in [0, {self.config.num_groups}) for this generator")
-        out = []
+        c, s = self.config.channels, self.config.image_size
+        # first sampler step of each image: 0 from pure noise, later for image-guided generation
+        starts = torch.zeros(len(labels), dtype=torch.int64)
+        if init_images is not None:
+            if init_images.dtype != torch.uint8 or tuple(init_images.shape) != (len(labels), c, s, s):
+                raise SynthaugError(f"init_images must be uint8 of shape ({len(labels)}, {c}, {s}, {s}), "
+                                    f"got {init_images.dtype} {tuple(init_images.shape)}")
+            strength = torch.as_tensor(strength, dtype=torch.float64).expand(len(labels))
+            if len(strength) and not bool(((strength > 0) & (strength <= 1)).all()):
+                raise SynthaugError("strength must be in (0, 1]: the share of the sampling steps run from the noised image")
+            starts = sc.steps - (strength * sc.steps).round().long().clamp(min=1)
+        out = torch.empty(len(labels), c, s, s, dtype=torch.uint8)
         with progress_bar(progress) as bar:
             task = bar.add_task("generate", total=len(labels), info="")
             for i in range(0, len(labels), sc.batch_size):
-                sl = slice(i, i + sc.batch_size)
-                out.append(self._sample_batch(labels[sl], seeds[sl], None if groups is None else groups[sl], sc))
-                bar.advance(task, len(out[-1]))
-        if not out:
-            c, s = self.config.channels, self.config.image_size
-            return torch.empty(0, c, s, s, dtype=torch.uint8)
-        return torch.cat(out)
+                batch = torch.arange(i, min(i + sc.batch_size, len(labels)))
+                for start in starts[batch].unique().tolist():  # images starting at the same step go together
+                    idx = batch[starts[batch] == start]
+                    out[idx] = self._sample_batch(
+                        labels[idx], [seeds[j] for j in idx], None if groups is None else groups[idx], sc,
+                        init=None if init_images is None else init_images[idx], start=start)
+                bar.advance(task, len(batch))
+        return out
 
     def generate_rows(self, rows: list[dict], sampler: SamplerConfig | None = None) -> torch.Tensor:
         """Images for plan rows (`label`, `seed`, optional `group`): what a store's `fill` calls."""
         groups = [r["group"] for r in rows] if rows and rows[0].get("group") is not None else None
         return self.generate([r["label"] for r in rows], [r["seed"] for r in rows], groups=groups, sampler=sampler)
 
-    def _sample_batch(self, labels, seeds, groups, sc: SamplerConfig) -> torch.Tensor:
+    def _sample_batch(self, labels, seeds, groups, sc: SamplerConfig, init=None, start: int = 0) -> torch.Tensor:
         device = next(self.unet.parameters()).device
         c, s = self.config.channels, self.config.image_size
         # one random stream per image (its initial noise, then a stochastic sampler's noise),
@@ -281,8 +297,14 @@ class DiffusionGenerator:
             uncond = self.condition_ids(torch.full_like(labels, self.null_class), null_groups).to(device)
         scheduler = build_sampler(self.config, sc.sampler)
         scheduler.set_timesteps(sc.steps)
-        x = x * scheduler.init_noise_sigma
-        for t in scheduler.timesteps:
+        timesteps = scheduler.timesteps[start:]
+        if init is None:
+            x = x * scheduler.init_noise_sigma
+        else:  # SDEdit: the real image noised to the first timestep run, as diffusers' img2img does
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(start)
+            x = scheduler.add_noise(init.to(device).float() / 127.5 - 1, x, timesteps[:1].repeat(len(x)))
+        for t in timesteps:
             model_in = scheduler.scale_model_input(x, t)
             if guided:
                 eps_cond, eps_uncond = self.unet(torch.cat([model_in, model_in]), t,
