@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 
+import torch
+
 from .data.dataset import ImageDataset
 from .errors import SynthaugError
 
@@ -46,5 +48,39 @@ def balance_plan(data: ImageDataset, *, target_per_class: int | None = None, by_
             rows.append({
                 "id": row_id, "label": c, "group": g, "seed": row_seed(seed, row_id), "recipe": recipe,
                 "conditioning": "class" if g is None else "class+group",
+            })
+    return rows
+
+
+def slow_learnable(losses: torch.Tensor, *, seed: int = 0) -> torch.Tensor:
+    """TADA's split (seed 001): k-means with k=2 on each training example's loss early in
+    training; the cluster with the higher mean loss is the slow-learnable set. A bool mask
+    (all False when every loss is the same: nothing stands out)."""
+    from sklearn.cluster import KMeans
+
+    x = losses.detach().double().cpu().reshape(-1, 1)
+    if len(x) < 2 or float(x.max() - x.min()) == 0.0:
+        return torch.zeros(len(x), dtype=torch.bool)
+    clusters = torch.as_tensor(KMeans(n_clusters=2, n_init=10, random_state=seed).fit_predict(x.numpy()))
+    slow = int(x[clusters == 1].mean() > x[clusters == 0].mean())
+    return clusters == slow
+
+
+def targeted_plan(data: ImageDataset, mask: torch.Tensor, *, variants: int, strength: float = 0.5,
+                  seed: int = 0, recipe: str = "tada") -> list[dict]:
+    """`variants` image-guided rows per selected training example (`source` = its index in
+    `data`, noised to `strength` and denoised under its label)."""
+    if variants < 1:
+        raise SynthaugError(f"variants per example must be >= 1, got {variants}")
+    if not 0 < strength <= 1:
+        raise SynthaugError(f"strength must be in (0, 1], got {strength}")
+    rows = []
+    for i in torch.nonzero(torch.as_tensor(mask)).flatten().tolist():
+        for k in range(variants):
+            row_id = f"{recipe}-i{i:06d}-{k}"
+            rows.append({
+                "id": row_id, "label": int(data.labels[i]), "group": None if data.groups is None else int(data.groups[i]),
+                "seed": row_seed(seed, row_id), "recipe": recipe, "conditioning": "image", "source": i,
+                "strength": strength,
             })
     return rows

@@ -1,10 +1,10 @@
 """The classifier side of the pipeline: models, the training loop, evaluation."""
 
-from .evaluate import classification_metrics, evaluate, predict_logits
+from .evaluate import classification_metrics, evaluate, example_losses, predict_logits
 from .models import MODELS, Classifier, create_model, register_model
 from .train import TrainConfig, TrainResult, extract_features, fit_classifier, refit_head
 
 __all__ = [
-    "classification_metrics", "evaluate", "predict_logits", "MODELS", "Classifier", "create_model", "register_model",
+    "classification_metrics", "evaluate", "example_losses", "predict_logits", "MODELS", "Classifier", "create_model", "register_model",
     "TrainConfig", "TrainResult", "extract_features", "fit_classifier", "refit_head",
 ]

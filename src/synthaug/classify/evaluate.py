@@ -18,6 +18,12 @@ def predict_logits(model: Classifier, images: torch.Tensor, batch_size: int = 51
     return torch.cat(out) if out else torch.empty(0)
 
 
+def example_losses(model: Classifier, data: ImageDataset) -> torch.Tensor:
+    """Each example's cross-entropy under `model` (no augmentation): how well it is learned."""
+    logits = predict_logits(model, data.images)
+    return torch.nn.functional.cross_entropy(logits, data.labels, reduction="none")
+
+
 def classification_metrics(
     predictions: torch.Tensor,
     labels: torch.Tensor,

@@ -278,10 +278,17 @@ class DiffusionGenerator:
                 bar.advance(task, len(batch))
         return out
 
-    def generate_rows(self, rows: list[dict], sampler: SamplerConfig | None = None) -> torch.Tensor:
-        """Images for plan rows (`label`, `seed`, optional `group`): what a store's `fill` calls."""
+    def generate_rows(self, rows: list[dict], sampler: SamplerConfig | None = None,
+                      sources: ImageDataset | None = None) -> torch.Tensor:
+        """Images for plan rows (`label`, `seed`, optional `group`; image-guided rows also
+        `source`, an index into `sources`, and `strength`): what a store's `fill` calls."""
         groups = [r["group"] for r in rows] if rows and rows[0].get("group") is not None else None
-        return self.generate([r["label"] for r in rows], [r["seed"] for r in rows], groups=groups, sampler=sampler)
+        guided = bool(rows) and rows[0].get("source") is not None
+        if guided and sources is None:
+            raise SynthaugError("these plan rows are image-guided: pass the dataset their `source` indices point into")
+        return self.generate([r["label"] for r in rows], [r["seed"] for r in rows], groups=groups, sampler=sampler,
+                             init_images=sources.images[[r["source"] for r in rows]] if guided else None,
+                             strength=[r["strength"] for r in rows] if guided else 1.0)
 
     def _sample_batch(self, labels, seeds, groups, sc: SamplerConfig, init=None, start: int = 0) -> torch.Tensor:
         device = next(self.unet.parameters()).device
