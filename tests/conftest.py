@@ -63,3 +63,17 @@ def write_idx(path: Path, array: np.ndarray, compress=True):
             f.write(data)
     else:
         path.write_bytes(data)
+
+
+def die_after_saving_step(monkeypatch, module, step: int):
+    """Make `module.save_state` raise KeyboardInterrupt right after it saves training step
+    `step` (a kill during training); returns a function that undoes it."""
+    real_save = module.save_state
+
+    def save_then_die(folder, state):
+        real_save(folder, state)
+        if state["step"] == step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "save_state", save_then_die)
+    return lambda: monkeypatch.setattr(module, "save_state", real_save)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_dataset
+from conftest import die_after_saving_step, make_dataset
 
 import synthaug.generate.diffusion as diffusion
 from synthaug.errors import SynthaugError
@@ -127,17 +127,10 @@ def test_resume_after_interruption(tmp_path, monkeypatch):
     ds = make_dataset((12, 8, 4))
     reference = DiffusionGenerator.fit(ds, tiny_config(ds), TRAIN, seed=1)
 
-    real_save = diffusion.save_state
-
-    def save_then_die(folder, state):
-        real_save(folder, state)
-        if state["step"] == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(diffusion, "save_state", save_then_die)
+    undo = die_after_saving_step(monkeypatch, diffusion, 2)
     with pytest.raises(KeyboardInterrupt):
         DiffusionGenerator.fit(ds, tiny_config(ds), TRAIN, seed=1, checkpoint_dir=tmp_path)
-    monkeypatch.setattr(diffusion, "save_state", real_save)
+    undo()
     resumed = DiffusionGenerator.fit(ds, tiny_config(ds), TRAIN, seed=1, checkpoint_dir=tmp_path)
     assert [h["step"] for h in resumed.history] == [h["step"] for h in reference.history]
     for (k, a), b in zip(reference.unet.state_dict().items(), resumed.unet.state_dict().values()):

@@ -1,5 +1,9 @@
-"""TADA's pieces: per-example losses, the k-means split into learned / slow-learnable, the
-targeted (image-guided) plan, and its generation into a store, interrupted and resumed."""
+"""TADA: per-example losses, the k-means split into learned / slow-learnable, the targeted
+(image-guided) plan, its generation into a store (interrupted and resumed), the recipe and
+its two baselines end to end, and the report of its plan."""
+
+import json
+import sys
 
 import pytest
 import torch
@@ -7,6 +11,8 @@ import torch.nn.functional as F
 from conftest import make_dataset
 
 from synthaug.classify import TrainConfig, example_losses, fit_classifier, predict_logits
+from synthaug.cli import main
+from synthaug.config import load_config
 from synthaug.errors import SynthaugError
 from synthaug.generate import (
     DiffusionGenerator,
@@ -15,7 +21,9 @@ from synthaug.generate import (
     SamplerConfig,
 )
 from synthaug.plan import slow_learnable, targeted_plan
+from synthaug.recipes import get_recipe
 from synthaug.store import SyntheticStore
+from synthaug.task import make_task
 
 
 def test_slow_learnable_is_the_high_loss_cluster():
@@ -55,7 +63,7 @@ def test_targeted_generation_resumes_after_an_interruption(tmp_path):
     gen = DiffusionGenerator.fit(ds, config, GeneratorTrainConfig(steps=3, batch_size=8, warmup_steps=1), seed=0)
     sampler = SamplerConfig(steps=4, batch_size=4)
     plan = targeted_plan(ds, torch.arange(12) % 3 == 0, variants=2, strength=0.5)
-    with pytest.raises(SynthaugError, match="image-guided"):
+    with pytest.raises(SynthaugError, match="start from real images"):
         gen.generate_rows(plan[:2], sampler)
 
     calls = []
@@ -79,3 +87,81 @@ def test_targeted_generation_resumes_after_an_interruption(tmp_path):
     a, b = store.load(ids=[r["id"] for r in plan]), whole.load(ids=[r["id"] for r in plan])
     assert torch.equal(a.labels, b.labels) and (a.images.int() - b.images.int()).abs().max() <= 1
     assert {r["source"] for r in store.rows()} == {0, 3, 6, 9}
+
+
+def test_strength_range_is_drawn_per_row():
+    ds = make_dataset((4, 4), size=8)
+    plan = targeted_plan(ds, torch.ones(8, dtype=torch.bool), variants=4, strength=[0.3, 0.7], seed=1)
+    strengths = [r["strength"] for r in plan]
+    assert all(0.3 <= s <= 0.7 for s in strengths) and len(set(strengths)) > 10
+    assert targeted_plan(ds, torch.ones(8, dtype=torch.bool), variants=4, strength=[0.3, 0.7], seed=1) == plan
+    with pytest.raises(SynthaugError, match=r"tada.strength must be in \(0, 1\]"):
+        load_config(None, ["tada.strength=[0.8,0.2]"])
+
+
+def test_early_stop_keeps_the_full_schedule():
+    ds = make_dataset((6, 6), size=8)
+    cfg = TrainConfig(epochs=4, batch_size=4, augment="none", warmup_epochs=0)
+    early = fit_classifier(ds, cfg, seed=0, stop_after_epochs=1)
+    full = fit_classifier(ds, cfg, seed=0)
+    assert len(early.history) == 1 and len(full.history) == 4
+    assert early.history[0] == {**full.history[0], "seconds": early.history[0]["seconds"]}  # the same first epoch
+    assert early.history[0]["lr"] > 0.5 * cfg.lr  # not annealed to zero in one epoch
+
+
+def test_variants_at_several_strengths_in_one_call():
+    ds = make_dataset((3, 3), size=8)
+    config = GeneratorConfig(image_size=8, channels=1, classes=ds.classes, preset="tiny")
+    gen = DiffusionGenerator.fit(ds, config, GeneratorTrainConfig(steps=2, batch_size=4, warmup_steps=1), seed=0)
+    sampler = SamplerConfig(steps=4)
+    out = gen.variants(ds.images[:2], ds.labels[:2], strengths=[0.25, 0.5, 1.0], seed=10, sampler=sampler)
+    assert out.shape == (2, 3, 1, 8, 8) and out.dtype == torch.uint8
+    one = gen.generate(ds.labels[1:2], [10 + 4], sampler=sampler, init_images=ds.images[1:2], strength=0.5)
+    assert torch.equal(out[1, 1], one[0])
+
+
+FAST = ["data.dataset=digits", "split.kind=none", "train.epochs=3", "train.batch_size=64", "train.augment=none",
+        "tada.early_epochs=1", "tada.variants=2", "generator.preset=tiny", "generator.steps=4", "generator.batch_size=8",
+        "generator.sampling_steps=3", "generator.sampling_batch_size=256"]
+
+
+@pytest.fixture(scope="module")
+def digits_task():
+    from synthaug.data import load_dataset
+
+    config = load_config(None, FAST)
+    return make_task(load_dataset("digits"), config.split)
+
+
+def test_tada_targets_the_slow_learnable_set_and_shares_a_store(digits_task, tmp_path):
+    store = tmp_path / "store"
+    config = load_config(None, [*FAST, f"output_dir={tmp_path}", f"tada.store_dir={store}", "train.sam_rho=0.05"])
+    result = get_recipe("tada").fn(digits_task, config, workdir=tmp_path / "tada")
+    t, syn = result.extra["targeted"], result.extra["synthetic"]
+    n = len(digits_task.train)
+    assert 0 < t["slow_learnable"] < n and t["targeted"] == t["slow_learnable"] == sum(t["slow_per_class"])
+    assert syn["images"] == syn["generated_now"] == 2 * t["slow_learnable"] and len(result.synthetic) == syn["images"]
+    saved = json.loads((tmp_path / "tada" / "targeted.json").read_text())
+    assert sum(saved["slow_learnable"]) == t["slow_learnable"] and len(saved["losses"]) == n
+    # the targeted examples have the higher early losses
+    losses, mask = torch.tensor(saved["losses"]), torch.tensor(saved["slow_learnable"])
+    assert losses[mask].min() >= losses[~mask].max()
+    assert {r["source"] for r in result.synthetic.info["rows"]} == set(torch.nonzero(mask).flatten().tolist())
+    # augment-all reuses the variants already made for the slow-learnable examples
+    every = get_recipe("tada-all").fn(digits_task, config, workdir=tmp_path / "all")
+    assert every.extra["targeted"]["targeted"] == n and every.extra["synthetic"]["images"] == 2 * n
+    assert every.extra["synthetic"]["generated_now"] == 2 * (n - t["slow_learnable"])
+    # upsampling duplicates the same examples and generates nothing
+    up = get_recipe("tada-upsample").fn(digits_task, config, workdir=tmp_path / "up")
+    assert up.synthetic is None and "generator" not in up.extra
+    assert up.extra["targeted"]["slow_learnable"] == t["slow_learnable"]
+
+
+def test_tada_run_reports_its_plan(tmp_path, monkeypatch, capsys):
+    args = ["synthaug", "run", "--quiet", "-s", "recipe=tada", "-s", f"output_dir={tmp_path}",
+            "-s", "report.baselines=ce,tada-upsample", *[a for kv in FAST for a in ("-s", kv)]]
+    monkeypatch.setattr(sys, "argv", args)
+    main()
+    page = (tmp_path / "digits-none-tada-s0" / "report.html").read_text()
+    assert "Targeted examples" in page and "slow-learnable cluster" in page and "Conditions and their generations" in page
+    assert "tada-upsample" in page

@@ -15,6 +15,7 @@ import yaml
 from .classify.train import TrainConfig
 from .errors import SynthaugError
 from .generate.diffusion import PRESETS, SAMPLERS
+from .generate.image_condition import OPERATORS, PAIRINGS
 
 SPLITS = ("none", "long-tail", "few-shot", "colored")
 
@@ -69,8 +70,15 @@ class GeneratorSection:
     guidance_scale: float = 3.0
     sampling_batch_size: int = 128
     cache_dir: str | None = None  # trained generators, by fingerprint (default: <output_dir>/generators)
+    # few-shot: share of each training batch drawn from the split's unlabeled pool (under the null class)
+    unlabeled_share: float = 0.5
+    # image-conditioned generators (recipe augcond): condition dropout and the conditioning image in training
+    image_dropout: float = 0.1
+    image_pairing: str = field(default="self", metadata={"choices": PAIRINGS})
 
     def __post_init__(self):
+        if not 0 <= self.unlabeled_share < 1 or not 0 <= self.image_dropout < 1:
+            raise SynthaugError("generator.unlabeled_share and generator.image_dropout must be in [0, 1)")
         for key in ("steps", "batch_size", "checkpoint_every", "sampling_steps", "sampling_batch_size"):
             if getattr(self, key) < 1:
                 raise SynthaugError(f"generator.{key} must be >= 1, got {getattr(self, key)}")
@@ -103,6 +111,39 @@ class SynaugSection:
 
 
 @dataclass
+class TadaSection:
+    """TADA: image-guided variants of the training examples not learned early in training."""
+
+    early_epochs: int = 3  # epochs of the normal schedule run before each example's loss is scored
+    variants: int = 5  # image-guided variants per targeted example (the paper: 5 on CIFAR)
+    strength: float | list = 0.5  # SDEdit strength, the share of sampling steps re-run: a number or [low, high]
+    store_dir: str | None = None  # where the variants go (default: <run folder>/synthetic); tada and tada-all
+    # runs on the same split and generator can share one store (same row ids for the same examples)
+
+    def __post_init__(self):
+        from .plan import strength_range
+
+        if self.early_epochs < 1 or self.variants < 1:
+            raise SynthaugError("tada.early_epochs and tada.variants must be >= 1")
+        strength_range(self.strength, "tada.strength")
+
+
+@dataclass
+class AugcondSection:
+    """AugCond: generations conditioned on the class and on augmented real images of it."""
+
+    mode: str = field(default="embed-cutmix-dropout", metadata={"choices": OPERATORS})  # the best on ImageNet-LT
+    embed_dim: int = 32  # dimensions of the fixed image encoder's embedding
+    expand: float = 1.0  # images per class after filling: expand x the largest class (1 = uniformize a long tail)
+    target_per_class: int | None = None  # or this many per class
+    store_dir: str | None = None  # where generated images go (default: <run folder>/synthetic)
+
+    def __post_init__(self):
+        if self.embed_dim < 1 or self.expand <= 0 or (self.target_per_class is not None and self.target_per_class < 1):
+            raise SynthaugError("augcond.embed_dim must be >= 1, augcond.expand > 0 and augcond.target_per_class >= 1")
+
+
+@dataclass
 class ReportSection:
     baselines: list = field(default_factory=lambda: ["ce", "balanced-softmax", "crt"])  # trained in the same run
     html: bool = True
@@ -120,6 +161,8 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     generator: GeneratorSection = field(default_factory=GeneratorSection)
     synaug: SynaugSection = field(default_factory=SynaugSection)
+    tada: TadaSection = field(default_factory=TadaSection)
+    augcond: AugcondSection = field(default_factory=AugcondSection)
     report: ReportSection = field(default_factory=ReportSection)
 
     def run_name(self) -> str:

@@ -66,21 +66,58 @@ def slow_learnable(losses: torch.Tensor, *, seed: int = 0) -> torch.Tensor:
     return clusters == slow
 
 
-def targeted_plan(data: ImageDataset, mask: torch.Tensor, *, variants: int, strength: float = 0.5,
+def strength_range(strength, key: str = "strength") -> tuple[float, float]:
+    """A strength given as one number or as [low, high], checked to lie in (0, 1]."""
+    try:
+        low, high = (strength, strength) if isinstance(strength, (int, float)) else map(float, strength)
+    except (TypeError, ValueError):
+        low = high = -1
+    if not 0 < low <= high <= 1:
+        raise SynthaugError(f"{key} must be in (0, 1] (one number or [low, high] with low <= high), got {strength}")
+    return float(low), float(high)
+
+
+def targeted_plan(data: ImageDataset, mask: torch.Tensor, *, variants: int, strength=0.5,
                   seed: int = 0, recipe: str = "tada") -> list[dict]:
     """`variants` image-guided rows per selected training example (`source` = its index in
-    `data`, noised to `strength` and denoised under its label)."""
+    `data`, noised to `strength` and denoised under its label). `strength` is one number or
+    a range [low, high] from which each row draws its own, from its seed."""
     if variants < 1:
         raise SynthaugError(f"variants per example must be >= 1, got {variants}")
-    if not 0 < strength <= 1:
-        raise SynthaugError(f"strength must be in (0, 1], got {strength}")
+    low, high = strength_range(strength)
     rows = []
     for i in torch.nonzero(torch.as_tensor(mask)).flatten().tolist():
         for k in range(variants):
             row_id = f"{recipe}-i{i:06d}-{k}"
+            s = row_seed(seed, row_id)
             rows.append({
                 "id": row_id, "label": int(data.labels[i]), "group": None if data.groups is None else int(data.groups[i]),
-                "seed": row_seed(seed, row_id), "recipe": recipe, "conditioning": "image", "source": i,
-                "strength": strength,
+                "seed": s, "recipe": recipe, "conditioning": "image", "source": i,
+                "strength": low if low == high else round(low + (high - low) * ((s % 10_007) / 10_006), 4),
+            })
+    return rows
+
+
+def conditioned_plan(data: ImageDataset, *, target_per_class: int, mode: str, seed: int = 0,
+                     recipe: str = "augcond") -> list[dict]:
+    """AugCond's plan: rows that fill every class up to `target_per_class`, each conditioned
+    on real images of its class: `sources` = [the image, a second image of the class for the
+    mixing modes]. The first image cycles through the class so each is used about equally;
+    the second is drawn from the row's seed (the first again if the class has one image)."""
+    if target_per_class < 1:
+        raise SynthaugError(f"target of {target_per_class} images per class is impossible: use a positive number")
+    rows = []
+    for c in range(data.num_classes):
+        members = torch.nonzero(data.labels == c).flatten().tolist()
+        if not members:
+            continue
+        for k in range(target_per_class - len(members)):
+            row_id = f"{recipe}-{mode}-c{c}-{k:06d}"
+            s = row_seed(seed, row_id)
+            first = members[k % len(members)]
+            others = [m for m in members if m != first] or [first]
+            rows.append({
+                "id": row_id, "label": c, "group": None, "seed": s, "recipe": recipe, "conditioning": mode,
+                "sources": [first, others[s % len(others)]],
             })
     return rows

@@ -113,6 +113,96 @@ def per_class_plot(classes, rows: dict[str, dict]) -> str:
     return _png(fig)
 
 
+def targeted_section(t: dict, real: ImageDataset) -> str:
+    """TADA's plan: how many examples were slow-learnable, their losses, classes and faces."""
+    n = len(real)
+    text = (f"<h2>Targeted examples</h2><p>After {t['early_epochs']} epoch(s) (training accuracy "
+            f"{_pct(t.get('early_train_acc'))}%), k-means on the per-example losses put <b>{t['slow_learnable']} of {n} "
+            f"examples ({100 * t['slow_learnable_share']:.1f}%)</b> in the slow-learnable cluster. Mode "
+            f"<b>{html.escape(t['mode'])}</b>: {t['targeted']} example(s) targeted, {t['variants']} "
+            f"{'duplicate' if t['mode'] == 'tada-upsample' else 'variant'}(s) each.</p>")
+    plt = _plt()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 2.8))
+    h = t["loss_histogram"]
+    edges = h["log1p_edges"]
+    width = edges[1] - edges[0]
+    ax1.bar(edges[:-1], h["learned"], width, align="edge", label="learned", color="#4c72b0")
+    ax1.bar(edges[:-1], h["slow"], width, align="edge", bottom=h["learned"], label="slow-learnable", color="#dd8452")
+    ax1.set_xlabel("log(1 + loss) early in training")
+    ax1.set_ylabel("examples")
+    ax1.legend(fontsize=8)
+    counts = real.class_counts().tolist()
+    share = [100 * s / max(1, c) for s, c in zip(t["slow_per_class"], counts)]
+    ax2.bar(range(len(share)), share, color="#dd8452")
+    ax2.set_xticks(range(len(share)), real.classes, rotation=45, ha="right", fontsize=8)
+    ax2.set_ylabel("slow-learnable (% of class)")
+    text += _png(fig)
+    examples = t.get("examples", [])[:32]
+    if examples:
+        text += "<p class='muted'>The targeted examples with the highest early loss:</p>" + _row_of(real.images[examples], 16)
+    return text
+
+
+def conditions_grid(real: ImageDataset, synthetic: ImageDataset, sources: int = 8, per_source: int = 6) -> str:
+    rows = synthetic.info["rows"]
+    by_source: dict[int, list[int]] = {}
+    for i, r in enumerate(rows):
+        if r.get("source") is not None:
+            by_source.setdefault(int(r["source"]), []).append(i)
+    picked = list(by_source.items())[:: max(1, len(by_source) // sources)][:sources]
+    plt = _plt()
+    fig, axes = plt.subplots(len(picked), per_source + 1, figsize=((per_source + 1) * 1.2, len(picked) * 1.3))
+    axes = axes.reshape(len(picked), per_source + 1)
+    for ax_row, (src, made) in zip(axes, picked):
+        for j, ax in enumerate(ax_row):
+            ax.axis("off")
+            if j == 0:
+                _show(ax, real.images[src])
+                ax.set_title(f"real: {real.classes[int(real.labels[src])]}", fontsize=7)
+            elif j - 1 < len(made):
+                _show(ax, synthetic.images[made[j - 1]])
+                strength = rows[made[j - 1]].get("strength")
+                ax.set_title("" if strength is None else f"s={strength:.2f}", fontsize=7)
+    return _png(fig)
+
+
+def pairs_grid(real: ImageDataset, synthetic: ImageDataset, lines: int = 8, per_line: int = 3) -> str:
+    """Triples (first condition, second condition, generation) for image-conditioned rows,
+    spread over the classes."""
+    rows = synthetic.info["rows"]
+    order = sorted(range(len(rows)), key=lambda i: (int(rows[i]["id"].rsplit("-", 1)[-1]), int(synthetic.labels[i])))
+    picked = order[: lines * per_line]
+    plt = _plt()
+    fig, axes = plt.subplots(lines, 3 * per_line, figsize=(3 * per_line * 0.95, lines * 1.05))
+    axes = axes.reshape(lines, 3 * per_line)
+    for ax in axes.flatten():
+        ax.axis("off")
+    for k, i in enumerate(picked):
+        a, b = rows[i]["sources"]
+        line, col = divmod(k, per_line)
+        for j, (image, title) in enumerate([(real.images[a], f"real: {real.classes[int(real.labels[a])]}"),
+                                            (real.images[b], "2nd real"), (synthetic.images[i], "generated")]):
+            ax = axes[line, 3 * col + j]
+            _show(ax, image)
+            ax.set_title(title, fontsize=6, color="#dd8452" if j == 2 else "black")
+    return _png(fig)
+
+
+def _show(ax, image: torch.Tensor):
+    ax.imshow(image.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray" if image.shape[0] == 1 else None, vmin=0, vmax=255)
+
+
+def _row_of(images: torch.Tensor, per_row: int) -> str:
+    plt = _plt()
+    rows = (len(images) + per_row - 1) // per_row
+    fig, axes = plt.subplots(rows, per_row, figsize=(per_row * 0.6, rows * 0.6))
+    for k, ax in enumerate(axes.flatten() if hasattr(axes, "flatten") else [axes]):
+        ax.axis("off")
+        if k < len(images):
+            _show(ax, images[k])
+    return _png(fig)
+
+
 def curve_plot(history: list[dict], x: str, y: str, xlabel: str, ylabel: str) -> str:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 2.8))
@@ -145,6 +235,20 @@ def write_report(path: str | Path, metrics: dict, real: ImageDataset, synthetic:
                      "real training image of their class, over the same for held-out real images: about 1 means new "
                      "images, well below 1 means copies.</p>"
                      f"<table><tr><th>class</th>{heads}</tr><tr><td>ratio</td>{cells}</tr></table>")
+    if metrics.get("targeted"):
+        parts.append(targeted_section(metrics["targeted"], real))
+    if synthetic is not None and len(synthetic) and any(r.get("source") is not None for r in synthetic.info.get("rows", [])):
+        parts.append("<h2>Conditions and their generations</h2><p class='muted'>Each row: the real image a generation "
+                     "started from (left), then the images made from it, with the SDEdit strength of each.</p>"
+                     + conditions_grid(real, synthetic))
+    if synthetic is not None and len(synthetic) and any(r.get("sources") is not None for r in synthetic.info.get("rows", [])):
+        c = metrics.get("conditioning", {})
+        pool = f", generator also trained on {c['unlabeled_pool']} unlabelled images" if c.get("unlabeled_pool") else ""
+        parts.append(f"<h2>Conditions and their generations</h2><p class='muted'>Conditioning mode "
+                     f"<b>{html.escape(str(c.get('mode')))}</b>, guidance {c.get('guidance_scale')}, image embedding of "
+                     f"{c.get('embed_dim')} dimensions{pool}. Each triple: the real image, the second real image of the "
+                     "class that the mixing modes blend in, and the generation.</p>"
+                     + pairs_grid(real, synthetic))
     parts.append("<h2>Per-class test accuracy</h2>" + per_class_plot(classes, rows))
     generator = metrics.get("generator")
     if generator and generator.get("history"):

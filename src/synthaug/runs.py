@@ -83,12 +83,8 @@ def train_run(config: RunConfig, *, progress: bool = True, force: bool = False, 
         metrics["baselines"] = compared
     if compare and config.report.html:
         from .report import write_report
-        from .store import SyntheticStore
 
-        store_dir = metrics.get("synthetic", {}).get("store")
-        store = SyntheticStore(store_dir, task.train.classes) if store_dir else None
-        synthetic = store.load() if store and store.rows() else None
-        write_report(run_dir / "report.html", metrics, task.train, synthetic, dump_config(config))
+        write_report(run_dir / "report.html", metrics, task.train, result.synthetic, dump_config(config))
     atomic_write_json(run_dir / "metrics.json", metrics)
     shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
     return run_dir, metrics

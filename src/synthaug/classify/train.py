@@ -150,8 +150,12 @@ def fit_classifier(
     domains: torch.Tensor | None = None,
     checkpoint_dir: str | Path | None = None,
     progress: bool = False,
+    stop_after_epochs: int | None = None,
 ) -> TrainResult:
     """Train a classifier from scratch on `train` (SGD, cosine schedule with warmup).
+
+    `stop_after_epochs` stops early on the schedule of the full `epochs` (TADA's early
+    checkpoint: the model as it is a few epochs into its normal training).
 
     `sample_weights` scale each image's loss; `domains` (0 real, 1 synthetic) pair real with
     synthetic images when `mix="domain-mixup"`.
@@ -194,7 +198,7 @@ def fit_classifier(
     extras = [hashlib.sha256(t.cpu().numpy().tobytes()).hexdigest() for t in (weights, domains)]
     run_key = json.dumps({"config": asdict(cfg), "seed": seed, "data": train.fingerprint(), "extras": extras})
     state = load_state(checkpoint_dir) if checkpoint_dir else None
-    if state is not None and state.get("run_key") == run_key:
+    if state is not None and state.get("run_key") == run_key and state["epoch"] <= (stop_after_epochs or cfg.epochs):
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -205,8 +209,9 @@ def fit_classifier(
 
     t0 = time.perf_counter()
     with progress_bar(progress) as bar:
-        task = bar.add_task("train classifier", total=cfg.epochs, completed=start_epoch, info="")
-        for epoch in range(start_epoch, cfg.epochs):
+        last_epoch = cfg.epochs if stop_after_epochs is None else min(cfg.epochs, stop_after_epochs)
+        task = bar.add_task("train classifier", total=last_epoch, completed=min(start_epoch, last_epoch), info="")
+        for epoch in range(start_epoch, last_epoch):
             torch.manual_seed(seed * 100_003 + epoch)
             g = torch.Generator().manual_seed(seed * 100_003 + epoch)
             loader = DataLoader(loader_data, batch_size=cfg.batch_size,

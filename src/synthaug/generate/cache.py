@@ -11,37 +11,57 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..data.dataset import ImageDataset
+from ..errors import SynthaugError
 from .diffusion import DiffusionGenerator, GeneratorConfig, GeneratorTrainConfig, SamplerConfig
 
 TRAINING_KEYS = ("preset", "steps", "batch_size", "lr", "ema_decay", "label_dropout", "seed")
 
 
-def generator_fingerprint(data: ImageDataset, section, num_groups: int) -> str:
+IMAGE_KEYS = ("image_dropout", "image_pairing", "unlabeled_share")
+
+
+def generator_fingerprint(data: ImageDataset, section, num_groups: int, *, unlabeled: ImageDataset | None = None,
+                          image_embed_dim: int = 0) -> str:
     keys = {k: getattr(section, k) for k in TRAINING_KEYS}
-    payload = json.dumps({"data": data.fingerprint(), "generator": keys, "groups": num_groups}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    payload = {"data": data.fingerprint(), "generator": keys, "groups": num_groups}
+    if unlabeled is not None:  # keys added only when used: older generators keep their names
+        payload["unlabeled"] = [unlabeled.fingerprint(), section.unlabeled_share]
+    if image_embed_dim:
+        payload["image"] = [image_embed_dim, section.image_dropout, section.image_pairing]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def generator_for(data: ImageDataset, section, *, cache_root: str | Path, progress: bool = False,
-                  device: str = "auto") -> tuple[DiffusionGenerator, dict]:
+                  device: str = "auto", unlabeled: ImageDataset | None = None,
+                  image_embed_dim: int = 0) -> tuple[DiffusionGenerator, dict]:
     """The generator for `data`: `section.path` if set, else the cached one trained with the
-    same data and settings, else a new one trained now. Returns it and a description."""
+    same data and settings, else a new one trained now. Returns it and a description.
+
+    `unlabeled`: a pool of unlabelled images the generator also trains on (under the null
+    class); `image_embed_dim` > 0: an image-conditioned generator (AugCond)."""
     if section.path:
         gen = DiffusionGenerator.from_pretrained(section.path, device=device)
         gen.check_compatible(data)
+        if image_embed_dim and not gen.config.image_embed_dim:
+            raise SynthaugError(f"the generator in '{section.path}' is not image-conditioned: train one "
+                                "(leave generator.path unset)")
         return gen, {"source": "pretrained", "path": str(section.path), "trained_now": False}
     num_groups = len(data.group_names) if data.groups is not None and data.group_names else 0
-    fingerprint = generator_fingerprint(data, section, num_groups)
+    unlabeled = unlabeled if unlabeled is not None and len(unlabeled) else None
+    fingerprint = generator_fingerprint(data, section, num_groups, unlabeled=unlabeled, image_embed_dim=image_embed_dim)
     folder = Path(cache_root) / fingerprint
     if (folder / "generator.json").exists():
         gen = DiffusionGenerator.from_pretrained(folder, device=device)
         return gen, {"source": "cache", "path": str(folder), "trained_now": False}
     config = GeneratorConfig(image_size=data.image_size[0], channels=data.channels, classes=data.classes,
-                             num_groups=num_groups, preset=section.preset, label_dropout=section.label_dropout)
+                             num_groups=num_groups, preset=section.preset, label_dropout=section.label_dropout,
+                             image_embed_dim=image_embed_dim, image_dropout=section.image_dropout,
+                             image_pairing=section.image_pairing)
     train = GeneratorTrainConfig(steps=section.steps, batch_size=section.batch_size, lr=section.lr,
-                                 ema_decay=section.ema_decay, checkpoint_every=section.checkpoint_every, device=device)
+                                 ema_decay=section.ema_decay, checkpoint_every=section.checkpoint_every,
+                                 unlabeled_share=section.unlabeled_share, device=device)
     gen = DiffusionGenerator.fit(data, config, train, seed=section.seed, checkpoint_dir=folder / "checkpoint",
-                                 progress=progress)
+                                 progress=progress, unlabeled=unlabeled)
     gen.save_pretrained(folder)
     shutil.rmtree(folder / "checkpoint", ignore_errors=True)
     return gen, {"source": "trained", "path": str(folder), "trained_now": True, "train_config": asdict(train)}

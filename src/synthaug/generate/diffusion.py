@@ -20,6 +20,13 @@ from ..data.dataset import ImageDataset
 from ..errors import SynthaugError
 from ..utils.io import atomic_write_json, load_state, save_state
 from ..utils.runtime import progress_bar, resolve_device
+from .image_condition import (
+    PAIRINGS,
+    ConditionEmbedding,
+    PCAEncoder,
+    condition_embeddings,
+    random_shift,
+)
 
 # Network sizes. `small` is the size a first trial found good for 28x28 digits on a CPU
 # (1.0M parameters, ~0.4-0.6 s per batch of 64 on 2 CPU cores); `tiny` is for tests.
@@ -45,6 +52,13 @@ class GeneratorConfig:
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
     label_dropout: float = 0.1  # share of training labels replaced by the null class (for guidance)
+    # image conditioning (augmentation-conditioned generation): > 0 adds the embedding of a real
+    # image from a fixed encoder of this many dimensions (generate/image_condition.py)
+    image_embed_dim: int = 0
+    image_dropout: float = 0.1  # share of training images whose image condition is dropped (for guidance)
+    image_pairing: str = "self"  # the conditioning image in training: a shifted view of the image itself, or
+    # another image of its class ("class"; then image and condition are independent given the class)
+    image_shift: int = 2  # px: the view's random shift ("self" pairing)
 
     def __post_init__(self):
         if self.preset not in PRESETS:
@@ -54,6 +68,9 @@ class GeneratorConfig:
         preset = PRESETS[self.preset]
         self.block_out_channels = tuple(self.block_out_channels or preset["block_out_channels"])
         self.layers_per_block = self.layers_per_block or preset["layers_per_block"]
+        if self.image_embed_dim < 0 or not 0 <= self.image_dropout < 1 or self.image_pairing not in PAIRINGS:
+            raise SynthaugError(f"generator image conditioning: image_embed_dim >= 0, image_dropout in [0, 1) and "
+                                f"image_pairing one of {', '.join(PAIRINGS)}")
         downsamples = len(self.block_out_channels) - 1
         if self.image_size % (2**downsamples):
             raise SynthaugError(f"image size {self.image_size} is not divisible by {2**downsamples} "
@@ -62,6 +79,15 @@ class GeneratorConfig:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def key(self) -> dict:
+        """The config as it names a network: image-conditioning fields only when used, so the
+        names of generators made before image conditioning existed stay the same."""
+        out = asdict(self)
+        if not self.image_embed_dim:
+            for k in ("image_embed_dim", "image_dropout", "image_pairing", "image_shift"):
+                out.pop(k)
+        return out
 
 
 @dataclass
@@ -72,6 +98,7 @@ class GeneratorTrainConfig:
     warmup_steps: int = 100
     ema_decay: float = 0.999
     checkpoint_every: int = 200
+    unlabeled_share: float = 0.5  # share of each batch drawn from an unlabeled pool, when one is given
     device: str = "auto"
 
 
@@ -96,8 +123,10 @@ def build_unet(config: GeneratorConfig):
         block_out_channels=config.block_out_channels, layers_per_block=config.layers_per_block,
         down_block_types=tuple(down), up_block_types=tuple(up), norm_num_groups=preset["norm_num_groups"],
         add_attention=attn, attention_head_dim=8,
-        # one embedding per (class or null) x (group or null) cell
-        num_class_embeds=(config.num_classes + 1) * (config.num_groups + 1),
+        # one embedding per (class or null) x (group or null) cell; with image conditioning the
+        # cell embedding + image embedding is computed outside (ConditionEmbedding) and passed in
+        num_class_embeds=None if config.image_embed_dim else (config.num_classes + 1) * (config.num_groups + 1),
+        class_embed_type="identity" if config.image_embed_dim else None,
     )
 
 
@@ -135,6 +164,25 @@ class DiffusionGenerator:
         self.unet = unet if unet is not None else build_unet(config)
         self.history: list[dict] = []
         self.train_seconds = 0.0
+        self.condition = self.encoder = None
+        if config.image_embed_dim:
+            cells = (config.num_classes + 1) * (config.num_groups + 1)
+            self.condition = ConditionEmbedding(cells, config.image_embed_dim, config.block_out_channels[0] * 4)
+            self.encoder = PCAEncoder(config.channels * config.image_size**2, config.image_embed_dim)
+
+    def _networks(self) -> list[torch.nn.Module]:
+        return [self.unet] + ([self.condition] if self.condition is not None else [])
+
+    def _parameters(self) -> list[torch.nn.Parameter]:
+        return [p for net in self._networks() for p in net.parameters()]
+
+    def _class_input(self, cells: torch.Tensor, image_embeds: torch.Tensor | None = None,
+                     keep: torch.Tensor | None = None) -> torch.Tensor:
+        """What the UNet takes as `class_labels`: cell ids, or with image conditioning the
+        condition vectors (no image embedding: the null image)."""
+        if self.condition is None:
+            return cells
+        return self.condition(cells, image_embeds, keep)
 
     # ------------------------------------------------------------------ conditioning
     def condition_ids(self, labels: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
@@ -150,42 +198,73 @@ class DiffusionGenerator:
     # ------------------------------------------------------------------ training
     @classmethod
     def fit(cls, data: ImageDataset, config: GeneratorConfig | None = None, train: GeneratorTrainConfig | None = None,
-            *, seed: int = 0, checkpoint_dir: str | Path | None = None, progress: bool = False) -> DiffusionGenerator:
+            *, seed: int = 0, checkpoint_dir: str | Path | None = None, progress: bool = False,
+            unlabeled: ImageDataset | None = None) -> DiffusionGenerator:
+        """A generator trained on `data`; with `unlabeled` (a pool of unlabelled images of the
+        same kind), also on those under the null class (see `train`)."""
         config = config or GeneratorConfig(image_size=data.image_size[0], channels=data.channels, classes=data.classes)
-        if (config.image_size, config.image_size) != tuple(data.image_size) or config.channels != data.channels:
-            raise SynthaugError(f"generator is {config.channels}x{config.image_size}px but the data is "
-                                f"{data.channels}x{data.image_size[0]}x{data.image_size[1]}: set data.image_size")
+        for ds in (data, unlabeled):
+            if ds is not None and ((config.image_size, config.image_size) != tuple(ds.image_size) or config.channels != ds.channels):
+                raise SynthaugError(f"generator is {config.channels}x{config.image_size}px but the data is "
+                                    f"{ds.channels}x{ds.image_size[0]}x{ds.image_size[1]}: set data.image_size")
         torch.manual_seed(seed)
         gen = cls(config)
-        gen.train(data, train or GeneratorTrainConfig(), seed=seed, checkpoint_dir=checkpoint_dir, progress=progress)
+        if gen.encoder is not None:  # the fixed image encoder, fitted once on every training image
+            pool = data.images if unlabeled is None else torch.cat([data.images, unlabeled.images])
+            gen.encoder.fit(pool, seed=seed)
+        gen.train(data, train or GeneratorTrainConfig(), seed=seed, checkpoint_dir=checkpoint_dir, progress=progress,
+                  unlabeled=unlabeled)
         return gen
 
     def train(self, data: ImageDataset, cfg: GeneratorTrainConfig, *, seed: int = 0,
-              checkpoint_dir: str | Path | None = None, progress: bool = False):
+              checkpoint_dir: str | Path | None = None, progress: bool = False, unlabeled: ImageDataset | None = None):
         """The denoising objective: predict the noise added at a random timestep. Each step
         draws its batch, noise and timesteps from a generator seeded by (seed, step), so a
-        resumed run continues exactly where it stopped."""
+        resumed run continues exactly where it stopped.
+
+        `unlabeled` images train under the null class and make up `cfg.unlabeled_share` of
+        each batch: the generator learns what images of this kind look like from the pool and
+        what each class looks like from the few labelled images (the few-shot protocol's
+        stand-in for a generator pretrained on the world's images).
+        With image conditioning, each image is denoised given the embedding of a shifted view
+        of itself (or of another image of its class), dropped at `image_dropout`."""
         from diffusers.training_utils import EMAModel
 
         if int((data.labels < 0).sum()):
-            raise SynthaugError("the generator trains on labelled images: drop the unlabeled pool or label it")
+            raise SynthaugError("the generator trains on labelled images: pass the unlabeled pool as `unlabeled`")
         device = resolve_device(cfg.device)
-        unet = self.unet.to(device).train()
-        ema = EMAModel(unet.parameters(), decay=cfg.ema_decay)
-        optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
+        nets = [net.to(device).train() for net in self._networks()]
+        unet = nets[0]
+        params = self._parameters()
+        ema = EMAModel(params, decay=cfg.ema_decay)
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
         noise_scheduler = build_train_scheduler(self.config)
-        images = data.images.float().div(127.5).sub(1.0)  # [-1, 1]
+        images = data.images
         labels = data.labels
         groups = data.groups if (self.config.num_groups and data.groups is not None) else None
+        n_labelled, n_pool = len(labels), 0 if unlabeled is None else len(unlabeled)
+        if n_pool:
+            images = torch.cat([images, unlabeled.images])
+            labels = torch.cat([labels, torch.full((n_pool,), self.null_class)])
+            groups = None if groups is None else torch.cat([groups, torch.full((n_pool,), self.config.num_groups)])
+        images = images.float().div(127.5).sub(1.0)  # [-1, 1]
+        by_class = [torch.nonzero(data.labels == c).flatten() for c in range(self.config.num_classes)]
 
         start, history, spent = 0, [], 0.0
         # a checkpoint is resumed only by the same training (network, settings, seed, data size)
         train_settings = {k: v for k, v in asdict(cfg).items() if k not in ("checkpoint_every", "device")}
-        run_key = json.dumps({"config": asdict(self.config), "train": train_settings, "seed": seed, "images": len(labels)})
+        if not n_pool:
+            train_settings.pop("unlabeled_share")
+        key = {"config": self.config.key(), "train": train_settings, "seed": seed, "images": len(data.labels)}
+        if n_pool:
+            key["unlabeled"] = n_pool
+        run_key = json.dumps(key)
         state = load_state(checkpoint_dir) if checkpoint_dir else None
         if state is not None and state.get("run_key") == run_key:
             unet.load_state_dict(state["unet"])
+            if self.condition is not None:
+                self.condition.load_state_dict(state["condition"])
             ema.load_state_dict(state["ema"])
             ema.to(device)
             optimizer.load_state_dict(state["optimizer"])
@@ -197,7 +276,12 @@ class DiffusionGenerator:
             task = bar.add_task("train generator", total=cfg.steps, completed=start, info="")
             for step in range(start, cfg.steps):
                 g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-                idx = torch.randint(len(labels), (cfg.batch_size,), generator=g)
+                if n_pool:
+                    from_pool = torch.rand(cfg.batch_size, generator=g) < cfg.unlabeled_share
+                    idx = torch.where(from_pool, n_labelled + torch.randint(n_pool, (cfg.batch_size,), generator=g),
+                                      torch.randint(n_labelled, (cfg.batch_size,), generator=g))
+                else:
+                    idx = torch.randint(n_labelled, (cfg.batch_size,), generator=g)
                 x0 = images[idx].to(device)
                 cond_labels = labels[idx].clone()
                 drop = torch.rand(len(idx), generator=g) < self.config.label_dropout
@@ -206,16 +290,20 @@ class DiffusionGenerator:
                 drop_group = drop | (torch.rand(len(idx), generator=g) < self.config.label_dropout)
                 cond_groups = None if groups is None else torch.where(drop_group, self.config.num_groups, groups[idx])
                 cond = self.condition_ids(cond_labels, cond_groups).to(device)
+                embeds = keep = None
+                if self.condition is not None:
+                    embeds, keep = self._training_image_condition(images, idx, labels, by_class, g)
+                    embeds, keep = embeds.to(device), keep.to(device)
                 noise = torch.randn(x0.shape, generator=g).to(device)
                 t = torch.randint(self.config.num_train_timesteps, (len(idx),), generator=g).to(device)
                 noisy = noise_scheduler.add_noise(x0, noise, t)
-                loss = F.mse_loss(unet(noisy, t, class_labels=cond).sample, noise)
+                loss = F.mse_loss(unet(noisy, t, class_labels=self._class_input(cond, embeds, keep)).sample, noise)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
                 schedule.step()
-                ema.step(unet.parameters())
+                ema.step(params)
                 window.append(float(loss.detach()))
                 done = step + 1
                 if done % 50 == 0 or done == cfg.steps:
@@ -223,27 +311,50 @@ class DiffusionGenerator:
                     window = []
                     bar.update(task, completed=done, info=f"loss {history[-1]['loss']:.4f}")
                 if checkpoint_dir and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-                    save_state(checkpoint_dir, {
+                    state = {
                         "unet": unet.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                         "schedule": schedule.state_dict(), "step": done, "history": history,
                         "seconds": spent + time.perf_counter() - t0, "run_key": run_key,
-                    })
-        ema.copy_to(unet.parameters())  # sample with the EMA weights
-        self.unet = unet.eval()
+                    }
+                    if self.condition is not None:
+                        state["condition"] = self.condition.state_dict()
+                    save_state(checkpoint_dir, state)
+        ema.copy_to(params)  # sample with the EMA weights
+        for net in nets:
+            net.eval()
         self.history = history
         self.train_seconds = spent + time.perf_counter() - t0
         return self
 
+    def _training_image_condition(self, images, idx, labels, by_class, g) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each training image's conditioning embedding (a shifted view of itself, or another
+        labelled image of its class) and whether it is kept (dropped at `image_dropout`)."""
+        partner = idx.clone()
+        if self.config.image_pairing == "class":
+            for i, c in enumerate(labels[idx].tolist()):
+                if c != self.null_class:  # pool images have no class: they pair with themselves
+                    members = by_class[c]
+                    partner[i] = members[torch.randint(len(members), (1,), generator=g)]
+        view = random_shift(images[partner], self.config.image_shift, g)
+        keep = torch.rand(len(idx), generator=g) >= self.config.image_dropout
+        return self.encoder(view), keep
+
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
     def generate(self, labels, seeds, groups=None, sampler: SamplerConfig | None = None, *,
-                 init_images: torch.Tensor | None = None, strength=1.0, progress: bool = False) -> torch.Tensor:
+                 init_images: torch.Tensor | None = None, strength=1.0, image_embeds: torch.Tensor | None = None,
+                 image_keep: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
         """uint8 images (N, C, H, W), image i drawn from initial noise seeded by `seeds[i]`:
         the same (label, group, seed, sampler settings) gives the same image again.
 
         With `init_images` (uint8, one per label), image-guided generation (SDEdit): each
         real image is noised to `strength` (0 < strength <= 1, one value or one per image;
-        the share of the sampler's steps that are run) and denoised under its label."""
+        the share of the sampler's steps that are run) and denoised under its label.
+
+        An image-conditioned generator takes `image_embeds` (N, image_embed_dim), e.g. from
+        `image_condition.condition_embeddings`, and `image_keep` (False: the null image);
+        without them it generates from the class alone. Guidance contrasts (class, image)
+        with (null class, null image)."""
         sc = sampler or SamplerConfig()
         labels = torch.as_tensor(labels, dtype=torch.int64)
         seeds = [int(s) for s in seeds]
@@ -254,6 +365,14 @@ class DiffusionGenerator:
         groups = None if groups is None else torch.as_tensor(groups, dtype=torch.int64)
         if groups is not None and len(groups) and (int(groups.min()) < 0 or int(groups.max()) >= max(1, self.config.num_groups)):
             raise SynthaugError(f"groups must be in [0, {self.config.num_groups}) for this generator")
+        if image_embeds is not None:
+            if self.condition is None:
+                raise SynthaugError("this generator is not image-conditioned: train one with image_embed_dim > 0 (recipe augcond does)")
+            if tuple(image_embeds.shape) != (len(labels), self.config.image_embed_dim):
+                raise SynthaugError(f"image_embeds must be ({len(labels)}, {self.config.image_embed_dim}), "
+                                    f"got {tuple(image_embeds.shape)}")
+            if image_keep is None:
+                image_keep = torch.ones(len(labels), dtype=torch.bool)
         c, s = self.config.channels, self.config.image_size
         # first sampler step of each image: 0 from pure noise, later for image-guided generation
         starts = torch.zeros(len(labels), dtype=torch.int64)
@@ -274,34 +393,58 @@ class DiffusionGenerator:
                     idx = batch[starts[batch] == start]
                     out[idx] = self._sample_batch(
                         labels[idx], [seeds[j] for j in idx], None if groups is None else groups[idx], sc,
-                        init=None if init_images is None else init_images[idx], start=start)
+                        init=None if init_images is None else init_images[idx], start=start,
+                        image=None if image_embeds is None else (image_embeds[idx], image_keep[idx]))
                 bar.advance(task, len(batch))
         return out
 
+    def variants(self, images: torch.Tensor, labels, strengths, seed: int = 0,
+                 sampler: SamplerConfig | None = None) -> torch.Tensor:
+        """Image-guided variants of each image at several strengths, in one call: uint8
+        (N, len(strengths), C, H, W). Variant (i, j) is drawn from seed `seed + i * len(strengths) + j`."""
+        n, k = len(images), len(strengths)
+        out = self.generate(torch.as_tensor(labels).repeat_interleave(k), [seed + i for i in range(n * k)], sampler=sampler,
+                            init_images=images.repeat_interleave(k, dim=0), strength=list(strengths) * n)
+        return out.reshape(n, k, *out.shape[1:])
+
     def generate_rows(self, rows: list[dict], sampler: SamplerConfig | None = None,
                       sources: ImageDataset | None = None) -> torch.Tensor:
-        """Images for plan rows (`label`, `seed`, optional `group`; image-guided rows also
-        `source`, an index into `sources`, and `strength`): what a store's `fill` calls."""
+        """Images for plan rows (`label`, `seed`, optional `group`): what a store's `fill`
+        calls. Image-guided rows also have `source` (an index into `sources`) and `strength`;
+        image-conditioned rows `sources` (two indices into `sources`, same class) and a
+        conditioning mode in `conditioning` (see `image_condition.OPERATORS`)."""
         groups = [r["group"] for r in rows] if rows and rows[0].get("group") is not None else None
         guided = bool(rows) and rows[0].get("source") is not None
-        if guided and sources is None:
-            raise SynthaugError("these plan rows are image-guided: pass the dataset their `source` indices point into")
+        conditioned = bool(rows) and rows[0].get("sources") is not None
+        if (guided or conditioned) and sources is None:
+            raise SynthaugError("these plan rows start from real images: pass the dataset their source indices point into")
+        embeds = keep = None
+        if conditioned:
+            if self.encoder is None:
+                raise SynthaugError("these plan rows need image conditioning but this generator is not image-conditioned: "
+                                    "train one with image_embed_dim > 0 (recipe augcond does)")
+            pairs = torch.tensor([r["sources"] for r in rows])
+            embeds, keep = condition_embeddings(self.encoder, sources.images[pairs[:, 0]], sources.images[pairs[:, 1]],
+                                                [r["conditioning"] for r in rows], [r["seed"] for r in rows])
         return self.generate([r["label"] for r in rows], [r["seed"] for r in rows], groups=groups, sampler=sampler,
                              init_images=sources.images[[r["source"] for r in rows]] if guided else None,
-                             strength=[r["strength"] for r in rows] if guided else 1.0)
+                             strength=[r["strength"] for r in rows] if guided else 1.0,
+                             image_embeds=embeds, image_keep=keep)
 
-    def _sample_batch(self, labels, seeds, groups, sc: SamplerConfig, init=None, start: int = 0) -> torch.Tensor:
+    def _sample_batch(self, labels, seeds, groups, sc: SamplerConfig, init=None, start: int = 0,
+                      image=None) -> torch.Tensor:
         device = next(self.unet.parameters()).device
         c, s = self.config.channels, self.config.image_size
         # one random stream per image (its initial noise, then a stochastic sampler's noise),
         # so an image does not depend on the batch it was drawn in
         streams = [torch.Generator().manual_seed(sd) for sd in seeds]
         x = torch.stack([torch.randn(c, s, s, generator=g) for g in streams]).to(device)
-        cond = self.condition_ids(labels, groups).to(device)
+        embeds, keep = (None, None) if image is None else (image[0].to(device), image[1].to(device))
+        cond = self._class_input(self.condition_ids(labels, groups).to(device), embeds, keep)
         guided = sc.guidance_scale != 1.0
         if guided:
             null_groups = None if groups is None else torch.full_like(groups, self.config.num_groups)
-            uncond = self.condition_ids(torch.full_like(labels, self.null_class), null_groups).to(device)
+            uncond = self._class_input(self.condition_ids(torch.full_like(labels, self.null_class), null_groups).to(device))
         scheduler = build_sampler(self.config, sc.sampler)
         scheduler.set_timesteps(sc.steps)
         timesteps = scheduler.timesteps[start:]
@@ -325,18 +468,35 @@ class DiffusionGenerator:
     # ------------------------------------------------------------------ persistence
     def fingerprint(self) -> str:
         """A short hash of config and weights: names what generated an image."""
-        h = hashlib.sha256(json.dumps(asdict(self.config), sort_keys=True).encode())
-        for k, v in sorted(self.unet.state_dict().items()):
+        h = hashlib.sha256(json.dumps(self.config.key(), sort_keys=True).encode())
+        for k, v in sorted(self._state().items()):
             h.update(k.encode())
             h.update(v.detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()[:16]
 
+    def _state(self) -> dict[str, torch.Tensor]:
+        """Every weight: the UNet's, then (image conditioning) the condition embedding's and
+        the fixed encoder's under `condition.` / `encoder.`."""
+        state = dict(self.unet.state_dict())
+        if self.condition is not None:
+            state.update({f"condition.{k}": v for k, v in self.condition.state_dict().items()})
+            state.update({f"encoder.{k}": v for k, v in self.encoder.state_dict().items()})
+        return state
+
     def save_pretrained(self, folder: str | os.PathLike):
-        """`generator.json` + `unet/` (diffusers config.json + safetensors weights)."""
+        """`generator.json` + `unet/` (diffusers config.json + safetensors weights), and with
+        image conditioning `image_condition.safetensors` (condition embedding + encoder)."""
+        from safetensors.torch import save_file
+
         folder = Path(folder)
         self.unet.save_pretrained(folder / "unet", safe_serialization=True)
+        if self.condition is not None:
+            extra = {k: v.detach().cpu().contiguous() for k, v in self._state().items() if k.split(".")[0] in ("condition", "encoder")}
+            tmp = folder / ".image_condition.safetensors.tmp"
+            save_file(extra, tmp)
+            os.replace(tmp, folder / "image_condition.safetensors")
         atomic_write_json(folder / "generator.json", {
-            "config": asdict(self.config), "history": self.history, "train_seconds": self.train_seconds,
+            "config": self.config.key(), "history": self.history, "train_seconds": self.train_seconds,
             "fingerprint": self.fingerprint(),
         })
 
@@ -355,6 +515,19 @@ class DiffusionGenerator:
         except Exception as e:
             raise SynthaugError(f"cannot load the generator in '{folder}' ({str(e).splitlines()[0]}): retrain it") from None
         gen = cls(config, unet.to(resolve_device(device)).eval())
+        if gen.condition is not None:
+            from safetensors.torch import load_file
+
+            path = folder / "image_condition.safetensors"
+            if not path.exists():
+                raise SynthaugError(f"generator folder '{folder}' has no image_condition.safetensors: retrain it")
+            try:
+                state = load_file(path)
+                gen.condition.load_state_dict({k[10:]: v for k, v in state.items() if k.startswith("condition.")})
+                gen.encoder.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("encoder.")})
+            except Exception as e:
+                raise SynthaugError(f"cannot load '{path}' ({str(e).splitlines()[0]}): retrain the generator") from None
+            gen.condition.to(next(gen.unet.parameters()).device).eval()
         gen.history, gen.train_seconds = meta.get("history", []), meta.get("train_seconds", 0.0)
         return gen
 

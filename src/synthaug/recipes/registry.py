@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..classify.models import Classifier
+from ..data.dataset import ImageDataset
 from ..errors import SynthaugError
 
 
@@ -18,6 +19,7 @@ class RecipeResult:
     history: list[dict]  # per-epoch training log
     seconds: dict[str, float]  # wall time per stage
     extra: dict = field(default_factory=dict)
+    synthetic: ImageDataset | None = None  # the generated images the model trained on (for the report)
 
 
 @dataclass
@@ -43,3 +45,20 @@ def get_recipe(name: str) -> Recipe:
     if name not in RECIPES:
         raise SynthaugError(f"unknown recipe '{name}': use one of {', '.join(RECIPES)}")
     return RECIPES[name]
+
+
+def train_and_evaluate(data: ImageDataset, task, config, *, workdir, progress: bool = False):
+    """Train the classifier from scratch on `data` (the run's training config) and test it:
+    the last stage of the generative recipes. Returns the training result, the test metrics
+    and the seconds of each."""
+    import time
+    from pathlib import Path
+
+    from ..classify import evaluate, fit_classifier
+
+    result = fit_classifier(data, config.train, seed=config.seed, checkpoint_dir=Path(workdir) / "checkpoint",
+                            progress=progress)
+    t0 = time.perf_counter()
+    metrics = evaluate(result.model, task.test, train_counts=task.train.class_counts(),
+                       many_threshold=config.eval.many_threshold, few_threshold=config.eval.few_threshold)
+    return result, metrics, {"train": result.seconds, "evaluate": time.perf_counter() - t0}

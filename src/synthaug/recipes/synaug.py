@@ -22,10 +22,9 @@ import torch
 from ..classify import evaluate, fit_classifier, refit_head
 from ..data import concat
 from ..errors import SynthaugError
-from ..generate.cache import generator_for, provenance, sampler_config
 from ..generate.diffusion import GeneratorConfig
+from ..generate.stage import generate_stage, generator_stage
 from ..plan import balance_plan
-from ..store import SyntheticStore
 from ..validate import memorization_ratio
 from .registry import RecipeResult, register_recipe
 
@@ -48,24 +47,14 @@ def synaug(task, config, *, workdir=None, progress=False, trained=None) -> Recip
     by_group = opts.balance_groups and real.groups is not None
 
     # 1. generator (trained on the real training split, or cached / given), plan, generate
-    t0 = time.perf_counter()
-    cache_root = config.generator.cache_dir or Path(config.output_dir) / "generators"
-    generator, generator_info = generator_for(real, config.generator, cache_root=cache_root, progress=progress,
-                                              device=config.train.device)
-    seconds["generator"] = time.perf_counter() - t0
+    generator, generator_info = generator_stage(real, config, progress=progress)
+    seconds["generator"] = generator_info.pop("seconds")
     if by_group and generator.config.num_groups == 0:
         raise SynthaugError("the generator is not conditioned on groups: train one on this split or set synaug.balance_groups=false")
     plan = balance_plan(real, target_per_class=opts.target_per_class, by_group=by_group, seed=config.generator.seed)
-    sampling = sampler_config(config.generator)
-    store = SyntheticStore(Path(opts.store_dir) if opts.store_dir else workdir / "synthetic", real.classes)
-
-    t0 = time.perf_counter()
-    written = store.fill(plan, lambda rows: generator.generate_rows(rows, sampling), batch_size=sampling.batch_size,
-                         progress=progress,
-                         extra=provenance(generator, sampling))
-    seconds["generate"] = time.perf_counter() - t0
-    synthetic = store.load(ids=[r["id"] for r in plan]) if plan else real.subset([])
-    store.verify()
+    store_dir = Path(opts.store_dir) if opts.store_dir else workdir / "synthetic"
+    synthetic, synthetic_info = generate_stage(plan, generator, config, store_dir, real, progress=progress)
+    seconds["generate"] = synthetic_info.pop("seconds")
 
     # 2. train on real + synthetic, with mixup between a real and a synthetic image
     data = concat(real, synthetic) if len(synthetic) else real
@@ -94,10 +83,8 @@ def synaug(task, config, *, workdir=None, progress=False, trained=None) -> Recip
     memorization = memorization_ratio(synthetic, real, heldout) if len(synthetic) else None
     extra = {
         "memorization": memorization,
-        "generator": {**generator_info, "fingerprint": generator.fingerprint(), "train_seconds": generator.train_seconds,
-                      "history": generator.history},
-        "synthetic": {"planned": len(plan), "generated_now": written, "images": len(synthetic),
-                      "counts_after": data.class_counts().tolist(), "store": str(store.root),
-                      "images_per_second": written / seconds["generate"] if written else None},
+        "generator": generator_info,
+        "synthetic": {**synthetic_info, "counts_after": data.class_counts().tolist()},
     }
-    return RecipeResult(metrics=metrics, model=model, history=result.history, seconds=seconds, extra=extra)
+    return RecipeResult(metrics=metrics, model=model, history=result.history, seconds=seconds, extra=extra,
+                        synthetic=synthetic if len(synthetic) else None)

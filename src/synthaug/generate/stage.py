@@ -1,0 +1,39 @@
+"""The generation stages every generative recipe shares: get the generator (cached, loaded
+or trained now), then fill a store with a plan's images and load them back."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ..data.dataset import ImageDataset
+from ..store import SyntheticStore
+from .cache import generator_for, provenance, sampler_config
+from .diffusion import DiffusionGenerator
+
+
+def generator_stage(real: ImageDataset, config, *, progress: bool = False, unlabeled: ImageDataset | None = None,
+                    image_embed_dim: int = 0) -> tuple[DiffusionGenerator, dict]:
+    """The run's generator and a description of it (source, fingerprint, training curve, seconds)."""
+    t0 = time.perf_counter()
+    cache_root = config.generator.cache_dir or Path(config.output_dir) / "generators"
+    generator, info = generator_for(real, config.generator, cache_root=cache_root, progress=progress,
+                                    device=config.train.device, unlabeled=unlabeled, image_embed_dim=image_embed_dim)
+    return generator, {**info, "fingerprint": generator.fingerprint(), "train_seconds": generator.train_seconds,
+                       "history": generator.history, "seconds": time.perf_counter() - t0}
+
+
+def generate_stage(plan: list[dict], generator: DiffusionGenerator, config, store_dir: str | Path, real: ImageDataset,
+                   *, progress: bool = False) -> tuple[ImageDataset, dict]:
+    """Generate the plan's missing rows into the store at `store_dir` (rows that start from
+    real images index into `real`), check the store, and load the plan's images."""
+    sampling = sampler_config(config.generator)
+    store = SyntheticStore(store_dir, real.classes)
+    t0 = time.perf_counter()
+    written = store.fill(plan, lambda rows: generator.generate_rows(rows, sampling, sources=real),
+                         batch_size=sampling.batch_size, progress=progress, extra=provenance(generator, sampling))
+    seconds = time.perf_counter() - t0
+    store.verify()
+    synthetic = store.load(ids=[r["id"] for r in plan]) if plan else real.subset([])
+    return synthetic, {"planned": len(plan), "generated_now": written, "images": len(synthetic), "store": str(store.root),
+                       "images_per_second": written / seconds if written else None, "seconds": seconds}

@@ -1,0 +1,76 @@
+"""Augmentation-conditioned generation (seed 002): condition the generator on the class AND
+on an augmented real image of that class, so the generations stay in the domain of the real
+data yet differ from every real image.
+
+1. Train the embedded generator with an image condition: the embedding of a real image from
+   a fixed encoder (generate/image_condition.py), dropped at random so it also works without
+   it. In the few-shot protocol it also trains on the unlabelled pool (never on test images).
+2. Plan the images each class needs: fill a long tail to uniform, or expand few-shot classes.
+3. Generate each from the class and a conditioning operator on one or two real images of the
+   class: the image, Dropout, Mixup, CutMix, Embed-Mixup, Embed-CutMix, Embed-CutMix-Dropout
+   (or label-only, the baseline). Classifier-free guidance (the paper: scale about 10).
+4. Train the classifier on real + generated images (the paper used Balanced Softmax on a long
+   tail: set train.loss).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from ..data import concat
+from ..errors import SynthaugError
+from ..generate.diffusion import GeneratorConfig
+from ..generate.stage import generate_stage, generator_stage
+from ..plan import conditioned_plan
+from .registry import RecipeResult, register_recipe, train_and_evaluate
+
+
+def target_count(task, config) -> int:
+    opts = config.augcond
+    largest = int(task.train.class_counts().max())
+    target = opts.target_per_class if opts.target_per_class is not None else round(opts.expand * largest)
+    if target <= int(task.train.class_counts().min()):
+        raise SynthaugError(f"augcond would generate nothing: every class already has {target} or more images; "
+                            "set augcond.expand > 1 (or augcond.target_per_class) to expand the classes")
+    return target
+
+
+def check(task, config):
+    """Fail on an impossible plan or generator before anything is written."""
+    target_count(task, config)
+    if not config.generator.path:
+        GeneratorConfig(image_size=task.train.image_size[0], channels=task.train.channels, classes=task.train.classes,
+                        preset=config.generator.preset, image_embed_dim=config.augcond.embed_dim)
+
+
+@register_recipe("augcond", "AugCond: generations conditioned on the class and augmented real images of it "
+                 "(augcond.mode picks the operator)", check=check)
+def augcond(task, config, *, workdir=None, progress=False, trained=None) -> RecipeResult:
+    opts, seconds = config.augcond, {}
+    workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="synthaug-"))
+    real = task.train
+
+    # 1. the image-conditioned generator (also trained on the unlabelled pool, when the split has one)
+    generator, generator_info = generator_stage(real, config, progress=progress, unlabeled=task.unlabeled,
+                                                image_embed_dim=opts.embed_dim)
+    seconds["generator"] = generator_info.pop("seconds")
+
+    # 2-3. plan and generate
+    plan = conditioned_plan(real, target_per_class=target_count(task, config), mode=opts.mode, seed=config.generator.seed)
+    store_dir = Path(opts.store_dir) if opts.store_dir else workdir / "synthetic"
+    synthetic, synthetic_info = generate_stage(plan, generator, config, store_dir, real, progress=progress)
+    seconds["generate"] = synthetic_info.pop("seconds")
+
+    # 4. train on real + generated
+    data = concat(real, synthetic)
+    result, metrics, spent = train_and_evaluate(data, task, config, workdir=workdir, progress=progress)
+    seconds.update(spent)
+    extra = {
+        "conditioning": {"mode": opts.mode, "embed_dim": opts.embed_dim, "guidance_scale": config.generator.guidance_scale,
+                         "unlabeled_pool": 0 if task.unlabeled is None else len(task.unlabeled)},
+        "generator": generator_info,
+        "synthetic": {**synthetic_info, "counts_after": data.class_counts().tolist()},
+    }
+    return RecipeResult(metrics=metrics, model=result.model, history=result.history, seconds=seconds, extra=extra,
+                        synthetic=synthetic)

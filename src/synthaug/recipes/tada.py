@@ -1,0 +1,113 @@
+"""TADA (seed 001): augment only the examples that are not learned early in training.
+
+1. Train the classifier for a few epochs of its normal schedule.
+2. Score each training example by its loss at that point; k-means (k=2) on the losses
+   splits them into learned and slow-learnable (typically 30-40% of the data).
+3. Make `variants` image-guided variants of each slow-learnable example: noise the real
+   image part of the way (SDEdit, about half the steps) and denoise it under its label.
+4. Train from scratch on the originals plus the variants (SGD or SAM, usual augmentation).
+
+The paper's baselines are registered beside it: `tada-all` generates variants of every
+example, `tada-upsample` duplicates the slow-learnable examples instead of generating.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ..classify import example_losses, fit_classifier
+from ..data import concat
+from ..generate.diffusion import GeneratorConfig
+from ..generate.stage import generate_stage, generator_stage
+from ..plan import slow_learnable, targeted_plan
+from ..utils.io import atomic_write_json
+from .registry import RecipeResult, register_recipe, train_and_evaluate
+
+MODES = {
+    "tada": "TADA: image-guided variants of the slow-learnable examples (k-means on early-training losses)",
+    "tada-all": "TADA's baseline: image-guided variants of every training example",
+    "tada-upsample": "TADA's baseline: the slow-learnable examples duplicated instead of generated",
+}
+
+
+def check(task, config):
+    """Fail on a generator that cannot be built before anything is written."""
+    if not config.generator.path:
+        GeneratorConfig(image_size=task.train.image_size[0], channels=task.train.channels, classes=task.train.classes,
+                        preset=config.generator.preset)
+
+
+def score_examples(task, config, *, workdir: Path, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Steps 1-2: each training example's loss after `tada.early_epochs` epochs, and the
+    slow-learnable mask."""
+    early = fit_classifier(task.train, replace(config.train, refit_head=False), seed=config.seed,
+                           stop_after_epochs=config.tada.early_epochs, checkpoint_dir=workdir / "early-checkpoint",
+                           progress=progress)
+    losses = example_losses(early.model, task.train)
+    mask = slow_learnable(losses, seed=config.seed)
+    return losses, mask, {"seconds": early.seconds, "train_acc": early.history[-1]["train_acc"] if early.history else None}
+
+
+def loss_histogram(losses: torch.Tensor, mask: torch.Tensor, bins: int = 30) -> dict:
+    """Counts of learned and slow-learnable examples per bin of log(1 + loss)."""
+    x = torch.log1p(losses.double())
+    edges = torch.linspace(0, max(float(x.max()), 1e-6) if len(x) else 1.0, bins + 1)
+    count = lambda v: torch.histogram(v, edges.double()).hist.long().tolist() if len(v) else [0] * bins  # noqa: E731
+    return {"log1p_edges": [round(e, 4) for e in edges.tolist()], "learned": count(x[~mask]), "slow": count(x[mask])}
+
+
+def run_tada(mode, task, config, *, workdir=None, progress=False, trained=None) -> RecipeResult:
+    opts, seconds = config.tada, {}
+    workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="synthaug-"))
+    real = task.train
+
+    t0 = time.perf_counter()
+    losses, mask, early = score_examples(task, config, workdir=workdir, progress=progress)
+    seconds["early_training"] = time.perf_counter() - t0
+    target = torch.ones_like(mask) if mode == "tada-all" else mask
+    extra = {"targeted": {
+        "mode": mode, "early_epochs": opts.early_epochs, "early_train_acc": early["train_acc"],
+        "slow_learnable": int(mask.sum()), "slow_learnable_share": float(mask.float().mean()),
+        "targeted": int(target.sum()), "variants": opts.variants, "strength": opts.strength,
+        "slow_per_class": torch.bincount(real.labels[mask], minlength=real.num_classes).tolist(),
+        "loss_histogram": loss_histogram(losses, mask),
+        # the hardest targeted examples, for the report (the full mask is in targeted.json)
+        "examples": torch.nonzero(target).flatten()[losses[target].argsort(descending=True)][:64].tolist(),
+    }}
+    atomic_write_json(workdir / "targeted.json", {"losses": losses.tolist(), "slow_learnable": mask.tolist()})
+
+    if mode == "tada-upsample":  # the same examples, duplicated `variants` times
+        added = real.subset(torch.nonzero(target).flatten().repeat_interleave(opts.variants))
+    else:
+        # 3. image-guided variants of the targeted examples, into the store
+        generator, extra["generator"] = generator_stage(real, config, progress=progress)
+        seconds["generator"] = extra["generator"].pop("seconds")
+        plan = targeted_plan(real, target, variants=opts.variants, strength=opts.strength, seed=config.generator.seed)
+        store_dir = Path(opts.store_dir) if opts.store_dir else workdir / "synthetic"
+        added, extra["synthetic"] = generate_stage(plan, generator, config, store_dir, real, progress=progress)
+        seconds["generate"] = extra["synthetic"].pop("seconds")
+        extra["synthetic"]["counts_after"] = (real.class_counts() + added.class_counts()).tolist()
+
+    # 4. train from scratch on the originals + the variants
+    result, metrics, spent = train_and_evaluate(concat(real, added) if len(added) else real, task, config,
+                                                workdir=workdir, progress=progress)
+    seconds.update(spent)
+    return RecipeResult(metrics=metrics, model=result.model, history=result.history, seconds=seconds, extra=extra,
+                        synthetic=added if mode != "tada-upsample" and len(added) else None)
+
+
+def _register(mode: str):
+    def fn(task, config, *, workdir=None, progress=False, trained=None):
+        return run_tada(mode, task, config, workdir=workdir, progress=progress, trained=trained)
+
+    fn.__name__ = mode.replace("-", "_")
+    register_recipe(mode, MODES[mode], check=check if mode != "tada-upsample" else None)(fn)
+
+
+for _mode in MODES:
+    _register(_mode)
