@@ -48,3 +48,18 @@ def splice(path: Path, key: str, text: str):
     else:
         doc = doc.rstrip() + "\n\n" + block + "\n"
     path.write_text(doc)
+
+
+def seconds_per_image(runs: list[dict]) -> float | None:
+    """Generation seconds per image, over the runs that generated images themselves (runs
+    that found their images in a shared store generated none)."""
+    made = [(r["generate_seconds"], r["generated_now"]) for r in runs if r.get("generated_now")]
+    return sum(s for s, _ in made) / sum(n for _, n in made) if made else None
+
+
+def publish(results: Path, key: str, table: str, *, to_benchmarks: bool):
+    """Write the table beside the results and, for a full run, into BENCHMARKS.md."""
+    results.with_suffix(".md").write_text(table)
+    if to_benchmarks:
+        splice(HERE.parent / "BENCHMARKS.md", key, table)
+    print(table)

@@ -65,14 +65,14 @@ def write_idx(path: Path, array: np.ndarray, compress=True):
         path.write_bytes(data)
 
 
-def die_after_saving_step(monkeypatch, module, step: int):
+def die_after_saving_step(monkeypatch, module, step: int, key: str = "step"):
     """Make `module.save_state` raise KeyboardInterrupt right after it saves training step
-    `step` (a kill during training); returns a function that undoes it."""
+    (or epoch, `key`) `step`: a kill during training. Returns a function that undoes it."""
     real_save = module.save_state
 
     def save_then_die(folder, state):
         real_save(folder, state)
-        if state["step"] == step:
+        if state[key] == step:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(module, "save_state", save_then_die)

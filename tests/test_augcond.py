@@ -51,6 +51,12 @@ def test_pca_encoder_is_whitened_and_fixed(encoder):
     assert torch.allclose(encoder(ds.images.float() / 127.5 - 1), emb, atol=1e-5)  # uint8 or [-1, 1]
     with pytest.raises(SynthaugError, match="at least 2"):
         PCAEncoder(64, 6).fit(ds.images[:1])
+    # decode inverts encode on the components' span: a full-rank encoder reconstructs exactly
+    full = PCAEncoder(64, 64).fit(make_dataset((40, 40, 40)).images)
+    x = ds.images[:5].float() / 127.5 - 1
+    assert torch.allclose(full.decode(full(ds.images[:5])), x.reshape(5, -1), atol=1e-3)
+    low = encoder.decode(emb[:5])  # the low-rank reconstruction is closer to its image than to the others
+    assert bool(((low - x.reshape(5, -1)).norm(dim=1) < (low - x.reshape(5, -1).roll(1, 0)).norm(dim=1)).all())
 
 
 @pytest.mark.parametrize("mode", OPERATORS)

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from synthaug.config import RunConfig, dump_config, load_config
@@ -63,3 +65,13 @@ def test_run_name():
                          ids=lambda p: p.name)
 def test_shipped_configs_load(path):
     assert load_config(path).recipe
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path):
+    config = load_config(path)
+    from synthaug.recipes import get_recipe
+
+    get_recipe(config.recipe)
+    for name in config.report.baselines:
+        get_recipe(name)

@@ -115,3 +115,17 @@ def test_memorization_ratio_flags_copies():
     fresh = make_dataset((20, 20), seed=2)
     assert memorization_ratio(copies, train, heldout)["median"] == 0.0
     assert 0.7 < memorization_ratio(fresh, train, heldout)["median"] < 1.3
+
+
+def test_scores_are_merged_into_the_metadata(tmp_path):
+    store = SyntheticStore(tmp_path, ["a", "b"])
+    plan = [{"id": f"r{i}", "label": i % 2, "seed": i} for i in range(4)]
+    store.fill(plan, lambda rows: torch.zeros(len(rows), 1, 4, 4, dtype=torch.uint8))
+    store.set_scores({"r1": {"utility_r1": 0.25}, "r2": {"utility_r1": 0.75}})
+    store.set_scores({"r1": {"utility_r2": 0.5}})
+    rows = {r["id"]: r for r in store.rows()}
+    assert rows["r1"]["scores"] == {"utility_r1": 0.25, "utility_r2": 0.5} and rows["r2"]["scores"] == {"utility_r1": 0.75}
+    assert "scores" not in rows["r0"] or not rows["r0"]["scores"]
+    store.verify()
+    with pytest.raises(SynthaugError, match="no image 'r9'"):
+        store.set_scores({"r9": {"utility_r1": 1.0}})

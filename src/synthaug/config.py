@@ -144,6 +144,38 @@ class AugcondSection:
 
 
 @dataclass
+class UtilgenSection:
+    """UtilGen: rounds of generate -> value (meta-learned weights) -> optimise policy -> optimise model."""
+
+    rounds: int = 2
+    per_round: float = 1.0  # images generated per round, x the real training set (class-balanced)
+    final_multiple: float = 5.0  # the final synthetic set, x the real training set (class-balanced)
+    top_share: float = 0.25  # per class, the share of a round's images taken as high (and as low) utility
+    valuation_epochs: int = 10  # epochs of the meta-weighted classifier that values each round
+    meta_lr: float = 1.0e-2  # Adam on the weight network (Meta-Weight-Net: 1e-3 over far more steps)
+    embedding: bool = True  # instance level: optimise the class-embedding vectors on high-utility images
+    embedding_steps: int = 200
+    embedding_lr: float = 5.0e-3
+    embedding_proximity: float = 1.0  # weight of the penalty keeping the vectors near the original ones
+    noise: bool = True  # instance level: start generations from noise around DDIM inversions of high-utility images
+    noise_mix: float = 0.8  # x_T = mix * inverted + sqrt(1 - mix^2) * fresh noise
+    inversion_guidance: float = 1.0  # guidance of the inversion (the generation keeps generator.guidance_scale)
+    model_level: bool = True  # fine-tune the generator with Diffusion-DPO, high- over low-utility images
+    dpo_steps: int = 200
+    dpo_lr: float = 1.0e-5
+    dpo_beta: float = 2000.0
+    sampler: str = field(default="ddim", metadata={"choices": SAMPLERS})  # deterministic, so inverted noise is exact
+    sampling_steps: int = 25
+    store_dir: str | None = None  # where generated images go (default: <run folder>/synthetic)
+
+    def __post_init__(self):
+        if self.rounds < 0 or self.per_round <= 0 or self.final_multiple <= 0 or not 0 < self.top_share <= 0.5:
+            raise SynthaugError("utilgen.rounds must be >= 0, per_round and final_multiple > 0, top_share in (0, 0.5]")
+        if not 0 <= self.noise_mix <= 1 or self.dpo_beta <= 0 or self.valuation_epochs < 1:
+            raise SynthaugError("utilgen.noise_mix must be in [0, 1], dpo_beta > 0 and valuation_epochs >= 1")
+
+
+@dataclass
 class ReportSection:
     baselines: list = field(default_factory=lambda: ["ce", "balanced-softmax", "crt"])  # trained in the same run
     html: bool = True
@@ -163,6 +195,7 @@ class RunConfig:
     synaug: SynaugSection = field(default_factory=SynaugSection)
     tada: TadaSection = field(default_factory=TadaSection)
     augcond: AugcondSection = field(default_factory=AugcondSection)
+    utilgen: UtilgenSection = field(default_factory=UtilgenSection)
     report: ReportSection = field(default_factory=ReportSection)
 
     def run_name(self) -> str:

@@ -121,3 +121,25 @@ def conditioned_plan(data: ImageDataset, *, target_per_class: int, mode: str, se
                 "sources": [first, others[s % len(others)]],
             })
     return rows
+
+
+def utility_plan(data: ImageDataset, *, per_class: int, stage: str, seed: int = 0,
+                 noise_from: dict[int, list[str]] | None = None, noise_mix: float = 1.0,
+                 recipe: str = "utilgen") -> list[dict]:
+    """UtilGen's plan for one round (`stage` 'r1', 'r2', ...) or the final set ('final'):
+    `per_class` class-conditioned rows per class. With `noise_from` ({class: ids of
+    high-utility images}), row k of a class starts from noise around the inversion of the
+    k-th of them (cycling): `noise_from` and `noise_mix` are recorded on the row."""
+    if per_class < 1:
+        raise SynthaugError(f"{per_class} images per class is impossible: raise utilgen.per_round / final_multiple")
+    rows = []
+    for c in range(data.num_classes):
+        sources = (noise_from or {}).get(c) or []
+        for k in range(per_class):
+            row_id = f"{recipe}-{stage}-c{c}-{k:06d}"
+            row = {"id": row_id, "label": c, "group": None, "seed": row_seed(seed, row_id), "recipe": recipe,
+                   "conditioning": "class"}
+            if sources:
+                row.update(conditioning="class+noise", noise_from=sources[k % len(sources)], noise_mix=noise_mix)
+            rows.append(row)
+    return rows

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 from pathlib import Path
 
 import torch
@@ -166,6 +167,72 @@ def conditions_grid(real: ImageDataset, synthetic: ImageDataset, sources: int = 
     return _png(fig)
 
 
+def utilgen_section(metrics: dict, real: ImageDataset) -> str:
+    """UtilGen's rounds: utility of real vs synthetic images, what the policy and DPO steps
+    did, the feature map before / after, and the highest- and lowest-utility images."""
+    u = metrics["utilgen"]
+    out = [f"<h2>UtilGen rounds</h2><p>Synthetic + real: balanced accuracy <b>{_pct(metrics['test']['balanced_accuracy'])}%</b>; "
+           f"synthetic only ({u['final_images']} images): <b>{_pct(u['synthetic_only']['balanced_accuracy'])}%</b>. "
+           f"Settings: {html.escape(json.dumps(u['settings']))}.</p>"]
+    rounds = u["rounds"]
+    if rounds:
+        head = ("<table><tr><th>round</th><th>images</th><th>mean utility real</th><th>mean utility synthetic</th>"
+                "<th>embedding loss (first → last)</th><th>DPO loss (last)</th><th>pairs ranked right</th></tr>")
+        body = []
+        for r in rounds:
+            e, d = r.get("embedding"), (r.get("dpo") or [{}])[-1]
+            emb = "-" if not e else f"{e['loss_first']:.4f} → {e['loss_last']:.4f}"
+            dpo = "-" if "loss" not in d else f"{d['loss']:.4f}"
+            ranked = "-" if "ranked_right" not in d else f"{100 * d['ranked_right']:.0f}%"
+            body.append(f"<tr><td>{r['round']}</td><td>{r['images']}</td><td>{r['mean_utility_real']:.3f}</td>"
+                        f"<td>{r['mean_utility_synthetic']:.3f}</td><td>{emb}</td><td>{dpo}</td><td>{ranked}</td></tr>")
+        out.append(head + "".join(body) + "</table>")
+        plt = _plt()
+        fig, axes = plt.subplots(1, len(rounds), figsize=(3.6 * len(rounds), 2.6), squeeze=False)
+        for ax, r in zip(axes[0], rounds):
+            edges = [i / 20 for i in range(20)]
+            total_r, total_s = max(1, sum(r["utility_real"])), max(1, sum(r["utility_synthetic"]))
+            ax.bar(edges, [v / total_r for v in r["utility_real"]], 0.05, align="edge", alpha=0.6, label="real", color="#4c72b0")
+            ax.bar(edges, [v / total_s for v in r["utility_synthetic"]], 0.05, align="edge", alpha=0.6, label="synthetic",
+                   color="#dd8452")
+            ax.set_title(f"round {r['round']}", fontsize=9)
+            ax.set_xlabel("utility (learned weight)")
+        axes[0][0].set_ylabel("share of images")
+        axes[0][0].legend(fontsize=8)
+        out.append("<p class='muted'>Utility of real and synthetic images per round.</p>" + _png(fig))
+    features = u.get("features")
+    if features:
+        plt = _plt()
+        fig, ax = plt.subplots(figsize=(5.5, 4.5))
+        styles = {"real": ("#555555", "o", "real"), "before": ("#4c72b0", "x", "synthetic, round 1"),
+                  "after": ("#dd8452", "+", "synthetic, final")}
+        for name, (color, marker, label) in styles.items():
+            if name in features:
+                xy = features[name]["xy"]
+                ax.scatter([p[0] for p in xy], [p[1] for p in xy], s=10, c=color, marker=marker, label=label, alpha=0.7)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.legend(fontsize=8)
+        out.append("<p class='muted'>t-SNE of the final classifier's features.</p>" + _png(fig))
+    store_dir = metrics.get("synthetic", {}).get("store")
+    if rounds and store_dir:
+        from .store import SyntheticStore
+
+        last = rounds[-1]["examples"]
+        store = SyntheticStore(store_dir, real.classes)
+        for kind in ("highest", "lowest"):
+            ds = store.load(ids=last[kind])
+            by_id = {row["id"]: i for i, row in enumerate(ds.info["rows"])}
+            order = [by_id[i] for i in last[kind] if i in by_id]
+            picks = []
+            for c in range(real.num_classes):  # up to 4 per class
+                picks += [i for i in order if int(ds.labels[i]) == c][:4]
+            if picks:
+                out.append(f"<p class='muted'>{kind.capitalize()}-utility images of round {rounds[-1]['round']}, "
+                           "up to 4 per class (class by class):</p>" + _row_of(ds.images[picks], 16))
+    return "".join(out)
+
+
 def pairs_grid(real: ImageDataset, synthetic: ImageDataset, lines: int = 8, per_line: int = 3) -> str:
     """Triples (first condition, second condition, generation) for image-conditioned rows,
     spread over the classes."""
@@ -249,6 +316,8 @@ def write_report(path: str | Path, metrics: dict, real: ImageDataset, synthetic:
                      f"{c.get('embed_dim')} dimensions{pool}. Each triple: the real image, the second real image of the "
                      "class that the mixing modes blend in, and the generation.</p>"
                      + pairs_grid(real, synthetic))
+    if metrics.get("utilgen"):
+        parts.append(utilgen_section(metrics, real))
     parts.append("<h2>Per-class test accuracy</h2>" + per_class_plot(classes, rows))
     generator = metrics.get("generator")
     if generator and generator.get("history"):

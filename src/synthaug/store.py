@@ -133,6 +133,24 @@ class SyntheticStore:
                 bar.advance(task, len(rows))
         return written
 
+    def set_scores(self, scores: dict[str, dict]):
+        """Merge per-image scores (`{id: {"utility_r1": 0.8, ...}}`) into the rows' `scores`
+        and rewrite metadata.jsonl atomically. Ids the store does not hold are an error."""
+        rows = self.rows()
+        known = {r["id"] for r in rows}
+        missing = [i for i in scores if i not in known]
+        if missing:
+            raise SynthaugError(f"store '{self.root}' has no image '{missing[0]}' to score: generate it first")
+        for r in rows:
+            if r["id"] in scores:
+                r["scores"] = {**(r.get("scores") or {}), **scores[r["id"]]}
+        tmp = self.metadata_file.with_name(".metadata.jsonl.tmp")
+        with open(tmp, "w") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.metadata_file)
+
     def _write_image(self, row: dict, image: torch.Tensor, extra: dict) -> dict:
         name = self.classes[int(row["label"])]
         rel = f"{_safe(name)}/{row['id']}.png"

@@ -141,6 +141,15 @@ def channel_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x.mean((0, 2, 3)), x.std((0, 2, 3))
 
 
+def new_classifier(train: ImageDataset, cfg: TrainConfig, *, seed: int, device) -> Classifier:
+    """A freshly initialised classifier (from `seed`) for `train`'s classes and images,
+    normalising with `train`'s channel statistics, on `device`."""
+    torch.manual_seed(seed)
+    model = create_model(cfg.model, num_classes=train.num_classes, in_channels=train.channels, image_size=train.image_size)
+    model.set_normalization(*channel_stats(train.images))
+    return model.to(device)
+
+
 def fit_classifier(
     train: ImageDataset,
     config: TrainConfig | None = None,
@@ -168,10 +177,7 @@ def fit_classifier(
     if int((train.labels < 0).sum()):
         raise SynthaugError("the training set has unlabeled images: train on the labelled split only")
     device = resolve_device(cfg.device)
-    torch.manual_seed(seed)
-    model = create_model(cfg.model, num_classes=train.num_classes, in_channels=train.channels, image_size=train.image_size)
-    model.set_normalization(*channel_stats(train.images))
-    model.to(device)
+    model = new_classifier(train, cfg, seed=seed, device=device)
 
     weights = torch.ones(len(train)) if sample_weights is None else torch.as_tensor(sample_weights, dtype=torch.float32)
     if weights.shape != (len(train),):

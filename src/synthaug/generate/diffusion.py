@@ -119,7 +119,9 @@ def build_unet(config: GeneratorConfig):
     down = ["DownBlock2D"] * (n - 1) + ["AttnDownBlock2D" if attn else "DownBlock2D"]
     up = ["AttnUpBlock2D" if attn else "UpBlock2D"] + ["UpBlock2D"] * (n - 1)
     return UNet2DModel(
-        sample_size=config.image_size, in_channels=config.channels, out_channels=config.channels,
+        # an image-conditioned UNet also sees the condition decoded back to pixels (extra input channels)
+        sample_size=config.image_size, in_channels=config.channels * (2 if config.image_embed_dim else 1),
+        out_channels=config.channels,
         block_out_channels=config.block_out_channels, layers_per_block=config.layers_per_block,
         down_block_types=tuple(down), up_block_types=tuple(up), norm_num_groups=preset["norm_num_groups"],
         add_attention=attn, attention_head_dim=8,
@@ -183,6 +185,28 @@ class DiffusionGenerator:
         if self.condition is None:
             return cells
         return self.condition(cells, image_embeds, keep)
+
+    def _condition_map(self, n: int, image_embeds: torch.Tensor | None = None, keep: torch.Tensor | None = None,
+                       device=None) -> torch.Tensor | None:
+        """The image condition decoded back to pixels (the encoder's low-rank reconstruction,
+        zeros for the null image), given to an image-conditioned UNet as extra input channels:
+        through the timestep embedding alone a condition can only shift whole channels, so
+        the network would learn the class from it but hardly the image's shape."""
+        if self.condition is None:
+            return None
+        c, s = self.config.channels, self.config.image_size
+        if image_embeds is None:
+            return torch.zeros(n, c, s, s, device=device)
+        maps = self.encoder.decode(image_embeds.to(self.encoder.mean.device)).reshape(n, c, s, s).clamp(-1, 1)
+        if keep is not None:
+            maps = maps * keep.to(maps.device)[:, None, None, None]
+        return maps.to(device)
+
+    def _eps(self, x: torch.Tensor, t, class_input: torch.Tensor, condition_map: torch.Tensor | None) -> torch.Tensor:
+        """The UNet's noise prediction (the condition map, if any, joins the input channels)."""
+        if condition_map is not None:
+            x = torch.cat([x, condition_map], dim=1)
+        return self.unet(x, t, class_labels=class_input).sample
 
     # ------------------------------------------------------------------ conditioning
     def condition_ids(self, labels: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
@@ -297,7 +321,8 @@ class DiffusionGenerator:
                 noise = torch.randn(x0.shape, generator=g).to(device)
                 t = torch.randint(self.config.num_train_timesteps, (len(idx),), generator=g).to(device)
                 noisy = noise_scheduler.add_noise(x0, noise, t)
-                loss = F.mse_loss(unet(noisy, t, class_labels=self._class_input(cond, embeds, keep)).sample, noise)
+                cond_map = self._condition_map(len(idx), embeds, keep, device=device)
+                loss = F.mse_loss(self._eps(noisy, t, self._class_input(cond, embeds, keep), cond_map), noise)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -343,7 +368,8 @@ class DiffusionGenerator:
     @torch.no_grad()
     def generate(self, labels, seeds, groups=None, sampler: SamplerConfig | None = None, *,
                  init_images: torch.Tensor | None = None, strength=1.0, image_embeds: torch.Tensor | None = None,
-                 image_keep: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
+                 image_keep: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+                 progress: bool = False) -> torch.Tensor:
         """uint8 images (N, C, H, W), image i drawn from initial noise seeded by `seeds[i]`:
         the same (label, group, seed, sampler settings) gives the same image again.
 
@@ -354,7 +380,10 @@ class DiffusionGenerator:
         An image-conditioned generator takes `image_embeds` (N, image_embed_dim), e.g. from
         `image_condition.condition_embeddings`, and `image_keep` (False: the null image);
         without them it generates from the class alone. Guidance contrasts (class, image)
-        with (null class, null image)."""
+        with (null class, null image).
+
+        `noise` (N, C, H, W) replaces the initial noise drawn from the seeds (UtilGen's
+        optimised initial noise); a stochastic sampler still draws its later noise from them."""
         sc = sampler or SamplerConfig()
         labels = torch.as_tensor(labels, dtype=torch.int64)
         seeds = [int(s) for s in seeds]
@@ -365,6 +394,9 @@ class DiffusionGenerator:
         groups = None if groups is None else torch.as_tensor(groups, dtype=torch.int64)
         if groups is not None and len(groups) and (int(groups.min()) < 0 or int(groups.max()) >= max(1, self.config.num_groups)):
             raise SynthaugError(f"groups must be in [0, {self.config.num_groups}) for this generator")
+        if noise is not None and tuple(noise.shape) != (len(labels), self.config.channels, self.config.image_size,
+                                                         self.config.image_size):
+            raise SynthaugError(f"noise must be ({len(labels)}, C, H, W) like the images, got {tuple(noise.shape)}")
         if image_embeds is not None:
             if self.condition is None:
                 raise SynthaugError("this generator is not image-conditioned: train one with image_embed_dim > 0 (recipe augcond does)")
@@ -394,7 +426,8 @@ class DiffusionGenerator:
                     out[idx] = self._sample_batch(
                         labels[idx], [seeds[j] for j in idx], None if groups is None else groups[idx], sc,
                         init=None if init_images is None else init_images[idx], start=start,
-                        image=None if image_embeds is None else (image_embeds[idx], image_keep[idx]))
+                        image=None if image_embeds is None else (image_embeds[idx], image_keep[idx]),
+                        noise=None if noise is None else noise[idx])
                 bar.advance(task, len(batch))
         return out
 
@@ -432,19 +465,23 @@ class DiffusionGenerator:
                              image_embeds=embeds, image_keep=keep)
 
     def _sample_batch(self, labels, seeds, groups, sc: SamplerConfig, init=None, start: int = 0,
-                      image=None) -> torch.Tensor:
+                      image=None, noise=None) -> torch.Tensor:
         device = next(self.unet.parameters()).device
         c, s = self.config.channels, self.config.image_size
         # one random stream per image (its initial noise, then a stochastic sampler's noise),
         # so an image does not depend on the batch it was drawn in
         streams = [torch.Generator().manual_seed(sd) for sd in seeds]
         x = torch.stack([torch.randn(c, s, s, generator=g) for g in streams]).to(device)
+        if noise is not None:
+            x = noise.to(device, x.dtype)
         embeds, keep = (None, None) if image is None else (image[0].to(device), image[1].to(device))
         cond = self._class_input(self.condition_ids(labels, groups).to(device), embeds, keep)
+        cond_map = self._condition_map(len(labels), embeds, keep, device=device)
         guided = sc.guidance_scale != 1.0
         if guided:
             null_groups = None if groups is None else torch.full_like(groups, self.config.num_groups)
             uncond = self._class_input(self.condition_ids(torch.full_like(labels, self.null_class), null_groups).to(device))
+            both = None if cond_map is None else torch.cat([cond_map, torch.zeros_like(cond_map)])
         scheduler = build_sampler(self.config, sc.sampler)
         scheduler.set_timesteps(sc.steps)
         timesteps = scheduler.timesteps[start:]
@@ -457,11 +494,11 @@ class DiffusionGenerator:
         for t in timesteps:
             model_in = scheduler.scale_model_input(x, t)
             if guided:
-                eps_cond, eps_uncond = self.unet(torch.cat([model_in, model_in]), t,
-                                                 class_labels=torch.cat([cond, uncond])).sample.chunk(2)
+                eps_cond, eps_uncond = self._eps(torch.cat([model_in, model_in]), t, torch.cat([cond, uncond]),
+                                                 both).chunk(2)
                 eps = eps_uncond + sc.guidance_scale * (eps_cond - eps_uncond)
             else:
-                eps = self.unet(model_in, t, class_labels=cond).sample
+                eps = self._eps(model_in, t, cond, cond_map)
             x = scheduler.step(eps, t, x, generator=streams).prev_sample
         return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
 

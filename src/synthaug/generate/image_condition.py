@@ -63,6 +63,10 @@ class PCAEncoder(nn.Module):
         x = _flat(images).to(self.mean.device)
         return (x - self.mean) @ self.components.T / self.scale
 
+    def decode(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """(N, dim) -> (N, input_dim) in [-1, 1] space: the low-rank reconstruction."""
+        return (embeddings.to(self.mean.device) * self.scale) @ self.components + self.mean
+
 
 def _flat(images: torch.Tensor) -> torch.Tensor:
     x = images.float() / 127.5 - 1 if images.dtype == torch.uint8 else images.float()

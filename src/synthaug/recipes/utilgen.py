@@ -1,0 +1,233 @@
+"""UtilGen (seed 000): steer generation by the downstream task's own feedback.
+
+Each of `rounds` rounds:
+1. Generate a class-balanced batch with the current generator and generation policy.
+2. Value it: train the classifier on real + synthetic images with per-sample weights from a
+   meta-learned weight network (Meta-Weight-Net, on the clean real validation split); a
+   sample's weight is its utility, written into the store's metadata.
+3. Optimise the policy (instance level) on each class's high-utility images: the class's
+   embedding vector (textual inversion, kept near the original) and the initial noise (DDIM
+   inversion of those images; the next round starts from noise around them).
+4. Optimise the model: Diffusion-DPO, high- over low-utility images of the same class.
+Then generate the final set (`final_multiple` x the real set) and train the classifier on
+it, alone (the paper's synthetic-only setting) and with the real images.
+
+Each finished round leaves its generator and noise bank in the run folder, so an
+interrupted run resumes at the round it was in (generation and valuation inside a round
+resume from the store and the classifier checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ..classify import evaluate, extract_features, fit_classifier
+from ..data import concat
+from ..errors import SynthaugError
+from ..generate.diffusion import DiffusionGenerator, GeneratorConfig, SamplerConfig
+from ..generate.dpo import finetune_dpo
+from ..generate.policy import invert_noise, mix_noise, optimise_class_embeddings
+from ..generate.stage import generator_stage
+from ..plan import utility_plan
+from ..store import SyntheticStore
+from ..utils.io import atomic_write_json
+from ..value import MetaWeightConfig, fit_meta_weighted, utilities
+from .registry import RecipeResult, register_recipe, train_and_evaluate
+
+
+def check(task, config):
+    if task.val is None or len(task.val) == 0:
+        raise SynthaugError("utilgen values images on a clean real validation split: set split.val_per_class (e.g. 10)")
+    if not config.generator.path:
+        GeneratorConfig(image_size=task.train.image_size[0], channels=task.train.channels, classes=task.train.classes,
+                        preset=config.generator.preset)
+
+
+def per_class(task, multiple: float) -> int:
+    return max(1, round(multiple * len(task.train) / task.train.num_classes))
+
+
+@register_recipe("utilgen", "UtilGen: rounds of generate, value (meta-learned weights), optimise policy and model; "
+                 "then train on the final synthetic set, alone and with real data", check=check)
+def utilgen(task, config, *, workdir=None, progress=False, trained=None) -> RecipeResult:
+    check(task, config)
+    opts, seconds = config.utilgen, {}
+    workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="synthaug-"))
+    real = task.train
+    generator, generator_info = generator_stage(real, config, progress=progress)
+    seconds["generator"] = generator_info.pop("seconds")
+    sampling = SamplerConfig(sampler=opts.sampler, steps=opts.sampling_steps, guidance_scale=config.generator.guidance_scale,
+                             batch_size=config.generator.sampling_batch_size)
+    store = SyntheticStore(Path(opts.store_dir) if opts.store_dir else workdir / "synthetic", real.classes)
+    for key in ("generate", "value", "policy", "model"):
+        seconds[key] = 0.0
+
+    noise_bank: dict[str, torch.Tensor] = {}  # id of a high-utility image -> its inverted initial noise
+    noise_from: dict[int, list[str]] = {}
+    rounds = []
+    for r in range(1, opts.rounds + 1):
+        folder = workdir / "rounds" / f"r{r}"
+        if (folder / "round.json").exists():  # finished before an interruption: pick up its results
+            generator = DiffusionGenerator.from_pretrained(folder / "generator", device=config.train.device)
+            noise_bank, noise_from = _load_noise(folder)
+            rounds.append(json.loads((folder / "round.json").read_text()))
+            continue
+        t0 = time.perf_counter()
+        # 1. generate
+        plan = utility_plan(real, per_class=per_class(task, opts.per_round), stage=f"r{r}", seed=config.generator.seed,
+                            noise_from=noise_from, noise_mix=opts.noise_mix)
+        synthetic = _generate(store, plan, generator, sampling, noise_bank, progress)
+        seconds["generate"] += time.perf_counter() - t0
+        # 2. value
+        t0 = time.perf_counter()
+        data = concat(real, synthetic)
+        domains = torch.cat([torch.zeros(len(real)), torch.ones(len(synthetic))]).long()
+        valued = fit_meta_weighted(data, task.val, replace(config.train, epochs=opts.valuation_epochs),
+                                   MetaWeightConfig(meta_lr=opts.meta_lr), seed=config.seed, domains=domains,
+                                   checkpoint_dir=folder / "valuation", progress=progress)
+        utility = utilities(valued.model, valued.weight_net, data)
+        u_real, u_syn = utility[: len(real)], utility[len(real):]
+        ids = [row["id"] for row in synthetic.info["rows"]]
+        store.set_scores({i: {f"utility_r{r}": round(float(u), 5)} for i, u in zip(ids, u_syn)})
+        top, bottom = _extremes(synthetic.labels, u_syn, opts.top_share)
+        seconds["value"] += time.perf_counter() - t0
+        summary = {"round": r, "images": len(synthetic), "utility_real": _hist(u_real), "utility_synthetic": _hist(u_syn),
+                   "mean_utility_real": float(u_real.mean()), "mean_utility_synthetic": float(u_syn.mean()),
+                   "valuation_history": valued.history}
+        # 3. instance level: class embeddings and initial noise, from the high-utility images
+        t0 = time.perf_counter()
+        if opts.embedding:
+            summary["embedding"] = optimise_class_embeddings(
+                generator, synthetic.images[top], synthetic.labels[top], steps=opts.embedding_steps, lr=opts.embedding_lr,
+                proximity=opts.embedding_proximity, seed=config.seed + r)
+        if opts.noise:
+            inverted = invert_noise(generator, synthetic.images[top], synthetic.labels[top], steps=opts.sampling_steps,
+                                    guidance_scale=opts.inversion_guidance)
+            noise_bank = {ids[i]: inverted[k] for k, i in enumerate(top.tolist())}
+            noise_from = {}
+            for i in top.tolist():
+                noise_from.setdefault(int(synthetic.labels[i]), []).append(ids[i])
+        seconds["policy"] += time.perf_counter() - t0
+        # 4. model level: Diffusion-DPO on (high, low) pairs of the same class
+        t0 = time.perf_counter()
+        if opts.model_level:
+            summary["dpo"] = finetune_dpo(generator, synthetic.images[top], synthetic.images[bottom], synthetic.labels[top],
+                                          steps=opts.dpo_steps, lr=opts.dpo_lr, beta=opts.dpo_beta, seed=config.seed + r,
+                                          device=config.train.device)
+        seconds["model"] += time.perf_counter() - t0
+        summary["examples"] = {"highest": [ids[i] for i in top.tolist()], "lowest": [ids[i] for i in bottom.tolist()]}
+        generator.save_pretrained(folder / "generator")
+        _save_noise(folder, noise_bank, noise_from)
+        atomic_write_json(folder / "round.json", summary)
+        rounds.append(summary)
+
+    # the final set, then the classifier on it (with and without the real images)
+    t0 = time.perf_counter()
+    plan = utility_plan(real, per_class=per_class(task, opts.final_multiple), stage="final", seed=config.generator.seed,
+                        noise_from=noise_from, noise_mix=opts.noise_mix)
+    final = _generate(store, plan, generator, sampling, noise_bank, progress)
+    seconds["generate"] += time.perf_counter() - t0
+    result, metrics, spent = train_and_evaluate(concat(real, final), task, config, workdir=workdir, progress=progress)
+    seconds.update(spent)
+    t0 = time.perf_counter()
+    alone = fit_classifier(final, config.train, seed=config.seed, checkpoint_dir=workdir / "checkpoint-synthetic-only",
+                           progress=progress)
+    synthetic_only = evaluate(alone.model, task.test, train_counts=real.class_counts(),
+                              many_threshold=config.eval.many_threshold, few_threshold=config.eval.few_threshold)
+    seconds["train_synthetic_only"] = time.perf_counter() - t0
+    extra = {
+        "utilgen": {"rounds": rounds, "synthetic_only": synthetic_only, "final_images": len(final),
+                    "settings": {k: getattr(opts, k) for k in ("rounds", "embedding", "noise", "model_level")},
+                    "features": _feature_map(result.model, real, store, rounds, final)},
+        "generator": {**generator_info, "fingerprint": generator.fingerprint()},
+        "synthetic": {"planned": len(plan), "images": len(final), "store": str(store.root),
+                      "counts_after": (real.class_counts() + final.class_counts()).tolist()},
+    }
+    return RecipeResult(metrics=metrics, model=result.model, history=result.history, seconds=seconds, extra=extra,
+                        synthetic=final)
+
+
+def _generate(store, plan, generator, sampling, noise_bank, progress):
+    from ..generate.cache import provenance
+
+    c, s = generator.config.channels, generator.config.image_size
+
+    def make(rows):
+        noise = None
+        if any(r.get("noise_from") is not None for r in rows):  # else the noise drawn from each seed
+            noise = torch.stack([
+                mix_noise(noise_bank[r["noise_from"]][None], [r["seed"]], r["noise_mix"])[0] if r.get("noise_from")
+                else torch.randn(c, s, s, generator=torch.Generator().manual_seed(r["seed"])) for r in rows])
+        return generator.generate([r["label"] for r in rows], [r["seed"] for r in rows], sampler=sampling, noise=noise)
+
+    store.fill(plan, make, batch_size=sampling.batch_size, progress=progress, extra=provenance(generator, sampling))
+    store.verify()
+    return store.load(ids=[r["id"] for r in plan])
+
+
+def _extremes(labels: torch.Tensor, utility: torch.Tensor, share: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per class, the indices of the `share` highest- and lowest-utility images, paired by
+    rank (the i-th best with the i-th worst), so both lists have the same length."""
+    top, bottom = [], []
+    for c in labels.unique().tolist():
+        idx = torch.nonzero(labels == c).flatten()
+        order = idx[utility[idx].argsort(descending=True)]
+        k = max(1, int(share * len(order)))
+        if len(order) < 2:
+            continue
+        k = min(k, len(order) // 2)
+        top.append(order[:k])
+        bottom.append(order.flip(0)[:k])
+    if not top:
+        raise SynthaugError("too few images per class to tell high from low utility: raise utilgen.per_round")
+    return torch.cat(top), torch.cat(bottom)
+
+
+def _hist(values: torch.Tensor, bins: int = 20) -> list[int]:
+    return torch.histc(values.float(), bins=bins, min=0.0, max=1.0).long().tolist()
+
+
+def _save_noise(folder: Path, bank: dict[str, torch.Tensor], noise_from: dict[int, list[str]]):
+    from safetensors.torch import save_file
+
+    tmp = folder / ".noise.safetensors.tmp"
+    save_file({k: v.contiguous() for k, v in bank.items()} or {"_empty": torch.zeros(1)}, tmp,
+              metadata={"noise_from": json.dumps(noise_from)})
+    tmp.replace(folder / "noise.safetensors")
+
+
+def _load_noise(folder: Path) -> tuple[dict[str, torch.Tensor], dict[int, list[str]]]:
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "noise.safetensors"), framework="pt") as f:
+        bank = {k: f.get_tensor(k) for k in f.keys() if k != "_empty"}
+        noise_from = {int(c): ids for c, ids in json.loads(f.metadata()["noise_from"]).items()}
+    return bank, noise_from
+
+
+def _feature_map(model, real, store, rounds, final, n: int = 300, seed: int = 0) -> dict:
+    """2-D t-SNE of the final classifier's features: real images, the first round's synthetic
+    images (before optimisation) and the final ones (after)."""
+    from sklearn.manifold import TSNE
+
+    g = torch.Generator().manual_seed(seed)
+    pick = lambda ds: ds.subset(torch.randperm(len(ds), generator=g)[:n])  # noqa: E731
+    parts = {"real": pick(real), "after": pick(final)}
+    if rounds:
+        first = [r["id"] for r in store.rows() if r["id"].startswith("utilgen-r1-")]
+        if first:
+            parts["before"] = pick(store.load(ids=first))
+    feats = torch.cat([extract_features(model, ds.images) for ds in parts.values()]).numpy()
+    coords = TSNE(n_components=2, init="pca", random_state=seed, perplexity=min(30, max(2, len(feats) // 4))).fit_transform(feats)
+    out, i = {}, 0
+    for name, ds in parts.items():
+        out[name] = {"xy": [[round(float(a), 3), round(float(b), 3)] for a, b in coords[i : i + len(ds)]],
+                     "labels": ds.labels.tolist()}
+        i += len(ds)
+    return out
