@@ -8,7 +8,7 @@ STAMP := $(VENV)/.synthaug-installed
 # torch from this pin installs from the machine's wheel cache in about a minute; see README.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-slow bench-baselines bench-synaug bench-sampler bench-tada bench-augcond lint clean
+.PHONY: demo test test-slow bench-baselines bench-synaug bench-sampler bench-tada bench-augcond bench-utilgen lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,9 @@ bench-tada: $(STAMP)
 
 bench-augcond: $(STAMP)
 	$(BIN)/python benchmarks/augcond.py
+
+bench-utilgen: $(STAMP)
+	$(BIN)/python benchmarks/utilgen.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -47,7 +47,7 @@ def synaug(task, config, *, workdir=None, progress=False, trained=None) -> Recip
     by_group = opts.balance_groups and real.groups is not None
 
     # 1. generator (trained on the real training split, or cached / given), plan, generate
-    generator, generator_info = generator_stage(real, config, progress=progress)
+    generator, generator_info = generator_stage(real, config, progress=progress, unlabeled=task.unlabeled)
     seconds["generator"] = generator_info.pop("seconds")
     if by_group and generator.config.num_groups == 0:
         raise SynthaugError("the generator is not conditioned on groups: train one on this split or set synaug.balance_groups=false")

@@ -85,7 +85,7 @@ def run_tada(mode, task, config, *, workdir=None, progress=False, trained=None) 
         added = real.subset(torch.nonzero(target).flatten().repeat_interleave(opts.variants))
     else:
         # 3. image-guided variants of the targeted examples, into the store
-        generator, extra["generator"] = generator_stage(real, config, progress=progress)
+        generator, extra["generator"] = generator_stage(real, config, progress=progress, unlabeled=task.unlabeled)
         seconds["generator"] = extra["generator"].pop("seconds")
         plan = targeted_plan(real, target, variants=opts.variants, strength=opts.strength, seed=config.generator.seed)
         store_dir = Path(opts.store_dir) if opts.store_dir else workdir / "synthetic"

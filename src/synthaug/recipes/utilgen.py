@@ -60,7 +60,7 @@ def utilgen(task, config, *, workdir=None, progress=False, trained=None) -> Reci
     opts, seconds = config.utilgen, {}
     workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="synthaug-"))
     real = task.train
-    generator, generator_info = generator_stage(real, config, progress=progress)
+    generator, generator_info = generator_stage(real, config, progress=progress, unlabeled=task.unlabeled)
     seconds["generator"] = generator_info.pop("seconds")
     sampling = SamplerConfig(sampler=opts.sampler, steps=opts.sampling_steps, guidance_scale=config.generator.guidance_scale,
                              batch_size=config.generator.sampling_batch_size)

@@ -1,0 +1,130 @@
+"""UtilGen's ablation (METHODS.md section 4) in the few-shot protocol, against SYNAuG and the
+classical baselines, side by side in one run.
+
+    python benchmarks/utilgen.py                       # Fashion-MNIST 10-shot, 3 seeds
+    python benchmarks/utilgen.py --settings "CIFAR-10 10-shot"
+    python benchmarks/utilgen.py --quick               # digits, tiny generator: checks the script
+
+k = 13 labelled images per class, 3 of them held out as the clean validation split the
+weight network is meta-learned on (10 train), the rest of the training set as an
+unlabelled pool the generator also trains on (never the test set). UtilGen variants: the
+base generator (no rounds), + model level (Diffusion-DPO), + embedding optimisation,
++ noise optimisation, all; each reported trained on the final synthetic set alone and on
+synthetic + real. SYNAuG generates the same number of images per class. Every classifier
+trains for about the same number of steps. Rows go to benchmarks/results/utilgen.jsonl (a
+re-run skips finished rows); the table goes to benchmarks/results/utilgen.md and BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+
+from common import HERE, append_row, environment, fmt, publish, read_rows
+
+from synthaug.config import load_config
+from synthaug.data import load_dataset
+from synthaug.recipes import get_recipe
+from synthaug.task import make_task
+
+STEPS, BATCH, MULTIPLE = 1500, 64, 5.0
+FEW = ["split.kind=few-shot", "split.k=13", "split.val_per_class=3", "generator.guidance_scale=3.0",
+       f"utilgen.final_multiple={MULTIPLE}", "utilgen.per_round=4.0", "utilgen.valuation_epochs=30"]
+SETTINGS = {
+    "Fashion-MNIST 10-shot": ["data.dataset=fashion-mnist", *FEW, "train.augment=crop"],
+    "CIFAR-10 10-shot": ["data.dataset=cifar10", *FEW, "train.augment=crop+flip"],
+}
+QUICK = {"digits 10-shot": ["data.dataset=digits", *FEW, "train.augment=crop", "generator.preset=tiny",
+                            "generator.steps=20", "utilgen.sampling_steps=4", "utilgen.valuation_epochs=2",
+                            "utilgen.embedding_steps=5", "utilgen.dpo_steps=5"]}
+OFF = ["utilgen.embedding=false", "utilgen.noise=false", "utilgen.model_level=false"]
+METHODS = {
+    "ce": ["recipe=ce"],
+    "RandAugment + Mixup": ["recipe=ce", "+randaugment", "train.mix=mixup"],
+    "SYNAuG": ["recipe=synaug"],
+    "UtilGen: base generator": ["recipe=utilgen", "utilgen.rounds=0", *OFF],
+    "UtilGen: + model level": ["recipe=utilgen", *OFF, "utilgen.model_level=true"],
+    "UtilGen: + embedding": ["recipe=utilgen", *OFF, "utilgen.embedding=true"],
+    "UtilGen: + noise": ["recipe=utilgen", *OFF, "utilgen.noise=true"],
+    "UtilGen: all": ["recipe=utilgen"],
+}
+
+
+def overrides_for(method: str, setting: list[str], k_train: int) -> list[str]:
+    augment = next(o.split("=", 1)[1] for o in setting if o.startswith("train.augment="))
+    out = [f"train.augment={augment}+randaugment" if o == "+randaugment" else o for o in METHODS[method]]
+    if "recipe=synaug" in out:  # the same number of generated images per class as UtilGen's final set
+        out.append(f"synaug.target_per_class={round(k_train * (1 + MULTIPLE))}")
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--settings", nargs="+", default=["Fashion-MNIST 10-shot"], choices=[*SETTINGS, *QUICK])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--extra", nargs="*", default=[], help="config overrides for every run")
+    parser.add_argument("--tag", default="", help="suffix for the results file (for tuning runs)")
+    parser.add_argument("--quick", action="store_true", help="digits, tiny generator, 1 seed: checks the script")
+    args = parser.parse_args()
+    settings = {**SETTINGS, **QUICK}
+    steps = 30 if args.quick else STEPS
+    if args.quick:
+        args.settings, args.seeds = list(QUICK), [0]
+    results = HERE / "results" / ("utilgen-quick.jsonl" if args.quick else f"utilgen{args.tag}.jsonl")
+    cache = HERE / "results" / "cache"
+    done = {(r["setting"], r.get("method"), r.get("seed")) for r in read_rows(results)}
+    env = environment()
+    for setting in args.settings:
+        base = [*settings[setting], *args.extra, f"generator.cache_dir={cache / 'generators'}",
+                f"output_dir={cache / 'runs'}", f"train.batch_size={BATCH}"]
+        task = make_task(load_dataset(load_config(None, base).data.dataset), load_config(None, base).split)
+        k_train = len(task.train) // task.train.num_classes
+        for seed in args.seeds:
+            for method in args.methods:
+                if (setting, method, seed) in done:
+                    continue
+                images = len(task.train) * (1 + (MULTIPLE if "recipe=ce" not in METHODS[method] else 0))
+                epochs = max(1, math.ceil(steps / math.ceil(images / BATCH)))
+                config = load_config(None, [*base, *overrides_for(method, settings[setting], k_train), f"seed={seed}",
+                                            f"train.epochs={epochs}"])
+                workdir = cache / "runs" / f"utilgen-{setting}{args.tag}".replace(" ", "_") / method.replace(" ", "") / str(seed)
+                t0 = time.perf_counter()
+                result = get_recipe(config.recipe).fn(task, config, workdir=workdir)
+                u = result.extra.get("utilgen", {})
+                append_row(results, {
+                    "setting": setting, "method": method, "seed": seed, "accuracy": result.metrics["accuracy"],
+                    "synthetic_only_accuracy": u.get("synthetic_only", {}).get("accuracy"),
+                    "mean_utility": [(r["mean_utility_real"], r["mean_utility_synthetic"]) for r in u.get("rounds", [])],
+                    "seconds": result.seconds, "wall_seconds": time.perf_counter() - t0, "train_images": len(task.train),
+                    "generator_seconds": result.extra.get("generator", {}).get("train_seconds"), **env,
+                })
+                print(f"{setting:22s} {method:26s} seed {seed}  accuracy {100 * result.metrics['accuracy']:.2f}", flush=True)
+    publish(results, "utilgen", summarise(read_rows(results)), to_benchmarks=not args.quick and not args.tag)
+
+
+def summarise(rows: list[dict]) -> str:
+    out = []
+    for setting in dict.fromkeys(r["setting"] for r in rows):
+        runs = [r for r in rows if r["setting"] == setting]
+        gen = [r["generator_seconds"] for r in runs if r.get("generator_seconds")]
+        out += [f"**{setting}** ({runs[0]['train_images']} training images, {len({r['seed'] for r in runs})} seed(s)"
+                + (f"; base generator trained in {gen[0] / 60:.1f} min" if gen else "") + ")", "",
+                "| method | synthetic + real (%) | synthetic only (%) | compute without the base generator (min) |",
+                "|---|---|---|---|"]
+        for method in METHODS:
+            mine = [r for r in runs if r["method"] == method]
+            if not mine:
+                continue
+            minutes = statistics.fmean(sum(v for k, v in r["seconds"].items() if k not in ("generator", "load_data"))
+                                       for r in mine) / 60
+            alone = [r["synthetic_only_accuracy"] for r in mine if r["synthetic_only_accuracy"] is not None]
+            out.append(f"| {method} | {fmt([r['accuracy'] for r in mine])} | {fmt(alone) if alone else '-'} | {minutes:.1f} |")
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()
