@@ -34,7 +34,7 @@ from synthaug.task import make_task
 TARGET = 100  # images per class after filling
 STEPS = 1500  # classifier optimisation steps, every method
 BATCH = 64
-FASHION = ["data.dataset=fashion-mnist", "split.kind=few-shot", "generator.sampling_steps=10",
+FASHION = ["data.dataset=fashion-mnist", "split.kind=few-shot", "generator.sampling_steps=10", "generator.steps=1600",
            "generator.guidance_scale=5.0", "train.augment=crop"]
 CIFAR = ["data.dataset=cifar10", "split.kind=few-shot", "generator.sampling_steps=10", "generator.guidance_scale=5.0",
          "train.augment=crop+flip"]

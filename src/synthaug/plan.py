@@ -98,12 +98,13 @@ def targeted_plan(data: ImageDataset, mask: torch.Tensor, *, variants: int, stre
     return rows
 
 
-def conditioned_plan(data: ImageDataset, *, target_per_class: int, mode: str, seed: int = 0,
+def conditioned_plan(data: ImageDataset, *, target_per_class: int, mode: str, seed: int = 0, dropout: float = 0.3,
                      recipe: str = "augcond") -> list[dict]:
     """AugCond's plan: rows that fill every class up to `target_per_class`, each conditioned
     on real images of its class: `sources` = [the image, a second image of the class for the
     mixing modes]. The first image cycles through the class so each is used about equally;
-    the second is drawn from the row's seed (the first again if the class has one image)."""
+    the second is drawn from the row's seed (the first again if the class has one image).
+    `dropout` is the Dropout operators' rate, recorded on the rows that use it."""
     if target_per_class < 1:
         raise SynthaugError(f"target of {target_per_class} images per class is impossible: use a positive number")
     rows = []
@@ -116,10 +117,11 @@ def conditioned_plan(data: ImageDataset, *, target_per_class: int, mode: str, se
             s = row_seed(seed, row_id)
             first = members[k % len(members)]
             others = [m for m in members if m != first] or [first]
-            rows.append({
-                "id": row_id, "label": c, "group": None, "seed": s, "recipe": recipe, "conditioning": mode,
-                "sources": [first, others[s % len(others)]],
-            })
+            row = {"id": row_id, "label": c, "group": None, "seed": s, "recipe": recipe, "conditioning": mode,
+                   "sources": [first, others[s % len(others)]]}
+            if "dropout" in mode:
+                row["dropout"] = dropout
+            rows.append(row)
     return rows
 
 

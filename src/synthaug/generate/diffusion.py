@@ -55,7 +55,8 @@ class GeneratorConfig:
     # image conditioning (augmentation-conditioned generation): > 0 adds the embedding of a real
     # image from a fixed encoder of this many dimensions (generate/image_condition.py)
     image_embed_dim: int = 0
-    image_dropout: float = 0.1  # share of training images whose image condition is dropped (for guidance)
+    image_dropout: float = 0.1  # share of training images whose image condition alone is dropped (a dropped
+    # label drops the image too, so guidance's (null class, null image) branch trains at label_dropout)
     image_pairing: str = "self"  # the conditioning image in training: a shifted view of the image itself, or
     # another image of its class ("class"; then image and condition are independent given the class)
     image_shift: int = 2  # px: the view's random shift ("self" pairing)
@@ -317,6 +318,9 @@ class DiffusionGenerator:
                 embeds = keep = None
                 if self.condition is not None:
                     embeds, keep = self._training_image_condition(images, idx, labels, by_class, g)
+                    # guidance contrasts (class, image) with (null, null): a dropped label drops the
+                    # image too, so that pair is trained as often as a dropped label
+                    keep = keep & ~drop
                     embeds, keep = embeds.to(device), keep.to(device)
                 noise = torch.randn(x0.shape, generator=g).to(device)
                 t = torch.randint(self.config.num_train_timesteps, (len(idx),), generator=g).to(device)
@@ -458,7 +462,8 @@ class DiffusionGenerator:
                                     "train one with image_embed_dim > 0 (recipe augcond does)")
             pairs = torch.tensor([r["sources"] for r in rows])
             embeds, keep = condition_embeddings(self.encoder, sources.images[pairs[:, 0]], sources.images[pairs[:, 1]],
-                                                [r["conditioning"] for r in rows], [r["seed"] for r in rows])
+                                                [r["conditioning"] for r in rows], [r["seed"] for r in rows],
+                                                dropout=rows[0].get("dropout", 0.3))
         return self.generate([r["label"] for r in rows], [r["seed"] for r in rows], groups=groups, sampler=sampler,
                              init_images=sources.images[[r["source"] for r in rows]] if guided else None,
                              strength=[r["strength"] for r in rows] if guided else 1.0,

@@ -43,6 +43,11 @@ class PCAEncoder(nn.Module):
     def dim(self) -> int:
         return self.components.shape[0]
 
+    @property
+    def active_dims(self) -> int:
+        """Coordinates that carry information (fewer than `dim` when fitted on few images)."""
+        return int((self.components.abs().sum(1) > 0).sum())
+
     @torch.no_grad()
     def fit(self, images: torch.Tensor, seed: int = 0, max_images: int = 20000) -> PCAEncoder:
         x = _flat(images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:max_images]])
@@ -50,7 +55,9 @@ class PCAEncoder(nn.Module):
             raise SynthaugError("the image encoder needs at least 2 images to fit")
         mean = x.mean(0)
         q = min(self.dim, len(x) - 1, x.shape[1])
-        _, s, v = torch.pca_lowrank(x - mean, q=q, center=False, niter=4)
+        with torch.random.fork_rng():  # the randomised SVD draws from the global generator: seed it, leave it
+            torch.manual_seed(seed)
+            _, s, v = torch.pca_lowrank(x - mean, q=q, center=False, niter=4)
         self.mean.copy_(mean)
         self.components.zero_()
         self.components[:q] = v[:, :q].T
@@ -125,9 +132,16 @@ def condition_embeddings(encoder: nn.Module, first: torch.Tensor, second: torch.
 
     Mixing weights are drawn from U(0, 1) (Beta(1, 1)); Dropout zeroes each embedding
     coordinate with probability `dropout` (zero is the mean image: the coordinate's
-    information is removed, not rescaled)."""
+    information is removed, not rescaled). Embed-CutMix takes a random subset of
+    round((1 - lam) * q) of the q informative coordinates from the second image: PCA
+    coordinates are ordered by variance, so a contiguous run (CutMix of an unordered CLIP
+    vector) would swap mostly the dominant ones or mostly nothing."""
     n = len(first)
     modes = [modes] * n if isinstance(modes, str) else list(modes)
+    seeds = list(seeds)
+    if len(modes) != n or len(seeds) != n:
+        raise SynthaugError(f"one conditioning mode and one seed per image: got {len(modes)} modes and {len(seeds)} "
+                            f"seeds for {n} images")
     unknown = set(modes) - set(OPERATORS)
     if unknown:
         raise SynthaugError(f"unknown conditioning mode '{sorted(unknown)[0]}': use one of {', '.join(OPERATORS)}")
@@ -147,13 +161,13 @@ def condition_embeddings(encoder: nn.Module, first: torch.Tensor, second: torch.
     emb = encoder(pixels.to(device)).float().cpu()
     emb_second = encoder(second.to(device)).float().cpu() if second is not None else None
     dim = emb.shape[1]
+    active = getattr(encoder, "active_dims", dim)
     for i, m in enumerate(modes):  # embedding-space operators act after it
         if m == "embed-mixup":
             emb[i] = lams[i] * emb[i] + (1 - lams[i]) * emb_second[i]
         elif m in ("embed-cutmix", "embed-cutmix-dropout"):
-            span = int(round((1 - lams[i]) * dim))
-            start = int(torch.randint(dim - span + 1, (1,), generator=gens[i]))
-            emb[i, start : start + span] = emb_second[i, start : start + span]
+            swap = torch.randperm(active, generator=gens[i])[: int(round((1 - lams[i]) * active))]
+            emb[i, swap] = emb_second[i, swap]
         if m in ("dropout", "embed-cutmix-dropout"):
             emb[i] = emb[i] * (torch.rand(dim, generator=gens[i]) >= dropout)
     keep = torch.tensor([m != "label-only" for m in modes], dtype=torch.bool)
