@@ -129,3 +129,15 @@ def test_scores_are_merged_into_the_metadata(tmp_path):
     store.verify()
     with pytest.raises(SynthaugError, match="no image 'r9'"):
         store.set_scores({"r9": {"utility_r1": 1.0}})
+
+
+def test_a_row_made_otherwise_is_refused(tmp_path):
+    store = SyntheticStore(tmp_path, ["a", "b"])
+    plan = [{"id": f"r{i}", "label": i % 2, "seed": i, "strength": 0.5} for i in range(3)]
+    make = lambda rows: torch.zeros(len(rows), 1, 4, 4, dtype=torch.uint8)  # noqa: E731
+    store.fill(plan, make)
+    assert store.fill(plan, make) == 0  # the same rows again: nothing to do
+    with pytest.raises(SynthaugError, match="made with strength 0.5, not 0.3"):
+        store.fill([{**r, "strength": 0.3} for r in plan], make)
+    with pytest.raises(SynthaugError, match="made with seed 1, not 7"):
+        store.fill([{**plan[1], "seed": 7}], make)

@@ -165,3 +165,9 @@ def test_tada_run_reports_its_plan(tmp_path, monkeypatch, capsys):
     page = (tmp_path / "digits-none-tada-s0" / "report.html").read_text()
     assert "Targeted examples" in page and "slow-learnable cluster" in page and "Conditions and their generations" in page
     assert "tada-upsample" in page
+
+
+def test_tada_refuses_an_early_checkpoint_that_is_not_early(digits_task):
+    config = load_config(None, [*FAST, "tada.early_epochs=3"])
+    with pytest.raises(SynthaugError, match="tada.early_epochs"):
+        get_recipe("tada").check(digits_task, config)

@@ -233,3 +233,19 @@ def test_utilgen_needs_a_validation_split(digits_task, tmp_path):
     task = make_task(load_dataset("digits"), config.split)
     with pytest.raises(SynthaugError, match="split.val_per_class"):
         get_recipe("utilgen").fn(task, config, workdir=tmp_path / "x")
+
+
+def test_noise_optimisation_needs_the_ddim_sampler(digits_task):
+    config = load_config(None, [*UTILGEN, "utilgen.sampler=sde-dpm-solver++"])
+    with pytest.raises(SynthaugError, match="utilgen.sampler=ddim"):
+        get_recipe("utilgen").check(digits_task, config)
+    get_recipe("utilgen").check(digits_task, load_config(None, [*UTILGEN, "utilgen.sampler=sde-dpm-solver++",
+                                                                "utilgen.noise=false"]))
+
+
+def test_dpo_leaves_the_class_embeddings_to_the_policy(tiny_generator):
+    ds, gen = tiny_generator
+    gen = copy.deepcopy(gen)
+    before = class_embedding_table(gen).weight.detach().clone()
+    finetune_dpo(gen, ds.images[:8], 255 - ds.images[:8], ds.labels[:8], steps=3, batch_size=4, lr=1e-3)
+    assert torch.equal(class_embedding_table(gen).weight, before)

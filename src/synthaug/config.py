@@ -167,7 +167,9 @@ class UtilgenSection:
     dpo_steps: int = 200
     dpo_lr: float = 1.0e-5
     dpo_beta: float = 2000.0
-    sampler: str = field(default="ddim", metadata={"choices": SAMPLERS})  # deterministic, so inverted noise is exact
+    # rounds and the final set sample with this; ddim is deterministic, so an image's inverted noise leads
+    # back to it (exactly when inversion_guidance equals generator.guidance_scale, near it otherwise)
+    sampler: str = field(default="ddim", metadata={"choices": SAMPLERS})
     sampling_steps: int = 25
     store_dir: str | None = None  # where generated images go (default: <run folder>/synthetic)
 

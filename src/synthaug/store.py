@@ -109,11 +109,14 @@ class SyntheticStore:
         self.split_dir.mkdir(parents=True, exist_ok=True)
         self._repair_metadata()
         existing = {r["id"]: r for r in self.rows()}
-        # `extra` names what made the images (generator, sampler, ...): a row made otherwise is refused
+        # a stored row is reused only if it was made the same way: the plan row's own fields (label,
+        # seed, source, strength, ...) and `extra` (generator, sampler, ...) must match
         for r in plan:
-            made = existing.get(r["id"], {})
-            for key, value in (extra or {}).items():
-                if key in made and made[key] != value:
+            made = existing.get(r["id"])
+            if made is None:
+                continue
+            for key, value in [*r.items(), *(extra or {}).items()]:
+                if key in made and json.loads(json.dumps(value)) != made[key]:
                     raise SynthaugError(f"store '{self.root}' holds '{r['id']}' made with {key} {made[key]}, not {value}: "
                                         f"use another store folder for this {key}")
         todo = [r for r in plan if r["id"] not in existing]

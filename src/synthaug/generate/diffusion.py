@@ -142,10 +142,12 @@ def build_train_scheduler(config: GeneratorConfig):
 def build_sampler(config: GeneratorConfig, sampler: str):
     """A fast sampler over the training schedule. Measured on MNIST-5k-LT (BENCHMARKS.md):
     the stochastic DPM-Solver++ corrects its own errors and gives clean images where the
-    deterministic one leaves a grey, noisy background on part of the samples. Steps are
-    spaced to start at the last training step ("trailing", so the first step sees the pure
-    noise it starts from), and the predicted clean image is clipped to the data range,
-    which keeps the cosine schedule's near-zero signal at t=999 from blowing up."""
+    deterministic one leaves a grey, noisy background on part of the samples. DPM-Solver++
+    steps are spaced to start at the last training step ("trailing", so the first step sees
+    the pure noise it starts from), and the predicted clean image is clipped to the data
+    range, which keeps the cosine schedule's near-zero signal at t=999 from blowing up. DDIM
+    keeps diffusers' "leading" spacing (first step at 1000 - 1000 // steps), which its
+    inverse (`policy.invert_noise`) mirrors step for step."""
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
     train = build_train_scheduler(config).config

@@ -35,16 +35,20 @@ def dpo_loss(model_err_w: torch.Tensor, model_err_l: torch.Tensor, ref_err_w: to
 def finetune_dpo(generator: DiffusionGenerator, preferred: torch.Tensor, rejected: torch.Tensor, labels: torch.Tensor, *,
                  steps: int = 200, batch_size: int = 32, lr: float = 1e-5, beta: float = 2000.0, seed: int = 0,
                  device: str = "auto") -> list[dict]:
-    """Fine-tune all of `generator`'s UNet weights in place with Diffusion-DPO on pairs
-    (`preferred[i]`, `rejected[i]`, both uint8 and of class `labels[i]`). Returns the
-    training log (loss, and the implicit reward margin's accuracy: the share of pairs the
-    model already ranks the right way)."""
+    """Fine-tune `generator`'s UNet weights in place with Diffusion-DPO on pairs
+    (`preferred[i]`, `rejected[i]`, both uint8 and of class `labels[i]`). The class-embedding
+    table is left alone: it is the generation policy, optimised on its own
+    (`policy.optimise_class_embeddings`). Returns the training log (loss, and the share of
+    pairs the model ranks the right way, relative to the reference)."""
     if not (len(preferred) == len(rejected) == len(labels)) or len(labels) == 0:
         raise SynthaugError("DPO needs pairs: as many preferred as rejected images and labels, at least one")
     dev = resolve_device(device)
     unet = generator.unet.to(dev).train()
+    if generator.condition is not None:
+        generator.condition.to(dev)
     reference = copy.deepcopy(unet).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    params = [p for name, p in unet.named_parameters() if not name.startswith("class_embedding.")]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     noise_scheduler = build_train_scheduler(generator.config)
     win = preferred.float().div(127.5).sub(1)
     lose = rejected.float().div(127.5).sub(1)
@@ -57,7 +61,8 @@ def finetune_dpo(generator: DiffusionGenerator, preferred: torch.Tensor, rejecte
         noise = torch.randn(win[idx].shape, generator=g).repeat(2, 1, 1, 1).to(dev)  # the same noise for both
         t = torch.randint(generator.config.num_train_timesteps, (len(idx),), generator=g).repeat(2).to(dev)
         noisy = noise_scheduler.add_noise(x0, noise, t)
-        class_input = generator._class_input(cells[idx].repeat(2).to(dev))
+        with torch.no_grad():  # the condition vectors are inputs here, not trained
+            class_input = generator._class_input(cells[idx].repeat(2).to(dev))
         cond_map = generator._condition_map(2 * len(idx), device=dev)
         err = (generator._eps(noisy, t, class_input, cond_map) - noise).pow(2).mean(dim=(1, 2, 3))
         with torch.no_grad():
@@ -67,7 +72,7 @@ def finetune_dpo(generator: DiffusionGenerator, preferred: torch.Tensor, rejecte
         loss = dpo_loss(err_w, err_l, ref_w, ref_l, beta)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         if (step + 1) % 10 == 0 or step + 1 == steps:
             margin = ((ref_w - ref_l) - (err_w - err_l)).detach()

@@ -30,14 +30,17 @@ def class_embedding_table(generator: DiffusionGenerator) -> torch.nn.Embedding:
 
 def optimise_class_embeddings(generator: DiffusionGenerator, images: torch.Tensor, labels: torch.Tensor, *,
                               steps: int = 200, lr: float = 5e-3, proximity: float = 1.0, batch_size: int = 32,
-                              seed: int = 0) -> dict:
+                              anchor: torch.Tensor | None = None, seed: int = 0) -> dict:
     """Move the embedding vectors of the classes in `labels` (and only those) to lower the
     denoising loss on `images` (uint8, high-utility samples of those classes), penalised by
-    `proximity` x the mean squared distance to the original vectors. Changes the generator
-    in place; returns {"loss": first and last denoising loss, "shift": relative change per class}."""
+    `proximity` x the mean squared distance to `anchor` (the original table, e.g. the base
+    generator's over several rounds; default: the vectors as they are now). Changes the
+    generator in place; returns the first and last denoising loss and the relative shift
+    per class from the anchor."""
     table = class_embedding_table(generator)
     device = table.weight.device
-    original = table.weight.detach().clone()
+    current = table.weight.detach().clone()
+    original = current if anchor is None else anchor.to(device)
     cells = generator.condition_ids(torch.as_tensor(labels)).to(device)
     rows = torch.zeros(len(original), dtype=torch.bool, device=device)
     rows[cells.unique()] = True
@@ -72,7 +75,7 @@ def optimise_class_embeddings(generator: DiffusionGenerator, images: torch.Tenso
         for p, w in zip(frozen, was):
             p.requires_grad_(w)
     with torch.no_grad():
-        table.weight[~rows] = original[~rows]
+        table.weight[~rows] = current[~rows]
         shift = ((table.weight - original).norm(dim=1) / original.norm(dim=1).clamp(min=1e-8))[rows]
     window = max(1, len(losses) // 10)
     return {"loss_first": sum(losses[:window]) / window, "loss_last": sum(losses[-window:]) / window,

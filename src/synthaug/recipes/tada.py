@@ -22,6 +22,7 @@ import torch
 
 from ..classify import example_losses, fit_classifier
 from ..data import concat
+from ..errors import SynthaugError
 from ..generate.diffusion import GeneratorConfig
 from ..generate.stage import generate_stage, generator_stage
 from ..plan import slow_learnable, targeted_plan
@@ -36,7 +37,11 @@ MODES = {
 
 
 def check(task, config):
-    """Fail on a generator that cannot be built before anything is written."""
+    """Fail on a generator that cannot be built, or an early checkpoint that is not early,
+    before anything is written."""
+    if config.tada.early_epochs >= config.train.epochs:
+        raise SynthaugError(f"tada.early_epochs ({config.tada.early_epochs}) must be below train.epochs "
+                            f"({config.train.epochs}): the split needs a model that has not finished training")
     if not config.generator.path:
         GeneratorConfig(image_size=task.train.image_size[0], channels=task.train.channels, classes=task.train.classes,
                         preset=config.generator.preset)

@@ -5,10 +5,11 @@ Each of `rounds` rounds:
 2. Value it: train the classifier on real + synthetic images with per-sample weights from a
    meta-learned weight network (Meta-Weight-Net, on the clean real validation split); a
    sample's weight is its utility, written into the store's metadata.
-3. Optimise the policy (instance level) on each class's high-utility images: the class's
-   embedding vector (textual inversion, kept near the original) and the initial noise (DDIM
-   inversion of those images; the next round starts from noise around them).
-4. Optimise the model: Diffusion-DPO, high- over low-utility images of the same class.
+3. Optimise the model: Diffusion-DPO, high- over low-utility images of the same class.
+4. Optimise the policy (instance level) on each class's high-utility images: the class's
+   embedding vector (textual inversion, kept near the base generator's) and the initial
+   noise (DDIM inversion of those images under the round's final generator; the next round
+   starts from noise around them).
 Then generate the final set (`final_multiple` x the real set) and train the classifier on
 it, alone (the paper's synthetic-only setting) and with the real images.
 
@@ -32,7 +33,12 @@ from ..data import concat
 from ..errors import SynthaugError
 from ..generate.diffusion import DiffusionGenerator, GeneratorConfig, SamplerConfig
 from ..generate.dpo import finetune_dpo
-from ..generate.policy import invert_noise, mix_noise, optimise_class_embeddings
+from ..generate.policy import (
+    class_embedding_table,
+    invert_noise,
+    mix_noise,
+    optimise_class_embeddings,
+)
 from ..generate.stage import generator_stage
 from ..plan import utility_plan
 from ..store import SyntheticStore
@@ -44,6 +50,9 @@ from .registry import RecipeResult, register_recipe, train_and_evaluate
 def check(task, config):
     if task.val is None or len(task.val) == 0:
         raise SynthaugError("utilgen values images on a clean real validation split: set split.val_per_class (e.g. 10)")
+    if config.utilgen.noise and config.utilgen.sampler != "ddim":
+        raise SynthaugError(f"utilgen.noise starts generations from DDIM-inverted noise, which only the ddim sampler "
+                            f"follows back: set utilgen.sampler=ddim or utilgen.noise=false (got {config.utilgen.sampler})")
     if not config.generator.path:
         GeneratorConfig(image_size=task.train.image_size[0], channels=task.train.channels, classes=task.train.classes,
                         preset=config.generator.preset)
@@ -67,6 +76,7 @@ def utilgen(task, config, *, workdir=None, progress=False, trained=None) -> Reci
     store = SyntheticStore(Path(opts.store_dir) if opts.store_dir else workdir / "synthetic", real.classes)
     for key in ("generate", "value", "policy", "model"):
         seconds[key] = 0.0
+    anchor = class_embedding_table(generator).weight.detach().clone()  # the base generator's class vectors
 
     noise_bank: dict[str, torch.Tensor] = {}  # id of a high-utility image -> its inverted initial noise
     noise_from: dict[int, list[str]] = {}
@@ -77,7 +87,10 @@ def utilgen(task, config, *, workdir=None, progress=False, trained=None) -> Reci
             generator = DiffusionGenerator.from_pretrained(folder / "generator", device=config.train.device)
             noise_bank, noise_from = _load_noise(folder)
             rounds.append(json.loads((folder / "round.json").read_text()))
+            for key, value in rounds[-1]["seconds"].items():  # time spent before the interruption counts
+                seconds[key] += value
             continue
+        spent_before = dict(seconds)
         t0 = time.perf_counter()
         # 1. generate
         plan = utility_plan(real, per_class=per_class(task, opts.per_round), stage=f"r{r}", seed=config.generator.seed,
@@ -100,12 +113,20 @@ def utilgen(task, config, *, workdir=None, progress=False, trained=None) -> Reci
         summary = {"round": r, "images": len(synthetic), "utility_real": _hist(u_real), "utility_synthetic": _hist(u_syn),
                    "mean_utility_real": float(u_real.mean()), "mean_utility_synthetic": float(u_syn.mean()),
                    "valuation_history": valued.history}
-        # 3. instance level: class embeddings and initial noise, from the high-utility images
+        # 3. model level: Diffusion-DPO on (high, low) pairs of the same class (first, so that the
+        # policy below, the inverted noise above all, belongs to the generator that will use it)
+        t0 = time.perf_counter()
+        if opts.model_level:
+            summary["dpo"] = finetune_dpo(generator, synthetic.images[top], synthetic.images[bottom], synthetic.labels[top],
+                                          steps=opts.dpo_steps, lr=opts.dpo_lr, beta=opts.dpo_beta, seed=config.seed + r,
+                                          device=config.train.device)
+        seconds["model"] += time.perf_counter() - t0
+        # 4. instance level: class embeddings and initial noise, from the high-utility images
         t0 = time.perf_counter()
         if opts.embedding:
             summary["embedding"] = optimise_class_embeddings(
                 generator, synthetic.images[top], synthetic.labels[top], steps=opts.embedding_steps, lr=opts.embedding_lr,
-                proximity=opts.embedding_proximity, seed=config.seed + r)
+                proximity=opts.embedding_proximity, anchor=anchor, seed=config.seed + r)
         if opts.noise:
             inverted = invert_noise(generator, synthetic.images[top], synthetic.labels[top], steps=opts.sampling_steps,
                                     guidance_scale=opts.inversion_guidance)
@@ -114,13 +135,7 @@ def utilgen(task, config, *, workdir=None, progress=False, trained=None) -> Reci
             for i in top.tolist():
                 noise_from.setdefault(int(synthetic.labels[i]), []).append(ids[i])
         seconds["policy"] += time.perf_counter() - t0
-        # 4. model level: Diffusion-DPO on (high, low) pairs of the same class
-        t0 = time.perf_counter()
-        if opts.model_level:
-            summary["dpo"] = finetune_dpo(generator, synthetic.images[top], synthetic.images[bottom], synthetic.labels[top],
-                                          steps=opts.dpo_steps, lr=opts.dpo_lr, beta=opts.dpo_beta, seed=config.seed + r,
-                                          device=config.train.device)
-        seconds["model"] += time.perf_counter() - t0
+        summary["seconds"] = {k: seconds[k] - spent_before[k] for k in ("generate", "value", "policy", "model")}
         summary["examples"] = {"highest": [ids[i] for i in top.tolist()], "lowest": [ids[i] for i in bottom.tolist()]}
         generator.save_pretrained(folder / "generator")
         _save_noise(folder, noise_bank, noise_from)

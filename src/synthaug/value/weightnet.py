@@ -106,7 +106,9 @@ def fit_meta_weighted(train: ImageDataset, val: ImageDataset, config: TrainConfi
     """Train a classifier from scratch on `train` with per-sample weights from a weight
     network meta-learned on `val` (both labelled). SGD with the cosine schedule of
     `fit_classifier` and its augmentation; `domains` (0 real, 1 synthetic) only split the
-    logged mean weights. Checkpoints each epoch and resumes to the same weights."""
+    logged mean weights. The loss is cross-entropy weighted per sample, as in
+    Meta-Weight-Net: the config's loss, sampler, mixing, label smoothing and SAM do not apply
+    (the weights are the point). Checkpoints each epoch and resumes to the same weights."""
     cfg, meta = config or TrainConfig(), meta or MetaWeightConfig()
     if len(train) == 0 or len(val) == 0:
         raise SynthaugError("meta-weighted training needs training images and a validation split: set split.val_per_class")
