@@ -17,12 +17,21 @@ the tables go to benchmarks/results/augcond.md and BENCHMARKS.md.
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 import time
 
-from common import HERE, append_row, environment, fmt, publish, read_rows, seconds_per_image
+from common import (
+    HERE,
+    append_row,
+    environment,
+    fmt,
+    parse_args,
+    publish,
+    read_rows,
+    seconds_per_image,
+    with_randaugment,
+)
 
 from synthaug.config import load_config
 from synthaug.data import load_dataset
@@ -57,29 +66,12 @@ METHODS = {
 
 def overrides_for(method: str, setting_overrides: list[str]) -> list[str]:
     """The method's overrides; '+randaugment' appends RandAugment to the setting's augmentation."""
-    augment = next(o.split("=", 1)[1] for o in setting_overrides if o.startswith("train.augment="))
-    out = []
-    for o in METHODS[method]:
-        out.append(f"train.augment={augment}+randaugment" if o == "+randaugment" else o)
-    return out
+    return with_randaugment(METHODS[method], setting_overrides)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--settings", nargs="+", default=["Fashion-MNIST 5-shot", "Fashion-MNIST 10-shot"],
-                        choices=[*SETTINGS, *QUICK])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--extra", nargs="*", default=[], help="config overrides for every run")
-    parser.add_argument("--tag", default="", help="suffix for the results file (for tuning runs)")
-    parser.add_argument("--quick", action="store_true", help="digits, tiny generator, 1 seed: checks the script")
-    args = parser.parse_args()
-    settings = {**SETTINGS, **QUICK}
+    args, settings, results = parse_args(__doc__, "augcond", SETTINGS, QUICK, METHODS, ["Fashion-MNIST 5-shot", "Fashion-MNIST 10-shot"])
     steps = 30 if args.quick else STEPS
-    if args.quick:
-        args.settings, args.seeds = list(QUICK), [0]
-    name = "augcond-quick" if args.quick else f"augcond{args.tag}"
-    results = HERE / "results" / f"{name}.jsonl"
     cache = HERE / "results" / "cache"
     done = {(r["setting"], r["kind"], r.get("method"), r.get("seed")) for r in read_rows(results)}
     env = environment()

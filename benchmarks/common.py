@@ -63,3 +63,29 @@ def publish(results: Path, key: str, table: str, *, to_benchmarks: bool):
     if to_benchmarks:
         splice(HERE.parent / "BENCHMARKS.md", key, table)
     print(table)
+
+
+def parse_args(doc: str, name: str, settings: dict, quick: dict, methods: dict, default_settings: list[str]):
+    """The arguments every method-comparison benchmark takes. Returns the arguments (with
+    `--quick` turned into the quick settings and one seed), every setting by name, and the
+    results file (`<name>.jsonl`, `<name>-quick.jsonl` or `<name><tag>.jsonl`)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--settings", nargs="+", default=default_settings, choices=[*settings, *quick])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=list(methods), choices=list(methods))
+    parser.add_argument("--extra", nargs="*", default=[], help="config overrides for every run")
+    parser.add_argument("--tag", default="", help="suffix for the results file (for tuning runs)")
+    parser.add_argument("--quick", action="store_true", help="digits, tiny generator, 1 seed: checks the script")
+    args = parser.parse_args()
+    if args.quick:
+        args.settings, args.seeds = list(quick), [0]
+    results = HERE / "results" / (f"{name}-quick.jsonl" if args.quick else f"{name}{args.tag}.jsonl")
+    return args, {**settings, **quick}, results
+
+
+def with_randaugment(overrides: list[str], setting: list[str]) -> list[str]:
+    """A method's overrides with '+randaugment' turned into the setting's augmentation + RandAugment."""
+    augment = next(o.split("=", 1)[1] for o in setting if o.startswith("train.augment="))
+    return [f"train.augment={augment}+randaugment" if o == "+randaugment" else o for o in overrides]

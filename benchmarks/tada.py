@@ -15,11 +15,19 @@ images it needs times the measured seconds per image. Rows go to benchmarks/resu
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
-from common import HERE, append_row, environment, fmt, publish, read_rows, seconds_per_image
+from common import (
+    HERE,
+    append_row,
+    environment,
+    fmt,
+    parse_args,
+    publish,
+    read_rows,
+    seconds_per_image,
+)
 
 from synthaug.config import load_config
 from synthaug.data import load_dataset
@@ -48,19 +56,7 @@ GENERATES = ("tada", "augment-all", "tada + SAM")
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=[*SETTINGS, *QUICK])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--extra", nargs="*", default=[], help="config overrides for every run")
-    parser.add_argument("--tag", default="", help="suffix for the results file (for tuning runs)")
-    parser.add_argument("--quick", action="store_true", help="digits, tiny generator, 1 seed: checks the script")
-    args = parser.parse_args()
-    settings = {**SETTINGS, **QUICK}
-    if args.quick:
-        args.settings, args.seeds = list(QUICK), [0]
-    name = "tada-quick" if args.quick else f"tada{args.tag}"
-    results = HERE / "results" / f"{name}.jsonl"
+    args, settings, results = parse_args(__doc__, "tada", SETTINGS, QUICK, METHODS, list(SETTINGS))
     cache = HERE / "results" / "cache"
     done = {(r["setting"], r["kind"], r.get("method"), r.get("seed")) for r in read_rows(results)}
     env = environment()

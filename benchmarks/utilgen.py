@@ -17,12 +17,20 @@ re-run skips finished rows); the table goes to benchmarks/results/utilgen.md and
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 import time
 
-from common import HERE, append_row, environment, fmt, publish, read_rows
+from common import (
+    HERE,
+    append_row,
+    environment,
+    fmt,
+    parse_args,
+    publish,
+    read_rows,
+    with_randaugment,
+)
 
 from synthaug.config import load_config
 from synthaug.data import load_dataset
@@ -53,27 +61,15 @@ METHODS = {
 
 
 def overrides_for(method: str, setting: list[str], k_train: int) -> list[str]:
-    augment = next(o.split("=", 1)[1] for o in setting if o.startswith("train.augment="))
-    out = [f"train.augment={augment}+randaugment" if o == "+randaugment" else o for o in METHODS[method]]
+    out = with_randaugment(METHODS[method], setting)
     if "recipe=synaug" in out:  # the same number of generated images per class as UtilGen's final set
         out.append(f"synaug.target_per_class={round(k_train * (1 + MULTIPLE))}")
     return out
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--settings", nargs="+", default=["Fashion-MNIST 10-shot"], choices=[*SETTINGS, *QUICK])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--extra", nargs="*", default=[], help="config overrides for every run")
-    parser.add_argument("--tag", default="", help="suffix for the results file (for tuning runs)")
-    parser.add_argument("--quick", action="store_true", help="digits, tiny generator, 1 seed: checks the script")
-    args = parser.parse_args()
-    settings = {**SETTINGS, **QUICK}
+    args, settings, results = parse_args(__doc__, "utilgen", SETTINGS, QUICK, METHODS, ["Fashion-MNIST 10-shot"])
     steps = 30 if args.quick else STEPS
-    if args.quick:
-        args.settings, args.seeds = list(QUICK), [0]
-    results = HERE / "results" / ("utilgen-quick.jsonl" if args.quick else f"utilgen{args.tag}.jsonl")
     cache = HERE / "results" / "cache"
     done = {(r["setting"], r.get("method"), r.get("seed")) for r in read_rows(results)}
     env = environment()
