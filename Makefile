@@ -8,7 +8,7 @@ STAMP := $(VENV)/.synthaug-installed
 # torch from this pin installs from the machine's wheel cache in about a minute; see README.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-slow bench-baselines bench-synaug bench-sampler bench-tada bench-augcond bench-utilgen lint clean
+.PHONY: demo test test-slow bench-baselines bench-synaug bench-sampler bench-tada bench-augcond bench-utilgen bench-selection lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,9 @@ bench-augcond: $(STAMP)
 
 bench-utilgen: $(STAMP)
 	$(BIN)/python benchmarks/utilgen.py
+
+bench-selection: $(STAMP)
+	$(BIN)/python benchmarks/selection.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -32,9 +32,9 @@ from synthaug.generate.cache import generator_for, provenance, sampler_config
 from synthaug.generate.diffusion import build_sampler
 from synthaug.plan import balance_plan
 from synthaug.recipes import get_recipe
+from synthaug.select.metrics import memorization_ratio
 from synthaug.store import SyntheticStore
 from synthaug.task import make_task
-from synthaug.validate import memorization_ratio
 
 SETTINGS = {
     # the table in BENCHMARKS.md was measured with the generator's first learning rate (2e-4, 2,400 steps)
@@ -99,7 +99,7 @@ def main():
             written = store.fill(plan, partial(generator.generate_rows, sampler=sampling), batch_size=sampling.batch_size,
                                  extra=provenance(generator, sampling), progress=True)
             generate_seconds = time.perf_counter() - t1
-            synthetic = store.load()
+            synthetic = store.load(ids=[r["id"] for r in plan])  # not the selection benchmark's extra candidates
             ours, bare = sampling_throughput(generator, sampling, store_dir.parent / f"speed-{gseed}", n=256)
             # quality: the oracle classifier (full balanced real data) on the synthetic images
             if oracle_model is None:

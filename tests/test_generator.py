@@ -1,5 +1,7 @@
 """The embedded diffusion generator on a tiny in-code UNet and 8x8 images."""
 
+import json
+
 import pytest
 import torch
 from conftest import die_after_saving_step, make_dataset
@@ -93,6 +95,12 @@ def test_bad_generator_folders(trained, tmp_path):
     with pytest.raises(SynthaugError, match="has no generator.json"):
         DiffusionGenerator.from_pretrained(tmp_path)
     gen.save_pretrained(tmp_path / "g")
+    meta_file = tmp_path / "g" / "generator.json"
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({**meta, "config": {**meta["config"], "image_embed_dim": 6}}))
+    with pytest.raises(SynthaugError, match="takes 1 input channels, this generator needs 2"):
+        DiffusionGenerator.from_pretrained(tmp_path / "g")  # a UNet without the condition-map channels
+    meta_file.write_text(json.dumps(meta))
     (tmp_path / "g" / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(SynthaugError, match="cannot load the generator"):
         DiffusionGenerator.from_pretrained(tmp_path / "g")

@@ -108,7 +108,7 @@ def test_store_loads_as_hf_imagefolder(tmp_path):
 def test_memorization_ratio_flags_copies():
     from conftest import make_dataset
 
-    from synthaug.validate import memorization_ratio
+    from synthaug.select.metrics import memorization_ratio
 
     train, heldout = make_dataset((20, 20), seed=0), make_dataset((20, 20), seed=1)
     copies = train.subset(torch.arange(len(train)))

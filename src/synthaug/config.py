@@ -16,6 +16,7 @@ from .classify.train import TrainConfig
 from .errors import SynthaugError
 from .generate.diffusion import PRESETS, SAMPLERS
 from .generate.image_condition import OPERATORS, PAIRINGS
+from .select.filters import SELECTORS
 
 SPLITS = ("none", "long-tail", "few-shot", "colored")
 
@@ -181,6 +182,43 @@ class UtilgenSection:
 
 
 @dataclass
+class SelectSection:
+    """Data selection: generate `overgenerate` x the plan, keep the plan's count per class (SYNAuG,
+    TADA, AugCond). Scores and choices are written to the store's metadata."""
+
+    method: str = "none"  # none, or a selector: random, confidence, agreement, realism, cluster (or one registered)
+    overgenerate: float = 2.0  # candidates per planned image (with a method)
+    threshold: float = 0.5  # agreement: least confidence in the intended class
+    k: int = 3  # realism: neighbours that set each real image's k-NN radius
+    clusters: int = 10  # cluster: k-means centres per class
+    features: str = "classifier"  # classifier (the scorer's), pixels, a classifier folder, or hf:<hub id or folder>
+    scorer_epochs: int | None = None  # epochs of the scorer (trained on the real split); default train.epochs
+
+    def __post_init__(self):
+        if self.method != "none" and self.method not in SELECTORS:
+            raise SynthaugError(f"select.method is '{self.method}': use one of none, {', '.join(SELECTORS)}")
+        if self.scorer_epochs is not None and self.scorer_epochs < 1:
+            raise SynthaugError("select.scorer_epochs must be >= 1 (or unset: train.epochs)")
+        if self.overgenerate < 1 or not 0 <= self.threshold <= 1 or self.k < 1 or self.clusters < 1:
+            raise SynthaugError("select.overgenerate must be >= 1, threshold in [0, 1], k and clusters >= 1")
+
+
+@dataclass
+class ValidateSection:
+    """Validation of the run's synthetic set against the real training split (metrics.json, report)."""
+
+    enabled: bool = False
+    features: str = "classifier"  # classifier (the run's trained one), pixels, a classifier folder, or hf:<...>
+    max_per_class: int = 500  # images per class of each set in the feature-space metrics
+    k: int = 3  # neighbours of the precision/recall manifolds (density/coverage: at least 2)
+    cas: bool = True  # also train on the synthetic images alone and test on real (classification accuracy score)
+
+    def __post_init__(self):
+        if self.max_per_class < 2 or self.k < 1:
+            raise SynthaugError("validate.max_per_class must be >= 2 and validate.k >= 1")
+
+
+@dataclass
 class ReportSection:
     baselines: list = field(default_factory=lambda: ["ce", "balanced-softmax", "crt"])  # trained in the same run
     html: bool = True
@@ -201,6 +239,8 @@ class RunConfig:
     tada: TadaSection = field(default_factory=TadaSection)
     augcond: AugcondSection = field(default_factory=AugcondSection)
     utilgen: UtilgenSection = field(default_factory=UtilgenSection)
+    select: SelectSection = field(default_factory=SelectSection)
+    validate: ValidateSection = field(default_factory=ValidateSection)
     report: ReportSection = field(default_factory=ReportSection)
 
     def run_name(self) -> str:

@@ -18,7 +18,7 @@ STYLE = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 h1{font-size:1.6em;margin-bottom:.2em} h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ddd;padding-bottom:.2em}
 table{border-collapse:collapse;margin:.5em 0} th,td{border:1px solid #ddd;padding:.3em .7em;text-align:right}
-th:first-child,td:first-child{text-align:left} tr.recipe td{font-weight:bold;background:#eef6ff}
+th:first-child,td:first-child{text-align:left} tr.recipe td{font-weight:bold;background:#eef6ff} td.note,th.note{text-align:left}
 .muted{color:#666} img{max-width:100%} .summary{font-size:1.1em;background:#f6f8fa;padding:.8em 1em;border-radius:6px}
 pre{background:#f6f8fa;padding:1em;overflow-x:auto;font-size:.85em}
 """
@@ -233,6 +233,57 @@ def utilgen_section(metrics: dict, real: ImageDataset) -> str:
     return "".join(out)
 
 
+def selection_section(sel: dict) -> str:
+    shortfall = (f" {sel['shortfall']} planned images found no candidate that passed (the filter kept fewer)."
+                 if sel.get("shortfall") else "")
+    scores = ""
+    if sel.get("kept_score_mean") is not None and sel.get("dropped_score_mean") is not None:
+        scores = f" Mean score of the kept images {sel['kept_score_mean']:.3f}, of the dropped {sel['dropped_score_mean']:.3f}."
+    return (f"<h2>Selection</h2><p>{sel['candidates']} candidates generated ({sel['overgenerate']:g} x the plan), "
+            f"<b>{sel['kept']}</b> kept by <b>{html.escape(sel['method'])}</b> in the feature space "
+            f"'{html.escape(sel['features'])}'.{scores}{shortfall} Every candidate's score and whether it was kept are in "
+            f"the store's metadata.jsonl (<code>select_{html.escape(sel['method'])}</code>, "
+            f"<code>selected_{html.escape(sel['method'])}</code>).</p>")
+
+
+VALIDATION_ROWS = (  # key, name, what it says
+    ("frechet_distance", "Frechet distance", "distance between Gaussian fits of the two sets' features (0: same)"),
+    ("kernel_distance", "kernel distance (KID)", "unbiased MMD, cubic kernel (about 0: same distribution)"),
+    ("precision", "precision", "share of synthetic images inside the real k-NN manifold (fidelity)"),
+    ("recall", "recall", "share of real images inside the synthetic manifold (variety)"),
+    ("density", "density", "real neighbourhoods holding each synthetic image, / k (about 1: like real)"),
+    ("coverage", "coverage", "share of real images with a synthetic image in their neighbourhood"),
+    ("domain_gap", "domain classifier accuracy", "real vs synthetic told apart by a logistic regression (0.5: not at all)"),
+)
+
+
+def validation_section(v: dict, classes: list[str]) -> str:
+    if v.get("skipped"):
+        return f"<h2>Synthetic set validation</h2><p class='muted'>Skipped: {html.escape(v['skipped'])}.</p>"
+    rows = []
+    for key, name, meaning in VALIDATION_ROWS:
+        value = v.get(key)
+        if isinstance(value, dict):
+            value = f"{value['mean']:.4f} ± {value['std']:.4f}"
+        elif value is not None:
+            value = f"{value:.3f}"
+        rows.append(f"<tr><td>{name}</td><td>{value}</td><td class='muted note'>{meaning}</td></tr>")
+    if v.get("cas"):
+        rows.append(f"<tr><td>train on synthetic, test on real (CAS)</td><td>{_pct(v['cas']['balanced_accuracy'])}%</td>"
+                    f"<td class='muted note'>balanced test accuracy over the {v['cas']['classes']} classes the synthetic set "
+                    "has, of a classifier trained on the synthetic images alone</td></tr>")
+    diversity = v.get("diversity_ratio", {}).get("per_class", {})
+    heads = "".join(f"<th>{html.escape(classes[int(c)])}</th>" for c in diversity)
+    cells = "".join(f"<td>{r:.2f}</td>" for r in diversity.values())
+    return (f"<h2>Synthetic set validation</h2><p class='muted'>{v['synthetic_images']} synthetic against "
+            f"{v['real_images']} real training images (the same count per class), in the feature space "
+            f"'{html.escape(v['features'])}'.</p>"
+            f"<table><tr><th>metric</th><th>value</th><th class='note'>what it says</th></tr>{''.join(rows)}</table>"
+            + (f"<p class='muted'>Diversity per class: mean pairwise feature distance, synthetic over real "
+               f"(below 1: less varied than the real images).</p><table><tr><th>class</th>{heads}</tr>"
+               f"<tr><td>ratio</td>{cells}</tr></table>" if diversity else ""))
+
+
 def pairs_grid(real: ImageDataset, synthetic: ImageDataset, lines: int = 8, per_line: int = 3) -> str:
     """Triples (first condition, second condition, generation) for image-conditioned rows,
     spread over the classes."""
@@ -302,6 +353,10 @@ def write_report(path: str | Path, metrics: dict, real: ImageDataset, synthetic:
                      "real training image of their class, over the same for held-out real images: about 1 means new "
                      "images, well below 1 means copies.</p>"
                      f"<table><tr><th>class</th>{heads}</tr><tr><td>ratio</td>{cells}</tr></table>")
+    if (metrics.get("synthetic") or {}).get("selection"):
+        parts.append(selection_section(metrics["synthetic"]["selection"]))
+    if metrics.get("validation"):
+        parts.append(validation_section(metrics["validation"], classes))
     if metrics.get("targeted"):
         parts.append(targeted_section(metrics["targeted"], real))
     if synthetic is not None and len(synthetic) and any(r.get("source") is not None for r in synthetic.info.get("rows", [])):

@@ -60,6 +60,11 @@ def train_run(config: RunConfig, *, progress: bool = True, force: bool = False, 
         return run_dir, json.loads((run_dir / "metrics.json").read_text())
     result = recipe.fn(task, config, workdir=run_dir, progress=progress)
     result.model.save_pretrained(run_dir / "classifier")
+    validation = None
+    if config.validate.enabled and result.synthetic is not None:
+        from .select.stage import validation_stage
+
+        validation = validation_stage(task, result.synthetic, config, result.model, workdir=run_dir, progress=progress)
     compared, trained = {}, {}
     for baseline in baselines:
         done_file = run_dir / "baselines" / f"{baseline.name}.json"
@@ -79,6 +84,8 @@ def train_run(config: RunConfig, *, progress: bool = True, force: bool = False, 
         "history": result.history,
         **result.extra,
     }
+    if validation is not None:
+        metrics["validation"] = validation
     if compared:
         metrics["baselines"] = compared
     if compare and config.report.html:
@@ -86,5 +93,6 @@ def train_run(config: RunConfig, *, progress: bool = True, force: bool = False, 
 
         write_report(run_dir / "report.html", metrics, task.train, result.synthetic, dump_config(config))
     atomic_write_json(run_dir / "metrics.json", metrics)
-    shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
+    for leftover in ("checkpoint", "cas-checkpoint"):
+        shutil.rmtree(run_dir / leftover, ignore_errors=True)
     return run_dir, metrics

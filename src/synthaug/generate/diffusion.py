@@ -558,6 +558,10 @@ class DiffusionGenerator:
             unet = UNet2DModel.from_pretrained(folder / "unet", low_cpu_mem_usage=False)
         except Exception as e:
             raise SynthaugError(f"cannot load the generator in '{folder}' ({str(e).splitlines()[0]}): retrain it") from None
+        expected = config.channels * (2 if config.image_embed_dim else 1)  # + the decoded condition map
+        if unet.config.in_channels != expected:
+            raise SynthaugError(f"the UNet in '{folder}' takes {unet.config.in_channels} input channels, this generator "
+                                f"needs {expected} (saved by an older synthaug?): delete the folder and retrain it")
         gen = cls(config, unet.to(resolve_device(device)).eval())
         if gen.condition is not None:
             from safetensors.torch import load_file

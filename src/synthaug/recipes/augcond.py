@@ -21,8 +21,9 @@ from pathlib import Path
 from ..data import concat
 from ..errors import SynthaugError
 from ..generate.diffusion import GeneratorConfig
-from ..generate.stage import generate_stage, generator_stage
+from ..generate.stage import generator_stage
 from ..plan import conditioned_plan
+from ..select.stage import select_stage
 from .registry import RecipeResult, register_recipe, train_and_evaluate
 
 
@@ -60,7 +61,7 @@ def augcond(task, config, *, workdir=None, progress=False, trained=None) -> Reci
     plan = conditioned_plan(real, target_per_class=target_count(task, config), mode=opts.mode, seed=config.generator.seed,
                             dropout=opts.dropout)
     store_dir = Path(opts.store_dir) if opts.store_dir else workdir / "synthetic"
-    synthetic, synthetic_info = generate_stage(plan, generator, config, store_dir, real, progress=progress)
+    synthetic, synthetic_info = select_stage(plan, generator, config, store_dir, real, progress=progress)
     seconds["generate"] = synthetic_info.pop("seconds")
 
     # 4. train on real + generated

@@ -23,9 +23,10 @@ from ..classify import evaluate, fit_classifier, refit_head
 from ..data import concat
 from ..errors import SynthaugError
 from ..generate.diffusion import GeneratorConfig
-from ..generate.stage import generate_stage, generator_stage
+from ..generate.stage import generator_stage
 from ..plan import balance_plan
-from ..validate import memorization_ratio
+from ..select.metrics import memorization_ratio
+from ..select.stage import select_stage
 from .registry import RecipeResult, register_recipe
 
 
@@ -53,7 +54,7 @@ def synaug(task, config, *, workdir=None, progress=False, trained=None) -> Recip
         raise SynthaugError("the generator is not conditioned on groups: train one on this split or set synaug.balance_groups=false")
     plan = balance_plan(real, target_per_class=opts.target_per_class, by_group=by_group, seed=config.generator.seed)
     store_dir = Path(opts.store_dir) if opts.store_dir else workdir / "synthetic"
-    synthetic, synthetic_info = generate_stage(plan, generator, config, store_dir, real, progress=progress)
+    synthetic, synthetic_info = select_stage(plan, generator, config, store_dir, real, progress=progress)
     seconds["generate"] = synthetic_info.pop("seconds")
 
     # 2. train on real + synthetic, with mixup between a real and a synthetic image

@@ -24,8 +24,9 @@ from ..classify import example_losses, fit_classifier
 from ..data import concat
 from ..errors import SynthaugError
 from ..generate.diffusion import GeneratorConfig
-from ..generate.stage import generate_stage, generator_stage
+from ..generate.stage import generator_stage
 from ..plan import slow_learnable, targeted_plan
+from ..select.stage import select_stage
 from ..utils.io import atomic_write_json
 from .registry import RecipeResult, register_recipe, train_and_evaluate
 
@@ -94,7 +95,7 @@ def run_tada(mode, task, config, *, workdir=None, progress=False, trained=None) 
         seconds["generator"] = extra["generator"].pop("seconds")
         plan = targeted_plan(real, target, variants=opts.variants, strength=opts.strength, seed=config.generator.seed)
         store_dir = Path(opts.store_dir) if opts.store_dir else workdir / "synthetic"
-        added, extra["synthetic"] = generate_stage(plan, generator, config, store_dir, real, progress=progress)
+        added, extra["synthetic"] = select_stage(plan, generator, config, store_dir, real, progress=progress)
         seconds["generate"] = extra["synthetic"].pop("seconds")
         extra["synthetic"]["counts_after"] = (real.class_counts() + added.class_counts()).tolist()
 

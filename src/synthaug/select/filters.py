@@ -1,0 +1,163 @@
+"""Data selection (the survey's "data selection" module): which synthetic samples to keep.
+Arrays in, per-sample scores or boolean masks out, so each filter works on its own.
+
+A *selector* (registered with `@register_selector(name)`) gets the candidates and how many
+to keep per class, and returns (mask, scores). The built-in ones:
+- `random`: the control at equal size.
+- `confidence`: top-k per class by the scorer's probability of the intended label (Wang et
+  al. 2023 keep the top samples of an EDM this way).
+- `agreement`: drop samples whose predicted class disagrees with the intended one or whose
+  confidence is below a threshold (the survey's CLIP-style filter, with the task's own
+  scorer), then keep a random k per class among those left.
+- `realism`: top-k per class by Kynkaanniemi et al.'s realism score against the real
+  images of the class, in feature space.
+- `cluster`: k-means per class in feature space, k kept across every cluster (in
+  proportion to its size, nearest its centre first): diversity over fidelity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import SynthaugError
+from .metrics import realism_scores
+
+
+def confidence(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The probability each sample's scorer gives its intended label."""
+    return probs[torch.arange(len(labels)), labels]
+
+
+def agreement(probs: torch.Tensor, labels: torch.Tensor, *, threshold: float = 0.5) -> torch.Tensor:
+    """Mask: the predicted class is the intended one, with at least `threshold` confidence."""
+    return (probs.argmax(1) == labels) & (confidence(probs, labels) >= threshold)
+
+
+def top_k_per_class(scores: torch.Tensor, labels: torch.Tensor, keep: dict[int, int],
+                    allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """Mask of the `keep[c]` highest-scoring samples of each class c (among `allowed`)."""
+    mask = torch.zeros(len(labels), dtype=torch.bool)
+    for c, k in keep.items():
+        members = torch.nonzero((labels == c) & (allowed if allowed is not None else True)).flatten()
+        order = torch.argsort(scores[members], descending=True, stable=True)
+        mask[members[order[:k]]] = True
+    return mask
+
+
+def cluster_representatives(features: torch.Tensor, labels: torch.Tensor, keep: dict[int, int], *,
+                            clusters: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per class: k-means with `clusters` centres (fewer for small classes), then `keep[c]`
+    samples spread over the clusters in proportion to their sizes (every cluster gets one
+    while the budget lasts), each cluster's samples nearest its centre first. Returns the
+    mask and each sample's distance to its centre, negated (higher: more typical)."""
+    from sklearn.cluster import KMeans
+
+    mask = torch.zeros(len(labels), dtype=torch.bool)
+    scores = torch.zeros(len(labels))
+    for c, k in keep.items():
+        members = torch.nonzero(labels == c).flatten()
+        if k <= 0 or len(members) == 0:
+            continue
+        x = features[members].double().numpy()
+        n_clusters = max(1, min(clusters, k, len(members)))
+        km = KMeans(n_clusters=n_clusters, n_init=3, random_state=seed).fit(x)
+        distance = np.linalg.norm(x - km.cluster_centers_[km.labels_], axis=1)
+        scores[members] = torch.as_tensor(-distance, dtype=torch.float32)
+        sizes = np.bincount(km.labels_, minlength=n_clusters)
+        quota = _spread(k, sizes)
+        for j in range(n_clusters):
+            in_cluster = np.flatnonzero(km.labels_ == j)
+            chosen = in_cluster[np.argsort(distance[in_cluster], kind="stable")[: quota[j]]]
+            mask[members[torch.as_tensor(chosen, dtype=torch.long)]] = True
+    return mask, scores
+
+
+def _spread(k: int, sizes: np.ndarray) -> np.ndarray:
+    """Split a budget of k over clusters: one each while it lasts, the rest in proportion
+    to size (largest remainders), never more than a cluster holds."""
+    quota = np.zeros(len(sizes), dtype=int)
+    for j in np.argsort(-sizes, kind="stable")[: min(k, len(sizes))]:
+        quota[j] = min(1, sizes[j])  # k-means can leave a cluster empty
+    while quota.sum() < min(k, sizes.sum()):
+        room = sizes - quota
+        share = (k * sizes / sizes.sum()) - quota
+        share[room <= 0] = -np.inf
+        quota[int(np.argmax(share))] += 1
+    return quota
+
+
+@dataclass
+class Candidates:
+    """What a selector sees: the synthetic candidates, the scorer's view of them, and the real
+    images' features for the feature-space selectors (computed only when a selector needs them)."""
+
+    labels: torch.Tensor  # (N,) intended class
+    probs: Callable[[], torch.Tensor]  # () -> (N, C) the scorer's class probabilities
+    features: Callable[[], torch.Tensor]  # () -> (N, D)
+    real_features: Callable[[], torch.Tensor]  # () -> (R, D)
+    real_labels: torch.Tensor  # (R,)
+
+
+SELECTORS: dict[str, Callable] = {}
+
+
+def register_selector(name: str):
+    """Register `fn(candidates, keep, *, threshold, k, clusters, seed) -> (mask, scores)`."""
+
+    def wrap(fn):
+        SELECTORS[name] = fn
+        return fn
+
+    return wrap
+
+
+def _random_scores(n: int, seed: int) -> torch.Tensor:
+    return torch.rand(n, generator=torch.Generator().manual_seed(seed))
+
+
+@register_selector("random")
+def select_random(c: Candidates, keep, *, seed=0, **_):
+    scores = _random_scores(len(c.labels), seed)
+    return top_k_per_class(scores, c.labels, keep), scores
+
+
+@register_selector("confidence")
+def select_confidence(c: Candidates, keep, **_):
+    scores = confidence(c.probs(), c.labels)
+    return top_k_per_class(scores, c.labels, keep), scores
+
+
+@register_selector("agreement")
+def select_agreement(c: Candidates, keep, *, threshold=0.5, seed=0, **_):
+    probs = c.probs()
+    passed = agreement(probs, c.labels, threshold=threshold)
+    return top_k_per_class(_random_scores(len(c.labels), seed), c.labels, keep, allowed=passed), confidence(probs, c.labels)
+
+
+@register_selector("realism")
+def select_realism(c: Candidates, keep, *, k=3, **_):
+    features, real, real_labels = c.features(), c.real_features(), c.real_labels
+    scores = torch.zeros(len(c.labels))
+    for cls in keep:
+        members = c.labels == cls
+        reference = real[real_labels == cls]
+        if len(reference) <= k:  # too few real images of the class for a k-NN manifold: use them all
+            reference = real
+        if members.any():
+            scores[members] = realism_scores(reference, features[members], k=k)
+    return top_k_per_class(scores, c.labels, keep), scores
+
+
+@register_selector("cluster")
+def select_cluster(c: Candidates, keep, *, clusters=10, seed=0, **_):
+    return cluster_representatives(c.features(), c.labels, keep, clusters=clusters, seed=seed)
+
+
+def get_selector(name: str) -> Callable:
+    if name not in SELECTORS:
+        raise SynthaugError(f"unknown selection method '{name}': use one of none, {', '.join(SELECTORS)}")
+    return SELECTORS[name]

@@ -1,0 +1,177 @@
+"""Selection and validation as pipeline stages.
+
+`select_stage` replaces `generate_stage` in a recipe: it generates `select.overgenerate` x
+the plan's images per (class, group) cell, scores the candidates with a scorer (a
+classifier trained on the real training split with balanced softmax, so that a long tail
+does not bias it; cached in the store), keeps as many per cell as the plan asked for with
+the chosen selector, and records each candidate's score and whether it was kept in the
+store's metadata (`select_<method>`, `selected_<method>`).
+
+`validation_stage` measures a run's synthetic set against the real training images: the
+feature-space metrics of `select/metrics.py`, the memorisation ratio, and the accuracy on
+the real test set of a classifier trained on the synthetic images alone (CAS).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from ..classify import evaluate, fit_classifier
+from ..classify.evaluate import predict_logits
+from ..classify.models import Classifier
+from ..data.dataset import ImageDataset
+from ..errors import SynthaugError
+from ..generate.stage import generate_stage
+from ..plan import row_seed
+from ..store import SyntheticStore
+from ..utils.io import atomic_write_json
+from ..utils.runtime import resolve_device
+from .features import feature_extractor
+from .filters import Candidates, get_selector
+from .metrics import memorization_ratio, set_metrics
+
+
+def overgenerate_plan(plan: list[dict], factor: float) -> list[dict]:
+    """The plan's rows plus copies (ids `<id>~<j>`, their own seeds) so that each (class,
+    group) cell has ceil(factor x its rows) candidates. The original rows come first and keep
+    their ids, so a store filled without selection is reused."""
+    if factor < 1:
+        raise SynthaugError(f"select.overgenerate must be >= 1, got {factor}")
+    cells: dict[tuple, list[dict]] = {}
+    for row in plan:
+        cells.setdefault((row["label"], row.get("group")), []).append(row)
+    out = list(plan)
+    for rows in cells.values():
+        for n in range(len(rows), math.ceil(round(factor * len(rows), 9))):
+            row, j = rows[n % len(rows)], n // len(rows)
+            copy_id = f"{row['id']}~{j}"
+            out.append({**row, "id": copy_id, "seed": row_seed(row["seed"], copy_id)})
+    return out
+
+
+def scorer_for(real: ImageDataset, config, folder: Path, *, progress: bool = False) -> Classifier:
+    """The classifier that scores candidates: trained on the real split with balanced softmax
+    (the run's other training settings), saved under `folder/<fingerprint>/` and reused."""
+    train_cfg = replace(config.train, loss="balanced-softmax", sampler="uniform", mix="none", refit_head=False,
+                        epochs=config.select.scorer_epochs or config.train.epochs)
+    key = hashlib.sha256(json.dumps([real.fingerprint(), asdict(train_cfg), config.seed], sort_keys=True,
+                                    default=str).encode()).hexdigest()[:16]
+    target = folder / key
+    if (target / "model.safetensors").exists():
+        return Classifier.from_pretrained(target).to(resolve_device(config.train.device))
+    result = fit_classifier(real, train_cfg, seed=config.seed, checkpoint_dir=folder / f"{key}-checkpoint",
+                            progress=progress)
+    result.model.save_pretrained(target)
+    return result.model
+
+
+def select_stage(plan: list[dict], generator, config, store_dir: str | Path, real: ImageDataset, *,
+                 progress: bool = False) -> tuple[ImageDataset, dict]:
+    """Generate, then select (see the module docstring); without a selection method this is
+    `generate_stage`. Returns the kept images and a description (counts, seconds, scores)."""
+    opts = config.select
+    if opts.method == "none" or not plan:
+        return generate_stage(plan, generator, config, store_dir, real, progress=progress)
+    candidates_plan = overgenerate_plan(plan, opts.overgenerate)
+    candidates, info = generate_stage(candidates_plan, generator, config, store_dir, real, progress=progress)
+    t0 = time.perf_counter()
+    selector = get_selector(opts.method)
+    cache = {}
+
+    def lazy(name, fn):  # the scorer, probabilities and features only when a selector asks for them
+        return lambda: cache[name] if name in cache else cache.setdefault(name, fn())
+
+    scorer = lazy("scorer", lambda: scorer_for(real, config, Path(store_dir) / "scorers", progress=progress))
+    extract = lazy("extract", lambda: feature_extractor(
+        opts.features, classifier=scorer() if opts.features == "classifier" else None, device=config.train.device))
+    probs = lazy("probs", lambda: predict_logits(scorer(), candidates.images).softmax(1))
+    features = lazy("features", lambda: extract()(candidates.images))
+    real_features = lazy("real", lambda: extract()(real.images))
+    groups = candidates.groups if candidates.groups is not None else torch.zeros(len(candidates), dtype=torch.long)
+    planned = {}
+    for row in plan:
+        cell = (int(row["label"]), row.get("group") if candidates.groups is not None else None)
+        planned[cell] = planned.get(cell, 0) + 1
+    mask, scores = torch.zeros(len(candidates), dtype=torch.bool), torch.zeros(len(candidates))
+    for g in groups.unique().tolist():
+        members = torch.nonzero(groups == g).flatten()
+        view = Candidates(labels=candidates.labels[members], probs=lambda m=members: probs()[m],
+                          features=lambda m=members: features()[m], real_features=real_features, real_labels=real.labels)
+        keep = {c: n for (c, cell_group), n in planned.items() if cell_group in (None, g)}
+        m, s = selector(view, keep, threshold=opts.threshold, k=opts.k, clusters=opts.clusters, seed=config.seed)
+        mask[members], scores[members] = m, s.float()
+    ids = [r["id"] for r in candidates.info["rows"]]
+    SyntheticStore(store_dir, real.classes).set_scores(
+        {i: {f"select_{opts.method}": float(s), f"selected_{opts.method}": bool(k)} for i, s, k in zip(ids, scores, mask)})
+    kept = candidates.subset(torch.nonzero(mask).flatten())
+    kept.info["rows"] = [r for r, k in zip(candidates.info["rows"], mask) if k]
+    shortfall = len(plan) - int(mask.sum())
+    info.update({
+        "selection": {"method": opts.method, "overgenerate": opts.overgenerate, "candidates": len(candidates),
+                      "kept": int(mask.sum()), "shortfall": shortfall, "features": str(opts.features),
+                      "kept_score_mean": float(scores[mask].mean()) if mask.any() else None,
+                      "dropped_score_mean": float(scores[~mask].mean()) if (~mask).any() else None,
+                      "seconds": time.perf_counter() - t0},
+        "planned": len(plan),
+        "images": int(mask.sum()),
+        "seconds": info["seconds"] + time.perf_counter() - t0,
+    })
+    return kept, info
+
+
+def matched_per_class(real: ImageDataset, synthetic: ImageDataset, cap: int, seed: int) -> tuple[ImageDataset, ImageDataset]:
+    """Both sets cut to the same count per class (the smaller of the two, at most `cap`), over
+    the classes both have: the set metrics then compare images, not class proportions (a
+    uniformizing plan is tailed the other way from the real split)."""
+    g = torch.Generator().manual_seed(seed)
+    picks = ([], [])
+    for c in range(real.num_classes):
+        members = [torch.nonzero(ds.labels == c).flatten() for ds in (real, synthetic)]
+        n = min(cap, *(len(m) for m in members))
+        for pick, m in zip(picks, members):
+            if n:
+                pick.append(m[torch.randperm(len(m), generator=g)[:n]])
+    return tuple(ds.subset(torch.cat(p) if p else []) for ds, p in zip((real, synthetic), picks))
+
+
+def validation_stage(task, synthetic: ImageDataset, config, classifier: Classifier | None, *,
+                     workdir: str | Path, progress: bool = False) -> dict:
+    """Every validation metric of `synthetic` against the real training split (see the module
+    docstring); the feature-space metrics see both sets cut to the same count per class
+    (`matched_per_class`, at most `validate.max_per_class`). Written to
+    `<workdir>/validation.json` and reused. Too small a set gives `{"skipped": why}`."""
+    opts = config.validate
+    done = Path(workdir) / "validation.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    if synthetic is None or not len(synthetic):
+        return {"skipped": "the run kept no synthetic images"}
+    t0 = time.perf_counter()
+    real, fake = matched_per_class(task.train, synthetic, opts.max_per_class, config.seed)
+    least = max(opts.k, 2) + 1, 5  # a k-NN manifold needs more than k samples; the domain classifier 5 folds
+    if len(fake) < max(least):
+        return {"skipped": f"{len(fake)} synthetic images in classes the real split has: too few for the set metrics"}
+    extract = feature_extractor(opts.features, classifier=classifier, device=config.train.device)
+    out = {"features": str(opts.features), "real_images": len(real), "synthetic_images": len(fake),
+           **set_metrics(extract(real.images), extract(fake.images), real.labels, fake.labels, k=opts.k, seed=config.seed)}
+    heldout = task.val if task.val is not None else task.test
+    out["memorization"] = memorization_ratio(synthetic, task.train, heldout)
+    if opts.cas:
+        # train on synthetic only, test on the real test images of the classes it has
+        result = fit_classifier(synthetic, config.train, seed=config.seed, checkpoint_dir=Path(workdir) / "cas-checkpoint",
+                                progress=progress)
+        present = synthetic.class_counts() > 0
+        test = task.test.subset(torch.nonzero(present[task.test.labels]).flatten())
+        metrics = evaluate(result.model, test)
+        out["cas"] = {"accuracy": metrics["accuracy"], "balanced_accuracy": metrics["balanced_accuracy"],
+                      "classes": int(present.sum())}
+    out["seconds"] = time.perf_counter() - t0
+    atomic_write_json(done, out)
+    return out

@@ -1,0 +1,205 @@
+"""Selection filters and validation metrics on small arrays with known answers, feature
+extractors (a tiny in-code CLIP for the pretrained path), and both stages end to end."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_dataset
+from test_recipes import FAST
+
+from synthaug.classify.models import create_model
+from synthaug.config import load_config
+from synthaug.data import LoadedDataset
+from synthaug.errors import SynthaugError
+from synthaug.recipes import get_recipe
+from synthaug.runs import train_run
+from synthaug.select import (
+    agreement,
+    cluster_representatives,
+    confidence,
+    density_coverage,
+    diversity,
+    domain_gap,
+    feature_extractor,
+    frechet_distance,
+    kernel_distance,
+    overgenerate_plan,
+    precision_recall,
+    realism_scores,
+    top_k_per_class,
+)
+from synthaug.select.filters import _spread
+from synthaug.select.stage import matched_per_class
+from synthaug.store import SyntheticStore
+from synthaug.task import make_task
+
+
+def gaussian(n, d=4, shift=0.0, seed=0):
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) + shift
+
+
+def test_identical_sets_score_perfectly():
+    x = gaussian(300)
+    assert frechet_distance(x, x) == pytest.approx(0, abs=1e-6)
+    assert precision_recall(x, x) == {"precision": 1.0, "recall": 1.0}
+    assert density_coverage(x, x)["coverage"] == 1.0
+
+
+def test_a_shifted_set_scores_worse():
+    real, same, shifted = gaussian(400, seed=0), gaussian(400, seed=1), gaussian(400, shift=2.0, seed=1)
+    # a pure shift keeps the covariance: the distance is the squared shift, 4 dims x 2^2
+    assert frechet_distance(real, real + 2.0) == pytest.approx(16.0, rel=1e-6)
+    assert frechet_distance(real, same) < 0.5 < 10 < frechet_distance(real, shifted)
+    kid_same, kid_shifted = kernel_distance(real, same)["mean"], kernel_distance(real, shifted)["mean"]
+    assert abs(kid_same) < 0.05 and kid_shifted > 1.0
+    pr_same, pr_shifted = precision_recall(real, same), precision_recall(real, shifted)
+    assert pr_same["precision"] > 0.8 and pr_same["recall"] > 0.8
+    assert pr_shifted["precision"] < 0.5 and pr_shifted["recall"] < 0.5
+    dc_same, dc_shifted = density_coverage(real, same), density_coverage(real, shifted)
+    assert 0.7 < dc_same["density"] < 1.3 and dc_same["coverage"] > 0.8
+    assert dc_shifted["density"] < 0.3 and dc_shifted["coverage"] < 0.5
+    assert 0.35 < domain_gap(real, same) < 0.65
+    assert domain_gap(real, shifted) > 0.95
+
+
+def test_diversity_and_realism_by_hand():
+    features = torch.tensor([[0.0, 0.0], [3.0, 4.0], [1.0, 1.0], [1.0, 1.0]])
+    assert diversity(features, torch.tensor([0, 0, 1, 1])) == {0: 5.0, 1: 0.0}
+    real = gaussian(200, d=2)
+    central = real[real.norm(dim=1).argmin()]  # a real sample in the densest region (kept by the pruning)
+    scores = realism_scores(real, torch.stack([central, torch.tensor([50.0, 50.0], dtype=torch.float64)]))
+    assert scores[0] > 1e6  # on a kept real sample: radius / ~0
+    assert scores[1] < 1  # far outside the manifold
+
+
+def test_confidence_agreement_and_top_k():
+    probs = torch.tensor([[0.9, 0.1], [0.4, 0.6], [0.2, 0.8], [0.7, 0.3], [0.55, 0.45]])
+    labels = torch.tensor([0, 0, 1, 1, 0])
+    assert confidence(probs, labels).tolist() == pytest.approx([0.9, 0.4, 0.8, 0.3, 0.55])
+    assert agreement(probs, labels, threshold=0.5).tolist() == [True, False, True, False, True]
+    assert agreement(probs, labels, threshold=0.6).tolist() == [True, False, True, False, False]
+    mask = top_k_per_class(confidence(probs, labels), labels, {0: 2, 1: 1})
+    assert mask.tolist() == [True, False, True, False, True]
+
+
+def test_cluster_selection_keeps_one_of_every_cluster():
+    centres = torch.tensor([[0.0, 0.0], [20.0, 0.0], [0.0, 20.0]])
+    g = torch.Generator().manual_seed(0)
+    features = torch.cat([centres[j] + torch.randn(n, 2, generator=g) for j, n in enumerate((30, 10, 5))])
+    labels = torch.zeros(len(features), dtype=torch.long)
+    mask, scores = cluster_representatives(features, labels, {0: 3}, clusters=3)
+    kept = features[mask]
+    assert len(kept) == 3
+    assert sorted(int(torch.cdist(k[None], centres).argmin()) for k in kept) == [0, 1, 2]
+    assert mask.sum() == 3 and (scores <= 0).all()
+    assert _spread(10, np.array([30, 10, 5])).tolist() == [7, 2, 1]  # 6.7, 2.2, 1.1 of 10
+    assert _spread(2, np.array([1, 1, 1])).sum() == 2
+
+
+def test_overgenerate_plan():
+    plan = [{"id": f"r{i}", "label": i % 2, "group": None, "seed": i} for i in range(5)]  # 3 of class 0, 2 of class 1
+    out = overgenerate_plan(plan, 2.5)
+    assert out[:5] == plan
+    assert len({r["id"] for r in out}) == len(out)
+    assert sum(r["label"] == 0 for r in out) == 8 and sum(r["label"] == 1 for r in out) == 5
+    assert len({r["seed"] for r in out}) == len(out)
+    assert overgenerate_plan(plan, 1.0) == plan
+    hundred = [{"id": f"r{i}", "label": 0, "group": None, "seed": i} for i in range(100)]
+    assert len(overgenerate_plan(hundred, 1.1)) == 110  # not 111 (1.1 * 100 = 110.00000000000001)
+    with pytest.raises(SynthaugError, match="overgenerate"):
+        overgenerate_plan(plan, 0.5)
+
+
+def test_matched_per_class_and_config_errors():
+    real, synthetic = make_dataset((10, 2, 5)), make_dataset((0, 6, 1), seed=1)
+    real_cut, synthetic_cut = matched_per_class(real, synthetic, cap=4, seed=0)
+    assert real_cut.class_counts().tolist() == synthetic_cut.class_counts().tolist() == [0, 2, 1]
+    with pytest.raises(SynthaugError, match="select.method is 'best'"):
+        load_config(None, ["select.method=best"])
+    with pytest.raises(SynthaugError, match="overgenerate must be >= 1"):
+        load_config(None, ["select.overgenerate=0.5"])
+
+
+def test_feature_extractors(tmp_path):
+    images = make_dataset((3, 2), channels=1, size=8).images
+    assert feature_extractor("pixels")(images).shape == (5, 64)
+    model = create_model("small-cnn", num_classes=2, in_channels=1, image_size=8)
+    from_classifier = feature_extractor("classifier", classifier=model)(images)
+    assert from_classifier.shape[0] == 5 and from_classifier.ndim == 2
+    model.save_pretrained(tmp_path / "clf")
+    assert torch.allclose(feature_extractor(str(tmp_path / "clf"))(images), from_classifier, atol=1e-5)
+    assert feature_extractor(torch.nn.Conv2d(1, 2, 8))(images).shape == (5, 2)
+    with pytest.raises(SynthaugError, match="need a trained classifier"):
+        feature_extractor("classifier")
+    with pytest.raises(SynthaugError, match="unknown feature extractor"):
+        feature_extractor("no-such-thing")
+
+
+def test_pretrained_encoder_from_a_local_folder(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.CLIPVisionConfig(image_size=16, patch_size=8, hidden_size=16, intermediate_size=32,
+                                           num_hidden_layers=1, num_attention_heads=2, projection_dim=8)
+    transformers.CLIPVisionModelWithProjection(config).save_pretrained(tmp_path / "clip")
+    transformers.CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(
+        tmp_path / "clip")
+    extract = feature_extractor(f"hf:{tmp_path / 'clip'}", device="cpu")
+    features = extract(make_dataset((3, 2), channels=1, size=8).images)
+    assert features.shape[0] == 5 and features.ndim == 2 and torch.isfinite(features).all()
+    with pytest.raises(SynthaugError, match="cannot load an image encoder"):
+        feature_extractor(f"hf:{tmp_path / 'missing'}")
+
+
+@pytest.fixture(scope="module")
+def data():
+    return LoadedDataset("tiny", make_dataset((40, 40, 40), seed=0), make_dataset((10, 10, 10), seed=1))
+
+
+def test_selection_keeps_the_planned_count(data, tmp_path):
+    store_dir = tmp_path / "store"  # shared: every method selects from the same candidates
+    for method in ("confidence", "agreement", "realism", "cluster", "random"):
+        config = load_config(None, [*FAST, "recipe=synaug", f"output_dir={tmp_path}", f"synaug.store_dir={store_dir}",
+                                    f"select.method={method}", "select.overgenerate=2", "select.threshold=0.2",
+                                    "select.clusters=2", "select.k=2", "train.epochs=1"])
+        task = make_task(data, config.split)
+        result = get_recipe("synaug").fn(task, config, workdir=tmp_path / method)
+        deficits = (task.train.class_counts().max() - task.train.class_counts()).tolist()
+        info = result.extra["synthetic"]["selection"]
+        assert info["candidates"] == 2 * sum(deficits)
+        rows = SyntheticStore(store_dir, task.train.classes).rows()
+        assert len(rows) == 2 * sum(deficits)  # generated once, scored by every method
+        kept = {r["id"] for r in rows if r["scores"][f"selected_{method}"]}
+        assert kept == {r["id"] for r in result.synthetic.info["rows"]}
+        if method == "agreement":  # a filter: it may keep fewer than planned, and says so
+            assert all(k <= d for k, d in zip(result.synthetic.class_counts().tolist(), deficits))
+            assert info["kept"] + info["shortfall"] == sum(deficits)
+            continue
+        assert result.synthetic.class_counts().tolist() == deficits and info["shortfall"] == 0
+        score = f"select_{method}"
+        for c in range(3):  # the kept images of a class score at least as high as the dropped ones
+            of_class = [r for r in rows if r["label"] == c]
+            if of_class and method != "cluster":
+                low_kept = min(r["scores"][score] for r in of_class if r["id"] in kept)
+                high_dropped = max(r["scores"][score] for r in of_class if r["id"] not in kept)
+                assert low_kept >= high_dropped
+
+
+def test_validation_stage_in_a_run(data, tmp_path, monkeypatch):
+    from synthaug.data import sources
+
+    monkeypatch.setitem(sources.SOURCES, "tiny-select", sources.Source("tiny-select", "test data",
+                                                                       lambda cache: (data.train, data.test)))
+    config = load_config(None, [*FAST, "recipe=synaug", f"output_dir={tmp_path}", "validate.enabled=true",
+                                "name=validated", "data.dataset=tiny-select", "select.method=confidence",
+                                "select.overgenerate=1.5", "report.baselines=ce"])
+    run_dir, metrics = train_run(config, progress=False, compare=True)
+    page = (run_dir / "report.html").read_text()
+    assert "<h2>Selection</h2>" in page and "<h2>Synthetic set validation</h2>" in page and "CAS" in page
+    v = metrics["validation"]
+    for key in ("frechet_distance", "kernel_distance", "precision", "recall", "density", "coverage", "diversity_ratio",
+                "domain_gap", "memorization", "cas"):
+        assert key in v
+    assert 0 <= v["cas"]["balanced_accuracy"] <= 1 and v["cas"]["classes"] == 2  # the head class gets no images
+    assert json.loads((run_dir / "validation.json").read_text())["frechet_distance"] == v["frechet_distance"]
+    assert not (run_dir / "cas-checkpoint").exists()
