@@ -203,3 +203,33 @@ def test_validation_stage_in_a_run(data, tmp_path, monkeypatch):
     assert 0 <= v["cas"]["balanced_accuracy"] <= 1 and v["cas"]["classes"] == 2  # the head class gets no images
     assert json.loads((run_dir / "validation.json").read_text())["frechet_distance"] == v["frechet_distance"]
     assert not (run_dir / "cas-checkpoint").exists()
+
+
+def test_validate_command_on_a_folder(tmp_path, capsys, monkeypatch):
+    import sys
+
+    from PIL import Image
+
+    from synthaug.cli import main
+    from synthaug.data import load_dataset
+
+    test = load_dataset("digits").test
+    for c in range(10):  # "synthetic" images: real held-out digits, 6 per class
+        (tmp_path / "gen" / str(c)).mkdir(parents=True)
+        for i, idx in enumerate(torch.nonzero(test.labels == c).flatten()[:6].tolist()):
+            Image.fromarray(test.images[idx, 0].numpy()).save(tmp_path / "gen" / str(c) / f"{i}.png")
+    args = ["synthaug", "validate", str(tmp_path / "gen"), "-s", "data.dataset=digits", "-s", "split.ratio=10",
+            "-s", "train.epochs=2", "-s", "validate.cas=false"]
+    monkeypatch.setattr(sys, "argv", args)
+    main()
+    out = capsys.readouterr().out
+    assert "frechet_distance" in out and "precision" in out
+    result = json.loads((tmp_path / "gen-validation" / "validation.json").read_text())
+    assert result["synthetic_images"] == result["real_images"] <= 60
+    assert result["memorization"]["median"] > 0.5  # held-out real images are not copies
+    (tmp_path / "gen" / "cat").mkdir()
+    Image.fromarray(test.images[0, 0].numpy()).save(tmp_path / "gen" / "cat" / "0.png")
+    monkeypatch.setattr(sys, "argv", [*args[:2], str(tmp_path / "gen"), *args[3:]])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == 2 and "class folder 'cat'" in capsys.readouterr().err

@@ -111,6 +111,56 @@ def run(
     console.print(f"run folder: {run_dir}")
 
 
+@app.command()
+def validate(
+    synthetic: Path = typer.Argument(..., help="a synthetic store (a run's synthetic/ folder) or a folder of class subfolders"),
+    config_file: Path = typer.Option(None, "--config", "-c", help="config whose data and split are the real images"),
+    overrides: list[str] = SET_OPT,
+    classifier: Path = typer.Option(None, help="compare in this classifier's features (a save_pretrained folder)"),
+    out: Path = typer.Option(None, help="where validation.json goes (default: <synthetic>-validation/ beside it)"),
+    quiet: bool = QUIET_OPT,
+):
+    """Validate a synthetic image set against the real training split: Frechet distance, KID,
+    precision/recall, density/coverage, diversity, domain gap, memorisation and the accuracy
+    of a classifier trained on the synthetic images alone (CAS)."""
+    from .config import load_config
+    from .data import load_dataset
+    from .data.sources import read_class_folder
+    from .select.stage import scorer_for, validation_stage
+    from .store import SyntheticStore
+    from .task import make_task
+
+    cfg = load_config(config_file, [*overrides, *([f"validate.features={classifier}"] if classifier else [])])
+    data = load_dataset(cfg.data.dataset, image_size=cfg.data.image_size, channels=cfg.data.channels,
+                        cache_dir=cfg.data.cache_dir)
+    task = make_task(data, cfg.split)
+    if (synthetic / "train" / "metadata.jsonl").exists():
+        store = SyntheticStore(synthetic, task.train.classes)
+        store.verify()
+        images = store.load()
+    else:
+        images = read_class_folder(synthetic, task.train)
+    out = out or synthetic.parent / f"{synthetic.name}-validation"
+    model = None
+    if cfg.validate.features == "classifier":  # no classifier given: one trained on the real split
+        model = scorer_for(task.train, cfg, out / "classifier", progress=not quiet)
+    result = validation_stage(task, images, cfg, model, workdir=out, progress=not quiet)
+    if result.get("skipped"):
+        raise SynthaugError(f"cannot validate '{synthetic}': {result['skipped']}")
+    table = Table("metric", "value", title=f"{result['synthetic_images']} synthetic vs {result['real_images']} real images")
+    for key in ("frechet_distance", "precision", "recall", "density", "coverage", "domain_gap"):
+        table.add_row(key, f"{result[key]:.4f}")
+    table.add_row("kernel_distance", f"{result['kernel_distance']['mean']:.4f} ± {result['kernel_distance']['std']:.4f}")
+    if result["diversity_ratio"]["mean"] is not None:
+        table.add_row("diversity_ratio (mean)", f"{result['diversity_ratio']['mean']:.3f}")
+    if result["memorization"]["median"] is not None:
+        table.add_row("memorization (median)", f"{result['memorization']['median']:.3f}")
+    if result.get("cas"):
+        table.add_row("CAS balanced accuracy", f"{100 * result['cas']['balanced_accuracy']:.2f}")
+    console.print(table)
+    console.print(f"written: {out / 'validation.json'}")
+
+
 def print_metrics(metrics: dict):
     test = metrics["test"]
     table = Table("metric", "value", title=f"{metrics['recipe']} on {metrics['dataset']} (seed {metrics['seed']})")

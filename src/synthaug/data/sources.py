@@ -309,6 +309,21 @@ def _load_image_folder(root: Path, image_size=None):
     return _stratified_split(ds.images, ds.labels, classes)
 
 
+def read_class_folder(root: str | Path, like: ImageDataset) -> ImageDataset:
+    """Images in `root/<class>/` (e.g. generated elsewhere) as a dataset with the classes,
+    channels and size of `like`; a class folder that `like` does not know is an error."""
+    root = Path(root)
+    if not root.is_dir():
+        raise SynthaugError(f"'{root}' is not a folder: give a folder of class subfolders")
+    files, names = _list_class_folder(root)
+    unknown = [n for n in names if n not in like.classes]
+    if unknown:
+        raise SynthaugError(f"class folder '{unknown[0]}' in '{root}' is not a class of the data ({', '.join(like.classes[:10])}"
+                            f"{', ...' if len(like.classes) > 10 else ''}): rename or remove it")
+    ds = _decode([(p, like.classes.index(names[label])) for p, label in files], like.classes)
+    return _convert(ds, like.image_size, like.channels)
+
+
 def _list_class_folder(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
