@@ -205,15 +205,15 @@ def summarise(rows: list[dict]) -> str:
         seeds = sorted({r["seed"] for r in runs})
         lines += [f"**{setting}** ({runs[0]['model']}, {runs[0]['epochs']} epochs, classifier seeds {seeds}, "
                   f"generator seeds {sorted({r['generator_seed'] for r in runs})})", "",
-                  "| method | balanced acc | many | medium | few | worst class | synthetic images | train s/run |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| method | balanced acc | many | medium | few | worst class | synthetic images | train s/run | seeds |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         means = {}
         for method in sorted(dict.fromkeys(r["method"] for r in runs), key=lambda m: list(METHODS).index(m)):
             m = [r for r in runs if r["method"] == method]
             means[method] = statistics.fmean(r["balanced_accuracy"] for r in m)
             secs = [r["train_seconds"] for r in m]
             lines.append(f"| {method} | " + " | ".join(fmt([r[c] for r in m]) for c in COLUMNS)
-                         + f" | {m[0]['synthetic_images']} | {statistics.fmean(secs):.0f} |")
+                         + f" | {m[0]['synthetic_images']} | {statistics.fmean(secs):.0f} | {len(m)} |")
         best = max((b for b in BASELINES if b in means), key=means.get, default=None)
         if best and "oracle" in means and "synaug" in means:
             gap = means["oracle"] - means[best]
