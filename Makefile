@@ -8,7 +8,7 @@ STAMP := $(VENV)/.synthaug-installed
 # torch from this pin installs from the machine's wheel cache in about a minute; see README.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-slow bench-baselines bench-synaug bench-sampler bench-tada bench-augcond bench-utilgen bench-selection lint clean
+.PHONY: demo test test-slow bench-baselines bench-synaug bench-sampler bench-tada bench-augcond bench-utilgen bench-selection bench-executors lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,9 @@ bench-synaug: $(STAMP)
 
 bench-sampler: $(STAMP)
 	$(BIN)/python benchmarks/sampler.py
+
+bench-executors: $(STAMP)
+	$(BIN)/python benchmarks/executors.py
 
 bench-tada: $(STAMP)
 	$(BIN)/python benchmarks/tada.py

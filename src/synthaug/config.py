@@ -16,6 +16,7 @@ from .classify.train import TrainConfig
 from .errors import SynthaugError
 from .generate.diffusion import PRESETS, SAMPLERS
 from .generate.image_condition import OPERATORS, PAIRINGS
+from .generate.stable_diffusion import DTYPES as SD_DTYPES
 from .select.filters import SELECTORS
 
 SPLITS = ("none", "long-tail", "few-shot", "colored")
@@ -55,9 +56,23 @@ class EvalConfig:
 
 @dataclass
 class GeneratorSection:
-    """The embedded diffusion generator: network, training and sampling."""
+    """The generator: the embedded diffusion model (network, training) or a pretrained Stable
+    Diffusion pipeline (`pretrained`), and sampling."""
 
     path: str | None = None  # a folder written by save_pretrained: use it instead of training one
+    # a diffusers Stable Diffusion pipeline (hub id or folder; unCLIP for recipe augcond): used instead of
+    # the embedded generator (pip install 'synthaug[sd]'; set guidance_scale ~7.5 and sampling_steps ~25)
+    pretrained: str | None = None
+    prompt: str = "a photo of a {name}"  # Stable Diffusion: the class prompt ({name}: the class name)
+    prompt_modifiers: list = field(default_factory=list)  # appended to the prompt, one drawn per image
+    negative_prompt: str = ""
+    resolution: int | None = None  # Stable Diffusion's generation size (default: the UNet's native size)
+    dtype: str = field(default="auto", metadata={"choices": SD_DTYPES})  # auto: float16/bfloat16 on a GPU
+    attention_slicing: bool = True  # on a GPU
+    noise_level: int = 0  # unCLIP: noise on the image embedding
+    adapt_steps: int = 0  # > 0: fine-tune a LoRA adapter on the training images first (cached)
+    lora_rank: int = 4
+    adapt_lr: float = 1.0e-4
     preset: str = field(default="small", metadata={"choices": tuple(PRESETS)})
     steps: int = 2400
     batch_size: int = 64
@@ -87,6 +102,30 @@ class GeneratorSection:
             raise SynthaugError("generator.label_dropout must be in [0, 1), generator.ema_decay in (0, 1), generator.lr > 0")
         if self.guidance_scale < 1:
             raise SynthaugError(f"generator.guidance_scale must be >= 1 (1 = no guidance), got {self.guidance_scale}")
+        if self.path and self.pretrained:
+            raise SynthaugError("set generator.path (a saved generator) or generator.pretrained (a Stable Diffusion "
+                                "pipeline), not both")
+        if "{name}" not in self.prompt:
+            raise SynthaugError(f"generator.prompt '{self.prompt}' has no {{name}}: write e.g. 'a photo of a {{name}}'")
+        if not all(isinstance(m, str) for m in self.prompt_modifiers):
+            raise SynthaugError("generator.prompt_modifiers must be a list of strings")
+        if self.adapt_steps < 0 or self.lora_rank < 1 or self.noise_level < 0:
+            raise SynthaugError("generator.adapt_steps and generator.noise_level must be >= 0, generator.lora_rank >= 1")
+
+
+@dataclass
+class ExecutorSection:
+    """Who makes the synthetic images (generate/executors.py): this process, `accelerate`
+    (the GPUs of one node) or `ray` (a cluster)."""
+
+    name: str = field(default="local", metadata={"choices": ("local", "accelerate", "ray")})
+    workers: int | None = None  # default: one per GPU, else 2
+    shard_size: int | None = None  # rows per shard (default: generator.sampling_batch_size)
+    address: str | None = None  # ray: the cluster's address (default: a running one, else a local instance)
+
+    def __post_init__(self):
+        if (self.workers is not None and self.workers < 1) or (self.shard_size is not None and self.shard_size < 1):
+            raise SynthaugError("executor.workers and executor.shard_size must be >= 1")
 
 
 @dataclass
@@ -235,6 +274,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     generator: GeneratorSection = field(default_factory=GeneratorSection)
+    executor: ExecutorSection = field(default_factory=ExecutorSection)
     synaug: SynaugSection = field(default_factory=SynaugSection)
     tada: TadaSection = field(default_factory=TadaSection)
     augcond: AugcondSection = field(default_factory=AugcondSection)

@@ -4,7 +4,9 @@ label, class, group, seed, generator fingerprint, recipe, conditioning, scores).
 
 Writes are atomic (temp file + rename; a metadata row is appended only after its image is
 in place), so an interrupted generation leaves no corrupt file, and `fill` generates only
-the rows that are missing."""
+the rows that are missing. Parallel workers (generate/executors.py) each append to their
+own shard file, `train/metadata-<shard>.jsonl`; the rows of every shard file count as
+written, and the next `fill` (or `merge_shards`) folds them into metadata.jsonl."""
 
 from __future__ import annotations
 
@@ -32,12 +34,18 @@ class SyntheticStore:
         self.metadata_file = self.split_dir / "metadata.jsonl"
 
     # ------------------------------------------------------------------ reading
+    def shard_files(self) -> list[Path]:
+        return sorted(self.split_dir.glob("metadata-*.jsonl"))
+
+    def _lines(self) -> list[str]:
+        files = ([self.metadata_file] if self.metadata_file.exists() else []) + self.shard_files()
+        return [line for f in files for line in f.read_text().splitlines()]
+
     def rows(self) -> list[dict]:
-        """Metadata rows whose image is present. A last line cut off by a crash is ignored."""
-        if not self.metadata_file.exists():
-            return []
+        """Metadata rows whose image is present (metadata.jsonl, then the shard files; a row
+        written twice counts once). A last line cut off by a crash is ignored."""
         rows, seen = [], set()
-        for line in self.metadata_file.read_text().splitlines():
+        for line in self._lines():
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
@@ -58,8 +66,8 @@ class SyntheticStore:
         if not self.split_dir.exists():
             return
         listed = set()
-        if self.metadata_file.exists():
-            for n, line in enumerate(self.metadata_file.read_text().splitlines(), 1):
+        if self.metadata_file.exists() or self.shard_files():
+            for n, line in enumerate(self._lines(), 1):
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError:
@@ -99,15 +107,23 @@ class SyntheticStore:
 
     # ------------------------------------------------------------------ writing
     def fill(self, plan: list[dict], make_images: Callable[[list[dict]], torch.Tensor], *, batch_size: int = 64,
-             extra: dict | None = None, progress: bool = False) -> int:
+             extra: dict | None = None, progress: bool = False, shard: str | None = None) -> int:
         """Generate and write every plan row not yet in the store. A plan row has `id`,
         `label`, `seed` and optional `group`, `conditioning`, ...; `make_images(rows)`
-        returns uint8 images for them. Returns the number of images written."""
+        returns uint8 images for them. Returns the number of images written.
+
+        `shard`: a parallel worker's name. Its rows go to its own shard file, and the store
+        is not repaired first (other workers are writing; the driver repairs before and
+        merges after)."""
         ids = [r["id"] for r in plan]
         if len(set(ids)) != len(ids):
             raise ValueError("plan row ids must be unique")
         self.split_dir.mkdir(parents=True, exist_ok=True)
-        self._repair_metadata()
+        if shard is None:
+            self._repair_metadata()
+        elif not shard.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"shard names are letters, digits, '-' and '_', got {shard!r}")
+        metadata_file = self.metadata_file if shard is None else self.split_dir / f"metadata-{shard}.jsonl"
         existing = {r["id"]: r for r in self.rows()}
         # a stored row is reused only if it was made the same way: the plan row's own fields (label,
         # seed, source, strength, ...) and `extra` (generator, sampler, ...) must match
@@ -126,7 +142,7 @@ class SyntheticStore:
             for i in range(0, len(todo), batch_size):
                 rows = todo[i : i + batch_size]
                 images = make_images(rows)
-                with self.metadata_file.open("a") as meta:
+                with metadata_file.open("a") as meta:
                     for row, image in zip(rows, images):
                         record = self._write_image(row, image, extra or {})
                         meta.write(json.dumps(record) + "\n")
@@ -147,12 +163,9 @@ class SyntheticStore:
         for r in rows:
             if r["id"] in scores:
                 r["scores"] = {**(r.get("scores") or {}), **scores[r["id"]]}
-        tmp = self.metadata_file.with_name(".metadata.jsonl.tmp")
-        with open(tmp, "w") as f:
-            f.write("".join(json.dumps(r) + "\n" for r in rows))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.metadata_file)
+        self._rewrite(rows)
+        for f in self.shard_files():
+            f.unlink()
 
     def _write_image(self, row: dict, image: torch.Tensor, extra: dict) -> dict:
         name = self.classes[int(row["label"])]
@@ -168,9 +181,32 @@ class SyntheticStore:
         os.replace(tmp, path)
         return {"file_name": rel, "class": name, **{k: v for k, v in row.items()}, **extra}
 
+    def repair(self):
+        """Make metadata and files agree (see `_repair_metadata`). Only when no worker is writing."""
+        self.split_dir.mkdir(parents=True, exist_ok=True)
+        self._repair_metadata()
+
+    def merge_shards(self):
+        """Fold the shard files into metadata.jsonl (atomically) and delete them. Only when
+        no worker is writing."""
+        shards = self.shard_files()
+        if shards:
+            self._rewrite(self.rows())
+            for f in shards:
+                f.unlink()
+
+    def _rewrite(self, rows: list[dict]):
+        tmp = self.metadata_file.with_name(".metadata.jsonl.tmp")
+        with open(tmp, "w") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.metadata_file)
+
     def _repair_metadata(self):
-        """Rewrite metadata.jsonl without cut-off lines or rows whose image is missing, and
-        delete images that have no row and leftover temp files (they are regenerated)."""
+        """Rewrite metadata.jsonl (with the shard files merged in) without cut-off lines or
+        rows whose image is missing, and delete images that have no row and leftover temp
+        files (they are regenerated)."""
         if not self.split_dir.exists():
             return
         for tmp in self.split_dir.glob("*/.*.tmp"):
@@ -178,9 +214,9 @@ class SyntheticStore:
         rows = self.rows()
         text = "".join(json.dumps(r) + "\n" for r in rows)
         if not self.metadata_file.exists() or self.metadata_file.read_text() != text:
-            tmp = self.metadata_file.with_name(".metadata.jsonl.tmp")
-            tmp.write_text(text)
-            os.replace(tmp, self.metadata_file)
+            self._rewrite(rows)
+        for f in self.shard_files():
+            f.unlink()
         listed = {r["file_name"] for r in rows}
         for p in self.split_dir.glob("*/*.png"):
             if str(p.relative_to(self.split_dir)) not in listed:

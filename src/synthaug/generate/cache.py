@@ -13,6 +13,8 @@ from pathlib import Path
 from ..data.dataset import ImageDataset
 from ..errors import SynthaugError
 from .diffusion import DiffusionGenerator, GeneratorConfig, GeneratorTrainConfig, SamplerConfig
+from .stable_diffusion import KIND as SD_KIND
+from .stable_diffusion import StableDiffusionGenerator
 
 TRAINING_KEYS = ("preset", "steps", "batch_size", "lr", "ema_decay", "label_dropout", "seed")
 
@@ -39,10 +41,13 @@ def generator_for(data: ImageDataset, section, *, cache_root: str | Path, progre
 
     `unlabeled`: a pool of unlabelled images the generator also trains on (under the null
     class); `image_embed_dim` > 0: an image-conditioned generator (AugCond)."""
+    if section.pretrained:  # a Stable Diffusion pipeline
+        return stable_diffusion_for(data, section, cache_root=cache_root, progress=progress, device=device,
+                                    image_conditioned=bool(image_embed_dim))
     if section.path:
-        gen = DiffusionGenerator.from_pretrained(section.path, device=device)
+        gen = load_generator(section.path, device=device)
         gen.check_compatible(data)
-        if image_embed_dim and not gen.config.image_embed_dim:
+        if image_embed_dim and not (gen.config.image_embed_dim if gen.kind == "embedded" else gen.unclip):
             raise SynthaugError(f"the generator in '{section.path}' is not image-conditioned: train one "
                                 "(leave generator.path unset)")
         return gen, {"source": "pretrained", "path": str(section.path), "trained_now": False}
@@ -76,3 +81,41 @@ def provenance(generator, sampling: SamplerConfig) -> dict:
     """What made an image, as recorded in a store's metadata (a store refuses rows made otherwise)."""
     return {"generator": generator.fingerprint(), "guidance_scale": sampling.guidance_scale,
             "sampler": f"{sampling.sampler}/{sampling.steps}"}
+
+
+def stable_diffusion_for(data: ImageDataset, section, *, cache_root: str | Path, progress: bool = False,
+                         device: str = "auto", image_conditioned: bool = False) -> tuple[StableDiffusionGenerator, dict]:
+    """The configured Stable Diffusion pipeline as a generator for `data`; with
+    `section.adapt_steps`, LoRA-adapted to the data first (cached like a trained generator)."""
+    options = dict(channels=data.channels, image_size=data.image_size[0], prompt=section.prompt,
+                   modifiers=list(section.prompt_modifiers), negative_prompt=section.negative_prompt,
+                   resolution=section.resolution, dtype=section.dtype, attention_slicing=section.attention_slicing,
+                   noise_level=section.noise_level)
+    info = {"source": "pretrained", "kind": SD_KIND, "path": section.pretrained, "trained_now": False}
+    folder = None
+    if section.adapt_steps:
+        payload = {"data": data.fingerprint(), "pretrained": section.pretrained, "options": options,
+                   "adapt": [section.adapt_steps, section.lora_rank, section.adapt_lr, section.batch_size, section.seed]}
+        folder = Path(cache_root) / ("sd-" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16])
+    if folder is not None and (folder / "generator.json").exists():
+        gen = StableDiffusionGenerator.from_pretrained(folder, device=device)
+        info.update(source="cache", path=str(folder))
+    else:
+        gen = StableDiffusionGenerator.from_pretrained(section.pretrained, data.classes, device=device, **options)
+        if folder is not None:
+            gen.adapt(data, steps=section.adapt_steps, rank=section.lora_rank, lr=section.adapt_lr,
+                      batch_size=min(section.batch_size, 16), seed=section.seed, progress=progress)
+            gen.save_pretrained(folder)
+            info.update(source="adapted", path=str(folder), trained_now=True, base=section.pretrained)
+    if image_conditioned and not gen.unclip:
+        raise SynthaugError(f"recipe augcond conditions on images: '{section.pretrained}' is not an unCLIP pipeline "
+                            "(use e.g. stabilityai/stable-diffusion-2-1-unclip)")
+    return gen, info
+
+
+def load_generator(folder: str | Path, *, device: str = "auto", classes: list[str] | None = None):
+    """A generator saved with `save_pretrained`, of either kind."""
+    meta = Path(folder) / "generator.json"
+    if meta.exists() and json.loads(meta.read_text()).get("kind") == SD_KIND:
+        return StableDiffusionGenerator.from_pretrained(folder, device=device)
+    return DiffusionGenerator.from_pretrained(folder, device=device)

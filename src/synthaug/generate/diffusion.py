@@ -160,9 +160,31 @@ def build_sampler(config: GeneratorConfig, sampler: str):
     raise SynthaugError(f"unknown sampler '{sampler}': use one of {', '.join(SAMPLERS)}")
 
 
+def row_kind(row: dict) -> str:
+    return "conditioned" if row.get("sources") is not None else "guided" if row.get("source") is not None else "plain"
+
+
+def split_by_kind(rows: list[dict], make) -> torch.Tensor | None:
+    """When `rows` mix kinds (plain, image-guided, image-conditioned), their images made kind
+    by kind with `make(rows)` and put back in row order; None when they are of one kind."""
+    kinds = [row_kind(r) for r in rows]
+    if len(set(kinds)) < 2:
+        return None
+    out = None
+    for kind in dict.fromkeys(kinds):
+        idx = [i for i, k in enumerate(kinds) if k == kind]
+        images = make([rows[i] for i in idx])
+        if out is None:
+            out = torch.empty(len(rows), *images.shape[1:], dtype=images.dtype)
+        out[idx] = images
+    return out
+
+
 class DiffusionGenerator:
     """Class- (and group-) conditional diffusion model. `fit` trains it on an ImageDataset,
     `generate` draws images for given labels and per-image seeds."""
+
+    kind = "embedded"
 
     def __init__(self, config: GeneratorConfig, unet=None):
         self.config = config
@@ -217,6 +239,11 @@ class DiffusionGenerator:
         g = self.config.num_groups
         groups = torch.full_like(labels, g) if groups is None or g == 0 else groups
         return labels * (g + 1) + groups
+
+    @property
+    def noise_shape(self) -> tuple[int, int, int]:
+        """The shape of one image's initial noise."""
+        return (self.config.channels, self.config.image_size, self.config.image_size)
 
     @property
     def null_class(self) -> int:
@@ -451,7 +478,11 @@ class DiffusionGenerator:
         """Images for plan rows (`label`, `seed`, optional `group`): what a store's `fill`
         calls. Image-guided rows also have `source` (an index into `sources`) and `strength`;
         image-conditioned rows `sources` (two indices into `sources`, same class) and a
-        conditioning mode in `conditioning` (see `image_condition.OPERATORS`)."""
+        conditioning mode in `conditioning` (see `image_condition.OPERATORS`). Rows of
+        different kinds may come mixed."""
+        mixed = split_by_kind(rows, lambda part: self.generate_rows(part, sampler, sources))
+        if mixed is not None:
+            return mixed
         groups = [r["group"] for r in rows] if rows and rows[0].get("group") is not None else None
         guided = bool(rows) and rows[0].get("source") is not None
         conditioned = bool(rows) and rows[0].get("sources") is not None

@@ -32,6 +32,22 @@ def dpo_loss(model_err_w: torch.Tensor, model_err_l: torch.Tensor, ref_err_w: to
     return -F.logsigmoid(inside).mean()
 
 
+def dpo_update(err: torch.Tensor, ref_err: torch.Tensor, beta: float, optimizer, params, step: int, steps: int,
+               history: list[dict]):
+    """One optimiser step on the DPO loss of a batch of per-image denoising errors (first
+    half: the preferred images, second half: their rejected partners); logs every 10 steps
+    the loss and the share of pairs ranked the right way relative to the reference."""
+    (err_w, err_l), (ref_w, ref_l) = err.chunk(2), ref_err.chunk(2)
+    loss = dpo_loss(err_w, err_l, ref_w, ref_l, beta)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    if step % 10 == 0 or step == steps:
+        margin = ((ref_w - ref_l) - (err_w - err_l)).detach()
+        history.append({"step": step, "loss": float(loss.detach()), "ranked_right": float((margin > 0).float().mean())})
+
+
 def finetune_dpo(generator: DiffusionGenerator, preferred: torch.Tensor, rejected: torch.Tensor, labels: torch.Tensor, *,
                  steps: int = 200, batch_size: int = 32, lr: float = 1e-5, beta: float = 2000.0, seed: int = 0,
                  device: str = "auto") -> list[dict]:
@@ -39,7 +55,11 @@ def finetune_dpo(generator: DiffusionGenerator, preferred: torch.Tensor, rejecte
     (`preferred[i]`, `rejected[i]`, both uint8 and of class `labels[i]`). The class-embedding
     table is left alone: it is the generation policy, optimised on its own
     (`policy.optimise_class_embeddings`). Returns the training log (loss, and the share of
-    pairs the model ranks the right way, relative to the reference)."""
+    pairs the model ranks the right way, relative to the reference). A Stable Diffusion
+    generator trains a LoRA adapter instead (`StableDiffusionGenerator.finetune_dpo`)."""
+    if generator.kind != "embedded":
+        return generator.finetune_dpo(preferred, rejected, labels, steps=steps, batch_size=batch_size, lr=lr, beta=beta,
+                                      seed=seed)
     if not (len(preferred) == len(rejected) == len(labels)) or len(labels) == 0:
         raise SynthaugError("DPO needs pairs: as many preferred as rejected images and labels, at least one")
     dev = resolve_device(device)
@@ -68,15 +88,7 @@ def finetune_dpo(generator: DiffusionGenerator, preferred: torch.Tensor, rejecte
         with torch.no_grad():
             x = noisy if cond_map is None else torch.cat([noisy, cond_map], 1)
             ref_err = (reference(x, t, class_labels=class_input).sample - noise).pow(2).mean(dim=(1, 2, 3))
-        (err_w, err_l), (ref_w, ref_l) = err.chunk(2), ref_err.chunk(2)
-        loss = dpo_loss(err_w, err_l, ref_w, ref_l, beta)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        if (step + 1) % 10 == 0 or step + 1 == steps:
-            margin = ((ref_w - ref_l) - (err_w - err_l)).detach()
-            history.append({"step": step + 1, "loss": float(loss.detach()), "ranked_right": float((margin > 0).float().mean())})
+        dpo_update(err, ref_err, beta, optimizer, params, step + 1, steps, history)
     unet.eval()
     generator.train_seconds += time.perf_counter() - t0
     return history

@@ -23,6 +23,14 @@ import torch.nn.functional as F
 from .diffusion import DiffusionGenerator, build_train_scheduler
 
 
+def policy_embeddings(generator) -> torch.Tensor:
+    """The vectors the instance-level policy moves: the class-embedding table of the embedded
+    generator, the prompt embeddings of a Stable Diffusion one."""
+    if generator.kind != "embedded":
+        return generator.prompt_embeds
+    return class_embedding_table(generator).weight
+
+
 def class_embedding_table(generator: DiffusionGenerator) -> torch.nn.Embedding:
     """The embedding table whose rows are the (class, group) cells' vectors."""
     return generator.condition.cells if generator.condition is not None else generator.unet.class_embedding
@@ -36,7 +44,11 @@ def optimise_class_embeddings(generator: DiffusionGenerator, images: torch.Tenso
     `proximity` x the mean squared distance to `anchor` (the original table, e.g. the base
     generator's over several rounds; default: the vectors as they are now). Changes the
     generator in place; returns the first and last denoising loss and the relative shift
-    per class from the anchor."""
+    per class from the anchor. A Stable Diffusion generator moves its prompt embeddings the
+    same way, in latent space (`StableDiffusionGenerator.optimise_prompt_embeddings`)."""
+    if generator.kind != "embedded":
+        return generator.optimise_prompt_embeddings(images, labels, steps=steps, lr=lr, proximity=proximity,
+                                                    batch_size=batch_size, anchor=anchor, seed=seed)
     table = class_embedding_table(generator)
     device = table.weight.device
     current = table.weight.detach().clone()
@@ -86,7 +98,10 @@ def optimise_class_embeddings(generator: DiffusionGenerator, images: torch.Tenso
 def invert_noise(generator: DiffusionGenerator, images: torch.Tensor, labels, *, steps: int = 25,
                  guidance_scale: float = 1.0, batch_size: int = 128) -> torch.Tensor:
     """DDIM inversion: for each uint8 image, the initial noise x_T from which the DDIM
-    sampler (same steps, this guidance) returns close to it."""
+    sampler (same steps, this guidance) returns close to it (for Stable Diffusion: the initial
+    latents, `StableDiffusionGenerator.invert_noise`)."""
+    if generator.kind != "embedded":
+        return generator.invert_noise(images, labels, steps=steps, guidance_scale=guidance_scale)
     from diffusers import DDIMInverseScheduler
 
     device = next(generator.unet.parameters()).device

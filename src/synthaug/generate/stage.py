@@ -10,6 +10,7 @@ from ..data.dataset import ImageDataset
 from ..store import SyntheticStore
 from .cache import generator_for, provenance, sampler_config
 from .diffusion import DiffusionGenerator
+from .executors import execute
 
 
 def generator_stage(real: ImageDataset, config, *, progress: bool = False, unlabeled: ImageDataset | None = None,
@@ -30,10 +31,12 @@ def generate_stage(plan: list[dict], generator: DiffusionGenerator, config, stor
     sampling = sampler_config(config.generator)
     store = SyntheticStore(store_dir, real.classes)
     t0 = time.perf_counter()
-    written = store.fill(plan, lambda rows: generator.generate_rows(rows, sampling, sources=real),
-                         batch_size=sampling.batch_size, progress=progress, extra=provenance(generator, sampling))
+    ex = config.executor
+    written = execute(ex.name, store, plan, generator, sampling, real, extra=provenance(generator, sampling),
+                      progress=progress, workers=ex.workers, shard_size=ex.shard_size, address=ex.address)
     seconds = time.perf_counter() - t0
     store.verify()
     synthetic = store.load(ids=[r["id"] for r in plan]) if plan else real.subset([])
     return synthetic, {"planned": len(plan), "generated_now": written, "images": len(synthetic), "store": str(store.root),
-                       "images_per_second": written / seconds if written else None, "seconds": seconds}
+                       "images_per_second": written / seconds if written else None, "seconds": seconds,
+                       "executor": ex.name}

@@ -40,7 +40,7 @@ def target_count(task, config) -> int:
 def check(task, config):
     """Fail on an impossible plan or generator before anything is written."""
     target_count(task, config)
-    if not config.generator.path:
+    if not (config.generator.path or config.generator.pretrained):
         GeneratorConfig(image_size=task.train.image_size[0], channels=task.train.channels, classes=task.train.classes,
                         preset=config.generator.preset, image_embed_dim=config.augcond.embed_dim)
 

@@ -34,7 +34,7 @@ def check(task, config):
     """Fail on an impossible plan or generator before anything is written."""
     by_group = config.synaug.balance_groups and task.train.groups is not None
     balance_plan(task.train, target_per_class=config.synaug.target_per_class, by_group=by_group)
-    if not config.generator.path:
+    if not (config.generator.path or config.generator.pretrained):
         GeneratorConfig(image_size=task.train.image_size[0], channels=task.train.channels, classes=task.train.classes,
                         preset=config.generator.preset)
 

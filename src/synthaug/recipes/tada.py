@@ -43,7 +43,7 @@ def check(task, config):
     if config.tada.early_epochs >= config.train.epochs:
         raise SynthaugError(f"tada.early_epochs ({config.tada.early_epochs}) must be below train.epochs "
                             f"({config.train.epochs}): the split needs a model that has not finished training")
-    if not config.generator.path:
+    if not (config.generator.path or config.generator.pretrained):
         GeneratorConfig(image_size=task.train.image_size[0], channels=task.train.channels, classes=task.train.classes,
                         preset=config.generator.preset)
 

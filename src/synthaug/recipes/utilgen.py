@@ -31,13 +31,14 @@ import torch
 from ..classify import evaluate, extract_features, fit_classifier
 from ..data import concat
 from ..errors import SynthaugError
-from ..generate.diffusion import DiffusionGenerator, GeneratorConfig, SamplerConfig
+from ..generate.cache import load_generator
+from ..generate.diffusion import GeneratorConfig, SamplerConfig
 from ..generate.dpo import finetune_dpo
 from ..generate.policy import (
-    class_embedding_table,
     invert_noise,
     mix_noise,
     optimise_class_embeddings,
+    policy_embeddings,
 )
 from ..generate.stage import generator_stage
 from ..plan import utility_plan
@@ -53,7 +54,7 @@ def check(task, config):
     if config.utilgen.noise and config.utilgen.sampler != "ddim":
         raise SynthaugError(f"utilgen.noise starts generations from DDIM-inverted noise, which only the ddim sampler "
                             f"follows back: set utilgen.sampler=ddim or utilgen.noise=false (got {config.utilgen.sampler})")
-    if not config.generator.path:
+    if not (config.generator.path or config.generator.pretrained):
         GeneratorConfig(image_size=task.train.image_size[0], channels=task.train.channels, classes=task.train.classes,
                         preset=config.generator.preset)
 
@@ -76,7 +77,7 @@ def utilgen(task, config, *, workdir=None, progress=False, trained=None) -> Reci
     store = SyntheticStore(Path(opts.store_dir) if opts.store_dir else workdir / "synthetic", real.classes)
     for key in ("generate", "value", "policy", "model"):
         seconds[key] = 0.0
-    anchor = class_embedding_table(generator).weight.detach().clone()  # the base generator's class vectors
+    anchor = policy_embeddings(generator).detach().clone()  # the base generator's class (prompt) vectors
 
     noise_bank: dict[str, torch.Tensor] = {}  # id of a high-utility image -> its inverted initial noise
     noise_from: dict[int, list[str]] = {}
@@ -84,7 +85,7 @@ def utilgen(task, config, *, workdir=None, progress=False, trained=None) -> Reci
     for r in range(1, opts.rounds + 1):
         folder = workdir / "rounds" / f"r{r}"
         if (folder / "round.json").exists():  # finished before an interruption: pick up its results
-            generator = DiffusionGenerator.from_pretrained(folder / "generator", device=config.train.device)
+            generator = load_generator(folder / "generator", device=config.train.device)
             noise_bank, noise_from = _load_noise(folder)
             rounds.append(json.loads((folder / "round.json").read_text()))
             for key, value in rounds[-1]["seconds"].items():  # time spent before the interruption counts
@@ -171,14 +172,14 @@ def utilgen(task, config, *, workdir=None, progress=False, trained=None) -> Reci
 def _generate(store, plan, generator, sampling, noise_bank, progress):
     from ..generate.cache import provenance
 
-    c, s = generator.config.channels, generator.config.image_size
+    shape = generator.noise_shape
 
     def make(rows):
         noise = None
         if any(r.get("noise_from") is not None for r in rows):  # else the noise drawn from each seed
             noise = torch.stack([
                 mix_noise(noise_bank[r["noise_from"]][None], [r["seed"]], r["noise_mix"])[0] if r.get("noise_from")
-                else torch.randn(c, s, s, generator=torch.Generator().manual_seed(r["seed"])) for r in rows])
+                else torch.randn(shape, generator=torch.Generator().manual_seed(r["seed"])) for r in rows])
         return generator.generate([r["label"] for r in rows], [r["seed"] for r in rows], sampler=sampling, noise=noise)
 
     store.fill(plan, make, batch_size=sampling.batch_size, progress=progress, extra=provenance(generator, sampling))
