@@ -194,3 +194,17 @@ def test_each_recipe_runs_on_stable_diffusion(recipe, sd_folder, unclip_folder, 
     else:
         assert made_by == {generator["fingerprint"]}
     assert "balanced_accuracy" in json.dumps(metrics)
+
+
+@pytest.mark.slow
+def test_a_real_checkpoint(tmp_path):
+    """A real Stable Diffusion checkpoint, when one is on disk: SYNTHAUG_SD_CHECKPOINT=<folder>
+    make test-slow. A few images of two classes at 256 px."""
+    import os
+
+    folder = os.environ.get("SYNTHAUG_SD_CHECKPOINT")
+    if not folder:
+        pytest.skip("set SYNTHAUG_SD_CHECKPOINT to a Stable Diffusion pipeline folder")
+    gen = StableDiffusionGenerator.from_pretrained(folder, ["cat", "dog"], channels=3, image_size=32, resolution=256)
+    out = gen.generate([0, 1], [0, 1], sampler=SamplerConfig(sampler="dpm-solver++", steps=10, guidance_scale=7.5))
+    assert out.shape == (2, 3, 32, 32) and out.float().std() > 5
