@@ -104,8 +104,10 @@ def stable_diffusion_for(data: ImageDataset, section, *, cache_root: str | Path,
         gen = StableDiffusionGenerator.from_pretrained(section.pretrained, data.classes, device=device, **options)
         if folder is not None:
             gen.adapt(data, steps=section.adapt_steps, rank=section.lora_rank, lr=section.adapt_lr,
-                      batch_size=min(section.batch_size, 16), seed=section.seed, progress=progress)
+                      batch_size=min(section.batch_size, 16), seed=section.seed, progress=progress,
+                      checkpoint_dir=folder / "checkpoint", checkpoint_every=section.checkpoint_every)
             gen.save_pretrained(folder)
+            shutil.rmtree(folder / "checkpoint", ignore_errors=True)
             info.update(source="adapted", path=str(folder), trained_now=True, base=section.pretrained)
     if image_conditioned and not gen.unclip:
         raise SynthaugError(f"recipe augcond conditions on images: '{section.pretrained}' is not an unCLIP pipeline "

@@ -391,12 +391,16 @@ class StableDiffusionGenerator:
                              image_embeds=embeds, image_keep=keep)
 
     # ------------------------------------------------------------------ fine-tuning
-    def _add_lora(self, rank: int):
+    def _add_lora(self, rank: int, seed: int = 0):
+        """A LoRA adapter on the UNet's attention projections (none if there is one), its
+        random initial weights drawn from `seed`."""
         from peft import LoraConfig
 
         if "default" not in getattr(self.pipe.unet, "peft_config", {}):
-            self.pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                                  target_modules=LORA_TARGETS))
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                self.pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                                      target_modules=LORA_TARGETS))
         self.config.lora_rank = rank
 
     def latents_of(self, images: torch.Tensor) -> torch.Tensor:
@@ -406,13 +410,20 @@ class StableDiffusionGenerator:
             return self.pipe.vae.encode(x).latent_dist.mean * self.pipe.vae.config.scaling_factor
 
     def adapt(self, data: ImageDataset, *, steps: int = 500, rank: int = 4, lr: float = 1e-4, batch_size: int = 8,
-              seed: int = 0, progress: bool = False) -> list[dict]:
+              seed: int = 0, progress: bool = False, checkpoint_dir: str | os.PathLike | None = None,
+              checkpoint_every: int = 100) -> list[dict]:
         """Fine-tune a LoRA adapter of the UNet on `data` with its class prompts (the
         denoising loss in latent space; DreamBooth-LoRA without prior preservation), so
-        generations look like the user's images. Returns the loss curve."""
+        generations look like the user's images. Returns the loss curve. With
+        `checkpoint_dir`, an interrupted adaptation resumes at its last checkpoint (the
+        batch and noise of step s come from (seed, s), so the result is the same)."""
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+        from ..utils.io import load_state, save_state
+
         if len(data) == 0:
             raise SynthaugError("no images to adapt the generator to")
-        self._add_lora(rank)
+        self._add_lora(rank, seed=seed)
         unet = self.pipe.unet
         params = [p for n, p in unet.named_parameters() if "lora_" in n]
         for p in params:
@@ -421,10 +432,15 @@ class StableDiffusionGenerator:
         latents = torch.cat([self.latents_of(data.images[i : i + 64]) for i in range(0, len(data), 64)])
         noise_scheduler = self._train_scheduler()
         unet.train()
-        t0, history = time.perf_counter(), []
+        t0, history, start = time.perf_counter(), [], 0
+        state = load_state(checkpoint_dir) if checkpoint_dir else None
+        if state is not None:
+            set_peft_model_state_dict(unet, state["lora"])
+            optimizer.load_state_dict(state["optimizer"])
+            start, history = state["step"], state["history"]
         with progress_bar(progress) as bar:
-            task = bar.add_task("adapt generator", total=steps, info="")
-            for step in range(steps):
+            task = bar.add_task("adapt generator", total=steps, completed=start, info="")
+            for step in range(start, steps):
                 g = torch.Generator().manual_seed(seed * 1_000_003 + step)
                 idx = torch.randint(len(data), (min(batch_size, len(data)),), generator=g)
                 loss = self.denoising_error(latents[idx], data.labels[idx], g).mean()
@@ -433,6 +449,9 @@ class StableDiffusionGenerator:
                 optimizer.step()
                 if (step + 1) % 10 == 0 or step + 1 == steps:
                     history.append({"step": step + 1, "loss": float(loss.detach())})
+                if checkpoint_dir and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
+                    save_state(checkpoint_dir, {"step": step + 1, "history": history, "optimizer": optimizer.state_dict(),
+                                                "lora": get_peft_model_state_dict(unet)})
                 bar.advance(task)
         unet.eval()
         del noise_scheduler
@@ -572,7 +591,7 @@ class StableDiffusionGenerator:
             raise SynthaugError("DPO needs pairs: as many preferred as rejected images and labels, at least one")
         fresh = not self.config.lora_rank
         reference = None if fresh else copy.deepcopy(self.pipe.unet).eval().requires_grad_(False)
-        self._add_lora(self.config.lora_rank or 4)
+        self._add_lora(self.config.lora_rank or 4, seed=seed)
         unet = self.pipe.unet
         params = [p for n, p in unet.named_parameters() if "lora_" in n]
         for p in params:
