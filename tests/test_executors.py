@@ -113,11 +113,14 @@ def test_a_crashed_run_is_merged_and_resumed(setup, local_store, tmp_path):
     store.fill(plan[5:11], make, extra=extra, shard="s00001")
     with open(store.split_dir / "metadata-s00001.jsonl", "a") as f:
         f.write('{"id": "r011", "file_na')
-    orphan = store.split_dir / "class0" / "r012.png"
+    orphan = store.split_dir / "class0" / "r013.png"
     orphan.write_bytes((store.split_dir / store.rows()[0]["file_name"]).read_bytes())
     assert {r["id"] for r in store.rows()} == {r["id"] for r in plan[:11]}
+    # Ray retries the shard on another worker: its rows start on a new line, after the half one
+    store.fill(plan[5:13], make, extra=extra, shard="s00001")
+    assert {r["id"] for r in store.rows()} == {r["id"] for r in plan[:13]}
     written = execute("local", store, plan, gen, SAMPLING, ds, extra=extra)
-    assert written == len(plan) - 11
+    assert written == len(plan) - 13
     check_same_images(store, local_store, plan)
 
 

@@ -142,7 +142,10 @@ class SyntheticStore:
             for i in range(0, len(todo), batch_size):
                 rows = todo[i : i + batch_size]
                 images = make_images(rows)
+                cut_off = _ends_mid_line(metadata_file)  # a crash's half line must not swallow the next row
                 with metadata_file.open("a") as meta:
+                    if cut_off:
+                        meta.write("\n")
                     for row, image in zip(rows, images):
                         record = self._write_image(row, image, extra or {})
                         meta.write(json.dumps(record) + "\n")
@@ -221,6 +224,14 @@ class SyntheticStore:
         for p in self.split_dir.glob("*/*.png"):
             if str(p.relative_to(self.split_dir)) not in listed:
                 p.unlink()
+
+
+def _ends_mid_line(path: Path) -> bool:
+    if not path.exists() or path.stat().st_size == 0:
+        return False
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
 
 
 def _safe(name: str) -> str:

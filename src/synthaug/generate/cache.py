@@ -109,6 +109,7 @@ def stable_diffusion_for(data: ImageDataset, section, *, cache_root: str | Path,
             gen.save_pretrained(folder)
             shutil.rmtree(folder / "checkpoint", ignore_errors=True)
             info.update(source="adapted", path=str(folder), trained_now=True, base=section.pretrained)
+    gen.check_compatible(data)
     if image_conditioned and not gen.unclip:
         raise SynthaugError(f"recipe augcond conditions on images: '{section.pretrained}' is not an unCLIP pipeline "
                             "(use e.g. stabilityai/stable-diffusion-2-1-unclip)")

@@ -206,7 +206,7 @@ def run_ray(store, plan, generator, sampling, sources, *, extra, progress=False,
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         try:
             gpus = int(ray.cluster_resources().get("GPU", 0))
-            n = workers or max(gpus, 2)
+            n = workers or gpus or 2
             ds = ray.data.from_items([{"shard": s} for s in range(shards)], override_num_blocks=shards)
             made = ds.map_batches(_RayShardMaker, fn_constructor_args=(str(folder),), batch_size=1,
                                   compute=ray.data.ActorPoolStrategy(size=n), num_gpus=1 if gpus else 0, num_cpus=1,

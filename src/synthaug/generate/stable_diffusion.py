@@ -23,6 +23,7 @@ for tests and offline trials."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -45,6 +46,7 @@ from .image_condition import condition_embeddings
 KIND = "stable-diffusion"
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TRAIN_BATCH = 8  # at most this many images per fine-tuning step (memory at 512 px)
 
 
 @dataclass
@@ -156,6 +158,8 @@ class StableDiffusionGenerator:
             return cls._from_saved(folder, device=device)
         if classes is None:
             raise SynthaugError("a Stable Diffusion generator needs the class names to build its prompts")
+        if folder.exists():  # workers elsewhere and later loads find it from any working directory
+            pretrained = folder.resolve()
         config = StableDiffusionConfig(pretrained=str(pretrained), classes=list(classes), **options)
         dev = resolve_device(device)
         return cls(load_pipeline(str(pretrained), device=dev, dtype=_torch_dtype(config.dtype, dev)), config)
@@ -202,9 +206,13 @@ class StableDiffusionGenerator:
         self.folder = folder
 
     def check_compatible(self, data: ImageDataset):
-        if self.config.classes != data.classes:
-            raise SynthaugError(f"the generator's prompts name classes {self.config.classes[:5]}..., the data has "
+        c = self.config
+        if c.classes != data.classes:
+            raise SynthaugError(f"the generator's prompts name classes {c.classes[:5]}..., the data has "
                                 f"{data.classes[:5]}...: build it for this data")
+        if c.channels != data.channels or (c.image_size, c.image_size) != tuple(data.image_size):
+            raise SynthaugError(f"the generator makes {c.channels}x{c.image_size}px images, the data is "
+                                f"{data.channels}x{data.image_size[0]}px: build it for this data")
 
     def fingerprint(self) -> str:
         """Hash of the config, the base weights (hashed once) and the policy (prompt
@@ -213,8 +221,8 @@ class StableDiffusionGenerator:
             h = hashlib.sha256()
             for net in (self.pipe.unet, self.pipe.vae, self.pipe.text_encoder):
                 for k, v in net.state_dict().items():
-                    if "lora_" not in k:
-                        h.update(k.encode())
+                    if "lora_" not in k:  # the same names with or without an adapter
+                        h.update(k.replace(".base_layer", "").encode())
                         h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
             self._base_digest = h.hexdigest()
         h = hashlib.sha256(json.dumps({**asdict(self.config), "pretrained": None}, sort_keys=True).encode())
@@ -342,7 +350,10 @@ class StableDiffusionGenerator:
         from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
         streams = [torch.Generator().manual_seed(s) for s in seeds]
-        latents = noise if noise is not None else torch.stack([torch.randn(self._latent_shape(), generator=g) for g in streams])
+        # each stream draws its latent even when `noise` replaces it, so that its later draws (a
+        # stochastic sampler's noise) are the same whatever the batch holds
+        drawn = torch.stack([torch.randn(self._latent_shape(), generator=g) for g in streams])
+        latents = drawn if noise is None else noise
         dtype = self.pipe.unet.dtype
         common = dict(prompt_embeds=self.row_prompt_embeds(labels, seeds).to(dtype),
                       negative_prompt_embeds=self.negative_embeds.expand(len(labels), -1, -1).to(dtype),
@@ -396,12 +407,33 @@ class StableDiffusionGenerator:
         random initial weights drawn from `seed`."""
         from peft import LoraConfig
 
-        if "default" not in getattr(self.pipe.unet, "peft_config", {}):
+        unet = self.pipe.unet
+        if "default" not in getattr(unet, "peft_config", {}):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                self.pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                                      target_modules=LORA_TARGETS))
-        self.config.lora_rank = rank
+                unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                            target_modules=LORA_TARGETS))
+            for name, param in unet.named_parameters():
+                if "lora_" in name:  # LoRA weights live in float32 (mixed precision on a GPU)
+                    param.data = param.data.float()
+        self.config.lora_rank = unet.peft_config["default"].r
+
+    @contextlib.contextmanager
+    def _training(self):
+        """Context for the steps that backpropagate through the UNet: on a GPU, plain SDPA
+        attention (slicing would keep every attention map for the backward pass) and
+        gradient checkpointing; slicing comes back afterwards."""
+        unet, gpu = self.pipe.unet, self.device.type == "cuda"
+        if gpu:
+            unet.set_default_attn_processor()
+            unet.enable_gradient_checkpointing()
+        try:
+            yield unet
+        finally:
+            if gpu:
+                unet.disable_gradient_checkpointing()
+                if self.config.attention_slicing:
+                    self.pipe.enable_attention_slicing()
 
     def latents_of(self, images: torch.Tensor) -> torch.Tensor:
         """The VAE's (scaled) latent means of uint8 data images."""
@@ -426,8 +458,6 @@ class StableDiffusionGenerator:
         self._add_lora(rank, seed=seed)
         unet = self.pipe.unet
         params = [p for n, p in unet.named_parameters() if "lora_" in n]
-        for p in params:
-            p.data = p.data.float()  # LoRA weights train in float32 (mixed precision on a GPU)
         optimizer = torch.optim.AdamW(params, lr=lr)
         latents = torch.cat([self.latents_of(data.images[i : i + 64]) for i in range(0, len(data), 64)])
         noise_scheduler = self._train_scheduler()
@@ -438,7 +468,7 @@ class StableDiffusionGenerator:
             set_peft_model_state_dict(unet, state["lora"])
             optimizer.load_state_dict(state["optimizer"])
             start, history = state["step"], state["history"]
-        with progress_bar(progress) as bar:
+        with progress_bar(progress) as bar, self._training():
             task = bar.add_task("adapt generator", total=steps, completed=start, info="")
             for step in range(start, steps):
                 g = torch.Generator().manual_seed(seed * 1_000_003 + step)
@@ -484,7 +514,8 @@ class StableDiffusionGenerator:
         kwargs = {}
         if self.unclip:  # the null image embedding (+ its noise-level embedding) as the class input
             zero = torch.zeros(len(latents), self.image_embed_dim, device=self.device, dtype=dtype)
-            kwargs["class_labels"] = self.pipe.noise_image_embeddings(zero, self.config.noise_level)
+            kwargs["class_labels"] = self.pipe.noise_image_embeddings(zero, self.config.noise_level,
+                                                                      noise=torch.zeros_like(zero))
         pred = unet(noisy.to(dtype), timesteps, encoder_hidden_states=cond.to(dtype), **kwargs).sample
         return (pred.float() - target).pow(2).mean(dim=(1, 2, 3))
 
@@ -531,7 +562,8 @@ class StableDiffusionGenerator:
         latents = self._latents(images)
         optimizer = torch.optim.Adam([emb], lr=lr)
         per, losses = emb.shape[1], []
-        with self._frozen_unet():
+        batch_size = min(batch_size, TRAIN_BATCH)
+        with self._frozen_unet(), self._training():
             for step in range(steps):
                 g = torch.Generator().manual_seed(seed * 1_000_003 + step)
                 idx = torch.randint(len(labels), (min(batch_size, len(labels)),), generator=g)
@@ -556,7 +588,9 @@ class StableDiffusionGenerator:
     def invert_noise(self, images: torch.Tensor, labels, *, steps: int = 25, guidance_scale: float = 1.0,
                      batch_size: int = 32) -> torch.Tensor:
         """DDIM inversion in latent space (`policy.invert_noise` for Stable Diffusion): the
-        initial latents from which the DDIM sampler (same steps) returns close to each image."""
+        initial latents from which the DDIM sampler (same steps) returns close to each image,
+        under its class prompt (with `prompt_modifiers`, the first modifier's: the image a
+        new seed makes from them carries that seed's modifier)."""
         from diffusers import DDIMInverseScheduler
 
         labels = torch.as_tensor(labels)
@@ -585,8 +619,6 @@ class StableDiffusionGenerator:
         its adapter switched off when the adapter is new, else a frozen copy."""
         import copy
 
-        from .dpo import dpo_update
-
         if not (len(preferred) == len(rejected) == len(labels)) or len(labels) == 0:
             raise SynthaugError("DPO needs pairs: as many preferred as rejected images and labels, at least one")
         fresh = not self.config.lora_rank
@@ -595,13 +627,24 @@ class StableDiffusionGenerator:
         unet = self.pipe.unet
         params = [p for n, p in unet.named_parameters() if "lora_" in n]
         for p in params:
-            p.data = p.data.float()
             p.requires_grad_(True)
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         win, lose = self._latents(preferred), self._latents(rejected)
         labels = torch.as_tensor(labels)
         history, t0 = [], time.perf_counter()
+        batch_size = min(batch_size, TRAIN_BATCH)
         unet.train()
+        with self._training():
+            self._dpo_steps(win, lose, labels, reference, params, optimizer, steps=steps, batch_size=batch_size, beta=beta,
+                            seed=seed, history=history)
+        unet.eval()
+        self.train_seconds += time.perf_counter() - t0
+        return history
+
+    def _dpo_steps(self, win, lose, labels, reference, params, optimizer, *, steps, batch_size, beta, seed, history):
+        from .dpo import dpo_update
+
+        unet = self.pipe.unet
         for step in range(steps):
             g = torch.Generator().manual_seed(seed * 1_000_003 + step)
             idx = torch.randint(len(labels), (min(batch_size, len(labels)),), generator=g)
@@ -617,9 +660,6 @@ class StableDiffusionGenerator:
                 else:
                     ref_err = self.denoising_error(x0, lab, g, noise=noise, timesteps=t.to(self.device), unet=reference)
             dpo_update(err, ref_err, beta, optimizer, params, step + 1, steps, history)
-        unet.eval()
-        self.train_seconds += time.perf_counter() - t0
-        return history
 
 
 def tiny_pipeline(folder: str | os.PathLike, *, unclip: bool = False, seed: int = 0) -> Path:
