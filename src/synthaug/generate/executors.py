@@ -138,6 +138,10 @@ def run_accelerate(store, plan, generator, sampling, sources, *, extra, progress
                    **_) -> int:
     """`accelerate launch` with `workers` processes (default: one per GPU, else 2 on the
     CPU), each making its share of the shards."""
+    import importlib.util
+
+    if importlib.util.find_spec("accelerate") is None:
+        raise SynthaugError("executor 'accelerate' needs accelerate: pip install 'synthaug[sd]'")
     before = len(store.done_ids())
     folder, shards = write_job(store, plan, generator, sampling, sources, extra=extra, shard_size=shard_size)
     if shards:

@@ -76,6 +76,15 @@ class StableDiffusionConfig:
         return [f"{base}, {m}" for m in self.modifiers] or [base]
 
 
+def require(*modules: str):
+    """Fail with the install command when an optional dependency is missing."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SynthaugError(f"Stable Diffusion needs {', '.join(missing)}: pip install 'synthaug[sd]'")
+
+
 def _torch_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         if device.type != "cuda":
@@ -89,6 +98,7 @@ def load_pipeline(pretrained: str, *, device: torch.device, dtype: torch.dtype):
     clear error when it cannot be had (no folder, no network, not a pipeline)."""
     from diffusers import DiffusionPipeline
 
+    require("transformers", "peft")
     local = Path(pretrained)
     if (local.exists() or pretrained.startswith((".", "/"))) and not (local / "model_index.json").exists():
         raise SynthaugError(f"'{pretrained}' is not a diffusers pipeline folder (no model_index.json): point "
