@@ -216,6 +216,8 @@ def test_each_recipe_runs_on_stable_diffusion(recipe, sd_folder, unclip_folder, 
     else:
         assert made_by == {generator["fingerprint"]}
     assert "balanced_accuracy" in json.dumps(metrics)
+    if recipe == "synaug":
+        assert "Stable Diffusion through diffusers" in (tmp_path / "run" / "report.html").read_text()
 
 
 @pytest.mark.slow

@@ -375,6 +375,10 @@ def write_report(path: str | Path, metrics: dict, real: ImageDataset, synthetic:
         parts.append(utilgen_section(metrics, real))
     parts.append("<h2>Per-class test accuracy</h2>" + per_class_plot(classes, rows))
     generator = metrics.get("generator")
+    if generator and generator.get("kind") == "stable-diffusion" and not generator.get("history"):
+        parts.append(f"<h2>Generator</h2><p>Stable Diffusion through diffusers, {html.escape(generator.get('source', ''))}: "
+                     f"{html.escape(str(generator.get('path', '')))} (fingerprint {html.escape(str(generator.get('fingerprint')))})"
+                     "; not fine-tuned on this data.</p>")
     if generator and generator.get("history"):
         parts.append(f"<h2>Generator training</h2><p class='muted'>{html.escape(generator.get('source', ''))}: "
                      f"{html.escape(generator.get('path', ''))}</p>"
