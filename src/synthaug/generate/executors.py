@@ -148,7 +148,10 @@ def run_accelerate(store, plan, generator, sampling, sources, *, extra, progress
         gpus = torch.cuda.device_count()
         n = workers or max(gpus, 2 if not gpus else 1)
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n), "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", *(["--cpu"] if not gpus else ["--multi_gpu"] * (n > 1)),
+               "--mixed_precision", "no", "--dynamo_backend", "no",
+               # on a CPU the processes share the cores (accelerate would give each 2 threads)
+               *(["--cpu", "--num_cpu_threads_per_process", str(max(1, (os.cpu_count() or 1) // n))] if not gpus
+                 else ["--multi_gpu"] * (n > 1)),
                "-m", "synthaug.generate.executors", str(folder)]
         env = {**os.environ, "SYNTHAUG_PROGRESS": "1" if progress else "0"}
         result = subprocess.run(cmd, env=env)
