@@ -180,6 +180,26 @@ def split_by_kind(rows: list[dict], make) -> torch.Tensor | None:
     return out
 
 
+def generate_arguments(rows: list[dict], sources: ImageDataset | None, encoder) -> dict:
+    """`generate`'s arguments for plan rows of one kind: labels, seeds and groups; the source
+    images and strengths of image-guided rows; the conditioning embeddings (from `encoder`)
+    of image-conditioned rows."""
+    guided = bool(rows) and rows[0].get("source") is not None
+    conditioned = bool(rows) and rows[0].get("sources") is not None
+    if (guided or conditioned) and sources is None:
+        raise SynthaugError("these plan rows start from real images: pass the dataset their source indices point into")
+    embeds = keep = None
+    if conditioned:
+        pairs = torch.tensor([r["sources"] for r in rows])
+        embeds, keep = condition_embeddings(encoder, sources.images[pairs[:, 0]], sources.images[pairs[:, 1]],
+                                            [r["conditioning"] for r in rows], [r["seed"] for r in rows],
+                                            dropout=rows[0].get("dropout", 0.3))
+    return {"labels": [r["label"] for r in rows], "seeds": [r["seed"] for r in rows],
+            "groups": [r["group"] for r in rows] if rows and rows[0].get("group") is not None else None,
+            "init_images": sources.images[[r["source"] for r in rows]] if guided else None,
+            "strength": [r["strength"] for r in rows] if guided else 1.0, "image_embeds": embeds, "image_keep": keep}
+
+
 class DiffusionGenerator:
     """Class- (and group-) conditional diffusion model. `fit` trains it on an ImageDataset,
     `generate` draws images for given labels and per-image seeds."""
@@ -483,24 +503,10 @@ class DiffusionGenerator:
         mixed = split_by_kind(rows, lambda part: self.generate_rows(part, sampler, sources))
         if mixed is not None:
             return mixed
-        groups = [r["group"] for r in rows] if rows and rows[0].get("group") is not None else None
-        guided = bool(rows) and rows[0].get("source") is not None
-        conditioned = bool(rows) and rows[0].get("sources") is not None
-        if (guided or conditioned) and sources is None:
-            raise SynthaugError("these plan rows start from real images: pass the dataset their source indices point into")
-        embeds = keep = None
-        if conditioned:
-            if self.encoder is None:
-                raise SynthaugError("these plan rows need image conditioning but this generator is not image-conditioned: "
-                                    "train one with image_embed_dim > 0 (recipe augcond does)")
-            pairs = torch.tensor([r["sources"] for r in rows])
-            embeds, keep = condition_embeddings(self.encoder, sources.images[pairs[:, 0]], sources.images[pairs[:, 1]],
-                                                [r["conditioning"] for r in rows], [r["seed"] for r in rows],
-                                                dropout=rows[0].get("dropout", 0.3))
-        return self.generate([r["label"] for r in rows], [r["seed"] for r in rows], groups=groups, sampler=sampler,
-                             init_images=sources.images[[r["source"] for r in rows]] if guided else None,
-                             strength=[r["strength"] for r in rows] if guided else 1.0,
-                             image_embeds=embeds, image_keep=keep)
+        if rows and rows[0].get("sources") is not None and self.encoder is None:
+            raise SynthaugError("these plan rows need image conditioning but this generator is not image-conditioned: "
+                                "train one with image_embed_dim > 0 (recipe augcond does)")
+        return self.generate(**generate_arguments(rows, sources, self.encoder), sampler=sampler)
 
     def _sample_batch(self, labels, seeds, groups, sc: SamplerConfig, init=None, start: int = 0,
                       image=None, noise=None) -> torch.Tensor:

@@ -40,8 +40,7 @@ from ..data.dataset import ImageDataset
 from ..errors import SynthaugError
 from ..utils.io import atomic_write_json
 from ..utils.runtime import progress_bar, resolve_device
-from .diffusion import SamplerConfig, split_by_kind
-from .image_condition import condition_embeddings
+from .diffusion import SamplerConfig, generate_arguments, split_by_kind
 
 KIND = "stable-diffusion"
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -393,23 +392,12 @@ class StableDiffusionGenerator:
         mixed = split_by_kind(rows, lambda part: self.generate_rows(part, sampler, sources))
         if mixed is not None:
             return mixed
-        guided = bool(rows) and rows[0].get("source") is not None
-        conditioned = bool(rows) and rows[0].get("sources") is not None
-        if (guided or conditioned) and sources is None:
-            raise SynthaugError("these plan rows start from real images: pass the dataset their source indices point into")
-        embeds = keep = None
-        if conditioned:
-            pairs = torch.tensor([r["sources"] for r in rows])
-            if self.encoder is None:
-                raise SynthaugError(f"'{self.config.pretrained}' is not an unCLIP pipeline: image-conditioned rows (recipe "
-                                    "augcond) need one, e.g. stabilityai/stable-diffusion-2-1-unclip")
-            embeds, keep = condition_embeddings(self.encoder, sources.images[pairs[:, 0]], sources.images[pairs[:, 1]],
-                                                [r["conditioning"] for r in rows], [r["seed"] for r in rows],
-                                                dropout=rows[0].get("dropout", 0.3))
-        return self.generate([r["label"] for r in rows], [r["seed"] for r in rows], sampler=sampler,
-                             init_images=sources.images[[r["source"] for r in rows]] if guided else None,
-                             strength=[r["strength"] for r in rows] if guided else 1.0,
-                             image_embeds=embeds, image_keep=keep)
+        if rows and rows[0].get("sources") is not None and self.encoder is None:
+            raise SynthaugError(f"'{self.config.pretrained}' is not an unCLIP pipeline: image-conditioned rows (recipe "
+                                "augcond) need one, e.g. stabilityai/stable-diffusion-2-1-unclip")
+        arguments = generate_arguments(rows, sources, self.encoder)
+        arguments.pop("groups")  # prompts name classes only
+        return self.generate(**arguments, sampler=sampler)
 
     # ------------------------------------------------------------------ fine-tuning
     def _add_lora(self, rank: int, seed: int = 0):
