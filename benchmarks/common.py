@@ -68,7 +68,7 @@ def publish(results: Path, key: str, table: str, *, to_benchmarks: bool):
 def parse_args(doc: str, name: str, settings: dict, quick: dict, methods: dict, default_settings: list[str]):
     """The arguments every method-comparison benchmark takes. Returns the arguments (with
     `--quick` turned into the quick settings and one seed), every setting by name, and the
-    results file (`<name>.jsonl`, `<name>-quick.jsonl` or `<name><tag>.jsonl`)."""
+    results file (`<name><tag>.jsonl`, or `<name>-quick<tag>.jsonl` with `--quick`)."""
     import argparse
 
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -81,7 +81,7 @@ def parse_args(doc: str, name: str, settings: dict, quick: dict, methods: dict, 
     args = parser.parse_args()
     if args.quick:
         args.settings, args.seeds = list(quick), [0]
-    results = HERE / "results" / (f"{name}-quick.jsonl" if args.quick else f"{name}{args.tag}.jsonl")
+    results = HERE / "results" / f"{name}{'-quick' if args.quick else ''}{args.tag}.jsonl"
     return args, {**settings, **quick}, results
 
 

@@ -134,7 +134,7 @@ def main():
                 config = load_config(None, [*base, f"augcond.mode={mode}", f"validate.features={reference}",
                                             "validate.max_per_class=300"])
                 plan = conditioned_plan(task.train, target_per_class=FEW_SHOT_TARGET, mode=mode,
-                                        seed=config.generator.seed, dropout=config.augcond.dropout)
+                                        seed=config.generator.plan_seed, dropout=config.augcond.dropout)
                 store_rows = SyntheticStore(store, task.train.classes)
                 if not store_rows.done_ids() >= {r["id"] for r in plan}:
                     print(f"{setting}: AugCond {mode} is not in the store yet (run benchmarks/augcond.py first)")

@@ -21,6 +21,7 @@ from synthaug.select import (
     confidence,
     density_coverage,
     diversity,
+    diversity_ratio,
     domain_gap,
     feature_extractor,
     frechet_distance,
@@ -67,6 +68,10 @@ def test_a_shifted_set_scores_worse():
 def test_diversity_and_realism_by_hand():
     features = torch.tensor([[0.0, 0.0], [3.0, 4.0], [1.0, 1.0], [1.0, 1.0]])
     assert diversity(features, torch.tensor([0, 0, 1, 1])) == {0: 5.0, 1: 0.0}
+    real = make_dataset((10, 10), seed=0)
+    assert diversity_ratio(real, real) == pytest.approx(1.0)
+    one_image = real.subset(torch.tensor([0] * 5 + [10] * 5))  # every class's images alike
+    assert diversity_ratio(one_image, real) == 0.0
     real = gaussian(200, d=2)
     central = real[real.norm(dim=1).argmin()]  # a real sample in the densest region (kept by the pruning)
     scores = realism_scores(real, torch.stack([central, torch.tensor([50.0, 50.0], dtype=torch.float64)]))

@@ -20,6 +20,7 @@ from synthaug.generate import (
     GeneratorTrainConfig,
     SamplerConfig,
 )
+from synthaug.generate.cache import generator_fingerprint
 from synthaug.generate.dpo import dpo_loss, finetune_dpo
 from synthaug.generate.policy import (
     class_embedding_table,
@@ -197,6 +198,7 @@ def test_utilgen_rounds_end_to_end_and_resume(digits_task, tmp_path, monkeypatch
     n_real = len(digits_task.train)
     assert [r["round"] for r in u["rounds"]] == [1, 2] and u["final_images"] == 2 * n_real == len(reference.synthetic)
     assert 0 <= u["synthetic_only"]["balanced_accuracy"] <= 1 and set(u["features"]) == {"real", "before", "after"}
+    assert reference.extra["memorization"]["median"] > 0 and reference.extra["diversity_ratio"] > 0
     rows = {r["id"]: r for r in SyntheticStore(tmp_path / "ref" / "synthetic", digits_task.train.classes).rows()}
     assert all("utility_r1" in r["scores"] for i, r in rows.items() if i.startswith("utilgen-r1-"))
     assert all("utility_r2" in r["scores"] for i, r in rows.items() if i.startswith("utilgen-r2-"))
@@ -249,3 +251,14 @@ def test_dpo_leaves_the_class_embeddings_to_the_policy(tiny_generator):
     before = class_embedding_table(gen).weight.detach().clone()
     finetune_dpo(gen, ds.images[:8], 255 - ds.images[:8], ds.labels[:8], steps=3, batch_size=4, lr=1e-3)
     assert torch.equal(class_embedding_table(gen).weight, before)
+
+
+def test_sample_seed_redraws_the_images_without_retraining(digits_task):
+    base = load_config(None, UTILGEN)
+    redrawn = load_config(None, [*UTILGEN, "generator.sample_seed=7"])
+    assert base.generator.plan_seed == base.generator.seed and redrawn.generator.plan_seed == 7
+    assert generator_fingerprint(digits_task.train, base.generator, 0) == \
+        generator_fingerprint(digits_task.train, redrawn.generator, 0)
+    seeds = [[r["seed"] for r in utility_plan(digits_task.train, per_class=2, stage="final", seed=c.generator.plan_seed)]
+             for c in (base, redrawn)]
+    assert seeds[0] != seeds[1]

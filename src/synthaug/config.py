@@ -80,6 +80,9 @@ class GeneratorSection:
     ema_decay: float = 0.999
     label_dropout: float = 0.1
     seed: int = 0  # the generator's own seed (vary it to measure the generator's variance)
+    # seed of the synthetic set's per-image seeds (default: `seed`); vary it to redraw the images
+    # from the same trained generator (the trained generator's cache key does not depend on it)
+    sample_seed: int | None = None
     checkpoint_every: int = 200  # training steps between checkpoints (resume point after an interruption)
     sampler: str = field(default="sde-dpm-solver++", metadata={"choices": SAMPLERS})
     sampling_steps: int = 15
@@ -91,6 +94,11 @@ class GeneratorSection:
     # image-conditioned generators (recipe augcond): condition dropout and the conditioning image in training
     image_dropout: float = 0.1
     image_pairing: str = field(default="self", metadata={"choices": PAIRINGS})
+
+    @property
+    def plan_seed(self) -> int:
+        """The seed the recipes' plans draw each image's seed from."""
+        return self.seed if self.sample_seed is None else self.sample_seed
 
     def __post_init__(self):
         if not 0 <= self.unlabeled_share < 1 or not 0 <= self.image_dropout < 1:

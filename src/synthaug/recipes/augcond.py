@@ -58,7 +58,7 @@ def augcond(task, config, *, workdir=None, progress=False, trained=None) -> Reci
     seconds["generator"] = generator_info.pop("seconds")
 
     # 2-3. plan and generate
-    plan = conditioned_plan(real, target_per_class=target_count(task, config), mode=opts.mode, seed=config.generator.seed,
+    plan = conditioned_plan(real, target_per_class=target_count(task, config), mode=opts.mode, seed=config.generator.plan_seed,
                             dropout=opts.dropout)
     store_dir = Path(opts.store_dir) if opts.store_dir else workdir / "synthetic"
     synthetic, synthetic_info = select_stage(plan, generator, config, store_dir, real, progress=progress)

@@ -52,7 +52,7 @@ def synaug(task, config, *, workdir=None, progress=False, trained=None) -> Recip
     seconds["generator"] = generator_info.pop("seconds")
     if by_group and generator.config.num_groups == 0:
         raise SynthaugError("the generator is not conditioned on groups: train one on this split or set synaug.balance_groups=false")
-    plan = balance_plan(real, target_per_class=opts.target_per_class, by_group=by_group, seed=config.generator.seed)
+    plan = balance_plan(real, target_per_class=opts.target_per_class, by_group=by_group, seed=config.generator.plan_seed)
     store_dir = Path(opts.store_dir) if opts.store_dir else workdir / "synthetic"
     synthetic, synthetic_info = select_stage(plan, generator, config, store_dir, real, progress=progress)
     seconds["generate"] = synthetic_info.pop("seconds")

@@ -93,7 +93,7 @@ def run_tada(mode, task, config, *, workdir=None, progress=False, trained=None) 
         # 3. image-guided variants of the targeted examples, into the store
         generator, extra["generator"] = generator_stage(real, config, progress=progress, unlabeled=task.unlabeled)
         seconds["generator"] = extra["generator"].pop("seconds")
-        plan = targeted_plan(real, target, variants=opts.variants, strength=opts.strength, seed=config.generator.seed)
+        plan = targeted_plan(real, target, variants=opts.variants, strength=opts.strength, seed=config.generator.plan_seed)
         store_dir = Path(opts.store_dir) if opts.store_dir else workdir / "synthetic"
         added, extra["synthetic"] = select_stage(plan, generator, config, store_dir, real, progress=progress)
         seconds["generate"] = extra["synthetic"].pop("seconds")

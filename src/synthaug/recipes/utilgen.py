@@ -21,6 +21,7 @@ resume from the store and the classifier checkpoint).
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 import time
 from dataclasses import replace
@@ -42,6 +43,7 @@ from ..generate.policy import (
 )
 from ..generate.stage import generator_stage
 from ..plan import utility_plan
+from ..select.metrics import diversity_ratio, memorization_ratio
 from ..store import SyntheticStore
 from ..utils.io import atomic_write_json
 from ..value import MetaWeightConfig, fit_meta_weighted, utilities
@@ -88,13 +90,13 @@ def utilgen(task, config, *, workdir=None, progress=False, trained=None) -> Reci
             generator = load_generator(folder / "generator", device=config.train.device)
             noise_bank, noise_from = _load_noise(folder)
             rounds.append(json.loads((folder / "round.json").read_text()))
-            for key, value in rounds[-1]["seconds"].items():  # time spent before the interruption counts
+            for key, value in rounds[-1].get("seconds", {}).items():  # time spent before the interruption counts
                 seconds[key] += value
             continue
         spent_before = dict(seconds)
         t0 = time.perf_counter()
         # 1. generate
-        plan = utility_plan(real, per_class=per_class(task, opts.per_round), stage=f"r{r}", seed=config.generator.seed,
+        plan = utility_plan(real, per_class=per_class(task, opts.per_round), stage=f"r{r}", seed=config.generator.plan_seed,
                             noise_from=noise_from, noise_mix=opts.noise_mix)
         synthetic = _generate(store, plan, generator, sampling, noise_bank, progress)
         seconds["generate"] += time.perf_counter() - t0
@@ -145,19 +147,25 @@ def utilgen(task, config, *, workdir=None, progress=False, trained=None) -> Reci
 
     # the final set, then the classifier on it (with and without the real images)
     t0 = time.perf_counter()
-    plan = utility_plan(real, per_class=per_class(task, opts.final_multiple), stage="final", seed=config.generator.seed,
+    plan = utility_plan(real, per_class=per_class(task, opts.final_multiple), stage="final", seed=config.generator.plan_seed,
                         noise_from=noise_from, noise_mix=opts.noise_mix)
     final = _generate(store, plan, generator, sampling, noise_bank, progress)
     seconds["generate"] += time.perf_counter() - t0
     result, metrics, spent = train_and_evaluate(concat(real, final), task, config, workdir=workdir, progress=progress)
     seconds.update(spent)
     t0 = time.perf_counter()
-    alone = fit_classifier(final, config.train, seed=config.seed, checkpoint_dir=workdir / "checkpoint-synthetic-only",
-                           progress=progress)
+    # as many optimisation steps as the classifier on synthetic + real took
+    size = config.train.batch_size
+    epochs_alone = math.ceil(config.train.epochs * math.ceil((len(real) + len(final)) / size) / math.ceil(len(final) / size))
+    alone = fit_classifier(final, replace(config.train, epochs=epochs_alone), seed=config.seed,
+                           checkpoint_dir=workdir / "checkpoint-synthetic-only", progress=progress)
     synthetic_only = evaluate(alone.model, task.test, train_counts=real.class_counts(),
                               many_threshold=config.eval.many_threshold, few_threshold=config.eval.few_threshold)
     seconds["train_synthetic_only"] = time.perf_counter() - t0
     extra = {
+        # is the final set new (memorisation ratio about 1) and as varied as the real images (diversity ratio)?
+        "memorization": memorization_ratio(final, real, task.val),
+        "diversity_ratio": diversity_ratio(final, real),
         "utilgen": {"rounds": rounds, "synthetic_only": synthetic_only, "final_images": len(final),
                     "settings": {k: getattr(opts, k) for k in ("rounds", "embedding", "noise", "model_level")},
                     "features": _feature_map(result.model, real, store, rounds, final)},

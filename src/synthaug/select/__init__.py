@@ -13,6 +13,7 @@ from .filters import (
 from .metrics import (
     density_coverage,
     diversity,
+    diversity_ratio,
     domain_gap,
     frechet_distance,
     kernel_distance,
@@ -25,7 +26,7 @@ from .stage import overgenerate_plan, select_stage, validation_stage
 
 __all__ = [
     "FEATURES", "SELECTORS", "PretrainedEncoder", "agreement", "cluster_representatives", "confidence",
-    "density_coverage", "diversity", "domain_gap", "feature_extractor", "frechet_distance", "kernel_distance",
+    "density_coverage", "diversity", "diversity_ratio", "domain_gap", "feature_extractor", "frechet_distance", "kernel_distance",
     "memorization_ratio", "overgenerate_plan", "precision_recall", "realism_scores", "register_features",
     "register_selector", "select_stage", "set_metrics", "top_k_per_class", "validation_stage",
 ]

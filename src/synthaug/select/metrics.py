@@ -123,6 +123,14 @@ def diversity(features, labels) -> dict[int, float]:
     return out
 
 
+def diversity_ratio(synthetic: ImageDataset, real: ImageDataset) -> float:
+    """Median over classes of the synthetic images' mean pairwise pixel distance divided by the
+    real images': below 1, a class's generated images are more alike than its real ones."""
+    syn, ref = (diversity(d.images.flatten(1), d.labels) for d in (synthetic, real))
+    ratios = [syn[c] / ref[c] for c in syn if ref.get(c)]
+    return float(torch.tensor(ratios).median()) if ratios else float("nan")
+
+
 def domain_gap(real, synthetic, *, folds: int = 5, seed: int = 0) -> float:
     """Accuracy of a logistic regression telling real from synthetic features, cross-validated
     on equal numbers of each (0.5: indistinguishable; 1: always told apart)."""
