@@ -1,11 +1,13 @@
 """TADA against its baselines on a balanced low-data split, side by side in one run.
 
-    python benchmarks/tada.py                  # Fashion-MNIST 10% (600 per class), 3 seeds (~2 h on 2 CPU cores)
+    python benchmarks/tada.py                  # Fashion-MNIST 10% (600 per class), 3 seeds (~1.5 h on 2 CPU cores)
     python benchmarks/tada.py --quick          # digits, tiny generator, 1 seed: checks the script
 
 Methods (METHODS.md section 2): no augmentation by generation (the usual augmentation only),
 TADA (image-guided variants of the slow-learnable examples), augment-all (variants of every
-example), upsample-subset (the slow-learnable examples duplicated), with SGD and with SAM.
+example), upsample-subset (the slow-learnable examples duplicated), random subset (variants
+of as many examples as TADA targets, drawn at random: does the targeting matter, or only the
+number of images?), with SGD and with SAM.
 One generator is trained on the split and cached; every variant of every example is a row
 of one shared store, so TADA's rows for any seed are a subset of augment-all's and each
 image is generated once. The generation cost of each method is reported as the number of
@@ -49,6 +51,7 @@ METHODS = {
     "tada": ["recipe=tada"],
     "augment-all": ["recipe=tada-all"],
     "upsample-subset": ["recipe=tada-upsample"],
+    "random subset": ["recipe=tada-random"],  # control: as many examples as TADA targets, at random
     "none + SAM": ["recipe=ce", *SAM],
     "tada + SAM": ["recipe=tada", *SAM],
 }

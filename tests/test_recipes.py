@@ -22,6 +22,7 @@ EXTRA = {
     "tada": ["tada.early_epochs=1", "tada.variants=1"],
     "tada-all": ["tada.early_epochs=1", "tada.variants=1"],
     "tada-upsample": ["tada.early_epochs=1"],
+    "tada-random": ["tada.early_epochs=1", "tada.variants=1"],
     "utilgen": ["split.val_per_class=2", "utilgen.rounds=1", "utilgen.valuation_epochs=1", "utilgen.embedding_steps=2",
                 "utilgen.dpo_steps=2", "utilgen.sampling_steps=3", "utilgen.final_multiple=1", "utilgen.per_round=1"],
 }

@@ -155,6 +155,11 @@ def test_tada_targets_the_slow_learnable_set_and_shares_a_store(digits_task, tmp
     up = get_recipe("tada-upsample").fn(digits_task, config, workdir=tmp_path / "up")
     assert up.synthetic is None and "generator" not in up.extra
     assert up.extra["targeted"]["slow_learnable"] == t["slow_learnable"]
+    # the random control: as many examples, drawn at random, whose variants augment-all already made
+    rand = get_recipe("tada-random").fn(digits_task, config, workdir=tmp_path / "random")
+    sources = {r["source"] for r in rand.synthetic.info["rows"]}
+    assert len(sources) == t["slow_learnable"] and sources != set(torch.nonzero(mask).flatten().tolist())
+    assert rand.extra["synthetic"]["generated_now"] == 0
 
 
 def test_tada_run_reports_its_plan(tmp_path, monkeypatch, capsys):

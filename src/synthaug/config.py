@@ -165,7 +165,7 @@ class TadaSection:
     early_epochs: int = 3  # epochs of the normal schedule run before each example's loss is scored
     variants: int = 5  # image-guided variants per targeted example (the paper: 5 on CIFAR)
     strength: float | list = 0.5  # SDEdit strength, the share of sampling steps re-run: a number or [low, high]
-    store_dir: str | None = None  # where the variants go (default: <run folder>/synthetic); tada and tada-all
+    store_dir: str | None = None  # where the variants go (default: <run folder>/synthetic); tada, tada-all, tada-random
     # runs on the same split and generator can share one store (same row ids for the same examples)
 
     def __post_init__(self):

@@ -8,7 +8,9 @@
 4. Train from scratch on the originals plus the variants (SGD or SAM, usual augmentation).
 
 The paper's baselines are registered beside it: `tada-all` generates variants of every
-example, `tada-upsample` duplicates the slow-learnable examples instead of generating.
+example, `tada-upsample` duplicates the slow-learnable examples instead of generating; and
+a control, `tada-random`, generates variants of as many examples drawn at random (does the
+targeting matter, or only the number of images?).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ MODES = {
     "tada": "TADA: image-guided variants of the slow-learnable examples (k-means on early-training losses)",
     "tada-all": "TADA's baseline: image-guided variants of every training example",
     "tada-upsample": "TADA's baseline: the slow-learnable examples duplicated instead of generated",
+    "tada-random": "TADA's control: image-guided variants of as many examples as TADA targets, drawn at random",
 }
 
 
@@ -59,6 +62,12 @@ def score_examples(task, config, *, workdir: Path, progress: bool = False) -> tu
     return losses, mask, {"seconds": early.seconds, "train_acc": early.history[-1]["train_acc"] if early.history else None}
 
 
+def random_like(mask: torch.Tensor, *, seed: int) -> torch.Tensor:
+    """A mask with as many examples as `mask`, drawn uniformly at random."""
+    pick = torch.randperm(len(mask), generator=torch.Generator().manual_seed(seed))[: int(mask.sum())]
+    return torch.zeros_like(mask).index_fill_(0, pick, True)
+
+
 def loss_histogram(losses: torch.Tensor, mask: torch.Tensor, bins: int = 30) -> dict:
     """Counts of learned and slow-learnable examples per bin of log(1 + loss)."""
     x = torch.log1p(losses.double())
@@ -75,7 +84,8 @@ def run_tada(mode, task, config, *, workdir=None, progress=False, trained=None) 
     t0 = time.perf_counter()
     losses, mask, early = score_examples(task, config, workdir=workdir, progress=progress)
     seconds["early_training"] = time.perf_counter() - t0
-    target = torch.ones_like(mask) if mode == "tada-all" else mask
+    target = torch.ones_like(mask) if mode == "tada-all" else random_like(mask, seed=config.seed) if mode == "tada-random" \
+        else mask
     extra = {"targeted": {
         "mode": mode, "early_epochs": opts.early_epochs, "early_train_acc": early["train_acc"],
         "slow_learnable": int(mask.sum()), "slow_learnable_share": float(mask.float().mean()),
