@@ -122,7 +122,6 @@ def main():
                 for run in args.runs:
                     if (gen_name, run, repeat) in done or (not embedded and RUNS[run][0] not in (None, "local")):
                         continue  # the parallel executors are timed on the embedded generator only
-                        continue
                     out = measure(run, generator, sampling, n, Path(tmp))
                     print(f"{gen_name:40s} {run:24s} repeat {repeat}  {out['images_per_second']:.2f} images/s", flush=True)
                     append_row(results, {"generator": gen_name, "run": run, "repeat": repeat, **out,

@@ -40,7 +40,6 @@ from common import (
 from synthaug.config import load_config
 from synthaug.data import load_dataset
 from synthaug.recipes import get_recipe
-from synthaug.select import diversity_ratio
 from synthaug.task import make_task
 
 STEPS, BATCH, MULTIPLE = 1500, 64, 5.0
@@ -114,14 +113,13 @@ def main():
                 t0 = time.perf_counter()
                 result = get_recipe(config.recipe).fn(task, config, workdir=workdir)
                 u = result.extra.get("utilgen", {})
-                synthetic = result.synthetic
                 memo = result.extra.get("memorization") or {}
                 append_row(results, {
                     "setting": setting, "method": method, "seed": seed, "accuracy": result.metrics["accuracy"],
                     "synthetic_only_accuracy": u.get("synthetic_only", {}).get("accuracy"),
                     "mean_utility": [(r["mean_utility_real"], r["mean_utility_synthetic"]) for r in u.get("rounds", [])],
                     "memorization": memo.get("median"),
-                    "diversity_ratio": diversity_ratio(synthetic, task.train) if synthetic is not None else None,
+                    "diversity_ratio": result.extra.get("diversity_ratio"),
                     "policy": [policy_change(r) for r in u.get("rounds", [])],
                     "seconds": result.seconds, "wall_seconds": time.perf_counter() - t0, "train_images": len(task.train),
                     "generator_seconds": result.extra.get("generator", {}).get("train_seconds"), **env,

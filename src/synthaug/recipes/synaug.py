@@ -25,7 +25,7 @@ from ..errors import SynthaugError
 from ..generate.diffusion import GeneratorConfig
 from ..generate.stage import generator_stage
 from ..plan import balance_plan
-from ..select.metrics import memorization_ratio
+from ..select.metrics import diversity_ratio, memorization_ratio
 from ..select.stage import select_stage
 from .registry import RecipeResult, register_recipe
 
@@ -84,6 +84,7 @@ def synaug(task, config, *, workdir=None, progress=False, trained=None) -> Recip
     memorization = memorization_ratio(synthetic, real, heldout) if len(synthetic) else None
     extra = {
         "memorization": memorization,
+        "diversity_ratio": diversity_ratio(synthetic, real) if len(synthetic) else None,
         "generator": generator_info,
         "synthetic": {**synthetic_info, "counts_after": data.class_counts().tolist()},
     }

@@ -84,8 +84,12 @@ def run_tada(mode, task, config, *, workdir=None, progress=False, trained=None) 
     t0 = time.perf_counter()
     losses, mask, early = score_examples(task, config, workdir=workdir, progress=progress)
     seconds["early_training"] = time.perf_counter() - t0
-    target = torch.ones_like(mask) if mode == "tada-all" else random_like(mask, seed=config.seed) if mode == "tada-random" \
-        else mask
+    if mode == "tada-all":
+        target = torch.ones_like(mask)
+    elif mode == "tada-random":
+        target = random_like(mask, seed=config.seed)
+    else:
+        target = mask
     extra = {"targeted": {
         "mode": mode, "early_epochs": opts.early_epochs, "early_train_acc": early["train_acc"],
         "slow_learnable": int(mask.sum()), "slow_learnable_share": float(mask.float().mean()),
