@@ -28,6 +28,7 @@ from common import (
     fmt,
     parse_args,
     publish,
+    ran_on,
     read_rows,
     seconds_per_image,
     with_randaugment,
@@ -120,20 +121,20 @@ def summarise(rows: list[dict]) -> str:
         gen = next((r for r in rows if r["setting"] == setting and r["kind"] == "generator"), None)
         per_image = seconds_per_image(runs)
         seeds = sorted({r["seed"] for r in runs})
-        head = f"**{setting}**, {len(seeds)} seed(s)"
+        head = f"**{setting}**, {len(seeds)} seed(s), on {ran_on(runs)}"
         if gen:
             head += (f"; generator trained on {gen['labelled']} labelled + {gen['unlabeled']} unlabelled images "
                      f"in {gen['train_seconds'] / 60:.1f} min")
         if per_image:
             head += f"; generation {1 / per_image:.1f} images/s"
-        out += [head, "", "| method | test accuracy (%) | generated images | generation cost (min) | classifier (min) |",
+        out += [head, "", "| method | test accuracy (%) | generated images | generation (s) | classifier (min) |",
                 "|---|---|---|---|---|"]
         for method in METHODS:
             mine = [r for r in runs if r["method"] == method]
             if not mine:
                 continue
             images = statistics.fmean(r["generated_images"] for r in mine)
-            cost = f"{images * per_image / 60:.1f}" if per_image and images else "0"
+            cost = f"{images * per_image:.1f}" if per_image and images else "0"
             out.append(f"| {method} | {fmt([r['accuracy'] for r in mine])} | {images:.0f} | {cost} | "
                        f"{statistics.fmean(r['train_seconds'] for r in mine) / 60:.1f} |")
         out.append("")

@@ -26,7 +26,29 @@ def append_row(path: Path, row: dict):
 def environment() -> dict:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
     return {"commit": commit, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "machine": platform.processor() or platform.machine()}
+            "machine": platform.processor() or platform.machine(), "device": device_name()}
+
+
+def device_name() -> str:
+    """The device the recipes pick (synthaug.utils.runtime): the GPU's name, else 'CPU'."""
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+
+
+def ran_on(rows: list[dict]) -> str:
+    """'CPU', 'NVIDIA H100 80GB HBM3', ...: the devices a setting's rows ran on (rows from before
+    the device was recorded ran on CPU)."""
+    return " + ".join(sorted({r.get("device", "CPU") for r in rows}))
+
+
+def minutes_per_device(rows: list[dict], seconds) -> str:
+    """Mean of `seconds(row)` in minutes; per device ('4.0 on CPU, 0.9 on H100') when the rows
+    ran on more than one, since their times do not mix."""
+    by_device: dict[str, list[float]] = {}
+    for r in rows:
+        by_device.setdefault(r.get("device", "CPU").replace("NVIDIA ", "").split()[0], []).append(seconds(r) / 60)
+    if len(by_device) == 1:
+        return f"{statistics.fmean(next(iter(by_device.values()))):.1f}"
+    return ", ".join(f"{statistics.fmean(v):.1f} on {d}" for d, v in sorted(by_device.items()))
 
 
 def fmt(values, scale: float = 100.0, digits: int = 2) -> str:

@@ -14,6 +14,8 @@ synthetic + real, with the final set's memorisation ratio (about 1: new images) 
 diversity ratio (its within-class pixel spread over the real images'). Controls: UtilGen's
 base generator with SYNAuG's SDE sampler (UtilGen samples with DDIM, which noise inversion
 needs), and ce trained on the 3 validation images as well (UtilGen uses them to value).
+"all, SYNAuG's sampler" runs every step on the SDE sampler, where the noise step re-noises
+the high-utility images instead of inverting them.
 SYNAuG generates the same number of images per class. Each seed draws its own images from
 the one trained generator (`generator.sample_seed`). Every classifier trains for about the
 same number of steps. Rows go to benchmarks/results/utilgen.jsonl (a
@@ -31,8 +33,10 @@ from common import (
     append_row,
     environment,
     fmt,
+    minutes_per_device,
     parse_args,
     publish,
+    ran_on,
     read_rows,
     with_randaugment,
 )
@@ -67,6 +71,8 @@ METHODS = {
     "UtilGen: + embedding": ["recipe=utilgen", *OFF, "utilgen.embedding=true"],
     "UtilGen: + noise": ["recipe=utilgen", *OFF, "utilgen.noise=true"],
     "UtilGen: all": ["recipe=utilgen"],
+    # all of it on the SDE sampler: the noise step then re-noises the high-utility images (SDEdit at 0.8)
+    "UtilGen: all, SYNAuG's sampler": ["recipe=utilgen", "utilgen.sampler=sde-dpm-solver++", "utilgen.sampling_steps=15"],
 }
 
 
@@ -132,9 +138,9 @@ def summarise(rows: list[dict]) -> str:
     out = []
     for setting in dict.fromkeys(r["setting"] for r in rows):
         runs = [r for r in rows if r["setting"] == setting]
-        gen = [r["generator_seconds"] for r in runs if r.get("generator_seconds")]
-        out += [f"**{setting}** ({min(r['train_images'] for r in runs)} training images, {len({r['seed'] for r in runs})} seed(s)"
-                + (f"; base generator trained in {gen[0] / 60:.1f} min" if gen else "") + ")", "",
+        gen = [(r["generator_seconds"], r.get("device", "CPU")) for r in runs if r.get("generator_seconds")]
+        out += [f"**{setting}** ({min(r['train_images'] for r in runs)} training images, {len({r['seed'] for r in runs})} seed(s), on {ran_on(runs)}"
+                + (f"; base generator trained in {gen[0][0] / 60:.1f} min on {gen[0][1]}" if gen else "") + ")", "",
                 "| method | synthetic + real (%) | synthetic only (%) | memorisation / diversity ratio "
                 "| compute without the base generator (min) |",
                 "|---|---|---|---|---|"]
@@ -143,14 +149,14 @@ def summarise(rows: list[dict]) -> str:
             mine = [r for r in runs if r["method"] == method]
             if not mine:
                 continue
-            minutes = statistics.fmean(sum(v for k, v in r["seconds"].items() if k not in ("generator", "load_data"))
-                                       for r in mine) / 60
+            minutes = minutes_per_device(mine, lambda r: sum(v for k, v in r["seconds"].items()
+                                                             if k not in ("generator", "load_data")))
             alone = [r["synthetic_only_accuracy"] for r in mine if r["synthetic_only_accuracy"] is not None]
             ratios = " / ".join(f"{statistics.fmean(v):.2f}" if v else "-" for v in (
                 [r["memorization"] for r in mine if r.get("memorization") is not None],
                 [r["diversity_ratio"] for r in mine if r.get("diversity_ratio") is not None]))
             out.append(f"| {method} | {fmt([r['accuracy'] for r in mine])} | {fmt(alone) if alone else '-'} "
-                       f"| {ratios} | {minutes:.1f} |")
+                       f"| {ratios} | {minutes} |")
             for i in range(len(mine[0].get("policy", []))):
                 parts = []
                 for key in ("dpo_ranked_right", "embedding_shift"):

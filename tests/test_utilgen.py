@@ -175,6 +175,9 @@ def test_utility_plan():
     guided = utility_plan(ds, per_class=3, stage="r2", noise_from={0: ["a", "b"], 2: ["z"]}, noise_mix=0.7)
     assert [r.get("noise_from") for r in guided] == ["a", "b", "a", None, None, None, "z", "z", "z"]
     assert guided[0]["noise_mix"] == 0.7 and guided[0]["conditioning"] == "class+noise"
+    renoised = utility_plan(ds, per_class=3, stage="r2", noise_from={0: ["a"]}, renoise_strength=0.6)
+    assert renoised[0]["strength"] == 0.6 and renoised[0]["conditioning"] == "class+image" and "noise_mix" not in renoised[0]
+    assert "strength" not in renoised[3]
     with pytest.raises(SynthaugError, match="per class"):
         utility_plan(ds, per_class=0, stage="r1")
 
@@ -237,12 +240,28 @@ def test_utilgen_needs_a_validation_split(digits_task, tmp_path):
         get_recipe("utilgen").fn(task, config, workdir=tmp_path / "x")
 
 
-def test_noise_optimisation_needs_the_ddim_sampler(digits_task):
-    config = load_config(None, [*UTILGEN, "utilgen.sampler=sde-dpm-solver++"])
-    with pytest.raises(SynthaugError, match="utilgen.sampler=ddim"):
-        get_recipe("utilgen").check(digits_task, config)
-    get_recipe("utilgen").check(digits_task, load_config(None, [*UTILGEN, "utilgen.sampler=sde-dpm-solver++",
-                                                                "utilgen.noise=false"]))
+def test_noise_optimisation_with_a_stochastic_sampler_renoises_the_high_utility_images(digits_task, tmp_path):
+    # an SDE sampler does not follow an inverted noise back to its image: the next round starts
+    # from the high-utility images themselves, noised to utilgen.renoise_strength (SDEdit)
+    config = load_config(None, [*UTILGEN, f"output_dir={tmp_path}", "utilgen.sampler=sde-dpm-solver++",
+                                "utilgen.renoise_strength=0.5", "utilgen.rounds=1", "utilgen.model_level=false",
+                                "utilgen.embedding=false"])
+    result = get_recipe("utilgen").fn(digits_task, config, workdir=tmp_path / "run")
+    store = SyntheticStore(tmp_path / "run" / "synthetic", digits_task.train.classes)
+    rows = {r["id"]: r for r in store.rows()}
+    high = result.extra["utilgen"]["rounds"][0]["examples"]["highest"]
+    final = [r for i, r in rows.items() if i.startswith("utilgen-final-")]
+    assert final and all(r["noise_from"] in high and r["strength"] == 0.5 and r["conditioning"] == "class+image"
+                         and "noise_mix" not in r for r in final)
+    # half the steps re-run from the image: the final images stay near their high-utility source
+    images = store.load(ids=[*high, *[r["id"] for r in final]]).images.float()
+    index = {i: k for k, i in enumerate([*high, *[r["id"] for r in final]])}
+    near = [(images[index[r["id"]]] - images[index[r["noise_from"]]]).abs().mean() for r in final]
+    other = [(images[index[r["id"]]] - images[index[next(h for h in high if h != r["noise_from"])]]).abs().mean()
+             for r in final]
+    assert float(torch.stack(near).mean()) < float(torch.stack(other).mean())
+    with pytest.raises(SynthaugError, match="renoise_strength"):
+        load_config(None, [*UTILGEN, "utilgen.renoise_strength=0"])
 
 
 def test_dpo_leaves_the_class_embeddings_to_the_policy(tiny_generator):

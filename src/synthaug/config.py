@@ -210,6 +210,9 @@ class UtilgenSection:
     embedding_proximity: float = 1.0  # weight of the penalty keeping the vectors near the original ones
     noise: bool = True  # instance level: start generations from noise around DDIM inversions of high-utility images
     noise_mix: float = 0.8  # x_T = mix * inverted + sqrt(1 - mix^2) * fresh noise
+    # with a stochastic sampler, `noise` starts from the high-utility images themselves, noised to this
+    # strength (SDEdit: the share of the sampling steps re-run), since it does not follow an inversion back
+    renoise_strength: float = 0.8
     inversion_guidance: float = 1.0  # guidance of the inversion (the generation keeps generator.guidance_scale)
     model_level: bool = True  # fine-tune the generator with Diffusion-DPO, high- over low-utility images
     dpo_steps: int = 200
@@ -226,6 +229,8 @@ class UtilgenSection:
             raise SynthaugError("utilgen.rounds must be >= 0, per_round and final_multiple > 0, top_share in (0, 0.5]")
         if not 0 <= self.noise_mix <= 1 or self.dpo_beta <= 0 or self.valuation_epochs < 1:
             raise SynthaugError("utilgen.noise_mix must be in [0, 1], dpo_beta > 0 and valuation_epochs >= 1")
+        if not 0 < self.renoise_strength <= 1:
+            raise SynthaugError(f"utilgen.renoise_strength must be in (0, 1], got {self.renoise_strength}")
 
 
 @dataclass

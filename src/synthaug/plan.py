@@ -127,11 +127,12 @@ def conditioned_plan(data: ImageDataset, *, target_per_class: int, mode: str, se
 
 def utility_plan(data: ImageDataset, *, per_class: int, stage: str, seed: int = 0,
                  noise_from: dict[int, list[str]] | None = None, noise_mix: float = 1.0,
-                 recipe: str = "utilgen") -> list[dict]:
+                 renoise_strength: float | None = None, recipe: str = "utilgen") -> list[dict]:
     """UtilGen's plan for one round (`stage` 'r1', 'r2', ...) or the final set ('final'):
     `per_class` class-conditioned rows per class. With `noise_from` ({class: ids of
     high-utility images}), row k of a class starts from noise around the inversion of the
-    k-th of them (cycling): `noise_from` and `noise_mix` are recorded on the row."""
+    k-th of them (cycling): `noise_from` and `noise_mix` are recorded on the row; with
+    `renoise_strength`, from that image itself noised to this strength (`strength` on the row)."""
     if per_class < 1:
         raise SynthaugError(f"{per_class} images per class is impossible: raise utilgen.per_round / final_multiple")
     rows = []
@@ -141,7 +142,9 @@ def utility_plan(data: ImageDataset, *, per_class: int, stage: str, seed: int = 
             row_id = f"{recipe}-{stage}-c{c}-{k:06d}"
             row = {"id": row_id, "label": c, "group": None, "seed": row_seed(seed, row_id), "recipe": recipe,
                    "conditioning": "class"}
-            if sources:
+            if sources and renoise_strength:
+                row.update(conditioning="class+image", noise_from=sources[k % len(sources)], strength=renoise_strength)
+            elif sources:
                 row.update(conditioning="class+noise", noise_from=sources[k % len(sources)], noise_mix=noise_mix)
             rows.append(row)
     return rows

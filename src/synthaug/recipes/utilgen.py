@@ -9,11 +9,14 @@ Each of `rounds` rounds:
 4. Optimise the policy (instance level) on each class's high-utility images: the class's
    embedding vector (textual inversion, kept near the base generator's) and the initial
    noise (DDIM inversion of those images under the round's final generator; the next round
-   starts from noise around them).
+   starts from noise around them). A stochastic sampler does not follow an inverted noise
+   back to its image, so with one the next round starts from the images themselves,
+   re-noised to `renoise_strength` (SDEdit).
 Then generate the final set (`final_multiple` x the real set) and train the classifier on
 it, alone (the paper's synthetic-only setting) and with the real images.
 
-Each finished round leaves its generator and noise bank in the run folder, so an
+Each finished round leaves its generator and noise bank (inverted noises, or the images to
+re-noise) in the run folder, so an
 interrupted run resumes at the round it was in (generation and valuation inside a round
 resume from the store and the classifier checkpoint).
 """
@@ -53,9 +56,6 @@ from .registry import RecipeResult, register_recipe, train_and_evaluate
 def check(task, config):
     if task.val is None or len(task.val) == 0:
         raise SynthaugError("utilgen values images on a clean real validation split: set split.val_per_class (e.g. 10)")
-    if config.utilgen.noise and config.utilgen.sampler != "ddim":
-        raise SynthaugError(f"utilgen.noise starts generations from DDIM-inverted noise, which only the ddim sampler "
-                            f"follows back: set utilgen.sampler=ddim or utilgen.noise=false (got {config.utilgen.sampler})")
     if not (config.generator.path or config.generator.pretrained):
         GeneratorConfig(image_size=task.train.image_size[0], channels=task.train.channels, classes=task.train.classes,
                         preset=config.generator.preset)
@@ -81,7 +81,9 @@ def utilgen(task, config, *, workdir=None, progress=False, trained=None) -> Reci
         seconds[key] = 0.0
     anchor = policy_embeddings(generator).detach().clone()  # the base generator's class (prompt) vectors
 
-    noise_bank: dict[str, torch.Tensor] = {}  # id of a high-utility image -> its inverted initial noise
+    # id of a high-utility image -> its inverted initial noise (ddim), or the image itself to re-noise
+    noise_bank: dict[str, torch.Tensor] = {}
+    renoise = opts.renoise_strength if opts.sampler != "ddim" else None
     noise_from: dict[int, list[str]] = {}
     rounds = []
     for r in range(1, opts.rounds + 1):
@@ -97,7 +99,7 @@ def utilgen(task, config, *, workdir=None, progress=False, trained=None) -> Reci
         t0 = time.perf_counter()
         # 1. generate
         plan = utility_plan(real, per_class=per_class(task, opts.per_round), stage=f"r{r}", seed=config.generator.plan_seed,
-                            noise_from=noise_from, noise_mix=opts.noise_mix)
+                            noise_from=noise_from, noise_mix=opts.noise_mix, renoise_strength=renoise)
         synthetic = _generate(store, plan, generator, sampling, noise_bank, progress)
         seconds["generate"] += time.perf_counter() - t0
         # 2. value
@@ -131,9 +133,10 @@ def utilgen(task, config, *, workdir=None, progress=False, trained=None) -> Reci
                 generator, synthetic.images[top], synthetic.labels[top], steps=opts.embedding_steps, lr=opts.embedding_lr,
                 proximity=opts.embedding_proximity, anchor=anchor, seed=config.seed + r)
         if opts.noise:
-            inverted = invert_noise(generator, synthetic.images[top], synthetic.labels[top], steps=opts.sampling_steps,
-                                    guidance_scale=opts.inversion_guidance)
-            noise_bank = {ids[i]: inverted[k] for k, i in enumerate(top.tolist())}
+            starts = synthetic.images[top] if renoise else invert_noise(
+                generator, synthetic.images[top], synthetic.labels[top], steps=opts.sampling_steps,
+                guidance_scale=opts.inversion_guidance)
+            noise_bank = {ids[i]: starts[k] for k, i in enumerate(top.tolist())}
             noise_from = {}
             for i in top.tolist():
                 noise_from.setdefault(int(synthetic.labels[i]), []).append(ids[i])
@@ -148,7 +151,7 @@ def utilgen(task, config, *, workdir=None, progress=False, trained=None) -> Reci
     # the final set, then the classifier on it (with and without the real images)
     t0 = time.perf_counter()
     plan = utility_plan(real, per_class=per_class(task, opts.final_multiple), stage="final", seed=config.generator.plan_seed,
-                        noise_from=noise_from, noise_mix=opts.noise_mix)
+                        noise_from=noise_from, noise_mix=opts.noise_mix, renoise_strength=renoise)
     final = _generate(store, plan, generator, sampling, noise_bank, progress)
     seconds["generate"] += time.perf_counter() - t0
     result, metrics, spent = train_and_evaluate(concat(real, final), task, config, workdir=workdir, progress=progress)
@@ -183,12 +186,16 @@ def _generate(store, plan, generator, sampling, noise_bank, progress):
     shape = generator.noise_shape
 
     def make(rows):
+        labels, seeds = [r["label"] for r in rows], [r["seed"] for r in rows]
+        if all(r.get("strength") for r in rows):  # a stochastic sampler: re-noise high-utility images (SDEdit)
+            return generator.generate(labels, seeds, sampler=sampling, strength=[r["strength"] for r in rows],
+                                      init_images=torch.stack([noise_bank[r["noise_from"]] for r in rows]))
         noise = None
         if any(r.get("noise_from") is not None for r in rows):  # else the noise drawn from each seed
             noise = torch.stack([
                 mix_noise(noise_bank[r["noise_from"]][None], [r["seed"]], r["noise_mix"])[0] if r.get("noise_from")
                 else torch.randn(shape, generator=torch.Generator().manual_seed(r["seed"])) for r in rows])
-        return generator.generate([r["label"] for r in rows], [r["seed"] for r in rows], sampler=sampling, noise=noise)
+        return generator.generate(labels, seeds, sampler=sampling, noise=noise)
 
     store.fill(plan, make, batch_size=sampling.batch_size, progress=progress, extra=provenance(generator, sampling))
     store.verify()
