@@ -30,7 +30,7 @@ def environment() -> dict:
 
 
 def device_name() -> str:
-    """The device the recipes pick (synthaug.utils.runtime): the GPU's name, else 'CPU'."""
+    """The GPU's name where one is visible (the recipes' `device: auto` picks it), else 'CPU'."""
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
 
 

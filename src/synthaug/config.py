@@ -208,11 +208,12 @@ class UtilgenSection:
     embedding_steps: int = 200
     embedding_lr: float = 5.0e-3
     embedding_proximity: float = 1.0  # weight of the penalty keeping the vectors near the original ones
-    noise: bool = True  # instance level: start generations from noise around DDIM inversions of high-utility images
-    noise_mix: float = 0.8  # x_T = mix * inverted + sqrt(1 - mix^2) * fresh noise
-    # with a stochastic sampler, `noise` starts from the high-utility images themselves, noised to this
-    # strength (SDEdit: the share of the sampling steps re-run), since it does not follow an inversion back
-    renoise_strength: float = 0.8
+    # instance level: start generations from noise around DDIM inversions of high-utility images (sampler
+    # ddim), or with any other sampler, which would not follow an inversion back to its image, from those
+    # images themselves re-noised to renoise_strength (SDEdit: the share of the sampling steps re-run)
+    noise: bool = True
+    noise_mix: float = 0.8  # ddim: x_T = mix * inverted + sqrt(1 - mix^2) * fresh noise
+    renoise_strength: float = 0.8  # any other sampler
     inversion_guidance: float = 1.0  # guidance of the inversion (the generation keeps generator.guidance_scale)
     model_level: bool = True  # fine-tune the generator with Diffusion-DPO, high- over low-utility images
     dpo_steps: int = 200

@@ -9,9 +9,9 @@ Each of `rounds` rounds:
 4. Optimise the policy (instance level) on each class's high-utility images: the class's
    embedding vector (textual inversion, kept near the base generator's) and the initial
    noise (DDIM inversion of those images under the round's final generator; the next round
-   starts from noise around them). A stochastic sampler does not follow an inverted noise
-   back to its image, so with one the next round starts from the images themselves,
-   re-noised to `renoise_strength` (SDEdit).
+   starts from noise around them). Only DDIM follows an inverted noise back to its image,
+   so with any other sampler the next round starts from the images themselves, re-noised
+   to `renoise_strength` (SDEdit).
 Then generate the final set (`final_multiple` x the real set) and train the classifier on
 it, alone (the paper's synthetic-only setting) and with the real images.
 
@@ -133,10 +133,10 @@ def utilgen(task, config, *, workdir=None, progress=False, trained=None) -> Reci
                 generator, synthetic.images[top], synthetic.labels[top], steps=opts.embedding_steps, lr=opts.embedding_lr,
                 proximity=opts.embedding_proximity, anchor=anchor, seed=config.seed + r)
         if opts.noise:
-            starts = synthetic.images[top] if renoise else invert_noise(
+            kept = synthetic.images[top] if renoise else invert_noise(
                 generator, synthetic.images[top], synthetic.labels[top], steps=opts.sampling_steps,
                 guidance_scale=opts.inversion_guidance)
-            noise_bank = {ids[i]: starts[k] for k, i in enumerate(top.tolist())}
+            noise_bank = {ids[i]: kept[k] for k, i in enumerate(top.tolist())}
             noise_from = {}
             for i in top.tolist():
                 noise_from.setdefault(int(synthetic.labels[i]), []).append(ids[i])
@@ -170,7 +170,8 @@ def utilgen(task, config, *, workdir=None, progress=False, trained=None) -> Reci
         "memorization": memorization_ratio(final, real, task.val),
         "diversity_ratio": diversity_ratio(final, real),
         "utilgen": {"rounds": rounds, "synthetic_only": synthetic_only, "final_images": len(final),
-                    "settings": {k: getattr(opts, k) for k in ("rounds", "embedding", "noise", "model_level")},
+                    "settings": {k: getattr(opts, k) for k in ("rounds", "embedding", "noise", "model_level", "sampler",
+                                                               "sampling_steps", "noise_mix", "renoise_strength")},
                     "features": _feature_map(result.model, real, store, rounds, final)},
         "generator": {**generator_info, "fingerprint": generator.fingerprint()},
         "synthetic": {"planned": len(plan), "images": len(final), "store": str(store.root),
@@ -185,17 +186,28 @@ def _generate(store, plan, generator, sampling, noise_bank, progress):
 
     shape = generator.noise_shape
 
-    def make(rows):
-        labels, seeds = [r["label"] for r in rows], [r["seed"] for r in rows]
-        if all(r.get("strength") for r in rows):  # a stochastic sampler: re-noise high-utility images (SDEdit)
-            return generator.generate(labels, seeds, sampler=sampling, strength=[r["strength"] for r in rows],
-                                      init_images=torch.stack([noise_bank[r["noise_from"]] for r in rows]))
+    def from_noise(rows):
         noise = None
         if any(r.get("noise_from") is not None for r in rows):  # else the noise drawn from each seed
             noise = torch.stack([
                 mix_noise(noise_bank[r["noise_from"]][None], [r["seed"]], r["noise_mix"])[0] if r.get("noise_from")
                 else torch.randn(shape, generator=torch.Generator().manual_seed(r["seed"])) for r in rows])
-        return generator.generate(labels, seeds, sampler=sampling, noise=noise)
+        return generator.generate([r["label"] for r in rows], [r["seed"] for r in rows], sampler=sampling, noise=noise)
+
+    def renoised(rows):  # any sampler but ddim: high-utility images re-noised (SDEdit)
+        return generator.generate([r["label"] for r in rows], [r["seed"] for r in rows], sampler=sampling,
+                                  strength=[r["strength"] for r in rows],
+                                  init_images=torch.stack([noise_bank[r["noise_from"]] for r in rows]))
+
+    def make(rows):  # an image depends on its row alone, so a batch can be split by kind
+        out = None
+        for fn, guided in ((renoised, True), (from_noise, False)):
+            idx = [i for i, r in enumerate(rows) if (r.get("strength") is not None) == guided]
+            if idx:
+                images = fn([rows[i] for i in idx])
+                out = images.new_empty(len(rows), *images.shape[1:]) if out is None else out
+                out[idx] = images
+        return out
 
     store.fill(plan, make, batch_size=sampling.batch_size, progress=progress, extra=provenance(generator, sampling))
     store.verify()
