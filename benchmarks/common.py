@@ -40,13 +40,18 @@ def ran_on(rows: list[dict]) -> str:
     return " + ".join(sorted({r.get("device", "CPU") for r in rows}))
 
 
-def minutes_per_device(rows: list[dict], seconds) -> str:
+def short_device(row: dict) -> str:
+    """'CPU', 'H100', ...: the device a row ran on, short (rows from before it was recorded: CPU)."""
+    return row.get("device", "CPU").replace("NVIDIA ", "").split()[0]
+
+
+def minutes_per_device(rows: list[dict], seconds, always_name: bool = False) -> str:
     """Mean of `seconds(row)` in minutes; per device ('4.0 on CPU, 0.9 on H100') when the rows
-    ran on more than one, since their times do not mix."""
+    ran on more than one (or `always_name`), since their times do not mix."""
     by_device: dict[str, list[float]] = {}
     for r in rows:
-        by_device.setdefault(r.get("device", "CPU").replace("NVIDIA ", "").split()[0], []).append(seconds(r) / 60)
-    if len(by_device) == 1:
+        by_device.setdefault(short_device(r), []).append(seconds(r) / 60)
+    if len(by_device) == 1 and not always_name:
         return f"{statistics.fmean(next(iter(by_device.values()))):.1f}"
     return ", ".join(f"{statistics.fmean(v):.1f} on {d}" for d, v in sorted(by_device.items()))
 

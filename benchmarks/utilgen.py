@@ -150,7 +150,8 @@ def summarise(rows: list[dict]) -> str:
             if not mine:
                 continue
             minutes = minutes_per_device(mine, lambda r: sum(v for k, v in r["seconds"].items()
-                                                             if k not in ("generator", "load_data")))
+                                                             if k not in ("generator", "load_data")),
+                                         always_name=" + " in ran_on(runs))
             alone = [r["synthetic_only_accuracy"] for r in mine if r["synthetic_only_accuracy"] is not None]
             ratios = " / ".join(f"{statistics.fmean(v):.2f}" if v else "-" for v in (
                 [r["memorization"] for r in mine if r.get("memorization") is not None],
