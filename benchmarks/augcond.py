@@ -144,10 +144,11 @@ def summarise(rows: list[dict]) -> str:
             if not mine:
                 continue
             images = statistics.fmean(r["generated_images"] for r in mine)
-            cost = " + ".join(f"{images * per_image[d]:.1f}" + (f" on {d}" if len(devices) > 1 else "")
-                              for d in sorted({short_device(r) for r in mine}) if per_image[d]) if images else "0"
+            costs = [f"{images * per_image[d]:.1f}" + (f" on {d}" if len(devices) > 1 else "")
+                     for d in sorted({short_device(r) for r in mine}) if per_image[d]]
+            cost = ", ".join(costs) if images and costs else "0"
             minutes = minutes_per_device(mine, lambda r: r["train_seconds"], always_name=len(devices) > 1)
-            out.append(f"| {method} | {fmt([r['accuracy'] for r in mine])} | {images:.0f} | {cost or '0'} | {minutes} |")
+            out.append(f"| {method} | {fmt([r['accuracy'] for r in mine])} | {images:.0f} | {cost} | {minutes} |")
         out.append("")
     return "\n".join(out)
 

@@ -38,6 +38,7 @@ from common import (
     publish,
     ran_on,
     read_rows,
+    short_device,
     with_randaugment,
 )
 
@@ -151,7 +152,7 @@ def summarise(rows: list[dict]) -> str:
                 continue
             minutes = minutes_per_device(mine, lambda r: sum(v for k, v in r["seconds"].items()
                                                              if k not in ("generator", "load_data")),
-                                         always_name=" + " in ran_on(runs))
+                                         always_name=len({short_device(r) for r in runs}) > 1)
             alone = [r["synthetic_only_accuracy"] for r in mine if r["synthetic_only_accuracy"] is not None]
             ratios = " / ".join(f"{statistics.fmean(v):.2f}" if v else "-" for v in (
                 [r["memorization"] for r in mine if r.get("memorization") is not None],
