@@ -43,6 +43,22 @@ def tiny():
     return make_dataset()
 
 
+def run_cli(args, capsys, monkeypatch) -> tuple[int, str, str]:
+    """`synthaug ARGS` in this process: (exit status, stdout, stderr)."""
+    import sys
+
+    from synthaug.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["synthaug", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 def write_image_folder(root: Path, counts=(4, 3), size=(10, 10), mode="RGB", fmt="png") -> Path:
     rng = np.random.default_rng(0)
     for c, n in enumerate(counts):

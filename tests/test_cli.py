@@ -6,22 +6,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import write_image_folder
-
-from synthaug.cli import main
+from conftest import run_cli, write_image_folder
 
 FAST = ["-s", "data.dataset=digits", "-s", "split.ratio=5", "-s", "train.epochs=1", "-s", "train.augment=none"]
-
-
-def run_cli(args, capsys, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["synthaug", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_train_writes_a_run_folder_and_does_not_redo_it(tmp_path):
@@ -31,7 +18,7 @@ def test_train_writes_a_run_folder_and_does_not_redo_it(tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     run = tmp_path / "digits-lt5-ce-s0"
-    assert {p.name for p in run.iterdir()} == {"config.yaml", "metrics.json", "classifier"}
+    assert {p.name for p in run.iterdir()} == {".synthaug-run", "config.yaml", "metrics.json", "classifier"}
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["test"]["balanced_accuracy"] > 0.1 and metrics["task"]["train"]["class_counts"]["0"] > 0
     assert "balanced_accuracy" in done.stdout

@@ -129,5 +129,5 @@ def test_unknown_executor_and_bad_shard_names(setup, tmp_path):
     store = SyntheticStore(tmp_path / "store", ds.classes)
     with pytest.raises(SynthaugError, match="unknown executor 'slurm'"):
         execute("slurm", store, plan, gen, SAMPLING, ds, extra={})
-    with pytest.raises(ValueError, match="shard names"):
+    with pytest.raises(SynthaugError, match="shard name"):
         store.fill(plan[:1], lambda rows: None, shard="../x")

@@ -64,7 +64,7 @@ def test_crash_debris_is_repaired(tmp_path):
         f.write('{"file_name": "zero/synaug-0004.png", "id": "synaug-00')
     (split / "zero" / "synaug-0099.png").write_bytes((split / "zero" / "synaug-0000.png").read_bytes())
     (split / "zero" / ".synaug-0004.png.tmp").write_bytes(b"half")
-    with pytest.raises(SynthaugError, match="not JSON"):
+    with pytest.raises(SynthaugError, match="bad lines"):
         store.verify()
     calls = []
     assert store.fill(plan(6), lambda rows: fake_images(rows, calls)) == 2
@@ -88,9 +88,9 @@ def test_metadata_that_disagrees_with_files(tmp_path):
     store = SyntheticStore(tmp_path, CLASSES)
     store.fill(plan(4), fake_images)
     (tmp_path / "train" / "zero" / "synaug-0002.png").unlink()
-    with pytest.raises(SynthaugError, match="points to missing"):
+    with pytest.raises(SynthaugError, match="missing"):
         store.verify()
-    (tmp_path / "train" / "metadata.jsonl").write_text(json.dumps({"file_name": "x/y.png", "class": "dog", "id": "y"}) + "\n")
+    (tmp_path / "train" / "metadata.jsonl").write_text(json.dumps({"file_name": "dog/y.png", "class": "dog", "id": "y"}) + "\n")
     with pytest.raises(SynthaugError, match="unknown class 'dog'"):
         store.verify()
     with pytest.raises(SynthaugError, match="empty"):
@@ -141,3 +141,30 @@ def test_a_row_made_otherwise_is_refused(tmp_path):
         store.fill([{**r, "strength": 0.3} for r in plan], make)
     with pytest.raises(SynthaugError, match="made with seed 1, not 7"):
         store.fill([{**plan[1], "seed": 7}], make)
+
+
+def test_corrupt_images_and_bad_rows_are_found_said_and_regenerated(tmp_path, capsys):
+    store = SyntheticStore(tmp_path, CLASSES)
+    store.fill(plan(6), fake_images)
+    split = tmp_path / "train"
+    lines = (split / "metadata.jsonl").read_text().splitlines()
+    (split / json.loads(lines[0])["file_name"]).write_bytes(b"\x89PNG\r\n\x1a\n cut")  # corrupt image
+    row = json.loads(lines[1])
+    del row["id"]  # a row without its id
+    lines[1] = json.dumps(row)
+    lines.append("[1, 2]")  # JSON, but not a row
+    (split / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    found = store.problems()
+    assert len(found["corrupt"]) == 1 and len(found["bad_lines"]) == 2 and len(found["unlisted"]) == 1
+    with pytest.raises(SynthaugError, match="damaged: 2 bad lines .* 1 corrupt"):
+        store.verify()
+    with pytest.raises(SynthaugError, match="corrupt"):
+        store.load()
+    calls = []
+    assert store.fill(plan(6), lambda rows: fake_images(rows, calls)) == 2
+    assert calls == ["synaug-0000", "synaug-0001"]
+    assert "1 corrupt" in capsys.readouterr().err
+    store.verify()
+    ds = store.load()
+    first = [r["id"] for r in ds.info["rows"]].index("synaug-0000")
+    assert len(ds) == 6 and int(ds.images[first, 0, 0, 0]) == 100

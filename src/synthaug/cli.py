@@ -126,11 +126,18 @@ def validate(
     from .config import load_config
     from .data import load_dataset
     from .data.sources import read_class_folder
-    from .select.stage import scorer_for, validation_stage
+    from .select.features import check_features
+    from .select.stage import scorer_for, validation_skip, validation_stage
     from .store import SyntheticStore
     from .task import make_task
+    from .utils.paths import check_folder
 
     cfg = load_config(config_file, [*overrides, *([f"validate.features={classifier}"] if classifier else [])])
+    check_features(cfg.validate.features, "--classifier" if classifier else "validate.features")
+    if not synthetic.is_dir():
+        raise SynthaugError(f"'{synthetic}' is not a folder: give a synthetic store or a folder of class subfolders")
+    out = out or synthetic.parent / f"{synthetic.name}-validation"
+    check_folder(out, "--out")
     data = load_dataset(cfg.data.dataset, image_size=cfg.data.image_size, channels=cfg.data.channels,
                         cache_dir=cfg.data.cache_dir)
     task = make_task(data, cfg.split)
@@ -140,7 +147,9 @@ def validate(
         images = store.load()
     else:
         images = read_class_folder(synthetic, task.train)
-    out = out or synthetic.parent / f"{synthetic.name}-validation"
+    skip = validation_skip(task, images, cfg)
+    if skip:  # before anything is written
+        raise SynthaugError(f"cannot validate '{synthetic}': {skip}")
     model = None
     if cfg.validate.features == "classifier":  # no classifier given: one trained on the real split
         model = scorer_for(task.train, cfg, out / "classifier", progress=not quiet)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,8 +19,10 @@ from .generate.diffusion import PRESETS, SAMPLERS
 from .generate.image_condition import OPERATORS, PAIRINGS
 from .generate.stable_diffusion import DTYPES as SD_DTYPES
 from .select.filters import SELECTORS
+from .utils.paths import check_folder, check_name
 
 SPLITS = ("none", "long-tail", "few-shot", "colored")
+MAX_SEED = 2**31 - 1  # seeds are mixed with step counts before they reach torch's generators
 
 
 @dataclass
@@ -45,6 +48,10 @@ class SplitConfig:
     def __post_init__(self):
         if self.val_per_class < 0 or self.k < 1 or (self.n_max is not None and self.n_max < 1):
             raise SynthaugError("split.val_per_class must be >= 0, split.k >= 1 and split.n_max >= 1")
+        if self.ratio < 1:
+            raise SynthaugError(f"split.ratio must be >= 1 (head size / tail size), got {self.ratio}")
+        if not 0 <= self.agreement <= 1 or self.seed < 0:
+            raise SynthaugError("split.agreement must be in [0, 1] and split.seed >= 0")
 
 
 @dataclass
@@ -52,6 +59,10 @@ class EvalConfig:
     many_threshold: float | None = None  # many-shot: classes with more training images (default 20% of the head)
     few_threshold: float | None = None  # few-shot: classes with fewer (default 4% of the head)
     posthoc_tau: float = 1.0  # strength of post-hoc logit adjustment (recipe posthoc-la)
+
+    def __post_init__(self):
+        if any(v is not None and v < 0 for v in (self.many_threshold, self.few_threshold, self.posthoc_tau)):
+            raise SynthaugError("eval.many_threshold, eval.few_threshold and eval.posthoc_tau must be >= 0")
 
 
 @dataclass
@@ -119,6 +130,9 @@ class GeneratorSection:
             raise SynthaugError("generator.prompt_modifiers must be a list of strings")
         if self.adapt_steps < 0 or self.lora_rank < 1 or self.noise_level < 0:
             raise SynthaugError("generator.adapt_steps and generator.noise_level must be >= 0, generator.lora_rank >= 1")
+        if self.adapt_lr <= 0 or self.seed < 0 or (self.sample_seed is not None and self.sample_seed < 0):
+            raise SynthaugError("generator.adapt_lr must be > 0, generator.seed and generator.sample_seed >= 0")
+        check_folder(self.cache_dir, "generator.cache_dir")
 
 
 @dataclass
@@ -156,6 +170,9 @@ class SynaugSection:
         check_per_class(self.refit_per_class, "synaug.refit_per_class")
         if self.mix_alpha <= 0 or not 0 <= self.mix_prob <= 1:
             raise SynthaugError("synaug.mix_alpha must be > 0 and synaug.mix_prob in [0, 1]")
+        if self.target_per_class is not None and self.target_per_class < 1:
+            raise SynthaugError("synaug.target_per_class must be >= 1 (or unset: the largest class)")
+        check_folder(self.store_dir, "synaug.store_dir")
 
 
 @dataclass
@@ -174,6 +191,7 @@ class TadaSection:
         if self.early_epochs < 1 or self.variants < 1:
             raise SynthaugError("tada.early_epochs and tada.variants must be >= 1")
         strength_range(self.strength, "tada.strength")
+        check_folder(self.store_dir, "tada.store_dir")
 
 
 @dataclass
@@ -192,6 +210,7 @@ class AugcondSection:
             raise SynthaugError("augcond.embed_dim must be >= 1, augcond.expand > 0 and augcond.target_per_class >= 1")
         if not 0 <= self.dropout < 1:
             raise SynthaugError(f"augcond.dropout must be in [0, 1), got {self.dropout}")
+        check_folder(self.store_dir, "augcond.store_dir")
 
 
 @dataclass
@@ -232,6 +251,12 @@ class UtilgenSection:
             raise SynthaugError("utilgen.noise_mix must be in [0, 1], dpo_beta > 0 and valuation_epochs >= 1")
         if not 0 < self.renoise_strength <= 1:
             raise SynthaugError(f"utilgen.renoise_strength must be in (0, 1], got {self.renoise_strength}")
+        if min(self.meta_lr, self.embedding_lr, self.dpo_lr) <= 0 or self.embedding_proximity < 0:
+            raise SynthaugError("utilgen.meta_lr, embedding_lr and dpo_lr must be > 0, embedding_proximity >= 0")
+        if self.inversion_guidance < 0 or min(self.embedding_steps, self.dpo_steps, self.sampling_steps) < 1:
+            raise SynthaugError("utilgen.inversion_guidance must be >= 0, embedding_steps, dpo_steps and "
+                                "sampling_steps >= 1")
+        check_folder(self.store_dir, "utilgen.store_dir")
 
 
 @dataclass
@@ -263,12 +288,13 @@ class ValidateSection:
     enabled: bool = False
     features: str = "classifier"  # classifier (the run's trained one), pixels, a classifier folder, or hf:<...>
     max_per_class: int = 500  # images per class of each set in the feature-space metrics
-    k: int = 3  # neighbours of the precision/recall manifolds (density/coverage: at least 2)
+    k: int = 3  # neighbours of the precision/recall manifolds (Kynkaanniemi et al.)
+    density_k: int = 5  # neighbours of density and coverage (Naeem et al.)
     cas: bool = True  # also train on the synthetic images alone and test on real (classification accuracy score)
 
     def __post_init__(self):
-        if self.max_per_class < 2 or self.k < 1:
-            raise SynthaugError("validate.max_per_class must be >= 2 and validate.k >= 1")
+        if self.max_per_class < 2 or self.k < 1 or self.density_k < 1:
+            raise SynthaugError("validate.max_per_class must be >= 2, validate.k and validate.density_k >= 1")
 
 
 @dataclass
@@ -297,7 +323,18 @@ class RunConfig:
     validate: ValidateSection = field(default_factory=ValidateSection)
     report: ReportSection = field(default_factory=ReportSection)
 
+    def __post_init__(self):
+        for key, value in (("seed", self.seed), ("split.seed", self.split.seed), ("generator.seed", self.generator.seed),
+                           ("generator.sample_seed", self.generator.sample_seed)):
+            if value is not None and not 0 <= value <= MAX_SEED:
+                raise SynthaugError(f"{key} must be in [0, {MAX_SEED}], got {value}")
+        if self.name is not None:
+            check_name(self.name, "name")
+        check_folder(self.output_dir, "output_dir")
+        check_folder(self.data.cache_dir, "data.cache_dir")
+
     def run_name(self) -> str:
+        """`name`, or dataset-split-recipe-seed made safe as one folder name."""
         if self.name:
             return self.name
         dataset = Path(self.data.dataset).name if "/" in self.data.dataset else self.data.dataset
@@ -306,7 +343,8 @@ class RunConfig:
             split = f"lt{self.split.ratio:g}"
         elif split == "few-shot":
             split = f"{self.split.k}shot"
-        return f"{dataset}-{split}-{self.recipe}-s{self.seed}".replace(":", "_")
+        name = f"{dataset}-{split}-{self.recipe}-s{self.seed}"
+        return "".join(ch if ch.isalnum() or ch in "-_.+" else "_" for ch in name).lstrip(".") or "run"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -317,10 +355,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
     raw: dict = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise SynthaugError(f"config file '{path}' is a folder: give a YAML file (see configs/)")
         if not path.is_file():
             raise SynthaugError(f"config file '{path}' does not exist: give a YAML file (see configs/)")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise SynthaugError(f"config file '{path}' is not UTF-8 text: save it as UTF-8") from None
+        except OSError as e:
+            raise SynthaugError(f"cannot read config file '{path}' ({e.strerror}): check its permissions") from None
         except yaml.YAMLError as e:
             raise SynthaugError(f"config file '{path}' is not valid YAML ({str(e).splitlines()[0]}): fix the syntax") from None
         if not isinstance(raw, dict):
@@ -332,7 +376,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
         node = raw
         parts = key.strip().split(".")
         for part in parts[:-1]:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # absent, or an empty section (`train:` with nothing under it)
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise SynthaugError(f"override '{item}': '{part}' is not a section")
         try:
@@ -358,6 +404,9 @@ def build(cls, raw: dict, prefix: str):
         if dataclasses.is_dataclass(kind):
             kwargs[key] = build(kind, value or {}, f"{prefix}{key}.")
             continue
+        if isinstance(value, dict):
+            raise SynthaugError(f"config key '{prefix}{key}' is a value, not a section (got {value!r}): "
+                                f"write {prefix}{key}=<value>")
         kwargs[key] = _coerce(value, kind, f"{prefix}{key}")
         choices = fields[key].metadata.get("choices")
         if choices and kwargs[key] not in choices:
@@ -366,6 +415,8 @@ def build(cls, raw: dict, prefix: str):
 
 
 def _coerce(value, kind, key):
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SynthaugError(f"config key '{key}' is {value!r}: give a finite number")
     args = typing.get_args(kind)
     if typing.get_origin(kind) in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -384,13 +435,18 @@ def _coerce(value, kind, key):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif kind is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):
+                raise SynthaugError(f"config key '{key}' is {value!r}: give a finite number")
+            return number
     elif kind is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

@@ -30,19 +30,15 @@ METRIC_COLUMNS = [("accuracy", "accuracy"), ("balanced_accuracy", "balanced acc"
 def _png(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
     return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
 
 
-def _plt():
-    import matplotlib
+def _subplots(*grid, figsize, **kwargs):
+    """A figure of its own (no pyplot: a notebook's backend and figures are left alone)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*grid, **kwargs)
 
 
 def _pct(v):
@@ -59,8 +55,7 @@ def metrics_table(rows: dict[str, dict], recipe: str) -> str:
 
 
 def counts_plot(classes, real_counts, synthetic_counts) -> str:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(classes)), 3.2))
+    fig, ax = _subplots(figsize=(max(6, 0.6 * len(classes)), 3.2))
     x = range(len(classes))
     ax.bar(x, real_counts, label="real", color="#4c72b0")
     ax.bar(x, synthetic_counts, bottom=real_counts, label="synthetic", color="#dd8452")
@@ -72,9 +67,8 @@ def counts_plot(classes, real_counts, synthetic_counts) -> str:
 
 def sample_grid(classes, real: ImageDataset, synthetic: ImageDataset | None, per_side: int = 8) -> str:
     """One row per class: up to `per_side` real images, a gap, up to `per_side` synthetic ones."""
-    plt = _plt()
     rows = len(classes)
-    fig, axes = plt.subplots(rows, 1, figsize=(2 * per_side * 0.55 + 1, rows * 0.62))
+    fig, axes = _subplots(rows, 1, figsize=(2 * per_side * 0.55 + 1, rows * 0.62))
     axes = [axes] if rows == 1 else axes
     for c, ax in enumerate(axes):
         strip = [_tile(real, c, per_side), torch.full((real.channels, real.image_size[0], 4), 255, dtype=torch.uint8)]
@@ -102,8 +96,7 @@ def _tile(ds: ImageDataset, c: int, n: int) -> torch.Tensor:
 
 
 def per_class_plot(classes, rows: dict[str, dict]) -> str:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(classes)), 3.2))
+    fig, ax = _subplots(figsize=(max(6, 0.8 * len(classes)), 3.2))
     width = 0.8 / max(1, len(rows))
     for i, (name, m) in enumerate(rows.items()):
         acc = [100 * m["per_class_accuracy"].get(c, 0) for c in classes]
@@ -122,8 +115,7 @@ def targeted_section(t: dict, real: ImageDataset) -> str:
             f"examples ({100 * t['slow_learnable_share']:.1f}%)</b> in the slow-learnable cluster. Mode "
             f"<b>{html.escape(t['mode'])}</b>: {t['targeted']} example(s) targeted, {t['variants']} "
             f"{'duplicate' if t['mode'] == 'tada-upsample' else 'variant'}(s) each.</p>")
-    plt = _plt()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 2.8))
+    fig, (ax1, ax2) = _subplots(1, 2, figsize=(11, 2.8))
     h = t["loss_histogram"]
     edges = h["log1p_edges"]
     width = edges[1] - edges[0]
@@ -151,8 +143,7 @@ def conditions_grid(real: ImageDataset, synthetic: ImageDataset, sources: int = 
         if r.get("source") is not None:
             by_source.setdefault(int(r["source"]), []).append(i)
     picked = list(by_source.items())[:: max(1, len(by_source) // sources)][:sources]
-    plt = _plt()
-    fig, axes = plt.subplots(len(picked), per_source + 1, figsize=((per_source + 1) * 1.2, len(picked) * 1.3))
+    fig, axes = _subplots(len(picked), per_source + 1, figsize=((per_source + 1) * 1.2, len(picked) * 1.3))
     axes = axes.reshape(len(picked), per_source + 1)
     for ax_row, (src, made) in zip(axes, picked):
         for j, ax in enumerate(ax_row):
@@ -187,8 +178,7 @@ def utilgen_section(metrics: dict, real: ImageDataset) -> str:
             body.append(f"<tr><td>{r['round']}</td><td>{r['images']}</td><td>{r['mean_utility_real']:.3f}</td>"
                         f"<td>{r['mean_utility_synthetic']:.3f}</td><td>{emb}</td><td>{dpo}</td><td>{ranked}</td></tr>")
         out.append(head + "".join(body) + "</table>")
-        plt = _plt()
-        fig, axes = plt.subplots(1, len(rounds), figsize=(3.6 * len(rounds), 2.6), squeeze=False)
+        fig, axes = _subplots(1, len(rounds), figsize=(3.6 * len(rounds), 2.6), squeeze=False)
         for ax, r in zip(axes[0], rounds):
             edges = [i / 20 for i in range(20)]
             total_r, total_s = max(1, sum(r["utility_real"])), max(1, sum(r["utility_synthetic"]))
@@ -202,8 +192,7 @@ def utilgen_section(metrics: dict, real: ImageDataset) -> str:
         out.append("<p class='muted'>Utility of real and synthetic images per round.</p>" + _png(fig))
     features = u.get("features")
     if features:
-        plt = _plt()
-        fig, ax = plt.subplots(figsize=(5.5, 4.5))
+        fig, ax = _subplots(figsize=(5.5, 4.5))
         styles = {"real": ("#555555", "o", "real"), "before": ("#4c72b0", "x", "synthetic, round 1"),
                   "after": ("#dd8452", "+", "synthetic, final")}
         for name, (color, marker, label) in styles.items():
@@ -288,10 +277,13 @@ def pairs_grid(real: ImageDataset, synthetic: ImageDataset, lines: int = 8, per_
     """Triples (first condition, second condition, generation) for image-conditioned rows,
     spread over the classes."""
     rows = synthetic.info["rows"]
-    order = sorted(range(len(rows)), key=lambda i: (int(rows[i]["id"].rsplit("-", 1)[-1]), int(synthetic.labels[i])))
+    position, seen = [], {}
+    for label in synthetic.labels.tolist():  # each row's place among its class's rows
+        position.append(seen.get(label, 0))
+        seen[label] = position[-1] + 1
+    order = sorted(range(len(rows)), key=lambda i: (position[i], int(synthetic.labels[i])))
     picked = order[: lines * per_line]
-    plt = _plt()
-    fig, axes = plt.subplots(lines, 3 * per_line, figsize=(3 * per_line * 0.95, lines * 1.05))
+    fig, axes = _subplots(lines, 3 * per_line, figsize=(3 * per_line * 0.95, lines * 1.05))
     axes = axes.reshape(lines, 3 * per_line)
     for ax in axes.flatten():
         ax.axis("off")
@@ -311,9 +303,8 @@ def _show(ax, image: torch.Tensor):
 
 
 def _row_of(images: torch.Tensor, per_row: int) -> str:
-    plt = _plt()
     rows = (len(images) + per_row - 1) // per_row
-    fig, axes = plt.subplots(rows, per_row, figsize=(per_row * 0.6, rows * 0.6))
+    fig, axes = _subplots(rows, per_row, figsize=(per_row * 0.6, rows * 0.6))
     for k, ax in enumerate(axes.flatten() if hasattr(axes, "flatten") else [axes]):
         ax.axis("off")
         if k < len(images):
@@ -322,8 +313,7 @@ def _row_of(images: torch.Tensor, per_row: int) -> str:
 
 
 def curve_plot(history: list[dict], x: str, y: str, xlabel: str, ylabel: str) -> str:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 2.8))
+    fig, ax = _subplots(figsize=(6, 2.8))
     ax.plot([h[x] for h in history], [h[y] for h in history], marker="o" if len(history) < 20 else None)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -332,6 +322,14 @@ def curve_plot(history: list[dict], x: str, y: str, xlabel: str, ylabel: str) ->
 
 def write_report(path: str | Path, metrics: dict, real: ImageDataset, synthetic: ImageDataset | None,
                  config_yaml: str) -> Path:
+    """Write the run's report.html. Text in plots is literal: a class named `$x$` is not math."""
+    import matplotlib
+
+    with matplotlib.rc_context({"text.parse_math": False}):
+        return _write_report(path, metrics, real, synthetic, config_yaml)
+
+
+def _write_report(path, metrics, real, synthetic, config_yaml) -> Path:
     recipe = metrics["recipe"]
     rows = {recipe: metrics["test"], **{k: v["test"] for k, v in metrics.get("baselines", {}).items()}}
     classes = real.classes

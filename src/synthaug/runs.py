@@ -1,10 +1,17 @@
 """A run: config -> data -> split -> recipe -> run folder with the resolved config,
 metrics.json and the trained classifier. Interrupted runs resume from their checkpoint;
-finished runs are not redone."""
+finished runs are not redone.
+
+A run folder is `<output_dir>/<name>`, `name` one plain folder name. synthaug marks the
+folders it makes with `.synthaug-run`; `--force` deletes only such a folder. Every check
+that can fail (config, device, model, generator folder, store folders, data, split, recipe)
+runs before the first byte is written."""
 
 from __future__ import annotations
 
+import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -16,24 +23,108 @@ from .errors import SynthaugError
 from .recipes import get_recipe
 from .task import make_task
 from .utils.io import atomic_write_json, atomic_write_text
+from .utils.paths import check_name, make_folders, remove_created
+from .utils.runtime import resolve_device
+
+MARKER = ".synthaug-run"
+STORE_SECTIONS = ("synaug", "tada", "augcond", "utilgen")
 
 
-def prepare_run_dir(run_dir: Path, config: RunConfig, *, force: bool = False) -> bool:
-    """Create `run_dir` with config.yaml. Returns True if the run already finished. A folder
-    holding another config is refused rather than overwritten."""
+def preflight(config: RunConfig, baselines: list[str] = ()):
+    """The checks of a run that need no data: recipe and baseline names, device, model,
+    generator folder, store folders. Raises SynthaugError; writes nothing."""
+    from .classify.models import MODELS
+    from .store import check_store_folder
+
+    get_recipe(config.recipe)
+    for name in baselines:
+        get_recipe(name)
+    resolve_device(config.train.device)
+    if config.train.model not in MODELS:
+        raise SynthaugError(f"unknown model '{config.train.model}': use one of {', '.join(MODELS)}")
+    for section in STORE_SECTIONS:
+        store_dir = getattr(config, section).store_dir
+        check_store_folder(store_dir, f"{section}.store_dir")
+    if config.generator.path:
+        from .generate.cache import check_generator_folder
+
+        check_generator_folder(config.generator.path)
+    from .select.features import check_features
+
+    check_features(config.select.features, "select.features")
+    check_features(config.validate.features, "validate.features")
+    check_name(config.run_name(), "name")
+
+
+def prepare_run_dir(run_dir: Path, config: RunConfig, *, force: bool = False) -> tuple[bool, list[Path]]:
+    """Create `run_dir` with its marker and config.yaml. Returns (whether a run with this
+    config was started there before, the folders created now). A folder holding another
+    config is refused rather than overwritten; with `force`, a run folder synthaug made is
+    deleted first, and any other folder is refused."""
     config_file = run_dir / "config.yaml"
-    if run_dir.exists() and force:
+    if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
+        raise SynthaugError(f"'{run_dir}' is a file or a link, not a run folder: set another name (name=...)")
+    ours = (run_dir / MARKER).is_file()
+    if force and run_dir.exists() and any(run_dir.iterdir()):
+        if not ours:
+            raise SynthaugError(f"--force deletes only run folders synthaug made, and '{run_dir}' has no {MARKER}: "
+                                "remove it yourself or set another name (name=...)")
         shutil.rmtree(run_dir)
-    if config_file.exists():
-        if yaml.safe_load(config_file.read_text()) != yaml.safe_load(dump_config(config)):
-            raise SynthaugError(
-                f"run folder '{run_dir}' holds a run with a different config: set another name (name=...) or pass --force"
-            )
-        return (run_dir / "metrics.json").exists()
-    if run_dir.exists() and any(run_dir.iterdir()):
+    elif config_file.is_file():
+        try:
+            same = yaml.safe_load(config_file.read_text()) == yaml.safe_load(dump_config(config))
+        except (yaml.YAMLError, UnicodeDecodeError):
+            same = False
+        if same:
+            if not ours:  # a run folder of an older synthaug, without the marker
+                (run_dir / MARKER).write_text("a run folder made by synthaug\n")
+            return True, []
+        if not (ours and _unstarted(run_dir)):
+            raise SynthaugError(f"run folder '{run_dir}' holds a run with a different config: set another name "
+                                "(name=...) or pass --force")
+    elif run_dir.exists() and any(run_dir.iterdir()):
         raise SynthaugError(f"'{run_dir}' exists and is not a synthaug run: set another name (name=...) or remove it")
-    atomic_write_text(config_file, dump_config(config))
-    return False
+    created = make_folders(run_dir, "output_dir")
+    try:
+        (run_dir / MARKER).write_text("a run folder made by synthaug\n")
+        atomic_write_text(config_file, dump_config(config))
+    except OSError as e:
+        remove_created(created)
+        raise SynthaugError(f"cannot write to output_dir '{config.output_dir}' ({e.strerror}): choose a folder you "
+                            "can write to") from None
+    return False, created
+
+
+def _unstarted(run_dir: Path) -> bool:
+    """Only what `prepare_run_dir` writes is there: nothing was computed yet."""
+    return {p.name for p in run_dir.iterdir()} <= {MARKER, "config.yaml"}
+
+
+def _finished(run_dir: Path, config: RunConfig, compare: bool, classes: list[str]) -> dict | None:
+    """The metrics of a finished run, or None if it must (re)run: no metrics yet, a run made
+    by `train` when `run` asks for the comparison and report, or a damaged synthetic store
+    (the re-run regenerates exactly the damaged images)."""
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("synthetic") or {}, dict):
+        return None
+    if compare and not metrics.get("compared", "baselines" in metrics):
+        return None
+    if compare and config.report.html and not (run_dir / "report.html").is_file():
+        return None
+    store = (metrics.get("synthetic") or {}).get("store")
+    if isinstance(store, str) and Path(store).is_dir():
+        from .store import SyntheticStore
+
+        found = SyntheticStore(store, classes).problems()
+        damage = {k: len(v) for k, v in found.items() if v}
+        if damage:
+            said = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in damage.items())
+            print(f"synthetic store '{store}': {said}: regenerating them and re-running", file=sys.stderr)
+            return None
+    return metrics
 
 
 def train_run(config: RunConfig, *, progress: bool = True, force: bool = False, compare: bool = False,
@@ -43,8 +134,7 @@ def train_run(config: RunConfig, *, progress: bool = True, force: bool = False, 
     With `compare`, the baselines in `config.report.baselines` are trained in the same run on
     the same split (each saved as it finishes, so an interrupted run keeps them), and
     `report.html` is written."""
-    import json
-
+    preflight(config, config.report.baselines if compare else ())
     recipe = get_recipe(config.recipe)
     baselines = [get_recipe(b) for b in config.report.baselines] if compare else []
     t0 = time.perf_counter()
@@ -53,12 +143,23 @@ def train_run(config: RunConfig, *, progress: bool = True, force: bool = False, 
     task = make_task(data, config.split)
     if recipe.check is not None:
         recipe.check(task, config)
+    if config.generator.path:
+        from .generate.cache import check_generator_folder
+
+        check_generator_folder(config.generator.path, task.train)
     load_seconds = time.perf_counter() - t0
     # Everything above can fail on bad input; nothing is written before this point.
     run_dir = Path(config.output_dir) / config.run_name()
-    if prepare_run_dir(run_dir, config, force=force):
-        return run_dir, json.loads((run_dir / "metrics.json").read_text())
-    result = recipe.fn(task, config, workdir=run_dir, progress=progress)
+    started, created = prepare_run_dir(run_dir, config, force=force)
+    if started and (done := _finished(run_dir, config, compare, task.train.classes)) is not None:
+        return run_dir, done
+    try:
+        result = recipe.fn(task, config, workdir=run_dir, progress=progress)
+    except SynthaugError:
+        if created and _unstarted(run_dir):  # refused before computing anything: leave no trace
+            shutil.rmtree(run_dir)
+            remove_created(created[:-1])
+        raise
     result.model.save_pretrained(run_dir / "classifier")
     validation = None
     if config.validate.enabled and result.synthetic is not None:
@@ -83,16 +184,18 @@ def train_run(config: RunConfig, *, progress: bool = True, force: bool = False, 
         "seconds": {"load_data": load_seconds, **result.seconds},
         "history": result.history,
         **result.extra,
+        "compared": compare,
     }
     if validation is not None:
         metrics["validation"] = validation
     if compared:
         metrics["baselines"] = compared
+    # the metrics first: a report that fails (and is redone by the next run) loses nothing
+    atomic_write_json(run_dir / "metrics.json", metrics)
     if compare and config.report.html:
         from .report import write_report
 
         write_report(run_dir / "report.html", metrics, task.train, result.synthetic, dump_config(config))
-    atomic_write_json(run_dir / "metrics.json", metrics)
     for leftover in ("checkpoint", "cas-checkpoint"):
         shutil.rmtree(run_dir / leftover, ignore_errors=True)
     return run_dir, metrics

@@ -6,12 +6,19 @@ Writes are atomic (temp file + rename; a metadata row is appended only after its
 in place), so an interrupted generation leaves no corrupt file, and `fill` generates only
 the rows that are missing. Parallel workers (generate/executors.py) each append to their
 own shard file, `train/metadata-<shard>.jsonl`; the rows of every shard file count as
-written, and the next `fill` (or `merge_shards`) folds them into metadata.jsonl."""
+written, and the next `fill` (or `merge_shards`) folds them into metadata.jsonl.
+
+A store is a folder synthaug made: it holds a `.synthaug-store` marker, and synthaug writes
+into (and deletes from) no other folder. Every path a metadata row names stays under the
+store. A re-run finds a corrupt or missing image and a bad metadata line, says so, and
+regenerates exactly those rows (each from its own seed)."""
 
 from __future__ import annotations
 
 import json
 import os
+import sys
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -21,9 +28,37 @@ from PIL import Image
 
 from .data.dataset import ImageDataset
 from .errors import SynthaugError
+from .utils.paths import check_folder, check_name, inside, make_folders, remove_created
 from .utils.runtime import progress_bar
 
 SPLIT = "train"
+MARKER = ".synthaug-store"
+
+
+def check_store_folder(path, key: str = "store_dir"):
+    """Refuse a folder that synthaug may not write into as a store: a file, a link, or a
+    folder that holds something and is not a store synthaug made (one with the marker, or
+    one of an older synthaug: every metadata line a synthaug row). Writes nothing."""
+    if check_folder(path, key) is None or not (Path(path).exists() or Path(path).is_symlink()):
+        return
+    root = Path(path)
+    if root.is_symlink():
+        raise SynthaugError(f"{key} '{root}' is a link: give the folder itself")
+    if (root / MARKER).is_file() or not any(root.iterdir()) or _older_store(root):
+        return
+    raise SynthaugError(f"{key} '{root}' is not empty and is not a synthaug store (no {MARKER}): "
+                        "give a new or empty folder")
+
+
+def _older_store(root: Path) -> bool:
+    """A store written before stores had a marker: metadata.jsonl whose every line is a row
+    synthaug writes (a Hugging Face imagefolder of the user's own images is not one)."""
+    meta = root / SPLIT / "metadata.jsonl"
+    if not meta.is_file() or meta.is_symlink():
+        return False
+    store = SyntheticStore(root, [])
+    lines = [line for line in meta.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    return bool(lines) and all(store._parse(line) is not None for line in lines)
 
 
 class SyntheticStore:
@@ -39,51 +74,91 @@ class SyntheticStore:
 
     def _lines(self) -> list[str]:
         files = ([self.metadata_file] if self.metadata_file.exists() else []) + self.shard_files()
-        return [line for f in files for line in f.read_text().splitlines()]
+        return [line for f in files for line in f.read_text(encoding="utf-8", errors="replace").splitlines()]
+
+    def _parse(self, line: str) -> dict | None:
+        """A metadata line as a row, or None if it is not one: not JSON (e.g. cut off by a
+        crash), no usable id, class or file name, or a file name that leaves the store."""
+        try:
+            row = json.loads(line)
+            check_name(row["id"], "store row id")
+            if not isinstance(row["class"], str) or row["file_name"] != f"{class_folder(row['class'])}/{row['id']}.png":
+                return None  # synthaug names every image <class folder>/<id>.png
+        except (json.JSONDecodeError, KeyError, TypeError, SynthaugError):
+            return None
+        return row
 
     def rows(self) -> list[dict]:
         """Metadata rows whose image is present (metadata.jsonl, then the shard files; a row
-        written twice counts once). A last line cut off by a crash is ignored."""
+        written twice counts once). Lines that are not rows are skipped (see `problems`)."""
         rows, seen = [], set()
         for line in self._lines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a row cut off mid-write; its image will be regenerated
-            if row["id"] in seen:
+            row = self._parse(line)
+            if row is None or row["id"] in seen:
                 continue
-            if (self.split_dir / row["file_name"]).exists():
+            if self._own(self.split_dir / row["file_name"]):
                 rows.append(row)
                 seen.add(row["id"])
         return rows
+
+    def problems(self) -> dict[str, list[str]]:
+        """What is wrong with the store, by kind: `bad_lines` (metadata lines that are not
+        rows), `missing` (rows whose image is gone), `corrupt` (images that do not decode),
+        `unlisted` (images without a row). Empty lists when all is well."""
+        out = {"bad_lines": [], "missing": [], "corrupt": [], "unlisted": []}
+        if not self.split_dir.is_dir():
+            return out
+        listed, shapes = set(), {}
+        for n, line in enumerate(self._lines(), 1):
+            row = self._parse(line) if line.strip() else None
+            if row is None:
+                if line.strip():
+                    out["bad_lines"].append(f"line {n}")
+                continue
+            path = self.split_dir / row["file_name"]
+            listed.add(row["file_name"])
+            if not self._own(path):
+                out["missing"].append(row["file_name"])
+            else:
+                shapes[row["file_name"]] = _shape(path)
+        # an image that does not decode, or decodes to another mode or size than most of the store's
+        common = Counter(v for v in shapes.values() if v is not None).most_common(1)
+        out["corrupt"] = [rel for rel, shape in shapes.items() if shape is None or (common and shape != common[0][0])]
+        out["unlisted"] = sorted(rel for rel in self._pngs() if rel not in listed)
+        return out
+
+    def _own(self, path: Path) -> bool:
+        """A regular file in a class folder of this store (no link leads elsewhere)."""
+        return path.is_file() and not path.is_symlink() and not path.parent.is_symlink() and \
+            path.parent.parent == self.split_dir
+
+    def _pngs(self) -> list[str]:
+        return [str(p.relative_to(self.split_dir)) for p in self.split_dir.glob("*/*.png") if self._own(p)]
 
     def done_ids(self) -> set[str]:
         return {r["id"] for r in self.rows()}
 
     def verify(self):
-        """Raise if metadata and files disagree (a row without its image, an image without a
-        row, a class the store does not know)."""
+        """Raise (one line) if the store is damaged (see `problems`), a row leaves the store, or
+        a row's class is not one of `classes`."""
         if not self.split_dir.exists():
             return
-        listed = set()
-        if self.metadata_file.exists() or self.shard_files():
-            for n, line in enumerate(self._lines(), 1):
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    raise SynthaugError(f"{self.metadata_file} line {n} is not JSON: run the generation again to repair it") from None
-                if row.get("class") not in self.classes:
-                    raise SynthaugError(f"{self.metadata_file} line {n} has unknown class {row.get('class')!r}: "
-                                        "this store belongs to other data; use another folder")
-                if not (self.split_dir / row["file_name"]).exists():
-                    raise SynthaugError(f"store row '{row['id']}' points to missing {row['file_name']}: "
-                                        "run the generation again to fill it")
-                listed.add(row["file_name"])
-        on_disk = {str(p.relative_to(self.split_dir)) for p in self.split_dir.glob("*/*.png")}
-        extra = sorted(on_disk - listed)
-        if extra:
-            raise SynthaugError(f"{len(extra)} image(s) in {self.split_dir} have no metadata row (e.g. {extra[0]}): "
-                                "run the generation again to repair the store")
+        for n, line in enumerate(self._lines(), 1):
+            try:
+                row = json.loads(line)
+                file_name = row.get("file_name")
+            except (json.JSONDecodeError, AttributeError):
+                continue
+            if isinstance(file_name, str) and "\0" not in file_name:
+                inside(self.split_dir, file_name, f"{self.metadata_file} line {n}: file_name")
+            if self._parse(line) is not None and self.classes and row["class"] not in self.classes:
+                raise SynthaugError(f"{self.metadata_file} line {n} has unknown class {row['class']!r}: "
+                                    "this store belongs to other data; use another folder")
+        found = {kind: items for kind, items in self.problems().items() if items}
+        if found:
+            summary = ", ".join(f"{len(v)} {k.replace('_', ' ')} (e.g. {v[0]})" for k, v in found.items())
+            raise SynthaugError(f"synthetic store '{self.root}' is damaged: {summary}; run the command that made it "
+                                "again: it regenerates exactly those images")
 
     def load(self, ids: Sequence[str] | None = None) -> ImageDataset:
         """The store (or only the rows in `ids`) as a dataset in metadata order, with
@@ -94,8 +169,13 @@ class SyntheticStore:
             rows = [r for r in rows if r["id"] in wanted]
         images = []
         for r in rows:
-            with Image.open(self.split_dir / r["file_name"]) as img:
-                images.append(torch.from_numpy(np.array(img)).reshape(img.size[1], img.size[0], -1).permute(2, 0, 1))
+            try:
+                with Image.open(self.split_dir / r["file_name"]) as img:
+                    array = np.array(img)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+                raise SynthaugError(f"image '{self.split_dir / r['file_name']}' in the synthetic store is corrupt: run the "
+                                    "command that made it again: it regenerates exactly the damaged images") from None
+            images.append(torch.from_numpy(array).reshape(array.shape[0], array.shape[1], -1).permute(2, 0, 1))
         if not rows:
             raise SynthaugError(f"synthetic store '{self.root}' is empty: generate first")
         labels = torch.tensor([self.classes.index(r["class"]) for r in rows])
@@ -115,14 +195,18 @@ class SyntheticStore:
         `shard`: a parallel worker's name. Its rows go to its own shard file, and the store
         is not repaired first (other workers are writing; the driver repairs before and
         merges after)."""
-        ids = [r["id"] for r in plan]
+        ids = [check_name(r["id"], "plan row id") for r in plan]
         if len(set(ids)) != len(ids):
             raise ValueError("plan row ids must be unique")
-        self.split_dir.mkdir(parents=True, exist_ok=True)
+        for r in plan:
+            if not 0 <= int(r["label"]) < len(self.classes):
+                raise ValueError(f"plan row '{r['id']}' has label {r['label']}, not one of {len(self.classes)} classes")
         if shard is None:
+            self.claim()
             self._repair_metadata()
-        elif not shard.replace("-", "").replace("_", "").isalnum():
-            raise ValueError(f"shard names are letters, digits, '-' and '_', got {shard!r}")
+        else:
+            check_name(shard, "shard name")
+            self.split_dir.mkdir(parents=True, exist_ok=True)
         metadata_file = self.metadata_file if shard is None else self.split_dir / f"metadata-{shard}.jsonl"
         existing = {r["id"]: r for r in self.rows()}
         # a stored row is reused only if it was made the same way: the plan row's own fields (label,
@@ -172,8 +256,8 @@ class SyntheticStore:
 
     def _write_image(self, row: dict, image: torch.Tensor, extra: dict) -> dict:
         name = self.classes[int(row["label"])]
-        rel = f"{_safe(name)}/{row['id']}.png"
-        path = self.split_dir / rel
+        rel = f"{class_folder(name)}/{row['id']}.png"
+        path = inside(self.split_dir, rel, "image path")
         path.parent.mkdir(parents=True, exist_ok=True)
         array = image.permute(1, 2, 0).numpy()
         tmp = path.with_name(f".{path.name}.tmp")
@@ -184,9 +268,22 @@ class SyntheticStore:
         os.replace(tmp, path)
         return {"file_name": rel, "class": name, **{k: v for k, v in row.items()}, **extra}
 
+    def claim(self):
+        """Make the store folder (with its marker) or check that it is one synthaug made; a
+        store written by an older synthaug (metadata.jsonl, no marker) gets the marker."""
+        check_store_folder(self.root, f"store '{self.root}'")
+        created = make_folders(self.split_dir, "the synthetic store")
+        try:
+            if not (self.root / MARKER).is_file():
+                (self.root / MARKER).write_text("a synthetic image store made by synthaug\n")
+        except OSError as e:
+            remove_created(created)
+            raise SynthaugError(f"cannot write to the synthetic store '{self.root}' ({e.strerror}): choose a folder "
+                                "you can write to") from None
+
     def repair(self):
         """Make metadata and files agree (see `_repair_metadata`). Only when no worker is writing."""
-        self.split_dir.mkdir(parents=True, exist_ok=True)
+        self.claim()
         self._repair_metadata()
 
     def merge_shards(self):
@@ -207,23 +304,32 @@ class SyntheticStore:
         os.replace(tmp, self.metadata_file)
 
     def _repair_metadata(self):
-        """Rewrite metadata.jsonl (with the shard files merged in) without cut-off lines or
-        rows whose image is missing, and delete images that have no row and leftover temp
-        files (they are regenerated)."""
+        """Rewrite metadata.jsonl (with the shard files merged in) without bad lines or rows
+        whose image is missing or corrupt, and delete corrupt images, images that have no row
+        and leftover temp files, so that `fill` regenerates exactly those rows. Says on
+        stderr what it repaired (images without a row, left by a kill, go quietly)."""
         if not self.split_dir.exists():
             return
         for tmp in self.split_dir.glob("*/.*.tmp"):
-            tmp.unlink()
+            if self._own(tmp):
+                tmp.unlink()
+        found = self.problems()
+        for rel in found["corrupt"]:
+            (self.split_dir / rel).unlink()
         rows = self.rows()
         text = "".join(json.dumps(r) + "\n" for r in rows)
-        if not self.metadata_file.exists() or self.metadata_file.read_text() != text:
+        if not self.metadata_file.exists() or self.metadata_file.read_text(encoding="utf-8", errors="replace") != text:
             self._rewrite(rows)
         for f in self.shard_files():
             f.unlink()
         listed = {r["file_name"] for r in rows}
-        for p in self.split_dir.glob("*/*.png"):
-            if str(p.relative_to(self.split_dir)) not in listed:
-                p.unlink()
+        for rel in self._pngs():
+            if rel not in listed:
+                (self.split_dir / rel).unlink()
+        damage = {k: len(v) for k, v in found.items() if v and k != "unlisted"}
+        if damage:
+            said = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in damage.items())
+            print(f"synthetic store '{self.root}': {said}; regenerating the rows they held", file=sys.stderr)
 
 
 def _ends_mid_line(path: Path) -> bool:
@@ -234,6 +340,18 @@ def _ends_mid_line(path: Path) -> bool:
         return f.read(1) != b"\n"
 
 
-def _safe(name: str) -> str:
-    """A class name usable as a folder name."""
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+def class_folder(name: str) -> str:
+    """The store folder of a class: its name with every character but letters, digits, '-',
+    '_' and '.' replaced by '_', never empty, '.', '..' or hidden."""
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+    return safe if safe and not safe.startswith(".") else f"_{safe}"
+
+
+def _shape(path: Path) -> tuple | None:
+    """The image's (mode, size) if it decodes, else None."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.mode, img.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None

@@ -68,8 +68,12 @@ class Classifier(nn.Module):
         for f in ("config.json", "model.safetensors"):
             if not (folder / f).exists():
                 raise SynthaugError(f"classifier folder '{folder}' has no {f}: point at a folder written by save_pretrained")
-        config = json.loads((folder / "config.json").read_text())
-        model = create_model(**config)
+        try:
+            config = json.loads((folder / "config.json").read_text())
+            model = create_model(**config)
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
+            raise SynthaugError(f"classifier folder '{folder}': config.json is not a classifier config "
+                                f"({str(e).splitlines()[0]}): point at a folder written by save_pretrained") from None
         try:
             model.load_state_dict(load_file(folder / "model.safetensors"))
         except Exception as e:

@@ -8,7 +8,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -19,7 +19,7 @@ from torchvision.transforms import v2
 from ..data.dataset import ImageDataset
 from ..errors import SynthaugError
 from ..utils.io import load_state, save_state
-from ..utils.runtime import progress_bar, resolve_device
+from ..utils.runtime import check_device, progress_bar, resolve_device
 from .losses import SAM, mix_batch, soft_cross_entropy
 from .models import Classifier, create_model
 
@@ -66,9 +66,16 @@ class TrainConfig:
         for name in ("mix_prob", "label_smoothing"):
             if not 0 <= getattr(self, name) <= 1:
                 raise SynthaugError(f"train.{name} must be in [0, 1], got {getattr(self, name)}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise SynthaugError(f"train.{f.name} is {value}: give a finite number")
         if self.sam_rho < 0 or self.lr <= 0 or self.refit_lr <= 0:
             raise SynthaugError("train.sam_rho must be >= 0 and train.lr, train.refit_lr > 0")
+        if not 0 <= self.momentum < 1 or self.weight_decay < 0 or self.warmup_epochs < 0 or self.tau < 0:
+            raise SynthaugError("train.momentum must be in [0, 1), train.weight_decay, warmup_epochs and tau >= 0")
         check_per_class(self.refit_per_class, "train.refit_per_class")
+        check_device(self.device, "train.device")
 
 
 def check_per_class(value, key: str):
@@ -128,11 +135,24 @@ def cross_domain_partners(domains: torch.Tensor) -> torch.Tensor:
     return partner
 
 
+def class_weights(kind: str, counts: torch.Tensor) -> torch.Tensor:
+    """Each image's draw weight, by its class: 1 (uniform), 1/n_c (class-balanced), 1/sqrt(n_c)."""
+    counts = counts.float().clamp(min=1)
+    return {"uniform": torch.ones_like(counts), "class-balanced": 1.0 / counts, "sqrt": 1.0 / counts.sqrt()}[kind]
+
+
+def presented_prior(kind: str, counts: torch.Tensor) -> torch.Tensor:
+    """The class distribution the sampler presents to the loss. Logit adjustment and Balanced
+    Softmax correct for this prior, not the dataset's counts: with class-balanced sampling it
+    is uniform, so they do not correct the imbalance a second time."""
+    presented = counts.float().clamp(min=1) * class_weights(kind, counts)
+    return presented / presented.sum()
+
+
 def make_sampler(kind: str, labels: torch.Tensor, num_classes: int, generator: torch.Generator):
     if kind == "uniform":
         return RandomSampler(range(len(labels)), generator=generator)
-    counts = torch.bincount(labels, minlength=num_classes).float().clamp(min=1)
-    per_class = 1.0 / counts if kind == "class-balanced" else 1.0 / counts.sqrt()
+    per_class = class_weights(kind, torch.bincount(labels, minlength=num_classes))
     return WeightedRandomSampler(per_class[labels].double(), num_samples=len(labels), replacement=True, generator=generator)
 
 
@@ -195,8 +215,7 @@ def fit_classifier(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine_with_warmup(s, warmup, total_steps))
     sam = SAM(params, optimizer, cfg.sam_rho) if cfg.sam_rho > 0 else None
 
-    counts = train.class_counts().float()
-    log_prior = torch.log(counts.clamp(min=1) / counts.sum()).to(device)
+    log_prior = presented_prior(cfg.sampler, train.class_counts()).log().to(device)
     tau = 1.0 if cfg.loss == "balanced-softmax" else (cfg.tau if cfg.loss == "logit-adjusted" else 0.0)
 
     history, start_epoch, spent = [], 0, 0.0

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from ..errors import SynthaugError
+
 UNLABELED = -1
 
 
@@ -30,6 +32,7 @@ class ImageDataset:
             raise ValueError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}")
         if self.images.shape[1] not in (1, 3):
             raise ValueError(f"images must have 1 or 3 channels, got {self.images.shape[1]}")
+        check_class_names(self.classes)
         self.labels = torch.as_tensor(self.labels, dtype=torch.int64)
         if self.labels.shape != (len(self.images),):
             raise ValueError(f"{len(self.labels)} labels for {len(self.images)} images")
@@ -93,6 +96,14 @@ class ImageDataset:
         if self.groups is not None:
             out["group_names"] = self.group_names
         return out
+
+
+def check_class_names(classes):
+    """Class names are unique, non-empty text (they name folders, plots and reports)."""
+    bad = next((c for c in classes if not isinstance(c, str) or not c.strip() or "\0" in c), None)
+    if bad is not None or len(set(classes)) != len(classes):
+        what = f"class name {bad!r} is empty or not text" if bad is not None else "class names repeat"
+        raise SynthaugError(f"{what}: give every class a unique, non-empty name")
 
 
 def concat(*datasets: ImageDataset) -> ImageDataset:

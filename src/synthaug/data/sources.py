@@ -8,19 +8,23 @@ Add a source with `@register_source("name", "one line")` on a function
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import shutil
 import tarfile
 import tempfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from ..errors import SynthaugError
+from ..utils.paths import make_folders, remove_created
 from .dataset import ImageDataset, LoadedDataset
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -87,6 +91,9 @@ def load_dataset(
         names = ", ".join(SOURCES)
         raise SynthaugError(f"unknown dataset '{key}': use one of {names}, an ImageFolder path, or hf:<dataset>")
     train, test = (_convert(ds, image_size, channels) for ds in (train, test))
+    if train.num_classes < 2:
+        raise SynthaugError(f"dataset '{key}' has {train.num_classes} class: a classifier needs at least two classes "
+                            "(add a class folder)")
     for ds, part in ((train, "train"), (test, "test")):
         ds.name = f"{key}/{part}"
     return LoadedDataset(name=key, train=train, test=test, description=description)
@@ -192,7 +199,9 @@ def read_idx(path: Path) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             data = f.read()
-    except OSError as e:
+    except EOFError:
+        raise SynthaugError(f"IDX file {path} is truncated (the compressed stream ends early): replace the file") from None
+    except (OSError, zlib.error) as e:
         raise SynthaugError(f"cannot read IDX file {path}: {e}; replace the file") from None
     if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] != 0x08:
         raise SynthaugError(f"{path} is not an unsigned-byte IDX file; replace it with the original download")
@@ -208,8 +217,9 @@ def read_idx(path: Path) -> np.ndarray:
 def _cifar10(cache_dir: Path):
     tarball = _find_cifar10_tarball()
     if tarball is not None:
-        folder = _extract_once(tarball, cache_dir / "cifar10-jpg")
-        return _cached_image_folder(folder, cache_dir / "cifar10-jpg.pt-cache")
+        key = archive_key(tarball)
+        folder = _extract_once(tarball, cache_dir / f"cifar10-jpg-{key}")  # a folder is used as it is
+        return _cached_image_folder(folder, cache_dir / f"cifar10-jpg-{key}.pt-cache")
     from torchvision.datasets import CIFAR10
 
     def get(train):
@@ -240,13 +250,21 @@ def _find_cifar10_tarball() -> Path | None:
     return None
 
 
+def archive_key(archive: Path) -> str:
+    """Names an archive's extraction in the cache: its name, size and modification time, so
+    another (or a repaired) archive is extracted anew."""
+    st = archive.stat()
+    return hashlib.sha256(f"{archive.name}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+
+
 def _extract_once(archive: Path, target: Path) -> Path:
-    """Extract a tarball into `target` atomically (a temp folder renamed at the end)."""
+    """Extract a tarball into `target` atomically (a temp folder renamed at the end). On any
+    failure, the temp folder and the cache folders made for it are removed."""
     if archive.is_dir():
         return archive
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    created = make_folders(target.parent, "the cache folder")
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".extract-"))
     try:
         with tarfile.open(archive) as tar:
@@ -260,9 +278,13 @@ def _extract_once(archive: Path, target: Path) -> Path:
                     raise tarfile.TarError(f"unsafe member '{unsafe[0]}'")
                 tar.extractall(tmp, members=members)
         os.replace(tmp, target)
-    except (tarfile.TarError, OSError) as e:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise SynthaugError(f"cannot extract {archive}: {e}; replace the archive") from None
+        remove_created(created)
+        if isinstance(e, (EOFError, zlib.error, tarfile.TarError, OSError)):
+            raise SynthaugError(f"cannot extract {archive} ({e or type(e).__name__}): the archive is truncated or "
+                                "corrupt; replace it") from None
+        raise
     return target
 
 
@@ -271,10 +293,14 @@ def _cached_image_folder(folder: Path, cache_file: Path):
     from safetensors.torch import load_file, save_file
 
     if cache_file.exists():
-        t = load_file(cache_file)
-        classes = sorted(p.name for p in (folder / "train").iterdir() if p.is_dir())
-        return tuple(ImageDataset(t[f"{s}_images"], t[f"{s}_labels"], classes) for s in ("train", "test"))
+        try:
+            t = load_file(cache_file)
+            classes = sorted(p.name for p in (folder / "train").iterdir() if p.is_dir())
+            return tuple(ImageDataset(t[f"{s}_images"], t[f"{s}_labels"], classes) for s in ("train", "test"))
+        except Exception:  # a cache file cut short or from another layout: decode again
+            pass
     train, test = _load_image_folder(folder)
+    make_folders(cache_file.parent, "the cache folder")
     tmp = cache_file.with_suffix(".tmp")
     save_file(
         {"train_images": train.images, "train_labels": train.labels, "test_images": test.images, "test_labels": test.labels},
@@ -343,20 +369,39 @@ def _list_class_folder(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
 
 
 def _decode(files: list[tuple[Path, int]], classes: list[str], image_size=None) -> ImageDataset:
-    from PIL import Image
-
     size = _size_pair(image_size) if image_size is not None else None
     tensors, labels = [], []
     for path, label in files:
         try:
             with Image.open(path) as img:
                 img.load()
-                mode = "L" if img.mode in ("1", "L", "LA", "I", "I;16", "F", "P") and _is_gray(img) else "RGB"
-                tensors.append(TF.pil_to_tensor(img.convert(mode)))
-        except (OSError, ValueError, SyntaxError) as e:
+                tensors.append(to_uint8(img, path))
+        except Image.DecompressionBombError:
+            raise SynthaugError(f"image '{path}' is too large to decode safely (over {2 * Image.MAX_IMAGE_PIXELS:,} "
+                                "pixels, Pillow's decompression-bomb limit): downscale it or remove it") from None
+        except (OSError, ValueError, SyntaxError, EOFError, zlib.error) as e:
             raise SynthaugError(f"cannot read image '{path}' ({e}): remove or replace the file") from None
         labels.append(label)
     return ImageDataset(_stack(tensors, size, files), torch.tensor(labels), classes)
+
+
+HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def to_uint8(img, path="image") -> torch.Tensor:
+    """A PIL image as a (1 or 3, H, W) uint8 tensor. The scale follows the mode alone, so every
+    image of a folder is scaled alike: integer images (16-bit, or 32-bit holding 16-bit
+    values) map 0-65535 to 0-255, float images map 0-1 to 0-255; values outside are refused."""
+    if img.mode in HIGH_DEPTH_MODES:
+        a = np.asarray(img, dtype=np.float64)
+        low, high = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        top = 1.0 if img.mode == "F" else 65535.0
+        if not (0 <= low and high <= top) or not np.isfinite(a).all():
+            raise SynthaugError(f"image '{path}' ({img.mode} mode) has values from {low:g} to {high:g}, outside "
+                                f"0-{top:g}: convert it to 8 or 16 bits")
+        return torch.from_numpy(np.round(a * (255.0 / top)).clip(0, 255).astype(np.uint8))[None]
+    mode = "L" if img.mode in ("1", "L", "LA", "P") and _is_gray(img) else "RGB"
+    return TF.pil_to_tensor(img.convert(mode))
 
 
 def _is_gray(img) -> bool:
@@ -409,10 +454,11 @@ def _load_hf(name: str, cache_dir: Path, image_size=None):
     classes = list(features[label_col].names)
 
     def convert(split) -> ImageDataset:
-        tensors = []
-        for img in split[image_col]:
-            mode = "L" if img.mode in ("1", "L", "I", "I;16", "F") else "RGB"
-            tensors.append(TF.pil_to_tensor(img.convert(mode)))
+        try:
+            tensors = [to_uint8(img, f"{name}[{i}]") for i, img in enumerate(split[image_col])]
+        except Image.DecompressionBombError:
+            raise SynthaugError(f"Hugging Face dataset '{name}' holds an image too large to decode safely: "
+                                "downscale it or remove it") from None
         files = [(Path(f"{name}[{i}]"), 0) for i in range(len(tensors))]
         size = _size_pair(image_size) if image_size is not None else None
         return ImageDataset(_stack(tensors, size, files), torch.tensor(split[label_col]), classes)

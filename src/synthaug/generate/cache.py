@@ -56,7 +56,11 @@ def generator_for(data: ImageDataset, section, *, cache_root: str | Path, progre
     fingerprint = generator_fingerprint(data, section, num_groups, unlabeled=unlabeled, image_embed_dim=image_embed_dim)
     folder = Path(cache_root) / fingerprint
     if (folder / "generator.json").exists():
-        gen = DiffusionGenerator.from_pretrained(folder, device=device)
+        try:
+            gen = DiffusionGenerator.from_pretrained(folder, device=device)
+        except SynthaugError as e:
+            raise SynthaugError(f"the cached generator '{folder}' cannot be loaded ({e}); delete the folder '{folder}' "
+                                "and run again to retrain it") from None
         return gen, {"source": "cache", "path": str(folder), "trained_now": False}
     config = GeneratorConfig(image_size=data.image_size[0], channels=data.channels, classes=data.classes,
                              num_groups=num_groups, preset=section.preset, label_dropout=section.label_dropout,
@@ -116,9 +120,39 @@ def stable_diffusion_for(data: ImageDataset, section, *, cache_root: str | Path,
     return gen, info
 
 
+def _kind(folder: Path) -> str | None:
+    """The kind a generator folder's generator.json names (None: the embedded generator)."""
+    meta = folder / "generator.json"
+    if not meta.is_file():
+        return None
+    try:
+        saved = json.loads(meta.read_text())
+        return saved.get("kind") if isinstance(saved, dict) else None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SynthaugError(f"generator folder '{folder}': generator.json is not valid JSON ({e}): point at a folder "
+                            "written by save_pretrained") from None
+
+
+def check_generator_folder(folder: str | Path, data: ImageDataset | None = None):
+    """Raise (one line) unless `folder` holds a saved generator that loads (and, given
+    `data`, makes images for it): the embedded generator is loaded on the CPU (it is
+    small); a Stable Diffusion folder is checked for its generator.json. Writes nothing."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SynthaugError(f"generator folder '{folder}' has no generator.json (it is not a folder): point "
+                            "generator.path at a folder written by save_pretrained")
+    if _kind(folder) == SD_KIND:
+        if not isinstance(json.loads((folder / "generator.json").read_text()).get("config"), dict):
+            raise SynthaugError(f"generator folder '{folder}': generator.json has no config: point at a folder "
+                                "written by save_pretrained")
+        return
+    gen = DiffusionGenerator.from_pretrained(folder, device="cpu")
+    if data is not None:
+        gen.check_compatible(data)
+
+
 def load_generator(folder: str | Path, *, device: str = "auto", classes: list[str] | None = None):
     """A generator saved with `save_pretrained`, of either kind."""
-    meta = Path(folder) / "generator.json"
-    if meta.exists() and json.loads(meta.read_text()).get("kind") == SD_KIND:
+    if _kind(Path(folder)) == SD_KIND:
         return StableDiffusionGenerator.from_pretrained(folder, device=device)
     return DiffusionGenerator.from_pretrained(folder, device=device)

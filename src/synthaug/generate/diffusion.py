@@ -330,9 +330,9 @@ class DiffusionGenerator:
         train_settings = {k: v for k, v in asdict(cfg).items() if k not in ("checkpoint_every", "device")}
         if not n_pool:
             train_settings.pop("unlabeled_share")
-        key = {"config": self.config.key(), "train": train_settings, "seed": seed, "images": len(data.labels)}
+        key = {"config": self.config.key(), "train": train_settings, "seed": seed, "data": data.fingerprint()}
         if n_pool:
-            key["unlabeled"] = n_pool
+            key["unlabeled"] = unlabeled.fingerprint()
         run_key = json.dumps(key)
         state = load_state(checkpoint_dir) if checkpoint_dir else None
         if state is not None and state.get("run_key") == run_key:
@@ -589,8 +589,13 @@ class DiffusionGenerator:
         for f in ("generator.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors"):
             if not (folder / f).exists():
                 raise SynthaugError(f"generator folder '{folder}' has no {f}: point at a folder written by save_pretrained")
-        meta = json.loads((folder / "generator.json").read_text())
-        config = GeneratorConfig(**meta["config"])
+        try:
+            meta = json.loads((folder / "generator.json").read_text())
+            config = GeneratorConfig(**meta["config"])
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise SynthaugError(f"generator folder '{folder}': generator.json is not a generator config "
+                                f"({type(e).__name__}: {str(e).splitlines()[0]}): delete the folder and retrain, or "
+                                "point at a folder written by save_pretrained") from None
         try:
             unet = UNet2DModel.from_pretrained(folder / "unet", low_cpu_mem_usage=False)
         except Exception as e:

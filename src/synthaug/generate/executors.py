@@ -101,10 +101,12 @@ class JobWorker:
     then writes each shard's images and rows into the store under the shard's own name."""
 
     def __init__(self, job_dir: str | os.PathLike, device: str = "auto"):
+        from ..store import check_store_folder
         from .cache import load_generator
 
         self.dir = Path(job_dir)
         self.job = json.loads((self.dir / "job.json").read_text())
+        check_store_folder(self.job["store"], "the job's store")
         self.generator = load_generator(self.dir / "generator", device=device, classes=self.job["classes"])
         if self.generator.fingerprint() != self.job["fingerprint"]:
             raise SynthaugError(f"the generator in {self.dir / 'generator'} is not the one the job was written for: "

@@ -461,8 +461,11 @@ class StableDiffusionGenerator:
         noise_scheduler = self._train_scheduler()
         unet.train()
         t0, history, start = time.perf_counter(), [], 0
+        # a checkpoint is resumed only by the same adaptation (pipeline, data, settings, seed)
+        run_key = json.dumps({"pipeline": self.fingerprint(), "data": data.fingerprint(), "steps": steps, "rank": rank,
+                              "lr": lr, "batch_size": batch_size, "seed": seed})
         state = load_state(checkpoint_dir) if checkpoint_dir else None
-        if state is not None:
+        if state is not None and state.get("run_key") == run_key:
             set_peft_model_state_dict(unet, state["lora"])
             optimizer.load_state_dict(state["optimizer"])
             start, history = state["step"], state["history"]
@@ -479,7 +482,7 @@ class StableDiffusionGenerator:
                     history.append({"step": step + 1, "loss": float(loss.detach())})
                 if checkpoint_dir and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
                     save_state(checkpoint_dir, {"step": step + 1, "history": history, "optimizer": optimizer.state_dict(),
-                                                "lora": get_peft_model_state_dict(unet)})
+                                                "lora": get_peft_model_state_dict(unet), "run_key": run_key})
                 bar.advance(task)
         unet.eval()
         del noise_scheduler

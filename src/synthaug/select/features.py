@@ -120,6 +120,17 @@ class PretrainedEncoder:
         return torch.cat(out) if out else torch.empty(0, 0)
 
 
+def check_features(spec: str, key: str = "features"):
+    """Raise (one line) unless `spec` names a feature space: a registered one, hf:<...>, or a
+    folder holding a saved classifier. Loads nothing."""
+    folder = Path(spec)
+    if spec in FEATURES or spec.startswith("hf:") or \
+            ((folder / "config.json").is_file() and (folder / "model.safetensors").is_file()):
+        return
+    raise SynthaugError(f"{key} is '{spec}': use {', '.join(FEATURES)}, a classifier folder (save_pretrained) "
+                        "or hf:<hub id or folder>")
+
+
 def feature_extractor(spec: str | nn.Module | Callable = "classifier", *, classifier: Classifier | None = None,
                       device: str = "auto") -> Extractor:
     """The extractor a config value (or a Python object) names; see the module docstring."""

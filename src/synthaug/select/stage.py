@@ -146,21 +146,27 @@ def validation_stage(task, synthetic: ImageDataset, config, classifier: Classifi
     """Every validation metric of `synthetic` against the real training split (see the module
     docstring); the feature-space metrics see both sets cut to the same count per class
     (`matched_per_class`, at most `validate.max_per_class`). Written to
-    `<workdir>/validation.json` and reused. Too small a set gives `{"skipped": why}`."""
+    `<workdir>/validation.json` and reused while its inputs (both sets, the classifier, the
+    options) are the same. Too small a set gives `{"skipped": why}`."""
     opts = config.validate
+    skip = validation_skip(task, synthetic, config)
+    if skip:
+        return {"skipped": skip}
     done = Path(workdir) / "validation.json"
+    key = validation_key(task, synthetic, config, classifier)
     if done.exists():
-        return json.loads(done.read_text())
-    if synthetic is None or not len(synthetic):
-        return {"skipped": "the run kept no synthetic images"}
+        try:
+            previous = json.loads(done.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            previous = {}
+        if previous.get("key") == key:
+            return previous
     t0 = time.perf_counter()
     real, fake = matched_per_class(task.train, synthetic, opts.max_per_class, config.seed)
-    least = max(opts.k, 2) + 1, 5  # a k-NN manifold needs more than k samples; the domain classifier 5 folds
-    if len(fake) < max(least):
-        return {"skipped": f"{len(fake)} synthetic images in classes the real split has: too few for the set metrics"}
     extract = feature_extractor(opts.features, classifier=classifier, device=config.train.device)
     out = {"features": str(opts.features), "real_images": len(real), "synthetic_images": len(fake),
-           **set_metrics(extract(real.images), extract(fake.images), real.labels, fake.labels, k=opts.k, seed=config.seed)}
+           **set_metrics(extract(real.images), extract(fake.images), real.labels, fake.labels, k=opts.k,
+                         density_k=opts.density_k, seed=config.seed)}
     heldout = task.val if task.val is not None else task.test
     out["memorization"] = memorization_ratio(synthetic, task.train, heldout)
     if opts.cas:
@@ -173,5 +179,29 @@ def validation_stage(task, synthetic: ImageDataset, config, classifier: Classifi
         out["cas"] = {"accuracy": metrics["accuracy"], "balanced_accuracy": metrics["balanced_accuracy"],
                       "classes": int(present.sum())}
     out["seconds"] = time.perf_counter() - t0
+    out["key"] = key
     atomic_write_json(done, out)
     return out
+
+
+def validation_skip(task, synthetic: ImageDataset | None, config) -> str | None:
+    """Why `synthetic` cannot be validated (too few images), or None."""
+    if synthetic is None or not len(synthetic):
+        return "the run kept no synthetic images"
+    _, fake = matched_per_class(task.train, synthetic, config.validate.max_per_class, config.seed)
+    # a k-NN manifold needs more than k samples; the domain classifier 5 folds
+    if len(fake) < max(config.validate.k + 1, config.validate.density_k + 1, 5):
+        return f"{len(fake)} synthetic images in classes the real split has: too few for the set metrics"
+    return None
+
+
+def validation_key(task, synthetic: ImageDataset, config, classifier: Classifier | None) -> str:
+    """Names a validation's inputs: the synthetic and real sets, the classifier's weights,
+    the validation options, the training settings of CAS and the seed."""
+    h = hashlib.sha256(json.dumps([synthetic.fingerprint(), task.train.fingerprint(), task.test.fingerprint(),
+                                   asdict(config.validate), asdict(config.train), config.seed], default=str).encode())
+    if classifier is not None:
+        for name, tensor in sorted(classifier.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -8,16 +8,39 @@ import random
 import numpy as np
 import torch
 
+from ..errors import SynthaugError
+
+DEVICE_KINDS = ("cpu", "cuda", "mps")
+
+
+def check_device(device: str, key: str = "device") -> str:
+    """`device` if it names a device kind synthaug runs on (auto, cpu, cuda, cuda:N, mps)."""
+    try:
+        kind = "auto" if device == "auto" else torch.device(device).type
+    except (RuntimeError, TypeError, ValueError):
+        kind = None
+    if kind not in ("auto", *DEVICE_KINDS):
+        raise SynthaugError(f"{key} is {device!r}: use auto, cpu, cuda, cuda:<index> or mps")
+    return device
+
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """`auto` picks CUDA, then Apple MPS, then the CPU."""
+    """`auto` picks CUDA, then Apple MPS, then the CPU. A device this machine lacks is one line."""
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    return torch.device(device)
+    resolved = torch.device(check_device(device))
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SynthaugError(f"device {device!r} asked for, but this machine has no CUDA GPU: use auto or cpu")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise SynthaugError(f"device {device!r}: this machine has {torch.cuda.device_count()} GPU(s): use a lower index")
+    if resolved.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise SynthaugError(f"device {device!r} asked for, but Apple MPS is not available here: use auto or cpu")
+    return resolved
 
 
 def seed_everything(seed: int):

@@ -1,0 +1,269 @@
+"""Bad input, thrown at the command line as a new user and a security reviewer would: every
+case exits 2 with exactly one line on stderr that names the problem and the fix, no
+traceback, and leaves every file and folder as it was (the whole sandbox is compared)."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_cli, write_idx, write_image_folder
+from PIL import Image
+
+FAST = ["-s", "data.dataset=digits", "-s", "split.ratio=5", "-s", "train.epochs=1", "-s", "train.augment=none"]
+
+
+def snapshot(root: Path) -> dict:
+    """Every path under `root` with its kind, size, mtime and (for files) content hash."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            st = p.lstat()
+            out[str(p.relative_to(root))] = (p.is_dir(), st.st_size, st.st_mtime_ns,
+                                              None if p.is_dir() else hash(p.read_bytes()))
+    return out
+
+
+# --------------------------------------------------------------------------- inputs the cases use
+
+
+def folder(root):  # a good image folder, 2 classes
+    return write_image_folder(root / "imgs", counts=(6, 6))
+
+
+def one_class(root):
+    return write_image_folder(root / "imgs", counts=(8,))
+
+
+def corrupt_image(root):
+    d = folder(root)
+    (d / "cls0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    return d
+
+
+def not_an_image(root):
+    d = folder(root)
+    (d / "cls0" / "notes.csv").write_text("a,b\n")
+    return d
+
+
+def empty_class(root):
+    d = folder(root)
+    (d / "cls9").mkdir()
+    return d
+
+
+def no_classes(root):
+    d = root / "flat"
+    d.mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(d / "a.png")
+    return d
+
+
+def mixed_sizes(root):
+    d = folder(root)
+    Image.fromarray(np.zeros((12, 12, 3), np.uint8)).save(d / "cls1" / "big.png")
+    return d
+
+
+def bomb(root):
+    """A PNG whose header claims 14000 x 14000 pixels (196 Mpx, over PIL's bomb limit)."""
+    d = folder(root)
+    Image.new("1", (14000, 14000)).save(d / "cls0" / "bomb.png")
+    return d
+
+
+def a_file(name: str, content: bytes):
+    """An input maker: a file `name` holding `content`."""
+    def make(root):
+        (root / name).write_bytes(content)
+        return root / name
+
+    make.__name__ = name
+    return make
+
+
+text_file = a_file("file.txt", b"not a folder\n")
+non_utf8_config = a_file("latin1.yaml", "name: caf\xe9\n".encode("latin-1"))
+bad_yaml = a_file("bad.yaml", b"train: [epochs: 3\n")
+list_yaml = a_file("list.yaml", b"- a\n- b\n")
+
+
+def a_folder(name: str, files: dict[str, bytes]):
+    """An input maker: a folder `name` holding `files` (relative path: content)."""
+    def make(root):
+        (root / name).mkdir()
+        for rel, content in files.items():
+            (root / name / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / name / rel).write_bytes(content)
+        return root / name
+
+    make.__name__ = name
+    return make
+
+
+config_dir = a_folder("conf.d", {})
+empty_generator = a_folder("gen", {})
+bad_generator_json = a_folder("gen", {"generator.json": b"{not json", "unet/config.json": b"{}",
+                                      "unet/diffusion_pytorch_model.safetensors": b"\0" * 16})
+bad_classifier = a_folder("clf", {"config.json": b"{oops", "model.safetensors": b"\0" * 16})
+
+
+def truncated_tarball(root):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        data = os.urandom(200_000)
+        info = tarfile.TarInfo("cifar10/train/cat/0.png")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    p = root / "cifar10-jpg.tar.gz"
+    p.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    return p
+
+
+def truncated_idx(root):
+    d = root / "fmnist"
+    for prefix, n in (("train", 20), ("t10k", 10)):
+        write_idx(d / f"{prefix}-images-idx3-ubyte.gz", np.zeros((n, 28, 28), np.uint8))
+        write_idx(d / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    blob = (d / "train-images-idx3-ubyte.gz").read_bytes()
+    (d / "train-images-idx3-ubyte.gz").write_bytes(blob[: len(blob) // 2])
+    return d
+
+
+def escaping_store(root):
+    """A synthetic store whose metadata points outside it."""
+    d = root / "store"
+    (d / "train" / "cls0").mkdir(parents=True)
+    row = {"id": "x", "file_name": "/etc/hostname", "class": "cls0", "label": 0}
+    (d / "train" / "metadata.jsonl").write_text(json.dumps(row) + "\n")
+    return d
+
+
+# (case id, input maker or None, command line with IN for the input, what the message says)
+CASES = [
+    ("config-missing", None, ["train", "missing.yaml"], "does not exist"),
+    ("config-is-a-folder", config_dir, ["train", "IN"], "is a folder"),
+    ("config-not-utf8", non_utf8_config, ["train", "IN"], "not UTF-8"),
+    ("config-bad-yaml", bad_yaml, ["train", "IN"], "not valid YAML"),
+    ("config-not-a-mapping", list_yaml, ["train", "IN"], "must hold a mapping"),
+    ("override-not-key-value", None, ["train", "-s", "train.epochs"], "is not key=value"),
+    ("override-unknown-key", None, ["train", "-s", "train.epoch=2"], "did you mean 'train.epochs'"),
+    ("override-wrong-type", None, ["train", "-s", "train.epochs=abc"], "expected int"),
+    ("override-bad-choice", None, ["train", "-s", "train.loss=hinge"], "use one of"),
+    ("override-value-not-a-section", None, ["train", "-s", "seed.x=1"], "not a section"),
+    ("ratio-nan", None, ["train", *FAST, "-s", "split.ratio=.nan"], "finite"),
+    ("ratio-inf", None, ["train", *FAST, "-s", "split.ratio=.inf"], "finite"),
+    ("ratio-below-1", None, ["train", *FAST, "-s", "split.ratio=0.5"], "ratio must be >= 1"),
+    ("lr-nan", None, ["train", *FAST, "-s", "train.lr=.nan"], "finite"),
+    ("lr-negative", None, ["train", *FAST, "-s", "train.lr=-1"], "train.lr"),
+    ("guidance-nan", None, ["train", *FAST, "-s", "generator.guidance_scale=.nan"], "finite"),
+    ("tau-inf", None, ["train", *FAST, "-s", "train.tau=.inf"], "finite"),
+    ("batch-size-zero", None, ["train", *FAST, "-s", "train.batch_size=0"], "train.batch_size"),
+    ("val-per-class-negative", None, ["train", *FAST, "-s", "split.val_per_class=-1"], "val_per_class"),
+    ("image-size-tiny", None, ["train", *FAST, "-s", "data.image_size=2"], "image_size"),
+    ("channels-2", None, ["train", *FAST, "-s", "data.channels=2"], "channels"),
+    ("few-shot-k-too-big", None, ["train", *FAST, "-s", "split.kind=few-shot", "-s", "split.k=500"], "larger than class"),
+    ("name-dotdot", None, ["train", *FAST, "-s", "name=.."], "one plain folder name"),
+    ("name-absolute", None, ["train", *FAST, "-s", "name=/tmp/x"], "one plain folder name"),
+    ("name-nested", None, ["train", *FAST, "-s", "name=a/b"], "one plain folder name"),
+    ("name-dot", None, ["train", *FAST, "-s", "name=."], "one plain folder name"),
+    ("output-dir-is-a-file", text_file, ["train", *FAST, "-s", "output_dir=IN"], "is a file"),
+    ("output-dir-under-a-file", text_file, ["train", *FAST, "-s", "output_dir=IN/runs"], "is a file"),
+    ("output-dir-unwritable", None, ["train", *FAST, "-s", "output_dir=/proc/synthaug-runs"], "cannot write"),
+    ("cache-dir-is-a-file", text_file, ["train", *FAST, "-s", "data.cache_dir=IN"], "is a file"),
+    ("generator-cache-is-a-file", text_file,
+     ["run", *FAST, "-s", "recipe=synaug", "-s", "generator.cache_dir=IN"], "is a file"),
+    ("store-dir-is-a-file", text_file, ["run", *FAST, "-s", "recipe=synaug", "-s", "synaug.store_dir=IN"], "is a file"),
+    pytest.param("device-cuda-without-gpu", None, ["train", *FAST, "-s", "train.device=cuda"], "no CUDA",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
+    ("device-typo", None, ["train", *FAST, "-s", "train.device=cpux"], "train.device"),
+    ("unknown-dataset", None, ["train", "-s", "data.dataset=nope"], "unknown dataset 'nope'"),
+    ("missing-folder", None, ["train", "-s", "data.dataset=./no/such/folder"], "does not exist"),
+    ("corrupt-image", corrupt_image, ["train", "-s", "data.dataset=IN"], "cannot read image"),
+    ("not-an-image", not_an_image, ["train", "-s", "data.dataset=IN"], "is not an image"),
+    ("empty-class-folder", empty_class, ["train", "-s", "data.dataset=IN"], "holds no images"),
+    ("no-class-folders", no_classes, ["train", "-s", "data.dataset=IN"], "no class subfolders"),
+    ("mixed-sizes", mixed_sizes, ["train", "-s", "data.dataset=IN", "-s", "split.kind=none"], "differ in size"),
+    ("decompression-bomb", bomb, ["train", "-s", "data.dataset=IN"], "too large"),
+    ("single-class", one_class, ["train", "-s", "data.dataset=IN", "-s", "split.kind=none"], "two classes"),
+    ("unknown-recipe", None, ["train", *FAST, "-s", "recipe=magic"], "unknown recipe 'magic'"),
+    ("unknown-baseline", None, ["run", *FAST, "-s", "report.baselines=[ce,magic]"], "unknown recipe 'magic'"),
+    ("target-below-largest", None, ["run", *FAST, "-s", "recipe=synaug", "-s", "synaug.target_per_class=3"],
+     "below the largest class"),
+    ("generator-path-missing", None, ["run", *FAST, "-s", "recipe=synaug", "-s", "generator.path=./nope"], "has no"),
+    ("generator-folder-empty", empty_generator, ["run", *FAST, "-s", "recipe=synaug", "-s", "generator.path=IN"],
+     "has no generator.json"),
+    ("generator-json-corrupt", bad_generator_json, ["run", *FAST, "-s", "recipe=synaug", "-s", "generator.path=IN"],
+     "generator.json"),
+    ("classifier-config-corrupt", bad_classifier, ["validate", "IN/..", "-s", "data.dataset=digits",
+                                                   "--classifier", "IN"], "config.json"),
+    ("validate-missing-folder", None, ["validate", "./nope", *FAST], "is not a folder"),
+    ("validate-store-escapes", escaping_store, ["validate", "IN", *FAST], "outside"),
+    ("cifar-tarball-truncated", truncated_tarball, ["datasets", "cifar10"], "truncated"),
+    ("fashion-gz-truncated", truncated_idx, ["datasets", "fashion-mnist"], "truncated"),
+    ("datasets-unknown", None, ["datasets", "nope"], "unknown dataset 'nope'"),
+    ("seed-negative", None, ["train", *FAST, "--seed", "-1"], "seed"),
+]
+
+
+def case(c):
+    """A CASES entry as a pytest parameter named by its id (marks kept)."""
+    values, marks = (c.values, c.marks) if hasattr(c, "values") else (c, ())
+    return pytest.param(*values[1:], id=values[0], marks=marks)
+
+
+@pytest.mark.parametrize("make, args, match", [case(c) for c in CASES])
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(make, args, match, tmp_path, capsys, monkeypatch):
+    inputs, work = tmp_path / "in", tmp_path / "work"
+    inputs.mkdir()
+    work.mkdir()
+    given = make(inputs) if make else None
+    if given is not None and "tarball" in str(make.__name__):
+        monkeypatch.setenv("SYNTHAUG_CIFAR10", str(given))
+    if given is not None and make.__name__ == "truncated_idx":
+        monkeypatch.setenv("SYNTHAUG_FASHION_MNIST_DIR", str(given))
+    args = [a.replace("IN", str(given)) if given is not None else a for a in args]
+    if args[0] != "datasets":
+        args.append("--quiet")
+    monkeypatch.chdir(work)
+    before = snapshot(tmp_path)
+    code, out, err = run_cli(args, capsys, monkeypatch)
+    assert code == 2, (out, err)
+    assert "Traceback" not in out + err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    assert match in err, err
+    assert snapshot(tmp_path) == before
+
+
+def test_there_are_at_least_40_kinds_of_bad_input():
+    assert len({case(c).id for c in CASES}) == len(CASES) >= 40
+
+
+def test_an_empty_section_takes_overrides(tmp_path):
+    from synthaug.config import load_config
+
+    (tmp_path / "c.yaml").write_text("train:\nsplit:\n")
+    cfg = load_config(tmp_path / "c.yaml", ["train.epochs=5"])
+    assert cfg.train.epochs == 5
+
+
+def test_gz_truncation_reads_as_a_clear_error(tmp_path):
+    from synthaug.data.sources import read_idx
+    from synthaug.errors import SynthaugError
+
+    p = tmp_path / "x.gz"
+    with gzip.open(p, "wb") as f:
+        f.write(os.urandom(10_000))
+    p.write_bytes(p.read_bytes()[:3000])
+    with pytest.raises(SynthaugError, match="truncated"):
+        read_idx(p)
