@@ -4,6 +4,7 @@ tables, and splicing a table into BENCHMARKS.md between markers."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -12,6 +13,10 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
+# the project's CIFAR-10 (JPEG) tarball, beside the checkout; the library itself looks only at SYNTHAUG_CIFAR10
+SHARED_CIFAR10 = HERE.parents[1] / "shared" / "data" / "cifar10-jpg.tar.gz"
+if SHARED_CIFAR10.exists():
+    os.environ.setdefault("SYNTHAUG_CIFAR10", str(SHARED_CIFAR10))
 
 
 def read_rows(path: Path) -> list[dict]:

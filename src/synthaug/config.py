@@ -273,8 +273,11 @@ class SelectSection:
     scorer_epochs: int | None = None  # epochs of the scorer (trained on the real split); default train.epochs
 
     def __post_init__(self):
-        if self.method != "none" and self.method not in SELECTORS:
-            raise SynthaugError(f"select.method is '{self.method}': use one of none, {', '.join(SELECTORS)}")
+        if self.method != "none":
+            try:
+                SELECTORS.lookup(self.method, also=("none",))
+            except SynthaugError as e:
+                raise SynthaugError(f"select.method: {e}") from None
         if self.scorer_epochs is not None and self.scorer_epochs < 1:
             raise SynthaugError("select.scorer_epochs must be >= 1 (or unset: train.epochs)")
         if self.overgenerate < 1 or not 0 <= self.threshold <= 1 or self.k < 1 or self.clusters < 1:

@@ -40,8 +40,7 @@ def preflight(config: RunConfig, baselines: list[str] = ()):
     for name in baselines:
         get_recipe(name)
     resolve_device(config.train.device)
-    if config.train.model not in MODELS:
-        raise SynthaugError(f"unknown model '{config.train.model}': use one of {', '.join(MODELS)}")
+    MODELS.lookup(config.train.model)
     for section in STORE_SECTIONS:
         store_dir = getattr(config, section).store_dir
         check_store_folder(store_dir, f"{section}.store_dir")

@@ -9,22 +9,21 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..errors import SynthaugError
+from ..utils.registry import Registry
 
-MODELS: dict[str, callable] = {}
+MODELS: Registry[Callable[..., Classifier]] = Registry("model")
 
 
 def register_model(name: str):
-    def wrap(fn):
-        MODELS[name] = fn
-        return fn
-
-    return wrap
+    """Register `fn(num_classes=, in_channels=, image_size=, **kwargs) -> Classifier`."""
+    return MODELS.register(name)
 
 
 class Classifier(nn.Module):
@@ -82,10 +81,9 @@ class Classifier(nn.Module):
 
 
 def create_model(name: str, *, num_classes: int, in_channels: int, image_size: int | tuple, **kwargs) -> Classifier:
-    if name not in MODELS:
-        raise SynthaugError(f"unknown model '{name}': use one of {', '.join(MODELS)}")
+    factory = MODELS.lookup(name)
     size = image_size if isinstance(image_size, int) else int(max(image_size))
-    model = MODELS[name](num_classes=num_classes, in_channels=in_channels, image_size=size, **kwargs)
+    model = factory(num_classes=num_classes, in_channels=in_channels, image_size=size, **kwargs)
     model.config = dict(name=name, num_classes=num_classes, in_channels=in_channels, image_size=size, **kwargs)
     return model
 

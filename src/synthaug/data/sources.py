@@ -25,6 +25,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from ..errors import SynthaugError
 from ..utils.paths import make_folders, remove_created
+from ..utils.registry import Registry
 from .dataset import ImageDataset, LoadedDataset
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -49,15 +50,12 @@ class Source:
     load: Callable[[Path], tuple[ImageDataset, ImageDataset]]
 
 
-SOURCES: dict[str, Source] = {}
+SOURCES: Registry[Source] = Registry("dataset")
 
 
 def register_source(name: str, description: str):
-    def wrap(fn):
-        SOURCES[name] = Source(name, description, fn)
-        return fn
-
-    return wrap
+    """Register `load(cache_dir) -> (train, test)` as a named dataset."""
+    return SOURCES.register(name, lambda fn: Source(name, description, fn))
 
 
 def load_dataset(
@@ -88,8 +86,10 @@ def load_dataset(
     elif "/" in key or key.startswith("."):
         raise SynthaugError(f"folder '{key}' does not exist: give an existing ImageFolder path")
     else:
-        names = ", ".join(SOURCES)
-        raise SynthaugError(f"unknown dataset '{key}': use one of {names}, an ImageFolder path, or hf:<dataset>")
+        try:
+            SOURCES.lookup(key)
+        except SynthaugError as e:
+            raise SynthaugError(f"{e}, an ImageFolder path, or hf:<dataset>") from None
     train, test = (_convert(ds, image_size, channels) for ds in (train, test))
     if train.num_classes < 2:
         raise SynthaugError(f"dataset '{key}' has {train.num_classes} class: a classifier needs at least two classes "
@@ -237,16 +237,12 @@ def _cifar10(cache_dir: Path):
 
 
 def _find_cifar10_tarball() -> Path | None:
+    """The tarball (or its extracted folder) that SYNTHAUG_CIFAR10 names, if set."""
     env = os.environ.get("SYNTHAUG_CIFAR10")
     if env:
         if not Path(env).exists():
             raise SynthaugError(f"SYNTHAUG_CIFAR10={env} does not exist: point it at {CIFAR10_TARBALL} or its folder")
         return Path(env)
-    repo_root = Path(__file__).resolve().parents[3]
-    for base in (Path.cwd(), repo_root):
-        candidate = base.parent / "shared" / "data" / CIFAR10_TARBALL
-        if candidate.exists():
-            return candidate
     return None
 
 

@@ -1,4 +1,4 @@
-"""Generators: the embedded class-conditional diffusion model (and, later, Stable Diffusion)."""
+"""Generators: the embedded class-conditional diffusion model and Stable Diffusion through diffusers."""
 
 from .diffusion import (
     PRESETS,
@@ -7,7 +7,6 @@ from .diffusion import (
     GeneratorConfig,
     GeneratorTrainConfig,
     SamplerConfig,
-    parameter_count,
 )
 
-__all__ = ["PRESETS", "SAMPLERS", "DiffusionGenerator", "GeneratorConfig", "GeneratorTrainConfig", "SamplerConfig", "parameter_count"]
+__all__ = ["PRESETS", "SAMPLERS", "DiffusionGenerator", "GeneratorConfig", "GeneratorTrainConfig", "SamplerConfig"]

@@ -19,9 +19,6 @@ from .stable_diffusion import StableDiffusionGenerator
 TRAINING_KEYS = ("preset", "steps", "batch_size", "lr", "ema_decay", "label_dropout", "seed")
 
 
-IMAGE_KEYS = ("image_dropout", "image_pairing", "unlabeled_share")
-
-
 def generator_fingerprint(data: ImageDataset, section, num_groups: int, *, unlabeled: ImageDataset | None = None,
                           image_embed_dim: int = 0) -> str:
     keys = {k: getattr(section, k) for k in TRAINING_KEYS}

@@ -631,6 +631,3 @@ class DiffusionGenerator:
             raise SynthaugError(f"the generator makes {c.channels}x{c.image_size}px images, the data is "
                                 f"{data.channels}x{data.image_size[0]}px: set data.image_size / data.channels to match")
 
-
-def parameter_count(gen: DiffusionGenerator) -> int:
-    return sum(p.numel() for p in gen.unet.parameters())

@@ -35,20 +35,19 @@ from ..data.dataset import ImageDataset
 from ..errors import SynthaugError
 from ..store import SyntheticStore
 from ..utils.io import atomic_write_json
+from ..utils.registry import Registry
 from ..utils.runtime import progress_bar
 from .diffusion import SamplerConfig
 
-EXECUTORS: dict[str, Callable] = {}
+EXECUTORS: Registry[Callable] = Registry("executor")
 JOB_DIR = ".job"
 WORKERS_DIR = "workers"  # each live worker writes its pid here (monitoring; tests kill one)
 
 
 def register_executor(name: str):
-    def wrap(fn):
-        EXECUTORS[name] = fn
-        return fn
-
-    return wrap
+    """Register `fn(store, plan, generator, sampling, sources, *, extra, progress, workers, shard_size,
+    address) -> images written`."""
+    return EXECUTORS.register(name)
 
 
 def execute(name: str, store: SyntheticStore, plan: list[dict], generator, sampling: SamplerConfig, sources: ImageDataset,
@@ -56,9 +55,7 @@ def execute(name: str, store: SyntheticStore, plan: list[dict], generator, sampl
             address: str | None = None) -> int:
     """Make the plan's missing images into `store` with executor `name`. Returns the number
     of images written."""
-    if name not in EXECUTORS:
-        raise SynthaugError(f"unknown executor '{name}': use one of {', '.join(EXECUTORS)}")
-    return EXECUTORS[name](store, plan, generator, sampling, sources, extra=extra, progress=progress, workers=workers,
+    return EXECUTORS.lookup(name)(store, plan, generator, sampling, sources, extra=extra, progress=progress, workers=workers,
                            shard_size=shard_size or sampling.batch_size, address=address)
 
 

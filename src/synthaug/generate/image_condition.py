@@ -7,7 +7,7 @@ of two), so the samples stay in the domain of the real data yet differ from any 
 - `PCAEncoder`: the fixed encoder. Principal components of the generator's training images
   (labelled and unlabelled), whitened; fitted once with the generator and frozen. A
   stand-in for the CLIP image encoder of the paper's unCLIP model; any module mapping uint8
-  images to vectors can replace it (`ENCODERS`).
+  images to vectors can replace it.
 - `ConditionEmbedding`: class (x group) embedding + a projection of the image embedding,
   with a learned null vector when the image is dropped, fed to the UNet as its class
   embedding (`class_embed_type="identity"`).
@@ -80,7 +80,6 @@ def _flat(images: torch.Tensor) -> torch.Tensor:
     return x.reshape(len(x), -1)
 
 
-ENCODERS = {"pca": PCAEncoder}
 
 
 class ConditionEmbedding(nn.Module):

@@ -458,7 +458,6 @@ class StableDiffusionGenerator:
         params = [p for n, p in unet.named_parameters() if "lora_" in n]
         optimizer = torch.optim.AdamW(params, lr=lr)
         latents = torch.cat([self.latents_of(data.images[i : i + 64]) for i in range(0, len(data), 64)])
-        noise_scheduler = self._train_scheduler()
         unet.train()
         t0, history, start = time.perf_counter(), [], 0
         # a checkpoint is resumed only by the same adaptation (pipeline, data, settings, seed)
@@ -485,7 +484,6 @@ class StableDiffusionGenerator:
                                                 "lora": get_peft_model_state_dict(unet), "run_key": run_key})
                 bar.advance(task)
         unet.eval()
-        del noise_scheduler
         self.history += [{"stage": "adapt", **h} for h in history]
         self.train_seconds += time.perf_counter() - t0
         return history

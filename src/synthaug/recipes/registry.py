@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from ..classify.models import Classifier
 from ..data.dataset import ImageDataset
-from ..errors import SynthaugError
+from ..utils.registry import Registry
 
 
 @dataclass
@@ -30,21 +30,15 @@ class Recipe:
     check: Callable | None = None  # check(task, config): raise SynthaugError before anything is written
 
 
-RECIPES: dict[str, Recipe] = {}
+RECIPES: Registry[Recipe] = Registry("recipe")
 
 
 def register_recipe(name: str, description: str, check: Callable | None = None):
-    def wrap(fn):
-        RECIPES[name] = Recipe(name, description, fn, check)
-        return fn
-
-    return wrap
+    return RECIPES.register(name, lambda fn: Recipe(name, description, fn, check))
 
 
 def get_recipe(name: str) -> Recipe:
-    if name not in RECIPES:
-        raise SynthaugError(f"unknown recipe '{name}': use one of {', '.join(RECIPES)}")
-    return RECIPES[name]
+    return RECIPES.lookup(name)
 
 
 def train_and_evaluate(data: ImageDataset, task, config, *, workdir, progress: bool = False):

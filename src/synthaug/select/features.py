@@ -22,20 +22,16 @@ from torch import nn
 
 from ..classify.models import Classifier
 from ..errors import SynthaugError
+from ..utils.registry import Registry
 from ..utils.runtime import resolve_device
 
 Extractor = Callable[[torch.Tensor], torch.Tensor]
-FEATURES: dict[str, Callable[..., Extractor]] = {}
+FEATURES: Registry[Callable[..., Extractor]] = Registry("feature space")
 
 
 def register_features(name: str):
     """Register `make(classifier=None) -> extractor` under `name`."""
-
-    def wrap(fn):
-        FEATURES[name] = fn
-        return fn
-
-    return wrap
+    return FEATURES.register(name)
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..errors import SynthaugError
+from ..utils.registry import Registry
 from .metrics import realism_scores
 
 
@@ -102,17 +102,12 @@ class Candidates:
     real_labels: torch.Tensor  # (R,)
 
 
-SELECTORS: dict[str, Callable] = {}
+SELECTORS: Registry[Callable] = Registry("selection method")
 
 
 def register_selector(name: str):
     """Register `fn(candidates, keep, *, threshold, k, clusters, seed) -> (mask, scores)`."""
-
-    def wrap(fn):
-        SELECTORS[name] = fn
-        return fn
-
-    return wrap
+    return SELECTORS.register(name)
 
 
 def _random_scores(n: int, seed: int) -> torch.Tensor:
@@ -158,6 +153,4 @@ def select_cluster(c: Candidates, keep, *, clusters=10, seed=0, **_):
 
 
 def get_selector(name: str) -> Callable:
-    if name not in SELECTORS:
-        raise SynthaugError(f"unknown selection method '{name}': use one of none, {', '.join(SELECTORS)}")
-    return SELECTORS[name]
+    return SELECTORS.lookup(name, also=("none",))

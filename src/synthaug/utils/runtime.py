@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import random
 
-import numpy as np
 import torch
 
 from ..errors import SynthaugError
@@ -41,12 +39,6 @@ def resolve_device(device: str = "auto") -> torch.device:
     if resolved.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise SynthaugError(f"device {device!r} asked for, but Apple MPS is not available here: use auto or cpu")
     return resolved
-
-
-def seed_everything(seed: int):
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def progress_bar(enabled: bool = True):
