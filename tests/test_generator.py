@@ -143,3 +143,15 @@ def test_resume_after_interruption(tmp_path, monkeypatch):
     assert [h["step"] for h in resumed.history] == [h["step"] for h in reference.history]
     for (k, a), b in zip(reference.unet.state_dict().items(), resumed.unet.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), k
+
+
+def test_both_generators_implement_the_interface(tmp_path):
+    """Recipes and stages ask only for what `Generator` names; both kinds offer all of it."""
+    from synthaug.generate import Generator
+    from synthaug.generate.stable_diffusion import StableDiffusionGenerator, tiny_pipeline
+
+    embedded = DiffusionGenerator(GeneratorConfig(image_size=8, channels=1, classes=["a", "b"], preset="tiny"))
+    sd = StableDiffusionGenerator.from_pretrained(tiny_pipeline(tmp_path / "sd"), ["a", "b"], channels=1, image_size=8)
+    for gen in (embedded, sd):
+        assert isinstance(gen, Generator)
+        assert gen.policy_embeddings().ndim >= 2 and gen.image_embed_dim == 0

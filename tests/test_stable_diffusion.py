@@ -17,9 +17,7 @@ from synthaug.config import load_config
 from synthaug.errors import SynthaugError
 from synthaug.generate import SamplerConfig
 from synthaug.generate.cache import generator_for, load_generator
-from synthaug.generate.dpo import finetune_dpo
 from synthaug.generate.image_condition import OPERATORS
-from synthaug.generate.policy import invert_noise, optimise_class_embeddings
 from synthaug.generate.stable_diffusion import StableDiffusionGenerator, tiny_pipeline
 
 pytest.importorskip("transformers")
@@ -128,22 +126,22 @@ def test_utilgen_handles_prompt_embeddings_inversion_and_lora_dpo(sd_folder, dat
     gen = StableDiffusionGenerator.from_pretrained(sd_folder, data.classes, channels=1, image_size=8, resolution=16)
     images, labels = data.images[:4], data.labels[:4]  # classes 0 only
     before = gen.prompt_embeds.clone()
-    out = optimise_class_embeddings(gen, images, labels, steps=3, lr=1e-2, batch_size=4)
+    out = gen.optimise_policy_embeddings(images, labels, steps=3, lr=1e-2, batch_size=4)
     assert len(out["relative_shift"]) == 1 and out["relative_shift"][0] > 0
     assert not torch.equal(gen.prompt_embeds[0], before[0]) and torch.equal(gen.prompt_embeds[1:], before[1:])
     # DDIM inversion returns initial latents the DDIM sampler starts from
-    noise = invert_noise(gen, images, labels, steps=2)
+    noise = gen.invert_noise(images, labels, steps=2)
     assert noise.shape == (4, *gen.noise_shape) and torch.isfinite(noise).all()
     ddim = SamplerConfig(sampler="ddim", steps=2, guidance_scale=1.0, batch_size=4)
     assert gen.generate(labels, [0, 1, 2, 3], sampler=ddim, noise=noise).shape == images.shape
     # Diffusion-DPO on a fresh LoRA adapter: the reference is the adapter switched off, so the first
     # loss is log 2 (model = reference); the adapter then saves and loads with the generator
     pairs = (data.images[:3], data.images[3:6], data.labels[:3])
-    first = finetune_dpo(gen, *pairs, steps=1, batch_size=3, lr=1e-3)
+    first = gen.finetune_dpo(*pairs, steps=1, batch_size=3, lr=1e-3)
     assert gen.config.lora_rank == 4 and abs(first[0]["loss"] - math.log(2)) < 1e-5
     # the adapter exists now: the reference is a frozen copy of the adapted UNet, so again log 2 at first
-    assert abs(finetune_dpo(gen, *pairs, steps=1, batch_size=3, lr=1e-3)[0]["loss"] - math.log(2)) < 1e-5
-    history = finetune_dpo(gen, *pairs, steps=10, batch_size=3, lr=1e-3)
+    assert abs(gen.finetune_dpo(*pairs, steps=1, batch_size=3, lr=1e-3)[0]["loss"] - math.log(2)) < 1e-5
+    history = gen.finetune_dpo(*pairs, steps=10, batch_size=3, lr=1e-3)
     assert len(history) == 1 and history[0]["step"] == 10
     lora_b = [v for k, v in gen.pipe.unet.state_dict().items() if "lora_B" in k]
     assert lora_b and any(v.abs().sum() > 0 for v in lora_b)  # lora_B starts at zero: DPO moved it

@@ -23,7 +23,6 @@ from synthaug.generate import (
 from synthaug.generate.cache import generator_fingerprint
 from synthaug.generate.dpo import dpo_loss, finetune_dpo
 from synthaug.generate.policy import (
-    class_embedding_table,
     invert_noise,
     mix_noise,
     optimise_class_embeddings,
@@ -138,7 +137,7 @@ def tiny_generator():
 def test_class_embedding_optimisation_moves_only_its_classes(tiny_generator):
     ds, gen = tiny_generator
     gen = copy.deepcopy(gen)
-    table = class_embedding_table(gen)
+    table = gen.embedding_table()
     before = table.weight.detach().clone()
     unet_before = {k: v.clone() for k, v in gen.unet.state_dict().items() if "class_embedding" not in k}
     out = optimise_class_embeddings(gen, ds.images[:16], ds.labels[:16], steps=40, lr=0.05, proximity=0.1)
@@ -213,7 +212,7 @@ def test_utilgen_rounds_end_to_end_and_resume(digits_task, tmp_path, monkeypatch
 
     # killed in round 2's model-level step, run again: the same result as the run that never stopped
     calls = []
-    real_dpo = utilgen.finetune_dpo
+    real_dpo = DiffusionGenerator.finetune_dpo
 
     def dpo_then_die(*args, **kwargs):
         calls.append(1)
@@ -221,12 +220,12 @@ def test_utilgen_rounds_end_to_end_and_resume(digits_task, tmp_path, monkeypatch
             raise KeyboardInterrupt
         return real_dpo(*args, **kwargs)
 
-    monkeypatch.setattr(utilgen, "finetune_dpo", dpo_then_die)
+    monkeypatch.setattr(DiffusionGenerator, "finetune_dpo", dpo_then_die)
     with pytest.raises(KeyboardInterrupt):
         get_recipe("utilgen").fn(digits_task, config, workdir=tmp_path / "run")
     assert (tmp_path / "run" / "rounds" / "r1" / "round.json").exists()
     assert not (tmp_path / "run" / "rounds" / "r2" / "round.json").exists()
-    monkeypatch.setattr(utilgen, "finetune_dpo", real_dpo)
+    monkeypatch.setattr(DiffusionGenerator, "finetune_dpo", real_dpo)
     resumed = get_recipe("utilgen").fn(digits_task, config, workdir=tmp_path / "run")
     assert resumed.metrics["balanced_accuracy"] == reference.metrics["balanced_accuracy"]
     assert resumed.extra["generator"]["fingerprint"] == reference.extra["generator"]["fingerprint"]
@@ -274,9 +273,9 @@ def test_noise_optimisation_off_ddim_renoises_the_high_utility_images(digits_tas
 def test_dpo_leaves_the_class_embeddings_to_the_policy(tiny_generator):
     ds, gen = tiny_generator
     gen = copy.deepcopy(gen)
-    before = class_embedding_table(gen).weight.detach().clone()
+    before = gen.embedding_table().weight.detach().clone()
     finetune_dpo(gen, ds.images[:8], 255 - ds.images[:8], ds.labels[:8], steps=3, batch_size=4, lr=1e-3)
-    assert torch.equal(class_embedding_table(gen).weight, before)
+    assert torch.equal(gen.embedding_table().weight, before)
 
 
 def test_sample_seed_redraws_the_images_without_retraining(digits_task):

@@ -1,5 +1,6 @@
 """Generators: the embedded class-conditional diffusion model and Stable Diffusion through diffusers."""
 
+from .base import Generator
 from .diffusion import (
     PRESETS,
     SAMPLERS,
@@ -9,4 +10,4 @@ from .diffusion import (
     SamplerConfig,
 )
 
-__all__ = ["PRESETS", "SAMPLERS", "DiffusionGenerator", "GeneratorConfig", "GeneratorTrainConfig", "SamplerConfig"]
+__all__ = ["Generator", "PRESETS", "SAMPLERS", "DiffusionGenerator", "GeneratorConfig", "GeneratorTrainConfig", "SamplerConfig"]

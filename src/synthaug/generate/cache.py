@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..data.dataset import ImageDataset
 from ..errors import SynthaugError
+from .base import Generator
 from .diffusion import DiffusionGenerator, GeneratorConfig, GeneratorTrainConfig, SamplerConfig
 from .stable_diffusion import KIND as SD_KIND
 from .stable_diffusion import StableDiffusionGenerator
@@ -32,7 +33,7 @@ def generator_fingerprint(data: ImageDataset, section, num_groups: int, *, unlab
 
 def generator_for(data: ImageDataset, section, *, cache_root: str | Path, progress: bool = False,
                   device: str = "auto", unlabeled: ImageDataset | None = None,
-                  image_embed_dim: int = 0) -> tuple[DiffusionGenerator, dict]:
+                  image_embed_dim: int = 0) -> tuple[Generator, dict]:
     """The generator for `data`: `section.path` if set, else the cached one trained with the
     same data and settings, else a new one trained now. Returns it and a description.
 
@@ -44,7 +45,7 @@ def generator_for(data: ImageDataset, section, *, cache_root: str | Path, progre
     if section.path:
         gen = load_generator(section.path, device=device)
         gen.check_compatible(data)
-        if image_embed_dim and not (gen.config.image_embed_dim if gen.kind == "embedded" else gen.unclip):
+        if image_embed_dim and not gen.image_embed_dim:
             raise SynthaugError(f"the generator in '{section.path}' is not image-conditioned: train one "
                                 "(leave generator.path unset)")
         return gen, {"source": "pretrained", "path": str(section.path), "trained_now": False}
@@ -78,7 +79,7 @@ def sampler_config(section) -> SamplerConfig:
                          batch_size=section.sampling_batch_size)
 
 
-def provenance(generator, sampling: SamplerConfig) -> dict:
+def provenance(generator: Generator, sampling: SamplerConfig) -> dict:
     """What made an image, as recorded in a store's metadata (a store refuses rows made otherwise)."""
     return {"generator": generator.fingerprint(), "guidance_scale": sampling.guidance_scale,
             "sampler": f"{sampling.sampler}/{sampling.steps}"}
@@ -148,7 +149,7 @@ def check_generator_folder(folder: str | Path, data: ImageDataset | None = None)
         gen.check_compatible(data)
 
 
-def load_generator(folder: str | Path, *, device: str = "auto", classes: list[str] | None = None):
+def load_generator(folder: str | Path, *, device: str = "auto") -> Generator:
     """A generator saved with `save_pretrained`, of either kind."""
     if _kind(Path(folder)) == SD_KIND:
         return StableDiffusionGenerator.from_pretrained(folder, device=device)

@@ -217,13 +217,13 @@ class DiffusionGenerator:
             self.condition = ConditionEmbedding(cells, config.image_embed_dim, config.block_out_channels[0] * 4)
             self.encoder = PCAEncoder(config.channels * config.image_size**2, config.image_embed_dim)
 
-    def _networks(self) -> list[torch.nn.Module]:
+    def networks(self) -> list[torch.nn.Module]:
         return [self.unet] + ([self.condition] if self.condition is not None else [])
 
-    def _parameters(self) -> list[torch.nn.Parameter]:
-        return [p for net in self._networks() for p in net.parameters()]
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for net in self.networks() for p in net.parameters()]
 
-    def _class_input(self, cells: torch.Tensor, image_embeds: torch.Tensor | None = None,
+    def class_input(self, cells: torch.Tensor, image_embeds: torch.Tensor | None = None,
                      keep: torch.Tensor | None = None) -> torch.Tensor:
         """What the UNet takes as `class_labels`: cell ids, or with image conditioning the
         condition vectors (no image embedding: the null image)."""
@@ -231,7 +231,7 @@ class DiffusionGenerator:
             return cells
         return self.condition(cells, image_embeds, keep)
 
-    def _condition_map(self, n: int, image_embeds: torch.Tensor | None = None, keep: torch.Tensor | None = None,
+    def condition_map(self, n: int, image_embeds: torch.Tensor | None = None, keep: torch.Tensor | None = None,
                        device=None) -> torch.Tensor | None:
         """The image condition decoded back to pixels (the encoder's low-rank reconstruction,
         zeros for the null image), given to an image-conditioned UNet as extra input channels:
@@ -247,7 +247,7 @@ class DiffusionGenerator:
             maps = maps * keep.to(maps.device)[:, None, None, None]
         return maps.to(device)
 
-    def _eps(self, x: torch.Tensor, t, class_input: torch.Tensor, condition_map: torch.Tensor | None) -> torch.Tensor:
+    def predict_noise(self, x: torch.Tensor, t, class_input: torch.Tensor, condition_map: torch.Tensor | None) -> torch.Tensor:
         """The UNet's noise prediction (the condition map, if any, joins the input channels)."""
         if condition_map is not None:
             x = torch.cat([x, condition_map], dim=1)
@@ -268,6 +268,38 @@ class DiffusionGenerator:
     @property
     def null_class(self) -> int:
         return self.config.num_classes
+
+    @property
+    def image_embed_dim(self) -> int:
+        """Dimensions of the image condition (0: class-conditional only)."""
+        return self.config.image_embed_dim
+
+    # ------------------------------------------------------------------ UtilGen's policy handles (policy.py, dpo.py)
+    def embedding_table(self) -> torch.nn.Embedding:
+        """The table whose rows are the (class, group) cells' vectors."""
+        return self.condition.cells if self.condition is not None else self.unet.class_embedding
+
+    def policy_embeddings(self) -> torch.Tensor:
+        """The vectors the instance-level policy moves: the cells' embedding table."""
+        return self.embedding_table().weight
+
+    def optimise_policy_embeddings(self, images: torch.Tensor, labels: torch.Tensor, **options) -> dict:
+        """Textual inversion of the class vectors on high-utility images (`policy.optimise_class_embeddings`)."""
+        from .policy import optimise_class_embeddings
+
+        return optimise_class_embeddings(self, images, labels, **options)
+
+    def invert_noise(self, images: torch.Tensor, labels, **options) -> torch.Tensor:
+        """DDIM inversion of images to their initial noise (`policy.invert_noise`)."""
+        from .policy import invert_noise
+
+        return invert_noise(self, images, labels, **options)
+
+    def finetune_dpo(self, preferred: torch.Tensor, rejected: torch.Tensor, labels: torch.Tensor, **options) -> list[dict]:
+        """Diffusion-DPO on (preferred, rejected) pairs of a class (`dpo.finetune_dpo`)."""
+        from .dpo import finetune_dpo
+
+        return finetune_dpo(self, preferred, rejected, labels, **options)
 
     # ------------------------------------------------------------------ training
     @classmethod
@@ -307,9 +339,9 @@ class DiffusionGenerator:
         if int((data.labels < 0).sum()):
             raise SynthaugError("the generator trains on labelled images: pass the unlabeled pool as `unlabeled`")
         device = resolve_device(cfg.device)
-        nets = [net.to(device).train() for net in self._networks()]
+        nets = [net.to(device).train() for net in self.networks()]
         unet = nets[0]
-        params = self._parameters()
+        params = self.trainable_parameters()
         ema = EMAModel(params, decay=cfg.ema_decay)
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
@@ -374,8 +406,8 @@ class DiffusionGenerator:
                 noise = torch.randn(x0.shape, generator=g).to(device)
                 t = torch.randint(self.config.num_train_timesteps, (len(idx),), generator=g).to(device)
                 noisy = noise_scheduler.add_noise(x0, noise, t)
-                cond_map = self._condition_map(len(idx), embeds, keep, device=device)
-                loss = F.mse_loss(self._eps(noisy, t, self._class_input(cond, embeds, keep), cond_map), noise)
+                cond_map = self.condition_map(len(idx), embeds, keep, device=device)
+                loss = F.mse_loss(self.predict_noise(noisy, t, self.class_input(cond, embeds, keep), cond_map), noise)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -519,12 +551,12 @@ class DiffusionGenerator:
         if noise is not None:
             x = noise.to(device, x.dtype)
         embeds, keep = (None, None) if image is None else (image[0].to(device), image[1].to(device))
-        cond = self._class_input(self.condition_ids(labels, groups).to(device), embeds, keep)
-        cond_map = self._condition_map(len(labels), embeds, keep, device=device)
+        cond = self.class_input(self.condition_ids(labels, groups).to(device), embeds, keep)
+        cond_map = self.condition_map(len(labels), embeds, keep, device=device)
         guided = sc.guidance_scale != 1.0
         if guided:
             null_groups = None if groups is None else torch.full_like(groups, self.config.num_groups)
-            uncond = self._class_input(self.condition_ids(torch.full_like(labels, self.null_class), null_groups).to(device))
+            uncond = self.class_input(self.condition_ids(torch.full_like(labels, self.null_class), null_groups).to(device))
             both = None if cond_map is None else torch.cat([cond_map, torch.zeros_like(cond_map)])
         scheduler = build_sampler(self.config, sc.sampler)
         scheduler.set_timesteps(sc.steps)
@@ -538,11 +570,11 @@ class DiffusionGenerator:
         for t in timesteps:
             model_in = scheduler.scale_model_input(x, t)
             if guided:
-                eps_cond, eps_uncond = self._eps(torch.cat([model_in, model_in]), t, torch.cat([cond, uncond]),
+                eps_cond, eps_uncond = self.predict_noise(torch.cat([model_in, model_in]), t, torch.cat([cond, uncond]),
                                                  both).chunk(2)
                 eps = eps_uncond + sc.guidance_scale * (eps_cond - eps_uncond)
             else:
-                eps = self._eps(model_in, t, cond, cond_map)
+                eps = self.predict_noise(model_in, t, cond, cond_map)
             x = scheduler.step(eps, t, x, generator=streams).prev_sample
         return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
 

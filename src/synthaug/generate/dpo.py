@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import SynthaugError
-from ..utils.runtime import resolve_device
 from .diffusion import DiffusionGenerator, build_train_scheduler
 
 
@@ -50,20 +49,18 @@ def dpo_update(err: torch.Tensor, ref_err: torch.Tensor, beta: float, optimizer,
 
 def finetune_dpo(generator: DiffusionGenerator, preferred: torch.Tensor, rejected: torch.Tensor, labels: torch.Tensor, *,
                  steps: int = 200, batch_size: int = 32, lr: float = 1e-5, beta: float = 2000.0, seed: int = 0,
-                 device: str = "auto") -> list[dict]:
+                 ) -> list[dict]:
     """Fine-tune `generator`'s UNet weights in place with Diffusion-DPO on pairs
     (`preferred[i]`, `rejected[i]`, both uint8 and of class `labels[i]`). The class-embedding
     table is left alone: it is the generation policy, optimised on its own
     (`policy.optimise_class_embeddings`). Returns the training log (loss, and the share of
-    pairs the model ranks the right way, relative to the reference). A Stable Diffusion
-    generator trains a LoRA adapter instead (`StableDiffusionGenerator.finetune_dpo`)."""
-    if generator.kind != "embedded":
-        return generator.finetune_dpo(preferred, rejected, labels, steps=steps, batch_size=batch_size, lr=lr, beta=beta,
-                                      seed=seed)
+    pairs the model ranks the right way, relative to the reference). Trains on the device
+    the generator is on. A Stable Diffusion generator trains a LoRA adapter instead
+    (`StableDiffusionGenerator.finetune_dpo`)."""
     if not (len(preferred) == len(rejected) == len(labels)) or len(labels) == 0:
         raise SynthaugError("DPO needs pairs: as many preferred as rejected images and labels, at least one")
-    dev = resolve_device(device)
-    unet = generator.unet.to(dev).train()
+    dev = next(generator.unet.parameters()).device
+    unet = generator.unet.train()
     if generator.condition is not None:
         generator.condition.to(dev)
     reference = copy.deepcopy(unet).eval().requires_grad_(False)
@@ -82,9 +79,9 @@ def finetune_dpo(generator: DiffusionGenerator, preferred: torch.Tensor, rejecte
         t = torch.randint(generator.config.num_train_timesteps, (len(idx),), generator=g).repeat(2).to(dev)
         noisy = noise_scheduler.add_noise(x0, noise, t)
         with torch.no_grad():  # the condition vectors are inputs here, not trained
-            class_input = generator._class_input(cells[idx].repeat(2).to(dev))
-        cond_map = generator._condition_map(2 * len(idx), device=dev)
-        err = (generator._eps(noisy, t, class_input, cond_map) - noise).pow(2).mean(dim=(1, 2, 3))
+            class_input = generator.class_input(cells[idx].repeat(2).to(dev))
+        cond_map = generator.condition_map(2 * len(idx), device=dev)
+        err = (generator.predict_noise(noisy, t, class_input, cond_map) - noise).pow(2).mean(dim=(1, 2, 3))
         with torch.no_grad():
             x = noisy if cond_map is None else torch.cat([noisy, cond_map], 1)
             ref_err = (reference(x, t, class_labels=class_input).sample - noise).pow(2).mean(dim=(1, 2, 3))

@@ -104,7 +104,7 @@ class JobWorker:
         self.dir = Path(job_dir)
         self.job = json.loads((self.dir / "job.json").read_text())
         check_store_folder(self.job["store"], "the job's store")
-        self.generator = load_generator(self.dir / "generator", device=device, classes=self.job["classes"])
+        self.generator = load_generator(self.dir / "generator", device=device)
         if self.generator.fingerprint() != self.job["fingerprint"]:
             raise SynthaugError(f"the generator in {self.dir / 'generator'} is not the one the job was written for: "
                                 "run the generation again")

@@ -23,19 +23,6 @@ import torch.nn.functional as F
 from .diffusion import DiffusionGenerator, build_train_scheduler
 
 
-def policy_embeddings(generator) -> torch.Tensor:
-    """The vectors the instance-level policy moves: the class-embedding table of the embedded
-    generator, the prompt embeddings of a Stable Diffusion one."""
-    if generator.kind != "embedded":
-        return generator.prompt_embeds
-    return class_embedding_table(generator).weight
-
-
-def class_embedding_table(generator: DiffusionGenerator) -> torch.nn.Embedding:
-    """The embedding table whose rows are the (class, group) cells' vectors."""
-    return generator.condition.cells if generator.condition is not None else generator.unet.class_embedding
-
-
 def optimise_class_embeddings(generator: DiffusionGenerator, images: torch.Tensor, labels: torch.Tensor, *,
                               steps: int = 200, lr: float = 5e-3, proximity: float = 1.0, batch_size: int = 32,
                               anchor: torch.Tensor | None = None, seed: int = 0) -> dict:
@@ -45,18 +32,15 @@ def optimise_class_embeddings(generator: DiffusionGenerator, images: torch.Tenso
     generator's over several rounds; default: the vectors as they are now). Changes the
     generator in place; returns the first and last denoising loss and the relative shift
     per class from the anchor. A Stable Diffusion generator moves its prompt embeddings the
-    same way, in latent space (`StableDiffusionGenerator.optimise_prompt_embeddings`)."""
-    if generator.kind != "embedded":
-        return generator.optimise_prompt_embeddings(images, labels, steps=steps, lr=lr, proximity=proximity,
-                                                    batch_size=batch_size, anchor=anchor, seed=seed)
-    table = class_embedding_table(generator)
+    same way, in latent space (`StableDiffusionGenerator.optimise_policy_embeddings`)."""
+    table = generator.embedding_table()
     device = table.weight.device
     current = table.weight.detach().clone()
     original = current if anchor is None else anchor.to(device)
     cells = generator.condition_ids(torch.as_tensor(labels)).to(device)
     rows = torch.zeros(len(original), dtype=torch.bool, device=device)
     rows[cells.unique()] = True
-    frozen = [p for p in generator._parameters() if p is not table.weight]
+    frozen = [p for p in generator.trainable_parameters() if p is not table.weight]
     was = [p.requires_grad for p in frozen]
     for p in frozen:
         p.requires_grad_(False)
@@ -72,8 +56,8 @@ def optimise_class_embeddings(generator: DiffusionGenerator, images: torch.Tenso
             x0 = x0_all[idx].to(device)
             noise = torch.randn(x0.shape, generator=g).to(device)
             t = torch.randint(generator.config.num_train_timesteps, (len(idx),), generator=g).to(device)
-            eps = generator._eps(noise_scheduler.add_noise(x0, noise, t), t, generator._class_input(cells[idx]),
-                                 generator._condition_map(len(idx), device=device))
+            eps = generator.predict_noise(noise_scheduler.add_noise(x0, noise, t), t, generator.class_input(cells[idx]),
+                                          generator.condition_map(len(idx), device=device))
             denoise = F.mse_loss(eps, noise)
             drift = (table.weight[rows] - original[rows]).pow(2).mean()
             loss = denoise + proximity * drift
@@ -100,8 +84,6 @@ def invert_noise(generator: DiffusionGenerator, images: torch.Tensor, labels, *,
     """DDIM inversion: for each uint8 image, the initial noise x_T from which the DDIM
     sampler (same steps, this guidance) returns close to it (for Stable Diffusion: the initial
     latents, `StableDiffusionGenerator.invert_noise`)."""
-    if generator.kind != "embedded":
-        return generator.invert_noise(images, labels, steps=steps, guidance_scale=guidance_scale)
     from diffusers import DDIMInverseScheduler
 
     device = next(generator.unet.parameters()).device
@@ -113,17 +95,17 @@ def invert_noise(generator: DiffusionGenerator, images: torch.Tensor, labels, *,
         scheduler.set_timesteps(steps)
         x = images[i : i + batch_size].to(device).float() / 127.5 - 1
         cells = generator.condition_ids(labels[i : i + batch_size]).to(device)
-        cond = generator._class_input(cells)
-        cond_map = generator._condition_map(len(x), device=device)
+        cond = generator.class_input(cells)
+        cond_map = generator.condition_map(len(x), device=device)
         if guidance_scale != 1.0:
-            null = generator._class_input(generator.condition_ids(torch.full_like(cells, generator.null_class).cpu()).to(device))
+            null = generator.class_input(generator.condition_ids(torch.full_like(cells, generator.null_class).cpu()).to(device))
         for t in scheduler.timesteps:
             if guidance_scale != 1.0:
                 both = None if cond_map is None else torch.cat([cond_map, cond_map])
-                e_c, e_u = generator._eps(torch.cat([x, x]), t, torch.cat([cond, null]), both).chunk(2)
+                e_c, e_u = generator.predict_noise(torch.cat([x, x]), t, torch.cat([cond, null]), both).chunk(2)
                 eps = e_u + guidance_scale * (e_c - e_u)
             else:
-                eps = generator._eps(x, t, cond, cond_map)
+                eps = generator.predict_noise(x, t, cond, cond_map)
             x = scheduler.step(eps, t, x).prev_sample
         out.append(x.cpu())
     return torch.cat(out) if out else torch.empty(0)

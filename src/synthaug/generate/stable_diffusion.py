@@ -546,7 +546,11 @@ class StableDiffusionGenerator:
     def _latents(self, images: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.latents_of(images[i : i + 32]) for i in range(0, len(images), 32)]).float()
 
-    def optimise_prompt_embeddings(self, images: torch.Tensor, labels: torch.Tensor, *, steps: int = 200,
+    def policy_embeddings(self) -> torch.Tensor:
+        """The vectors the instance-level policy moves: the classes' prompt embeddings."""
+        return self.prompt_embeds
+
+    def optimise_policy_embeddings(self, images: torch.Tensor, labels: torch.Tensor, *, steps: int = 200,
                                    lr: float = 5e-3, proximity: float = 1.0, batch_size: int = 32,
                                    anchor: torch.Tensor | None = None, seed: int = 0) -> dict:
         """UtilGen's prompt-embedding optimisation (`policy.optimise_class_embeddings` for

@@ -8,13 +8,13 @@ from pathlib import Path
 
 from ..data.dataset import ImageDataset
 from ..store import SyntheticStore
+from .base import Generator
 from .cache import generator_for, provenance, sampler_config
-from .diffusion import DiffusionGenerator
 from .executors import execute
 
 
 def generator_stage(real: ImageDataset, config, *, progress: bool = False, unlabeled: ImageDataset | None = None,
-                    image_embed_dim: int = 0) -> tuple[DiffusionGenerator, dict]:
+                    image_embed_dim: int = 0) -> tuple[Generator, dict]:
     """The run's generator and a description of it (source, fingerprint, training curve, seconds)."""
     t0 = time.perf_counter()
     cache_root = config.generator.cache_dir or Path(config.output_dir) / "generators"
@@ -24,7 +24,7 @@ def generator_stage(real: ImageDataset, config, *, progress: bool = False, unlab
                        "history": generator.history, "seconds": time.perf_counter() - t0}
 
 
-def generate_stage(plan: list[dict], generator: DiffusionGenerator, config, store_dir: str | Path, real: ImageDataset,
+def generate_stage(plan: list[dict], generator: Generator, config, store_dir: str | Path, real: ImageDataset,
                    *, progress: bool = False) -> tuple[ImageDataset, dict]:
     """Generate the plan's missing rows into the store at `store_dir` (rows that start from
     real images index into `real`), check the store, and load the plan's images."""

@@ -37,13 +37,7 @@ from ..data import concat
 from ..errors import SynthaugError
 from ..generate.cache import load_generator
 from ..generate.diffusion import GeneratorConfig, SamplerConfig
-from ..generate.dpo import finetune_dpo
-from ..generate.policy import (
-    invert_noise,
-    mix_noise,
-    optimise_class_embeddings,
-    policy_embeddings,
-)
+from ..generate.policy import mix_noise
 from ..generate.stage import generator_stage
 from ..plan import utility_plan
 from ..select.metrics import diversity_ratio, memorization_ratio
@@ -79,7 +73,7 @@ def utilgen(task, config, *, workdir=None, progress=False, trained=None) -> Reci
     store = SyntheticStore(Path(opts.store_dir) if opts.store_dir else workdir / "synthetic", real.classes)
     for key in ("generate", "value", "policy", "model"):
         seconds[key] = 0.0
-    anchor = policy_embeddings(generator).detach().clone()  # the base generator's class (prompt) vectors
+    anchor = generator.policy_embeddings().detach().clone()  # the base generator's class (prompt) vectors
 
     # id of a high-utility image -> its inverted initial noise (ddim), or the image itself to re-noise
     noise_bank: dict[str, torch.Tensor] = {}
@@ -122,19 +116,19 @@ def utilgen(task, config, *, workdir=None, progress=False, trained=None) -> Reci
         # policy below, the inverted noise above all, belongs to the generator that will use it)
         t0 = time.perf_counter()
         if opts.model_level:
-            summary["dpo"] = finetune_dpo(generator, synthetic.images[top], synthetic.images[bottom], synthetic.labels[top],
-                                          steps=opts.dpo_steps, lr=opts.dpo_lr, beta=opts.dpo_beta, seed=config.seed + r,
-                                          device=config.train.device)
+            summary["dpo"] = generator.finetune_dpo(synthetic.images[top], synthetic.images[bottom], synthetic.labels[top],
+                                                    steps=opts.dpo_steps, lr=opts.dpo_lr, beta=opts.dpo_beta,
+                                                    seed=config.seed + r)
         seconds["model"] += time.perf_counter() - t0
         # 4. instance level: class embeddings and initial noise, from the high-utility images
         t0 = time.perf_counter()
         if opts.embedding:
-            summary["embedding"] = optimise_class_embeddings(
-                generator, synthetic.images[top], synthetic.labels[top], steps=opts.embedding_steps, lr=opts.embedding_lr,
+            summary["embedding"] = generator.optimise_policy_embeddings(
+                synthetic.images[top], synthetic.labels[top], steps=opts.embedding_steps, lr=opts.embedding_lr,
                 proximity=opts.embedding_proximity, anchor=anchor, seed=config.seed + r)
         if opts.noise:
-            kept = synthetic.images[top] if renoise else invert_noise(
-                generator, synthetic.images[top], synthetic.labels[top], steps=opts.sampling_steps,
+            kept = synthetic.images[top] if renoise else generator.invert_noise(
+                synthetic.images[top], synthetic.labels[top], steps=opts.sampling_steps,
                 guidance_scale=opts.inversion_guidance)
             noise_bank = {ids[i]: kept[k] for k, i in enumerate(top.tolist())}
             noise_from = {}
