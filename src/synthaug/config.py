@@ -71,6 +71,8 @@ class GeneratorSection:
     Diffusion pipeline (`pretrained`), and sampling."""
 
     path: str | None = None  # a folder written by save_pretrained: use it instead of training one
+    # embedded, stable-diffusion or a registered kind (generate/cache.py); auto: stable-diffusion with pretrained
+    kind: str = "auto"
     # a diffusers Stable Diffusion pipeline (hub id or folder; unCLIP for recipe augcond): used instead of
     # the embedded generator (pip install 'synthaug[sd]'; set guidance_scale ~7.5 and sampling_steps ~25)
     pretrained: str | None = None

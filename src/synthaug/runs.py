@@ -44,9 +44,10 @@ def preflight(config: RunConfig, baselines: list[str] = ()):
     for section in STORE_SECTIONS:
         store_dir = getattr(config, section).store_dir
         check_store_folder(store_dir, f"{section}.store_dir")
-    if config.generator.path:
-        from .generate.cache import check_generator_folder
+    from .generate.cache import GENERATORS, check_generator_folder, generator_kind
 
+    GENERATORS.lookup(generator_kind(config.generator))
+    if config.generator.path:
         check_generator_folder(config.generator.path)
     from .select.features import check_features
 

@@ -7,15 +7,37 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..data.dataset import ImageDataset
 from ..errors import SynthaugError
+from ..utils.registry import Registry
 from .base import Generator
 from .diffusion import DiffusionGenerator, GeneratorConfig, GeneratorTrainConfig, SamplerConfig
 from .stable_diffusion import KIND as SD_KIND
 from .stable_diffusion import StableDiffusionGenerator
+
+
+@dataclass(frozen=True)
+class GeneratorKind:
+    """How to get a generator of one kind: `make(data, section, *, cache_root, progress, device,
+    unlabeled, image_embed_dim) -> (generator, description)` for a run, and `load(folder,
+    device=)` for a folder its `save_pretrained` wrote (generator.json's `kind`)."""
+
+    name: str
+    make: Callable[..., tuple[Generator, dict]]
+    load: Callable[..., Generator]
+
+
+GENERATORS: Registry[GeneratorKind] = Registry("generator")
+
+
+def register_generator(name: str, *, load: Callable[..., Generator]):
+    """Register `make` as generator kind `name` (chosen with `generator.kind=name`)."""
+    return GENERATORS.register(name, lambda make: GeneratorKind(name, make, load))
+
 
 TRAINING_KEYS = ("preset", "steps", "batch_size", "lr", "ema_decay", "label_dropout", "seed")
 
@@ -31,17 +53,29 @@ def generator_fingerprint(data: ImageDataset, section, num_groups: int, *, unlab
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def generator_kind(section) -> str:
+    """The kind of generator a config's generator section asks for: `kind`, or with `auto`
+    Stable Diffusion when `pretrained` is set, else the embedded generator."""
+    if section.kind != "auto":
+        return section.kind
+    return SD_KIND if section.pretrained else "embedded"
+
+
+def trains_embedded(section) -> bool:
+    """Whether the run trains (or reuses from the cache) an embedded generator."""
+    return generator_kind(section) == "embedded" and not section.path
+
+
 def generator_for(data: ImageDataset, section, *, cache_root: str | Path, progress: bool = False,
                   device: str = "auto", unlabeled: ImageDataset | None = None,
                   image_embed_dim: int = 0) -> tuple[Generator, dict]:
-    """The generator for `data`: `section.path` if set, else the cached one trained with the
-    same data and settings, else a new one trained now. Returns it and a description.
+    """The generator for `data`: the saved one in `section.path`, else one of the kind the
+    section asks for (`generator_kind`), made by that kind's registered `make`: the embedded
+    generator is trained on `data` (or reused from the cache), Stable Diffusion loaded (and
+    LoRA-adapted). Returns it and a description.
 
     `unlabeled`: a pool of unlabelled images the generator also trains on (under the null
     class); `image_embed_dim` > 0: an image-conditioned generator (AugCond)."""
-    if section.pretrained:  # a Stable Diffusion pipeline
-        return stable_diffusion_for(data, section, cache_root=cache_root, progress=progress, device=device,
-                                    image_conditioned=bool(image_embed_dim))
     if section.path:
         gen = load_generator(section.path, device=device)
         gen.check_compatible(data)
@@ -49,6 +83,16 @@ def generator_for(data: ImageDataset, section, *, cache_root: str | Path, progre
             raise SynthaugError(f"the generator in '{section.path}' is not image-conditioned: train one "
                                 "(leave generator.path unset)")
         return gen, {"source": "pretrained", "path": str(section.path), "trained_now": False}
+    make = GENERATORS.lookup(generator_kind(section)).make
+    return make(data, section, cache_root=Path(cache_root), progress=progress, device=device, unlabeled=unlabeled,
+                image_embed_dim=image_embed_dim)
+
+
+@register_generator("embedded", load=DiffusionGenerator.from_pretrained)
+def embedded_for(data: ImageDataset, section, *, cache_root: Path, progress: bool = False, device: str = "auto",
+                 unlabeled: ImageDataset | None = None, image_embed_dim: int = 0) -> tuple[DiffusionGenerator, dict]:
+    """The embedded generator trained on `data` with the section's settings: the cached one
+    (`<cache_root>/<fingerprint>/`), else trained now (resuming its checkpoint)."""
     num_groups = len(data.group_names) if data.groups is not None and data.group_names else 0
     unlabeled = unlabeled if unlabeled is not None and len(unlabeled) else None
     fingerprint = generator_fingerprint(data, section, num_groups, unlabeled=unlabeled, image_embed_dim=image_embed_dim)
@@ -85,8 +129,10 @@ def provenance(generator: Generator, sampling: SamplerConfig) -> dict:
             "sampler": f"{sampling.sampler}/{sampling.steps}"}
 
 
-def stable_diffusion_for(data: ImageDataset, section, *, cache_root: str | Path, progress: bool = False,
-                         device: str = "auto", image_conditioned: bool = False) -> tuple[StableDiffusionGenerator, dict]:
+@register_generator(SD_KIND, load=StableDiffusionGenerator.from_pretrained)
+def stable_diffusion_for(data: ImageDataset, section, *, cache_root: Path, progress: bool = False,
+                         device: str = "auto", unlabeled: ImageDataset | None = None,
+                         image_embed_dim: int = 0) -> tuple[StableDiffusionGenerator, dict]:
     """The configured Stable Diffusion pipeline as a generator for `data`; with
     `section.adapt_steps`, LoRA-adapted to the data first (cached like a trained generator)."""
     options = dict(channels=data.channels, image_size=data.image_size[0], prompt=section.prompt,
@@ -112,7 +158,7 @@ def stable_diffusion_for(data: ImageDataset, section, *, cache_root: str | Path,
             shutil.rmtree(folder / "checkpoint", ignore_errors=True)
             info.update(source="adapted", path=str(folder), trained_now=True, base=section.pretrained)
     gen.check_compatible(data)
-    if image_conditioned and not gen.unclip:
+    if image_embed_dim and not gen.unclip:
         raise SynthaugError(f"recipe augcond conditions on images: '{section.pretrained}' is not an unCLIP pipeline "
                             "(use e.g. stabilityai/stable-diffusion-2-1-unclip)")
     return gen, info
@@ -139,7 +185,9 @@ def check_generator_folder(folder: str | Path, data: ImageDataset | None = None)
     if not folder.is_dir():
         raise SynthaugError(f"generator folder '{folder}' has no generator.json (it is not a folder): point "
                             "generator.path at a folder written by save_pretrained")
-    if _kind(folder) == SD_KIND:
+    kind = _kind(folder) or "embedded"
+    GENERATORS.lookup(kind)
+    if kind != "embedded":  # loading a pipeline is heavy: its generator.json is checked
         if not isinstance(json.loads((folder / "generator.json").read_text()).get("config"), dict):
             raise SynthaugError(f"generator folder '{folder}': generator.json has no config: point at a folder "
                                 "written by save_pretrained")
@@ -150,7 +198,5 @@ def check_generator_folder(folder: str | Path, data: ImageDataset | None = None)
 
 
 def load_generator(folder: str | Path, *, device: str = "auto") -> Generator:
-    """A generator saved with `save_pretrained`, of either kind."""
-    if _kind(Path(folder)) == SD_KIND:
-        return StableDiffusionGenerator.from_pretrained(folder, device=device)
-    return DiffusionGenerator.from_pretrained(folder, device=device)
+    """A generator saved with `save_pretrained`, of the kind its generator.json names."""
+    return GENERATORS.lookup(_kind(Path(folder)) or "embedded").load(folder, device=device)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..data import concat
 from ..errors import SynthaugError
+from ..generate.cache import trains_embedded
 from ..generate.diffusion import GeneratorConfig
 from ..generate.stage import generator_stage
 from ..plan import conditioned_plan
@@ -40,7 +41,7 @@ def target_count(task, config) -> int:
 def check(task, config):
     """Fail on an impossible plan or generator before anything is written."""
     target_count(task, config)
-    if not (config.generator.path or config.generator.pretrained):
+    if trains_embedded(config.generator):
         GeneratorConfig(image_size=task.train.image_size[0], channels=task.train.channels, classes=task.train.classes,
                         preset=config.generator.preset, image_embed_dim=config.augcond.embed_dim)
 

@@ -22,6 +22,7 @@ import torch
 from ..classify import evaluate, fit_classifier, refit_head
 from ..data import concat
 from ..errors import SynthaugError
+from ..generate.cache import trains_embedded
 from ..generate.diffusion import GeneratorConfig
 from ..generate.stage import generator_stage
 from ..plan import balance_plan
@@ -34,7 +35,7 @@ def check(task, config):
     """Fail on an impossible plan or generator before anything is written."""
     by_group = config.synaug.balance_groups and task.train.groups is not None
     balance_plan(task.train, target_per_class=config.synaug.target_per_class, by_group=by_group)
-    if not (config.generator.path or config.generator.pretrained):
+    if trains_embedded(config.generator):
         GeneratorConfig(image_size=task.train.image_size[0], channels=task.train.channels, classes=task.train.classes,
                         preset=config.generator.preset)
 

@@ -25,6 +25,7 @@ import torch
 from ..classify import example_losses, fit_classifier
 from ..data import concat
 from ..errors import SynthaugError
+from ..generate.cache import trains_embedded
 from ..generate.diffusion import GeneratorConfig
 from ..generate.stage import generator_stage
 from ..plan import slow_learnable, targeted_plan
@@ -46,7 +47,7 @@ def check(task, config):
     if config.tada.early_epochs >= config.train.epochs:
         raise SynthaugError(f"tada.early_epochs ({config.tada.early_epochs}) must be below train.epochs "
                             f"({config.train.epochs}): the split needs a model that has not finished training")
-    if not (config.generator.path or config.generator.pretrained):
+    if trains_embedded(config.generator):
         GeneratorConfig(image_size=task.train.image_size[0], channels=task.train.channels, classes=task.train.classes,
                         preset=config.generator.preset)
 

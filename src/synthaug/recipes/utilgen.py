@@ -35,7 +35,7 @@ import torch
 from ..classify import evaluate, extract_features, fit_classifier
 from ..data import concat
 from ..errors import SynthaugError
-from ..generate.cache import load_generator
+from ..generate.cache import load_generator, trains_embedded
 from ..generate.diffusion import GeneratorConfig, SamplerConfig
 from ..generate.policy import mix_noise
 from ..generate.stage import generator_stage
@@ -50,7 +50,7 @@ from .registry import RecipeResult, register_recipe, train_and_evaluate
 def check(task, config):
     if task.val is None or len(task.val) == 0:
         raise SynthaugError("utilgen values images on a clean real validation split: set split.val_per_class (e.g. 10)")
-    if not (config.generator.path or config.generator.pretrained):
+    if trains_embedded(config.generator):
         GeneratorConfig(image_size=task.train.image_size[0], channels=task.train.channels, classes=task.train.classes,
                         preset=config.generator.preset)
 
