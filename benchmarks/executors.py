@@ -37,8 +37,9 @@ from common import HERE, append_row, environment, publish, read_rows
 
 from synthaug.generate import DiffusionGenerator, GeneratorConfig, SamplerConfig
 from synthaug.generate.executors import execute
-from synthaug.generate.stable_diffusion import StableDiffusionGenerator, tiny_pipeline
+from synthaug.generate.stable_diffusion import StableDiffusionGenerator
 from synthaug.store import SyntheticStore
+from synthaug.testing import tiny_pipeline
 
 CLASSES = [str(c) for c in range(10)]
 RUNS = {  # name: (executor, workers)

@@ -29,7 +29,7 @@ from synthaug.classify import evaluate
 from synthaug.config import load_config
 from synthaug.data import load_dataset
 from synthaug.generate.cache import generator_for, provenance, sampler_config
-from synthaug.generate.diffusion import build_sampler
+from synthaug.generate.network import build_sampler
 from synthaug.plan import balance_plan
 from synthaug.recipes import get_recipe
 from synthaug.select.metrics import memorization_ratio

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import die_after_saving_step, make_dataset
 
-import synthaug.generate.diffusion as diffusion
+import synthaug.generate.training as training
 from synthaug.errors import SynthaugError
 from synthaug.generate import (
     SAMPLERS,
@@ -135,7 +135,7 @@ def test_resume_after_interruption(tmp_path, monkeypatch):
     ds = make_dataset((12, 8, 4))
     reference = DiffusionGenerator.fit(ds, tiny_config(ds), TRAIN, seed=1)
 
-    undo = die_after_saving_step(monkeypatch, diffusion, 2)
+    undo = die_after_saving_step(monkeypatch, training, 2)
     with pytest.raises(KeyboardInterrupt):
         DiffusionGenerator.fit(ds, tiny_config(ds), TRAIN, seed=1, checkpoint_dir=tmp_path)
     undo()
@@ -148,7 +148,8 @@ def test_resume_after_interruption(tmp_path, monkeypatch):
 def test_both_generators_implement_the_interface(tmp_path):
     """Recipes and stages ask only for what `Generator` names; both kinds offer all of it."""
     from synthaug.generate import Generator
-    from synthaug.generate.stable_diffusion import StableDiffusionGenerator, tiny_pipeline
+    from synthaug.generate.stable_diffusion import StableDiffusionGenerator
+    from synthaug.testing import tiny_pipeline
 
     embedded = DiffusionGenerator(GeneratorConfig(image_size=8, channels=1, classes=["a", "b"], preset="tiny"))
     sd = StableDiffusionGenerator.from_pretrained(tiny_pipeline(tmp_path / "sd"), ["a", "b"], channels=1, image_size=8)

@@ -18,7 +18,8 @@ from synthaug.errors import SynthaugError
 from synthaug.generate import SamplerConfig
 from synthaug.generate.cache import generator_for, load_generator
 from synthaug.generate.image_condition import OPERATORS
-from synthaug.generate.stable_diffusion import StableDiffusionGenerator, tiny_pipeline
+from synthaug.generate.stable_diffusion import StableDiffusionGenerator
+from synthaug.testing import tiny_pipeline
 
 pytest.importorskip("transformers")
 SAMPLING = SamplerConfig(sampler="dpm-solver++", steps=2, guidance_scale=2.0, batch_size=4)

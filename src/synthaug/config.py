@@ -15,8 +15,8 @@ import yaml
 
 from .classify.train import TrainConfig
 from .errors import SynthaugError
-from .generate.diffusion import PRESETS, SAMPLERS
 from .generate.image_condition import OPERATORS, PAIRINGS
+from .generate.network import PRESETS, SAMPLERS
 from .generate.stable_diffusion import DTYPES as SD_DTYPES
 from .select.filters import SELECTORS
 from .utils.paths import check_folder, check_name

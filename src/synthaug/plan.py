@@ -148,3 +148,24 @@ def utility_plan(data: ImageDataset, *, per_class: int, stage: str, seed: int = 
                 row.update(conditioning="class+noise", noise_from=sources[k % len(sources)], noise_mix=noise_mix)
             rows.append(row)
     return rows
+
+
+def row_kind(row: dict) -> str:
+    """conditioned (`sources`: image-conditioned), guided (`source`: image-guided) or plain."""
+    return "conditioned" if row.get("sources") is not None else "guided" if row.get("source") is not None else "plain"
+
+
+def split_by_kind(rows: list[dict], make) -> torch.Tensor | None:
+    """When `rows` mix kinds (plain, image-guided, image-conditioned), their images made kind
+    by kind with `make(rows)` and put back in row order; None when they are of one kind."""
+    kinds = [row_kind(r) for r in rows]
+    if len(set(kinds)) < 2:
+        return None
+    out = None
+    for kind in dict.fromkeys(kinds):
+        idx = [i for i, k in enumerate(kinds) if k == kind]
+        images = make([rows[i] for i in idx])
+        if out is None:
+            out = torch.empty(len(rows), *images.shape[1:], dtype=images.dtype)
+        out[idx] = images
+    return out

@@ -14,7 +14,9 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from ..data.dataset import ImageDataset
-from .diffusion import SamplerConfig
+from ..errors import SynthaugError
+from .image_condition import condition_embeddings
+from .network import SamplerConfig
 
 
 @runtime_checkable
@@ -68,3 +70,23 @@ class Generator(Protocol):
     def finetune_dpo(self, preferred: torch.Tensor, rejected: torch.Tensor, labels: torch.Tensor, *, steps: int,
                      lr: float, beta: float, seed: int) -> list[dict]:
         """Diffusion-DPO: prefer `preferred[i]` over `rejected[i]` (same class); the training log."""
+
+
+def generate_arguments(rows: list[dict], sources: ImageDataset | None, encoder) -> dict:
+    """`generate`'s arguments for plan rows of one kind: labels, seeds and groups; the source
+    images and strengths of image-guided rows; the conditioning embeddings (from `encoder`)
+    of image-conditioned rows."""
+    guided = bool(rows) and rows[0].get("source") is not None
+    conditioned = bool(rows) and rows[0].get("sources") is not None
+    if (guided or conditioned) and sources is None:
+        raise SynthaugError("these plan rows start from real images: pass the dataset their source indices point into")
+    embeds = keep = None
+    if conditioned:
+        pairs = torch.tensor([r["sources"] for r in rows])
+        embeds, keep = condition_embeddings(encoder, sources.images[pairs[:, 0]], sources.images[pairs[:, 1]],
+                                            [r["conditioning"] for r in rows], [r["seed"] for r in rows],
+                                            dropout=rows[0].get("dropout", 0.3))
+    return {"labels": [r["label"] for r in rows], "seeds": [r["seed"] for r in rows],
+            "groups": [r["group"] for r in rows] if rows and rows[0].get("group") is not None else None,
+            "init_images": sources.images[[r["source"] for r in rows]] if guided else None,
+            "strength": [r["strength"] for r in rows] if guided else 1.0, "image_embeds": embeds, "image_keep": keep}

@@ -15,7 +15,8 @@ from ..data.dataset import ImageDataset
 from ..errors import SynthaugError
 from ..utils.registry import Registry
 from .base import Generator
-from .diffusion import DiffusionGenerator, GeneratorConfig, GeneratorTrainConfig, SamplerConfig
+from .diffusion import DiffusionGenerator
+from .network import GeneratorConfig, GeneratorTrainConfig, SamplerConfig
 from .stable_diffusion import KIND as SD_KIND
 from .stable_diffusion import StableDiffusionGenerator
 

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import SynthaugError
-from .diffusion import DiffusionGenerator, build_train_scheduler
+from .diffusion import DiffusionGenerator
+from .network import build_train_scheduler
 
 
 def dpo_loss(model_err_w: torch.Tensor, model_err_l: torch.Tensor, ref_err_w: torch.Tensor, ref_err_l: torch.Tensor,

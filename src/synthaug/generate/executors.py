@@ -37,7 +37,7 @@ from ..store import SyntheticStore
 from ..utils.io import atomic_write_json
 from ..utils.registry import Registry
 from ..utils.runtime import progress_bar
-from .diffusion import SamplerConfig
+from .network import SamplerConfig
 
 EXECUTORS: Registry[Callable] = Registry("executor")
 JOB_DIR = ".job"

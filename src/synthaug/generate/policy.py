@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .diffusion import DiffusionGenerator, build_train_scheduler
+from .diffusion import DiffusionGenerator
+from .network import build_train_scheduler
 
 
 def optimise_class_embeddings(generator: DiffusionGenerator, images: torch.Tensor, labels: torch.Tensor, *,

@@ -21,7 +21,7 @@ from pathlib import Path
 from ..data import concat
 from ..errors import SynthaugError
 from ..generate.cache import trains_embedded
-from ..generate.diffusion import GeneratorConfig
+from ..generate.network import GeneratorConfig
 from ..generate.stage import generator_stage
 from ..plan import conditioned_plan
 from ..select.stage import select_stage

@@ -23,7 +23,7 @@ from ..classify import evaluate, fit_classifier, refit_head
 from ..data import concat
 from ..errors import SynthaugError
 from ..generate.cache import trains_embedded
-from ..generate.diffusion import GeneratorConfig
+from ..generate.network import GeneratorConfig
 from ..generate.stage import generator_stage
 from ..plan import balance_plan
 from ..select.metrics import diversity_ratio, memorization_ratio

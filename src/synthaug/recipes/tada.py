@@ -26,7 +26,7 @@ from ..classify import example_losses, fit_classifier
 from ..data import concat
 from ..errors import SynthaugError
 from ..generate.cache import trains_embedded
-from ..generate.diffusion import GeneratorConfig
+from ..generate.network import GeneratorConfig
 from ..generate.stage import generator_stage
 from ..plan import slow_learnable, targeted_plan
 from ..select.stage import select_stage

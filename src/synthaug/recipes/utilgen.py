@@ -36,7 +36,7 @@ from ..classify import evaluate, extract_features, fit_classifier
 from ..data import concat
 from ..errors import SynthaugError
 from ..generate.cache import load_generator, trains_embedded
-from ..generate.diffusion import GeneratorConfig, SamplerConfig
+from ..generate.network import GeneratorConfig, SamplerConfig
 from ..generate.policy import mix_noise
 from ..generate.stage import generator_stage
 from ..plan import utility_plan

@@ -1,0 +1,141 @@
+"""The embedded generator's parts and settings: the network (a diffusers `UNet2DModel`,
+class- and group-conditional, optionally image-conditioned), its training noise schedule and
+its samplers (DPM-Solver++, stochastic or not, and DDIM)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from ..errors import SynthaugError
+from .image_condition import PAIRINGS
+
+# Network sizes. `small` is the size a first trial found good for 28x28 digits on a CPU
+# (1.0M parameters, ~0.4-0.6 s per batch of 64 on 2 CPU cores); `tiny` is for tests.
+PRESETS = {
+    "tiny": dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, attention=False),
+    "small": dict(block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16, attention=False),
+    "base": dict(block_out_channels=(64, 128, 128), layers_per_block=2, norm_num_groups=32, attention=True),
+}
+SAMPLERS = ("sde-dpm-solver++", "dpm-solver++", "ddim")
+
+
+@dataclass
+class GeneratorConfig:
+    """The network and noise schedule: everything `from_pretrained` needs to rebuild it."""
+
+    image_size: int
+    channels: int
+    classes: list[str]
+    num_groups: int = 0  # > 0: also conditioned on a group id (class x group cells)
+    preset: str = "small"
+    block_out_channels: tuple[int, ...] | None = None  # None: from the preset
+    layers_per_block: int | None = None
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"
+    label_dropout: float = 0.1  # share of training labels replaced by the null class (for guidance)
+    # image conditioning (augmentation-conditioned generation): > 0 adds the embedding of a real
+    # image from a fixed encoder of this many dimensions (generate/image_condition.py)
+    image_embed_dim: int = 0
+    image_dropout: float = 0.1  # share of training images whose image condition alone is dropped (a dropped
+    # label drops the image too, so guidance's (null class, null image) branch trains at label_dropout)
+    image_pairing: str = "self"  # the conditioning image in training: a shifted view of the image itself, or
+    # another image of its class ("class"; then image and condition are independent given the class)
+    image_shift: int = 2  # px: the view's random shift ("self" pairing)
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise SynthaugError(f"unknown generator preset '{self.preset}': use one of {', '.join(PRESETS)}")
+        if not 8 <= self.image_size <= 64:
+            raise SynthaugError(f"the embedded generator handles 8 to 64 px, got {self.image_size}: set data.image_size")
+        preset = PRESETS[self.preset]
+        self.block_out_channels = tuple(self.block_out_channels or preset["block_out_channels"])
+        self.layers_per_block = self.layers_per_block or preset["layers_per_block"]
+        if self.image_embed_dim < 0 or not 0 <= self.image_dropout < 1 or self.image_pairing not in PAIRINGS:
+            raise SynthaugError(f"generator image conditioning: image_embed_dim >= 0, image_dropout in [0, 1) and "
+                                f"image_pairing one of {', '.join(PAIRINGS)}")
+        downsamples = len(self.block_out_channels) - 1
+        if self.image_size % (2**downsamples):
+            raise SynthaugError(f"image size {self.image_size} is not divisible by {2**downsamples} "
+                                f"({downsamples} downsamplings): pick a size like 8, 16, 28, 32 or 64")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def key(self) -> dict:
+        """The config as it names a network: image-conditioning fields only when used, so the
+        names of generators made before image conditioning existed stay the same."""
+        out = asdict(self)
+        if not self.image_embed_dim:
+            for k in ("image_embed_dim", "image_dropout", "image_pairing", "image_shift"):
+                out.pop(k)
+        return out
+
+
+@dataclass
+class GeneratorTrainConfig:
+    steps: int = 2400
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    ema_decay: float = 0.999
+    checkpoint_every: int = 200
+    unlabeled_share: float = 0.5  # share of each batch drawn from an unlabeled pool, when one is given
+    device: str = "auto"
+
+
+@dataclass
+class SamplerConfig:
+    sampler: str = field(default="sde-dpm-solver++", metadata={"choices": SAMPLERS})
+    steps: int = 15
+    guidance_scale: float = 3.0  # 1 = no guidance; the null-class branch is skipped then
+    batch_size: int = 128
+
+
+def build_unet(config: GeneratorConfig):
+    from diffusers import UNet2DModel
+
+    preset = PRESETS[config.preset]
+    n = len(config.block_out_channels)
+    attn = preset["attention"]
+    down = ["DownBlock2D"] * (n - 1) + ["AttnDownBlock2D" if attn else "DownBlock2D"]
+    up = ["AttnUpBlock2D" if attn else "UpBlock2D"] + ["UpBlock2D"] * (n - 1)
+    return UNet2DModel(
+        # an image-conditioned UNet also sees the condition decoded back to pixels (extra input channels)
+        sample_size=config.image_size, in_channels=config.channels * (2 if config.image_embed_dim else 1),
+        out_channels=config.channels,
+        block_out_channels=config.block_out_channels, layers_per_block=config.layers_per_block,
+        down_block_types=tuple(down), up_block_types=tuple(up), norm_num_groups=preset["norm_num_groups"],
+        add_attention=attn, attention_head_dim=8,
+        # one embedding per (class or null) x (group or null) cell; with image conditioning the
+        # cell embedding + image embedding is computed outside (ConditionEmbedding) and passed in
+        num_class_embeds=None if config.image_embed_dim else (config.num_classes + 1) * (config.num_groups + 1),
+        class_embed_type="identity" if config.image_embed_dim else None,
+    )
+
+
+def build_train_scheduler(config: GeneratorConfig):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule)
+
+
+def build_sampler(config: GeneratorConfig, sampler: str):
+    """A fast sampler over the training schedule. Measured on MNIST-5k-LT (BENCHMARKS.md):
+    the stochastic DPM-Solver++ corrects its own errors and gives clean images where the
+    deterministic one leaves a grey, noisy background on part of the samples. DPM-Solver++
+    steps are spaced to start at the last training step ("trailing", so the first step sees
+    the pure noise it starts from), and the predicted clean image is clipped to the data
+    range, which keeps the cosine schedule's near-zero signal at t=999 from blowing up. DDIM
+    keeps diffusers' "leading" spacing (first step at 1000 - 1000 // steps), which its
+    inverse (`policy.invert_noise`) mirrors step for step."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    train = build_train_scheduler(config).config
+    if sampler in ("sde-dpm-solver++", "dpm-solver++"):
+        return DPMSolverMultistepScheduler.from_config(
+            train, algorithm_type=sampler.replace("-solver", "solver"), timestep_spacing="trailing",
+            thresholding=True, sample_max_value=1.0)
+    if sampler == "ddim":
+        return DDIMScheduler.from_config(train, timestep_spacing="leading", clip_sample=True)
+    raise SynthaugError(f"unknown sampler '{sampler}': use one of {', '.join(SAMPLERS)}")

@@ -1,0 +1,171 @@
+"""Training the embedded generator: the denoising objective with classifier-free guidance
+(labels dropped to the null class), EMA weights, optional image conditioning and an
+unlabelled pool, seeded per step and checkpointed, so an interrupted training resumes
+exactly where it stopped."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..data.dataset import ImageDataset
+from ..errors import SynthaugError
+from ..utils.io import load_state, save_state
+from ..utils.runtime import progress_bar, resolve_device
+from .diffusion import DiffusionGenerator
+from .image_condition import random_shift
+from .network import GeneratorConfig, GeneratorTrainConfig, build_train_scheduler
+
+
+def fit_generator(data: ImageDataset, config: GeneratorConfig | None = None, train: GeneratorTrainConfig | None = None,
+                  *, seed: int = 0, checkpoint_dir: str | Path | None = None, progress: bool = False,
+                  unlabeled: ImageDataset | None = None) -> DiffusionGenerator:
+    """A generator trained on `data`; with `unlabeled` (a pool of unlabelled images of the
+    same kind), also on those under the null class (see `train_generator`)."""
+    config = config or GeneratorConfig(image_size=data.image_size[0], channels=data.channels, classes=data.classes)
+    for ds in (data, unlabeled):
+        if ds is not None and ((config.image_size, config.image_size) != tuple(ds.image_size) or config.channels != ds.channels):
+            raise SynthaugError(f"generator is {config.channels}x{config.image_size}px but the data is "
+                                f"{ds.channels}x{ds.image_size[0]}x{ds.image_size[1]}: set data.image_size")
+    torch.manual_seed(seed)
+    gen = DiffusionGenerator(config)
+    if gen.encoder is not None:  # the fixed image encoder, fitted once on every training image
+        pool = data.images if unlabeled is None else torch.cat([data.images, unlabeled.images])
+        gen.encoder.fit(pool, seed=seed)
+    train_generator(gen, data, train or GeneratorTrainConfig(), seed=seed, checkpoint_dir=checkpoint_dir,
+                    progress=progress, unlabeled=unlabeled)
+    return gen
+
+
+def train_generator(gen: DiffusionGenerator, data: ImageDataset, cfg: GeneratorTrainConfig, *, seed: int = 0,
+                    checkpoint_dir: str | Path | None = None, progress: bool = False, unlabeled: ImageDataset | None = None):
+    """The denoising objective: predict the noise added at a random timestep. Each step
+    draws its batch, noise and timesteps from a generator seeded by (seed, step), so a
+    resumed run continues exactly where it stopped.
+
+    `unlabeled` images train under the null class and make up `cfg.unlabeled_share` of
+    each batch: the generator learns what images of this kind look like from the pool and
+    what each class looks like from the few labelled images (the few-shot protocol's
+    stand-in for a generator pretrained on the world's images).
+    With image conditioning, each image is denoised given the embedding of a shifted view
+    of itself (or of another image of its class), dropped at `image_dropout`."""
+    from diffusers.training_utils import EMAModel
+
+    if int((data.labels < 0).sum()):
+        raise SynthaugError("the generator trains on labelled images: pass the unlabeled pool as `unlabeled`")
+    device = resolve_device(cfg.device)
+    nets = [net.to(device).train() for net in gen.networks()]
+    unet = nets[0]
+    params = gen.trainable_parameters()
+    ema = EMAModel(params, decay=cfg.ema_decay)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    noise_scheduler = build_train_scheduler(gen.config)
+    images = data.images
+    labels = data.labels
+    groups = data.groups if (gen.config.num_groups and data.groups is not None) else None
+    n_labelled, n_pool = len(labels), 0 if unlabeled is None else len(unlabeled)
+    if n_pool:
+        images = torch.cat([images, unlabeled.images])
+        labels = torch.cat([labels, torch.full((n_pool,), gen.null_class)])
+        groups = None if groups is None else torch.cat([groups, torch.full((n_pool,), gen.config.num_groups)])
+    images = images.float().div(127.5).sub(1.0)  # [-1, 1]
+    by_class = [torch.nonzero(data.labels == c).flatten() for c in range(gen.config.num_classes)]
+
+    start, history, spent = 0, [], 0.0
+    # a checkpoint is resumed only by the same training (network, settings, seed, data size)
+    train_settings = {k: v for k, v in asdict(cfg).items() if k not in ("checkpoint_every", "device")}
+    if not n_pool:
+        train_settings.pop("unlabeled_share")
+    key = {"config": gen.config.key(), "train": train_settings, "seed": seed, "data": data.fingerprint()}
+    if n_pool:
+        key["unlabeled"] = unlabeled.fingerprint()
+    run_key = json.dumps(key)
+    state = load_state(checkpoint_dir) if checkpoint_dir else None
+    if state is not None and state.get("run_key") == run_key:
+        unet.load_state_dict(state["unet"])
+        if gen.condition is not None:
+            gen.condition.load_state_dict(state["condition"])
+        ema.load_state_dict(state["ema"])
+        ema.to(device)
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        start, history, spent = state["step"], state["history"], state["seconds"]
+
+    t0, window = time.perf_counter(), []
+    with progress_bar(progress) as bar:
+        task = bar.add_task("train generator", total=cfg.steps, completed=start, info="")
+        for step in range(start, cfg.steps):
+            g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+            if n_pool:
+                from_pool = torch.rand(cfg.batch_size, generator=g) < cfg.unlabeled_share
+                idx = torch.where(from_pool, n_labelled + torch.randint(n_pool, (cfg.batch_size,), generator=g),
+                                  torch.randint(n_labelled, (cfg.batch_size,), generator=g))
+            else:
+                idx = torch.randint(n_labelled, (cfg.batch_size,), generator=g)
+            x0 = images[idx].to(device)
+            cond_labels = labels[idx].clone()
+            drop = torch.rand(len(idx), generator=g) < gen.config.label_dropout
+            cond_labels[drop] = gen.null_class
+            # the group is dropped on its own too, so (class, any group) cells are trained
+            drop_group = drop | (torch.rand(len(idx), generator=g) < gen.config.label_dropout)
+            cond_groups = None if groups is None else torch.where(drop_group, gen.config.num_groups, groups[idx])
+            cond = gen.condition_ids(cond_labels, cond_groups).to(device)
+            embeds = keep = None
+            if gen.condition is not None:
+                embeds, keep = training_image_condition(gen, images, idx, labels, by_class, g)
+                # guidance contrasts (class, image) with (null, null): a dropped label drops the
+                # image too, so that pair is trained as often as a dropped label
+                keep = keep & ~drop
+                embeds, keep = embeds.to(device), keep.to(device)
+            noise = torch.randn(x0.shape, generator=g).to(device)
+            t = torch.randint(gen.config.num_train_timesteps, (len(idx),), generator=g).to(device)
+            noisy = noise_scheduler.add_noise(x0, noise, t)
+            cond_map = gen.condition_map(len(idx), embeds, keep, device=device)
+            loss = F.mse_loss(gen.predict_noise(noisy, t, gen.class_input(cond, embeds, keep), cond_map), noise)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            schedule.step()
+            ema.step(params)
+            window.append(float(loss.detach()))
+            done = step + 1
+            if done % 50 == 0 or done == cfg.steps:
+                history.append({"step": done, "loss": sum(window) / len(window)})
+                window = []
+                bar.update(task, completed=done, info=f"loss {history[-1]['loss']:.4f}")
+            if checkpoint_dir and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+                state = {
+                    "unet": unet.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(), "step": done, "history": history,
+                    "seconds": spent + time.perf_counter() - t0, "run_key": run_key,
+                }
+                if gen.condition is not None:
+                    state["condition"] = gen.condition.state_dict()
+                save_state(checkpoint_dir, state)
+    ema.copy_to(params)  # sample with the EMA weights
+    for net in nets:
+        net.eval()
+    gen.history = history
+    gen.train_seconds = spent + time.perf_counter() - t0
+    return gen
+
+
+def training_image_condition(gen: DiffusionGenerator, images, idx, labels, by_class, g) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each training image's conditioning embedding (a shifted view of itself, or another
+    labelled image of its class) and whether it is kept (dropped at `image_dropout`)."""
+    partner = idx.clone()
+    if gen.config.image_pairing == "class":
+        for i, c in enumerate(labels[idx].tolist()):
+            if c != gen.null_class:  # pool images have no class: they pair with themselves
+                members = by_class[c]
+                partner[i] = members[torch.randint(len(members), (1,), generator=g)]
+    view = random_shift(images[partner], gen.config.image_shift, g)
+    keep = torch.rand(len(idx), generator=g) >= gen.config.image_dropout
+    return gen.encoder(view), keep
