@@ -81,9 +81,12 @@ def write_idx(path: Path, array: np.ndarray, compress=True):
         path.write_bytes(data)
 
 
-def die_after_saving_step(monkeypatch, module, step: int, key: str = "step"):
-    """Make `module.save_state` raise KeyboardInterrupt right after it saves training step
-    (or epoch, `key`) `step`: a kill during training. Returns a function that undoes it."""
+def die_after_saving_step(monkeypatch, step: int, key: str = "step"):
+    """Make every training loop's checkpoint (`utils.loop`) raise KeyboardInterrupt right after
+    it saves training step (or epoch, `key`) `step`: a kill during training. Returns a
+    function that undoes it."""
+    from synthaug.utils import loop as module
+
     real_save = module.save_state
 
     def save_then_die(folder, state):

@@ -18,7 +18,6 @@ from synthaug.generate import (
     GeneratorConfig,
     GeneratorTrainConfig,
     SamplerConfig,
-    training,
 )
 from synthaug.generate.image_condition import (
     OPERATORS,
@@ -168,7 +167,7 @@ def test_image_conditioned_training_resumes(tmp_path, monkeypatch, pairing):
     pool.labels = torch.full_like(pool.labels, -1)
     config = image_config(ds, image_pairing=pairing)
     reference = DiffusionGenerator.fit(ds, config, TRAIN, seed=1, unlabeled=pool)
-    undo = die_after_saving_step(monkeypatch, training, 2)
+    undo = die_after_saving_step(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         DiffusionGenerator.fit(ds, config, TRAIN, seed=1, checkpoint_dir=tmp_path, unlabeled=pool)
     undo()

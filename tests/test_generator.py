@@ -6,7 +6,6 @@ import pytest
 import torch
 from conftest import die_after_saving_step, make_dataset
 
-import synthaug.generate.training as training
 from synthaug.errors import SynthaugError
 from synthaug.generate import (
     SAMPLERS,
@@ -135,7 +134,7 @@ def test_resume_after_interruption(tmp_path, monkeypatch):
     ds = make_dataset((12, 8, 4))
     reference = DiffusionGenerator.fit(ds, tiny_config(ds), TRAIN, seed=1)
 
-    undo = die_after_saving_step(monkeypatch, training, 2)
+    undo = die_after_saving_step(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         DiffusionGenerator.fit(ds, tiny_config(ds), TRAIN, seed=1, checkpoint_dir=tmp_path)
     undo()

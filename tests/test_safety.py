@@ -299,13 +299,12 @@ def test_a_generator_checkpoint_resumes_only_on_the_same_data(tmp_path, monkeypa
         DiffusionGenerator,
         GeneratorConfig,
         GeneratorTrainConfig,
-        training,
     )
 
     a, b = make_dataset((8, 8), size=8, seed=0), make_dataset((8, 8), size=8, seed=5)  # same size, other pixels
     config = GeneratorConfig(image_size=8, channels=1, classes=a.classes, preset="tiny")
     train = GeneratorTrainConfig(steps=4, batch_size=4, checkpoint_every=2)
-    undo = die_after_saving_step(monkeypatch, training, 2)
+    undo = die_after_saving_step(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         DiffusionGenerator.fit(a, config, train, checkpoint_dir=tmp_path / "ck")
     undo()

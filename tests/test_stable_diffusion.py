@@ -152,22 +152,22 @@ def test_utilgen_handles_prompt_embeddings_inversion_and_lora_dpo(sd_folder, dat
 
 
 def test_an_interrupted_adaptation_resumes(sd_folder, data, tmp_path, monkeypatch):
-    from synthaug.utils import io
+    from synthaug.utils import loop
 
     section = load_config(None, [f"generator.pretrained={sd_folder}", "generator.adapt_steps=4", "generator.resolution=16",
                                  "generator.checkpoint_every=2", "generator.batch_size=4"]).generator
     reference, _ = generator_for(data, section, cache_root=tmp_path / "ref")
-    real_save = io.save_state
+    real_save = loop.save_state
 
     def save_then_die(folder, state):
         real_save(folder, state)
         if state["step"] == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(io, "save_state", save_then_die)
+    monkeypatch.setattr(loop, "save_state", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         generator_for(data, section, cache_root=tmp_path / "run")
-    monkeypatch.setattr(io, "save_state", real_save)
+    monkeypatch.setattr(loop, "save_state", real_save)
     resumed, info = generator_for(data, section, cache_root=tmp_path / "run")
     assert info["source"] == "adapted" and [h["step"] for h in resumed.history] == [4]
     assert resumed.fingerprint() == reference.fingerprint()

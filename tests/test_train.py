@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from conftest import make_dataset
 
-import synthaug.classify.train as train_mod
+import synthaug.utils.loop as loop
 from synthaug.classify import TrainConfig, evaluate, fit_classifier, refit_head
 from synthaug.classify.losses import SAM, mix_batch, soft_cross_entropy
 from synthaug.classify.train import AUGMENTATIONS, MIXES, SAMPLERS, build_augmentation, make_sampler
@@ -135,7 +135,7 @@ def test_resume_after_interruption_gives_the_same_model(tmp_path, monkeypatch):
     cfg = TrainConfig(**{**FAST, "epochs": 3, "augment": "crop", "sampler": "class-balanced"})
     reference = fit_classifier(ds, cfg, seed=3).model.state_dict()
 
-    real_save, saves = train_mod.save_state, []
+    real_save, saves = loop.save_state, []
 
     def save_then_die(folder, state):
         real_save(folder, state)
@@ -143,10 +143,10 @@ def test_resume_after_interruption_gives_the_same_model(tmp_path, monkeypatch):
         if state["epoch"] == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_mod, "save_state", save_then_die)
+    monkeypatch.setattr(loop, "save_state", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         fit_classifier(ds, cfg, seed=3, checkpoint_dir=tmp_path / "ckpt")
-    monkeypatch.setattr(train_mod, "save_state", real_save)
+    monkeypatch.setattr(loop, "save_state", real_save)
     resumed = fit_classifier(ds, cfg, seed=3, checkpoint_dir=tmp_path / "ckpt")
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3]  # nothing lost, nothing repeated
     for k, v in reference.items():

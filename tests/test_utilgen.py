@@ -31,7 +31,7 @@ from synthaug.plan import utility_plan
 from synthaug.recipes import get_recipe, utilgen
 from synthaug.store import SyntheticStore
 from synthaug.task import make_task
-from synthaug.value import WeightNet, fit_meta_weighted, meta_gradient, utilities, weightnet
+from synthaug.value import WeightNet, fit_meta_weighted, meta_gradient, utilities
 
 
 def test_meta_gradient_matches_finite_differences():
@@ -91,7 +91,7 @@ def test_meta_weighted_training_learns_to_down_weight_wrong_labels(tmp_path, mon
     last = result.history[-1]
     assert last["mean_weight_real"] is not None and last["mean_weight_synthetic"] is not None
     # interrupted after epoch 2, resumed: the same weights as a run that never stopped
-    undo = die_after_saving_step(monkeypatch, weightnet, 2, key="epoch")
+    undo = die_after_saving_step(monkeypatch, 2, key="epoch")
     with pytest.raises(KeyboardInterrupt):
         fit_meta_weighted(train, val, cfg, seed=0, domains=domains, checkpoint_dir=tmp_path)
     undo()

@@ -5,7 +5,6 @@ recipes need: sampler, loss, augmentation, Mixup/CutMix, SAM, per-sample weights
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -18,7 +17,7 @@ from torchvision.transforms import v2
 
 from ..data.dataset import ImageDataset
 from ..errors import SynthaugError
-from ..utils.io import load_state, save_state
+from ..utils.loop import Checkpoint, warmup_cosine
 from ..utils.runtime import check_device, progress_bar, resolve_device
 from .losses import SAM, mix_batch, soft_cross_entropy
 from .models import Classifier, create_model
@@ -109,7 +108,7 @@ def build_augmentation(spec: str, image_size: tuple[int, int]) -> v2.Compose | N
     return v2.Compose(ops) if ops else None
 
 
-class _ImageTensors(torch.utils.data.Dataset):
+class ImageTensors(torch.utils.data.Dataset):
     def __init__(self, ds: ImageDataset, weights: torch.Tensor, domains: torch.Tensor, transform):
         self.images, self.labels, self.weights, self.domains, self.transform = ds.images, ds.labels, weights, domains, transform
 
@@ -205,14 +204,14 @@ def fit_classifier(
     domains = torch.zeros(len(train), dtype=torch.int64) if domains is None else torch.as_tensor(domains, dtype=torch.int64)
     if domains.shape != (len(train),):
         raise SynthaugError(f"domains has {len(domains)} entries for {len(train)} images")
-    loader_data = _ImageTensors(train, weights, domains, build_augmentation(cfg.augment, train.image_size))
+    loader_data = ImageTensors(train, weights, domains, build_augmentation(cfg.augment, train.image_size))
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine_with_warmup(s, warmup, total_steps))
+    scheduler = warmup_cosine(optimizer, warmup, total_steps)
     sam = SAM(params, optimizer, cfg.sam_rho) if cfg.sam_rho > 0 else None
 
     log_prior = presented_prior(cfg.sampler, train.class_counts()).log().to(device)
@@ -221,12 +220,11 @@ def fit_classifier(
     history, start_epoch, spent = [], 0, 0.0
     # a checkpoint is resumed only by the same training (config, seed, data, weights, domains)
     extras = [hashlib.sha256(t.cpu().numpy().tobytes()).hexdigest() for t in (weights, domains)]
-    run_key = json.dumps({"config": asdict(cfg), "seed": seed, "data": train.fingerprint(), "extras": extras})
-    state = load_state(checkpoint_dir) if checkpoint_dir else None
-    if state is not None and state.get("run_key") == run_key and state["epoch"] <= (stop_after_epochs or cfg.epochs):
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+    checkpoint = Checkpoint(checkpoint_dir, {"config": asdict(cfg), "seed": seed, "data": train.fingerprint(),
+                                             "extras": extras})
+    stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
+    state = checkpoint.restore(lambda s: s["epoch"] <= (stop_after_epochs or cfg.epochs), **stateful)
+    if state is not None:
         history, start_epoch, spent = state["history"], state["epoch"], state["seconds"]
 
     def loss_of(x, targets, w):
@@ -272,12 +270,8 @@ def fit_classifier(
                 "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - epoch_start,
             })
             bar.update(task, advance=1, info=f"loss {total_loss / seen:.3f}")
-            if checkpoint_dir:
-                save_state(checkpoint_dir, {
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "history": history, "epoch": epoch + 1, "seconds": spent + time.perf_counter() - t0,
-                    "run_key": run_key,
-                })
+            checkpoint.save({"history": history, "epoch": epoch + 1, "seconds": spent + time.perf_counter() - t0},
+                            **stateful)
     seconds = spent + time.perf_counter() - t0
     result = TrainResult(model.eval(), history, seconds, asdict(cfg))
     if cfg.refit_head:
@@ -285,12 +279,6 @@ def fit_classifier(
         refit_head(model, train, per_class=cfg.refit_per_class, epochs=cfg.refit_epochs, lr=cfg.refit_lr, seed=seed)
         result.seconds += time.perf_counter() - t1
     return result
-
-
-def _cosine_with_warmup(step: int, warmup: int, total: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
 @torch.no_grad()
@@ -337,7 +325,7 @@ def refit_head(
     steps_per_epoch = math.ceil(len(labels) / batch_size)
     epochs = max(epochs, math.ceil(min_steps / steps_per_epoch))
     steps = epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine_with_warmup(s, 0, steps))
+    scheduler = warmup_cosine(optimizer, 0, steps)
     for _ in range(epochs):
         for idx in torch.randperm(len(labels), generator=g).split(batch_size):
             idx = idx.to(device)

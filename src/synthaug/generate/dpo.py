@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import SynthaugError
+from ..utils.loop import step_generator
 from .diffusion import DiffusionGenerator
 from .network import build_train_scheduler
 
@@ -73,7 +74,7 @@ def finetune_dpo(generator: DiffusionGenerator, preferred: torch.Tensor, rejecte
     cells = generator.condition_ids(torch.as_tensor(labels))
     history, t0 = [], time.perf_counter()
     for step in range(steps):
-        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        g = step_generator(seed, step)
         idx = torch.randint(len(labels), (min(batch_size, len(labels)),), generator=g)
         x0 = torch.cat([win[idx], lose[idx]]).to(dev)
         noise = torch.randn(win[idx].shape, generator=g).repeat(2, 1, 1, 1).to(dev)  # the same noise for both

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..utils.loop import step_generator
 from .diffusion import DiffusionGenerator
 from .network import build_train_scheduler
 
@@ -52,7 +53,7 @@ def optimise_class_embeddings(generator: DiffusionGenerator, images: torch.Tenso
     losses = []
     try:
         for step in range(steps):
-            g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+            g = step_generator(seed, step)
             idx = torch.randint(len(cells), (min(batch_size, len(cells)),), generator=g)
             x0 = x0_all[idx].to(device)
             noise = torch.randn(x0.shape, generator=g).to(device)

@@ -7,7 +7,6 @@ and model steps (`optimise_policy_embeddings`, `invert_noise`, `finetune_dpo`). 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 
@@ -15,10 +14,28 @@ import torch
 
 from ..data.dataset import ImageDataset
 from ..errors import SynthaugError
+from ..utils.loop import Checkpoint, step_generator
 from ..utils.runtime import progress_bar
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TRAIN_BATCH = 8  # at most this many images per fine-tuning step (memory at 512 px)
+
+
+class LoraWeights:
+    """A UNet's LoRA adapter weights as a checkpoint sees a stateful object (peft's state dict)."""
+
+    def __init__(self, unet):
+        self.unet = unet
+
+    def state_dict(self) -> dict:
+        from peft import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.unet)
+
+    def load_state_dict(self, state: dict):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(self.unet, state)
 
 
 class StableDiffusionTraining:
@@ -69,10 +86,6 @@ class StableDiffusionTraining:
         generations look like the user's images. Returns the loss curve. With
         `checkpoint_dir`, an interrupted adaptation resumes at its last checkpoint (the
         batch and noise of step s come from (seed, s), so the result is the same)."""
-        from peft import get_peft_model_state_dict, set_peft_model_state_dict
-
-        from ..utils.io import load_state, save_state
-
         if len(data) == 0:
             raise SynthaugError("no images to adapt the generator to")
         self._add_lora(rank, seed=seed)
@@ -83,17 +96,17 @@ class StableDiffusionTraining:
         unet.train()
         t0, history, start = time.perf_counter(), [], 0
         # a checkpoint is resumed only by the same adaptation (pipeline, data, settings, seed)
-        run_key = json.dumps({"pipeline": self.fingerprint(), "data": data.fingerprint(), "steps": steps, "rank": rank,
-                              "lr": lr, "batch_size": batch_size, "seed": seed})
-        state = load_state(checkpoint_dir) if checkpoint_dir else None
-        if state is not None and state.get("run_key") == run_key:
-            set_peft_model_state_dict(unet, state["lora"])
-            optimizer.load_state_dict(state["optimizer"])
+        checkpoint = Checkpoint(checkpoint_dir, {"pipeline": self.fingerprint(), "data": data.fingerprint(),
+                                                 "steps": steps, "rank": rank, "lr": lr, "batch_size": batch_size,
+                                                 "seed": seed})
+        stateful = {"lora": LoraWeights(unet), "optimizer": optimizer}
+        state = checkpoint.restore(**stateful)
+        if state is not None:
             start, history = state["step"], state["history"]
         with progress_bar(progress) as bar, self._training():
             task = bar.add_task("adapt generator", total=steps, completed=start, info="")
             for step in range(start, steps):
-                g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+                g = step_generator(seed, step)
                 idx = torch.randint(len(data), (min(batch_size, len(data)),), generator=g)
                 loss = self.denoising_error(latents[idx], data.labels[idx], g).mean()
                 optimizer.zero_grad(set_to_none=True)
@@ -101,9 +114,8 @@ class StableDiffusionTraining:
                 optimizer.step()
                 if (step + 1) % 10 == 0 or step + 1 == steps:
                     history.append({"step": step + 1, "loss": float(loss.detach())})
-                if checkpoint_dir and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
-                    save_state(checkpoint_dir, {"step": step + 1, "history": history, "optimizer": optimizer.state_dict(),
-                                                "lora": get_peft_model_state_dict(unet), "run_key": run_key})
+                if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
+                    checkpoint.save({"step": step + 1, "history": history}, **stateful)
                 bar.advance(task)
         unet.eval()
         self.history += [{"stage": "adapt", **h} for h in history]
@@ -190,7 +202,7 @@ class StableDiffusionTraining:
         batch_size = min(batch_size, TRAIN_BATCH)
         with self._frozen_unet(), self._training():
             for step in range(steps):
-                g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+                g = step_generator(seed, step)
                 idx = torch.randint(len(labels), (min(batch_size, len(labels)),), generator=g)
                 modifier = torch.randint(per, (len(idx),), generator=g)
                 err = self.denoising_error(latents[idx], labels[idx], g,
@@ -271,7 +283,7 @@ class StableDiffusionTraining:
 
         unet = self.pipe.unet
         for step in range(steps):
-            g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+            g = step_generator(seed, step)
             idx = torch.randint(len(labels), (min(batch_size, len(labels)),), generator=g)
             noise = torch.randn(win[idx].shape, generator=g).repeat(2, 1, 1, 1).to(self.device)  # same noise for both
             t = torch.randint(self._train_scheduler().config.num_train_timesteps, (len(idx),), generator=g).repeat(2)

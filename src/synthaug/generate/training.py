@@ -5,7 +5,6 @@ exactly where it stopped."""
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch.nn.functional as F
 
 from ..data.dataset import ImageDataset
 from ..errors import SynthaugError
-from ..utils.io import load_state, save_state
+from ..utils.loop import Checkpoint, step_generator, warmup_constant
 from ..utils.runtime import progress_bar, resolve_device
 from .diffusion import DiffusionGenerator
 from .image_condition import random_shift
@@ -64,7 +63,7 @@ def train_generator(gen: DiffusionGenerator, data: ImageDataset, cfg: GeneratorT
     params = gen.trainable_parameters()
     ema = EMAModel(params, decay=cfg.ema_decay)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    schedule = warmup_constant(optimizer, cfg.warmup_steps)
     noise_scheduler = build_train_scheduler(gen.config)
     images = data.images
     labels = data.labels
@@ -85,23 +84,20 @@ def train_generator(gen: DiffusionGenerator, data: ImageDataset, cfg: GeneratorT
     key = {"config": gen.config.key(), "train": train_settings, "seed": seed, "data": data.fingerprint()}
     if n_pool:
         key["unlabeled"] = unlabeled.fingerprint()
-    run_key = json.dumps(key)
-    state = load_state(checkpoint_dir) if checkpoint_dir else None
-    if state is not None and state.get("run_key") == run_key:
-        unet.load_state_dict(state["unet"])
-        if gen.condition is not None:
-            gen.condition.load_state_dict(state["condition"])
-        ema.load_state_dict(state["ema"])
+    checkpoint = Checkpoint(checkpoint_dir, key)
+    stateful = {"unet": unet, "ema": ema, "optimizer": optimizer, "schedule": schedule}
+    if gen.condition is not None:
+        stateful["condition"] = gen.condition
+    state = checkpoint.restore(**stateful)
+    if state is not None:
         ema.to(device)
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
         start, history, spent = state["step"], state["history"], state["seconds"]
 
     t0, window = time.perf_counter(), []
     with progress_bar(progress) as bar:
         task = bar.add_task("train generator", total=cfg.steps, completed=start, info="")
         for step in range(start, cfg.steps):
-            g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+            g = step_generator(seed, step)
             if n_pool:
                 from_pool = torch.rand(cfg.batch_size, generator=g) < cfg.unlabeled_share
                 idx = torch.where(from_pool, n_labelled + torch.randint(n_pool, (cfg.batch_size,), generator=g),
@@ -140,15 +136,9 @@ def train_generator(gen: DiffusionGenerator, data: ImageDataset, cfg: GeneratorT
                 history.append({"step": done, "loss": sum(window) / len(window)})
                 window = []
                 bar.update(task, completed=done, info=f"loss {history[-1]['loss']:.4f}")
-            if checkpoint_dir and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-                state = {
-                    "unet": unet.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                    "schedule": schedule.state_dict(), "step": done, "history": history,
-                    "seconds": spent + time.perf_counter() - t0, "run_key": run_key,
-                }
-                if gen.condition is not None:
-                    state["condition"] = gen.condition.state_dict()
-                save_state(checkpoint_dir, state)
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                checkpoint.save({"step": done, "history": history, "seconds": spent + time.perf_counter() - t0},
+                                **stateful)
     ema.copy_to(params)  # sample with the EMA weights
     for net in nets:
         net.eval()

@@ -13,7 +13,6 @@ Each training step:
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -27,15 +26,14 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from ..classify.models import Classifier
 from ..classify.train import (
+    ImageTensors,
     TrainConfig,
-    _cosine_with_warmup,
-    _ImageTensors,
     build_augmentation,
     new_classifier,
 )
 from ..data.dataset import ImageDataset
 from ..errors import SynthaugError
-from ..utils.io import load_state, save_state
+from ..utils.loop import Checkpoint, warmup_cosine
 from ..utils.runtime import progress_bar, resolve_device
 
 
@@ -120,21 +118,18 @@ def fit_meta_weighted(train: ImageDataset, val: ImageDataset, config: TrainConfi
     meta_optimizer = torch.optim.Adam(weight_net.parameters(), lr=meta.meta_lr, weight_decay=meta.meta_weight_decay)
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total, warmup = steps_per_epoch * cfg.epochs, int(cfg.warmup_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine_with_warmup(s, warmup, total))
+    scheduler = warmup_cosine(optimizer, warmup, total)
     domains = torch.zeros(len(train), dtype=torch.int64) if domains is None else torch.as_tensor(domains).long()
-    loader_data = _ImageTensors(train, torch.ones(len(train)), domains, build_augmentation(cfg.augment, train.image_size))
+    loader_data = ImageTensors(train, torch.ones(len(train)), domains, build_augmentation(cfg.augment, train.image_size))
     val_x, val_y = val.images.to(device).float() / 255, val.labels.to(device)
 
     history, start, spent = [], 0, 0.0
-    run_key = json.dumps({"config": asdict(cfg), "meta": asdict(meta), "seed": seed, "data": train.fingerprint(),
-                          "val": val.fingerprint()})
-    state = load_state(checkpoint_dir) if checkpoint_dir else None
-    if state is not None and state.get("run_key") == run_key:
-        model.load_state_dict(state["model"])
-        weight_net.load_state_dict(state["weight_net"])
-        optimizer.load_state_dict(state["optimizer"])
-        meta_optimizer.load_state_dict(state["meta_optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+    checkpoint = Checkpoint(checkpoint_dir, {"config": asdict(cfg), "meta": asdict(meta), "seed": seed,
+                                             "data": train.fingerprint(), "val": val.fingerprint()})
+    stateful = {"model": model, "weight_net": weight_net, "optimizer": optimizer, "meta_optimizer": meta_optimizer,
+                "scheduler": scheduler}
+    state = checkpoint.restore(**stateful)
+    if state is not None:
         history, start, spent = state["history"], state["epoch"], state["seconds"]
 
     t0 = time.perf_counter()
@@ -176,10 +171,6 @@ def fit_meta_weighted(train: ImageDataset, val: ImageDataset, config: TrainConfi
                 "mean_weight_synthetic": sums["weight_synthetic"] / sums["n_synthetic"] if sums["n_synthetic"] else None,
             })
             bar.update(task, advance=1, info=f"loss {history[-1]['loss']:.3f}")
-            if checkpoint_dir:
-                save_state(checkpoint_dir, {
-                    "model": model.state_dict(), "weight_net": weight_net.state_dict(), "optimizer": optimizer.state_dict(),
-                    "meta_optimizer": meta_optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "history": history, "epoch": epoch + 1, "seconds": spent + time.perf_counter() - t0, "run_key": run_key,
-                })
+            checkpoint.save({"history": history, "epoch": epoch + 1, "seconds": spent + time.perf_counter() - t0},
+                            **stateful)
     return MetaWeightResult(model.eval(), weight_net.eval(), history, spent + time.perf_counter() - t0)
