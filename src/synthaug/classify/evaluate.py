@@ -7,15 +7,13 @@ import torch
 
 from ..data.dataset import ImageDataset
 from ..data.splits import shot_thresholds
+from ..utils.runtime import infer
 from .models import Classifier
 
 
-@torch.no_grad()
 def predict_logits(model: Classifier, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    device = next(model.parameters()).device
-    model.eval()
-    out = [model(images[i : i + batch_size].to(device).float() / 255).cpu() for i in range(0, len(images), batch_size)]
-    return torch.cat(out) if out else torch.empty(0)
+    """The model's logits for uint8 images."""
+    return infer(model, images, batch_size=batch_size)
 
 
 def example_losses(model: Classifier, data: ImageDataset) -> torch.Tensor:

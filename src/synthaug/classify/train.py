@@ -18,7 +18,7 @@ from torchvision.transforms import v2
 from ..data.dataset import ImageDataset
 from ..errors import SynthaugError
 from ..utils.loop import Checkpoint, warmup_cosine
-from ..utils.runtime import check_device, progress_bar, resolve_device
+from ..utils.runtime import check_device, infer, progress_bar, resolve_device
 from .losses import SAM, mix_batch, soft_cross_entropy
 from .models import Classifier, create_model
 
@@ -281,14 +281,9 @@ def fit_classifier(
     return result
 
 
-@torch.no_grad()
 def extract_features(model: Classifier, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     """Penultimate features of uint8 images, in eval mode."""
-    device = next(model.parameters()).device
-    model.eval()
-    out = [model.forward_features(images[i : i + batch_size].to(device).float() / 255).cpu()
-           for i in range(0, len(images), batch_size)]
-    return torch.cat(out) if out else torch.empty(0)
+    return infer(model, images, lambda m, x, rows: m.forward_features(x), batch_size=batch_size)
 
 
 def refit_head(

@@ -23,7 +23,7 @@ from torch import nn
 from ..classify.models import Classifier
 from ..errors import SynthaugError
 from ..utils.registry import Registry
-from ..utils.runtime import resolve_device
+from ..utils.runtime import infer, resolve_device
 
 Extractor = Callable[[torch.Tensor], torch.Tensor]
 FEATURES: Registry[Callable[..., Extractor]] = Registry("feature space")
@@ -39,13 +39,8 @@ def module_features(module: nn.Module, images: torch.Tensor, *, batch_size: int 
                     forward: Callable | None = None) -> torch.Tensor:
     """Run `module` (or `forward(module, x)`) over float images in [0, 1], in batches on the
     module's device; the outputs are flattened to one vector per image."""
-    module.eval()
-    parameter = next(module.parameters(), None)
-    device = parameter.device if parameter is not None else torch.device("cpu")
     call = forward or (lambda m, x: m(x))
-    out = [call(module, images[i : i + batch_size].to(device).float() / 255).flatten(1).float().cpu()
-           for i in range(0, len(images), batch_size)]
-    return torch.cat(out) if out else torch.empty(0, 0)
+    return infer(module, images, lambda m, x, rows: call(m, x).flatten(1).float(), batch_size=batch_size, empty=(0, 0))
 
 
 def classifier_features(model: Classifier) -> Extractor:

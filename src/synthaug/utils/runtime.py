@@ -41,6 +41,22 @@ def resolve_device(device: str = "auto") -> torch.device:
     return resolved
 
 
+@torch.no_grad()
+def infer(module: torch.nn.Module, images: torch.Tensor, fn=None, *, batch_size: int = 512,
+          empty: tuple = (0,)) -> torch.Tensor:
+    """The one batched-inference loop: `fn(module, x, rows)` (default `module(x)`) over uint8
+    `images` in batches, `x` the batch as floats in [0, 1] on the module's device (eval mode),
+    `rows` its slice of the whole; the outputs concatenated on the CPU."""
+    module.eval()
+    parameter = next(module.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = images[i : i + batch_size].to(device).float() / 255
+        out.append((module(x) if fn is None else fn(module, x, slice(i, i + batch_size))).cpu())
+    return torch.cat(out) if out else torch.empty(empty)
+
+
 def progress_bar(enabled: bool = True):
     """A rich progress bar, or a silent stand-in with the same `add_task`/`update` calls."""
     if not enabled:

@@ -34,7 +34,7 @@ from ..classify.train import (
 from ..data.dataset import ImageDataset
 from ..errors import SynthaugError
 from ..utils.loop import Checkpoint, warmup_cosine
-from ..utils.runtime import progress_bar, resolve_device
+from ..utils.runtime import infer, progress_bar, resolve_device
 
 
 class WeightNet(nn.Module):
@@ -80,14 +80,11 @@ def meta_gradient(model: nn.Module, weight_net: WeightNet, x, y, x_val, y_val, l
 @torch.no_grad()
 def utilities(model: nn.Module, weight_net: WeightNet, data: ImageDataset, batch_size: int = 512) -> torch.Tensor:
     """Each sample's utility: the weight the weight network gives its loss under `model`."""
-    device = next(model.parameters()).device
-    model.eval()
-    out = []
-    for i in range(0, len(data), batch_size):
-        x = data.images[i : i + batch_size].to(device).float() / 255
-        losses = F.cross_entropy(model(x), data.labels[i : i + batch_size].to(device), reduction="none")
-        out.append(weight_net(losses).cpu())
-    return torch.cat(out) if out else torch.empty(0)
+
+    def utility(m, x, rows):
+        return weight_net(F.cross_entropy(m(x), data.labels[rows].to(x.device), reduction="none"))
+
+    return infer(model, data.images, utility, batch_size=batch_size)
 
 
 @dataclass
