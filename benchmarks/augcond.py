@@ -109,7 +109,7 @@ def main():
                                             f"train.epochs={epochs}", f"augcond.store_dir={store}"])
                 workdir = cache / "runs" / f"augcond-{setting}{args.tag}".replace(" ", "_") / method.replace(" ", "") / str(seed)
                 t0 = time.perf_counter()
-                result = get_recipe(config.recipe).fn(task, config, workdir=workdir)
+                result = get_recipe(config.recipe).run(task, config, workdir=workdir)
                 synthetic = result.extra.get("synthetic", {})
                 append_row(results, {
                     "setting": setting, "kind": "run", "method": method, "seed": seed,

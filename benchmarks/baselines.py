@@ -58,7 +58,7 @@ def main():
                     data = load_dataset(config.data.dataset)
                     task = make_task(data, config.split)
                 t0 = time.perf_counter()
-                result = get_recipe(method).fn(task, config, trained=trained)
+                result = get_recipe(method).run(task, config, trained=trained)
                 row = {
                     "setting": setting, "method": method, "seed": seed,
                     **{k: result.metrics.get(k) for k in ["accuracy", *COLUMNS]},

@@ -115,7 +115,7 @@ def main():
                 config = load_config(None, [*base, *METHODS[method], f"seed={seed}", *validate])
                 workdir = workroot / method.replace(" ", "_") / str(seed)
                 t0 = time.perf_counter()
-                result = get_recipe(config.recipe).fn(task, config, workdir=workdir)
+                result = get_recipe(config.recipe).run(task, config, workdir=workdir)
                 synthetic = result.extra["synthetic"]
                 row = {"setting": setting, "generator": fingerprint, "kind": "run", "method": method, "seed": seed,
                        "accuracy": result.metrics["accuracy"], "balanced_accuracy": result.metrics["balanced_accuracy"],
@@ -153,7 +153,7 @@ def reference_classifier(task, base: list[str], folder) -> str:
     validation metrics (saved once per setting)."""
     if not (folder / "model.safetensors").exists():  # 5 epochs: a feature space, not a contender
         config = load_config(None, [*base, "recipe=oracle", "seed=0", "train.epochs=5"])
-        get_recipe("oracle").fn(task, config, workdir=folder.parent / "reference-work").model.save_pretrained(folder)
+        get_recipe("oracle").run(task, config, workdir=folder.parent / "reference-work").model.save_pretrained(folder)
     return str(folder)
 
 

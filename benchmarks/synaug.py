@@ -104,7 +104,7 @@ def main():
             # quality: the oracle classifier (full balanced real data) on the synthetic images
             if oracle_model is None:
                 oracle_config = load_config(None, [*base, "recipe=oracle", "seed=0"])
-                oracle_model = get_recipe("oracle").fn(task, oracle_config, trained=trained).model
+                oracle_model = get_recipe("oracle").run(task, oracle_config, trained=trained).model
             recognised = evaluate(oracle_model, synthetic)
             memo = memorization_ratio(synthetic, task.train, task.test)
             append_row(results, {
@@ -137,7 +137,7 @@ def main():
                                                 f"synaug.store_dir={store_dir}"])
                 workdir = cache / "runs" / f"{setting}{args.tag}" / method.replace(" ", "_").replace("/", "_") / str(seed)
                 t0 = time.perf_counter()
-                result = get_recipe(config.recipe).fn(task, config, workdir=workdir, trained=trained)
+                result = get_recipe(config.recipe).run(task, config, workdir=workdir, trained=trained)
                 append_row(results, {
                     "setting": setting, "kind": "run", "method": method, "seed": seed, "generator_seed": gseed,
                     **{k: result.metrics.get(k) for k in ["accuracy", *COLUMNS]},

@@ -81,7 +81,7 @@ def main():
                 config = load_config(None, [*base, *METHODS[method], f"seed={seed}", f"tada.store_dir={store}"])
                 workdir = cache / "runs" / f"tada-{setting}{args.tag}".replace(" ", "_") / method.replace(" ", "") / str(seed)
                 t0 = time.perf_counter()
-                result = get_recipe(config.recipe).fn(task, config, workdir=workdir)
+                result = get_recipe(config.recipe).run(task, config, workdir=workdir)
                 targeted, synthetic = result.extra.get("targeted", {}), result.extra.get("synthetic", {})
                 append_row(results, {
                     "setting": setting, "kind": "run", "method": method, "seed": seed,

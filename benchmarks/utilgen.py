@@ -118,7 +118,7 @@ def main():
                                             f"train.epochs={epochs}"])
                 workdir = cache / "runs" / f"utilgen-{setting}{args.tag}".replace(" ", "_") / method.replace(" ", "") / str(seed)
                 t0 = time.perf_counter()
-                result = get_recipe(config.recipe).fn(task, config, workdir=workdir)
+                result = get_recipe(config.recipe).run(task, config, workdir=workdir)
                 u = result.extra.get("utilgen", {})
                 memo = result.extra.get("memorization") or {}
                 append_row(results, {

@@ -186,7 +186,7 @@ def test_augcond_few_shot_end_to_end(tmp_path):
     # the pool is the rest of the training source: no test image in it
     test_keys = {bytes(x.numpy()) for x in task.test.images}
     assert not any(bytes(x.numpy()) in test_keys for x in task.unlabeled.images[:300])
-    result = get_recipe("augcond").fn(task, config, workdir=tmp_path / "run")
+    result = get_recipe("augcond").run(task, config, workdir=tmp_path / "run")
     c, syn = result.extra["conditioning"], result.extra["synthetic"]
     assert c["mode"] == "embed-cutmix-dropout" and c["unlabeled_pool"] == len(task.unlabeled)
     assert syn["images"] == 10 * (15 - 5) and syn["counts_after"] == [15] * 10
@@ -194,9 +194,9 @@ def test_augcond_few_shot_end_to_end(tmp_path):
     assert all(int(task.train.labels[r["sources"][0]]) == int(task.train.labels[r["sources"][1]]) == r["label"] for r in rows)
     # another mode in the same store adds its own rows; the same mode again generates nothing
     other = load_config(None, [*FEW, f"output_dir={tmp_path}", f"augcond.store_dir={tmp_path / 'store'}", "augcond.mode=label-only"])
-    again = get_recipe("augcond").fn(task, other, workdir=tmp_path / "run2")
+    again = get_recipe("augcond").run(task, other, workdir=tmp_path / "run2")
     assert again.extra["generator"]["source"] == "cache" and again.extra["synthetic"]["generated_now"] == 100
-    assert get_recipe("augcond").fn(task, config, workdir=tmp_path / "run3").extra["synthetic"]["generated_now"] == 0
+    assert get_recipe("augcond").run(task, config, workdir=tmp_path / "run3").extra["synthetic"]["generated_now"] == 0
 
 
 def test_augcond_refuses_an_empty_plan_before_writing(tmp_path, monkeypatch, capsys):

@@ -59,7 +59,7 @@ def check_same_images(store, local, plan):
 def local_store(setup, tmp_path_factory):
     ds, gen, plan, _ = setup
     store = SyntheticStore(tmp_path_factory.mktemp("local"), ds.classes)
-    assert execute("local", store, plan, gen, SAMPLING, ds, extra={"generator": gen.fingerprint()}) == len(plan)
+    assert execute("local", store, plan, gen, SAMPLING, ds, provenance={"generator": gen.fingerprint()}) == len(plan)
     return store
 
 
@@ -67,8 +67,8 @@ def test_accelerate_with_two_cpu_processes(setup, local_store, tmp_path):
     ds, gen, plan, _ = setup
     store = SyntheticStore(tmp_path / "store", ds.classes)
     # a first part made in this process: the workers only make the rest
-    execute("local", store, plan[:10], gen, SAMPLING, ds, extra={"generator": gen.fingerprint()})
-    written = execute("accelerate", store, plan, gen, SAMPLING, ds, extra={"generator": gen.fingerprint()}, workers=2,
+    execute("local", store, plan[:10], gen, SAMPLING, ds, provenance={"generator": gen.fingerprint()})
+    written = execute("accelerate", store, plan, gen, SAMPLING, ds, provenance={"generator": gen.fingerprint()}, workers=2,
                       shard_size=6)
     assert written == len(plan) - 10
     check_same_images(store, local_store, plan)
@@ -93,7 +93,7 @@ def test_ray_with_two_workers_one_killed(setup, local_store, tmp_path):
     killer = threading.Thread(target=kill_a_worker)
     killer.start()
     try:
-        written = execute("ray", store, plan, gen, SAMPLING, ds, extra={"generator": gen.fingerprint()}, workers=2,
+        written = execute("ray", store, plan, gen, SAMPLING, ds, provenance={"generator": gen.fingerprint()}, workers=2,
                           shard_size=4)
     finally:
         killer.join()
@@ -107,19 +107,19 @@ def test_a_crashed_run_is_merged_and_resumed(setup, local_store, tmp_path):
     ds, gen, plan, _ = setup
     store = SyntheticStore(tmp_path / "store", ds.classes)
     make = lambda rows: gen.generate_rows(rows, SAMPLING, sources=ds)  # noqa: E731
-    extra = {"generator": gen.fingerprint()}
-    store.fill(plan[:5], make, extra=extra)
+    provenance = {"generator": gen.fingerprint()}
+    store.fill(plan[:5], make, provenance=provenance)
     # a worker wrote 6 rows into its shard file, then died mid-line and after an image without its row
-    store.fill(plan[5:11], make, extra=extra, shard="s00001")
+    store.fill(plan[5:11], make, provenance=provenance, shard="s00001")
     with open(store.split_dir / "metadata-s00001.jsonl", "a") as f:
         f.write('{"id": "r011", "file_na')
     orphan = store.split_dir / "class0" / "r013.png"
     orphan.write_bytes((store.split_dir / store.rows()[0]["file_name"]).read_bytes())
     assert {r["id"] for r in store.rows()} == {r["id"] for r in plan[:11]}
     # Ray retries the shard on another worker: its rows start on a new line, after the half one
-    store.fill(plan[5:13], make, extra=extra, shard="s00001")
+    store.fill(plan[5:13], make, provenance=provenance, shard="s00001")
     assert {r["id"] for r in store.rows()} == {r["id"] for r in plan[:13]}
-    written = execute("local", store, plan, gen, SAMPLING, ds, extra=extra)
+    written = execute("local", store, plan, gen, SAMPLING, ds, provenance=provenance)
     assert written == len(plan) - 13
     check_same_images(store, local_store, plan)
 
@@ -128,6 +128,6 @@ def test_unknown_executor_and_bad_shard_names(setup, tmp_path):
     ds, gen, plan, _ = setup
     store = SyntheticStore(tmp_path / "store", ds.classes)
     with pytest.raises(SynthaugError, match="unknown executor 'slurm'"):
-        execute("slurm", store, plan, gen, SAMPLING, ds, extra={})
+        execute("slurm", store, plan, gen, SAMPLING, ds, provenance={})
     with pytest.raises(SynthaugError, match="shard name"):
         store.fill(plan[:1], lambda rows: None, shard="../x")

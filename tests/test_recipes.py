@@ -33,7 +33,7 @@ def test_every_recipe_runs(name, data, tmp_path):
     config = load_config(None, [*FAST, f"recipe={name}", f"output_dir={tmp_path}", *EXTRA.get(name, [])])
     task = make_task(data, config.split)
     assert task.train.class_counts().tolist() == ([30, 9, 2] if name == "utilgen" else [32, 11, 4])
-    result = get_recipe(name).fn(task, config, workdir=tmp_path / "run")
+    result = get_recipe(name).run(task, config, workdir=tmp_path / "run")
     for key in ("accuracy", "balanced_accuracy", "many_shot_accuracy", "confusion_matrix"):
         assert key in result.metrics
     assert result.seconds["train"] > 0
@@ -43,9 +43,9 @@ def test_shared_training_between_baselines(data):
     config = load_config(None, FAST)
     task = make_task(data, config.split)
     trained = {}
-    ce = get_recipe("ce").fn(task, config, trained=trained)
-    crt = get_recipe("crt").fn(task, config, trained=trained)
-    get_recipe("posthoc-la").fn(task, config, trained=trained)
+    ce = get_recipe("ce").run(task, config, trained=trained)
+    crt = get_recipe("crt").run(task, config, trained=trained)
+    get_recipe("posthoc-la").run(task, config, trained=trained)
     assert len(trained) == 1  # one model trained for the three
     assert not torch.equal(ce.model.head.weight, crt.model.head.weight)  # crt re-fitted a copy
 
@@ -57,7 +57,7 @@ def test_task_kinds(data):
     assert col.train.groups is not None and col.test.groups is not None and col.oracle.channels == 3
     assert col.val.class_counts().tolist() == [3, 3, 3]
     config = load_config(None, [*FAST, "split.kind=colored", "recipe=ce"])
-    metrics = get_recipe("ce").fn(make_task(data, config.split), config).metrics
+    metrics = get_recipe("ce").run(make_task(data, config.split), config).metrics
     assert "worst_group_accuracy" in metrics
 
 

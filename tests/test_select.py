@@ -168,7 +168,7 @@ def test_selection_keeps_the_planned_count(data, tmp_path):
                                     f"select.method={method}", "select.overgenerate=2", "select.threshold=0.2",
                                     "select.clusters=2", "select.k=2", "train.epochs=1"])
         task = make_task(data, config.split)
-        result = get_recipe("synaug").fn(task, config, workdir=tmp_path / method)
+        result = get_recipe("synaug").run(task, config, workdir=tmp_path / method)
         deficits = (task.train.class_counts().max() - task.train.class_counts()).tolist()
         info = result.extra["synthetic"]["selection"]
         assert info["candidates"] == 2 * sum(deficits)

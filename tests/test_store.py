@@ -23,7 +23,7 @@ def fake_images(rows, calls=None):
 
 def test_layout_metadata_and_load(tmp_path):
     store = SyntheticStore(tmp_path / "syn", CLASSES)
-    assert store.fill(plan(), fake_images, batch_size=4, extra={"generator": "abc"}) == 10
+    assert store.fill(plan(), fake_images, batch_size=4, provenance={"generator": "abc"}) == 10
     assert (tmp_path / "syn" / "train" / "zero" / "synaug-0000.png").exists()
     assert (tmp_path / "syn" / "train" / "T-shirt_top" / "synaug-0001.png").exists()
     rows = [json.loads(line) for line in (tmp_path / "syn" / "train" / "metadata.jsonl").read_text().splitlines()]
@@ -75,13 +75,13 @@ def test_crash_debris_is_repaired(tmp_path):
 
 def test_a_store_refuses_images_from_another_generator_or_sampler(tmp_path):
     store = SyntheticStore(tmp_path, CLASSES)
-    store.fill(plan(4), fake_images, extra={"generator": "aaa", "sampler": "ddim/15"})
+    store.fill(plan(4), fake_images, provenance={"generator": "aaa", "sampler": "ddim/15"})
     with pytest.raises(SynthaugError, match="made with generator aaa, not bbb"):
-        store.fill(plan(6), fake_images, extra={"generator": "bbb", "sampler": "ddim/15"})
+        store.fill(plan(6), fake_images, provenance={"generator": "bbb", "sampler": "ddim/15"})
     with pytest.raises(SynthaugError, match="made with sampler ddim/15, not ddim/30"):
-        store.fill(plan(6), fake_images, extra={"generator": "aaa", "sampler": "ddim/30"})
+        store.fill(plan(6), fake_images, provenance={"generator": "aaa", "sampler": "ddim/30"})
     assert len(store.load(ids=["synaug-0001", "synaug-0003"])) == 2
-    assert store.fill(plan(6), fake_images, extra={"generator": "aaa", "sampler": "ddim/15"}) == 2
+    assert store.fill(plan(6), fake_images, provenance={"generator": "aaa", "sampler": "ddim/15"}) == 2
 
 
 def test_metadata_that_disagrees_with_files(tmp_path):

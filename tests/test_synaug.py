@@ -62,28 +62,28 @@ def test_cross_domain_partners():
 def test_synaug_end_to_end_reuses_generator_and_store(data, tmp_path):
     config = load_config(None, [*FAST, f"output_dir={tmp_path}"])
     task = make_task(data, config.split)
-    result = get_recipe("synaug").fn(task, config, workdir=tmp_path / "run")
+    result = get_recipe("synaug").run(task, config, workdir=tmp_path / "run")
     syn = result.extra["synthetic"]
     assert syn["counts_after"] == [32, 32, 32] and syn["images"] == 32 - 11 + 32 - 4
     assert result.extra["generator"]["source"] == "trained"
     assert set(result.seconds) >= {"generator", "generate", "train", "refit_head", "evaluate"}
     rows = [json.loads(line) for line in (tmp_path / "run" / "synthetic" / "train" / "metadata.jsonl").read_text().splitlines()]
     assert rows[0]["generator"] == result.extra["generator"]["fingerprint"] and rows[0]["recipe"] == "synaug"
-    again = get_recipe("synaug").fn(task, config, workdir=tmp_path / "run")
+    again = get_recipe("synaug").run(task, config, workdir=tmp_path / "run")
     assert again.extra["generator"]["source"] == "cache" and again.extra["synthetic"]["generated_now"] == 0
 
 
 @pytest.mark.parametrize("flags", [["synaug.domain_mixup=false"], ["synaug.refit_head=false"]])
 def test_ablations(data, tmp_path, flags):
     config = load_config(None, [*FAST, f"output_dir={tmp_path}", *flags])
-    result = get_recipe("synaug").fn(make_task(data, config.split), config, workdir=tmp_path / "run")
+    result = get_recipe("synaug").run(make_task(data, config.split), config, workdir=tmp_path / "run")
     assert ("refit_head" in result.seconds) == config.synaug.refit_head
 
 
 def test_groups_are_balanced_and_reported(data, tmp_path):
     config = load_config(None, [*FAST, f"output_dir={tmp_path}", "split.kind=colored", "split.agreement=0.9"])
     task = make_task(data, config.split)
-    result = get_recipe("synaug").fn(task, config, workdir=tmp_path / "run")
+    result = get_recipe("synaug").run(task, config, workdir=tmp_path / "run")
     assert "worst_group_accuracy" in result.metrics
     rows = [json.loads(line) for line in (tmp_path / "run" / "synthetic" / "train" / "metadata.jsonl").read_text().splitlines()]
     assert all(r["conditioning"] == "class+group" and r["group"] is not None for r in rows)
@@ -102,9 +102,9 @@ def test_generation_interrupted_then_resumed(data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(DiffusionGenerator, "generate", dies_on_second_batch)
     with pytest.raises(KeyboardInterrupt):
-        get_recipe("synaug").fn(task, config, workdir=tmp_path / "run")
+        get_recipe("synaug").run(task, config, workdir=tmp_path / "run")
     monkeypatch.setattr(DiffusionGenerator, "generate", real_generate)
-    result = get_recipe("synaug").fn(task, config, workdir=tmp_path / "run")
+    result = get_recipe("synaug").run(task, config, workdir=tmp_path / "run")
     assert result.extra["synthetic"]["generated_now"] == 32 - 11 + 32 - 4 - 8  # only what was missing
     assert result.extra["synthetic"]["images"] == 49
 
@@ -119,7 +119,7 @@ def test_pretrained_generator_that_does_not_match(data, tmp_path):
     gen.save_pretrained(tmp_path / "gen")
     config = load_config(None, [*FAST, f"output_dir={tmp_path}", f"generator.path={tmp_path / 'gen'}"])
     with pytest.raises(SynthaugError, match="classes"):
-        get_recipe("synaug").fn(make_task(data, config.split), config, workdir=tmp_path / "run")
+        get_recipe("synaug").run(make_task(data, config.split), config, workdir=tmp_path / "run")
 
 
 def test_synthaug_run_writes_report(tmp_path, capsys, monkeypatch):

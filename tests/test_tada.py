@@ -136,7 +136,7 @@ def digits_task():
 def test_tada_targets_the_slow_learnable_set_and_shares_a_store(digits_task, tmp_path):
     store = tmp_path / "store"
     config = load_config(None, [*FAST, f"output_dir={tmp_path}", f"tada.store_dir={store}", "train.sam_rho=0.05"])
-    result = get_recipe("tada").fn(digits_task, config, workdir=tmp_path / "tada")
+    result = get_recipe("tada").run(digits_task, config, workdir=tmp_path / "tada")
     t, syn = result.extra["targeted"], result.extra["synthetic"]
     n = len(digits_task.train)
     assert 0 < t["slow_learnable"] < n and t["targeted"] == t["slow_learnable"] == sum(t["slow_per_class"])
@@ -148,15 +148,15 @@ def test_tada_targets_the_slow_learnable_set_and_shares_a_store(digits_task, tmp
     assert losses[mask].min() >= losses[~mask].max()
     assert {r["source"] for r in result.synthetic.info["rows"]} == set(torch.nonzero(mask).flatten().tolist())
     # augment-all reuses the variants already made for the slow-learnable examples
-    every = get_recipe("tada-all").fn(digits_task, config, workdir=tmp_path / "all")
+    every = get_recipe("tada-all").run(digits_task, config, workdir=tmp_path / "all")
     assert every.extra["targeted"]["targeted"] == n and every.extra["synthetic"]["images"] == 2 * n
     assert every.extra["synthetic"]["generated_now"] == 2 * (n - t["slow_learnable"])
     # upsampling duplicates the same examples and generates nothing
-    up = get_recipe("tada-upsample").fn(digits_task, config, workdir=tmp_path / "up")
+    up = get_recipe("tada-upsample").run(digits_task, config, workdir=tmp_path / "up")
     assert up.synthetic is None and "generator" not in up.extra
     assert up.extra["targeted"]["slow_learnable"] == t["slow_learnable"]
     # the random control: as many examples, drawn at random, whose variants augment-all already made
-    rand = get_recipe("tada-random").fn(digits_task, config, workdir=tmp_path / "random")
+    rand = get_recipe("tada-random").run(digits_task, config, workdir=tmp_path / "random")
     sources = {r["source"] for r in rand.synthetic.info["rows"]}
     assert len(sources) == t["slow_learnable"] and sources != set(torch.nonzero(mask).flatten().tolist())
     assert rand.extra["synthetic"]["generated_now"] == 0

@@ -169,16 +169,16 @@ def test_ddim_inversion_finds_the_noise_of_an_image(tiny_generator):
 
 def test_utility_plan():
     ds = make_dataset((4, 4, 4))
-    plan = utility_plan(ds, per_class=3, stage="r1", seed=0)
+    plan = utility_plan(ds, per_class=3, round_name="r1", seed=0)
     assert len(plan) == 9 and plan[0]["id"] == "utilgen-r1-c0-000000" and "noise_from" not in plan[0]
-    guided = utility_plan(ds, per_class=3, stage="r2", noise_from={0: ["a", "b"], 2: ["z"]}, noise_mix=0.7)
+    guided = utility_plan(ds, per_class=3, round_name="r2", noise_from={0: ["a", "b"], 2: ["z"]}, noise_mix=0.7)
     assert [r.get("noise_from") for r in guided] == ["a", "b", "a", None, None, None, "z", "z", "z"]
     assert guided[0]["noise_mix"] == 0.7 and guided[0]["conditioning"] == "class+noise"
-    renoised = utility_plan(ds, per_class=3, stage="r2", noise_from={0: ["a"]}, renoise_strength=0.6)
+    renoised = utility_plan(ds, per_class=3, round_name="r2", noise_from={0: ["a"]}, renoise_strength=0.6)
     assert renoised[0]["strength"] == 0.6 and renoised[0]["conditioning"] == "class+image" and "noise_mix" not in renoised[0]
     assert "strength" not in renoised[3]
     with pytest.raises(SynthaugError, match="per class"):
-        utility_plan(ds, per_class=0, stage="r1")
+        utility_plan(ds, per_class=0, round_name="r1")
 
 
 UTILGEN = ["recipe=utilgen", "data.dataset=digits", "split.kind=few-shot", "split.k=10", "split.val_per_class=3",
@@ -195,7 +195,7 @@ def digits_task():
 
 def test_utilgen_rounds_end_to_end_and_resume(digits_task, tmp_path, monkeypatch):
     config = load_config(None, [*UTILGEN, f"output_dir={tmp_path}"])
-    reference = get_recipe("utilgen").fn(digits_task, config, workdir=tmp_path / "ref")
+    reference = get_recipe("utilgen").run(digits_task, config, workdir=tmp_path / "ref")
     u = reference.extra["utilgen"]
     n_real = len(digits_task.train)
     assert [r["round"] for r in u["rounds"]] == [1, 2] and u["final_images"] == 2 * n_real == len(reference.synthetic)
@@ -222,11 +222,11 @@ def test_utilgen_rounds_end_to_end_and_resume(digits_task, tmp_path, monkeypatch
 
     monkeypatch.setattr(DiffusionGenerator, "finetune_dpo", dpo_then_die)
     with pytest.raises(KeyboardInterrupt):
-        get_recipe("utilgen").fn(digits_task, config, workdir=tmp_path / "run")
+        get_recipe("utilgen").run(digits_task, config, workdir=tmp_path / "run")
     assert (tmp_path / "run" / "rounds" / "r1" / "round.json").exists()
     assert not (tmp_path / "run" / "rounds" / "r2" / "round.json").exists()
     monkeypatch.setattr(DiffusionGenerator, "finetune_dpo", real_dpo)
-    resumed = get_recipe("utilgen").fn(digits_task, config, workdir=tmp_path / "run")
+    resumed = get_recipe("utilgen").run(digits_task, config, workdir=tmp_path / "run")
     assert resumed.metrics["balanced_accuracy"] == reference.metrics["balanced_accuracy"]
     assert resumed.extra["generator"]["fingerprint"] == reference.extra["generator"]["fingerprint"]
     assert torch.equal(resumed.synthetic.images, reference.synthetic.images)
@@ -236,7 +236,7 @@ def test_utilgen_needs_a_validation_split(digits_task, tmp_path):
     config = load_config(None, [*UTILGEN, f"output_dir={tmp_path}", "split.val_per_class=0"])
     task = make_task(load_dataset("digits"), config.split)
     with pytest.raises(SynthaugError, match="split.val_per_class"):
-        get_recipe("utilgen").fn(task, config, workdir=tmp_path / "x")
+        get_recipe("utilgen").run(task, config, workdir=tmp_path / "x")
 
 
 def test_noise_optimisation_off_ddim_renoises_the_high_utility_images(digits_task, tmp_path):
@@ -245,7 +245,7 @@ def test_noise_optimisation_off_ddim_renoises_the_high_utility_images(digits_tas
     config = load_config(None, [*UTILGEN, f"output_dir={tmp_path}", "utilgen.sampler=sde-dpm-solver++",
                                 "utilgen.renoise_strength=0.5", "utilgen.rounds=1", "utilgen.model_level=false",
                                 "utilgen.embedding=false", "utilgen.top_share=0.5"])  # several sources per class
-    result = get_recipe("utilgen").fn(digits_task, config, workdir=tmp_path / "run")
+    result = get_recipe("utilgen").run(digits_task, config, workdir=tmp_path / "run")
     store = SyntheticStore(tmp_path / "run" / "synthetic", digits_task.train.classes)
     rows = {r["id"]: r for r in store.rows()}
     high = result.extra["utilgen"]["rounds"][0]["examples"]["highest"]
@@ -284,6 +284,6 @@ def test_sample_seed_redraws_the_images_without_retraining(digits_task):
     assert base.generator.plan_seed == base.generator.seed and redrawn.generator.plan_seed == 7
     assert generator_fingerprint(digits_task.train, base.generator, 0) == \
         generator_fingerprint(digits_task.train, redrawn.generator, 0)
-    seeds = [[r["seed"] for r in utility_plan(digits_task.train, per_class=2, stage="final", seed=c.generator.plan_seed)]
+    seeds = [[r["seed"] for r in utility_plan(digits_task.train, per_class=2, round_name="final", seed=c.generator.plan_seed)]
              for c in (base, redrawn)]
     assert seeds[0] != seeds[1]

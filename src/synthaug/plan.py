@@ -28,8 +28,8 @@ def balance_plan(data: ImageDataset, *, target_per_class: int | None = None, by_
         if data.groups is None or not data.group_names:
             raise SynthaugError("balance by group needs a split with groups (split.kind=colored): set synaug.balance_groups=false")
         n_groups = len(data.group_names)
-        cells = {(c, g): int(((data.labels == c) & (data.groups == g)).sum())
-                 for c in range(data.num_classes) for g in range(n_groups)}
+        cells = {(c, group): int(((data.labels == c) & (data.groups == group)).sum())
+                 for c in range(data.num_classes) for group in range(n_groups)}
     else:
         cells = {(c, None): int(counts[c]) for c in range(data.num_classes)}
     largest = max(cells.values())
@@ -42,12 +42,12 @@ def balance_plan(data: ImageDataset, *, target_per_class: int | None = None, by_
         raise SynthaugError(f"synaug.target_per_class={target_per_class} is below the largest class ({largest} per cell): "
                             "raise it or leave it unset (uniformize to the largest class)")
     rows = []
-    for (c, g), n in cells.items():
+    for (c, group), n in cells.items():
         for k in range(target - n):
-            row_id = f"{recipe}-c{c}" + ("" if g is None else f"-g{g}") + f"-{k:06d}"
+            row_id = f"{recipe}-c{c}" + ("" if group is None else f"-g{group}") + f"-{k:06d}"
             rows.append({
-                "id": row_id, "label": c, "group": g, "seed": row_seed(seed, row_id), "recipe": recipe,
-                "conditioning": "class" if g is None else "class+group",
+                "id": row_id, "label": c, "group": group, "seed": row_seed(seed, row_id), "recipe": recipe,
+                "conditioning": "class" if group is None else "class+group",
             })
     return rows
 
@@ -125,10 +125,10 @@ def conditioned_plan(data: ImageDataset, *, target_per_class: int, mode: str, se
     return rows
 
 
-def utility_plan(data: ImageDataset, *, per_class: int, stage: str, seed: int = 0,
+def utility_plan(data: ImageDataset, *, per_class: int, round_name: str, seed: int = 0,
                  noise_from: dict[int, list[str]] | None = None, noise_mix: float = 1.0,
                  renoise_strength: float | None = None, recipe: str = "utilgen") -> list[dict]:
-    """UtilGen's plan for one round (`stage` 'r1', 'r2', ...) or the final set ('final'):
+    """UtilGen's plan for one round (`round_name` 'r1', 'r2', ...) or the final set ('final'):
     `per_class` class-conditioned rows per class. With `noise_from` ({class: ids of
     high-utility images}), row k of a class starts from noise around the inversion of the
     k-th of them (cycling): `noise_from` and `noise_mix` are recorded on the row; with
@@ -139,7 +139,7 @@ def utility_plan(data: ImageDataset, *, per_class: int, stage: str, seed: int = 
     for c in range(data.num_classes):
         sources = (noise_from or {}).get(c) or []
         for k in range(per_class):
-            row_id = f"{recipe}-{stage}-c{c}-{k:06d}"
+            row_id = f"{recipe}-{round_name}-c{c}-{k:06d}"
             row = {"id": row_id, "label": c, "group": None, "seed": row_seed(seed, row_id), "recipe": recipe,
                    "conditioning": "class"}
             if sources and renoise_strength:

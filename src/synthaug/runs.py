@@ -154,7 +154,7 @@ def train_run(config: RunConfig, *, progress: bool = True, force: bool = False, 
     if started and (done := _finished(run_dir, config, compare, task.train.classes)) is not None:
         return run_dir, done
     try:
-        result = recipe.fn(task, config, workdir=run_dir, progress=progress)
+        result = recipe.run(task, config, workdir=run_dir, progress=progress)
     except SynthaugError:
         if created and _unstarted(run_dir):  # refused before computing anything: leave no trace
             shutil.rmtree(run_dir)
@@ -170,7 +170,7 @@ def train_run(config: RunConfig, *, progress: bool = True, force: bool = False, 
     for baseline in baselines:
         done_file = run_dir / "baselines" / f"{baseline.name}.json"
         if not done_file.exists():
-            b = baseline.fn(task, config, workdir=run_dir / "baselines" / baseline.name, progress=progress, trained=trained)
+            b = baseline.run(task, config, workdir=run_dir / "baselines" / baseline.name, progress=progress, trained=trained)
             atomic_write_json(done_file, {"test": b.metrics, "seconds": b.seconds})
             shutil.rmtree(run_dir / "baselines" / baseline.name, ignore_errors=True)
         compared[baseline.name] = json.loads(done_file.read_text())

@@ -187,7 +187,7 @@ class SyntheticStore:
 
     # ------------------------------------------------------------------ writing
     def fill(self, plan: list[dict], make_images: Callable[[list[dict]], torch.Tensor], *, batch_size: int = 64,
-             extra: dict | None = None, progress: bool = False, shard: str | None = None) -> int:
+             provenance: dict | None = None, progress: bool = False, shard: str | None = None) -> int:
         """Generate and write every plan row not yet in the store. A plan row has `id`,
         `label`, `seed` and optional `group`, `conditioning`, ...; `make_images(rows)`
         returns uint8 images for them. Returns the number of images written.
@@ -210,12 +210,12 @@ class SyntheticStore:
         metadata_file = self.metadata_file if shard is None else self.split_dir / f"metadata-{shard}.jsonl"
         existing = {r["id"]: r for r in self.rows()}
         # a stored row is reused only if it was made the same way: the plan row's own fields (label,
-        # seed, source, strength, ...) and `extra` (generator, sampler, ...) must match
+        # seed, source, strength, ...) and `provenance` (generator, sampler, ...) must match
         for r in plan:
             made = existing.get(r["id"])
             if made is None:
                 continue
-            for key, value in [*r.items(), *(extra or {}).items()]:
+            for key, value in [*r.items(), *(provenance or {}).items()]:
                 if key in made and json.loads(json.dumps(value)) != made[key]:
                     raise SynthaugError(f"store '{self.root}' holds '{r['id']}' made with {key} {made[key]}, not {value}: "
                                         f"use another store folder for this {key}")
@@ -231,7 +231,7 @@ class SyntheticStore:
                     if cut_off:
                         meta.write("\n")
                     for row, image in zip(rows, images):
-                        record = self._write_image(row, image, extra or {})
+                        record = self._write_image(row, image, provenance or {})
                         meta.write(json.dumps(record) + "\n")
                         meta.flush()
                     os.fsync(meta.fileno())
@@ -254,7 +254,7 @@ class SyntheticStore:
         for f in self.shard_files():
             f.unlink()
 
-    def _write_image(self, row: dict, image: torch.Tensor, extra: dict) -> dict:
+    def _write_image(self, row: dict, image: torch.Tensor, provenance: dict) -> dict:
         name = self.classes[int(row["label"])]
         rel = f"{class_folder(name)}/{row['id']}.png"
         path = inside(self.split_dir, rel, "image path")
@@ -266,7 +266,7 @@ class SyntheticStore:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        return {"file_name": rel, "class": name, **{k: v for k, v in row.items()}, **extra}
+        return {"file_name": rel, "class": name, **{k: v for k, v in row.items()}, **provenance}
 
     def claim(self):
         """Make the store folder (with its marker) or check that it is one synthaug made; a

@@ -79,9 +79,9 @@ class DiffusionGenerator:
     # ------------------------------------------------------------------ conditioning
     def condition_ids(self, labels: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
         """Embedding index of each (class, group) cell; `num_classes` / `num_groups` mean null."""
-        g = self.config.num_groups
-        groups = torch.full_like(labels, g) if groups is None or g == 0 else groups
-        return labels * (g + 1) + groups
+        n_groups = self.config.num_groups
+        groups = torch.full_like(labels, n_groups) if groups is None or n_groups == 0 else groups
+        return labels * (n_groups + 1) + groups
 
     @property
     def noise_shape(self) -> tuple[int, int, int]:
@@ -154,7 +154,7 @@ class DiffusionGenerator:
 
         `noise` (N, C, H, W) replaces the initial noise drawn from the seeds (UtilGen's
         optimised initial noise); a stochastic sampler still draws its later noise from them."""
-        sc = sampler or SamplerConfig()
+        sampling = sampler or SamplerConfig()
         labels = torch.as_tensor(labels, dtype=torch.int64)
         seeds = [int(s) for s in seeds]
         if len(seeds) != len(labels):
@@ -185,16 +185,16 @@ class DiffusionGenerator:
             strength = torch.as_tensor(strength, dtype=torch.float64).expand(len(labels))
             if len(strength) and not bool(((strength > 0) & (strength <= 1)).all()):
                 raise SynthaugError("strength must be in (0, 1]: the share of the sampling steps run from the noised image")
-            starts = sc.steps - (strength * sc.steps).round().long().clamp(min=1)
+            starts = sampling.steps - (strength * sampling.steps).round().long().clamp(min=1)
         out = torch.empty(len(labels), c, s, s, dtype=torch.uint8)
         with progress_bar(progress) as bar:
             task = bar.add_task("generate", total=len(labels), info="")
-            for i in range(0, len(labels), sc.batch_size):
-                batch = torch.arange(i, min(i + sc.batch_size, len(labels)))
+            for i in range(0, len(labels), sampling.batch_size):
+                batch = torch.arange(i, min(i + sampling.batch_size, len(labels)))
                 for start in starts[batch].unique().tolist():  # images starting at the same step go together
                     idx = batch[starts[batch] == start]
                     out[idx] = self._sample_batch(
-                        labels[idx], [seeds[j] for j in idx], None if groups is None else groups[idx], sc,
+                        labels[idx], [seeds[j] for j in idx], None if groups is None else groups[idx], sampling,
                         init=None if init_images is None else init_images[idx], start=start,
                         image=None if image_embeds is None else (image_embeds[idx], image_keep[idx]),
                         noise=None if noise is None else noise[idx])
@@ -225,7 +225,7 @@ class DiffusionGenerator:
                                 "train one with image_embed_dim > 0 (recipe augcond does)")
         return self.generate(**generate_arguments(rows, sources, self.encoder), sampler=sampler)
 
-    def _sample_batch(self, labels, seeds, groups, sc: SamplerConfig, init=None, start: int = 0,
+    def _sample_batch(self, labels, seeds, groups, sampling: SamplerConfig, init=None, start: int = 0,
                       image=None, noise=None) -> torch.Tensor:
         device = next(self.unet.parameters()).device
         c, s = self.config.channels, self.config.image_size
@@ -238,13 +238,13 @@ class DiffusionGenerator:
         embeds, keep = (None, None) if image is None else (image[0].to(device), image[1].to(device))
         cond = self.class_input(self.condition_ids(labels, groups).to(device), embeds, keep)
         cond_map = self.condition_map(len(labels), embeds, keep, device=device)
-        guided = sc.guidance_scale != 1.0
+        guided = sampling.guidance_scale != 1.0
         if guided:
             null_groups = None if groups is None else torch.full_like(groups, self.config.num_groups)
             uncond = self.class_input(self.condition_ids(torch.full_like(labels, self.null_class), null_groups).to(device))
             both = None if cond_map is None else torch.cat([cond_map, torch.zeros_like(cond_map)])
-        scheduler = build_sampler(self.config, sc.sampler)
-        scheduler.set_timesteps(sc.steps)
+        scheduler = build_sampler(self.config, sampling.sampler)
+        scheduler.set_timesteps(sampling.steps)
         timesteps = scheduler.timesteps[start:]
         if init is None:
             x = x * scheduler.init_noise_sigma
@@ -257,7 +257,7 @@ class DiffusionGenerator:
             if guided:
                 eps_cond, eps_uncond = self.predict_noise(torch.cat([model_in, model_in]), t, torch.cat([cond, uncond]),
                                                  both).chunk(2)
-                eps = eps_uncond + sc.guidance_scale * (eps_cond - eps_uncond)
+                eps = eps_uncond + sampling.guidance_scale * (eps_cond - eps_uncond)
             else:
                 eps = self.predict_noise(model_in, t, cond, cond_map)
             x = scheduler.step(eps, t, x, generator=streams).prev_sample

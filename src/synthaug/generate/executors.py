@@ -45,29 +45,29 @@ WORKERS_DIR = "workers"  # each live worker writes its pid here (monitoring; tes
 
 
 def register_executor(name: str):
-    """Register `fn(store, plan, generator, sampling, sources, *, extra, progress, workers, shard_size,
+    """Register `fn(store, plan, generator, sampling, sources, *, provenance, progress, workers, shard_size,
     address) -> images written`."""
     return EXECUTORS.register(name)
 
 
 def execute(name: str, store: SyntheticStore, plan: list[dict], generator, sampling: SamplerConfig, sources: ImageDataset,
-            *, extra: dict, progress: bool = False, workers: int | None = None, shard_size: int | None = None,
+            *, provenance: dict, progress: bool = False, workers: int | None = None, shard_size: int | None = None,
             address: str | None = None) -> int:
     """Make the plan's missing images into `store` with executor `name`. Returns the number
     of images written."""
-    return EXECUTORS.lookup(name)(store, plan, generator, sampling, sources, extra=extra, progress=progress, workers=workers,
+    return EXECUTORS.lookup(name)(store, plan, generator, sampling, sources, provenance=provenance, progress=progress, workers=workers,
                            shard_size=shard_size or sampling.batch_size, address=address)
 
 
 @register_executor("local")
-def run_local(store, plan, generator, sampling, sources, *, extra, progress=False, **_) -> int:
+def run_local(store, plan, generator, sampling, sources, *, provenance, progress=False, **_) -> int:
     return store.fill(plan, lambda rows: generator.generate_rows(rows, sampling, sources=sources),
-                      batch_size=sampling.batch_size, progress=progress, extra=extra)
+                      batch_size=sampling.batch_size, progress=progress, provenance=provenance)
 
 
 # ---------------------------------------------------------------------------- the job folder
 def write_job(store: SyntheticStore, plan: list[dict], generator, sampling: SamplerConfig, sources: ImageDataset,
-              *, extra: dict, shard_size: int) -> tuple[Path, int]:
+              *, provenance: dict, shard_size: int) -> tuple[Path, int]:
     """Repair the store, then write what parallel workers need to make its missing rows.
     Returns the job folder and the number of shards."""
     store.repair()  # nobody else is writing now
@@ -86,7 +86,7 @@ def write_job(store: SyntheticStore, plan: list[dict], generator, sampling: Samp
         f.write("".join(json.dumps(r) + "\n" for r in todo))
     shards = (len(todo) + shard_size - 1) // shard_size
     atomic_write_json(folder / "job.json", {
-        "store": str(store.root.resolve()), "classes": store.classes, "sampling": asdict(sampling), "extra": extra,
+        "store": str(store.root.resolve()), "classes": store.classes, "sampling": asdict(sampling), "provenance": provenance,
         "fingerprint": generator.fingerprint(), "shard_size": shard_size, "shards": shards, "sources": needs_sources,
     })
     (folder / WORKERS_DIR).mkdir()
@@ -123,7 +123,7 @@ class JobWorker:
         size = self.job["shard_size"]
         rows = self.rows[shard * size : (shard + 1) * size]
         return self.store.fill(rows, lambda r: self.generator.generate_rows(r, self.sampling, sources=self.sources),
-                               batch_size=self.sampling.batch_size, extra=self.job["extra"], shard=f"s{shard:05d}")
+                               batch_size=self.sampling.batch_size, provenance=self.job["provenance"], shard=f"s{shard:05d}")
 
 
 def _finish(store: SyntheticStore, folder: Path):
@@ -133,7 +133,7 @@ def _finish(store: SyntheticStore, folder: Path):
 
 # ---------------------------------------------------------------------------- accelerate
 @register_executor("accelerate")
-def run_accelerate(store, plan, generator, sampling, sources, *, extra, progress=False, workers=None, shard_size=128,
+def run_accelerate(store, plan, generator, sampling, sources, *, provenance, progress=False, workers=None, shard_size=128,
                    **_) -> int:
     """`accelerate launch` with `workers` processes (default: one per GPU, else 2 on the
     CPU), each making its share of the shards."""
@@ -142,7 +142,7 @@ def run_accelerate(store, plan, generator, sampling, sources, *, extra, progress
     if importlib.util.find_spec("accelerate") is None:
         raise SynthaugError("executor 'accelerate' needs accelerate: pip install 'synthaug[sd]'")
     before = len(store.done_ids())
-    folder, shards = write_job(store, plan, generator, sampling, sources, extra=extra, shard_size=shard_size)
+    folder, shards = write_job(store, plan, generator, sampling, sources, provenance=provenance, shard_size=shard_size)
     if shards:
         gpus = torch.cuda.device_count()
         n = workers or max(gpus, 2 if not gpus else 1)
@@ -191,7 +191,7 @@ class _RayShardMaker:
 
 
 @register_executor("ray")
-def run_ray(store, plan, generator, sampling, sources, *, extra, progress=False, workers=None, shard_size=128,
+def run_ray(store, plan, generator, sampling, sources, *, provenance, progress=False, workers=None, shard_size=128,
             address=None, **_) -> int:
     """Ray Data over the shards with `workers` actors (default: one per GPU of the cluster,
     else 2), on the cluster at `address` (default: a running one, else a local instance).
@@ -201,7 +201,7 @@ def run_ray(store, plan, generator, sampling, sources, *, extra, progress=False,
     except ImportError:
         raise SynthaugError("executor 'ray' needs Ray: pip install 'synthaug[ray]'") from None
     before = len(store.done_ids())
-    folder, shards = write_job(store, plan, generator, sampling, sources, extra=extra, shard_size=shard_size)
+    folder, shards = write_job(store, plan, generator, sampling, sources, provenance=provenance, shard_size=shard_size)
     if shards:
         started = not ray.is_initialized()
         if started:  # a local instance gets a CPU slot per actor, plus one for Ray Data's own tasks

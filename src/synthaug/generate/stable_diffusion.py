@@ -309,7 +309,7 @@ class StableDiffusionGenerator(StableDiffusionTraining):
         initial latent noise and every later random draw), so it does not depend on its batch.
         Arguments as in `DiffusionGenerator.generate`: `init_images` + `strength` for img2img,
         `image_embeds` (+ `image_keep`) for unCLIP, `noise` (N, 4, h, w) for the initial latents."""
-        sc = sampler or SamplerConfig(guidance_scale=7.5, steps=25)
+        sampling = sampler or SamplerConfig(guidance_scale=7.5, steps=25)
         if groups is not None:
             raise SynthaugError("Stable Diffusion generators are not group-conditioned: set synaug.balance_groups=false")
         labels = torch.as_tensor(labels, dtype=torch.int64)
@@ -334,11 +334,11 @@ class StableDiffusionGenerator(StableDiffusionTraining):
                           dtype=torch.uint8)
         with progress_bar(progress) as bar:
             task = bar.add_task("generate", total=len(labels), info="")
-            for i in range(0, len(labels), sc.batch_size):
-                batch = torch.arange(i, min(i + sc.batch_size, len(labels)))
+            for i in range(0, len(labels), sampling.batch_size):
+                batch = torch.arange(i, min(i + sampling.batch_size, len(labels)))
                 for value in strengths[batch].unique().tolist():  # img2img takes one strength per call
                     idx = batch[strengths[batch] == value] if init_images is not None else batch
-                    out[idx] = self._sample_batch(labels[idx], [seeds[j] for j in idx], sc,
+                    out[idx] = self._sample_batch(labels[idx], [seeds[j] for j in idx], sampling,
                                                   init=None if init_images is None else init_images[idx], strength=value,
                                                   image=None if image_embeds is None else (image_embeds[idx], image_keep[idx] if image_keep is not None else None),
                                                   noise=None if noise is None else noise[idx])
@@ -347,7 +347,7 @@ class StableDiffusionGenerator(StableDiffusionTraining):
                 bar.advance(task, len(batch))
         return out
 
-    def _sample_batch(self, labels, seeds, sc: SamplerConfig, *, init=None, strength=1.0, image=None, noise=None):
+    def _sample_batch(self, labels, seeds, sampling: SamplerConfig, *, init=None, strength=1.0, image=None, noise=None):
         from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
         streams = [torch.Generator().manual_seed(s) for s in seeds]
@@ -358,8 +358,8 @@ class StableDiffusionGenerator(StableDiffusionTraining):
         dtype = self.pipe.unet.dtype
         common = dict(prompt_embeds=self.row_prompt_embeds(labels, seeds).to(dtype),
                       negative_prompt_embeds=self.negative_embeds.expand(len(labels), -1, -1).to(dtype),
-                      num_inference_steps=sc.steps, guidance_scale=sc.guidance_scale, generator=streams, output_type="pt")
-        scheduler = self._scheduler(sc.sampler)
+                      num_inference_steps=sampling.steps, guidance_scale=sampling.guidance_scale, generator=streams, output_type="pt")
+        scheduler = self._scheduler(sampling.sampler)
         self.pipe.scheduler = scheduler
         if image is not None:
             embeds, keep = image
@@ -370,7 +370,7 @@ class StableDiffusionGenerator(StableDiffusionTraining):
                                **common).images
         elif init is not None:
             pipe = self._sibling(StableDiffusionImg2ImgPipeline, scheduler)
-            strength = max(strength, 1.0 / sc.steps)  # at least one step, as the embedded generator
+            strength = max(strength, 1.0 / sampling.steps)  # at least one step, as the embedded generator
             images = pipe(image=self._to_pipeline_images(init).to(self.device, dtype), strength=strength, **common).images
         else:
             pipe = self._sibling(StableDiffusionPipeline, scheduler)

@@ -32,7 +32,7 @@ def generate_stage(plan: list[dict], generator: Generator, config, store_dir: st
     store = SyntheticStore(store_dir, real.classes)
     t0 = time.perf_counter()
     ex = config.executor
-    written = execute(ex.name, store, plan, generator, sampling, real, extra=provenance(generator, sampling),
+    written = execute(ex.name, store, plan, generator, sampling, real, provenance=provenance(generator, sampling),
                       progress=progress, workers=ex.workers, shard_size=ex.shard_size, address=ex.address)
     seconds = time.perf_counter() - t0
     store.verify()

@@ -26,7 +26,7 @@ class RecipeResult:
 class Recipe:
     name: str
     description: str
-    fn: Callable[..., RecipeResult]
+    run: Callable[..., RecipeResult]  # run(task, config, *, workdir, progress, trained) -> RecipeResult
     check: Callable | None = None  # check(task, config): raise SynthaugError before anything is written
 
 

@@ -92,7 +92,7 @@ def utilgen(task, config, *, workdir=None, progress=False, trained=None) -> Reci
         spent_before = dict(seconds)
         t0 = time.perf_counter()
         # 1. generate
-        plan = utility_plan(real, per_class=per_class(task, opts.per_round), stage=f"r{r}", seed=config.generator.plan_seed,
+        plan = utility_plan(real, per_class=per_class(task, opts.per_round), round_name=f"r{r}", seed=config.generator.plan_seed,
                             noise_from=noise_from, noise_mix=opts.noise_mix, renoise_strength=renoise)
         synthetic = _generate(store, plan, generator, sampling, noise_bank, progress)
         seconds["generate"] += time.perf_counter() - t0
@@ -144,7 +144,7 @@ def utilgen(task, config, *, workdir=None, progress=False, trained=None) -> Reci
 
     # the final set, then the classifier on it (with and without the real images)
     t0 = time.perf_counter()
-    plan = utility_plan(real, per_class=per_class(task, opts.final_multiple), stage="final", seed=config.generator.plan_seed,
+    plan = utility_plan(real, per_class=per_class(task, opts.final_multiple), round_name="final", seed=config.generator.plan_seed,
                         noise_from=noise_from, noise_mix=opts.noise_mix, renoise_strength=renoise)
     final = _generate(store, plan, generator, sampling, noise_bank, progress)
     seconds["generate"] += time.perf_counter() - t0
@@ -203,7 +203,7 @@ def _generate(store, plan, generator, sampling, noise_bank, progress):
                 out[idx] = images
         return out
 
-    store.fill(plan, make, batch_size=sampling.batch_size, progress=progress, extra=provenance(generator, sampling))
+    store.fill(plan, make, batch_size=sampling.batch_size, progress=progress, provenance=provenance(generator, sampling))
     store.verify()
     return store.load(ids=[r["id"] for r in plan])
 

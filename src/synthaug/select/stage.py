@@ -100,11 +100,11 @@ def select_stage(plan: list[dict], generator, config, store_dir: str | Path, rea
         cell = (int(row["label"]), row.get("group") if candidates.groups is not None else None)
         planned[cell] = planned.get(cell, 0) + 1
     mask, scores = torch.zeros(len(candidates), dtype=torch.bool), torch.zeros(len(candidates))
-    for g in groups.unique().tolist():
-        members = torch.nonzero(groups == g).flatten()
+    for group in groups.unique().tolist():
+        members = torch.nonzero(groups == group).flatten()
         view = Candidates(labels=candidates.labels[members], probs=lambda m=members: probs()[m],
                           features=lambda m=members: features()[m], real_features=real_features, real_labels=real.labels)
-        keep = {c: n for (c, cell_group), n in planned.items() if cell_group in (None, g)}
+        keep = {c: n for (c, cell_group), n in planned.items() if cell_group in (None, group)}
         m, s = selector(view, keep, threshold=opts.threshold, k=opts.k, clusters=opts.clusters, seed=config.seed)
         mask[members], scores[members] = m, s.float()
     ids = [r["id"] for r in candidates.info["rows"]]
