@@ -1,17 +1,19 @@
-"""Extending synthaug from outside the library: a toy generator and a toy recipe, written and
-registered in this file alone, run end to end through `synthaug run` (and the generator
-reloads from its folder through `generator.path`)."""
+"""Extending synthaug from outside the library: a toy generator and a toy recipe with its own
+config section, written and registered in this file alone, run end to end through
+`synthaug run` (and the generator reloads from its folder through `generator.path`)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import run_cli
 
+from synthaug.config import SECTIONS, register_section
 from synthaug.data import concat
 from synthaug.errors import SynthaugError
 from synthaug.generate import Generator
@@ -80,10 +82,18 @@ def make_toy(data, section, **_):
     return ToyGenerator(data.classes, data.channels, data.image_size[0]), {"source": "toy"}
 
 
+@dataclass
+class ToyOptions:
+    """The toy recipe's own config section (`toyfill.*`)."""
+
+    multiple: int = 1  # fill every class to this many times the largest
+
+
 def toy_fill(task, config, *, workdir=None, progress=False, trained=None):
-    """Fill every class up to the largest with the generator's images, train, test."""
+    """Fill every class up to `toyfill.multiple` x the largest with the generator's images."""
     generator, info = generator_stage(task.train, config, progress=progress)
-    plan = balance_plan(task.train, seed=config.generator.plan_seed, recipe="toy-fill")
+    target = config.toyfill.multiple * int(task.train.class_counts().max())
+    plan = balance_plan(task.train, target_per_class=target, seed=config.generator.plan_seed, recipe="toy-fill")
     synthetic, made = generate_stage(plan, generator, config, Path(workdir) / "synthetic", task.train, progress=progress)
     result, metrics, seconds = train_and_evaluate(concat(task.train, synthetic), task, config, workdir=workdir,
                                                   progress=progress)
@@ -95,8 +105,9 @@ def toy_fill(task, config, *, workdir=None, progress=False, trained=None):
 def registered():
     register_generator("toy", load=ToyGenerator.from_pretrained)(make_toy)
     register_recipe("toy-fill", "fill every class with the toy generator's images")(toy_fill)
+    register_section("toyfill")(ToyOptions)
     yield
-    del GENERATORS["toy"], RECIPES["toy-fill"]
+    del GENERATORS["toy"], RECIPES["toy-fill"], SECTIONS["toyfill"]
 
 
 def test_a_toy_generator_and_recipe_run_through_synthaug_run(registered, tmp_path, capsys, monkeypatch):
@@ -112,6 +123,11 @@ def test_a_toy_generator_and_recipe_run_through_synthaug_run(registered, tmp_pat
     rows = [json.loads(line) for line in (run / "synthetic" / "train" / "metadata.jsonl").read_text().splitlines()]
     assert {r["generator"] for r in rows} == {ToyGenerator([str(c) for c in range(10)], 1, 8).fingerprint()}
     assert (run / "report.html").exists()
+
+    code, _, err = run_cli([*args, "-s", "name=doubled", "-s", "toyfill.multiple=2"], capsys, monkeypatch)
+    doubled = json.loads((tmp_path / "doubled" / "metrics.json").read_text())
+    assert code == 0 and doubled["synthetic"]["planned"] > metrics["synthetic"]["planned"]
+    assert "multiple: 2" in (tmp_path / "doubled" / "config.yaml").read_text()
 
     ToyGenerator([str(c) for c in range(10)], 1, 8).save_pretrained(tmp_path / "toy")
     code, _, err = run_cli([*args, "-s", "name=again", "-s", "generator.kind=auto", "-s", f"generator.path={tmp_path / 'toy'}"],

@@ -15,13 +15,21 @@ import yaml
 
 from .classify.train import TrainConfig
 from .errors import SynthaugError
-from .generate.image_condition import OPERATORS, PAIRINGS
+from .generate.image_condition import PAIRINGS
 from .generate.network import PRESETS, SAMPLERS
 from .generate.stable_diffusion import DTYPES as SD_DTYPES
 from .select.filters import SELECTORS
 from .utils.paths import check_folder, check_name
+from .utils.registry import Registry
 
 SPLITS = ("none", "long-tail", "few-shot", "colored")
+# sections that recipes add to the run config (each recipe's file registers its own)
+SECTIONS: Registry[type] = Registry("config section")
+
+
+def register_section(name: str):
+    """Register a dataclass as the run config's section `name` (e.g. a recipe's options)."""
+    return SECTIONS.register(name)
 MAX_SEED = 2**31 - 1  # seeds are mixed with step counts before they reach torch's generators
 
 
@@ -153,115 +161,6 @@ class ExecutorSection:
 
 
 @dataclass
-class SynaugSection:
-    """SYNAuG: uniformize with generated images, domain mixup, head re-fit on real data."""
-
-    target_per_class: int | None = None  # images per class after filling (default: the largest class)
-    balance_groups: bool = True  # with groups: fill every (class, group) cell
-    domain_mixup: bool = True
-    mix_alpha: float = 0.5
-    mix_prob: float = 1.0
-    refit_head: bool = True
-    refit_per_class: str = "min"  # real images per class for the re-fit: 'min' (smallest class) or a number
-    store_dir: str | None = None  # where generated images go (default: <run folder>/synthetic); runs with the
-    # same generator and plan can share one store
-
-    def __post_init__(self):
-        from .classify.train import check_per_class
-
-        check_per_class(self.refit_per_class, "synaug.refit_per_class")
-        if self.mix_alpha <= 0 or not 0 <= self.mix_prob <= 1:
-            raise SynthaugError("synaug.mix_alpha must be > 0 and synaug.mix_prob in [0, 1]")
-        if self.target_per_class is not None and self.target_per_class < 1:
-            raise SynthaugError("synaug.target_per_class must be >= 1 (or unset: the largest class)")
-        check_folder(self.store_dir, "synaug.store_dir")
-
-
-@dataclass
-class TadaSection:
-    """TADA: image-guided variants of the training examples not learned early in training."""
-
-    early_epochs: int = 3  # epochs of the normal schedule run before each example's loss is scored
-    variants: int = 5  # image-guided variants per targeted example (the paper: 5 on CIFAR)
-    strength: float | list = 0.5  # SDEdit strength, the share of sampling steps re-run: a number or [low, high]
-    store_dir: str | None = None  # where the variants go (default: <run folder>/synthetic); tada, tada-all, tada-random
-    # runs on the same split and generator can share one store (same row ids for the same examples)
-
-    def __post_init__(self):
-        from .plan import strength_range
-
-        if self.early_epochs < 1 or self.variants < 1:
-            raise SynthaugError("tada.early_epochs and tada.variants must be >= 1")
-        strength_range(self.strength, "tada.strength")
-        check_folder(self.store_dir, "tada.store_dir")
-
-
-@dataclass
-class AugcondSection:
-    """AugCond: generations conditioned on the class and on augmented real images of it."""
-
-    mode: str = field(default="embed-cutmix-dropout", metadata={"choices": OPERATORS})  # the best on ImageNet-LT
-    embed_dim: int = 32  # dimensions of the fixed image encoder's embedding
-    dropout: float = 0.3  # rate of the Dropout operators (dropout, embed-cutmix-dropout)
-    expand: float = 1.0  # images per class after filling: expand x the largest class (1 = uniformize a long tail)
-    target_per_class: int | None = None  # or this many per class
-    store_dir: str | None = None  # where generated images go (default: <run folder>/synthetic)
-
-    def __post_init__(self):
-        if self.embed_dim < 1 or self.expand <= 0 or (self.target_per_class is not None and self.target_per_class < 1):
-            raise SynthaugError("augcond.embed_dim must be >= 1, augcond.expand > 0 and augcond.target_per_class >= 1")
-        if not 0 <= self.dropout < 1:
-            raise SynthaugError(f"augcond.dropout must be in [0, 1), got {self.dropout}")
-        check_folder(self.store_dir, "augcond.store_dir")
-
-
-@dataclass
-class UtilgenSection:
-    """UtilGen: rounds of generate -> value (meta-learned weights) -> optimise policy -> optimise model."""
-
-    rounds: int = 2
-    per_round: float = 1.0  # images generated per round, x the real training set (class-balanced)
-    final_multiple: float = 5.0  # the final synthetic set, x the real training set (class-balanced)
-    top_share: float = 0.25  # per class, the share of a round's images taken as high (and as low) utility
-    valuation_epochs: int = 10  # epochs of the meta-weighted classifier that values each round
-    meta_lr: float = 1.0e-2  # Adam on the weight network (Meta-Weight-Net: 1e-3 over far more steps)
-    embedding: bool = True  # instance level: optimise the class-embedding vectors on high-utility images
-    embedding_steps: int = 200
-    embedding_lr: float = 5.0e-3
-    embedding_proximity: float = 1.0  # weight of the penalty keeping the vectors near the original ones
-    # instance level: start generations from noise around DDIM inversions of high-utility images (sampler
-    # ddim), or with any other sampler, which would not follow an inversion back to its image, from those
-    # images themselves re-noised to renoise_strength (SDEdit: the share of the sampling steps re-run)
-    noise: bool = True
-    noise_mix: float = 0.8  # ddim: x_T = mix * inverted + sqrt(1 - mix^2) * fresh noise
-    renoise_strength: float = 0.8  # any other sampler
-    inversion_guidance: float = 1.0  # guidance of the inversion (the generation keeps generator.guidance_scale)
-    model_level: bool = True  # fine-tune the generator with Diffusion-DPO, high- over low-utility images
-    dpo_steps: int = 200
-    dpo_lr: float = 1.0e-5
-    dpo_beta: float = 2000.0
-    # rounds and the final set sample with this; ddim is deterministic, so an image's inverted noise leads
-    # back to it (exactly when inversion_guidance equals generator.guidance_scale, near it otherwise)
-    sampler: str = field(default="ddim", metadata={"choices": SAMPLERS})
-    sampling_steps: int = 25
-    store_dir: str | None = None  # where generated images go (default: <run folder>/synthetic)
-
-    def __post_init__(self):
-        if self.rounds < 0 or self.per_round <= 0 or self.final_multiple <= 0 or not 0 < self.top_share <= 0.5:
-            raise SynthaugError("utilgen.rounds must be >= 0, per_round and final_multiple > 0, top_share in (0, 0.5]")
-        if not 0 <= self.noise_mix <= 1 or self.dpo_beta <= 0 or self.valuation_epochs < 1:
-            raise SynthaugError("utilgen.noise_mix must be in [0, 1], dpo_beta > 0 and valuation_epochs >= 1")
-        if not 0 < self.renoise_strength <= 1:
-            raise SynthaugError(f"utilgen.renoise_strength must be in (0, 1], got {self.renoise_strength}")
-        if min(self.meta_lr, self.embedding_lr, self.dpo_lr) <= 0 or self.embedding_proximity < 0:
-            raise SynthaugError("utilgen.meta_lr, embedding_lr and dpo_lr must be > 0, embedding_proximity >= 0")
-        if self.inversion_guidance < 0 or min(self.embedding_steps, self.dpo_steps, self.sampling_steps) < 1:
-            raise SynthaugError("utilgen.inversion_guidance must be >= 0, embedding_steps, dpo_steps and "
-                                "sampling_steps >= 1")
-        check_folder(self.store_dir, "utilgen.store_dir")
-
-
-@dataclass
 class SelectSection:
     """Data selection: generate `overgenerate` x the plan, keep the plan's count per class (SYNAuG,
     TADA, AugCond). Scores and choices are written to the store's metadata."""
@@ -320,10 +219,9 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     generator: GeneratorSection = field(default_factory=GeneratorSection)
     executor: ExecutorSection = field(default_factory=ExecutorSection)
-    synaug: SynaugSection = field(default_factory=SynaugSection)
-    tada: TadaSection = field(default_factory=TadaSection)
-    augcond: AugcondSection = field(default_factory=AugcondSection)
-    utilgen: UtilgenSection = field(default_factory=UtilgenSection)
+    # the recipes' own sections (`synaug`, `tada`, ...: `register_section` in each recipe's file),
+    # read and written at the top level of the YAML like the sections above, reached as config.<name>
+    sections: dict = field(default_factory=lambda: {name: cls() for name, cls in SECTIONS.items()})
     select: SelectSection = field(default_factory=SelectSection)
     validate: ValidateSection = field(default_factory=ValidateSection)
     report: ReportSection = field(default_factory=ReportSection)
@@ -337,6 +235,12 @@ class RunConfig:
             check_name(self.name, "name")
         check_folder(self.output_dir, "output_dir")
         check_folder(self.data.cache_dir, "data.cache_dir")
+
+    def __getattr__(self, name: str):
+        sections = self.__dict__.get("sections") or {}
+        if name in sections:
+            return sections[name]
+        raise AttributeError(f"'RunConfig' has no attribute '{name}'")
 
     def run_name(self) -> str:
         """`name`, or dataset-split-recipe-seed made safe as one folder name."""
@@ -352,7 +256,11 @@ class RunConfig:
         return "".join(ch if ch.isalnum() or ch in "-_.+" else "_" for ch in name).lstrip(".") or "run"
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The config as YAML holds it: each recipe section at the top level."""
+        out = {}
+        for key, value in dataclasses.asdict(self).items():
+            out.update(value if key == "sections" else {key: value})
+        return out
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> RunConfig:
@@ -398,8 +306,13 @@ def build(cls, raw: dict, prefix: str):
     if not isinstance(raw, dict):
         raise SynthaugError(f"config section '{prefix.rstrip('.')}' must be a mapping")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "sections"}
     kwargs = {}
+    if cls is RunConfig:  # the recipes' sections, each built by its own dataclass
+        sections = {name: build(section, raw.get(name) or {}, f"{name}.") for name, section in SECTIONS.items()}
+        raw = {k: v for k, v in raw.items() if k not in SECTIONS}
+        kwargs["sections"] = sections
+        fields.update({name: None for name in SECTIONS})  # known keys, for the did-you-mean below
     for key, value in raw.items():
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1)

@@ -16,16 +16,40 @@ data yet differ from every real image.
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config import register_section
 from ..data import concat
 from ..errors import SynthaugError
 from ..generate.cache import trains_embedded
+from ..generate.image_condition import OPERATORS
 from ..generate.network import GeneratorConfig
 from ..generate.stage import generator_stage
 from ..plan import conditioned_plan
 from ..select.stage import select_stage
+from ..utils.paths import check_folder
 from .registry import RecipeResult, register_recipe, train_and_evaluate
+
+
+@register_section("augcond")
+@dataclass
+class AugcondSection:
+    """AugCond: generations conditioned on the class and on augmented real images of it."""
+
+    mode: str = field(default="embed-cutmix-dropout", metadata={"choices": OPERATORS})  # the best on ImageNet-LT
+    embed_dim: int = 32  # dimensions of the fixed image encoder's embedding
+    dropout: float = 0.3  # rate of the Dropout operators (dropout, embed-cutmix-dropout)
+    expand: float = 1.0  # images per class after filling: expand x the largest class (1 = uniformize a long tail)
+    target_per_class: int | None = None  # or this many per class
+    store_dir: str | None = None  # where generated images go (default: <run folder>/synthetic)
+
+    def __post_init__(self):
+        if self.embed_dim < 1 or self.expand <= 0 or (self.target_per_class is not None and self.target_per_class < 1):
+            raise SynthaugError("augcond.embed_dim must be >= 1, augcond.expand > 0 and augcond.target_per_class >= 1")
+        if not 0 <= self.dropout < 1:
+            raise SynthaugError(f"augcond.dropout must be in [0, 1), got {self.dropout}")
+        check_folder(self.store_dir, "augcond.store_dir")
 
 
 def target_count(task, config) -> int:

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from ..classify import evaluate, fit_classifier, refit_head
+from ..config import register_section
 from ..data import concat
 from ..errors import SynthaugError
 from ..generate.cache import trains_embedded
@@ -28,7 +29,34 @@ from ..generate.stage import generator_stage
 from ..plan import balance_plan
 from ..select.metrics import diversity_ratio, memorization_ratio
 from ..select.stage import select_stage
+from ..utils.paths import check_folder
 from .registry import RecipeResult, register_recipe
+
+
+@register_section("synaug")
+@dataclass
+class SynaugSection:
+    """SYNAuG: uniformize with generated images, domain mixup, head re-fit on real data."""
+
+    target_per_class: int | None = None  # images per class after filling (default: the largest class)
+    balance_groups: bool = True  # with groups: fill every (class, group) cell
+    domain_mixup: bool = True
+    mix_alpha: float = 0.5
+    mix_prob: float = 1.0
+    refit_head: bool = True
+    refit_per_class: str = "min"  # real images per class for the re-fit: 'min' (smallest class) or a number
+    store_dir: str | None = None  # where generated images go (default: <run folder>/synthetic); runs with the
+    # same generator and plan can share one store
+
+    def __post_init__(self):
+        from ..classify.train import check_per_class
+
+        check_per_class(self.refit_per_class, "synaug.refit_per_class")
+        if self.mix_alpha <= 0 or not 0 <= self.mix_prob <= 1:
+            raise SynthaugError("synaug.mix_alpha must be > 0 and synaug.mix_prob in [0, 1]")
+        if self.target_per_class is not None and self.target_per_class < 1:
+            raise SynthaugError("synaug.target_per_class must be >= 1 (or unset: the largest class)")
+        check_folder(self.store_dir, "synaug.store_dir")
 
 
 def check(task, config):

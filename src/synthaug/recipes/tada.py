@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from ..classify import example_losses, fit_classifier
+from ..config import register_section
 from ..data import concat
 from ..errors import SynthaugError
 from ..generate.cache import trains_embedded
@@ -31,6 +32,7 @@ from ..generate.stage import generator_stage
 from ..plan import slow_learnable, targeted_plan
 from ..select.stage import select_stage
 from ..utils.io import atomic_write_json
+from ..utils.paths import check_folder
 from .registry import RecipeResult, register_recipe, train_and_evaluate
 
 MODES = {
@@ -39,6 +41,26 @@ MODES = {
     "tada-upsample": "TADA's baseline: the slow-learnable examples duplicated instead of generated",
     "tada-random": "TADA's control: image-guided variants of as many examples as TADA targets, drawn at random",
 }
+
+
+@register_section("tada")
+@dataclass
+class TadaSection:
+    """TADA: image-guided variants of the training examples not learned early in training."""
+
+    early_epochs: int = 3  # epochs of the normal schedule run before each example's loss is scored
+    variants: int = 5  # image-guided variants per targeted example (the paper: 5 on CIFAR)
+    strength: float | list = 0.5  # SDEdit strength, the share of sampling steps re-run: a number or [low, high]
+    store_dir: str | None = None  # where the variants go (default: <run folder>/synthetic); tada, tada-all, tada-random
+    # runs on the same split and generator can share one store (same row ids for the same examples)
+
+    def __post_init__(self):
+        from ..plan import strength_range
+
+        if self.early_epochs < 1 or self.variants < 1:
+            raise SynthaugError("tada.early_epochs and tada.variants must be >= 1")
+        strength_range(self.strength, "tada.strength")
+        check_folder(self.store_dir, "tada.store_dir")
 
 
 def check(task, config):

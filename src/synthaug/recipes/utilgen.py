@@ -27,24 +27,73 @@ import json
 import math
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from ..classify import evaluate, extract_features, fit_classifier
+from ..config import register_section
 from ..data import concat
 from ..errors import SynthaugError
 from ..generate.cache import load_generator, trains_embedded
-from ..generate.network import GeneratorConfig, SamplerConfig
+from ..generate.network import SAMPLERS, GeneratorConfig, SamplerConfig
 from ..generate.policy import mix_noise
 from ..generate.stage import generator_stage
 from ..plan import utility_plan
 from ..select.metrics import diversity_ratio, memorization_ratio
 from ..store import SyntheticStore
 from ..utils.io import atomic_write_json
+from ..utils.paths import check_folder
 from ..value import MetaWeightConfig, fit_meta_weighted, utilities
 from .registry import RecipeResult, register_recipe, train_and_evaluate
+
+
+@register_section("utilgen")
+@dataclass
+class UtilgenSection:
+    """UtilGen: rounds of generate -> value (meta-learned weights) -> optimise policy -> optimise model."""
+
+    rounds: int = 2
+    per_round: float = 1.0  # images generated per round, x the real training set (class-balanced)
+    final_multiple: float = 5.0  # the final synthetic set, x the real training set (class-balanced)
+    top_share: float = 0.25  # per class, the share of a round's images taken as high (and as low) utility
+    valuation_epochs: int = 10  # epochs of the meta-weighted classifier that values each round
+    meta_lr: float = 1.0e-2  # Adam on the weight network (Meta-Weight-Net: 1e-3 over far more steps)
+    embedding: bool = True  # instance level: optimise the class-embedding vectors on high-utility images
+    embedding_steps: int = 200
+    embedding_lr: float = 5.0e-3
+    embedding_proximity: float = 1.0  # weight of the penalty keeping the vectors near the original ones
+    # instance level: start generations from noise around DDIM inversions of high-utility images (sampler
+    # ddim), or with any other sampler, which would not follow an inversion back to its image, from those
+    # images themselves re-noised to renoise_strength (SDEdit: the share of the sampling steps re-run)
+    noise: bool = True
+    noise_mix: float = 0.8  # ddim: x_T = mix * inverted + sqrt(1 - mix^2) * fresh noise
+    renoise_strength: float = 0.8  # any other sampler
+    inversion_guidance: float = 1.0  # guidance of the inversion (the generation keeps generator.guidance_scale)
+    model_level: bool = True  # fine-tune the generator with Diffusion-DPO, high- over low-utility images
+    dpo_steps: int = 200
+    dpo_lr: float = 1.0e-5
+    dpo_beta: float = 2000.0
+    # rounds and the final set sample with this; ddim is deterministic, so an image's inverted noise leads
+    # back to it (exactly when inversion_guidance equals generator.guidance_scale, near it otherwise)
+    sampler: str = field(default="ddim", metadata={"choices": SAMPLERS})
+    sampling_steps: int = 25
+    store_dir: str | None = None  # where generated images go (default: <run folder>/synthetic)
+
+    def __post_init__(self):
+        if self.rounds < 0 or self.per_round <= 0 or self.final_multiple <= 0 or not 0 < self.top_share <= 0.5:
+            raise SynthaugError("utilgen.rounds must be >= 0, per_round and final_multiple > 0, top_share in (0, 0.5]")
+        if not 0 <= self.noise_mix <= 1 or self.dpo_beta <= 0 or self.valuation_epochs < 1:
+            raise SynthaugError("utilgen.noise_mix must be in [0, 1], dpo_beta > 0 and valuation_epochs >= 1")
+        if not 0 < self.renoise_strength <= 1:
+            raise SynthaugError(f"utilgen.renoise_strength must be in (0, 1], got {self.renoise_strength}")
+        if min(self.meta_lr, self.embedding_lr, self.dpo_lr) <= 0 or self.embedding_proximity < 0:
+            raise SynthaugError("utilgen.meta_lr, embedding_lr and dpo_lr must be > 0, embedding_proximity >= 0")
+        if self.inversion_guidance < 0 or min(self.embedding_steps, self.dpo_steps, self.sampling_steps) < 1:
+            raise SynthaugError("utilgen.inversion_guidance must be >= 0, embedding_steps, dpo_steps and "
+                                "sampling_steps >= 1")
+        check_folder(self.store_dir, "utilgen.store_dir")
 
 
 def check(task, config):
