@@ -246,7 +246,7 @@ def test_plot_labels_are_literal_and_the_backend_is_left_alone(tmp_path, capsys,
 
 def test_pairs_grid_takes_any_row_id():
     """Over-generated candidates are named `<id>~<j>`: the report never parses ids."""
-    from synthaug.report import pairs_grid
+    from synthaug.recipes.augcond import pairs_grid
 
     real = make_dataset((4, 4), size=8)
     synthetic = make_dataset((3, 3), size=8, seed=1)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from pathlib import Path
 
 import torch
@@ -27,13 +26,13 @@ METRIC_COLUMNS = [("accuracy", "accuracy"), ("balanced_accuracy", "balanced acc"
                   ("worst_class_accuracy", "worst class"), ("worst_group_accuracy", "worst group")]
 
 
-def _png(fig) -> str:
+def png(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
 
 
-def _subplots(*grid, figsize, **kwargs):
+def subplots(*grid, figsize, **kwargs):
     """A figure of its own (no pyplot: a notebook's backend and figures are left alone)."""
     from matplotlib.figure import Figure
 
@@ -41,7 +40,7 @@ def _subplots(*grid, figsize, **kwargs):
     return fig, fig.subplots(*grid, **kwargs)
 
 
-def _pct(v):
+def pct(v):
     return "n/a" if v is None else f"{100 * v:.2f}"
 
 
@@ -50,25 +49,25 @@ def metrics_table(rows: dict[str, dict], recipe: str) -> str:
     out = ["<table><tr><th>method</th>" + "".join(f"<th>{label}</th>" for _, label in present) + "</tr>"]
     for name, m in rows.items():
         cls = ' class="recipe"' if name == recipe else ""
-        out.append(f"<tr{cls}><td>{html.escape(name)}</td>" + "".join(f"<td>{_pct(m.get(k))}</td>" for k, _ in present) + "</tr>")
+        out.append(f"<tr{cls}><td>{html.escape(name)}</td>" + "".join(f"<td>{pct(m.get(k))}</td>" for k, _ in present) + "</tr>")
     return "".join(out) + "</table>"
 
 
 def counts_plot(classes, real_counts, synthetic_counts) -> str:
-    fig, ax = _subplots(figsize=(max(6, 0.6 * len(classes)), 3.2))
+    fig, ax = subplots(figsize=(max(6, 0.6 * len(classes)), 3.2))
     x = range(len(classes))
     ax.bar(x, real_counts, label="real", color="#4c72b0")
     ax.bar(x, synthetic_counts, bottom=real_counts, label="synthetic", color="#dd8452")
     ax.set_xticks(list(x), classes, rotation=45, ha="right")
     ax.set_ylabel("training images")
     ax.legend()
-    return _png(fig)
+    return png(fig)
 
 
 def sample_grid(classes, real: ImageDataset, synthetic: ImageDataset | None, per_side: int = 8) -> str:
     """One row per class: up to `per_side` real images, a gap, up to `per_side` synthetic ones."""
     rows = len(classes)
-    fig, axes = _subplots(rows, 1, figsize=(2 * per_side * 0.55 + 1, rows * 0.62))
+    fig, axes = subplots(rows, 1, figsize=(2 * per_side * 0.55 + 1, rows * 0.62))
     axes = [axes] if rows == 1 else axes
     for c, ax in enumerate(axes):
         strip = [_tile(real, c, per_side), torch.full((real.channels, real.image_size[0], 4), 255, dtype=torch.uint8)]
@@ -83,7 +82,7 @@ def sample_grid(classes, real: ImageDataset, synthetic: ImageDataset | None, per
             ax.text(1.5 * per_side * real.image_size[1] + 4, real.image_size[0] / 2, "none needed",
                     ha="center", va="center", fontsize=8, color="0.4")
     axes[0].set_title("real  |  synthetic", fontsize=9)
-    return _png(fig)
+    return png(fig)
 
 
 def _tile(ds: ImageDataset, c: int, n: int) -> torch.Tensor:
@@ -96,7 +95,7 @@ def _tile(ds: ImageDataset, c: int, n: int) -> torch.Tensor:
 
 
 def per_class_plot(classes, rows: dict[str, dict]) -> str:
-    fig, ax = _subplots(figsize=(max(6, 0.8 * len(classes)), 3.2))
+    fig, ax = subplots(figsize=(max(6, 0.8 * len(classes)), 3.2))
     width = 0.8 / max(1, len(rows))
     for i, (name, m) in enumerate(rows.items()):
         acc = [100 * m["per_class_accuracy"].get(c, 0) for c in classes]
@@ -104,122 +103,7 @@ def per_class_plot(classes, rows: dict[str, dict]) -> str:
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(classes))], classes, rotation=45, ha="right")
     ax.set_ylabel("test accuracy (%)")
     ax.legend(fontsize=8, ncol=min(4, len(rows)))
-    return _png(fig)
-
-
-def targeted_section(t: dict, real: ImageDataset) -> str:
-    """TADA's plan: how many examples were slow-learnable, their losses, classes and faces."""
-    n = len(real)
-    text = (f"<h2>Targeted examples</h2><p>After {t['early_epochs']} epoch(s) (training accuracy "
-            f"{_pct(t.get('early_train_acc'))}%), k-means on the per-example losses put <b>{t['slow_learnable']} of {n} "
-            f"examples ({100 * t['slow_learnable_share']:.1f}%)</b> in the slow-learnable cluster. Mode "
-            f"<b>{html.escape(t['mode'])}</b>: {t['targeted']} example(s) targeted, {t['variants']} "
-            f"{'duplicate' if t['mode'] == 'tada-upsample' else 'variant'}(s) each.</p>")
-    fig, (ax1, ax2) = _subplots(1, 2, figsize=(11, 2.8))
-    h = t["loss_histogram"]
-    edges = h["log1p_edges"]
-    width = edges[1] - edges[0]
-    ax1.bar(edges[:-1], h["learned"], width, align="edge", label="learned", color="#4c72b0")
-    ax1.bar(edges[:-1], h["slow"], width, align="edge", bottom=h["learned"], label="slow-learnable", color="#dd8452")
-    ax1.set_xlabel("log(1 + loss) early in training")
-    ax1.set_ylabel("examples")
-    ax1.legend(fontsize=8)
-    counts = real.class_counts().tolist()
-    share = [100 * s / max(1, c) for s, c in zip(t["slow_per_class"], counts)]
-    ax2.bar(range(len(share)), share, color="#dd8452")
-    ax2.set_xticks(range(len(share)), real.classes, rotation=45, ha="right", fontsize=8)
-    ax2.set_ylabel("slow-learnable (% of class)")
-    text += _png(fig)
-    examples = t.get("examples", [])[:32]
-    if examples:
-        text += "<p class='muted'>The targeted examples with the highest early loss:</p>" + _row_of(real.images[examples], 16)
-    return text
-
-
-def conditions_grid(real: ImageDataset, synthetic: ImageDataset, sources: int = 8, per_source: int = 6) -> str:
-    rows = synthetic.info["rows"]
-    by_source: dict[int, list[int]] = {}
-    for i, r in enumerate(rows):
-        if r.get("source") is not None:
-            by_source.setdefault(int(r["source"]), []).append(i)
-    picked = list(by_source.items())[:: max(1, len(by_source) // sources)][:sources]
-    fig, axes = _subplots(len(picked), per_source + 1, figsize=((per_source + 1) * 1.2, len(picked) * 1.3))
-    axes = axes.reshape(len(picked), per_source + 1)
-    for ax_row, (src, made) in zip(axes, picked):
-        for j, ax in enumerate(ax_row):
-            ax.axis("off")
-            if j == 0:
-                _show(ax, real.images[src])
-                ax.set_title(f"real: {real.classes[int(real.labels[src])]}", fontsize=7)
-            elif j - 1 < len(made):
-                _show(ax, synthetic.images[made[j - 1]])
-                strength = rows[made[j - 1]].get("strength")
-                ax.set_title("" if strength is None else f"s={strength:.2f}", fontsize=7)
-    return _png(fig)
-
-
-def utilgen_section(metrics: dict, real: ImageDataset) -> str:
-    """UtilGen's rounds: utility of real vs synthetic images, what the policy and DPO steps
-    did, the feature map before / after, and the highest- and lowest-utility images."""
-    u = metrics["utilgen"]
-    out = [f"<h2>UtilGen rounds</h2><p>Synthetic + real: balanced accuracy <b>{_pct(metrics['test']['balanced_accuracy'])}%</b>; "
-           f"synthetic only ({u['final_images']} images): <b>{_pct(u['synthetic_only']['balanced_accuracy'])}%</b>. "
-           f"Settings: {html.escape(json.dumps(u['settings']))}.</p>"]
-    rounds = u["rounds"]
-    if rounds:
-        head = ("<table><tr><th>round</th><th>images</th><th>mean utility real</th><th>mean utility synthetic</th>"
-                "<th>embedding loss (first → last)</th><th>DPO loss (last)</th><th>pairs ranked right</th></tr>")
-        body = []
-        for r in rounds:
-            e, d = r.get("embedding"), (r.get("dpo") or [{}])[-1]
-            emb = "-" if not e else f"{e['loss_first']:.4f} → {e['loss_last']:.4f}"
-            dpo = "-" if "loss" not in d else f"{d['loss']:.4f}"
-            ranked = "-" if "ranked_right" not in d else f"{100 * d['ranked_right']:.0f}%"
-            body.append(f"<tr><td>{r['round']}</td><td>{r['images']}</td><td>{r['mean_utility_real']:.3f}</td>"
-                        f"<td>{r['mean_utility_synthetic']:.3f}</td><td>{emb}</td><td>{dpo}</td><td>{ranked}</td></tr>")
-        out.append(head + "".join(body) + "</table>")
-        fig, axes = _subplots(1, len(rounds), figsize=(3.6 * len(rounds), 2.6), squeeze=False)
-        for ax, r in zip(axes[0], rounds):
-            edges = [i / 20 for i in range(20)]
-            total_r, total_s = max(1, sum(r["utility_real"])), max(1, sum(r["utility_synthetic"]))
-            ax.bar(edges, [v / total_r for v in r["utility_real"]], 0.05, align="edge", alpha=0.6, label="real", color="#4c72b0")
-            ax.bar(edges, [v / total_s for v in r["utility_synthetic"]], 0.05, align="edge", alpha=0.6, label="synthetic",
-                   color="#dd8452")
-            ax.set_title(f"round {r['round']}", fontsize=9)
-            ax.set_xlabel("utility (learned weight)")
-        axes[0][0].set_ylabel("share of images")
-        axes[0][0].legend(fontsize=8)
-        out.append("<p class='muted'>Utility of real and synthetic images per round.</p>" + _png(fig))
-    features = u.get("features")
-    if features:
-        fig, ax = _subplots(figsize=(5.5, 4.5))
-        styles = {"real": ("#555555", "o", "real"), "before": ("#4c72b0", "x", "synthetic, round 1"),
-                  "after": ("#dd8452", "+", "synthetic, final")}
-        for name, (color, marker, label) in styles.items():
-            if name in features:
-                xy = features[name]["xy"]
-                ax.scatter([p[0] for p in xy], [p[1] for p in xy], s=10, c=color, marker=marker, label=label, alpha=0.7)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.legend(fontsize=8)
-        out.append("<p class='muted'>t-SNE of the final classifier's features.</p>" + _png(fig))
-    store_dir = metrics.get("synthetic", {}).get("store")
-    if rounds and store_dir:
-        from .store import SyntheticStore
-
-        last = rounds[-1]["examples"]
-        store = SyntheticStore(store_dir, real.classes)
-        for kind in ("highest", "lowest"):
-            ds = store.load(ids=last[kind])
-            by_id = {row["id"]: i for i, row in enumerate(ds.info["rows"])}
-            order = [by_id[i] for i in last[kind] if i in by_id]
-            picks = []
-            for c in range(real.num_classes):  # up to 4 per class
-                picks += [i for i in order if int(ds.labels[i]) == c][:4]
-            if picks:
-                out.append(f"<p class='muted'>{kind.capitalize()}-utility images of round {rounds[-1]['round']}, "
-                           "up to 4 per class (class by class):</p>" + _row_of(ds.images[picks], 16))
-    return "".join(out)
+    return png(fig)
 
 
 def selection_section(sel: dict) -> str:
@@ -258,7 +142,7 @@ def validation_section(v: dict, classes: list[str]) -> str:
             value = f"{value:.3f}"
         rows.append(f"<tr><td>{name}</td><td>{value}</td><td class='muted note'>{meaning}</td></tr>")
     if v.get("cas"):
-        rows.append(f"<tr><td>train on synthetic, test on real (CAS)</td><td>{_pct(v['cas']['balanced_accuracy'])}%</td>"
+        rows.append(f"<tr><td>train on synthetic, test on real (CAS)</td><td>{pct(v['cas']['balanced_accuracy'])}%</td>"
                     f"<td class='muted note'>balanced test accuracy over the {v['cas']['classes']} classes the synthetic set "
                     "has, of a classifier trained on the synthetic images alone</td></tr>")
     diversity = v.get("diversity_ratio", {}).get("per_class", {})
@@ -273,63 +157,45 @@ def validation_section(v: dict, classes: list[str]) -> str:
                f"<tr><td>ratio</td>{cells}</tr></table>" if diversity else ""))
 
 
-def pairs_grid(real: ImageDataset, synthetic: ImageDataset, lines: int = 8, per_line: int = 3) -> str:
-    """Triples (first condition, second condition, generation) for image-conditioned rows,
-    spread over the classes."""
-    rows = synthetic.info["rows"]
-    position, seen = [], {}
-    for label in synthetic.labels.tolist():  # each row's place among its class's rows
-        position.append(seen.get(label, 0))
-        seen[label] = position[-1] + 1
-    order = sorted(range(len(rows)), key=lambda i: (position[i], int(synthetic.labels[i])))
-    picked = order[: lines * per_line]
-    fig, axes = _subplots(lines, 3 * per_line, figsize=(3 * per_line * 0.95, lines * 1.05))
-    axes = axes.reshape(lines, 3 * per_line)
-    for ax in axes.flatten():
-        ax.axis("off")
-    for k, i in enumerate(picked):
-        a, b = rows[i]["sources"]
-        line, col = divmod(k, per_line)
-        for j, (image, title) in enumerate([(real.images[a], f"real: {real.classes[int(real.labels[a])]}"),
-                                            (real.images[b], "2nd real"), (synthetic.images[i], "generated")]):
-            ax = axes[line, 3 * col + j]
-            _show(ax, image)
-            ax.set_title(title, fontsize=6, color="#dd8452" if j == 2 else "black")
-    return _png(fig)
-
-
-def _show(ax, image: torch.Tensor):
+def show(ax, image: torch.Tensor):
     ax.imshow(image.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray" if image.shape[0] == 1 else None, vmin=0, vmax=255)
 
 
-def _row_of(images: torch.Tensor, per_row: int) -> str:
+def image_row(images: torch.Tensor, per_row: int) -> str:
     rows = (len(images) + per_row - 1) // per_row
-    fig, axes = _subplots(rows, per_row, figsize=(per_row * 0.6, rows * 0.6))
+    fig, axes = subplots(rows, per_row, figsize=(per_row * 0.6, rows * 0.6))
     for k, ax in enumerate(axes.flatten() if hasattr(axes, "flatten") else [axes]):
         ax.axis("off")
         if k < len(images):
-            _show(ax, images[k])
-    return _png(fig)
+            show(ax, images[k])
+    return png(fig)
 
 
 def curve_plot(history: list[dict], x: str, y: str, xlabel: str, ylabel: str) -> str:
-    fig, ax = _subplots(figsize=(6, 2.8))
+    fig, ax = subplots(figsize=(6, 2.8))
     ax.plot([h[x] for h in history], [h[y] for h in history], marker="o" if len(history) < 20 else None)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    return _png(fig)
+    return png(fig)
+
+
+def literal_text():
+    """A matplotlib context in which plot text is literal: a class named `$x$` is not math."""
+    import matplotlib
+
+    return matplotlib.rc_context({"text.parse_math": False})
 
 
 def write_report(path: str | Path, metrics: dict, real: ImageDataset, synthetic: ImageDataset | None,
-                 config_yaml: str) -> Path:
-    """Write the run's report.html. Text in plots is literal: a class named `$x$` is not math."""
-    import matplotlib
+                 config_yaml: str, recipe_sections=None) -> Path:
+    """Write the run's report.html; `recipe_sections()`: the recipe's own sections (HTML, its
+    `report`), placed after the shared ones."""
+    with literal_text():
+        sections = [recipe_sections()] if recipe_sections is not None else []
+        return _write_report(path, metrics, real, synthetic, config_yaml, sections)
 
-    with matplotlib.rc_context({"text.parse_math": False}):
-        return _write_report(path, metrics, real, synthetic, config_yaml)
 
-
-def _write_report(path, metrics, real, synthetic, config_yaml) -> Path:
+def _write_report(path, metrics, real, synthetic, config_yaml, sections) -> Path:
     recipe = metrics["recipe"]
     rows = {recipe: metrics["test"], **{k: v["test"] for k, v in metrics.get("baselines", {}).items()}}
     classes = real.classes
@@ -355,22 +221,7 @@ def _write_report(path, metrics, real, synthetic, config_yaml) -> Path:
         parts.append(selection_section(metrics["synthetic"]["selection"]))
     if metrics.get("validation"):
         parts.append(validation_section(metrics["validation"], classes))
-    if metrics.get("targeted"):
-        parts.append(targeted_section(metrics["targeted"], real))
-    if synthetic is not None and len(synthetic) and any(r.get("source") is not None for r in synthetic.info.get("rows", [])):
-        parts.append("<h2>Conditions and their generations</h2><p class='muted'>Each row: the real image a generation "
-                     "started from (left), then the images made from it, with the SDEdit strength of each.</p>"
-                     + conditions_grid(real, synthetic))
-    if synthetic is not None and len(synthetic) and any(r.get("sources") is not None for r in synthetic.info.get("rows", [])):
-        c = metrics.get("conditioning", {})
-        pool = f", generator also trained on {c['unlabeled_pool']} unlabelled images" if c.get("unlabeled_pool") else ""
-        parts.append(f"<h2>Conditions and their generations</h2><p class='muted'>Conditioning mode "
-                     f"<b>{html.escape(str(c.get('mode')))}</b>, guidance {c.get('guidance_scale')}, image embedding of "
-                     f"{c.get('embed_dim')} dimensions{pool}. Each triple: the real image, the second real image of the "
-                     "class that the mixing modes blend in, and the generation.</p>"
-                     + pairs_grid(real, synthetic))
-    if metrics.get("utilgen"):
-        parts.append(utilgen_section(metrics, real))
+    parts.extend(sections)  # the recipe's own (its `report`)
     parts.append("<h2>Per-class test accuracy</h2>" + per_class_plot(classes, rows))
     generator = metrics.get("generator")
     if generator and generator.get("kind") == "stable-diffusion" and not generator.get("history"):
@@ -398,16 +249,16 @@ def _write_report(path, metrics, real, synthetic, config_yaml) -> Path:
 def _summary(metrics: dict, rows: dict[str, dict]) -> str:
     recipe = metrics["recipe"]
     ours = rows[recipe]["balanced_accuracy"]
-    text = f"<b>{html.escape(recipe)}</b>: balanced accuracy {_pct(ours)}%."
+    text = f"<b>{html.escape(recipe)}</b>: balanced accuracy {pct(ours)}%."
     baselines = {k: v for k, v in rows.items() if k not in (recipe, "oracle")}
     if baselines:
         best = max(baselines, key=lambda k: baselines[k]["balanced_accuracy"])
         delta = 100 * (ours - baselines[best]["balanced_accuracy"])
-        text += f" Best baseline: {html.escape(best)} at {_pct(baselines[best]['balanced_accuracy'])}% ({delta:+.2f} points)."
+        text += f" Best baseline: {html.escape(best)} at {pct(baselines[best]['balanced_accuracy'])}% ({delta:+.2f} points)."
         if "oracle" in rows:
             gap = rows["oracle"]["balanced_accuracy"] - baselines[best]["balanced_accuracy"]
             if gap > 0:
-                text += f" Oracle {_pct(rows['oracle']['balanced_accuracy'])}%: {100 * (ours - baselines[best]['balanced_accuracy']) / gap:.0f}% of the gap closed."
+                text += f" Oracle {pct(rows['oracle']['balanced_accuracy'])}%: {100 * (ours - baselines[best]['balanced_accuracy']) / gap:.0f}% of the gap closed."
     syn = metrics.get("synthetic")
     if syn:
         text += f" {syn['images']} synthetic images."

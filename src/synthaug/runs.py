@@ -195,7 +195,8 @@ def train_run(config: RunConfig, *, progress: bool = True, force: bool = False, 
     if compare and config.report.html:
         from .report import write_report
 
-        write_report(run_dir / "report.html", metrics, task.train, result.synthetic, dump_config(config))
+        sections = (lambda: recipe.report(result, task.train)) if recipe.report is not None else None
+        write_report(run_dir / "report.html", metrics, task.train, result.synthetic, dump_config(config), sections)
     for leftover in ("checkpoint", "cas-checkpoint"):
         shutil.rmtree(run_dir / leftover, ignore_errors=True)
     return run_dir, metrics

@@ -15,18 +15,20 @@ data yet differ from every real image.
 
 from __future__ import annotations
 
+import html
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import register_section
-from ..data import concat
+from ..data import ImageDataset, concat
 from ..errors import SynthaugError
 from ..generate.cache import trains_embedded
 from ..generate.image_condition import OPERATORS
 from ..generate.network import GeneratorConfig
 from ..generate.stage import generator_stage
 from ..plan import conditioned_plan
+from ..report import png, show, subplots
 from ..select.stage import select_stage
 from ..utils.paths import check_folder
 from .registry import RecipeResult, register_recipe, train_and_evaluate
@@ -70,8 +72,49 @@ def check(task, config):
                         preset=config.generator.preset, image_embed_dim=config.augcond.embed_dim)
 
 
+# ---------------------------------------------------------------------------- report
+
+
+def report(result: RecipeResult, real: ImageDataset) -> str:
+    """AugCond's section of report.html: each generation beside the real images it was conditioned on."""
+    synthetic = result.synthetic
+    if synthetic is None or not len(synthetic) or not any(r.get("sources") is not None for r in synthetic.info["rows"]):
+        return ""
+    c = result.extra.get("conditioning", {})
+    pool = f", generator also trained on {c['unlabeled_pool']} unlabelled images" if c.get("unlabeled_pool") else ""
+    return (f"<h2>Conditions and their generations</h2><p class='muted'>Conditioning mode "
+            f"<b>{html.escape(str(c.get('mode')))}</b>, guidance {c.get('guidance_scale')}, image embedding of "
+            f"{c.get('embed_dim')} dimensions{pool}. Each triple: the real image, the second real image of the "
+            "class that the mixing modes blend in, and the generation.</p>" + pairs_grid(real, synthetic))
+
+
+def pairs_grid(real: ImageDataset, synthetic: ImageDataset, lines: int = 8, per_line: int = 3) -> str:
+    """Triples (first condition, second condition, generation) for image-conditioned rows,
+    spread over the classes."""
+    rows = synthetic.info["rows"]
+    position, seen = [], {}
+    for label in synthetic.labels.tolist():  # each row's place among its class's rows
+        position.append(seen.get(label, 0))
+        seen[label] = position[-1] + 1
+    order = sorted(range(len(rows)), key=lambda i: (position[i], int(synthetic.labels[i])))
+    picked = order[: lines * per_line]
+    fig, axes = subplots(lines, 3 * per_line, figsize=(3 * per_line * 0.95, lines * 1.05))
+    axes = axes.reshape(lines, 3 * per_line)
+    for ax in axes.flatten():
+        ax.axis("off")
+    for k, i in enumerate(picked):
+        a, b = rows[i]["sources"]
+        line, col = divmod(k, per_line)
+        for j, (image, title) in enumerate([(real.images[a], f"real: {real.classes[int(real.labels[a])]}"),
+                                            (real.images[b], "2nd real"), (synthetic.images[i], "generated")]):
+            ax = axes[line, 3 * col + j]
+            show(ax, image)
+            ax.set_title(title, fontsize=6, color="#dd8452" if j == 2 else "black")
+    return png(fig)
+
+
 @register_recipe("augcond", "AugCond: generations conditioned on the class and augmented real images of it "
-                 "(augcond.mode picks the operator)", check=check)
+                 "(augcond.mode picks the operator)", check=check, report=report)
 def augcond(task, config, *, workdir=None, progress=False, trained=None) -> RecipeResult:
     opts, seconds = config.augcond, {}
     workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="synthaug-"))

@@ -18,8 +18,9 @@ class RecipeResult:
     model: Classifier
     history: list[dict]  # per-epoch training log
     seconds: dict[str, float]  # wall time per stage
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # more results for metrics.json (plan, rounds, generator, ...)
     synthetic: ImageDataset | None = None  # the generated images the model trained on (for the report)
+    figures: dict = field(default_factory=dict)  # images only the report shows (name: uint8 tensor)
 
 
 @dataclass
@@ -28,13 +29,14 @@ class Recipe:
     description: str
     run: Callable[..., RecipeResult]  # run(task, config, *, workdir, progress, trained) -> RecipeResult
     check: Callable | None = None  # check(task, config): raise SynthaugError before anything is written
+    report: Callable | None = None  # report(result, real) -> HTML: the recipe's own sections of report.html
 
 
 RECIPES: Registry[Recipe] = Registry("recipe")
 
 
-def register_recipe(name: str, description: str, check: Callable | None = None):
-    return RECIPES.register(name, lambda fn: Recipe(name, description, fn, check))
+def register_recipe(name: str, description: str, check: Callable | None = None, report: Callable | None = None):
+    return RECIPES.register(name, lambda fn: Recipe(name, description, fn, check, report))
 
 
 def get_recipe(name: str) -> Recipe:

@@ -15,6 +15,7 @@ targeting matter, or only the number of images?).
 
 from __future__ import annotations
 
+import html
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -24,12 +25,13 @@ import torch
 
 from ..classify import example_losses, fit_classifier
 from ..config import register_section
-from ..data import concat
+from ..data import ImageDataset, concat
 from ..errors import SynthaugError
 from ..generate.cache import trains_embedded
 from ..generate.network import GeneratorConfig
 from ..generate.stage import generator_stage
 from ..plan import slow_learnable, targeted_plan
+from ..report import image_row, pct, png, show, subplots
 from ..select.stage import select_stage
 from ..utils.io import atomic_write_json
 from ..utils.paths import check_folder
@@ -149,7 +151,72 @@ def _register(mode: str):
         return run_tada(mode, task, config, workdir=workdir, progress=progress, trained=trained)
 
     fn.__name__ = mode.replace("-", "_")
-    register_recipe(mode, MODES[mode], check=check if mode != "tada-upsample" else None)(fn)
+    register_recipe(mode, MODES[mode], check=check if mode != "tada-upsample" else None, report=report)(fn)
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def report(result: RecipeResult, real: ImageDataset) -> str:
+    """TADA's sections of report.html: the targeted examples, and real images beside their variants."""
+    out = targeted_section(result.extra["targeted"], real)
+    synthetic = result.synthetic
+    if synthetic is not None and len(synthetic) and any(r.get("source") is not None for r in synthetic.info["rows"]):
+        out += ("<h2>Conditions and their generations</h2><p class='muted'>Each row: the real image a generation "
+                "started from (left), then the images made from it, with the SDEdit strength of each.</p>"
+                + conditions_grid(real, synthetic))
+    return out
+
+
+def targeted_section(t: dict, real: ImageDataset) -> str:
+    """TADA's plan: how many examples were slow-learnable, their losses, classes and faces."""
+    n = len(real)
+    text = (f"<h2>Targeted examples</h2><p>After {t['early_epochs']} epoch(s) (training accuracy "
+            f"{pct(t.get('early_train_acc'))}%), k-means on the per-example losses put <b>{t['slow_learnable']} of {n} "
+            f"examples ({100 * t['slow_learnable_share']:.1f}%)</b> in the slow-learnable cluster. Mode "
+            f"<b>{html.escape(t['mode'])}</b>: {t['targeted']} example(s) targeted, {t['variants']} "
+            f"{'duplicate' if t['mode'] == 'tada-upsample' else 'variant'}(s) each.</p>")
+    fig, (ax1, ax2) = subplots(1, 2, figsize=(11, 2.8))
+    h = t["loss_histogram"]
+    edges = h["log1p_edges"]
+    width = edges[1] - edges[0]
+    ax1.bar(edges[:-1], h["learned"], width, align="edge", label="learned", color="#4c72b0")
+    ax1.bar(edges[:-1], h["slow"], width, align="edge", bottom=h["learned"], label="slow-learnable", color="#dd8452")
+    ax1.set_xlabel("log(1 + loss) early in training")
+    ax1.set_ylabel("examples")
+    ax1.legend(fontsize=8)
+    counts = real.class_counts().tolist()
+    share = [100 * s / max(1, c) for s, c in zip(t["slow_per_class"], counts)]
+    ax2.bar(range(len(share)), share, color="#dd8452")
+    ax2.set_xticks(range(len(share)), real.classes, rotation=45, ha="right", fontsize=8)
+    ax2.set_ylabel("slow-learnable (% of class)")
+    text += png(fig)
+    examples = t.get("examples", [])[:32]
+    if examples:
+        text += "<p class='muted'>The targeted examples with the highest early loss:</p>" + image_row(real.images[examples], 16)
+    return text
+
+
+def conditions_grid(real: ImageDataset, synthetic: ImageDataset, sources: int = 8, per_source: int = 6) -> str:
+    rows = synthetic.info["rows"]
+    by_source: dict[int, list[int]] = {}
+    for i, r in enumerate(rows):
+        if r.get("source") is not None:
+            by_source.setdefault(int(r["source"]), []).append(i)
+    picked = list(by_source.items())[:: max(1, len(by_source) // sources)][:sources]
+    fig, axes = subplots(len(picked), per_source + 1, figsize=((per_source + 1) * 1.2, len(picked) * 1.3))
+    axes = axes.reshape(len(picked), per_source + 1)
+    for ax_row, (src, made) in zip(axes, picked):
+        for j, ax in enumerate(ax_row):
+            ax.axis("off")
+            if j == 0:
+                show(ax, real.images[src])
+                ax.set_title(f"real: {real.classes[int(real.labels[src])]}", fontsize=7)
+            elif j - 1 < len(made):
+                show(ax, synthetic.images[made[j - 1]])
+                strength = rows[made[j - 1]].get("strength")
+                ax.set_title("" if strength is None else f"s={strength:.2f}", fontsize=7)
+    return png(fig)
 
 
 for _mode in MODES:

@@ -23,6 +23,7 @@ resume from the store and the classifier checkpoint).
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import tempfile
@@ -34,13 +35,14 @@ import torch
 
 from ..classify import evaluate, extract_features, fit_classifier
 from ..config import register_section
-from ..data import concat
+from ..data import ImageDataset, concat
 from ..errors import SynthaugError
 from ..generate.cache import load_generator, trains_embedded
 from ..generate.network import SAMPLERS, GeneratorConfig, SamplerConfig
 from ..generate.policy import mix_noise
 from ..generate.stage import generator_stage
 from ..plan import utility_plan
+from ..report import image_row, pct, png, subplots
 from ..select.metrics import diversity_ratio, memorization_ratio
 from ..store import SyntheticStore
 from ..utils.io import atomic_write_json
@@ -108,8 +110,158 @@ def per_class(task, multiple: float) -> int:
     return max(1, round(multiple * len(task.train) / task.train.num_classes))
 
 
+# ---------------------------------------------------------------------------- report
+
+
+def report(result: RecipeResult, real: ImageDataset) -> str:
+    """UtilGen's section of report.html: utility of real vs synthetic images, what the policy and
+    DPO steps did, the feature map before / after, and the highest- and lowest-utility images."""
+    u = result.extra["utilgen"]
+    out = [f"<h2>UtilGen rounds</h2><p>Synthetic + real: balanced accuracy <b>{pct(result.metrics['balanced_accuracy'])}%</b>; "
+           f"synthetic only ({u['final_images']} images): <b>{pct(u['synthetic_only']['balanced_accuracy'])}%</b>. "
+           f"Settings: {html.escape(json.dumps(u['settings']))}.</p>"]
+    rounds = u["rounds"]
+    if rounds:
+        head = ("<table><tr><th>round</th><th>images</th><th>mean utility real</th><th>mean utility synthetic</th>"
+                "<th>embedding loss (first → last)</th><th>DPO loss (last)</th><th>pairs ranked right</th></tr>")
+        body = []
+        for r in rounds:
+            e, d = r.get("embedding"), (r.get("dpo") or [{}])[-1]
+            emb = "-" if not e else f"{e['loss_first']:.4f} → {e['loss_last']:.4f}"
+            dpo = "-" if "loss" not in d else f"{d['loss']:.4f}"
+            ranked = "-" if "ranked_right" not in d else f"{100 * d['ranked_right']:.0f}%"
+            body.append(f"<tr><td>{r['round']}</td><td>{r['images']}</td><td>{r['mean_utility_real']:.3f}</td>"
+                        f"<td>{r['mean_utility_synthetic']:.3f}</td><td>{emb}</td><td>{dpo}</td><td>{ranked}</td></tr>")
+        out.append(head + "".join(body) + "</table>")
+        fig, axes = subplots(1, len(rounds), figsize=(3.6 * len(rounds), 2.6), squeeze=False)
+        for ax, r in zip(axes[0], rounds):
+            edges = [i / 20 for i in range(20)]
+            total_r, total_s = max(1, sum(r["utility_real"])), max(1, sum(r["utility_synthetic"]))
+            ax.bar(edges, [v / total_r for v in r["utility_real"]], 0.05, align="edge", alpha=0.6, label="real", color="#4c72b0")
+            ax.bar(edges, [v / total_s for v in r["utility_synthetic"]], 0.05, align="edge", alpha=0.6, label="synthetic",
+                   color="#dd8452")
+            ax.set_title(f"round {r['round']}", fontsize=9)
+            ax.set_xlabel("utility (learned weight)")
+        axes[0][0].set_ylabel("share of images")
+        axes[0][0].legend(fontsize=8)
+        out.append("<p class='muted'>Utility of real and synthetic images per round.</p>" + png(fig))
+    features = u.get("features")
+    if features:
+        fig, ax = subplots(figsize=(5.5, 4.5))
+        styles = {"real": ("#555555", "o", "real"), "before": ("#4c72b0", "x", "synthetic, round 1"),
+                  "after": ("#dd8452", "+", "synthetic, final")}
+        for name, (color, marker, label) in styles.items():
+            if name in features:
+                xy = features[name]["xy"]
+                ax.scatter([p[0] for p in xy], [p[1] for p in xy], s=10, c=color, marker=marker, label=label, alpha=0.7)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.legend(fontsize=8)
+        out.append("<p class='muted'>t-SNE of the final classifier's features.</p>" + png(fig))
+    for kind in ("highest", "lowest"):
+        if len(result.figures.get(kind, ())):
+            out.append(f"<p class='muted'>{kind.capitalize()}-utility images of round {rounds[-1]['round']}, "
+                       "up to 4 per class (class by class):</p>" + image_row(result.figures[kind], 16))
+    return "".join(out)
+
+
+def _generate(store, plan, generator, sampling, noise_bank, progress):
+    from ..generate.cache import provenance
+
+    shape = generator.noise_shape
+
+    def from_noise(rows):
+        noise = None
+        if any(r.get("noise_from") is not None for r in rows):  # else the noise drawn from each seed
+            noise = torch.stack([
+                mix_noise(noise_bank[r["noise_from"]][None], [r["seed"]], r["noise_mix"])[0] if r.get("noise_from")
+                else torch.randn(shape, generator=torch.Generator().manual_seed(r["seed"])) for r in rows])
+        return generator.generate([r["label"] for r in rows], [r["seed"] for r in rows], sampler=sampling, noise=noise)
+
+    def renoised(rows):  # any sampler but ddim: high-utility images re-noised (SDEdit)
+        return generator.generate([r["label"] for r in rows], [r["seed"] for r in rows], sampler=sampling,
+                                  strength=[r["strength"] for r in rows],
+                                  init_images=torch.stack([noise_bank[r["noise_from"]] for r in rows]))
+
+    def make(rows):  # an image depends on its row alone, so a batch can be split by kind
+        out = None
+        for fn, guided in ((renoised, True), (from_noise, False)):
+            idx = [i for i, r in enumerate(rows) if (r.get("strength") is not None) == guided]
+            if idx:
+                images = fn([rows[i] for i in idx])
+                out = images.new_empty(len(rows), *images.shape[1:]) if out is None else out
+                out[idx] = images
+        return out
+
+    store.fill(plan, make, batch_size=sampling.batch_size, progress=progress, provenance=provenance(generator, sampling))
+    store.verify()
+    return store.load(ids=[r["id"] for r in plan])
+
+
+def _extremes(labels: torch.Tensor, utility: torch.Tensor, share: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per class, the indices of the `share` highest- and lowest-utility images, paired by
+    rank (the i-th best with the i-th worst), so both lists have the same length."""
+    top, bottom = [], []
+    for c in labels.unique().tolist():
+        idx = torch.nonzero(labels == c).flatten()
+        order = idx[utility[idx].argsort(descending=True)]
+        k = max(1, int(share * len(order)))
+        if len(order) < 2:
+            continue
+        k = min(k, len(order) // 2)
+        top.append(order[:k])
+        bottom.append(order.flip(0)[:k])
+    if not top:
+        raise SynthaugError("too few images per class to tell high from low utility: raise utilgen.per_round")
+    return torch.cat(top), torch.cat(bottom)
+
+
+def _hist(values: torch.Tensor, bins: int = 20) -> list[int]:
+    return torch.histc(values.float(), bins=bins, min=0.0, max=1.0).long().tolist()
+
+
+def _save_noise(folder: Path, bank: dict[str, torch.Tensor], noise_from: dict[int, list[str]]):
+    from safetensors.torch import save_file
+
+    tmp = folder / ".noise.safetensors.tmp"
+    save_file({k: v.contiguous() for k, v in bank.items()} or {"_empty": torch.zeros(1)}, tmp,
+              metadata={"noise_from": json.dumps(noise_from)})
+    tmp.replace(folder / "noise.safetensors")
+
+
+def _load_noise(folder: Path) -> tuple[dict[str, torch.Tensor], dict[int, list[str]]]:
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "noise.safetensors"), framework="pt") as f:
+        bank = {k: f.get_tensor(k) for k in f.keys() if k != "_empty"}
+        noise_from = {int(c): ids for c, ids in json.loads(f.metadata()["noise_from"]).items()}
+    return bank, noise_from
+
+
+def _feature_map(model, real, store, rounds, final, n: int = 300, seed: int = 0) -> dict:
+    """2-D t-SNE of the final classifier's features: real images, the first round's synthetic
+    images (before optimisation) and the final ones (after)."""
+    from sklearn.manifold import TSNE
+
+    g = torch.Generator().manual_seed(seed)
+    pick = lambda ds: ds.subset(torch.randperm(len(ds), generator=g)[:n])  # noqa: E731
+    parts = {"real": pick(real), "after": pick(final)}
+    if rounds:
+        first = [r["id"] for r in store.rows() if r["id"].startswith("utilgen-r1-")]
+        if first:
+            parts["before"] = pick(store.load(ids=first))
+    feats = torch.cat([extract_features(model, ds.images) for ds in parts.values()]).numpy()
+    coords = TSNE(n_components=2, init="pca", random_state=seed, perplexity=min(30, max(2, len(feats) // 4))).fit_transform(feats)
+    out, i = {}, 0
+    for name, ds in parts.items():
+        out[name] = {"xy": [[round(float(a), 3), round(float(b), 3)] for a, b in coords[i : i + len(ds)]],
+                     "labels": ds.labels.tolist()}
+        i += len(ds)
+    return out
+
+
 @register_recipe("utilgen", "UtilGen: rounds of generate, value (meta-learned weights), optimise policy and model; "
-                 "then train on the final synthetic set, alone and with real data", check=check)
+                 "then train on the final synthetic set, alone and with real data", check=check, report=report)
 def utilgen(task, config, *, workdir=None, progress=False, trained=None) -> RecipeResult:
     check(task, config)
     opts, seconds = config.utilgen, {}
@@ -221,99 +373,18 @@ def utilgen(task, config, *, workdir=None, progress=False, trained=None) -> Reci
                       "counts_after": (real.class_counts() + final.class_counts()).tolist()},
     }
     return RecipeResult(metrics=metrics, model=result.model, history=result.history, seconds=seconds, extra=extra,
-                        synthetic=final)
+                        synthetic=final, figures=_examples(store, rounds, real.num_classes))
 
 
-def _generate(store, plan, generator, sampling, noise_bank, progress):
-    from ..generate.cache import provenance
-
-    shape = generator.noise_shape
-
-    def from_noise(rows):
-        noise = None
-        if any(r.get("noise_from") is not None for r in rows):  # else the noise drawn from each seed
-            noise = torch.stack([
-                mix_noise(noise_bank[r["noise_from"]][None], [r["seed"]], r["noise_mix"])[0] if r.get("noise_from")
-                else torch.randn(shape, generator=torch.Generator().manual_seed(r["seed"])) for r in rows])
-        return generator.generate([r["label"] for r in rows], [r["seed"] for r in rows], sampler=sampling, noise=noise)
-
-    def renoised(rows):  # any sampler but ddim: high-utility images re-noised (SDEdit)
-        return generator.generate([r["label"] for r in rows], [r["seed"] for r in rows], sampler=sampling,
-                                  strength=[r["strength"] for r in rows],
-                                  init_images=torch.stack([noise_bank[r["noise_from"]] for r in rows]))
-
-    def make(rows):  # an image depends on its row alone, so a batch can be split by kind
-        out = None
-        for fn, guided in ((renoised, True), (from_noise, False)):
-            idx = [i for i, r in enumerate(rows) if (r.get("strength") is not None) == guided]
-            if idx:
-                images = fn([rows[i] for i in idx])
-                out = images.new_empty(len(rows), *images.shape[1:]) if out is None else out
-                out[idx] = images
-        return out
-
-    store.fill(plan, make, batch_size=sampling.batch_size, progress=progress, provenance=provenance(generator, sampling))
-    store.verify()
-    return store.load(ids=[r["id"] for r in plan])
-
-
-def _extremes(labels: torch.Tensor, utility: torch.Tensor, share: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per class, the indices of the `share` highest- and lowest-utility images, paired by
-    rank (the i-th best with the i-th worst), so both lists have the same length."""
-    top, bottom = [], []
-    for c in labels.unique().tolist():
-        idx = torch.nonzero(labels == c).flatten()
-        order = idx[utility[idx].argsort(descending=True)]
-        k = max(1, int(share * len(order)))
-        if len(order) < 2:
-            continue
-        k = min(k, len(order) // 2)
-        top.append(order[:k])
-        bottom.append(order.flip(0)[:k])
-    if not top:
-        raise SynthaugError("too few images per class to tell high from low utility: raise utilgen.per_round")
-    return torch.cat(top), torch.cat(bottom)
-
-
-def _hist(values: torch.Tensor, bins: int = 20) -> list[int]:
-    return torch.histc(values.float(), bins=bins, min=0.0, max=1.0).long().tolist()
-
-
-def _save_noise(folder: Path, bank: dict[str, torch.Tensor], noise_from: dict[int, list[str]]):
-    from safetensors.torch import save_file
-
-    tmp = folder / ".noise.safetensors.tmp"
-    save_file({k: v.contiguous() for k, v in bank.items()} or {"_empty": torch.zeros(1)}, tmp,
-              metadata={"noise_from": json.dumps(noise_from)})
-    tmp.replace(folder / "noise.safetensors")
-
-
-def _load_noise(folder: Path) -> tuple[dict[str, torch.Tensor], dict[int, list[str]]]:
-    from safetensors import safe_open
-
-    with safe_open(str(folder / "noise.safetensors"), framework="pt") as f:
-        bank = {k: f.get_tensor(k) for k in f.keys() if k != "_empty"}
-        noise_from = {int(c): ids for c, ids in json.loads(f.metadata()["noise_from"]).items()}
-    return bank, noise_from
-
-
-def _feature_map(model, real, store, rounds, final, n: int = 300, seed: int = 0) -> dict:
-    """2-D t-SNE of the final classifier's features: real images, the first round's synthetic
-    images (before optimisation) and the final ones (after)."""
-    from sklearn.manifold import TSNE
-
-    g = torch.Generator().manual_seed(seed)
-    pick = lambda ds: ds.subset(torch.randperm(len(ds), generator=g)[:n])  # noqa: E731
-    parts = {"real": pick(real), "after": pick(final)}
-    if rounds:
-        first = [r["id"] for r in store.rows() if r["id"].startswith("utilgen-r1-")]
-        if first:
-            parts["before"] = pick(store.load(ids=first))
-    feats = torch.cat([extract_features(model, ds.images) for ds in parts.values()]).numpy()
-    coords = TSNE(n_components=2, init="pca", random_state=seed, perplexity=min(30, max(2, len(feats) // 4))).fit_transform(feats)
-    out, i = {}, 0
-    for name, ds in parts.items():
-        out[name] = {"xy": [[round(float(a), 3), round(float(b), 3)] for a, b in coords[i : i + len(ds)]],
-                     "labels": ds.labels.tolist()}
-        i += len(ds)
+def _examples(store: SyntheticStore, rounds: list[dict], classes: int) -> dict[str, torch.Tensor]:
+    """The last round's highest- and lowest-utility images, up to 4 per class, class by class."""
+    if not rounds:
+        return {}
+    out = {}
+    for kind, ids in rounds[-1]["examples"].items():
+        ds = store.load(ids=ids)
+        by_id = {row["id"]: i for i, row in enumerate(ds.info["rows"])}
+        order = [by_id[i] for i in ids if i in by_id]
+        picks = [i for c in range(classes) for i in [j for j in order if int(ds.labels[j]) == c][:4]]
+        out[kind] = ds.images[picks]
     return out
