@@ -197,6 +197,8 @@ CASES = [
     ("decompression-bomb", bomb, ["train", "-s", "data.dataset=IN"], "too large"),
     ("single-class", one_class, ["train", "-s", "data.dataset=IN", "-s", "split.kind=none"], "two classes"),
     ("unknown-recipe", None, ["train", *FAST, "-s", "recipe=magic"], "unknown recipe 'magic'"),
+    ("utilgen-on-ray", None, ["run", *FAST, "-s", "recipe=utilgen", "-s", "split.val_per_class=3", "-s",
+                              "executor.name=ray"], "leave executor.name=local"),
     ("unknown-baseline", None, ["run", *FAST, "-s", "report.baselines=[ce,magic]"], "unknown recipe 'magic'"),
     ("target-below-largest", None, ["run", *FAST, "-s", "recipe=synaug", "-s", "synaug.target_per_class=3"],
      "below the largest class"),

@@ -1,16 +1,39 @@
-"""Planners decide what to synthesise. A plan is a list of rows (dicts): a unique `id`, the
-`label`, an optional `group`, the image's own `seed`, the `recipe`, and whatever
-conditioning the generator needs. Generating is a pure function of a row, so a plan can be
-sharded, retried and resumed."""
+"""Planners decide what to synthesise. A plan is a list of rows (`PlanRow`): a unique `id`,
+the `label`, an optional `group`, the image's own `seed`, the `recipe`, its `kind`, and
+whatever conditioning that kind needs. Generating is a pure function of a row, so a plan can
+be sharded, retried and resumed."""
 
 from __future__ import annotations
 
 import hashlib
+from typing import Literal, TypedDict
 
 import torch
 
 from .data.dataset import ImageDataset
 from .errors import SynthaugError
+
+# plain: the class (and group) alone; guided: SDEdit from a real image (`source`, `strength`);
+# conditioned: conditioned on two real images (`sources`, `conditioning` mode); UtilGen's
+# noised: from noise around an inverted image (`noise_from`, `noise_mix`) and renoised: from a
+# stored image re-noised to `strength` (`noise_from`)
+RowKind = Literal["plain", "guided", "conditioned", "noised", "renoised"]
+
+
+class PlanRow(TypedDict, total=False):
+    id: str  # unique in the plan; names the image's file
+    label: int
+    group: int | None
+    seed: int  # the image's own seed (`row_seed`)
+    recipe: str
+    kind: RowKind
+    conditioning: str  # what the image is conditioned on, as recorded in the store
+    source: int  # guided: index of the real image
+    strength: float  # guided, renoised: share of the sampling steps re-run
+    sources: list[int]  # conditioned: indices of two real images of the class
+    dropout: float  # conditioned with a Dropout operator: its rate
+    noise_from: str  # noised, renoised: id of the high-utility image
+    noise_mix: float  # noised: weight of the inverted noise
 
 
 def row_seed(plan_seed: int, row_id: str) -> int:
@@ -47,7 +70,7 @@ def balance_plan(data: ImageDataset, *, target_per_class: int | None = None, by_
             row_id = f"{recipe}-c{c}" + ("" if group is None else f"-g{group}") + f"-{k:06d}"
             rows.append({
                 "id": row_id, "label": c, "group": group, "seed": row_seed(seed, row_id), "recipe": recipe,
-                "conditioning": "class" if group is None else "class+group",
+                "kind": "plain", "conditioning": "class" if group is None else "class+group",
             })
     return rows
 
@@ -92,7 +115,7 @@ def targeted_plan(data: ImageDataset, mask: torch.Tensor, *, variants: int, stre
             s = row_seed(seed, row_id)
             rows.append({
                 "id": row_id, "label": int(data.labels[i]), "group": None if data.groups is None else int(data.groups[i]),
-                "seed": s, "recipe": recipe, "conditioning": "image", "source": i,
+                "seed": s, "recipe": recipe, "kind": "guided", "conditioning": "image", "source": i,
                 "strength": low if low == high else round(low + (high - low) * ((s % 10_007) / 10_006), 4),
             })
     return rows
@@ -117,7 +140,8 @@ def conditioned_plan(data: ImageDataset, *, target_per_class: int, mode: str, se
             s = row_seed(seed, row_id)
             first = members[k % len(members)]
             others = [m for m in members if m != first] or [first]
-            row = {"id": row_id, "label": c, "group": None, "seed": s, "recipe": recipe, "conditioning": mode,
+            row = {"id": row_id, "label": c, "group": None, "seed": s, "recipe": recipe, "kind": "conditioned",
+                   "conditioning": mode,
                    "sources": [first, others[s % len(others)]]}
             if "dropout" in mode:
                 row["dropout"] = dropout
@@ -141,17 +165,22 @@ def utility_plan(data: ImageDataset, *, per_class: int, round_name: str, seed: i
         for k in range(per_class):
             row_id = f"{recipe}-{round_name}-c{c}-{k:06d}"
             row = {"id": row_id, "label": c, "group": None, "seed": row_seed(seed, row_id), "recipe": recipe,
-                   "conditioning": "class"}
+                   "kind": "plain", "conditioning": "class"}
             if sources and renoise_strength:
-                row.update(conditioning="class+image", noise_from=sources[k % len(sources)], strength=renoise_strength)
+                row.update(kind="renoised", conditioning="class+image", noise_from=sources[k % len(sources)],
+                           strength=renoise_strength)
             elif sources:
-                row.update(conditioning="class+noise", noise_from=sources[k % len(sources)], noise_mix=noise_mix)
+                row.update(kind="noised", conditioning="class+noise", noise_from=sources[k % len(sources)],
+                           noise_mix=noise_mix)
             rows.append(row)
     return rows
 
 
-def row_kind(row: dict) -> str:
-    """conditioned (`sources`: image-conditioned), guided (`source`: image-guided) or plain."""
+def row_kind(row: PlanRow) -> RowKind:
+    """The row's `kind` (rows made by hand without one: conditioned with `sources`, guided with
+    `source`, else plain)."""
+    if row.get("kind"):
+        return row["kind"]
     return "conditioned" if row.get("sources") is not None else "guided" if row.get("source") is not None else "plain"
 
 

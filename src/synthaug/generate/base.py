@@ -15,6 +15,7 @@ import torch
 
 from ..data.dataset import ImageDataset
 from ..errors import SynthaugError
+from ..plan import row_kind
 from .image_condition import condition_embeddings
 from .network import SamplerConfig
 
@@ -76,8 +77,10 @@ def generate_arguments(rows: list[dict], sources: ImageDataset | None, encoder) 
     """`generate`'s arguments for plan rows of one kind: labels, seeds and groups; the source
     images and strengths of image-guided rows; the conditioning embeddings (from `encoder`)
     of image-conditioned rows."""
-    guided = bool(rows) and rows[0].get("source") is not None
-    conditioned = bool(rows) and rows[0].get("sources") is not None
+    kind = row_kind(rows[0]) if rows else "plain"
+    if kind not in ("plain", "guided", "conditioned"):
+        raise SynthaugError(f"plan rows of kind '{kind}' are made by their recipe (UtilGen), not by generate_rows")
+    guided, conditioned = kind == "guided", kind == "conditioned"
     if (guided or conditioned) and sources is None:
         raise SynthaugError("these plan rows start from real images: pass the dataset their source indices point into")
     embeds = keep = None

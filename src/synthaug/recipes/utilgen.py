@@ -41,7 +41,7 @@ from ..generate.cache import load_generator, trains_embedded
 from ..generate.network import SAMPLERS, GeneratorConfig, SamplerConfig
 from ..generate.policy import mix_noise
 from ..generate.stage import generator_stage
-from ..plan import utility_plan
+from ..plan import row_kind, utility_plan
 from ..report import image_row, pct, png, subplots
 from ..select.metrics import diversity_ratio, memorization_ratio
 from ..store import SyntheticStore
@@ -101,6 +101,10 @@ class UtilgenSection:
 def check(task, config):
     if task.val is None or len(task.val) == 0:
         raise SynthaugError("utilgen values images on a clean real validation split: set split.val_per_class (e.g. 10)")
+    # its rounds generate from noise and images in memory, in this process, and keep every image
+    if config.executor.name != "local" or config.select.method != "none":
+        raise SynthaugError("utilgen generates in this process and keeps every image it values: leave executor.name=local "
+                            "and select.method=none")
     if trains_embedded(config.generator):
         GeneratorConfig(image_size=task.train.image_size[0], channels=task.train.channels, classes=task.train.classes,
                         preset=config.generator.preset)
@@ -186,7 +190,7 @@ def _generate(store, plan, generator, sampling, noise_bank, progress):
     def make(rows):  # an image depends on its row alone, so a batch can be split by kind
         out = None
         for fn, guided in ((renoised, True), (from_noise, False)):
-            idx = [i for i, r in enumerate(rows) if (r.get("strength") is not None) == guided]
+            idx = [i for i, r in enumerate(rows) if (row_kind(r) == "renoised") == guided]
             if idx:
                 images = fn([rows[i] for i in idx])
                 out = images.new_empty(len(rows), *images.shape[1:]) if out is None else out
