@@ -1,5 +1,9 @@
 """The run configuration: nested dataclasses, read from YAML and overridden with `key=value`
-pairs (`train.epochs=5`). Unknown keys and wrong types are errors, never ignored."""
+pairs (`train.epochs=5`). Unknown keys and wrong types are errors, never ignored.
+
+Each section is a `*Section` dataclass; the `train` section is the library's own
+`TrainConfig` (`fit_classifier` takes it as it is), and recipes add their sections with
+`register_section`."""
 
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ MAX_SEED = 2**31 - 1  # seeds are mixed with step counts before they reach torch
 
 
 @dataclass
-class DataConfig:
+class DataSection:
     dataset: str = "mnist-5k"  # a name from `synthaug datasets`, an ImageFolder path, or hf:<dataset>
     image_size: int | None = None  # resize to this many pixels (square)
     channels: int | None = None  # 1 or 3 to convert; None keeps the source's
@@ -42,7 +46,7 @@ class DataConfig:
 
 
 @dataclass
-class SplitConfig:
+class SplitSection:
     kind: str = field(default="long-tail", metadata={"choices": SPLITS})
     seed: int = 0  # the split is fixed across training seeds, as is the field's convention
     ratio: float = 50.0  # long-tail: head size / tail size
@@ -63,7 +67,7 @@ class SplitConfig:
 
 
 @dataclass
-class EvalConfig:
+class EvalSection:
     many_threshold: float | None = None  # many-shot: classes with more training images (default 20% of the head)
     few_threshold: float | None = None  # few-shot: classes with fewer (default 4% of the head)
     posthoc_tau: float = 1.0  # strength of post-hoc logit adjustment (recipe posthoc-la)
@@ -213,10 +217,10 @@ class RunConfig:
     name: str | None = None  # run folder name (default: dataset-split-recipe-seed)
     seed: int = 0
     output_dir: str = "runs"
-    data: DataConfig = field(default_factory=DataConfig)
-    split: SplitConfig = field(default_factory=SplitConfig)
+    data: DataSection = field(default_factory=DataSection)
+    split: SplitSection = field(default_factory=SplitSection)
     train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: EvalSection = field(default_factory=EvalSection)
     generator: GeneratorSection = field(default_factory=GeneratorSection)
     executor: ExecutorSection = field(default_factory=ExecutorSection)
     # the recipes' own sections (`synaug`, `tada`, ...: `register_section` in each recipe's file),

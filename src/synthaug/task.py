@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import SplitConfig
+from .config import SplitSection
 from .data import ImageDataset, LoadedDataset, balanced_validation, colored, few_shot, long_tail
 
 
@@ -28,7 +28,7 @@ class Task:
         return out
 
 
-def make_task(data: LoadedDataset, split: SplitConfig) -> Task:
+def make_task(data: LoadedDataset, split: SplitSection) -> Task:
     full, test = data.train, data.test
     unlabeled = None
     if split.kind == "colored":
