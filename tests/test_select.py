@@ -121,8 +121,10 @@ def test_matched_per_class_and_config_errors():
     real, synthetic = make_dataset((10, 2, 5)), make_dataset((0, 6, 1), seed=1)
     real_cut, synthetic_cut = matched_per_class(real, synthetic, cap=4, seed=0)
     assert real_cut.class_counts().tolist() == synthetic_cut.class_counts().tolist() == [0, 2, 1]
-    with pytest.raises(SynthaugError, match="select.method: unknown selection method 'best'"):
-        load_config(None, ["select.method=best"])
+    from synthaug.runs import preflight
+
+    with pytest.raises(SynthaugError, match="unknown selection method 'best'"):
+        preflight(load_config(None, ["select.method=best"]))
     with pytest.raises(SynthaugError, match="overgenerate must be >= 1"):
         load_config(None, ["select.overgenerate=0.5"])
 

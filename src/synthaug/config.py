@@ -17,16 +17,12 @@ from pathlib import Path
 
 import yaml
 
+from .choices import Dtype, Pairing, Preset, Profile, Sampler, SplitKind
 from .classify.train import TrainConfig
 from .errors import SynthaugError
-from .generate.image_condition import PAIRINGS
-from .generate.network import PRESETS, SAMPLERS
-from .generate.stable_diffusion import DTYPES as SD_DTYPES
-from .select.filters import SELECTORS
 from .utils.paths import check_folder, check_name
 from .utils.registry import Registry
 
-SPLITS = ("none", "long-tail", "few-shot", "colored")
 # sections that recipes add to the run config (each recipe's file registers its own)
 SECTIONS: Registry[type] = Registry("config section")
 
@@ -47,10 +43,10 @@ class DataSection:
 
 @dataclass
 class SplitSection:
-    kind: str = field(default="long-tail", metadata={"choices": SPLITS})
+    kind: SplitKind = "long-tail"
     seed: int = 0  # the split is fixed across training seeds, as is the field's convention
     ratio: float = 50.0  # long-tail: head size / tail size
-    profile: str = field(default="exp", metadata={"choices": ("exp", "step")})
+    profile: Profile = "exp"
     n_max: int | None = None  # long-tail: images in the head class (default: the smallest class's size)
     k: int = 10  # few-shot: labelled images per class
     unlabeled_pool: bool = True  # few-shot: keep the other images as an unlabeled pool
@@ -92,13 +88,13 @@ class GeneratorSection:
     prompt_modifiers: list = field(default_factory=list)  # appended to the prompt, one drawn per image
     negative_prompt: str = ""
     resolution: int | None = None  # Stable Diffusion's generation size (default: the UNet's native size)
-    dtype: str = field(default="auto", metadata={"choices": SD_DTYPES})  # auto: float16/bfloat16 on a GPU
+    dtype: Dtype = "auto"  # auto: float16/bfloat16 on a GPU
     attention_slicing: bool = True  # on a GPU
     noise_level: int = 0  # unCLIP: noise on the image embedding
     adapt_steps: int = 0  # > 0: fine-tune a LoRA adapter on the training images first (cached)
     lora_rank: int = 4
     adapt_lr: float = 1.0e-4
-    preset: str = field(default="small", metadata={"choices": tuple(PRESETS)})
+    preset: Preset = "small"
     steps: int = 2400
     batch_size: int = 64
     lr: float = 1.0e-3  # 800 steps at 1e-3 come close to 2,400 at 2e-4 (BENCHMARKS.md, sampler table)
@@ -109,7 +105,7 @@ class GeneratorSection:
     # from the same trained generator (the trained generator's cache key does not depend on it)
     sample_seed: int | None = None
     checkpoint_every: int = 200  # training steps between checkpoints (resume point after an interruption)
-    sampler: str = field(default="sde-dpm-solver++", metadata={"choices": SAMPLERS})
+    sampler: Sampler = "sde-dpm-solver++"
     sampling_steps: int = 15
     guidance_scale: float = 3.0
     sampling_batch_size: int = 128
@@ -118,7 +114,7 @@ class GeneratorSection:
     unlabeled_share: float = 0.5
     # image-conditioned generators (recipe augcond): condition dropout and the conditioning image in training
     image_dropout: float = 0.1
-    image_pairing: str = field(default="self", metadata={"choices": PAIRINGS})
+    image_pairing: Pairing = "self"
 
     @property
     def plan_seed(self) -> int:
@@ -154,7 +150,7 @@ class ExecutorSection:
     """Who makes the synthetic images (generate/executors.py): this process, `accelerate`
     (the GPUs of one node) or `ray` (a cluster)."""
 
-    name: str = field(default="local", metadata={"choices": ("local", "accelerate", "ray")})
+    name: str = "local"  # a registered executor (checked when the run starts)
     workers: int | None = None  # default: one per GPU, else 2
     shard_size: int | None = None  # rows per shard (default: generator.sampling_batch_size)
     address: str | None = None  # ray: the cluster's address (default: a running one, else a local instance)
@@ -178,11 +174,6 @@ class SelectSection:
     scorer_epochs: int | None = None  # epochs of the scorer (trained on the real split); default train.epochs
 
     def __post_init__(self):
-        if self.method != "none":
-            try:
-                SELECTORS.lookup(self.method, also=("none",))
-            except SynthaugError as e:
-                raise SynthaugError(f"select.method: {e}") from None
         if self.scorer_epochs is not None and self.scorer_epochs < 1:
             raise SynthaugError("select.scorer_epochs must be >= 1 (or unset: train.epochs)")
         if self.overgenerate < 1 or not 0 <= self.threshold <= 1 or self.k < 1 or self.clusters < 1:
@@ -372,6 +363,10 @@ def _coerce(value, kind, key):
     elif kind is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
+    elif typing.get_origin(kind) is typing.Literal:
+        if value in typing.get_args(kind):
+            return value
+        raise SynthaugError(f"config key '{key}' is '{value}': use one of {', '.join(map(str, typing.get_args(kind)))}")
     elif kind is list:
         if isinstance(value, list):
             return value

@@ -41,6 +41,12 @@ def preflight(config: RunConfig, baselines: list[str] = ()):
         get_recipe(name)
     resolve_device(config.train.device)
     MODELS.lookup(config.train.model)
+    from .generate.executors import EXECUTORS
+    from .select.filters import SELECTORS
+
+    EXECUTORS.lookup(config.executor.name)
+    if config.select.method != "none":
+        SELECTORS.lookup(config.select.method, also=("none",))
     for section in STORE_SECTIONS:
         store_dir = getattr(config, section).store_dir
         check_store_folder(store_dir, f"{section}.store_dir")

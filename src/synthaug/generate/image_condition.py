@@ -18,15 +18,18 @@ of two), so the samples stay in the domain of the real data yet differ from any 
 
 from __future__ import annotations
 
+from typing import get_args
+
 import torch
 from torch import nn
 
+from ..choices import Operator, Pairing
 from ..errors import SynthaugError
 
 # conditioning modes: "label-only" is class conditioning with the image dropped (the baseline)
-OPERATORS = ("image", "dropout", "mixup", "cutmix", "embed-mixup", "embed-cutmix", "embed-cutmix-dropout", "label-only")
+OPERATORS = get_args(Operator)
 TWO_IMAGE_OPERATORS = ("mixup", "cutmix", "embed-mixup", "embed-cutmix", "embed-cutmix-dropout")
-PAIRINGS = ("self", "class")
+PAIRINGS = get_args(Pairing)
 
 
 class PCAEncoder(nn.Module):

@@ -5,7 +5,9 @@ its samplers (DPM-Solver++, stochastic or not, and DDIM)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import get_args
 
+from ..choices import Preset, Sampler
 from ..errors import SynthaugError
 from .image_condition import PAIRINGS
 
@@ -16,7 +18,8 @@ PRESETS = {
     "small": dict(block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16, attention=False),
     "base": dict(block_out_channels=(64, 128, 128), layers_per_block=2, norm_num_groups=32, attention=True),
 }
-SAMPLERS = ("sde-dpm-solver++", "dpm-solver++", "ddim")
+SAMPLERS = get_args(Sampler)
+assert set(PRESETS) == set(get_args(Preset)), "choices.Preset names the presets"
 
 
 @dataclass

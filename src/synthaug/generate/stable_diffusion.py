@@ -29,11 +29,12 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, get_args
 
 import torch
 import torch.nn.functional as F
 
+from ..choices import Dtype
 from ..data.dataset import ImageDataset
 from ..errors import SynthaugError
 from ..plan import split_by_kind
@@ -44,7 +45,7 @@ from .network import SamplerConfig
 from .stable_diffusion_training import StableDiffusionTraining
 
 KIND = "stable-diffusion"
-DTYPES = ("auto", "float32", "float16", "bfloat16")
+DTYPES = get_args(Dtype)
 
 
 @dataclass

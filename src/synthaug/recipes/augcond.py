@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import html
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from ..choices import Operator
 from ..config import register_section
 from ..data import ImageDataset, concat
 from ..errors import SynthaugError
 from ..generate.cache import trains_embedded
-from ..generate.image_condition import OPERATORS
 from ..generate.network import GeneratorConfig
 from ..generate.stage import generator_stage
 from ..plan import conditioned_plan
@@ -39,7 +39,7 @@ from .registry import RecipeResult, register_recipe, train_and_evaluate
 class AugcondSection:
     """AugCond: generations conditioned on the class and on augmented real images of it."""
 
-    mode: str = field(default="embed-cutmix-dropout", metadata={"choices": OPERATORS})  # the best on ImageNet-LT
+    mode: Operator = "embed-cutmix-dropout"  # the best on ImageNet-LT
     embed_dim: int = 32  # dimensions of the fixed image encoder's embedding
     dropout: float = 0.3  # rate of the Dropout operators (dropout, embed-cutmix-dropout)
     expand: float = 1.0  # images per class after filling: expand x the largest class (1 = uniformize a long tail)

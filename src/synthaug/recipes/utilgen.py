@@ -28,17 +28,18 @@ import json
 import math
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
+from ..choices import Sampler
 from ..classify import evaluate, extract_features, fit_classifier
 from ..config import register_section
 from ..data import ImageDataset, concat
 from ..errors import SynthaugError
 from ..generate.cache import load_generator, trains_embedded
-from ..generate.network import SAMPLERS, GeneratorConfig, SamplerConfig
+from ..generate.network import GeneratorConfig, SamplerConfig
 from ..generate.policy import mix_noise
 from ..generate.stage import generator_stage
 from ..plan import row_kind, utility_plan
@@ -79,7 +80,7 @@ class UtilgenSection:
     dpo_beta: float = 2000.0
     # rounds and the final set sample with this; ddim is deterministic, so an image's inverted noise leads
     # back to it (exactly when inversion_guidance equals generator.guidance_scale, near it otherwise)
-    sampler: str = field(default="ddim", metadata={"choices": SAMPLERS})
+    sampler: Sampler = "ddim"
     sampling_steps: int = 25
     store_dir: str | None = None  # where generated images go (default: <run folder>/synthetic)
 
