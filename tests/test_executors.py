@@ -31,7 +31,8 @@ def setup():
     ds = make_dataset()
     gen = DiffusionGenerator.fit(ds, GeneratorConfig(image_size=8, channels=1, classes=ds.classes, preset="tiny"),
                                  GeneratorTrainConfig(steps=2, batch_size=8, warmup_steps=1))
-    plan = [{"id": f"r{i:03d}", "label": i % 3, "seed": 100 + i} for i in range(40)]
+    # enough shards that both Ray workers are up before the work runs out (the killing test needs two)
+    plan = [{"id": f"r{i:03d}", "label": i % 3, "seed": 100 + i} for i in range(120)]
     # image-guided rows too: workers must get the source images
     plan += [{"id": f"v{i:03d}", "label": int(ds.labels[i]), "seed": i, "source": i, "strength": 0.5} for i in range(0, 35, 5)]
     reference = SyntheticStore("unused", ds.classes)
@@ -80,12 +81,12 @@ def test_ray_with_two_workers_one_killed(setup, local_store, tmp_path):
     store = SyntheticStore(tmp_path / "store", ds.classes)
     killed = []
 
-    def kill_a_worker():  # once a worker has written a shard, kill the other one mid-run
+    def kill_a_worker():  # once both workers are up, kill one mid-run
         workers_dir = store.root / JOB_DIR / WORKERS_DIR
         deadline = time.time() + 240
         while time.time() < deadline and not killed:
             pids = [int(p.name) for p in workers_dir.glob("*")] if workers_dir.exists() else []
-            if len(pids) == 2 and store.shard_files():
+            if len(pids) == 2:
                 os.kill(pids[-1], signal.SIGKILL)
                 killed.append(pids[-1])
             time.sleep(0.05)
