@@ -32,33 +32,28 @@ STORE_SECTIONS = ("synaug", "tada", "augcond", "utilgen")
 
 def preflight(config: RunConfig, baselines: list[str] = ()):
     """The checks of a run that need no data: recipe and baseline names, device, model,
-    generator folder, store folders. Raises SynthaugError; writes nothing."""
+    executor, selector, generator kind, feature spaces, store folders and the run name
+    (the generator folder is checked against the data, in `train_run`). Raises
+    SynthaugError; writes nothing."""
     from .classify.models import MODELS
+    from .generate.cache import GENERATORS, generator_kind
+    from .generate.executors import EXECUTORS
+    from .select.features import check_features
+    from .select.filters import SELECTORS
     from .store import check_store_folder
 
-    get_recipe(config.recipe)
-    for name in baselines:
+    for name in (config.recipe, *baselines):
         get_recipe(name)
     resolve_device(config.train.device)
     MODELS.lookup(config.train.model)
-    from .generate.executors import EXECUTORS
-    from .select.filters import SELECTORS
-
     EXECUTORS.lookup(config.executor.name)
     if config.select.method != "none":
         SELECTORS.lookup(config.select.method, also=("none",))
-    for section in STORE_SECTIONS:
-        store_dir = getattr(config, section).store_dir
-        check_store_folder(store_dir, f"{section}.store_dir")
-    from .generate.cache import GENERATORS, check_generator_folder, generator_kind
-
     GENERATORS.lookup(generator_kind(config.generator))
-    if config.generator.path:
-        check_generator_folder(config.generator.path)
-    from .select.features import check_features
-
     check_features(config.select.features, "select.features")
     check_features(config.validate.features, "validate.features")
+    for section in STORE_SECTIONS:
+        check_store_folder(getattr(config, section).store_dir, f"{section}.store_dir")
     check_name(config.run_name(), "name")
 
 
