@@ -2,8 +2,10 @@ from pathlib import Path
 
 import pytest
 
+from synthaug.classify.train import TrainConfig
 from synthaug.config import RunConfig, dump_config, load_config
 from synthaug.errors import SynthaugError
+from synthaug.generate.network import GeneratorConfig, SamplerConfig
 
 
 def test_defaults_file_and_overrides(tmp_path):
@@ -75,3 +77,15 @@ def test_shipped_configs_are_valid(path):
     get_recipe(config.recipe)
     for name in config.report.baselines:
         get_recipe(name)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: TrainConfig(loss="focal"),
+    lambda: TrainConfig(sampler="balanced"),
+    lambda: SamplerConfig(sampler="euler"),
+    lambda: GeneratorConfig(image_size=8, channels=1, classes=["a", "b"], image_pairing="other"),
+])
+def test_settings_built_in_code_check_their_choices(make):
+    """The Literal types validate settings made in code too, not only those read by the config."""
+    with pytest.raises(SynthaugError, match="use one of"):
+        make()

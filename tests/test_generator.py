@@ -114,7 +114,7 @@ def test_config_errors():
         GeneratorConfig(image_size=128, channels=1, classes=["a"])
     with pytest.raises(SynthaugError, match="divisible"):
         GeneratorConfig(image_size=10, channels=1, classes=["a"], preset="base")
-    with pytest.raises(SynthaugError, match="unknown generator preset"):
+    with pytest.raises(SynthaugError, match="generator.preset is .huge.: use one of tiny, small, base"):
         GeneratorConfig(image_size=8, channels=1, classes=["a"], preset="huge")
     ds = make_dataset((3, 3), size=8)
     with pytest.raises(SynthaugError, match="set data.image_size"):

@@ -3,7 +3,10 @@ against them, and the modules that use them read their tuples from here
 (`typing.get_args`). Open sets (recipes, models, selectors, executors, generator kinds) are
 registries instead, checked when a run starts."""
 
+import typing
 from typing import Literal
+
+from .errors import SynthaugError
 
 SplitKind = Literal["none", "long-tail", "few-shot", "colored"]
 Profile = Literal["exp", "step"]  # long-tail: exponential or step profile
@@ -13,3 +16,15 @@ Pairing = Literal["self", "class"]  # image-conditioned training: the condition 
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]  # Stable Diffusion's weights
 Operator = Literal["image", "dropout", "mixup", "cutmix", "embed-mixup", "embed-cutmix", "embed-cutmix-dropout",
                    "label-only"]  # AugCond's conditioning operators
+ClassSampler = Literal["uniform", "class-balanced", "sqrt"]  # the classifier's batch sampler
+Loss = Literal["ce", "logit-adjusted", "balanced-softmax"]
+Mix = Literal["none", "mixup", "cutmix", "mixup-cutmix", "domain-mixup"]
+
+
+def check_choices(settings, prefix: str):
+    """Raise one line for a field of dataclass `settings` whose value its `Literal` type does not
+    allow (the config checks these already; this covers settings built in code)."""
+    for name, kind in typing.get_type_hints(type(settings)).items():
+        if typing.get_origin(kind) is Literal and getattr(settings, name) not in typing.get_args(kind):
+            raise SynthaugError(f"{prefix}{name} is '{getattr(settings, name)}': use one of "
+                                f"{', '.join(map(str, typing.get_args(kind)))}")

@@ -9,12 +9,14 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
 from torchvision.transforms import v2
 
+from ..choices import ClassSampler, Loss, Mix, check_choices
 from ..data.dataset import ImageDataset
 from ..errors import SynthaugError
 from ..utils.loop import Checkpoint, warmup_cosine
@@ -22,10 +24,8 @@ from ..utils.runtime import check_device, infer, progress_bar, resolve_device
 from .losses import SAM, mix_batch, soft_cross_entropy
 from .models import Classifier, create_model
 
-SAMPLERS = ("uniform", "class-balanced", "sqrt")
-LOSSES = ("ce", "logit-adjusted", "balanced-softmax")
+SAMPLERS, LOSSES, MIXES = get_args(ClassSampler), get_args(Loss), get_args(Mix)
 AUGMENTATIONS = ("none", "crop", "flip", "randaugment", "trivialaugment", "autoaugment")
-MIXES = ("none", "mixup", "cutmix", "mixup-cutmix", "domain-mixup")
 
 
 @dataclass
@@ -39,12 +39,12 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup_epochs: float = 1.0
-    sampler: str = field(default="uniform", metadata={"choices": SAMPLERS})
-    loss: str = field(default="ce", metadata={"choices": LOSSES})
+    sampler: ClassSampler = "uniform"
+    loss: Loss = "ce"
     tau: float = 1.0  # logit-adjustment strength (balanced-softmax fixes it to 1)
     label_smoothing: float = 0.0
     augment: str = field(default="crop", metadata={"help": "'+'-joined: " + ", ".join(AUGMENTATIONS)})
-    mix: str = field(default="none", metadata={"choices": MIXES})
+    mix: Mix = "none"
     mix_alpha: float = 1.0
     mix_prob: float = 1.0
     sam_rho: float = 0.0  # > 0 turns on SAM
@@ -55,6 +55,7 @@ class TrainConfig:
     device: str = "auto"
 
     def __post_init__(self):
+        check_choices(self, "train.")
         for part in self.augment.split("+"):
             if part not in AUGMENTATIONS:
                 raise SynthaugError(f"unknown augmentation '{part}': use '+'-joined names from {', '.join(AUGMENTATIONS)}")

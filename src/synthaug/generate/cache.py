@@ -105,13 +105,8 @@ def embedded_for(data: ImageDataset, section, *, cache_root: Path, progress: boo
             raise SynthaugError(f"the cached generator '{folder}' cannot be loaded ({e}); delete the folder '{folder}' "
                                 "and run again to retrain it") from None
         return gen, {"source": "cache", "path": str(folder), "trained_now": False}
-    config = GeneratorConfig(image_size=data.image_size[0], channels=data.channels, classes=data.classes,
-                             num_groups=num_groups, preset=section.preset, label_dropout=section.label_dropout,
-                             image_embed_dim=image_embed_dim, image_dropout=section.image_dropout,
-                             image_pairing=section.image_pairing)
-    train = GeneratorTrainConfig(steps=section.steps, batch_size=section.batch_size, lr=section.lr,
-                                 ema_decay=section.ema_decay, checkpoint_every=section.checkpoint_every,
-                                 unlabeled_share=section.unlabeled_share, device=device)
+    config = network_config(section, data, num_groups=num_groups, image_embed_dim=image_embed_dim)
+    train = train_config(section, device)
     gen = DiffusionGenerator.fit(data, config, train, seed=section.seed, checkpoint_dir=folder / "checkpoint",
                                  progress=progress, unlabeled=unlabeled)
     gen.save_pretrained(folder)
@@ -119,9 +114,31 @@ def embedded_for(data: ImageDataset, section, *, cache_root: Path, progress: boo
     return gen, {"source": "trained", "path": str(folder), "trained_now": True, "train_config": asdict(train)}
 
 
+# The run config's `generator` section is flat (generator.steps, generator.sampler, ...); these
+# are the one place that reads it into the library's settings for the network, its training and
+# sampling.
+def network_config(section, data: ImageDataset, *, num_groups: int = 0, image_embed_dim: int = 0) -> GeneratorConfig:
+    return GeneratorConfig(image_size=data.image_size[0], channels=data.channels, classes=data.classes,
+                           num_groups=num_groups, preset=section.preset, label_dropout=section.label_dropout,
+                           image_embed_dim=image_embed_dim, image_dropout=section.image_dropout,
+                           image_pairing=section.image_pairing)
+
+
+def train_config(section, device: str = "auto") -> GeneratorTrainConfig:
+    return GeneratorTrainConfig(steps=section.steps, batch_size=section.batch_size, lr=section.lr,
+                                ema_decay=section.ema_decay, checkpoint_every=section.checkpoint_every,
+                                unlabeled_share=section.unlabeled_share, device=device)
+
+
 def sampler_config(section) -> SamplerConfig:
     return SamplerConfig(sampler=section.sampler, steps=section.sampling_steps, guidance_scale=section.guidance_scale,
                          batch_size=section.sampling_batch_size)
+
+
+def check_generator(section, data: ImageDataset, *, image_embed_dim: int = 0):
+    """Fail, before anything is written, on an embedded generator that cannot be built for `data`."""
+    if trains_embedded(section):
+        network_config(section, data, image_embed_dim=image_embed_dim)
 
 
 def provenance(generator: Generator, sampling: SamplerConfig) -> dict:

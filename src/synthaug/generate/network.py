@@ -4,12 +4,11 @@ its samplers (DPM-Solver++, stochastic or not, and DDIM)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import get_args
 
-from ..choices import Preset, Sampler
+from ..choices import Pairing, Preset, Sampler, check_choices
 from ..errors import SynthaugError
-from .image_condition import PAIRINGS
 
 # Network sizes. `small` is the size a first trial found good for 28x28 digits on a CPU
 # (1.0M parameters, ~0.4-0.6 s per batch of 64 on 2 CPU cores); `tiny` is for tests.
@@ -30,7 +29,7 @@ class GeneratorConfig:
     channels: int
     classes: list[str]
     num_groups: int = 0  # > 0: also conditioned on a group id (class x group cells)
-    preset: str = "small"
+    preset: Preset = "small"
     block_out_channels: tuple[int, ...] | None = None  # None: from the preset
     layers_per_block: int | None = None
     num_train_timesteps: int = 1000
@@ -41,21 +40,19 @@ class GeneratorConfig:
     image_embed_dim: int = 0
     image_dropout: float = 0.1  # share of training images whose image condition alone is dropped (a dropped
     # label drops the image too, so guidance's (null class, null image) branch trains at label_dropout)
-    image_pairing: str = "self"  # the conditioning image in training: a shifted view of the image itself, or
+    image_pairing: Pairing = "self"  # the conditioning image in training: a shifted view of the image itself, or
     # another image of its class ("class"; then image and condition are independent given the class)
     image_shift: int = 2  # px: the view's random shift ("self" pairing)
 
     def __post_init__(self):
-        if self.preset not in PRESETS:
-            raise SynthaugError(f"unknown generator preset '{self.preset}': use one of {', '.join(PRESETS)}")
+        check_choices(self, "generator.")
         if not 8 <= self.image_size <= 64:
             raise SynthaugError(f"the embedded generator handles 8 to 64 px, got {self.image_size}: set data.image_size")
         preset = PRESETS[self.preset]
         self.block_out_channels = tuple(self.block_out_channels or preset["block_out_channels"])
         self.layers_per_block = self.layers_per_block or preset["layers_per_block"]
-        if self.image_embed_dim < 0 or not 0 <= self.image_dropout < 1 or self.image_pairing not in PAIRINGS:
-            raise SynthaugError(f"generator image conditioning: image_embed_dim >= 0, image_dropout in [0, 1) and "
-                                f"image_pairing one of {', '.join(PAIRINGS)}")
+        if self.image_embed_dim < 0 or not 0 <= self.image_dropout < 1:
+            raise SynthaugError("generator image conditioning: image_embed_dim >= 0, image_dropout in [0, 1)")
         downsamples = len(self.block_out_channels) - 1
         if self.image_size % (2**downsamples):
             raise SynthaugError(f"image size {self.image_size} is not divisible by {2**downsamples} "
@@ -89,10 +86,13 @@ class GeneratorTrainConfig:
 
 @dataclass
 class SamplerConfig:
-    sampler: str = field(default="sde-dpm-solver++", metadata={"choices": SAMPLERS})
+    sampler: Sampler = "sde-dpm-solver++"
     steps: int = 15
     guidance_scale: float = 3.0  # 1 = no guidance; the null-class branch is skipped then
     batch_size: int = 128
+
+    def __post_init__(self):
+        check_choices(self, "sampling.")
 
 
 def build_unet(config: GeneratorConfig):

@@ -24,8 +24,7 @@ from ..choices import Operator
 from ..config import register_section
 from ..data import ImageDataset, concat
 from ..errors import SynthaugError
-from ..generate.cache import trains_embedded
-from ..generate.network import GeneratorConfig
+from ..generate.cache import check_generator
 from ..generate.stage import generator_stage
 from ..plan import conditioned_plan
 from ..report import png, show, subplots
@@ -67,9 +66,7 @@ def target_count(task, config) -> int:
 def check(task, config):
     """Fail on an impossible plan or generator before anything is written."""
     target_count(task, config)
-    if trains_embedded(config.generator):
-        GeneratorConfig(image_size=task.train.image_size[0], channels=task.train.channels, classes=task.train.classes,
-                        preset=config.generator.preset, image_embed_dim=config.augcond.embed_dim)
+    check_generator(config.generator, task.train, image_embed_dim=config.augcond.embed_dim)
 
 
 # ---------------------------------------------------------------------------- report

@@ -23,8 +23,7 @@ from ..classify import evaluate, fit_classifier, refit_head
 from ..config import register_section
 from ..data import concat
 from ..errors import SynthaugError
-from ..generate.cache import trains_embedded
-from ..generate.network import GeneratorConfig
+from ..generate.cache import check_generator
 from ..generate.stage import generator_stage
 from ..plan import balance_plan
 from ..select.metrics import diversity_ratio, memorization_ratio
@@ -63,9 +62,7 @@ def check(task, config):
     """Fail on an impossible plan or generator before anything is written."""
     by_group = config.synaug.balance_groups and task.train.groups is not None
     balance_plan(task.train, target_per_class=config.synaug.target_per_class, by_group=by_group)
-    if trains_embedded(config.generator):
-        GeneratorConfig(image_size=task.train.image_size[0], channels=task.train.channels, classes=task.train.classes,
-                        preset=config.generator.preset)
+    check_generator(config.generator, task.train)
 
 
 @register_recipe("synaug", "SYNAuG: uniformize classes (or groups) with generated images, domain mixup, head re-fit on real data",

@@ -27,8 +27,7 @@ from ..classify import example_losses, fit_classifier
 from ..config import register_section
 from ..data import ImageDataset, concat
 from ..errors import SynthaugError
-from ..generate.cache import trains_embedded
-from ..generate.network import GeneratorConfig
+from ..generate.cache import check_generator
 from ..generate.stage import generator_stage
 from ..plan import slow_learnable, targeted_plan
 from ..report import image_row, pct, png, show, subplots
@@ -71,9 +70,7 @@ def check(task, config):
     if config.tada.early_epochs >= config.train.epochs:
         raise SynthaugError(f"tada.early_epochs ({config.tada.early_epochs}) must be below train.epochs "
                             f"({config.train.epochs}): the split needs a model that has not finished training")
-    if trains_embedded(config.generator):
-        GeneratorConfig(image_size=task.train.image_size[0], channels=task.train.channels, classes=task.train.classes,
-                        preset=config.generator.preset)
+    check_generator(config.generator, task.train)
 
 
 def score_examples(task, config, *, workdir: Path, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict]:

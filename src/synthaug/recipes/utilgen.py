@@ -38,8 +38,7 @@ from ..classify import evaluate, extract_features, fit_classifier
 from ..config import register_section
 from ..data import ImageDataset, concat
 from ..errors import SynthaugError
-from ..generate.cache import load_generator, trains_embedded
-from ..generate.network import GeneratorConfig, SamplerConfig
+from ..generate.cache import check_generator, load_generator, sampler_config
 from ..generate.policy import mix_noise
 from ..generate.stage import generator_stage
 from ..plan import row_kind, utility_plan
@@ -106,9 +105,7 @@ def check(task, config):
     if config.executor.name != "local" or config.select.method != "none":
         raise SynthaugError("utilgen generates in this process and keeps every image it values: leave executor.name=local "
                             "and select.method=none")
-    if trains_embedded(config.generator):
-        GeneratorConfig(image_size=task.train.image_size[0], channels=task.train.channels, classes=task.train.classes,
-                        preset=config.generator.preset)
+    check_generator(config.generator, task.train)
 
 
 def per_class(task, multiple: float) -> int:
@@ -274,8 +271,7 @@ def utilgen(task, config, *, workdir=None, progress=False, trained=None) -> Reci
     real = task.train
     generator, generator_info = generator_stage(real, config, progress=progress, unlabeled=task.unlabeled)
     seconds["generator"] = generator_info.pop("seconds")
-    sampling = SamplerConfig(sampler=opts.sampler, steps=opts.sampling_steps, guidance_scale=config.generator.guidance_scale,
-                             batch_size=config.generator.sampling_batch_size)
+    sampling = replace(sampler_config(config.generator), sampler=opts.sampler, steps=opts.sampling_steps)
     store = SyntheticStore(Path(opts.store_dir) if opts.store_dir else workdir / "synthetic", real.classes)
     for key in ("generate", "value", "policy", "model"):
         seconds[key] = 0.0
