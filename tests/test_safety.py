@@ -397,11 +397,11 @@ def test_a_bad_tarball_leaves_nothing_and_the_cache_follows_the_archive(tmp_path
 
 def test_a_corrupt_cached_generator_names_the_folder_to_delete(tmp_path):
     from synthaug.config import load_config
-    from synthaug.generate.cache import generator_fingerprint, generator_for
+    from synthaug.generate.cache import generator_fingerprint, generator_for, train_config
 
     data = make_dataset((6, 6), size=8)
     section = load_config(None, ["generator.preset=tiny"]).generator
-    folder = tmp_path / generator_fingerprint(data, section, 0)
+    folder = tmp_path / generator_fingerprint(data, section, 0, precision=train_config(section).precision)
     folder.mkdir()
     (folder / "generator.json").write_text("{broken")
     with pytest.raises(SynthaugError, match=f"delete the folder '{folder}'"):

@@ -130,6 +130,45 @@ def test_image_folder_flat_rgb(tmp_path):
     assert data.train.info["test_split"].startswith("stratified")
 
 
+def test_a_folder_is_decoded_once_and_again_when_it_changes(tmp_path, monkeypatch):
+    """The decoded-tensor cache: a second load reads it (no image is opened), a changed file
+    or a broken cache file decodes afresh, and nothing is written outside the cache folder."""
+    from PIL import Image
+
+    from synthaug.data import sources
+
+    root = write_image_folder(tmp_path / "f", counts=(6, 5))
+    first = load_dataset(root, cache_dir=tmp_path / "cache")
+    cached = list((tmp_path / "cache" / "folders").glob("*.safetensors"))
+    assert len(cached) == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["cache", "f"]
+    opened = []
+    read = sources._read_image
+    monkeypatch.setattr(sources, "_read_image", lambda path: opened.append(path) or read(path))
+    again = load_dataset(root, cache_dir=tmp_path / "cache")
+    assert opened == [] and torch.equal(again.train.images, first.train.images)
+
+    Image.new("RGB", (10, 10), (1, 2, 3)).save(root / "cls0" / "0.png")  # changed in place
+    fresh = load_dataset(root, cache_dir=tmp_path / "cache")
+    assert len(opened) == 11 and len(list((tmp_path / "cache" / "folders").glob("*.safetensors"))) == 2
+    everything = torch.cat([fresh.train.images, fresh.test.images])
+    assert (everything == torch.tensor([1, 2, 3], dtype=torch.uint8)[:, None, None]).all(dim=(1, 2, 3)).any()
+
+    opened.clear()
+    for file in (tmp_path / "cache" / "folders").glob("*.safetensors"):
+        file.write_bytes(b"cut short")
+    load_dataset(root, cache_dir=tmp_path / "cache")
+    assert len(opened) == 11
+
+
+def test_a_run_writes_the_decoded_cache_only_once_its_checks_pass(tmp_path):
+    """load_dataset(defer_cache=True) holds the write until save_cache()."""
+    root = write_image_folder(tmp_path / "f", counts=(4, 3))
+    data = load_dataset(root, cache_dir=tmp_path / "cache", defer_cache=True)
+    assert not (tmp_path / "cache").exists() and len(data.pending) == 1
+    data.save_cache()
+    assert len(list((tmp_path / "cache" / "folders").glob("*.safetensors"))) == 1 and not data.pending
+
+
 def test_image_folder_train_test_gray_resize_and_channels(tmp_path):
     write_image_folder(tmp_path / "f" / "train", counts=(3, 3), mode="L", size=(12, 9))
     write_image_folder(tmp_path / "f" / "test", counts=(2, 2), mode="L", size=(12, 9))

@@ -21,7 +21,8 @@ from synthaug.config import load_config
 from synthaug.runs import train_run
 
 RECORD = Path(__file__).parent / "data" / "unchanged.json"
-TINY = ["data.dataset=digits", "train.epochs=2", "train.batch_size=32", "train.augment=none", "generator.preset=tiny",
+TINY = ["data.dataset=digits", "generator.precision=float32", "train.precision=float32", "train.channels_last=false",
+        "train.epochs=2", "train.batch_size=32", "train.augment=none", "generator.preset=tiny",
         "generator.steps=6", "generator.batch_size=8", "generator.sampling_steps=3", "generator.sampling_batch_size=64",
         "report.html=false", "report.baselines=[]"]
 RUNS = {

@@ -13,6 +13,9 @@ Profile = Literal["exp", "step"]  # long-tail: exponential or step profile
 Preset = Literal["tiny", "small", "base"]  # the embedded generator's network sizes
 Sampler = Literal["sde-dpm-solver++", "dpm-solver++", "ddim"]
 Pairing = Literal["self", "class"]  # image-conditioned training: the condition image
+# arithmetic of the embedded generator and the classifier; auto: bfloat16 where the hardware
+# computes it natively (utils/runtime.fast_dtype), else float32
+Precision = Literal["auto", "float32", "bfloat16"]
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]  # Stable Diffusion's weights
 Operator = Literal["image", "dropout", "mixup", "cutmix", "embed-mixup", "embed-cutmix", "embed-cutmix-dropout",
                    "label-only"]  # AugCond's conditioning operators

@@ -139,7 +139,7 @@ def validate(
     out = out or synthetic.parent / f"{synthetic.name}-validation"
     check_folder(out, "--out")
     data = load_dataset(cfg.data.dataset, image_size=cfg.data.image_size, channels=cfg.data.channels,
-                        cache_dir=cfg.data.cache_dir)
+                        cache_dir=cfg.data.cache_dir, defer_cache=True)
     task = make_task(data, cfg.split)
     if (synthetic / "train" / "metadata.jsonl").exists():
         store = SyntheticStore(synthetic, task.train.classes)
@@ -150,6 +150,7 @@ def validate(
     skip = validation_skip(task, images, cfg)
     if skip:  # before anything is written
         raise SynthaugError(f"cannot validate '{synthetic}': {skip}")
+    data.save_cache()
     model = None
     if cfg.validate.features == "classifier":  # no classifier given: one trained on the real split
         model = scorer_for(task.train, cfg, out / "classifier", progress=not quiet)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from .choices import Dtype, Pairing, Preset, Profile, Sampler, SplitKind
+from .choices import Dtype, Pairing, Precision, Preset, Profile, Sampler, SplitKind
 from .classify.train import TrainConfig
 from .errors import SynthaugError
 from .utils.paths import check_folder, check_name
@@ -109,6 +109,9 @@ class GeneratorSection:
     sampling_steps: int = 15
     guidance_scale: float = 3.0
     sampling_batch_size: int = 128
+    # the embedded generator's arithmetic in training and sampling: auto is bfloat16 autocast where
+    # the hardware computes it natively (a CPU with AVX512-BF16 or AMX, a recent GPU), else float32
+    precision: Precision = "auto"
     cache_dir: str | None = None  # trained generators, by fingerprint (default: <output_dir>/generators)
     # few-shot: share of each training batch drawn from the split's unlabeled pool (under the null class)
     unlabeled_share: float = 0.5

@@ -140,7 +140,7 @@ def train_run(config: RunConfig, *, progress: bool = True, force: bool = False, 
     baselines = [get_recipe(b) for b in config.report.baselines] if compare else []
     t0 = time.perf_counter()
     data = load_dataset(config.data.dataset, image_size=config.data.image_size, channels=config.data.channels,
-                        cache_dir=config.data.cache_dir)
+                        cache_dir=config.data.cache_dir, defer_cache=True)
     task = make_task(data, config.split)
     if recipe.check is not None:
         recipe.check(task, config)
@@ -150,6 +150,7 @@ def train_run(config: RunConfig, *, progress: bool = True, force: bool = False, 
         check_generator_folder(config.generator.path, task.train)
     load_seconds = time.perf_counter() - t0
     # Everything above can fail on bad input; nothing is written before this point.
+    data.save_cache()
     run_dir = Path(config.output_dir) / config.run_name()
     started, created = prepare_run_dir(run_dir, config, force=force)
     if started and (done := _finished(run_dir, config, compare, task.train.classes)) is not None:

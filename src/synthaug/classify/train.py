@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
 from torchvision.transforms import v2
 
-from ..choices import ClassSampler, Loss, Mix, check_choices
+from ..choices import ClassSampler, Loss, Mix, Precision, check_choices
 from ..data.dataset import ImageDataset
 from ..errors import SynthaugError
 from ..utils.loop import Checkpoint, warmup_cosine
-from ..utils.runtime import check_device, infer, progress_bar, resolve_device
+from ..utils.runtime import autocast, check_device, fast_dtype, infer, progress_bar, resolve_device
 from .losses import SAM, mix_batch, soft_cross_entropy
 from .models import Classifier, create_model
 
@@ -53,6 +53,8 @@ class TrainConfig:
     refit_epochs: int = 10
     refit_lr: float = 0.05
     device: str = "auto"
+    precision: Precision = "auto"  # bfloat16 autocast (float32 weights) where the hardware computes it natively
+    channels_last: bool = True  # the convolutions' memory layout (faster with oneDNN and cuDNN)
 
     def __post_init__(self):
         check_choices(self, "train.")
@@ -167,7 +169,7 @@ def new_classifier(train: ImageDataset, cfg: TrainConfig, *, seed: int, device) 
     torch.manual_seed(seed)
     model = create_model(cfg.model, num_classes=train.num_classes, in_channels=train.channels, image_size=train.image_size)
     model.set_normalization(*channel_stats(train.images))
-    return model.to(device)
+    return model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
 
 
 def fit_classifier(
@@ -221,15 +223,20 @@ def fit_classifier(
     history, start_epoch, spent = [], 0, 0.0
     # a checkpoint is resumed only by the same training (config, seed, data, weights, domains)
     extras = [hashlib.sha256(t.cpu().numpy().tobytes()).hexdigest() for t in (weights, domains)]
-    checkpoint = Checkpoint(checkpoint_dir, {"config": asdict(cfg), "seed": seed, "data": train.fingerprint(),
-                                             "extras": extras})
+    key = {"config": asdict(cfg), "seed": seed, "data": train.fingerprint(), "extras": extras}
+    key["config"]["precision"] = str(fast_dtype(cfg.precision, device) or torch.float32)  # what "auto" is here
+    checkpoint = Checkpoint(checkpoint_dir, key)
     stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
     state = checkpoint.restore(lambda s: s["epoch"] <= (stop_after_epochs or cfg.epochs), **stateful)
     if state is not None:
         history, start_epoch, spent = state["history"], state["epoch"], state["seconds"]
 
+    dtype = fast_dtype(cfg.precision, device)
+
     def loss_of(x, targets, w):
-        return soft_cross_entropy(model(x), targets, log_prior=log_prior, tau=tau, weights=w)
+        with autocast(device, dtype):
+            logits = model(x)
+        return soft_cross_entropy(logits.float(), targets, log_prior=log_prior, tau=tau, weights=w), logits
 
     t0 = time.perf_counter()
     with progress_bar(progress) as bar:
@@ -244,6 +251,8 @@ def fit_classifier(
             total_loss, correct, seen, epoch_start = 0.0, 0, 0, time.perf_counter()
             for x, y, w, dom in loader:
                 x, y, w = x.to(device, non_blocking=True).float().div_(255), y.to(device), w.to(device)
+                if cfg.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
                 targets = F.one_hot(y, train.num_classes).float()
                 if cfg.label_smoothing:
                     targets = targets * (1 - cfg.label_smoothing) + cfg.label_smoothing / train.num_classes
@@ -252,12 +261,11 @@ def fit_classifier(
                                               partner=cross_domain_partners(dom.to(device)))
                 elif cfg.mix != "none" and torch.rand(()) < cfg.mix_prob:
                     x, targets, w = mix_batch(x, targets, w, mode=cfg.mix, alpha=cfg.mix_alpha)
-                logits = model(x)
-                loss = soft_cross_entropy(logits, targets, log_prior=log_prior, tau=tau, weights=w)
+                loss, logits = loss_of(x, targets, w)
                 loss.backward()
                 if sam is not None:
                     sam.first_step()
-                    loss_of(x, targets, w).backward()
+                    loss_of(x, targets, w)[0].backward()
                     sam.second_step()
                 else:
                     optimizer.step()

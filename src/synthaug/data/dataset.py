@@ -130,6 +130,14 @@ class LoadedDataset:
     train: ImageDataset
     test: ImageDataset
     description: str = ""
+    pending: list = field(default_factory=list, repr=False)  # decoded folders not yet written to the cache
+
+    def save_cache(self):
+        """Write the decoded folders that `load_dataset(defer_cache=True)` held back."""
+        from .sources import save_decoded
+
+        while self.pending:
+            save_decoded(*self.pending.pop())
 
     @property
     def classes(self) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import os
 import shutil
 import tarfile
@@ -26,6 +27,7 @@ from torchvision.transforms.v2 import functional as TF
 from ..errors import SynthaugError
 from ..utils.paths import make_folders, remove_created
 from ..utils.registry import Registry
+from ..utils.runtime import progress_bar
 from .dataset import ImageDataset, LoadedDataset
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -64,13 +66,18 @@ def load_dataset(
     image_size: int | tuple[int, int] | None = None,
     channels: int | None = None,
     cache_dir: str | os.PathLike | None = None,
+    defer_cache: bool = False,
 ) -> LoadedDataset:
     """Load a dataset's train and test images.
 
     `name_or_path`: a registered name (`synthaug datasets` lists them), a folder of class
     subfolders (ImageFolder, optionally with `train/` and `test/`), or `hf:<folder or hub id>`
     for a Hugging Face dataset. `image_size` resizes, `channels` (1 or 3) converts.
+
+    A folder's decoded images are cached under `cache_dir`; with `defer_cache` that write
+    waits for `LoadedDataset.save_cache()` (a run calls it once its checks have passed).
     """
+    pending: list = []
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     key = str(name_or_path)
     if key in SOURCES:
@@ -81,7 +88,7 @@ def load_dataset(
         train, test = _load_hf(key[3:], cache, image_size)
         description = f"Hugging Face dataset {key[3:]}"
     elif Path(key).exists():
-        train, test = _load_image_folder(Path(key), image_size=image_size)
+        train, test = _load_image_folder(Path(key), image_size=image_size, cache_dir=cache / "folders", pending=pending)
         description = f"ImageFolder {key}"
     elif "/" in key or key.startswith("."):
         raise SynthaugError(f"folder '{key}' does not exist: give an existing ImageFolder path")
@@ -96,7 +103,10 @@ def load_dataset(
                             "(add a class folder)")
     for ds, part in ((train, "train"), (test, "test")):
         ds.name = f"{key}/{part}"
-    return LoadedDataset(name=key, train=train, test=test, description=description)
+    loaded = LoadedDataset(name=key, train=train, test=test, description=description, pending=pending)
+    if not defer_cache:
+        loaded.save_cache()
+    return loaded
 
 
 def _convert(ds: ImageDataset, image_size, channels) -> ImageDataset:
@@ -219,7 +229,7 @@ def _cifar10(cache_dir: Path):
     if tarball is not None:
         key = archive_key(tarball)
         folder = _extract_once(tarball, cache_dir / f"cifar10-jpg-{key}")  # a folder is used as it is
-        return _cached_image_folder(folder, cache_dir / f"cifar10-jpg-{key}.pt-cache")
+        return _load_image_folder(folder, cache_dir=cache_dir / "folders")  # decoded once, then cached
     from torchvision.datasets import CIFAR10
 
     def get(train):
@@ -284,50 +294,29 @@ def _extract_once(archive: Path, target: Path) -> Path:
     return target
 
 
-def _cached_image_folder(folder: Path, cache_file: Path):
-    """An ImageFolder decoded once and kept as safetensors (decoding 60k JPEGs takes a while)."""
-    from safetensors.torch import load_file, save_file
-
-    if cache_file.exists():
-        try:
-            t = load_file(cache_file)
-            classes = sorted(p.name for p in (folder / "train").iterdir() if p.is_dir())
-            return tuple(ImageDataset(t[f"{s}_images"], t[f"{s}_labels"], classes) for s in ("train", "test"))
-        except Exception:  # a cache file cut short or from another layout: decode again
-            pass
-    train, test = _load_image_folder(folder)
-    make_folders(cache_file.parent, "the cache folder")
-    tmp = cache_file.with_suffix(".tmp")
-    save_file(
-        {"train_images": train.images, "train_labels": train.labels, "test_images": test.images, "test_labels": test.labels},
-        tmp,
-    )
-    os.replace(tmp, cache_file)
-    return train, test
-
-
 # --------------------------------------------------------------------------- folders
 
 
-def _load_image_folder(root: Path, image_size=None):
-    """`root/<class>/*.png`, or `root/train/<class>/*` with `root/test/<class>/*`."""
+def _load_image_folder(root: Path, image_size=None, cache_dir: Path | None = None, pending: list | None = None):
+    """`root/<class>/*.png`, or `root/train/<class>/*` with `root/test/<class>/*`; with
+    `cache_dir`, each part's decoded images are kept there (`_decode`)."""
     if not root.is_dir():
         raise SynthaugError(f"'{root}' is not a folder: give a folder of class subfolders")
     if (root / "train").is_dir():
         train_files, classes = _list_class_folder(root / "train")
         test_dir = next((root / n for n in TEST_DIR_NAMES if (root / n).is_dir()), None)
-        train = _decode(train_files, classes, image_size)
+        train = _decode(train_files, classes, image_size, cache_dir, pending)
         if test_dir is None:
             return _stratified_split(train.images, train.labels, classes)
         test_files, test_classes = _list_class_folder(test_dir)
         if test_classes != classes:
             raise SynthaugError(f"'{test_dir}' has classes {test_classes}, train has {classes}: use the same class folders")
-        test = _decode(test_files, classes, image_size)
+        test = _decode(test_files, classes, image_size, cache_dir, pending)
         if test.images.shape[1:] != train.images.shape[1:]:
             test = _convert(test, train.image_size, train.channels)
         return train, test
     files, classes = _list_class_folder(root)
-    ds = _decode(files, classes, image_size)
+    ds = _decode(files, classes, image_size, cache_dir, pending)
     return _stratified_split(ds.images, ds.labels, classes)
 
 
@@ -364,21 +353,65 @@ def _list_class_folder(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
     return files, [d.name for d in class_dirs]
 
 
-def _decode(files: list[tuple[Path, int]], classes: list[str], image_size=None) -> ImageDataset:
+def _decode(files: list[tuple[Path, int]], classes: list[str], image_size=None,
+            cache_dir: Path | None = None, pending: list | None = None) -> ImageDataset:
+    """The images of `files`, decoded to uint8 (a progress bar for large folders). With
+    `cache_dir`, the decoded tensors are kept as `<cache_dir>/<key>.safetensors`, the key a
+    hash of every file's path, size and modification time, its class and the size asked
+    for, so a second run reads one file instead of decoding again, and any change to the
+    folder decodes afresh. With a `pending` list, the write is appended to it instead of done
+    now (`LoadedDataset.save_cache`)."""
+    from safetensors.torch import load_file
+
     size = _size_pair(image_size) if image_size is not None else None
+    cached = None
+    if cache_dir is not None:
+        listing = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns, label) for p, label in files]
+        key = hashlib.sha256(json.dumps([listing, classes, size]).encode()).hexdigest()[:24]
+        cached = Path(cache_dir) / f"{key}.safetensors"
+        if cached.is_file():
+            try:
+                t = load_file(cached)
+                return ImageDataset(t["images"], t["labels"], classes)
+            except Exception:  # cut short or from another layout: decode again
+                pass
     tensors, labels = [], []
-    for path, label in files:
-        try:
-            with Image.open(path) as img:
-                img.load()
-                tensors.append(to_uint8(img, path))
-        except Image.DecompressionBombError:
-            raise SynthaugError(f"image '{path}' is too large to decode safely (over {2 * Image.MAX_IMAGE_PIXELS:,} "
-                                "pixels, Pillow's decompression-bomb limit): downscale it or remove it") from None
-        except (OSError, ValueError, SyntaxError, EOFError, zlib.error) as e:
-            raise SynthaugError(f"cannot read image '{path}' ({e}): remove or replace the file") from None
-        labels.append(label)
-    return ImageDataset(_stack(tensors, size, files), torch.tensor(labels), classes)
+    with progress_bar(len(files) >= 2000) as bar:
+        task = bar.add_task("decode images", total=len(files), info="")
+        for path, label in files:
+            tensors.append(_read_image(path))
+            labels.append(label)
+            bar.advance(task)
+    ds = ImageDataset(_stack(tensors, size, files), torch.tensor(labels), classes)
+    if cached is not None:
+        write = (cached, {"images": ds.images.contiguous(), "labels": ds.labels})
+        if pending is None:
+            save_decoded(*write)
+        else:
+            pending.append(write)
+    return ds
+
+
+def save_decoded(path: Path, tensors: dict):
+    """Write a decoded folder's tensors into the cache, atomically."""
+    from safetensors.torch import save_file
+
+    make_folders(path.parent, "the cache folder")
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, tmp)
+    os.replace(tmp, path)
+
+
+def _read_image(path: Path) -> torch.Tensor:
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return to_uint8(img, path)
+    except Image.DecompressionBombError:
+        raise SynthaugError(f"image '{path}' is too large to decode safely (over {2 * Image.MAX_IMAGE_PIXELS:,} "
+                            "pixels, Pillow's decompression-bomb limit): downscale it or remove it") from None
+    except (OSError, ValueError, SyntaxError, EOFError, zlib.error) as e:
+        raise SynthaugError(f"cannot read image '{path}' ({e}): remove or replace the file") from None
 
 
 HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")

@@ -14,6 +14,7 @@ from pathlib import Path
 from ..data.dataset import ImageDataset
 from ..errors import SynthaugError
 from ..utils.registry import Registry
+from ..utils.runtime import fast_dtype, resolve_device
 from .base import Generator
 from .diffusion import DiffusionGenerator
 from .network import GeneratorConfig, GeneratorTrainConfig, SamplerConfig
@@ -44,9 +45,11 @@ TRAINING_KEYS = ("preset", "steps", "batch_size", "lr", "ema_decay", "label_drop
 
 
 def generator_fingerprint(data: ImageDataset, section, num_groups: int, *, unlabeled: ImageDataset | None = None,
-                          image_embed_dim: int = 0) -> str:
+                          image_embed_dim: int = 0, precision: str = "float32") -> str:
     keys = {k: getattr(section, k) for k in TRAINING_KEYS}
     payload = {"data": data.fingerprint(), "generator": keys, "groups": num_groups}
+    if precision != "float32":  # keys added only when used: float32 generators keep their names
+        payload["precision"] = precision
     if unlabeled is not None:  # keys added only when used: older generators keep their names
         payload["unlabeled"] = [unlabeled.fingerprint(), section.unlabeled_share]
     if image_embed_dim:
@@ -96,7 +99,9 @@ def embedded_for(data: ImageDataset, section, *, cache_root: Path, progress: boo
     (`<cache_root>/<fingerprint>/`), else trained now (resuming its checkpoint)."""
     num_groups = len(data.group_names) if data.groups is not None and data.group_names else 0
     unlabeled = unlabeled if unlabeled is not None and len(unlabeled) else None
-    fingerprint = generator_fingerprint(data, section, num_groups, unlabeled=unlabeled, image_embed_dim=image_embed_dim)
+    train = train_config(section, device)
+    fingerprint = generator_fingerprint(data, section, num_groups, unlabeled=unlabeled, image_embed_dim=image_embed_dim,
+                                        precision=train.precision)
     folder = Path(cache_root) / fingerprint
     if (folder / "generator.json").exists():
         try:
@@ -106,7 +111,6 @@ def embedded_for(data: ImageDataset, section, *, cache_root: Path, progress: boo
                                 "and run again to retrain it") from None
         return gen, {"source": "cache", "path": str(folder), "trained_now": False}
     config = network_config(section, data, num_groups=num_groups, image_embed_dim=image_embed_dim)
-    train = train_config(section, device)
     gen = DiffusionGenerator.fit(data, config, train, seed=section.seed, checkpoint_dir=folder / "checkpoint",
                                  progress=progress, unlabeled=unlabeled)
     gen.save_pretrained(folder)
@@ -127,12 +131,20 @@ def network_config(section, data: ImageDataset, *, num_groups: int = 0, image_em
 def train_config(section, device: str = "auto") -> GeneratorTrainConfig:
     return GeneratorTrainConfig(steps=section.steps, batch_size=section.batch_size, lr=section.lr,
                                 ema_decay=section.ema_decay, checkpoint_every=section.checkpoint_every,
-                                unlabeled_share=section.unlabeled_share, device=device)
+                                unlabeled_share=section.unlabeled_share, device=device,
+                                precision=resolved_precision(section.precision, device))
 
 
-def sampler_config(section) -> SamplerConfig:
+def sampler_config(section, device: str = "auto") -> SamplerConfig:
+    """The section's sampling settings, `auto` precision resolved for `device` (so a store's
+    provenance names the arithmetic its images were made in, wherever they were made)."""
     return SamplerConfig(sampler=section.sampler, steps=section.sampling_steps, guidance_scale=section.guidance_scale,
-                         batch_size=section.sampling_batch_size)
+                         batch_size=section.sampling_batch_size, precision=resolved_precision(section.precision, device))
+
+
+def resolved_precision(precision: str, device: str) -> str:
+    """`auto` made concrete for `device`: "bfloat16" or "float32"."""
+    return "bfloat16" if fast_dtype(precision, resolve_device(device)) is not None else "float32"
 
 
 def check_generator(section, data: ImageDataset, *, image_embed_dim: int = 0):
@@ -143,8 +155,13 @@ def check_generator(section, data: ImageDataset, *, image_embed_dim: int = 0):
 
 def provenance(generator: Generator, sampling: SamplerConfig) -> dict:
     """What made an image, as recorded in a store's metadata (a store refuses rows made otherwise)."""
-    return {"generator": generator.fingerprint(), "guidance_scale": sampling.guidance_scale,
+    made = {"generator": generator.fingerprint(), "guidance_scale": sampling.guidance_scale,
             "sampler": f"{sampling.sampler}/{sampling.steps}"}
+    # the UNet's arithmetic when not float32 (float32 stores keep their rows; Stable Diffusion
+    # computes in its own generator.dtype)
+    if sampling.precision != "float32" and generator.kind == "embedded":
+        made["precision"] = sampling.precision
+    return made
 
 
 @register_generator(SD_KIND, load=StableDiffusionGenerator.from_pretrained)

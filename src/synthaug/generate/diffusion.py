@@ -17,7 +17,7 @@ from ..data.dataset import ImageDataset
 from ..errors import SynthaugError
 from ..plan import split_by_kind
 from ..utils.io import atomic_write_json
-from ..utils.runtime import progress_bar, resolve_device
+from ..utils.runtime import autocast, fast_dtype, progress_bar, resolve_device
 from .base import generate_arguments
 from .image_condition import ConditionEmbedding, PCAEncoder
 from .network import GeneratorConfig, GeneratorTrainConfig, SamplerConfig, build_sampler, build_unet
@@ -252,14 +252,17 @@ class DiffusionGenerator:
             if hasattr(scheduler, "set_begin_index"):
                 scheduler.set_begin_index(start)
             x = scheduler.add_noise(init.to(device).float() / 127.5 - 1, x, timesteps[:1].repeat(len(x)))
+        dtype = fast_dtype(sampling.precision, device)  # the UNet in bfloat16 where native; the solver in float32
         for t in timesteps:
             model_in = scheduler.scale_model_input(x, t)
+            with autocast(device, dtype):
+                if guided:
+                    eps = self.predict_noise(torch.cat([model_in, model_in]), t, torch.cat([cond, uncond]), both).float()
+                else:
+                    eps = self.predict_noise(model_in, t, cond, cond_map).float()
             if guided:
-                eps_cond, eps_uncond = self.predict_noise(torch.cat([model_in, model_in]), t, torch.cat([cond, uncond]),
-                                                 both).chunk(2)
+                eps_cond, eps_uncond = eps.chunk(2)
                 eps = eps_uncond + sampling.guidance_scale * (eps_cond - eps_uncond)
-            else:
-                eps = self.predict_noise(model_in, t, cond, cond_map)
             x = scheduler.step(eps, t, x, generator=streams).prev_sample
         return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import get_args
 
-from ..choices import Pairing, Preset, Sampler, check_choices
+from ..choices import Pairing, Precision, Preset, Sampler, check_choices
 from ..errors import SynthaugError
 
 # Network sizes. `small` is the size a first trial found good for 28x28 digits on a CPU
@@ -82,6 +82,10 @@ class GeneratorTrainConfig:
     checkpoint_every: int = 200
     unlabeled_share: float = 0.5  # share of each batch drawn from an unlabeled pool, when one is given
     device: str = "auto"
+    precision: Precision = "auto"  # bfloat16 autocast (float32 weights and optimiser) where native
+
+    def __post_init__(self):
+        check_choices(self, "generator.")
 
 
 @dataclass
@@ -90,6 +94,7 @@ class SamplerConfig:
     steps: int = 15
     guidance_scale: float = 3.0  # 1 = no guidance; the null-class branch is skipped then
     batch_size: int = 128
+    precision: Precision = "auto"  # the UNet's arithmetic: bfloat16 autocast where native (utils/runtime.fast_dtype)
 
     def __post_init__(self):
         check_choices(self, "sampling.")

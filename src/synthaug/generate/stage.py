@@ -28,7 +28,7 @@ def generate_stage(plan: list[dict], generator: Generator, config, store_dir: st
                    *, progress: bool = False) -> tuple[ImageDataset, dict]:
     """Generate the plan's missing rows into the store at `store_dir` (rows that start from
     real images index into `real`), check the store, and load the plan's images."""
-    sampling = sampler_config(config.generator)
+    sampling = sampler_config(config.generator, config.train.device)
     store = SyntheticStore(store_dir, real.classes)
     t0 = time.perf_counter()
     ex = config.executor

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ..data.dataset import ImageDataset
 from ..errors import SynthaugError
 from ..utils.loop import Checkpoint, step_generator, warmup_constant
-from ..utils.runtime import progress_bar, resolve_device
+from ..utils.runtime import autocast, fast_dtype, progress_bar, resolve_device
 from .diffusion import DiffusionGenerator
 from .image_condition import random_shift
 from .network import GeneratorConfig, GeneratorTrainConfig, build_train_scheduler
@@ -78,10 +78,13 @@ def train_generator(gen: DiffusionGenerator, data: ImageDataset, cfg: GeneratorT
 
     start, history, spent = 0, [], 0.0
     # a checkpoint is resumed only by the same training (network, settings, seed, data size)
-    train_settings = {k: v for k, v in asdict(cfg).items() if k not in ("checkpoint_every", "device")}
+    dtype = fast_dtype(cfg.precision, device)
+    train_settings = {k: v for k, v in asdict(cfg).items() if k not in ("checkpoint_every", "device", "precision")}
     if not n_pool:
         train_settings.pop("unlabeled_share")
     key = {"config": gen.config.key(), "train": train_settings, "seed": seed, "data": data.fingerprint()}
+    if dtype is not None:  # the arithmetic it trained in, when not float32
+        key["precision"] = str(dtype).removeprefix("torch.")
     if n_pool:
         key["unlabeled"] = unlabeled.fingerprint()
     checkpoint = Checkpoint(checkpoint_dir, key)
@@ -123,7 +126,9 @@ def train_generator(gen: DiffusionGenerator, data: ImageDataset, cfg: GeneratorT
             t = torch.randint(gen.config.num_train_timesteps, (len(idx),), generator=g).to(device)
             noisy = noise_scheduler.add_noise(x0, noise, t)
             cond_map = gen.condition_map(len(idx), embeds, keep, device=device)
-            loss = F.mse_loss(gen.predict_noise(noisy, t, gen.class_input(cond, embeds, keep), cond_map), noise)
+            with autocast(device, dtype):
+                predicted = gen.predict_noise(noisy, t, gen.class_input(cond, embeds, keep), cond_map)
+            loss = F.mse_loss(predicted.float(), noise)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

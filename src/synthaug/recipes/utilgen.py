@@ -271,7 +271,8 @@ def utilgen(task, config, *, workdir=None, progress=False, trained=None) -> Reci
     real = task.train
     generator, generator_info = generator_stage(real, config, progress=progress, unlabeled=task.unlabeled)
     seconds["generator"] = generator_info.pop("seconds")
-    sampling = replace(sampler_config(config.generator), sampler=opts.sampler, steps=opts.sampling_steps)
+    sampling = replace(sampler_config(config.generator, config.train.device), sampler=opts.sampler,
+                       steps=opts.sampling_steps)
     store = SyntheticStore(Path(opts.store_dir) if opts.store_dir else workdir / "synthetic", real.classes)
     for key in ("generate", "value", "policy", "model"):
         seconds[key] = 0.0

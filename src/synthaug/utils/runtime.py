@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
+import time
 
 import torch
 
@@ -41,6 +44,32 @@ def resolve_device(device: str = "auto") -> torch.device:
     return resolved
 
 
+def bfloat16_native(device: torch.device) -> bool:
+    """Whether `device` computes bfloat16 in hardware: a CUDA GPU that supports it, or a CPU
+    with AVX512-BF16 or AMX (on other CPUs bfloat16 is emulated, and slower than float32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported",
+                                                                            "_is_amx_tile_supported"))
+    return False
+
+
+def fast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The reduced precision to compute in (autocast) for setting `precision` on `device`, or
+    None for float32. `auto` is bfloat16 where the hardware computes it natively, else float32."""
+    if precision == "bfloat16" or (precision == "auto" and bfloat16_native(device)):
+        return torch.bfloat16
+    if precision not in ("auto", "float32"):
+        raise SynthaugError(f"precision is {precision!r}: use auto, float32 or bfloat16")
+    return None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Mixed precision in `dtype` (weights stay float32), or nothing for None."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
 @torch.no_grad()
 def infer(module: torch.nn.Module, images: torch.Tensor, fn=None, *, batch_size: int = 512,
           empty: tuple = (0,)) -> torch.Tensor:
@@ -58,9 +87,13 @@ def infer(module: torch.nn.Module, images: torch.Tensor, fn=None, *, batch_size:
 
 
 def progress_bar(enabled: bool = True):
-    """A rich progress bar, or a silent stand-in with the same `add_task`/`update` calls."""
+    """A rich progress bar on a terminal; plain lines every ~30 s when the output goes to a
+    log or a pipe (`ProgressLines`); or, when not `enabled`, a silent stand-in with the same
+    `add_task`/`update`/`advance` calls."""
     if not enabled:
         return contextlib.nullcontext(_Silent())
+    if not sys.stdout.isatty():
+        return contextlib.nullcontext(ProgressLines())
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -74,6 +107,48 @@ def progress_bar(enabled: bool = True):
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), transient=False,
     )
+
+
+class ProgressLines:
+    """Progress for a log file, CI or `nohup`: one plain line per task every `every` seconds
+    (default 30, or $SYNTHAUG_PROGRESS_SECONDS) and when it completes, e.g.
+    `train generator: 350/800 (44%), 2.1/s, ETA 3:35, loss 0.0312`."""
+
+    def __init__(self, every: float | None = None, stream=None):
+        self.every = float(os.environ.get("SYNTHAUG_PROGRESS_SECONDS", 30)) if every is None else every
+        self.stream = stream
+        self.tasks: list[dict] = []
+
+    def add_task(self, description: str, total: float | None = None, completed: float = 0, info: str = "", **_):
+        now = time.monotonic()
+        self.tasks.append({"description": description, "total": total, "completed": completed, "info": info,
+                           "start": now, "start_completed": completed, "printed": now, "ended": False})
+        return len(self.tasks) - 1
+
+    def update(self, task: int, *, completed: float | None = None, advance: float = 0, info: str | None = None, **_):
+        t = self.tasks[task]
+        t["completed"] = (t["completed"] if completed is None else completed) + advance
+        if info is not None:
+            t["info"] = info
+        now = time.monotonic()
+        ended = t["total"] is not None and t["completed"] >= t["total"]
+        if (ended and not t["ended"]) or now - t["printed"] >= self.every:
+            t["printed"], t["ended"] = now, ended
+            print(self.line(t, now), file=self.stream or sys.stdout, flush=True)
+
+    def advance(self, task: int, advance: float = 1):
+        self.update(task, advance=advance)
+
+    @staticmethod
+    def line(t: dict, now: float) -> str:
+        done, total = t["completed"], t["total"]
+        rate = (done - t["start_completed"]) / max(now - t["start"], 1e-9)
+        parts = [f"{t['description']}: {done:g}/{total:g} ({100 * done / max(total, 1):.0f}%)" if total is not None
+                 else f"{t['description']}: {done:g}", f"{rate:.3g}/s"]
+        if total is not None and rate > 0 and done < total:
+            left = int((total - done) / rate)
+            parts.append(f"ETA {left // 60}:{left % 60:02d}")
+        return ", ".join(parts + ([t["info"]] if t["info"] else []))
 
 
 class _Silent:
