@@ -8,7 +8,7 @@ STAMP := $(VENV)/.synthaug-installed
 # torch from this pin installs from the machine's wheel cache in about a minute; see README.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-slow bench-baselines bench-synaug bench-sampler bench-tada bench-augcond bench-utilgen bench-selection bench-executors lint clean
+.PHONY: demo test test-slow bench-speed bench-baselines bench-synaug bench-sampler bench-tada bench-augcond bench-utilgen bench-selection bench-executors lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+bench-speed: $(STAMP)
+	$(BIN)/python benchmarks/speed.py
 
 bench-baselines: $(STAMP)
 	$(BIN)/python benchmarks/baselines.py

@@ -41,6 +41,7 @@ from synthaug.generate import diffusion
 from synthaug.generate.cache import generator_for, resolved_precision, sampler_config
 from synthaug.generate.network import build_train_scheduler
 from synthaug.task import make_task
+from synthaug.utils.runtime import resolve_device
 
 SETTINGS = {
     "full": dict(config=["data.dataset=mnist-5k", "split.ratio=50", "train.epochs=30", "generator.steps=800",
@@ -68,26 +69,29 @@ LEVERS = {
 BARE = "bare diffusers loop (float32)"
 
 
-def gflops(fn, flop: float, repeats: int = 3) -> float:
+def gflops(fn, flop: float, device: torch.device, repeats: int = 3) -> float:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     fn()
+    sync()
     t0 = time.perf_counter()
     for _ in range(repeats):
         fn()
+    sync()
     return flop * repeats / (time.perf_counter() - t0) / 1e9
 
 
 @torch.no_grad()
-def peak_rates(n: int) -> dict:
+def peak_rates(n: int, device: torch.device) -> dict:
     """GFLOP/s of an n^3 matmul and of a 3x3 convolution at the UNet's middle shape."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    x, conv = torch.randn(256, 64, 14, 14), torch.nn.Conv2d(64, 64, 3, padding=1)
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    x, conv = torch.randn(256, 64, 14, 14, device=device), torch.nn.Conv2d(64, 64, 3, padding=1).to(device)
     conv_flop = 2 * 256 * 64 * 64 * 9 * 14 * 14
     rates = {}
     for dtype in (torch.float32, torch.bfloat16):
         name, a2, b2 = str(dtype).removeprefix("torch."), a.to(dtype), b.to(dtype)
-        rates[f"matmul {name}"] = gflops(lambda a2=a2, b2=b2: a2 @ b2, 2 * n**3)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            rates[f"conv {name}"] = gflops(lambda: conv(x), conv_flop)
+        rates[f"matmul {name}"] = gflops(lambda a2=a2, b2=b2: a2 @ b2, 2 * n**3, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            rates[f"conv {name}"] = gflops(lambda: conv(x), conv_flop, device)
     return rates
 
 
@@ -166,8 +170,12 @@ def main():
     setting = SETTINGS["quick" if args.quick else "full"]
     results = HERE / "results" / f"speed{'-quick' if args.quick else ''}.jsonl"
     cache = HERE / "results" / "cache" / "generators"
-    done = {(r["part"], r["lever"], r.get("model"), r.get("repeat")) for r in read_rows(results)}
-    env = environment()
+    env = environment()  # rows of each device are kept apart: a GPU run adds its own
+
+    def rows_here() -> list[dict]:
+        return [r for r in read_rows(results) if r["device"] == env["device"]]
+
+    done = {(r["part"], r["lever"], r.get("model"), r.get("repeat")) for r in rows_here()}
 
     def record(row: dict):
         append_row(results, {**row, **env})
@@ -178,9 +186,9 @@ def main():
     task = make_task(load_dataset(config.data.dataset), config.split)
 
     # 1. peak rates
+    device = resolve_device("auto")
     if ("peak", "machine", None, None) not in done:
-        record({"part": "peak", "lever": "machine", "gflops": peak_rates(setting["matmul"])})
-    peak = next(r["gflops"] for r in read_rows(results) if r["part"] == "peak")
+        record({"part": "peak", "lever": "machine", "gflops": peak_rates(setting["matmul"], device)})
 
     # the demo's generator, trained in the default precision (cached); the sampling part uses it
     generator, _ = generator_for(task.train, config.generator, cache_root=cache, progress=True)
@@ -195,7 +203,7 @@ def main():
     compiled = {}
     for repeat in range(setting["repeats"]):
         seeds = list(range(repeat * n, (repeat + 1) * n))
-        bare_seconds = next((r["seconds"] for r in read_rows(results)
+        bare_seconds = next((r["seconds"] for r in rows_here()
                              if r["part"] == "sampling" and r["lever"] == BARE and r["repeat"] == repeat), None)
         if bare_seconds is None:
             t0 = time.perf_counter()
@@ -249,7 +257,7 @@ def main():
             history = fit_classifier(task.oracle, cfg, seed=0).history
             record({"part": "classifier", "lever": lever, "model": model, "images": len(task.oracle),
                     "epoch_seconds": history[-1]["seconds"], "images_per_s": len(task.oracle) / history[-1]["seconds"]})
-    publish(results, "speed", table(read_rows(results), peak), to_benchmarks=not args.quick)
+    publish(results, "speed", table(read_rows(results)), to_benchmarks=not args.quick)
 
 
 def train_probe(data, config, steps: int, channels_last: bool = False, batch_size: int | None = None) -> dict:
@@ -273,9 +281,15 @@ def mean(rows, key):
     return statistics.fmean(values) if values else float("nan")
 
 
-def table(rows: list[dict], peak: dict) -> str:
+def table(rows: list[dict]) -> str:
+    """One section per device the rows ran on."""
+    return "\n".join(device_table([r for r in rows if r["device"] == d]) for d in dict.fromkeys(r["device"] for r in rows))
+
+
+def device_table(rows: list[dict]) -> str:
     env = rows[0]
-    lines = [f"{env['machine']}, {env['threads']} threads, torch {env['torch'].split('+')[0]}, device {env['device']}. "
+    peak = next(r["gflops"] for r in rows if r["part"] == "peak")
+    lines = [f"**{env['device']}**: {env['machine']}, {env['threads']} threads, torch {env['torch'].split('+')[0]}. "
              f"Measured peak: matmul {peak['matmul float32']:.0f} GFLOP/s in float32, {peak['matmul bfloat16']:.0f} in "
              f"bfloat16; a 3x3 conv of the UNet's shape {peak['conv float32']:.0f} / {peak['conv bfloat16']:.0f}.", ""]
     sampling = [r for r in rows if r["part"] == "sampling"]
@@ -284,15 +298,17 @@ def table(rows: list[dict], peak: dict) -> str:
         lines += [f"**Sampling** ({first['images']} images per repeat, {len({r['repeat'] for r in sampling})} interleaved "
                   "repeats, mean over repeats; ratio: images/s over the bare loop timed in the same repeat; % of peak: "
                   "achieved FLOP rate over the matmul peak of the lever's precision)", "",
-                  "| lever | steps | precision | images/s | x bare loop | oracle recognises | Frechet distance | % of peak |",
+                  "| lever | steps | precision | images/s | x bare loop (min-max) | oracle recognises | Frechet distance "
+                  "| % of peak |",
                   "|---|---|---|---|---|---|---|---|"]
         for lever in dict.fromkeys(r["lever"] for r in sampling):
             rs = [r for r in sampling if r["lever"] == lever]
-            ratio = statistics.fmean(r["images_per_s"] / r["bare_images_per_s"] for r in rs)
+            ratios = [r["images_per_s"] / r["bare_images_per_s"] for r in rs]
             rate = statistics.fmean(r["images_per_s"] * r["flops_per_image"] for r in rs) / 1e9
             pct = 100 * rate / peak[f"matmul {rs[0]['precision']}"]
             lines.append(f"| {lever} | {rs[0]['steps']} | {rs[0]['precision']} | {mean(rs, 'images_per_s'):.1f} | "
-                         f"{ratio:.2f} | {100 * mean(rs, 'oracle_recognised'):.1f}% | {mean(rs, 'frechet_distance'):.1f} | "
+                         f"{statistics.fmean(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}) | "
+                         f"{100 * mean(rs, 'oracle_recognised'):.1f}% | {mean(rs, 'frechet_distance'):.2f} | "
                          f"{pct:.0f}% |")
         lines.append("")
     training = [r for r in rows if r["part"] == "training"]
@@ -304,7 +320,7 @@ def table(rows: list[dict], peak: dict) -> str:
             full = "train_seconds" in r
             lines.append(f"| {r['lever']} | {r['steps_per_s']:.2f} | {r['steps_per_s'] * batch:.0f} | "
                          f"{r['final_loss']:.4f} | {r['train_seconds'] / 60:.1f} | {100 * r['oracle_recognised']:.1f}% | "
-                         f"{r['frechet_distance']:.1f} |" if full else
+                         f"{r['frechet_distance']:.2f} |" if full else
                          f"| {r['lever']} (batch {batch}, {r['steps']} steps) | {r['steps_per_s']:.2f} | "
                          f"{r['images_per_s']:.0f} | - | - | - | - |")
         lines.append("")

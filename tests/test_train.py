@@ -16,9 +16,12 @@ def small_train(**kw):
     return fit_classifier(make_dataset((24, 12, 6)), TrainConfig(**{**FAST, **kw}), seed=0)
 
 
-def test_learns_the_tiny_problem():
+@pytest.mark.parametrize("precision, channels_last", [("float32", False), ("float32", True), ("bfloat16", True)])
+def test_learns_the_tiny_problem(precision, channels_last):
+    """In every arithmetic and memory layout (bfloat16 runs emulated where the CPU lacks it)."""
     ds = make_dataset((40, 40, 40))
-    result = fit_classifier(ds, TrainConfig(epochs=6, batch_size=16, lr=0.05, augment="none"), seed=0)
+    cfg = TrainConfig(epochs=6, batch_size=16, lr=0.05, augment="none", precision=precision, channels_last=channels_last)
+    result = fit_classifier(ds, cfg, seed=0)
     metrics = evaluate(result.model, make_dataset((20, 20, 20), seed=1))
     assert metrics["accuracy"] > 0.9
     assert [h["epoch"] for h in result.history] == list(range(1, 7))
