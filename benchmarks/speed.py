@@ -257,7 +257,7 @@ def main():
             history = fit_classifier(task.oracle, cfg, seed=0).history
             record({"part": "classifier", "lever": lever, "model": model, "images": len(task.oracle),
                     "epoch_seconds": history[-1]["seconds"], "images_per_s": len(task.oracle) / history[-1]["seconds"]})
-    publish(results, "speed", table(read_rows(results)), to_benchmarks=not args.quick)
+    publish(results, "speed", summarise(read_rows(results)), to_benchmarks=not args.quick)
 
 
 def train_probe(data, config, steps: int, channels_last: bool = False, batch_size: int | None = None) -> dict:
@@ -281,7 +281,7 @@ def mean(rows, key):
     return statistics.fmean(values) if values else float("nan")
 
 
-def table(rows: list[dict]) -> str:
+def summarise(rows: list[dict]) -> str:
     """One section per device the rows ran on."""
     return "\n".join(device_table([r for r in rows if r["device"] == d]) for d in dict.fromkeys(r["device"] for r in rows))
 

@@ -10,11 +10,11 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-@pytest.mark.parametrize("key", ["augcond", "tada", "utilgen", "executors", "selection"])
+@pytest.mark.parametrize("key", ["augcond", "tada", "utilgen", "executors", "selection", "speed"])
 def test_each_table_regenerates_from_its_results(key, monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     monkeypatch.setenv("SYNTHAUG_CIFAR10", "")  # the benchmarks would point it at ../shared/data
-    for name in (key, "common"):
+    for name in (key, "common", "sampler"):
         monkeypatch.delitem(sys.modules, name, raising=False)
     common = importlib.import_module("common")
     module = importlib.import_module(key)

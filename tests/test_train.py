@@ -57,11 +57,31 @@ def test_soft_cross_entropy_matches_torch_and_logit_adjustment():
 @pytest.mark.parametrize("spec", [*AUGMENTATIONS, "crop+flip+randaugment"])
 def test_augmentations(spec):
     aug = build_augmentation(spec, (8, 8))
-    x = torch.randint(0, 255, (1, 8, 8), dtype=torch.uint8)
+    x = torch.randint(0, 255, (5, 3, 8, 8), dtype=torch.uint8)
     out = x if aug is None else aug(x)
     assert out.shape == x.shape and out.dtype == torch.uint8
     if spec != "none":
         small_train(augment=spec, epochs=1)
+
+
+def test_batched_crop_and_flip_draw_per_image_like_torchvision():
+    """The batched crop is v2.RandomCrop(padding=1/8 of the side) per image: each output is
+    a window of the zero-padded image, offsets spread over every position; the flip mirrors
+    about half the images, each either unchanged or mirrored."""
+    torch.manual_seed(0)
+    x = torch.randint(1, 255, (400, 1, 8, 8), dtype=torch.uint8)
+    out = build_augmentation("crop", (8, 8))(x)
+    padded = F.pad(x, (1, 1, 1, 1))
+    offsets = []
+    for i in range(len(x)):
+        found = [(t, s) for t in range(3) for s in range(3) if torch.equal(padded[i, :, t:t + 8, s:s + 8], out[i])]
+        assert found, i
+        offsets.append(found[0])
+    assert len(set(offsets)) == 9  # all 9 windows occur
+    flipped = build_augmentation("flip", (8, 8))(x)
+    mirrored = torch.tensor([torch.equal(flipped[i], x[i].flip(-1)) for i in range(len(x))])
+    assert all(torch.equal(flipped[i], x[i]) or mirrored[i] for i in range(len(x)))
+    assert 0.4 < mirrored.float().mean() < 0.6
 
 
 def test_unknown_augmentation():

@@ -13,7 +13,7 @@ from typing import get_args
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
+from torch.utils.data import RandomSampler, WeightedRandomSampler
 from torchvision.transforms import v2
 
 from ..choices import ClassSampler, Loss, Mix, Precision, check_choices
@@ -94,35 +94,61 @@ class TrainResult:
     config: dict
 
 
-def build_augmentation(spec: str, image_size: tuple[int, int]) -> v2.Compose | None:
-    """Per-image torchvision v2 transforms on uint8 tensors, from a spec like 'crop+flip'."""
-    ops = []
-    for part in spec.split("+"):
-        if part == "crop":
-            ops.append(v2.RandomCrop(image_size, padding=max(1, image_size[0] // 8)))
-        elif part == "flip":
-            ops.append(v2.RandomHorizontalFlip())
-        elif part == "randaugment":
-            ops.append(v2.RandAugment())
-        elif part == "trivialaugment":
-            ops.append(v2.TrivialAugmentWide())
-        elif part == "autoaugment":
-            ops.append(v2.AutoAugment())
-    return v2.Compose(ops) if ops else None
+POLICIES = {"randaugment": v2.RandAugment, "trivialaugment": v2.TrivialAugmentWide, "autoaugment": v2.AutoAugment}
 
 
-class ImageTensors(torch.utils.data.Dataset):
-    def __init__(self, ds: ImageDataset, weights: torch.Tensor, domains: torch.Tensor, transform):
-        self.images, self.labels, self.weights, self.domains, self.transform = ds.images, ds.labels, weights, domains, transform
+class Augmentation:
+    """Training augmentation of a uint8 batch, from a spec like 'crop+flip+randaugment'
+    (applied in that order). Crop (zero padding of 1/8 of the side, as `v2.RandomCrop`) and
+    flip draw per image in tensor ops over the whole batch; the policies run per image
+    through torchvision v2, whose transforms draw one operation per call."""
 
-    def __len__(self):
-        return len(self.labels)
+    def __init__(self, spec: str, image_size: tuple[int, int]):
+        self.padding = max(1, image_size[0] // 8)
+        self.steps = []
+        for part in spec.split("+"):
+            if part == "crop":
+                self.steps.append(self.crop)
+            elif part == "flip":
+                self.steps.append(flip)
+            elif part in POLICIES:
+                self.steps.append(per_image(POLICIES[part]()))
 
-    def __getitem__(self, i):
-        x = self.images[i]
-        if self.transform is not None:
-            x = self.transform(x)
-        return x, self.labels[i], self.weights[i], self.domains[i]
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        for step in self.steps:
+            x = step(x)
+        return x
+
+    def crop(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        p = self.padding
+        padded = F.pad(x, (p, p, p, p))
+        top, left = torch.randint(0, 2 * p + 1, (n,)), torch.randint(0, 2 * p + 1, (n,))
+        rows = (top[:, None] + torch.arange(h))[:, None, :, None]
+        cols = (left[:, None] + torch.arange(w))[:, None, None, :]
+        return padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+
+
+def flip(x: torch.Tensor) -> torch.Tensor:
+    """Each image mirrored left-right with probability 1/2."""
+    return torch.where((torch.rand(len(x)) < 0.5)[:, None, None, None], x.flip(-1), x)
+
+
+def per_image(transform):
+    return lambda x: torch.stack([transform(image) for image in x]) if len(x) else x
+
+
+def build_augmentation(spec: str, image_size: tuple[int, int]) -> Augmentation | None:
+    """The batch augmentation for a spec like 'crop+flip' (None for 'none')."""
+    augmentation = Augmentation(spec, image_size)
+    return augmentation if augmentation.steps else None
+
+
+def batches(sampler, batch_size: int):
+    """The sampler's indices in batches of `batch_size` (the last one smaller): one
+    indexing per batch instead of a DataLoader's one call per image."""
+    order = torch.as_tensor(list(sampler), dtype=torch.int64)
+    return order.split(batch_size)
 
 
 def cross_domain_partners(domains: torch.Tensor) -> torch.Tensor:
@@ -207,7 +233,7 @@ def fit_classifier(
     domains = torch.zeros(len(train), dtype=torch.int64) if domains is None else torch.as_tensor(domains, dtype=torch.int64)
     if domains.shape != (len(train),):
         raise SynthaugError(f"domains has {len(domains)} entries for {len(train)} images")
-    loader_data = ImageTensors(train, weights, domains, build_augmentation(cfg.augment, train.image_size))
+    augment = build_augmentation(cfg.augment, train.image_size)
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
@@ -245,11 +271,11 @@ def fit_classifier(
         for epoch in range(start_epoch, last_epoch):
             torch.manual_seed(seed * 100_003 + epoch)
             g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-            loader = DataLoader(loader_data, batch_size=cfg.batch_size,
-                                sampler=make_sampler(cfg.sampler, train.labels, train.num_classes, g), drop_last=False)
             model.train()
             total_loss, correct, seen, epoch_start = 0.0, 0, 0, time.perf_counter()
-            for x, y, w, dom in loader:
+            for idx in batches(make_sampler(cfg.sampler, train.labels, train.num_classes, g), cfg.batch_size):
+                x, y, w, dom = train.images[idx], train.labels[idx], weights[idx], domains[idx]
+                x = x if augment is None else augment(x)
                 x, y, w = x.to(device, non_blocking=True).float().div_(255), y.to(device), w.to(device)
                 if cfg.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)

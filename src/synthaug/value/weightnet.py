@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import RandomSampler
 
 from ..classify.models import Classifier
 from ..classify.train import (
-    ImageTensors,
     TrainConfig,
+    batches,
     build_augmentation,
     new_classifier,
 )
@@ -117,7 +117,7 @@ def fit_meta_weighted(train: ImageDataset, val: ImageDataset, config: TrainConfi
     total, warmup = steps_per_epoch * cfg.epochs, int(cfg.warmup_epochs * steps_per_epoch)
     scheduler = warmup_cosine(optimizer, warmup, total)
     domains = torch.zeros(len(train), dtype=torch.int64) if domains is None else torch.as_tensor(domains).long()
-    loader_data = ImageTensors(train, torch.ones(len(train)), domains, build_augmentation(cfg.augment, train.image_size))
+    augment = build_augmentation(cfg.augment, train.image_size)
     val_x, val_y = val.images.to(device).float() / 255, val.labels.to(device)
 
     history, start, spent = [], 0, 0.0
@@ -135,11 +135,12 @@ def fit_meta_weighted(train: ImageDataset, val: ImageDataset, config: TrainConfi
         for epoch in range(start, cfg.epochs):
             torch.manual_seed(seed * 100_003 + epoch)
             g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-            loader = DataLoader(loader_data, batch_size=cfg.batch_size, sampler=RandomSampler(range(len(train)), generator=g))
             model.train()
             sums = {"loss": 0.0, "val_loss": 0.0, "weight_real": 0.0, "weight_synthetic": 0.0, "n_real": 0, "n_synthetic": 0}
             steps = 0
-            for x, y, _, dom in loader:
+            for idx in batches(RandomSampler(range(len(train)), generator=g), cfg.batch_size):
+                x, y, dom = train.images[idx], train.labels[idx], domains[idx]
+                x = x if augment is None else augment(x)
                 x, y = x.to(device).float().div_(255), y.to(device)
                 v = torch.randint(len(val_y), (min(meta.val_batch_size, len(val_y)),), generator=g).to(device)
                 # 1-2. look-ahead and meta step of the weight network
