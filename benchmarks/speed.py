@@ -137,8 +137,11 @@ def lever_applied(generator, lever: dict, compiled: dict):
     unet, threads, build = generator.unet, torch.get_num_threads(), diffusion.build_sampler
     if lever.get("channels_last"):
         generator.unet = unet.to(memory_format=torch.channels_last)
-    if lever.get("compile"):
-        generator.unet = compiled.setdefault("unet", torch.compile(unet, dynamic=False))
+    if lever.get("compile"):  # on a GPU with CUDA graphs ("reduce-overhead"): the steps are small kernels
+        if "unet" not in compiled:
+            on_gpu = next(unet.parameters()).device.type == "cuda"
+            compiled["unet"] = torch.compile(unet, dynamic=False, mode="reduce-overhead" if on_gpu else None)
+        generator.unet = compiled["unet"]
     if lever.get("threads"):
         torch.set_num_threads(lever["threads"])
     if lever.get("solver") == "unipc":
