@@ -143,8 +143,8 @@ class ProgressLines:
     def line(t: dict, now: float) -> str:
         done, total = t["completed"], t["total"]
         rate = (done - t["start_completed"]) / max(now - t["start"], 1e-9)
-        parts = [f"{t['description']}: {done:g}/{total:g} ({100 * done / max(total, 1):.0f}%)" if total is not None
-                 else f"{t['description']}: {done:g}", f"{rate:.3g}/s"]
+        count = f"{done:g}/{total:g} ({100 * done / max(total, 1):.0f}%)" if total is not None else f"{done:g}"
+        parts = [f"{t['description']}: {count}", f"{rate:,.0f}/s" if rate >= 100 else f"{rate:.3g}/s"]
         if total is not None and rate > 0 and done < total:
             left = int((total - done) / rate)
             parts.append(f"ETA {left // 60}:{left % 60:02d}")
