@@ -95,14 +95,30 @@ def run(
     config_file: Path = CONFIG_ARG,
     overrides: list[str] = SET_OPT,
     seed: int = SEED_OPT,
+    seeds: str = typer.Option(None, help="several classifier seeds, e.g. 0,1,2: every seed's run, then the paired "
+                                         "95% interval against the best classical baseline and a verdict"),
     force: bool = FORCE_OPT,
     quiet: bool = QUIET_OPT,
 ):
     """The whole loop: data, split, generator (trained or cached), plan, generate, train,
     evaluate against the baselines, report.html."""
     from .config import load_config
-    from .runs import train_run
+    from .runs import seeds_run, train_run
 
+    if seeds is not None:
+        if seed is not None:
+            raise SynthaugError("give --seed or --seeds, not both")
+        try:
+            chosen = [int(part) for part in seeds.split(",") if part.strip()]
+        except ValueError:
+            raise SynthaugError(f"--seeds {seeds!r}: give comma-separated whole numbers, e.g. --seeds 0,1,2") from None
+        cfg = load_config(config_file, overrides)
+        summary_dir, summary = seeds_run(cfg, chosen, progress=not quiet, force=force)
+        console.print(summary["verdict_line"] or "no classical baseline to compare with")
+        console.print(f"summary: {summary_dir / 'summary.md'}")
+        if (summary_dir / "report.html").exists():
+            console.print(f"report: {summary_dir / 'report.html'}")
+        return
     cfg = load_config(config_file, [*overrides, *([f"seed={seed}"] if seed is not None else [])])
     run_dir, metrics = train_run(cfg, progress=not quiet, force=force, compare=True)
     print_metrics(metrics)

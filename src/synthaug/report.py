@@ -237,8 +237,13 @@ def _write_report(path, metrics, real, synthetic, config_yaml, sections) -> Path
     stage_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.1f}</td></tr>" for k, v in metrics["seconds"].items())
     parts.append(f"<h2>Time per stage</h2><table><tr><th>stage</th><th>seconds</th></tr>{stage_rows}</table>")
     parts.append(f"<h2>Config</h2><details><summary>resolved config</summary><pre>{html.escape(config_yaml)}</pre></details>")
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>synthaug: {html.escape(recipe)}</title>"
-            f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
+    return write_page(path, f"synthaug: {recipe}", "".join(parts))
+
+
+def write_page(path: str | Path, title: str, body: str) -> Path:
+    """A self-contained HTML page with the report's style, renamed into place in one step."""
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{STYLE}</style></head><body>{body}</body></html>")
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(page)
@@ -263,3 +268,31 @@ def _summary(metrics: dict, rows: dict[str, dict]) -> str:
     if syn:
         text += f" {syn['images']} synthetic images."
     return text
+
+
+def write_seeds_report(path: str | Path, summary: dict, table_markdown: str) -> Path:
+    """The page of a multi-seed run: the verdict at the top, then each method's mean ± std
+    and links to every seed's own report."""
+    import os
+    import statistics
+
+    verdict = summary.get("verdict")
+    headline = html.escape(summary["verdict_line"] or "no classical baseline to compare with")
+    colour = {"gain": "#d9f2d9", "loss": "#f8d7d7"}.get((verdict or {}).get("verdict"), "#eeeeee")
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{100 * statistics.fmean(v.values()):.2f}</td>"
+        f"<td>{100 * (statistics.stdev(v.values()) if len(v) > 1 else 0.0):.2f}</td>"
+        f"<td>{' '.join(f'{100 * x:.2f}' for x in v.values())}</td></tr>"
+        for name, v in summary["scores"].items())
+    links = " · ".join(
+        f"<a href='{html.escape(os.path.relpath(Path(d) / 'report.html', Path(path).parent))}'>seed {s}</a>"
+        for s, d in summary["runs"].items())
+    body = (f"<h1>synthaug: {html.escape(summary['recipe'])} on {html.escape(str(summary['dataset']))}, "
+            f"seeds {', '.join(map(str, summary['seeds']))}</h1>"
+            f"<div class='summary' style='background:{colour}'><b>Verdict</b>: {headline}. The interval is the paired "
+            "95% t-interval of the difference in balanced accuracy over the seeds; the best classical baseline is the "
+            "one with the highest mean (the oracle is a reference, not a baseline).</div>"
+            "<h2>Balanced accuracy (%), balanced test set</h2><table><tr><th>method</th><th>mean</th><th>std</th>"
+            f"<th>per seed</th></tr>{rows}</table><h2>Each seed's report</h2><p>{links}</p>"
+            f"<details><summary>as Markdown</summary><pre>{html.escape(table_markdown)}</pre></details>")
+    return write_page(path, f"synthaug: {summary['recipe']}, {len(summary['seeds'])} seeds", body)

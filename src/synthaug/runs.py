@@ -202,3 +202,58 @@ def train_run(config: RunConfig, *, progress: bool = True, force: bool = False, 
     for leftover in ("checkpoint", "cas-checkpoint"):
         shutil.rmtree(run_dir / leftover, ignore_errors=True)
     return run_dir, metrics
+
+
+def seeds_run(config: RunConfig, seeds: list[int], *, progress: bool = True, force: bool = False) -> tuple[Path, dict]:
+    """`train_run` with the baselines for each of `seeds`, one run folder per seed (so an
+    interrupted sweep resumes where it stopped; the generator is shared through its cache),
+    then the paired comparison against the best classical baseline (`verdict.compare`):
+    `<output_dir>/<name>-seeds-<seeds>/` with summary.json, summary.md and report.html,
+    the verdict first."""
+    from dataclasses import replace
+
+    from .report import write_seeds_report
+    from .verdict import compare
+
+    if len(set(seeds)) != len(seeds) or len(seeds) < 2:
+        raise SynthaugError(f"--seeds {','.join(map(str, seeds))}: give two or more different seeds, e.g. --seeds 0,1,2")
+    configs = [replace(config, seed=s, name=f"{config.name}-s{s}" if config.name else None) for s in seeds]
+    base = config.name or configs[0].run_name().removesuffix(f"-s{seeds[0]}")
+    summary_dir = Path(config.output_dir) / check_name(f"{base}-seeds-{'-'.join(map(str, seeds))}", "name")
+    for c in configs:
+        preflight(c, c.report.baselines)
+        check_name(c.run_name(), "name")
+    if summary_dir.exists() and not (summary_dir / MARKER).is_file():
+        raise SynthaugError(f"'{summary_dir}' exists and is not a folder synthaug made: choose another name or output_dir")
+    runs = {}
+    for c in configs:
+        run_dir, metrics = train_run(c, progress=progress, force=force, compare=True)
+        runs[c.seed] = (run_dir, metrics)
+    scores = {config.recipe: {s: m["test"]["balanced_accuracy"] for s, (_, m) in runs.items()}}
+    for s, (_, m) in runs.items():
+        for name, b in m.get("baselines", {}).items():
+            scores.setdefault(name, {})[s] = b["test"]["balanced_accuracy"]
+    found = compare(scores, config.recipe)
+    summary = {"recipe": config.recipe, "dataset": config.data.dataset, "seeds": seeds, "metric": "balanced_accuracy",
+               "scores": scores, "runs": {s: str(d) for s, (d, _) in runs.items()},
+               "verdict": found.to_dict() if found else None, "verdict_line": found.line() if found else None}
+    make_folders(summary_dir, "the summary folder")
+    (summary_dir / MARKER).touch()
+    atomic_write_json(summary_dir / "summary.json", summary)
+    atomic_write_text(summary_dir / "summary.md", seeds_table(summary))
+    if config.report.html:
+        write_seeds_report(summary_dir / "report.html", summary, seeds_table(summary))
+    return summary_dir, summary
+
+
+def seeds_table(summary: dict) -> str:
+    """Balanced accuracy per method, mean ± std over the seeds, in Markdown, verdict first."""
+    import statistics
+
+    lines = [summary["verdict_line"] or "no classical baseline to compare with", "",
+             "| method | balanced accuracy (%), mean ± std | seeds |", "|---|---|---|"]
+    for name, by_seed in summary["scores"].items():
+        values = [100 * v for v in by_seed.values()]
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        lines.append(f"| {name} | {statistics.fmean(values):.2f} ± {spread:.2f} | {len(values)} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,74 @@
+"""Is a difference real? The paired comparison that every claim of a gain needs: over the
+same seeds, the mean difference between a recipe and the best classical baseline, its 95%
+t-interval, and a plain verdict (gain, no significant difference, loss)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import asdict, dataclass
+
+# Baselines trained on data the user does not have: reference lines, never the bar to beat.
+UPPER_BOUNDS = ("oracle",)
+
+
+@dataclass
+class Verdict:
+    recipe: str
+    baseline: str  # the best classical baseline: the highest mean over the shared seeds
+    seeds: list[int]
+    recipe_mean: float
+    baseline_mean: float
+    difference: float  # mean of the paired differences (recipe - baseline)
+    low: float  # the 95% interval of that mean (nan with fewer than two seeds)
+    high: float
+    verdict: str  # "gain", "no significant difference", "loss", or "one seed: no interval"
+
+    def line(self, scale: float = 100.0, unit: str = " points") -> str:
+        """e.g. 'synaug against balanced-softmax over 5 seeds: +0.30 points (95% interval
+        -0.21 to +0.81): no significant difference'."""
+        interval = "" if math.isnan(self.low) else \
+            f" (95% interval {scale * self.low:+.2f} to {scale * self.high:+.2f})"
+        return (f"{self.recipe} against {self.baseline} over {len(self.seeds)} seed{'s' * (len(self.seeds) != 1)}: "
+                f"{scale * self.difference:+.2f}{unit}{interval}: {self.verdict}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def paired_interval(a: list[float], b: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """The mean of the paired differences a - b and its `level` t-interval (Student's t with
+    n - 1 degrees of freedom); the interval is (nan, nan) for fewer than two pairs."""
+    from scipy import stats
+
+    if len(a) != len(b) or not a:
+        raise ValueError("paired_interval needs two lists of the same, non-zero length")
+    differences = [x - y for x, y in zip(a, b)]
+    mean = statistics.fmean(differences)
+    if len(differences) < 2:
+        return mean, math.nan, math.nan
+    half = stats.t.ppf((1 + level) / 2, len(differences) - 1) * statistics.stdev(differences) / math.sqrt(len(differences))
+    return mean, mean - half, mean + half
+
+
+def verdict_of(low: float, high: float) -> str:
+    if math.isnan(low):
+        return "one seed: no interval"
+    return "gain" if low > 0 else "loss" if high < 0 else "no significant difference"
+
+
+def compare(scores: dict[str, dict[int, float]], recipe: str) -> Verdict | None:
+    """The recipe against the best classical baseline in `scores` (method -> seed -> score),
+    paired over the seeds both have; None without a classical baseline."""
+    baselines = {name: by_seed for name, by_seed in scores.items() if name != recipe and name not in UPPER_BOUNDS}
+    mine = scores[recipe]
+    shared = {name: sorted(set(mine) & set(by_seed)) for name, by_seed in baselines.items()}
+    candidates = [name for name in baselines if shared[name]]
+    if not candidates:
+        return None
+    best = max(candidates, key=lambda name: statistics.fmean(baselines[name][s] for s in shared[name]))
+    seeds = shared[best]
+    ours, theirs = [mine[s] for s in seeds], [baselines[best][s] for s in seeds]
+    difference, low, high = paired_interval(ours, theirs)
+    return Verdict(recipe, best, seeds, statistics.fmean(ours), statistics.fmean(theirs), difference, low, high,
+                   verdict_of(low, high))

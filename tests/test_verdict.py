@@ -1,0 +1,76 @@
+"""The paired comparison behind every claim of a gain: the interval and verdict on made-up
+numbers with a known answer, and `synthaug run --seeds` end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from conftest import run_cli
+
+from synthaug.verdict import compare, paired_interval, verdict_of
+
+
+def test_the_interval_of_a_known_paired_difference():
+    # differences 0.5, 0.5, 1, 0.5, 1: mean 0.7, sd 0.27386, t(0.975, 4) = 2.776445 -> half width 0.34004
+    mean, low, high = paired_interval([1, 2, 3, 4, 5], [0.5, 1.5, 2.0, 3.5, 4.0])
+    assert mean == pytest.approx(0.7) and low == pytest.approx(0.35996, abs=1e-4) and high == pytest.approx(1.04004, abs=1e-4)
+    assert verdict_of(low, high) == "gain"
+
+
+def test_pairing_is_what_matters():
+    """A steady +0.2 over baselines that vary a lot between seeds is a gain when paired,
+    though the two sets of scores overlap."""
+    baseline = [0.70, 0.80, 0.75, 0.90, 0.65]
+    mean, low, high = paired_interval([b + 0.2 + e for b, e in zip(baseline, (0.01, -0.01, 0.0, 0.02, -0.02))], baseline)
+    assert low > 0.17 and high < 0.23 and verdict_of(low, high) == "gain"
+
+
+@pytest.mark.parametrize("ours, theirs, verdict", [
+    ([0.5, 0.6, 0.7], [0.6, 0.7, 0.8], "loss"),  # -0.1 every time: the interval is a point below zero
+    ([0.5, 0.7, 0.6], [0.6, 0.6, 0.6], "no significant difference"),
+    ([0.9], [0.8], "one seed: no interval"),
+])
+def test_verdicts(ours, theirs, verdict):
+    mean, low, high = paired_interval(ours, theirs)
+    assert verdict_of(low, high) == verdict
+    assert math.isnan(low) == (len(ours) == 1)
+
+
+def test_compare_pairs_with_the_best_classical_baseline_not_the_oracle():
+    scores = {"synaug": {0: 0.90, 1: 0.92, 2: 0.91}, "ce": {0: 0.70, 1: 0.72, 2: 0.71},
+              "balanced-softmax": {0: 0.89, 1: 0.90, 2: 0.92}, "oracle": {0: 0.99, 1: 0.99, 2: 0.99}}
+    found = compare(scores, "synaug")
+    assert found.baseline == "balanced-softmax" and found.seeds == [0, 1, 2]
+    assert found.difference == pytest.approx(0.0066667, abs=1e-6) and found.verdict == "no significant difference"
+    assert "synaug against balanced-softmax over 3 seeds: +0.67 points (95% interval" in found.line()
+    assert compare({"synaug": {0: 0.9}, "oracle": {0: 0.99}}, "synaug") is None
+    # only the seeds both have are paired
+    assert compare({"synaug": {0: 0.9, 1: 0.8}, "ce": {1: 0.7}}, "synaug").seeds == [1]
+
+
+def test_run_with_several_seeds_gives_a_verdict_and_resumes(tmp_path, capsys, monkeypatch):
+    args = ["run", "-s", "data.dataset=digits", "-s", "recipe=crt", "-s", "train.epochs=2", "-s", "train.batch_size=64",
+            "-s", "report.baselines=[ce,oracle]", "-s", f"output_dir={tmp_path}", "--seeds", "0,1", "--quiet"]
+    code, out, err = run_cli(args, capsys, monkeypatch)
+    assert code == 0, err
+    summary_dir = tmp_path / "digits-lt50-crt-seeds-0-1"
+    summary = json.loads((summary_dir / "summary.json").read_text())
+    assert summary["verdict"]["baseline"] == "ce" and summary["verdict"]["seeds"] == [0, 1]
+    assert summary["verdict_line"] in out.replace("\n", " ") or summary["verdict_line"][:40] in out
+    assert "Verdict" in (summary_dir / "report.html").read_text() and (summary_dir / "summary.md").exists()
+    runs = [tmp_path / "digits-lt50-crt-s0", tmp_path / "digits-lt50-crt-s1"]
+    stamps = [(r / "metrics.json").stat().st_mtime_ns for r in runs]
+    code, _, err = run_cli(args, capsys, monkeypatch)  # a second call redoes no seed
+    assert code == 0, err
+    assert [(r / "metrics.json").stat().st_mtime_ns for r in runs] == stamps
+
+
+@pytest.mark.parametrize("seeds, match", [("0,0", "two or more different seeds"), ("0", "two or more different seeds"),
+                                          ("0,x", "comma-separated whole numbers"), ("0,-1", "seed")])
+def test_bad_seeds_are_one_line(seeds, match, tmp_path, capsys, monkeypatch):
+    code, out, err = run_cli(["run", "-s", "data.dataset=digits", "-s", f"output_dir={tmp_path}", "--seeds", seeds],
+                             capsys, monkeypatch)
+    assert code == 2 and match in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
