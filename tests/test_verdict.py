@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 from conftest import run_cli
@@ -74,3 +75,19 @@ def test_bad_seeds_are_one_line(seeds, match, tmp_path, capsys, monkeypatch):
                              capsys, monkeypatch)
     assert code == 2 and match in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_seeds_of_a_generative_recipe_share_one_store(tmp_path, capsys, monkeypatch):
+    """SYNAuG's images do not depend on the classifier seed: the second seed generates nothing."""
+    args = ["run", "-s", "data.dataset=digits", "-s", "recipe=synaug", "-s", "split.ratio=8", "-s", "train.epochs=2",
+            "-s", "generator.preset=tiny", "-s", "generator.steps=6", "-s", "generator.batch_size=8",
+            "-s", "generator.sampling_steps=3", "-s", "report.baselines=[ce]", "-s", "report.html=false",
+            "-s", f"output_dir={tmp_path}", "--seeds", "0,1", "--quiet"]
+    code, out, err = run_cli(args, capsys, monkeypatch)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "digits-lt8-synaug-seeds-0-1" / "summary.json").read_text())
+    metrics = [json.loads((Path(d) / "metrics.json").read_text()) for d in summary["runs"].values()]
+    stores = {m["synthetic"]["store"] for m in metrics}
+    assert stores == {str(tmp_path / "digits-lt8-synaug-seeds-0-1" / "synthetic")}
+    assert metrics[0]["synthetic"]["generated_now"] > 0 and metrics[1]["synthetic"]["generated_now"] == 0
+    assert metrics[0]["synthetic"]["images"] == metrics[1]["synthetic"]["images"]

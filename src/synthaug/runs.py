@@ -206,10 +206,11 @@ def train_run(config: RunConfig, *, progress: bool = True, force: bool = False, 
 
 def seeds_run(config: RunConfig, seeds: list[int], *, progress: bool = True, force: bool = False) -> tuple[Path, dict]:
     """`train_run` with the baselines for each of `seeds`, one run folder per seed (so an
-    interrupted sweep resumes where it stopped; the generator is shared through its cache),
-    then the paired comparison against the best classical baseline (`verdict.compare`):
-    `<output_dir>/<name>-seeds-<seeds>/` with summary.json, summary.md and report.html,
-    the verdict first."""
+    interrupted sweep resumes where it stopped), then the paired comparison against the best
+    classical baseline (`verdict.compare`): `<output_dir>/<name>-seeds-<seeds>/` with
+    summary.json, summary.md and report.html, the verdict first. The generator is shared
+    through its cache; so is the store (`<summary folder>/synthetic`) when the recipe's images
+    do not depend on the classifier seed (`Recipe.shared_store`) and no store_dir is set."""
     from dataclasses import replace
 
     from .report import write_seeds_report
@@ -220,11 +221,17 @@ def seeds_run(config: RunConfig, seeds: list[int], *, progress: bool = True, for
     configs = [replace(config, seed=s, name=f"{config.name}-s{s}" if config.name else None) for s in seeds]
     base = config.name or configs[0].run_name().removesuffix(f"-s{seeds[0]}")
     summary_dir = Path(config.output_dir) / check_name(f"{base}-seeds-{'-'.join(map(str, seeds))}", "name")
+    section = get_recipe(config.recipe).shared_store
+    if section and getattr(config, section).store_dir is None:
+        shared = replace(getattr(config, section), store_dir=str(summary_dir / "synthetic"))
+        configs = [replace(c, sections={**c.sections, section: shared}) for c in configs]
     for c in configs:
         preflight(c, c.report.baselines)
         check_name(c.run_name(), "name")
     if summary_dir.exists() and not (summary_dir / MARKER).is_file():
         raise SynthaugError(f"'{summary_dir}' exists and is not a folder synthaug made: choose another name or output_dir")
+    make_folders(summary_dir, "the summary folder")  # every check above passed
+    (summary_dir / MARKER).touch()
     runs = {}
     for c in configs:
         run_dir, metrics = train_run(c, progress=progress, force=force, compare=True)
@@ -237,8 +244,6 @@ def seeds_run(config: RunConfig, seeds: list[int], *, progress: bool = True, for
     summary = {"recipe": config.recipe, "dataset": config.data.dataset, "seeds": seeds, "metric": "balanced_accuracy",
                "scores": scores, "runs": {s: str(d) for s, (d, _) in runs.items()},
                "verdict": found.to_dict() if found else None, "verdict_line": found.line() if found else None}
-    make_folders(summary_dir, "the summary folder")
-    (summary_dir / MARKER).touch()
     atomic_write_json(summary_dir / "summary.json", summary)
     atomic_write_text(summary_dir / "summary.md", seeds_table(summary))
     if config.report.html:

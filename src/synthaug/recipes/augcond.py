@@ -111,7 +111,7 @@ def pairs_grid(real: ImageDataset, synthetic: ImageDataset, lines: int = 8, per_
 
 
 @register_recipe("augcond", "AugCond: generations conditioned on the class and augmented real images of it "
-                 "(augcond.mode picks the operator)", check=check, report=report)
+                 "(augcond.mode picks the operator)", check=check, report=report, shared_store="augcond")
 def augcond(task, config, *, workdir=None, progress=False, trained=None) -> RecipeResult:
     opts, seconds = config.augcond, {}
     workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="synthaug-"))

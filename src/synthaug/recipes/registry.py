@@ -30,13 +30,17 @@ class Recipe:
     run: Callable[..., RecipeResult]  # run(task, config, *, workdir, progress, trained) -> RecipeResult
     check: Callable | None = None  # check(task, config): raise SynthaugError before anything is written
     report: Callable | None = None  # report(result, real) -> HTML: the recipe's own sections of report.html
+    # the config section whose store_dir runs that differ only in the classifier seed may share,
+    # because the recipe's images do not depend on that seed (None: no store, or images that do)
+    shared_store: str | None = None
 
 
 RECIPES: Registry[Recipe] = Registry("recipe")
 
 
-def register_recipe(name: str, description: str, check: Callable | None = None, report: Callable | None = None):
-    return RECIPES.register(name, lambda fn: Recipe(name, description, fn, check, report))
+def register_recipe(name: str, description: str, check: Callable | None = None, report: Callable | None = None,
+                    shared_store: str | None = None):
+    return RECIPES.register(name, lambda fn: Recipe(name, description, fn, check, report, shared_store))
 
 
 def get_recipe(name: str) -> Recipe:

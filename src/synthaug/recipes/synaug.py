@@ -66,7 +66,7 @@ def check(task, config):
 
 
 @register_recipe("synaug", "SYNAuG: uniformize classes (or groups) with generated images, domain mixup, head re-fit on real data",
-                 check=check)
+                 check=check, shared_store="synaug")
 def synaug(task, config, *, workdir=None, progress=False, trained=None) -> RecipeResult:
     opts, seconds = config.synaug, {}
     workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="synthaug-"))

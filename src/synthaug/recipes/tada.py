@@ -148,7 +148,8 @@ def _register(mode: str):
         return run_tada(mode, task, config, workdir=workdir, progress=progress, trained=trained)
 
     fn.__name__ = mode.replace("-", "_")
-    register_recipe(mode, MODES[mode], check=check if mode != "tada-upsample" else None, report=report)(fn)
+    register_recipe(mode, MODES[mode], check=check if mode != "tada-upsample" else None, report=report,
+                    shared_store="tada")(fn)  # a variant's image follows its source and seed, not the classifier
 
 
 # ---------------------------------------------------------------------------- report
