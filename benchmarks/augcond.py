@@ -43,6 +43,7 @@ from synthaug.generate.image_condition import OPERATORS
 from synthaug.generate.stage import generator_stage
 from synthaug.recipes import get_recipe
 from synthaug.task import make_task
+from synthaug.verdict import compare
 
 TARGET = 100  # images per class after filling
 STEPS = 1500  # classifier optimisation steps, every method
@@ -71,6 +72,10 @@ METHODS = {
     "AugCond embed-cutmix-dropout + RandAugment + Mixup": ["recipe=augcond", "augcond.mode=embed-cutmix-dropout",
                                                            "+randaugment", "train.mix=mixup"],
 }
+
+
+# methods with no generated images: the bar a generative method must clear
+CLASSICAL = ["no synthetic data", "RandAugment + Mixup"]
 
 
 def overrides_for(method: str, setting_overrides: list[str]) -> list[str]:
@@ -137,8 +142,10 @@ def summarise(rows: list[dict]) -> str:
         rates = [f"{1 / v:.1f} images/s on {d}" for d, v in per_image.items() if v]
         if rates:
             head += "; generation " + ", ".join(rates)
-        out += [head, "", "| method | test accuracy (%) | generated images | generation (s) | classifier (min) |",
-                "|---|---|---|---|---|"]
+        scores = {m: {r["seed"]: r["accuracy"] for r in runs if r["method"] == m} for m in METHODS}
+        best = None
+        out += [head, "", "| method | test accuracy (%) | vs the best classical baseline, paired (points, 95% interval) "
+                "| generated images | generation (s) | classifier (min) |", "|---|---|---|---|---|---|"]
         for method in METHODS:
             mine = [r for r in runs if r["method"] == method]
             if not mine:
@@ -148,7 +155,13 @@ def summarise(rows: list[dict]) -> str:
                      for d in sorted({short_device(r) for r in mine}) if per_image[d]]
             cost = ", ".join(costs) if images and costs else "0"
             minutes = minutes_per_device(mine, lambda r: r["train_seconds"], always_name=len(devices) > 1)
-            out.append(f"| {method} | {fmt([r['accuracy'] for r in mine])} | {images:.0f} | {cost} | {minutes} |")
+            found = compare(scores, method, classical=CLASSICAL) if method not in CLASSICAL else None
+            best = best or (found and found.baseline)
+            paired = (f"{100 * found.difference:+.2f} ({100 * found.low:+.2f} to {100 * found.high:+.2f}): "
+                      f"{found.verdict}" if found and len(found.seeds) > 1 else "-")
+            out.append(f"| {method} | {fmt([r['accuracy'] for r in mine])} | {paired} | {images:.0f} | {cost} | {minutes} |")
+        if best:
+            out.append(f"\nThe best classical baseline here: {best} (highest mean); differences are paired by seed.")
         out.append("")
     return "\n".join(out)
 

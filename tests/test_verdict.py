@@ -49,6 +49,8 @@ def test_compare_pairs_with_the_best_classical_baseline_not_the_oracle():
     assert compare({"synaug": {0: 0.9}, "oracle": {0: 0.99}}, "synaug") is None
     # only the seeds both have are paired
     assert compare({"synaug": {0: 0.9, 1: 0.8}, "ce": {1: 0.7}}, "synaug").seeds == [1]
+    # named classical baselines: other generative methods are not the bar
+    assert compare(scores, "synaug", classical=["ce"]).baseline == "ce"
 
 
 def test_run_with_several_seeds_gives_a_verdict_and_resumes(tmp_path, capsys, monkeypatch):

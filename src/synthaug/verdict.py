@@ -57,10 +57,12 @@ def verdict_of(low: float, high: float) -> str:
     return "gain" if low > 0 else "loss" if high < 0 else "no significant difference"
 
 
-def compare(scores: dict[str, dict[int, float]], recipe: str) -> Verdict | None:
+def compare(scores: dict[str, dict[int, float]], recipe: str, classical: list[str] | None = None) -> Verdict | None:
     """The recipe against the best classical baseline in `scores` (method -> seed -> score),
-    paired over the seeds both have; None without a classical baseline."""
-    baselines = {name: by_seed for name, by_seed in scores.items() if name != recipe and name not in UPPER_BOUNDS}
+    paired over the seeds both have; None without a classical baseline. `classical` names the
+    baselines (default: every other method but the upper bounds)."""
+    baselines = {name: by_seed for name, by_seed in scores.items()
+                 if name != recipe and name not in UPPER_BOUNDS and (classical is None or name in classical)}
     mine = scores[recipe]
     shared = {name: sorted(set(mine) & set(by_seed)) for name, by_seed in baselines.items()}
     candidates = [name for name in baselines if shared[name]]
