@@ -226,8 +226,7 @@ def seeds_run(config: RunConfig, seeds: list[int], *, progress: bool = True, for
         shared = replace(getattr(config, section), store_dir=str(summary_dir / "synthetic"))
         configs = [replace(c, sections={**c.sections, section: shared}) for c in configs]
     for c in configs:
-        preflight(c, c.report.baselines)
-        check_name(c.run_name(), "name")
+        preflight(c, c.report.baselines)  # the run name included
     if summary_dir.exists() and not (summary_dir / MARKER).is_file():
         raise SynthaugError(f"'{summary_dir}' exists and is not a folder synthaug made: choose another name or output_dir")
     make_folders(summary_dir, "the summary folder")  # every check above passed
@@ -245,9 +244,10 @@ def seeds_run(config: RunConfig, seeds: list[int], *, progress: bool = True, for
                "scores": scores, "runs": {s: str(d) for s, (d, _) in runs.items()},
                "verdict": found.to_dict() if found else None, "verdict_line": found.line() if found else None}
     atomic_write_json(summary_dir / "summary.json", summary)
-    atomic_write_text(summary_dir / "summary.md", seeds_table(summary))
+    table = seeds_table(summary)
+    atomic_write_text(summary_dir / "summary.md", table)
     if config.report.html:
-        write_seeds_report(summary_dir / "report.html", summary, seeds_table(summary))
+        write_seeds_report(summary_dir / "report.html", summary, table)
     return summary_dir, summary
 
 

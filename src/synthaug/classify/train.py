@@ -249,15 +249,14 @@ def fit_classifier(
     history, start_epoch, spent = [], 0, 0.0
     # a checkpoint is resumed only by the same training (config, seed, data, weights, domains)
     extras = [hashlib.sha256(t.cpu().numpy().tobytes()).hexdigest() for t in (weights, domains)]
+    dtype = fast_dtype(cfg.precision, device)
     key = {"config": asdict(cfg), "seed": seed, "data": train.fingerprint(), "extras": extras}
-    key["config"]["precision"] = str(fast_dtype(cfg.precision, device) or torch.float32)  # what "auto" is here
+    key["config"]["precision"] = str(dtype or torch.float32)  # what "auto" is here
     checkpoint = Checkpoint(checkpoint_dir, key)
     stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
     state = checkpoint.restore(lambda s: s["epoch"] <= (stop_after_epochs or cfg.epochs), **stateful)
     if state is not None:
         history, start_epoch, spent = state["history"], state["epoch"], state["seconds"]
-
-    dtype = fast_dtype(cfg.precision, device)
 
     def loss_of(x, targets, w):
         with autocast(device, dtype):

@@ -366,7 +366,8 @@ def _decode(files: list[tuple[Path, int]], classes: list[str], image_size=None,
     size = _size_pair(image_size) if image_size is not None else None
     cached = None
     if cache_dir is not None:
-        listing = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns, label) for p, label in files]
+        stats = [(p, p.stat(), label) for p, label in files]
+        listing = [(str(p.resolve()), st.st_size, st.st_mtime_ns, label) for p, st, label in stats]
         key = hashlib.sha256(json.dumps([listing, classes, size]).encode()).hexdigest()[:24]
         cached = Path(cache_dir) / f"{key}.safetensors"
         if cached.is_file():
