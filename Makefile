@@ -8,7 +8,7 @@ STAMP := $(VENV)/.synthaug-installed
 # torch from this pin installs from the machine's wheel cache in about a minute; see README.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-slow bench-speed bench-baselines bench-synaug bench-sampler bench-tada bench-augcond bench-utilgen bench-selection bench-executors lint clean
+.PHONY: demo test test-slow bench-smoke bench-longtail bench-fewshot bench-targeted bench-tables bench-speed bench-sampler bench-selection bench-executors lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,29 +26,30 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
+# the method benchmarks are synthaug bench suites (configs/bench/), each resumable in its folder
+bench-smoke: $(STAMP)
+	$(BIN)/synthaug bench smoke
+
+bench-longtail: $(STAMP)
+	$(BIN)/synthaug bench longtail-small --out benchmarks/results/bench/longtail-small
+
+bench-fewshot: $(STAMP)
+	$(BIN)/synthaug bench fewshot-small --out benchmarks/results/bench/fewshot-small
+
+bench-targeted: $(STAMP)
+	$(BIN)/synthaug bench targeted-small --out benchmarks/results/bench/targeted-small
+
+bench-tables: $(STAMP)
+	$(BIN)/python benchmarks/tables.py
+
 bench-speed: $(STAMP)
 	$(BIN)/python benchmarks/speed.py
-
-bench-baselines: $(STAMP)
-	$(BIN)/python benchmarks/baselines.py
-
-bench-synaug: $(STAMP)
-	$(BIN)/python benchmarks/synaug.py
 
 bench-sampler: $(STAMP)
 	$(BIN)/python benchmarks/sampler.py
 
 bench-executors: $(STAMP)
 	$(BIN)/python benchmarks/executors.py
-
-bench-tada: $(STAMP)
-	$(BIN)/python benchmarks/tada.py
-
-bench-augcond: $(STAMP)
-	$(BIN)/python benchmarks/augcond.py
-
-bench-utilgen: $(STAMP)
-	$(BIN)/python benchmarks/utilgen.py
 
 bench-selection: $(STAMP)
 	$(BIN)/python benchmarks/selection.py

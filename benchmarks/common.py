@@ -39,28 +39,6 @@ def device_name() -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
 
 
-def ran_on(rows: list[dict]) -> str:
-    """'CPU', 'NVIDIA H100 80GB HBM3', ...: the devices a setting's rows ran on (rows from before
-    the device was recorded ran on CPU)."""
-    return " + ".join(sorted({r.get("device", "CPU") for r in rows}))
-
-
-def short_device(row: dict) -> str:
-    """'CPU', 'H100', ...: the device a row ran on, short (rows from before it was recorded: CPU)."""
-    return row.get("device", "CPU").replace("NVIDIA ", "").split()[0]
-
-
-def minutes_per_device(rows: list[dict], seconds, always_name: bool = False) -> str:
-    """Mean of `seconds(row)` in minutes; per device ('4.0 on CPU, 0.9 on H100') when the rows
-    ran on more than one (or `always_name`), since their times do not mix."""
-    by_device: dict[str, list[float]] = {}
-    for r in rows:
-        by_device.setdefault(short_device(r), []).append(seconds(r) / 60)
-    if len(by_device) == 1 and not always_name:
-        return f"{statistics.fmean(next(iter(by_device.values()))):.1f}"
-    return ", ".join(f"{statistics.fmean(v):.1f} on {d}" for d, v in sorted(by_device.items()))
-
-
 def fmt(values, scale: float = 100.0, digits: int = 2) -> str:
     values = [v for v in values if v is not None]
     if not values:
@@ -80,13 +58,6 @@ def splice(path: Path, key: str, text: str):
     else:
         doc = doc.rstrip() + "\n\n" + block + "\n"
     path.write_text(doc)
-
-
-def seconds_per_image(runs: list[dict]) -> float | None:
-    """Generation seconds per image, over the runs that generated images themselves (runs
-    that found their images in a shared store generated none)."""
-    made = [(r["generate_seconds"], r["generated_now"]) for r in runs if r.get("generated_now")]
-    return sum(s for s, _ in made) / sum(n for _, n in made) if made else None
 
 
 def publish(results: Path, key: str, table: str, *, to_benchmarks: bool):
@@ -115,9 +86,3 @@ def parse_args(doc: str, name: str, settings: dict, quick: dict, methods: dict, 
         args.settings, args.seeds = list(quick), [0]
     results = HERE / "results" / f"{name}{'-quick' if args.quick else ''}{args.tag}.jsonl"
     return args, {**settings, **quick}, results
-
-
-def with_randaugment(overrides: list[str], setting: list[str]) -> list[str]:
-    """A method's overrides with '+randaugment' turned into the setting's augmentation + RandAugment."""
-    augment = next(o.split("=", 1)[1] for o in setting if o.startswith("train.augment="))
-    return [f"train.augment={augment}+randaugment" if o == "+randaugment" else o for o in overrides]

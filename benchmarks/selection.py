@@ -5,8 +5,8 @@ predicts the downstream gain (rank correlation), in one long-tailed and one few-
     python benchmarks/selection.py                   # MNIST-5k-LT r50 (SYNAuG) and Fashion-MNIST 5-shot (AugCond), 3 seeds
     python benchmarks/selection.py --quick           # digits, tiny generator: checks the script
 
-Protocol. Each setting reuses its recipe benchmark's generator and store (benchmarks/synaug.py,
-benchmarks/augcond.py), so "no selection" is the plan those benchmarks trained on; every
+Protocol. Each setting reuses its recipe benchmark's generator and store (the SYNAuG and AugCond
+suites), so "no selection" is the plan those benchmarks trained on; every
 selection method generates 2x the plan per class (the extra candidates are generated once
 and shared) and keeps the plan's count. The scorer is a classifier trained on the real
 split with balanced softmax (one per seed). Validation metrics are measured for every
@@ -25,13 +25,7 @@ import math
 import statistics
 import time
 
-from augcond import BATCH as FEW_SHOT_BATCH
-from augcond import FASHION
-from augcond import STEPS as FEW_SHOT_STEPS
-from augcond import TARGET as FEW_SHOT_TARGET
 from common import HERE, append_row, environment, fmt, parse_args, publish, read_rows
-from synaug import SETTINGS as SYNAUG_SETTINGS
-from synaug import store_name
 
 from synthaug.config import load_config
 from synthaug.data import load_dataset
@@ -43,8 +37,14 @@ from synthaug.select.stage import validation_stage
 from synthaug.store import SyntheticStore
 from synthaug.task import make_task
 
+# the settings of the SYNAuG and AugCond tables (configs/bench/longtail-small.yaml, fewshot-small.yaml),
+# whose generators and stores this benchmark reuses
+FEW_SHOT_TARGET, FEW_SHOT_STEPS, FEW_SHOT_BATCH = 100, 1500, 64
+FASHION = ["data.dataset=fashion-mnist", "split.kind=few-shot", "generator.sampling_steps=10", "generator.steps=1600",
+           "generator.guidance_scale=5.0", "train.augment=crop"]
 SETTINGS = {
-    "MNIST-5k-LT r50": ["recipe=synaug", *SYNAUG_SETTINGS["MNIST-5k-LT r50"]],
+    "MNIST-5k-LT r50": ["recipe=synaug", "data.dataset=mnist-5k", "split.ratio=50", "train.epochs=30",
+                        "generator.lr=0.0002"],
     "Fashion-MNIST 5-shot": ["recipe=augcond", *FASHION, "split.k=5", f"augcond.target_per_class={FEW_SHOT_TARGET}",
                              f"train.batch_size={FEW_SHOT_BATCH}", "select.scorer_epochs=300"],
 }
@@ -164,6 +164,11 @@ def spearman(pairs: list[tuple[float, float]]) -> float | None:
     if len(x) < 3 or len(set(x)) < 2 or len(set(y)) < 2:
         return None
     return float(spearmanr(x, y).statistic)
+
+
+def store_name(setting, generator, section) -> str:
+    """The store the SYNAuG benchmark filled for this generator and sampler."""
+    return f"{setting}-{generator.fingerprint()}-{section.sampler}-{section.sampling_steps}-g{section.guidance_scale}"
 
 
 def summarise(rows: list[dict], augcond_rows: list[dict]) -> str:

@@ -148,6 +148,16 @@ def escaping_store(root):
     return d
 
 
+def suite_file(text):
+    def make(root):
+        (root / "suite.yaml").write_text(text)
+        return root / "suite.yaml"
+    make.__name__ = "suite_file"
+    return make
+
+
+SUITE = "recipes: {ce: [recipe=ce]}\nsettings: {digits: [data.dataset=digits, train.epochs=1]}\n"
+
 # (case id, input maker or None, command line with IN for the input, what the message says)
 CASES = [
     ("config-missing", None, ["train", "missing.yaml"], "does not exist"),
@@ -218,6 +228,25 @@ CASES = [
     ("fashion-gz-truncated", truncated_idx, ["datasets", "fashion-mnist"], "truncated"),
     ("datasets-unknown", None, ["datasets", "nope"], "unknown dataset 'nope'"),
     ("seed-negative", None, ["train", *FAST, "--seed", "-1"], "seed"),
+    ("bench-unknown-suite", None, ["bench", "nosuch"], "no suite 'nosuch'"),
+    ("bench-suite-missing", None, ["bench", "nosuch.yaml"], "does not exist"),
+    ("bench-suite-bad-yaml", suite_file("settings: [a\n"), ["bench", "IN"], "not valid YAML"),
+    ("bench-suite-unknown-key", suite_file(SUITE + "seeds: [0]\n"), ["bench", "IN"], "unknown key 'seeds'"),
+    ("bench-suite-unknown-label", suite_file("recipes: {ce: [recipe=ce]}\nsettings: {digits: {overrides: "
+                                             "[data.dataset=digits], recipes: [cee]}}\n"), ["bench", "IN"],
+     "no recipe labelled 'cee'"),
+    ("bench-suite-bad-seeds", suite_file(SUITE + "classifier_seeds: [0, 0]\n"), ["bench", "IN"], "different whole numbers"),
+    ("bench-suite-bad-override", suite_file(SUITE.replace("train.epochs=1", "train.epochs=abc")), ["bench", "IN"],
+     "expected int"),
+    ("bench-suite-unknown-recipe", suite_file(SUITE.replace("recipe=ce", "recipe=magic")), ["bench", "IN"],
+     "unknown recipe 'magic'"),
+    ("bench-suite-unknown-dataset", suite_file(SUITE.replace("data.dataset=digits", "data.dataset=nope")),
+     ["bench", "IN"], "unknown dataset 'nope'"),
+    ("analyse-unknown-dataset", None, ["analyse", "nope"], "unknown dataset 'nope'"),
+    ("analyse-json-exists", text_file, ["analyse", "digits", "--json", "IN"], "overwrites nothing"),
+    ("analyse-negative-probe", None, ["analyse", "digits", "--probe-steps", "-1"], "--probe-steps"),
+    ("bench-out-not-ours", a_folder("mine", {"keep.txt": b"mine"}), ["bench", "smoke", "--out", "IN"],
+     "synthaug did not make"),
 ]
 
 

@@ -193,3 +193,13 @@ def test_rejects_unlabeled_or_empty():
     ds.labels[0] = -1
     with pytest.raises(SynthaugError, match="unlabeled"):
         fit_classifier(ds, TrainConfig(**FAST))
+
+
+def test_steps_sets_the_epochs_for_the_same_optimiser_budget():
+    """train.steps: whole epochs that make at least that many steps, whatever the data's size."""
+    from synthaug.classify.train import epochs_for
+
+    assert epochs_for(10, 35, 8) == 2 and epochs_for(1500, 950, 64) == 100 and epochs_for(5, 1000, 64) == 1
+    data = make_dataset((15, 10, 10))  # 35 images, 5 batches of 8
+    result = fit_classifier(data, TrainConfig(steps=10, batch_size=8, augment="none", epochs=99))
+    assert len(result.history) == 2

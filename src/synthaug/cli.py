@@ -128,6 +128,69 @@ def run(
 
 
 @app.command()
+def analyse(
+    data: str = typer.Argument(..., help="a built-in dataset, an ImageFolder path or hf:<dataset>"),
+    config_file: Path = typer.Option(None, "--config", "-c", help="config whose split (and classifier) to use"),
+    overrides: list[str] = SET_OPT,
+    probe_steps: int = typer.Option(300, help="optimiser steps of the probe training (0: no probe)"),
+    json_out: Path = typer.Option(None, "--json", help="also write the analysis to this JSON file (a new file)"),
+    quiet: bool = QUIET_OPT,
+):
+    """Look at the data before generating: class counts and imbalance, the smallest classes,
+    exact and near duplicates, image statistics, a short probe training (each class's
+    difficulty, the slow-learnable share), and the recipe to try first, with the benchmark
+    results behind it."""
+    from .analyse import analyse as run_analysis
+    from .analyse import summary_lines
+    from .config import load_config
+    from .utils.io import atomic_write_json
+
+    cfg = load_config(config_file, [*overrides, f"data.dataset={data}"])
+    if probe_steps < 0:
+        raise SynthaugError(f"--probe-steps must be >= 0, got {probe_steps}")
+    if json_out is not None and (json_out.exists() or json_out.is_symlink() or not json_out.parent.is_dir()):
+        raise SynthaugError(f"--json '{json_out}': give a new file in an existing folder (synthaug overwrites nothing)")
+    found = run_analysis(cfg, probe_steps=probe_steps, progress=not quiet)
+    console.print(f"[bold]{found['dataset']}[/], {found['split']['kind']} split", highlight=False, soft_wrap=True)
+    for line in summary_lines(found):
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+    if json_out is not None:
+        atomic_write_json(json_out, found)
+        console.print(f"written: {json_out}")
+
+
+@app.command()
+def bench(
+    suite: str = typer.Argument(..., help="a shipped suite (smoke, longtail-small, fewshot-small, targeted-small, full, "
+                                          "cifar10-gpu) or a suite YAML file"),
+    out: Path = typer.Option(None, help="the suite's folder (default: runs/bench-<suite>)"),
+    force: bool = typer.Option(False, help="re-run the cells whose config changed since they ran"),
+    report_only: bool = typer.Option(False, "--report-only", help="only rewrite the leaderboard from results.jsonl"),
+    quiet: bool = QUIET_OPT,
+):
+    """Run a benchmark suite (every setting x recipe x seed, resumable) and write results.jsonl
+    and a leaderboard: mean ± std, the paired 95% interval against the best classical
+    baseline and a verdict, cost and per-class plots."""
+    from .bench import load_suite, read_results, run_suite, write_leaderboard
+    from .bench.runner import check_out
+
+    found = load_suite(suite)
+    out = out or Path("runs") / f"bench-{found.name}"
+    if report_only:
+        check_out(out)
+        rows = read_results(out)
+        if not rows:
+            raise SynthaugError(f"'{out}' has no results.jsonl rows: run the suite first (without --report-only)")
+        md, page = write_leaderboard(found, rows, out)
+    else:
+        run_suite(found, out, force=force, progress=not quiet,
+                  echo=lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
+        md, page = out / "leaderboard.md", out / "leaderboard.html"
+    console.print(f"leaderboard: {md}")
+    console.print(f"page: {page}")
+
+
+@app.command()
 def validate(
     synthetic: Path = typer.Argument(..., help="a synthetic store (a run's synthetic/ folder) or a folder of class subfolders"),
     config_file: Path = typer.Option(None, "--config", "-c", help="config whose data and split are the real images"),

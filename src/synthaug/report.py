@@ -267,6 +267,8 @@ def _summary(metrics: dict, rows: dict[str, dict]) -> str:
     syn = metrics.get("synthetic")
     if syn:
         text += f" {syn['images']} synthetic images."
+    if metrics.get("auto"):
+        text += f"<br>Chosen by <code>recipe: auto</code>: {html.escape(metrics['auto']['why'])}."
     return text
 
 

@@ -13,6 +13,7 @@ import json
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
@@ -42,8 +43,8 @@ def preflight(config: RunConfig, baselines: list[str] = ()):
     from .select.filters import SELECTORS
     from .store import check_store_folder
 
-    for name in (config.recipe, *baselines):
-        get_recipe(name)
+    for name in baselines if config.recipe == "auto" else (config.recipe, *baselines):
+        get_recipe(name)  # recipe: auto is resolved once the data is loaded
     resolve_device(config.train.device)
     MODELS.lookup(config.train.model)
     EXECUTORS.lookup(config.executor.name)
@@ -136,12 +137,19 @@ def train_run(config: RunConfig, *, progress: bool = True, force: bool = False, 
     the same split (each saved as it finishes, so an interrupted run keeps them), and
     `report.html` is written."""
     preflight(config, config.report.baselines if compare else ())
-    recipe = get_recipe(config.recipe)
-    baselines = [get_recipe(b) for b in config.report.baselines] if compare else []
     t0 = time.perf_counter()
     data = load_dataset(config.data.dataset, image_size=config.data.image_size, channels=config.data.channels,
                         cache_dir=config.data.cache_dir, defer_cache=True)
     task = make_task(data, config.split)
+    auto = None
+    if config.recipe == "auto":
+        from .analyse import resolve_auto
+
+        resolved, auto = resolve_auto(config, task)
+        config = replace(resolved, name=config.name or config.run_name())  # the run folder keeps "auto" in its name
+        preflight(config, config.report.baselines if compare else ())
+    recipe = get_recipe(config.recipe)
+    baselines = [get_recipe(b) for b in config.report.baselines if b != recipe.name] if compare else []
     if recipe.check is not None:
         recipe.check(task, config)
     if config.generator.path:
@@ -188,6 +196,8 @@ def train_run(config: RunConfig, *, progress: bool = True, force: bool = False, 
         **result.extra,
         "compared": compare,
     }
+    if auto is not None:
+        metrics["auto"] = auto
     if validation is not None:
         metrics["validation"] = validation
     if compared:
@@ -211,13 +221,18 @@ def seeds_run(config: RunConfig, seeds: list[int], *, progress: bool = True, for
     summary.json, summary.md and report.html, the verdict first. The generator is shared
     through its cache; so is the store (`<summary folder>/synthetic`) when the recipe's images
     do not depend on the classifier seed (`Recipe.shared_store`) and no store_dir is set."""
-    from dataclasses import replace
-
     from .report import write_seeds_report
     from .verdict import compare
 
     if len(set(seeds)) != len(seeds) or len(seeds) < 2:
         raise SynthaugError(f"--seeds {','.join(map(str, seeds))}: give two or more different seeds, e.g. --seeds 0,1,2")
+    if config.recipe == "auto":  # resolved once for every seed, from the split
+        from .analyse import resolve_auto
+
+        preflight(config, config.report.baselines)
+        data = load_dataset(config.data.dataset, image_size=config.data.image_size, channels=config.data.channels,
+                            cache_dir=config.data.cache_dir, defer_cache=True)
+        config, _ = resolve_auto(config, make_task(data, config.split))
     configs = [replace(config, seed=s, name=f"{config.name}-s{s}" if config.name else None) for s in seeds]
     base = config.name or configs[0].run_name().removesuffix(f"-s{seeds[0]}")
     summary_dir = Path(config.output_dir) / check_name(f"{base}-seeds-{'-'.join(map(str, seeds))}", "name")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import get_args
 
@@ -34,6 +34,9 @@ class TrainConfig:
 
     model: str = "small-cnn"
     epochs: int = 15
+    # optimiser steps in all: when set, epochs = ceil(steps / steps per epoch), so methods that
+    # train on more or fewer images get the same optimiser budget (benchmarks compare at equal steps)
+    steps: int | None = None
     batch_size: int = 128
     lr: float = 0.05
     momentum: float = 0.9
@@ -61,8 +64,8 @@ class TrainConfig:
         for part in self.augment.split("+"):
             if part not in AUGMENTATIONS:
                 raise SynthaugError(f"unknown augmentation '{part}': use '+'-joined names from {', '.join(AUGMENTATIONS)}")
-        if self.epochs < 1 or self.batch_size < 1 or self.refit_epochs < 1:
-            raise SynthaugError("train.epochs, train.batch_size and train.refit_epochs must be >= 1")
+        if self.epochs < 1 or self.batch_size < 1 or self.refit_epochs < 1 or (self.steps is not None and self.steps < 1):
+            raise SynthaugError("train.epochs, train.steps, train.batch_size and train.refit_epochs must be >= 1")
         if self.mix_alpha <= 0:
             raise SynthaugError(f"train.mix_alpha must be > 0, got {self.mix_alpha}")
         for name in ("mix_prob", "label_smoothing"):
@@ -198,6 +201,11 @@ def new_classifier(train: ImageDataset, cfg: TrainConfig, *, seed: int, device) 
     return model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
 
 
+def epochs_for(steps: int, images: int, batch_size: int) -> int:
+    """Whole epochs that make at least `steps` optimiser steps over `images` images."""
+    return max(1, math.ceil(steps / math.ceil(images / batch_size)))
+
+
 def fit_classifier(
     train: ImageDataset,
     config: TrainConfig | None = None,
@@ -235,6 +243,8 @@ def fit_classifier(
         raise SynthaugError(f"domains has {len(domains)} entries for {len(train)} images")
     augment = build_augmentation(cfg.augment, train.image_size)
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    if cfg.steps is not None:
+        cfg = replace(cfg, epochs=epochs_for(cfg.steps, len(train), cfg.batch_size))
     total_steps = steps_per_epoch * cfg.epochs
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
 

@@ -33,14 +33,17 @@ class Recipe:
     # the config section whose store_dir runs that differ only in the classifier seed may share,
     # because the recipe's images do not depend on that seed (None: no store, or images that do)
     shared_store: str | None = None
+    generates: bool = False  # it makes synthetic images (a benchmark runs it once per generator seed)
 
 
 RECIPES: Registry[Recipe] = Registry("recipe")
 
 
 def register_recipe(name: str, description: str, check: Callable | None = None, report: Callable | None = None,
-                    shared_store: str | None = None):
-    return RECIPES.register(name, lambda fn: Recipe(name, description, fn, check, report, shared_store))
+                    shared_store: str | None = None, generates: bool | None = None):
+    """`generates` defaults to whether the recipe has a store to share."""
+    generates = shared_store is not None if generates is None else generates
+    return RECIPES.register(name, lambda fn: Recipe(name, description, fn, check, report, shared_store, generates))
 
 
 def get_recipe(name: str) -> Recipe:

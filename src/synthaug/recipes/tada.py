@@ -149,7 +149,7 @@ def _register(mode: str):
 
     fn.__name__ = mode.replace("-", "_")
     register_recipe(mode, MODES[mode], check=check if mode != "tada-upsample" else None, report=report,
-                    shared_store="tada")(fn)  # a variant's image follows its source and seed, not the classifier
+                    shared_store="tada", generates=mode != "tada-upsample")(fn)  # a variant's image follows its source and seed, not the classifier
 
 
 # ---------------------------------------------------------------------------- report

@@ -263,7 +263,8 @@ def _feature_map(model, real, store, rounds, final, n: int = 300, seed: int = 0)
 
 
 @register_recipe("utilgen", "UtilGen: rounds of generate, value (meta-learned weights), optimise policy and model; "
-                 "then train on the final synthetic set, alone and with real data", check=check, report=report)
+                 "then train on the final synthetic set, alone and with real data", check=check, report=report,
+                 generates=True)
 def utilgen(task, config, *, workdir=None, progress=False, trained=None) -> RecipeResult:
     check(task, config)
     opts, seconds = config.utilgen, {}
@@ -303,7 +304,7 @@ def utilgen(task, config, *, workdir=None, progress=False, trained=None) -> Reci
         t0 = time.perf_counter()
         data = concat(real, synthetic)
         domains = torch.cat([torch.zeros(len(real)), torch.ones(len(synthetic))]).long()
-        valued = fit_meta_weighted(data, task.val, replace(config.train, epochs=opts.valuation_epochs),
+        valued = fit_meta_weighted(data, task.val, replace(config.train, epochs=opts.valuation_epochs, steps=None),
                                    MetaWeightConfig(meta_lr=opts.meta_lr), seed=config.seed, domains=domains,
                                    checkpoint_dir=folder / "valuation", progress=progress)
         utility = utilities(valued.model, valued.weight_net, data)

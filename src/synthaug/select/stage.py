@@ -60,7 +60,8 @@ def scorer_for(real: ImageDataset, config, folder: Path, *, progress: bool = Fal
     """The classifier that scores candidates: trained on the real split with balanced softmax
     (the run's other training settings), saved under `folder/<fingerprint>/` and reused."""
     train_cfg = replace(config.train, loss="balanced-softmax", sampler="uniform", mix="none", refit_head=False,
-                        epochs=config.select.scorer_epochs or config.train.epochs)
+                        epochs=config.select.scorer_epochs or config.train.epochs,
+                        steps=None if config.select.scorer_epochs else config.train.steps)
     key = hashlib.sha256(json.dumps([real.fingerprint(), asdict(train_cfg), config.seed], sort_keys=True,
                                     default=str).encode()).hexdigest()[:16]
     target = folder / key

@@ -1,0 +1,283 @@
+"""The first stage: look at the data before deciding what to synthesise. `synthaug analyse DATA`
+and `recipe: auto`.
+
+- **Profile**: class counts, imbalance ratio (largest / smallest class), the smallest classes,
+  the unlabelled pool, image size and per-channel statistics, blank images.
+- **Duplicates**: exact copies (the same bytes) within the training split and shared with the
+  test split (a leak), and near copies (16x16 grey thumbnails within `NEAR` RMS of each
+  other, same class; compared within a class, at most `SAMPLE` images per class).
+- **Probe**: a short training (a few epochs of the run's classifier with balanced softmax):
+  each class's test accuracy (its difficulty) and TADA's slow-learnable share (k-means on
+  each example's loss).
+- **Recommendation**: the first recipe to try, from the rules in `RULES`, each grounded in
+  the shipped benchmark suites' results (`EVIDENCE`; tests/test_analyse.py checks every
+  number against benchmarks/results/bench/). It says plainly when no generative recipe is
+  expected to beat the classical baseline."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+
+from .data.dataset import ImageDataset
+
+NEAR = 0.02  # RMS difference of [0, 1] grey 16x16 thumbnails below which two images are near copies
+SAMPLE = 3000  # images per class compared for near copies
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """One measured comparison of the shipped suites: a recipe against the setting's best
+    classical baseline, paired over 3 classifier seeds (points; 95% interval)."""
+
+    suite: str
+    setting: str
+    recipe: str
+    baseline: str
+    difference: float
+    low: float
+    high: float
+    verdict: str
+
+    def line(self) -> str:
+        return (f"{self.setting} ({self.suite}): {self.recipe} against {self.baseline} {self.difference:+.2f} points "
+                f"(95% interval {self.low:+.2f} to {self.high:+.2f}), {self.verdict}")
+
+
+EVIDENCE = {
+    "longtail-tiny-tail": [
+        Evidence("longtail-small", "MNIST-5k-LT r50", "synaug", "balanced-softmax", 0.50, -1.62, 2.62,
+                 "no significant difference"),
+        Evidence("longtail-small", "MNIST-5k-LT r50", "synaug w/o domain mixup", "balanced-softmax", 0.57, -0.71, 1.84,
+                 "no significant difference")],
+    "longtail-large-tail": [
+        Evidence("longtail-small", "Fashion-MNIST-LT r100", "synaug", "class-balanced", -1.02, -1.79, -0.26, "loss"),
+        Evidence("longtail-small", "Fashion-MNIST-LT r100", "synaug w/o domain mixup", "class-balanced", -0.52, -1.28,
+                 0.24, "no significant difference")],
+    "few-labels": [
+        Evidence("fewshot-small", "Fashion-MNIST 5-shot", "AugCond embed-cutmix-dropout + RandAugment + Mixup",
+                 "RandAugment + Mixup", -1.45, -6.69, 3.79, "no significant difference"),
+        Evidence("fewshot-small", "Fashion-MNIST 10-shot", "AugCond embed-cutmix-dropout + RandAugment + Mixup",
+                 "RandAugment + Mixup", -1.16, -1.53, -0.79, "loss"),
+        Evidence("fewshot-small", "Fashion-MNIST 10+3-shot (UtilGen)", "SYNAuG", "RandAugment + Mixup", -1.89, -2.40,
+                 -1.37, "loss"),
+        Evidence("cifar10-gpu", "CIFAR-10 10-shot", "AugCond mixup", "RandAugment + Mixup", -3.24, -4.97, -1.50, "loss")],
+    "balanced-moderate": [
+        Evidence("targeted-small", "Fashion-MNIST 10%", "augment-all", "none", 1.25, 0.89, 1.62, "gain"),
+        Evidence("targeted-small", "Fashion-MNIST 10%", "random subset", "none", 0.97, 0.45, 1.49, "gain"),
+        Evidence("targeted-small", "Fashion-MNIST 10%", "tada", "none", 0.54, -0.32, 1.40, "no significant difference")],
+}
+
+
+@dataclass
+class Recommendation:
+    recipe: str  # a registered recipe
+    overrides: list[str]  # with it (key=value)
+    label: str
+    why: str
+    rule: str  # the rule's key in RULES
+    generative_expected: bool  # whether a generative recipe is expected to beat the classical baseline
+    try_generative: str | None  # the generative recipe to measure against it (with --seeds), if any
+    evidence: list[str] = field(default_factory=list)
+    remarks: list[str] = field(default_factory=list)
+
+
+RULES = """\
+1. few-labels: the largest class has at most 20 labelled images -> ce with RandAugment + Mixup.
+   Every generative recipe tied or lost to it in the few-shot suites (5, 10, 10+3 per class).
+2. longtail-tiny-tail: imbalance ratio >= 10 and the smallest class under 50 images ->
+   balanced-softmax (the best classical baseline on MNIST-5k-LT r50); SYNAuG tied it.
+3. longtail-large-tail: imbalance ratio >= 10 and the smallest class 50 images or more ->
+   class-balanced sampling (the best classical baseline on Fashion-MNIST-LT r100); SYNAuG lost.
+4. imbalanced: imbalance ratio between 3 and 10 -> balanced-softmax; no suite measures this range.
+5. balanced-moderate: balanced (ratio < 3), 100 to 1,000 images per class -> tada-all
+   (variants of every training image): a gain of 1.25 points on Fashion-MNIST 10%, against
+   no generated images (RandAugment + Mixup was not in that comparison).
+6. balanced-other: otherwise -> ce with RandAugment + Mixup; no suite measures this range
+   (21 to 99 per class lies between the few-shot and the 10% settings; above 1,000 per class
+   generated images were not tried)."""
+
+
+def randaugment_mixup(augment: str) -> list[str]:
+    parts = [p for p in augment.split("+") if p not in ("none", "randaugment")]
+    return [f"train.augment={'+'.join([*parts, 'randaugment'])}", "train.mix=mixup"]
+
+
+def recommend(profile: dict, probe: dict | None = None, augment: str = "crop") -> Recommendation:
+    """The first recipe to try for data with this profile (see RULES)."""
+    ratio, smallest, largest = profile["imbalance_ratio"], profile["smallest_count"], profile["largest_count"]
+    if largest <= 20:
+        r = Recommendation("ce", randaugment_mixup(augment), "ce + RandAugment + Mixup",
+                           f"at most {largest} labelled images per class: strong classical augmentation beat every "
+                           "generative recipe in the few-shot benchmarks", "few-labels", False, "augcond")
+    elif ratio >= 10 and smallest < 50:
+        r = Recommendation("balanced-softmax", [], "balanced-softmax",
+                           f"long-tailed (ratio {ratio:.0f}) with a tail of {smallest} images: Balanced Softmax was the "
+                           "best classical baseline in the matching benchmark, and SYNAuG only tied it",
+                           "longtail-tiny-tail", False, "synaug")
+    elif ratio >= 10:
+        r = Recommendation("class-balanced", [], "class-balanced",
+                           f"long-tailed (ratio {ratio:.0f}) with a tail of {smallest} images: class-balanced sampling "
+                           "was the best classical baseline in the matching benchmark, and SYNAuG lost to it",
+                           "longtail-large-tail", False, "synaug")
+    elif ratio >= 3:
+        r = Recommendation("balanced-softmax", [], "balanced-softmax",
+                           f"imbalanced (ratio {ratio:.1f}): a logit-adjusted loss is the safe first step; no benchmark "
+                           "measures generated data at this imbalance", "imbalanced", False, "synaug")
+    elif 100 <= smallest and largest <= 1000:
+        r = Recommendation("tada-all", [], "tada-all (variants of every training image)",
+                           f"balanced, {smallest} to {largest} images per class: image-guided variants of every "
+                           "training image gained over no generated data in the matching benchmark",
+                           "balanced-moderate", True, "tada-all")
+    else:
+        r = Recommendation("ce", randaugment_mixup(augment), "ce + RandAugment + Mixup",
+                           f"balanced, {smallest} to {largest} images per class: no benchmark measures generated data "
+                           "here; strong classical augmentation first", "balanced-other", False, None)
+    r.evidence = [e.line() for e in EVIDENCE.get(r.rule, [])]
+    if probe and probe.get("balanced_accuracy", 0) >= 0.98:
+        r.remarks.append(f"the probe already reaches {100 * probe['balanced_accuracy']:.1f}% balanced accuracy after "
+                         f"{probe['steps']} steps: little room for any method")
+    if profile.get("unlabeled_images"):
+        r.remarks.append(f"{profile['unlabeled_images']} unlabelled images: semi-supervised training (FixMatch) is the "
+                         "baseline a user would reach for; synthaug does not have it yet")
+    return r
+
+
+def data_profile(task) -> dict:
+    train = task.train
+    counts = train.class_counts().tolist()
+    order = sorted(range(len(counts)), key=lambda c: counts[c])
+    images = train.images.float() / 255
+    std = images.flatten(1).std(dim=1)
+    return {
+        "classes": train.num_classes, "images": len(train), "test_images": len(task.test),
+        "unlabeled_images": len(task.unlabeled) if task.unlabeled is not None else 0,
+        "image_size": list(train.image_size), "channels": train.channels,
+        "class_counts": dict(zip(train.classes, counts)),
+        "imbalance_ratio": max(counts) / max(1, min(counts)), "largest_count": max(counts), "smallest_count": min(counts),
+        "smallest_classes": [(train.classes[c], counts[c]) for c in order[:3]],
+        "channel_mean": images.mean(dim=(0, 2, 3)).tolist(), "channel_std": images.std(dim=(0, 2, 3)).tolist(),
+        "blank_images": int((std < 2 / 255).sum()),
+    }
+
+
+def _thumbnails(data: ImageDataset) -> torch.Tensor:
+    x = data.images.float().mean(dim=1, keepdim=True) / 255
+    return torch.nn.functional.interpolate(x, size=(16, 16), mode="area").flatten(1)
+
+
+def _hashes(data: ImageDataset) -> list[str]:
+    return [hashlib.sha1(im.numpy().tobytes()).hexdigest() for im in data.images]
+
+
+def duplicates(train: ImageDataset, test: ImageDataset, *, near: float = NEAR, sample: int = SAMPLE,
+               seed: int = 0) -> dict:
+    """Exact and near copies within the training split and between it and the test split."""
+    train_hashes, test_hashes = _hashes(train), _hashes(test)
+    seen: dict[str, int] = {}
+    for h in train_hashes:
+        seen[h] = seen.get(h, 0) + 1
+    exact_train = sum(n - 1 for n in seen.values() if n > 1)
+    exact_test = sum(h in seen for h in test_hashes)
+    g = torch.Generator().manual_seed(seed)
+    thumbs_train, thumbs_test = _thumbnails(train), _thumbnails(test)
+    near_train = near_test = 0
+    sampled = False
+    threshold = near * near * thumbs_train.shape[1]  # squared L2 of an RMS difference `near`
+    for c in range(train.num_classes):
+        idx = (train.labels == c).nonzero().flatten()
+        if len(idx) > sample:
+            idx, sampled = idx[torch.randperm(len(idx), generator=g)[:sample]], True
+        a = thumbs_train[idx]
+        d = torch.cdist(a, a).pow(2)
+        d.fill_diagonal_(float("inf"))
+        near_train += int(((d < threshold).any(dim=1)).sum())  # images with a near copy in the split
+        b = thumbs_test[test.labels == c]
+        if len(b) and len(a):
+            near_test += int((torch.cdist(b, a).pow(2) < threshold).any(dim=1).sum())
+    return {"exact_within_train": exact_train, "exact_train_test": exact_test,
+            "near_within_train": near_train, "near_train_test": near_test, "near_rms": near,
+            "near_sampled_per_class": sample if sampled else None}
+
+
+def probe(task, config, *, steps: int = 300, progress: bool = False) -> dict:
+    """A short training (`steps` optimiser steps of the run's classifier, balanced softmax):
+    each class's test accuracy and TADA's slow-learnable share."""
+    from .classify import evaluate, fit_classifier
+    from .classify.evaluate import example_losses
+    from .plan import slow_learnable
+
+    cfg = replace(config.train, steps=steps, loss="balanced-softmax", refit_head=False, mix="none", sam_rho=0.0)
+    result = fit_classifier(task.train, cfg, seed=config.seed, progress=progress)
+    metrics = evaluate(result.model, task.test, train_counts=task.train.class_counts())
+    losses = example_losses(result.model, task.train)
+    slow = slow_learnable(losses, seed=config.seed)
+    per_class_slow = {name: float(slow[task.train.labels == c].float().mean()) if bool((task.train.labels == c).any())
+                      else 0.0 for c, name in enumerate(task.train.classes)}
+    hardest = sorted(metrics["per_class_accuracy"].items(), key=lambda kv: kv[1])[:3]
+    return {"steps": steps, "epochs": len(result.history), "accuracy": metrics["accuracy"], "balanced_accuracy": metrics["balanced_accuracy"],
+            "per_class_accuracy": metrics["per_class_accuracy"], "hardest_classes": hardest,
+            "slow_learnable_share": float(slow.float().mean()), "slow_learnable_per_class": per_class_slow,
+            "seconds": result.seconds}
+
+
+def analyse(config, *, probe_steps: int = 300, progress: bool = False) -> dict:
+    """The whole analysis of the configured data and split (loads the data; writes nothing)."""
+    from .data import load_dataset
+    from .task import make_task
+
+    data = load_dataset(config.data.dataset, image_size=config.data.image_size, channels=config.data.channels,
+                        cache_dir=config.data.cache_dir, defer_cache=True)
+    task = make_task(data, config.split)
+    found = {"dataset": data.name, "split": asdict(config.split), "profile": data_profile(task),
+             "duplicates": duplicates(task.train, task.test, seed=config.seed)}
+    found["probe"] = probe(task, config, steps=probe_steps, progress=progress) if probe_steps > 0 else None
+    found["recommendation"] = asdict(recommend(found["profile"], found["probe"], config.train.augment))
+    return found
+
+
+def resolve_auto(config, task) -> tuple[object, dict]:
+    """`recipe: auto`: the config with the recommended recipe and its overrides applied, and
+    the record of why (from the split's profile; no probe, so it costs nothing)."""
+    import yaml
+
+    found = recommend(data_profile(task), None, config.train.augment)
+    sections = {}
+    for item in found.overrides:  # section.key=value, validated by the section's own checks
+        key, value = item.split("=", 1)
+        section, name = key.split(".")
+        sections.setdefault(section, {})[name] = yaml.safe_load(value)
+    resolved = replace(config, recipe=found.recipe,
+                       **{s: replace(getattr(config, s), **values) for s, values in sections.items()})
+    return resolved, {"recipe": found.recipe, "overrides": found.overrides, "rule": found.rule, "why": found.why,
+                      "generative_expected": found.generative_expected, "evidence": found.evidence}
+
+
+def summary_lines(found: dict) -> list[str]:
+    """The analysis in a few plain lines."""
+    p, d, r = found["profile"], found["duplicates"], found["recommendation"]
+    lines = [f"{p['images']} training images in {p['classes']} classes ({p['channels']} x "
+             f"{'x'.join(map(str, p['image_size']))}), {p['test_images']} test"
+             + (f", {p['unlabeled_images']} unlabelled" if p["unlabeled_images"] else ""),
+             f"imbalance ratio {p['imbalance_ratio']:.1f} (largest class {p['largest_count']}, smallest "
+             + ", ".join(f"'{n}' {c}" for n, c in p["smallest_classes"]) + ")",
+             f"duplicates: {d['exact_within_train']} exact and {d['near_within_train']} near within the training split; "
+             f"{d['exact_train_test']} exact and {d['near_train_test']} near test images also in it",
+             f"per channel mean {', '.join(f'{m:.3f}' for m in p['channel_mean'])}, std "
+             f"{', '.join(f'{s:.3f}' for s in p['channel_std'])}; {p['blank_images']} blank images"]
+    if found.get("probe"):
+        q = found["probe"]
+        lines.append(f"probe ({q['steps']} steps, {q['epochs']} epochs): balanced accuracy "
+                     f"{100 * q['balanced_accuracy']:.1f}%; hardest "
+                     + ", ".join(f"'{c}' {100 * a:.0f}%" for c, a in q["hardest_classes"])
+                     + f"; slow-learnable share {100 * q['slow_learnable_share']:.0f}%")
+    lines.append(f"recommendation: {r['label']}: {r['why']}")
+    lines.append("a generative recipe is expected to beat the classical baseline here" if r["generative_expected"] else
+                 "no generative recipe is expected to beat the classical baseline here"
+                 + (f" (measure {r['try_generative']} against it with --seeds if you want to know)"
+                    if r["try_generative"] else ""))
+    lines += [f"  evidence: {e}" for e in r["evidence"]]
+    lines += [f"  note: {m}" for m in r["remarks"]]
+    return lines

@@ -1,0 +1,225 @@
+"""The leaderboard of a suite's results: per setting, each recipe's mean ± std over the seeds,
+the paired 95% interval of its difference to the best classical baseline and a verdict, its
+cost; in Markdown (leaderboard.md) and as a page with accuracy-vs-cost and per-class plots
+(leaderboard.html).
+
+Pairing: a recipe with several generator seeds is averaged over them for each classifier
+seed, and paired with the baseline's run of that classifier seed; the interval covers the
+classifier seeds' spread, the generator seeds' own spread is shown beside it."""
+
+from __future__ import annotations
+
+import html
+import statistics
+from pathlib import Path
+
+from ..utils.io import atomic_write_text
+from ..verdict import compare
+
+LABELS = {"accuracy": "accuracy", "balanced_accuracy": "balanced acc", "few_shot_accuracy": "few-shot",
+          "many_shot_accuracy": "many-shot", "medium_shot_accuracy": "medium-shot",
+          "worst_class_accuracy": "worst class", "worst_group_accuracy": "worst group",
+          "synthetic_only_accuracy": "synthetic only"}
+COSTLESS = ("load_data", "generator", "generate")  # counted apart: generator training and generation
+
+
+def label(metric: str) -> str:
+    return LABELS.get(metric, metric.replace("_", " "))
+
+
+def mean_std(values: list[float], scale: float = 100.0) -> str:
+    if not values:
+        return "n/a"
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{scale * statistics.fmean(values):.2f} ± {scale * spread:.2f}"
+
+
+def by_seed(rows: list[dict], metric: str) -> dict[int, float]:
+    """A recipe's score per classifier seed, averaged over its generator seeds."""
+    seeds: dict[int, list[float]] = {}
+    for r in rows:
+        if r["metrics"].get(metric) is not None:
+            seeds.setdefault(r["seed"], []).append(r["metrics"][metric])
+    return {s: statistics.fmean(v) for s, v in sorted(seeds.items())}
+
+
+def costs(rows: list[dict]) -> dict[str, float]:
+    """Seconds a recipe costs on its own, per cell: the classifier's stages, its images at the
+    setting's measured seconds per image, and the training of its generator(s)."""
+    made = [(r["seconds"].get("generate", 0.0), r["generated_now"]) for r in rows if r.get("generated_now")]
+    per_image = sum(s for s, _ in made) / sum(n for _, n in made) if made else None
+    trained = {r["generator"]: r["generator_train_seconds"] for r in rows if r.get("generator_train_seconds")}
+    out = {}
+    for recipe in dict.fromkeys(r["recipe"] for r in rows):
+        mine = [r for r in rows if r["recipe"] == recipe]
+        classifier = statistics.fmean(sum(v for k, v in r["seconds"].items() if k not in COSTLESS) for r in mine)
+        images = statistics.fmean(r["images_generated"] for r in mine)
+        generator_seconds = [trained[g] for g in {r.get("generator") for r in mine} if g in trained]
+        generation = images * per_image if per_image and images else 0.0
+        out[recipe] = {"classifier": classifier, "generation": generation, "images": images,
+                       "generator": statistics.fmean(generator_seconds) if generator_seconds else 0.0}
+        out[recipe]["total"] = classifier + generation + out[recipe]["generator"]
+    return out
+
+
+def setting_summary(rows: list[dict], setting) -> dict:
+    """Everything the tables and plots show for one setting's rows."""
+    metric = setting.metric if setting else rows[0]["metric"]
+    recipes = list(dict.fromkeys([*(setting.recipes if setting else []), *(r["recipe"] for r in rows)]))
+    recipes = [r for r in recipes if any(row["recipe"] == r for row in rows)]
+    classical = setting.classical if setting else [r for r in recipes if not any(
+        row["images_generated"] for row in rows if row["recipe"] == r) and r != "oracle"]
+    scores = {r: by_seed([row for row in rows if row["recipe"] == r], metric) for r in recipes}
+    verdicts = {r: compare(scores, r, classical=classical) for r in recipes if r not in classical and r != "oracle"}
+    return {"metric": metric, "recipes": recipes, "classical": classical, "scores": scores, "verdicts": verdicts,
+            "costs": costs(rows)}
+
+
+def markdown_setting(name: str, rows: list[dict], summary: dict, columns: list[str]) -> str:
+    metric = summary["metric"]
+    columns = [metric, *[c for c in columns if c != metric and any(r["metrics"].get(c) is not None for r in rows)]]
+    seeds = sorted({r["seed"] for r in rows})
+    gseeds = sorted({r["generator_seed"] for r in rows if r["generator_seed"] is not None})
+    devices = sorted({r.get("device", "CPU") for r in rows})
+    devices = ", ".join(devices) + (" (costs mix the devices)" if len(devices) > 1 else "")
+    commits = ", ".join(sorted({str(r.get("commit")) for r in rows}))
+    head = (f"**{name}**: classifier seeds {seeds}" + (f", generator seeds {gseeds}" if gseeds else "")
+            + f"; on {devices}; commit {commits}")
+    memo = any(r.get("memorization") is not None for r in rows)
+    lines = [head, "", "| recipe | " + " | ".join(f"{label(c)} (%)" for c in columns)
+             + " | vs best classical, paired (points, 95% interval) | verdict | images generated"
+             + (" | memorisation ratio" if memo else "") + " | cost (min) |",
+             "|---" * (len(columns) + 5 + memo) + "|"]
+    best = None
+    for recipe in summary["recipes"]:
+        mine = [r for r in rows if r["recipe"] == recipe]
+        cells = [mean_std([r["metrics"][c] for r in mine if r["metrics"].get(c) is not None]) for c in columns]
+        found = summary["verdicts"].get(recipe)
+        best = best or (found and found.baseline)
+        paired = (f"{100 * found.difference:+.2f} ({100 * found.low:+.2f} to {100 * found.high:+.2f})"
+                  if found and len(found.seeds) > 1 else "-")
+        verdict = found.verdict if found else ("classical baseline" if recipe in summary["classical"] else "reference")
+        cost = summary["costs"][recipe]
+        mark = f"**{recipe}**" if found and found.verdict == "gain" else recipe
+        minutes = cost["total"] / 60
+        minutes = f"{minutes:.1f}" if minutes >= 0.95 else f"{minutes:.2f}"
+        ratios = [r["memorization"] for r in mine if r.get("memorization") is not None]
+        ratio = (f" | {statistics.fmean(ratios):.2f}" if ratios else " | -") if memo else ""
+        lines.append(f"| {mark} | " + " | ".join(cells) + f" | {paired} | {verdict} | {cost['images']:.0f}{ratio} "
+                     f"| {minutes} |")
+    if best:
+        lines.append(f"\nBest classical baseline: {best} (highest mean {label(metric)}); each difference is paired by "
+                     "classifier seed. Cost: the recipe run alone (classifier training, its images at the measured "
+                     "seconds per image, its generator's training)." + _gap(summary, best))
+    return "\n".join(lines) + "\n"
+
+
+def setting_tables(suite, rows: list[dict]) -> dict[str, str]:
+    """Each setting's table in Markdown, by setting name (BENCHMARKS.md splices them one by one)."""
+    return {name: markdown_setting(name, mine, setting_summary(mine, setting), setting.columns if setting else [])
+            for name, mine, setting in _settings(suite, rows)}
+
+
+def _gap(summary: dict, best: str) -> str:
+    """' Oracle 98.83: synaug closes 14% of the gap.' (the best generative recipe), or ''."""
+    oracle = summary["scores"].get("oracle")
+    found = [v for v in summary["verdicts"].values() if v is not None]
+    if not oracle or not found:
+        return ""
+    top = max(found, key=lambda v: v.recipe_mean)
+    bar = statistics.fmean(summary["scores"][best].values())
+    ceiling = statistics.fmean(oracle.values())
+    if ceiling <= bar:
+        return ""
+    return (f" Oracle {100 * ceiling:.2f}: the best generative recipe, {top.recipe}, closes "
+            f"{100 * (top.recipe_mean - bar) / (ceiling - bar):.0f}% of the gap to it.")
+
+
+def leaderboard_markdown(suite, rows: list[dict]) -> str:
+    out = [f"# Leaderboard: {suite.name}", "", suite.description.strip(), ""] if suite else []
+    return "\n".join([*out, *setting_tables(suite, rows).values()])
+
+
+def _settings(suite, rows):
+    known = {s.name: s for s in (suite.settings if suite else [])}
+    for name in dict.fromkeys([*known, *(r["setting"] for r in rows)]):
+        mine = [r for r in rows if r["setting"] == name]
+        if mine:
+            yield name, mine, known.get(name)
+
+
+def cost_plot(summary: dict) -> str:
+    from ..report import png, subplots
+
+    fig, ax = subplots(figsize=(6.5, 3.6))
+    for recipe in summary["recipes"]:
+        values = list(summary["scores"][recipe].values())
+        if not values:
+            continue
+        x = summary["costs"][recipe]["total"] / 60
+        spread = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
+        marker = "s" if recipe in summary["classical"] else "o"
+        ax.errorbar([x], [100 * statistics.fmean(values)], yerr=[spread], fmt=marker, capsize=3, label=recipe)
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # no math text: the plots take text literally
+    ax.set_xlabel("cost per run (minutes, log scale)")
+    ax.set_ylabel(f"{label(summary['metric'])} (%)")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    return png(fig)
+
+
+def per_class(rows: list[dict], recipes: list[str]) -> str:
+    from ..report import per_class_plot
+
+    classes = list(dict.fromkeys(c for r in rows for c in r.get("per_class", {})))
+    if not classes:
+        return ""
+    means = {}
+    for recipe in recipes:
+        mine = [r["per_class"] for r in rows if r["recipe"] == recipe and r.get("per_class")]
+        if mine:
+            means[recipe] = {"per_class_accuracy": {c: statistics.fmean(m.get(c, 0.0) for m in mine) for c in classes}}
+    return per_class_plot(classes, means)
+
+
+def write_leaderboard(suite, rows: list[dict], out: str | Path) -> tuple[Path, Path]:
+    from ..report import literal_text, write_page
+
+    out = Path(out)
+    text = leaderboard_markdown(suite, rows)
+    atomic_write_text(out / "leaderboard.md", text)
+    parts = [f"<h1>synthaug bench: {html.escape(suite.name)}</h1><p class='muted'>{html.escape(suite.description)}</p>",
+             "<p class='muted'>Verdict: the paired 95% t-interval of the recipe's difference to the best classical "
+             "baseline (the highest mean; never the oracle) over the classifier seeds: <b>gain</b> when it lies above 0, "
+             "<b>loss</b> below, <b>no significant difference</b> when it holds 0.</p>"]
+    with literal_text():
+        for name, mine, setting in _settings(suite, rows):
+            summary = setting_summary(mine, setting)
+            lines = [v.line() for v in summary["verdicts"].values() if v is not None]
+            colour = "#d9f2d9" if any(v and v.verdict == "gain" for v in summary["verdicts"].values()) else "#f6f8fa"
+            table = markdown_setting(name, mine, summary, setting.columns if setting else [])
+            parts.append(f"<h2>{html.escape(name)}</h2><div class='summary' style='background:{colour}'>"
+                         + "<br>".join(html.escape(line) for line in lines) + "</div>" + _table_html(table)
+                         + "<h3>Accuracy against cost</h3>" + cost_plot(summary)
+                         + "<h3>Per-class test accuracy, mean over the runs</h3>" + per_class(mine, summary["recipes"]))
+    page = write_page(out / "leaderboard.html", f"synthaug bench: {suite.name}", "".join(parts))
+    return out / "leaderboard.md", page
+
+
+def _table_html(markdown: str) -> str:
+    """A Markdown table (and the lines around it) as HTML."""
+    out, rows = [], []
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if set("".join(cells)) <= set("-: "):
+                continue
+            tag = "th" if not rows else "td"
+            rows.append("<tr>" + "".join(f"<{tag}>{html.escape(c.strip('*'))}</{tag}>" for c in cells) + "</tr>")
+        elif line.strip():
+            out.append(f"<p class='muted'>{html.escape(line.replace('**', ''))}</p>")
+    return "".join(out[:1]) + "<table>" + "".join(rows) + "</table>" + "".join(out[1:])

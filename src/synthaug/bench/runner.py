@@ -1,0 +1,184 @@
+"""`synthaug bench SUITE`: run every cell of a suite into one folder, resumably.
+
+    <out>/results.jsonl      one row per finished cell (the newest run of each cell)
+    <out>/leaderboard.md     per setting: mean ± std, the paired 95% interval against the best
+    <out>/leaderboard.html   classical baseline and a verdict; the page adds plots
+    <out>/cells/             one run folder per cell (an interrupted cell resumes from its checkpoint)
+    <out>/generators/        trained generators, by fingerprint: one per setting and generator seed
+    <out>/stores/            synthetic stores, shared by the classifier seeds of a plan
+
+A finished cell is never redone. A cell whose config changed since it ran (an edited suite) is
+refused, or re-run with `force`. Every check that can fail runs before the first write."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ..errors import SynthaugError
+from ..utils.io import atomic_write_text
+from ..utils.paths import check_folder, make_folders
+from .suite import Cell, Suite, changes, settings_of, with_locations
+
+MARKER = ".synthaug-run"
+RESULTS = "results.jsonl"
+
+
+def read_results(out: Path) -> list[dict]:
+    """The rows of `out`/results.jsonl (a damaged line is skipped, with a warning)."""
+    path = Path(out) / RESULTS
+    rows = []
+    if not path.is_file():
+        return rows
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            print(f"{path} line {n} is not JSON: skipped (its cell runs again)", file=sys.stderr)
+            continue
+        if isinstance(row, dict) and "cell" in row:
+            rows.append(row)
+    return rows
+
+
+def check_out(out: Path):
+    """The suite's folder: new, empty, or one synthaug made. Writes nothing."""
+    check_folder(out, "--out")
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise SynthaugError(f"--out '{out}' is a file or a link: give a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise SynthaugError(f"--out '{out}' holds files synthaug did not make (no {MARKER}): give a new or empty folder")
+
+
+def plan(suite: Suite, out: Path, *, force: bool = False) -> tuple[list[Cell], list[Cell], dict[str, dict]]:
+    """(cells to run, of them the changed ones to re-run, finished rows by cell). Raises on a
+    changed cell without `force`."""
+    done = {r["cell"]: r for r in read_results(out)}
+    todo, changed, first = [], [], None
+    for cell in suite.cells_:
+        row = done.get(cell.key)
+        if row is None:
+            todo.append(cell)
+        elif row.get("fingerprint") != cell.fingerprint and (found := changes(row.get("settings") or {}, cell.config)):
+            changed.append(cell)
+            first = first or found[0]
+    if changed and not force:
+        raise SynthaugError(f"{len(changed)} cell(s) of suite '{suite.name}' changed since they ran (first: "
+                            f"'{changed[0].key}', {first}): pass --force to re-run them, or give another --out")
+    return todo + changed, changed, done
+
+
+def preflight(suite: Suite, cells: list[Cell], out: Path):
+    """Every check a cell's run would make before writing, for every cell to run: config,
+    device, model, store folders, data, split and the recipe's own check."""
+    from ..data import load_dataset
+    from ..recipes import get_recipe
+    from ..runs import preflight as run_preflight
+    from ..task import make_task
+
+    tasks = {}
+    for cell in cells:
+        config = with_locations(cell, out)
+        run_preflight(config)
+        key = json.dumps([config.data.__dict__, config.split.__dict__], sort_keys=True, default=str)
+        if key not in tasks:
+            data = load_dataset(config.data.dataset, image_size=config.data.image_size, channels=config.data.channels,
+                                cache_dir=config.data.cache_dir, defer_cache=True)
+            try:
+                tasks[key] = make_task(data, config.split)
+            except SynthaugError as e:
+                raise SynthaugError(f"setting '{cell.setting}': {e}") from None
+        check = get_recipe(config.recipe).check
+        if check is not None:
+            try:
+                check(tasks[key], config)
+            except SynthaugError as e:
+                raise SynthaugError(f"cell '{cell.key}': {e}") from None
+
+
+def run_suite(suite: Suite, out: str | Path, *, force: bool = False, progress: bool = True,
+              echo=print) -> list[dict]:
+    """Run the suite's unfinished cells (and, with `force`, its changed ones); returns the rows
+    of results.jsonl. Stops starting cells once `suite.minutes` are spent (run again to go on)."""
+    from ..runs import train_run
+    from .leaderboard import write_leaderboard
+
+    out = Path(out)
+    check_out(out)
+    cells, changed, done = plan(suite, out, force=force)
+    preflight(suite, cells, out)
+    # every check passed: the first write
+    make_folders(out, "--out")
+    (out / MARKER).write_text("a benchmark folder made by synthaug\n")
+    env = environment(suite.device)
+    start = time.perf_counter()
+    total = len(suite.cells_)
+    echo(f"suite {suite.name}: {total} cells, {total - len(cells)} finished, {len(cells)} to run -> {out}")
+    try:
+        for n, cell in enumerate(cells, 1):
+            spent = (time.perf_counter() - start) / 60
+            if suite.minutes is not None and spent >= suite.minutes:
+                echo(f"budget of {suite.minutes:g} min spent after {n - 1} cell(s): run the same command to go on")
+                break
+            config = with_locations(cell, out)
+            t0 = time.perf_counter()
+            run_dir, metrics = train_run(config, progress=progress, force=cell in changed)
+            row = result_row(suite, cell, metrics, run_dir, out, time.perf_counter() - t0, env)
+            done[cell.key] = row
+            atomic_write_text(out / RESULTS, "".join(json.dumps(r) + "\n" for r in done.values()))
+            echo(f"[{n}/{len(cells)}] {cell.key}: {cell.config.recipe} {row['metric']} "
+                 f"{100 * row['metrics'][row['metric']]:.2f} ({row['wall_seconds']:.0f} s)")
+    finally:
+        rows = list(done.values())
+        if rows:
+            write_leaderboard(suite, rows, out)
+    return rows
+
+
+def result_row(suite: Suite, cell: Cell, metrics: dict, run_dir: Path, out: Path, wall: float, env: dict) -> dict:
+    test = metrics["test"]
+    synthetic = metrics.get("synthetic") or {}
+    generator = metrics.get("generator") or {}
+    metric = next(s.metric for s in suite.settings if s.name == cell.setting)
+    found = {k: v for k, v in test.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    alone = ((metrics.get("utilgen") or {}).get("synthetic_only") or {}).get("accuracy")
+    if alone is not None:  # UtilGen's classifier trained on its final synthetic set alone
+        found["synthetic_only_accuracy"] = alone
+    return {
+        "suite": suite.name, "setting": cell.setting, "recipe": cell.recipe, "recipe_name": cell.config.recipe,
+        "generator_seed": cell.generator_seed, "seed": cell.seed, "cell": cell.key, "fingerprint": cell.fingerprint,
+        "metric": metric,
+        "metrics": found, "memorization": (metrics.get("memorization") or {}).get("median"),
+        "per_class": test.get("per_class_accuracy", {}),
+        "seconds": metrics.get("seconds", {}), "wall_seconds": wall,
+        "images_generated": synthetic.get("images", 0), "generated_now": synthetic.get("generated_now", 0),
+        # the generator (by fingerprint) and, in the cell that trained it, its training time
+        "generator": Path(generator["path"]).name if generator.get("path") else None,
+        "generator_train_seconds": metrics["seconds"].get("generator") if generator.get("trained_now") else None,
+        "train_steps": cell.config.train.steps, "run": str(run_dir.relative_to(out)),
+        "settings": json.loads(json.dumps(settings_of(cell.config), default=str)),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **env,
+    }
+
+
+def environment(device: str = "auto") -> dict:
+    import torch
+
+    from .. import __version__
+    from ..utils.runtime import resolve_device
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                                cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    chosen = resolve_device(device)
+    device = torch.cuda.get_device_name(chosen) if chosen.type == "cuda" else chosen.type.upper()
+    return {"device": device, "machine": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "commit": commit, "version": __version__}

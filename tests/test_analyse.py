@@ -1,0 +1,145 @@
+"""`synthaug analyse` and `recipe: auto`: the profile and duplicate counts on data with a known
+answer, the evidence behind every rule against the shipped benchmark results, the
+recommendation on each benchmark setting against what the benchmark measured, and the
+command on built-in data and an ImageFolder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_dataset, run_cli, write_image_folder
+
+from synthaug.analyse import EVIDENCE, data_profile, duplicates, recommend
+from synthaug.bench import load_suite, read_results
+from synthaug.bench.leaderboard import setting_summary
+from synthaug.config import load_config
+from synthaug.data import ImageDataset, load_dataset
+from synthaug.data.dataset import LoadedDataset
+from synthaug.task import make_task
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "bench"
+
+
+def _measured(suite: str) -> dict:
+    found = load_suite(suite)
+    rows = read_results(BENCH / suite)
+    return {s.name: setting_summary([r for r in rows if r["setting"] == s.name], s)
+            for s in found.settings if any(r["setting"] == s.name for r in rows)}
+
+
+@pytest.mark.parametrize("rule", list(EVIDENCE))
+def test_every_rule_s_evidence_is_what_the_benchmark_measured(rule):
+    for e in EVIDENCE[rule]:
+        v = _measured(e.suite)[e.setting]["verdicts"][e.recipe]
+        assert (v.baseline, v.verdict) == (e.baseline, e.verdict)
+        assert [round(100 * x, 2) for x in (v.difference, v.low, v.high)] == [e.difference, e.low, e.high]
+
+
+def _like(dataset: str, per_class_train: int, per_class_test: int, size: int = 8) -> LoadedDataset:
+    """A stand-in with the dataset's class counts (splits depend only on the labels)."""
+    def part(n):
+        labels = torch.arange(10).repeat_interleave(n)
+        return ImageDataset(torch.zeros(len(labels), 1, size, size, dtype=torch.uint8), labels, [str(c) for c in range(10)])
+    return LoadedDataset(dataset, part(per_class_train), part(per_class_test), "stand-in")
+
+
+STAND_INS = {"fashion-mnist": (6000, 1000), "cifar10": (5000, 1000)}
+LABEL = {("ce", "RandAugment + Mixup"), ("balanced-softmax", "balanced-softmax"), ("class-balanced", "class-balanced")}
+
+
+@pytest.mark.parametrize("suite", ["longtail-small", "targeted-small", "fewshot-small", "cifar10-gpu"])
+def test_the_recommendation_on_each_benchmark_setting_matches_what_it_measured(suite):
+    measured = _measured(suite)
+    for setting in load_suite(suite).settings:
+        if setting.name not in measured:
+            continue  # not run yet (CIFAR-10-LT)
+        config = load_config(None, setting.overrides)
+        name = config.data.dataset
+        data = load_dataset(name) if name not in STAND_INS else _like(name, *STAND_INS[name])
+        found = recommend(data_profile(make_task(data, config.split)), None, config.train.augment)
+        summary = measured[setting.name]
+        if found.generative_expected:  # the recipe it names measured a gain
+            label = {"tada-all": "augment-all"}[found.recipe]
+            assert summary["verdicts"][label].verdict == "gain", setting.name
+        else:  # it names the best classical baseline, and no generative recipe gained
+            best = next(v.baseline for v in summary["verdicts"].values() if v)
+            mine = "RandAugment + Mixup" if found.overrides else found.recipe
+            assert (found.recipe, best) in LABEL and mine == best, (setting.name, found.recipe, best)
+            assert all(v.verdict != "gain" for v in summary["verdicts"].values() if v), setting.name
+
+
+def test_profile_and_duplicates_on_known_data():
+    train = make_dataset((12, 6, 3), size=16)
+    train.images[1] = train.images[0]  # an exact copy
+    train.images[2] = (train.images[0].int() + 1).clamp(0, 255).to(torch.uint8)  # a near copy (1 grey level)
+    test = make_dataset((2, 2, 2), size=16, seed=5)
+    test.images[0] = train.images[5]  # a test image that is also a training image
+    found = duplicates(train, test)
+    assert found["exact_within_train"] == 1 and found["exact_train_test"] == 1
+    assert found["near_within_train"] == 3  # images 0, 1, 2 each have a near copy
+    assert found["near_train_test"] >= 1
+
+    class T:  # the fields data_profile reads
+        pass
+    t = T()
+    t.train, t.test, t.unlabeled = train, test, None
+    p = data_profile(t)
+    assert p["imbalance_ratio"] == 4.0 and p["smallest_classes"][0] == ("class2", 3) and p["largest_count"] == 12
+
+
+@pytest.mark.parametrize("counts, rule", [
+    ({"largest_count": 10, "smallest_count": 10, "imbalance_ratio": 1.0}, "few-labels"),
+    ({"largest_count": 400, "smallest_count": 8, "imbalance_ratio": 50.0}, "longtail-tiny-tail"),
+    ({"largest_count": 6000, "smallest_count": 60, "imbalance_ratio": 100.0}, "longtail-large-tail"),
+    ({"largest_count": 500, "smallest_count": 100, "imbalance_ratio": 5.0}, "imbalanced"),
+    ({"largest_count": 600, "smallest_count": 600, "imbalance_ratio": 1.0}, "balanced-moderate"),
+    ({"largest_count": 5000, "smallest_count": 5000, "imbalance_ratio": 1.0}, "balanced-other"),
+])
+def test_each_rule(counts, rule):
+    found = recommend(counts)
+    assert found.rule == rule and found.why
+    assert found.generative_expected == (rule == "balanced-moderate")
+
+
+def test_analyse_on_a_built_in_dataset_and_an_image_folder(tmp_path, capsys, monkeypatch):
+    code, out, err = run_cli(["analyse", "digits", "-s", "split.ratio=10", "--probe-steps", "40", "--quiet",
+                              "--json", str(tmp_path / "a.json")], capsys, monkeypatch)
+    assert code == 0, err
+    assert "imbalance ratio 10.0" in out and "recommendation: balanced-softmax" in out
+    saved = json.loads((tmp_path / "a.json").read_text())
+    assert saved["recommendation"]["rule"] == "longtail-tiny-tail" and saved["probe"]["steps"] == 40
+    folder = write_image_folder(tmp_path / "imgs", counts=(9, 5), size=(12, 12))
+    code, out, err = run_cli(["analyse", str(folder), "--probe-steps", "10", "--quiet"], capsys, monkeypatch)
+    assert code == 0, err
+    assert "training images in 2 classes" in out
+    assert "recommendation:" in out
+    # --json never overwrites
+    code, out, err = run_cli(["analyse", "digits", "--probe-steps", "0", "--json", str(tmp_path / "a.json")],
+                             capsys, monkeypatch)
+    assert code == 2 and "overwrites nothing" in err
+
+
+@pytest.mark.parametrize("name", ["mnist-5k", "fashion-mnist"])
+def test_analyse_runs_on_the_other_built_in_datasets(name, capsys, monkeypatch):
+    try:
+        load_dataset(name)
+    except Exception as e:  # Fashion-MNIST comes from a Debian package
+        pytest.skip(f"{name} is not available here: {e}")
+    code, out, err = run_cli(["analyse", name, "--probe-steps", "0", "--quiet"], capsys, monkeypatch)
+    assert code == 0, err
+    assert "recommendation:" in out
+
+
+def test_recipe_auto_runs_the_recommendation_and_records_why(tmp_path, capsys, monkeypatch):
+    args = ["run", "-s", "recipe=auto", "-s", "data.dataset=digits", "-s", "split.ratio=10", "-s", "train.epochs=1",
+            "-s", "report.baselines=[ce]", "-s", f"output_dir={tmp_path}", "--quiet"]
+    code, out, err = run_cli(args, capsys, monkeypatch)
+    assert code == 0, err
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert "auto" in run_dir.name
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["recipe"] == "balanced-softmax" and metrics["auto"]["rule"] == "longtail-tiny-tail"
+    assert "Chosen by" in (run_dir / "report.html").read_text()

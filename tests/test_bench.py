@@ -1,0 +1,159 @@
+"""`synthaug bench`: the smoke suite end to end, resuming an interrupted suite without redoing
+a finished cell, refusing (or with --force re-running) a changed cell, and the leaderboard's
+interval and verdict on made-up numbers with a known answer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+import synthaug.runs
+from synthaug.bench import leaderboard_markdown, load_suite, read_results, run_suite, shipped
+from synthaug.errors import SynthaugError
+
+TWO_BASELINES = """
+name: tiny
+classifier_seeds: [0, 1]
+steps: 20
+common: [data.dataset=digits, split.ratio=5, train.batch_size=64, train.augment=none]
+recipes:
+  ce: [recipe=ce]
+  balanced-softmax: [recipe=balanced-softmax]
+settings:
+  digits: []
+"""
+
+
+def test_the_smoke_suite_runs_and_writes_results_and_a_leaderboard(tmp_path, capsys, monkeypatch):
+    code, out, err = run_cli(["bench", "smoke", "--out", str(tmp_path / "smoke"), "--quiet"], capsys, monkeypatch)
+    assert code == 0, err
+    rows = read_results(tmp_path / "smoke")
+    suite = load_suite("smoke")
+    assert sorted(r["cell"] for r in rows) == sorted(c.key for c in suite.cells_) and len(rows) == 6
+    for r in rows:
+        assert {"suite", "setting", "recipe", "seed", "metrics", "seconds", "device", "commit", "version",
+                "images_generated", "fingerprint"} <= set(r)
+        assert 0 <= r["metrics"]["balanced_accuracy"] <= 1
+    generated = [r for r in rows if r["recipe"] == "synaug"]
+    assert all(r["images_generated"] > 0 for r in generated)
+    assert sum(r["generated_now"] for r in generated) == generated[0]["images_generated"]  # one store, both seeds
+    board = (tmp_path / "smoke" / "leaderboard.md").read_text()
+    synaug = next(line for line in board.splitlines() if "synaug |" in line)
+    assert any(v in synaug for v in ("| gain |", "| loss |", "| no significant difference |"))
+    assert "Best classical baseline:" in board and "| ce |" in board
+    page = (tmp_path / "smoke" / "leaderboard.html").read_text()
+    assert page.count("<img src=\"data:image/png;base64,") == 2  # accuracy against cost, per class
+
+
+def _suite(tmp_path: Path, text: str = TWO_BASELINES) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_an_interrupted_suite_resumes_without_redoing_finished_cells(tmp_path, monkeypatch):
+    suite = load_suite(str(_suite(tmp_path)))
+    out = tmp_path / "out"
+    real_train_run, calls = synthaug.runs.train_run, []
+
+    def interrupted(config, **kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C during the third cell
+        calls.append(config.name)
+        return real_train_run(config, **kwargs)
+
+    monkeypatch.setattr(synthaug.runs, "train_run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_suite(suite, out, progress=False, echo=lambda _: None)
+    first = {r["cell"]: r for r in read_results(out)}
+    assert len(first) == 2 and (out / "leaderboard.md").is_file()  # what finished is kept and shown
+
+    calls.clear()
+    monkeypatch.setattr(synthaug.runs, "train_run", lambda config, **kw: (calls.append(config.name),
+                                                                           real_train_run(config, **kw))[1])
+    rows = run_suite(suite, out, progress=False, echo=lambda _: None)
+    assert len(calls) == 2 and len(rows) == 4 == len({r["cell"] for r in read_results(out)})
+    for key, row in first.items():  # the finished cells were not redone
+        assert next(r for r in read_results(out) if r["cell"] == key) == row
+    calls.clear()
+    run_suite(suite, out, progress=False, echo=lambda _: None)
+    assert calls == []  # idempotent
+
+
+def test_a_changed_cell_is_refused_then_rerun_with_force(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    run_suite(load_suite(str(_suite(tmp_path))), out, progress=False, echo=lambda _: None)
+    before = (out / "results.jsonl").read_text()
+    edited = load_suite(str(_suite(tmp_path, TWO_BASELINES.replace("balanced-softmax: [recipe=balanced-softmax]",
+                                                                     "balanced-softmax: [recipe=balanced-softmax, train.lr=0.02]"))))
+    with pytest.raises(SynthaugError, match=r"2 cell\(s\) of suite 'tiny' changed .*--force"):
+        run_suite(edited, out, progress=False, echo=lambda _: None)
+    assert (out / "results.jsonl").read_text() == before
+    real_train_run, calls = synthaug.runs.train_run, []
+    monkeypatch.setattr(synthaug.runs, "train_run", lambda config, **kw: (calls.append(kw["force"]),
+                                                                           real_train_run(config, **kw))[1])
+    rows = run_suite(edited, out, force=True, progress=False, echo=lambda _: None)
+    assert calls == [True, True] and len(rows) == 4
+    fingerprints = {c.key: c.fingerprint for c in edited.cells_}
+    assert all(r["fingerprint"] == fingerprints[r["cell"]] for r in read_results(out))
+
+
+def _row(recipe, seed, score, generator_seed=None, images=0):
+    return {"suite": "made-up", "setting": "s", "recipe": recipe, "seed": seed, "generator_seed": generator_seed,
+            "cell": f"s | {recipe} | {generator_seed} | {seed}", "metric": "balanced_accuracy",
+            "metrics": {"balanced_accuracy": score}, "per_class": {}, "seconds": {"train": 60.0},
+            "images_generated": images, "generated_now": images, "device": "CPU", "commit": "x"}
+
+
+def test_the_leaderboard_interval_and_verdict_on_a_known_paired_difference():
+    baseline = [0.50, 0.60, 0.70]
+    # generative recipe, two generator seeds per classifier seed: their means are +2.0, +2.5, +1.5 points
+    # -> mean 2.0, sd 0.5, t(0.975, 2) = 4.302653 -> half width 1.242: interval +0.76 to +3.24, a gain
+    gains = [(0.02, 0.02), (0.03, 0.02), (0.01, 0.02)]
+    rows = [_row("ce", s, 0.40 + 0.1 * s) for s in range(3)] + [_row("balanced-softmax", s, b) for s, b in enumerate(baseline)]
+    for s, pair in enumerate(gains):
+        rows += [_row("synaug", s, baseline[s] + d, generator_seed=g, images=100) for g, d in enumerate(pair)]
+    # the oracle is far above but never the bar
+    rows += [_row("oracle", s, 0.99) for s in range(3)]
+    board = leaderboard_markdown(None, rows)
+    line = next(x for x in board.splitlines() if x.startswith("| **synaug**"))
+    assert "+2.00 (+0.76 to +3.24) | gain" in line
+    assert "Best classical baseline: balanced-softmax" in board
+    # a noisier difference of the same mean: no significant difference (sd 1 -> half width 2.48)
+    rows = [r for r in rows if r["recipe"] != "synaug"]
+    rows += [_row("synaug", s, baseline[s] + d) for s, d in enumerate((0.02, 0.03, 0.01))]
+    rows = [dict(r, images_generated=100) if r["recipe"] == "synaug" else r for r in rows]
+    line = next(x for x in leaderboard_markdown(None, rows).splitlines() if x.startswith("| synaug"))
+    assert "+2.00 (-0.48 to +4.48) | no significant difference" in line
+
+
+@pytest.mark.parametrize("name", shipped())
+def test_every_shipped_suite_loads(name):
+    suite = load_suite(name)
+    assert suite.cells_ and all(s.classical for s in suite.settings)
+    for setting in suite.settings:  # every setting compares against a classical baseline it runs
+        assert set(setting.classical) <= set(setting.recipes)
+    assert len({c.key for c in suite.cells_}) == len(suite.cells_)
+
+
+def test_results_rows_are_json_lines(tmp_path):
+    out = tmp_path / "out"
+    run_suite(load_suite(str(_suite(tmp_path))), out, progress=False, echo=lambda _: None)
+    for line in (out / "results.jsonl").read_text().splitlines():
+        assert isinstance(json.loads(line), dict)
+
+
+def test_a_new_option_at_its_default_does_not_change_a_finished_cell(tmp_path):
+    """A row written before an option existed (its settings lack the key) still counts as the
+    same cell while the option is at its default; a non-default value is a change."""
+    from synthaug.bench.suite import changes, settings_of
+
+    cell = load_suite(str(_suite(tmp_path))).cells_[0]
+    recorded = json.loads(json.dumps(settings_of(cell.config), default=str))
+    older = {k: v for k, v in recorded.items() if k != "train.mix_prob"}
+    assert changes(older, cell.config) == []
+    edited = load_suite(str(_suite(tmp_path, TWO_BASELINES.replace("recipe=ce]", "recipe=ce, train.mix_prob=0.5]")))).cells_[0]
+    assert changes(older, edited.config) == ["train.mix_prob: 1.0 -> 0.5"]
