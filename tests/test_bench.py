@@ -157,3 +157,12 @@ def test_a_new_option_at_its_default_does_not_change_a_finished_cell(tmp_path):
     assert changes(older, cell.config) == []
     edited = load_suite(str(_suite(tmp_path, TWO_BASELINES.replace("recipe=ce]", "recipe=ce, train.mix_prob=0.5]")))).cells_[0]
     assert changes(older, edited.config) == ["train.mix_prob: 1.0 -> 0.5"]
+
+
+def test_a_spent_budget_stops_between_cells_and_the_next_run_goes_on(tmp_path):
+    path = _suite(tmp_path, TWO_BASELINES + "budget: {minutes: 0.001}\n")  # 60 ms: one cell, then stop
+    said = []
+    rows = run_suite(load_suite(str(path)), tmp_path / "out", progress=False, echo=said.append)
+    assert len(rows) == 1 and any("budget of 0.001 min spent after 1 cell(s)" in line for line in said)
+    rows = run_suite(load_suite(str(_suite(tmp_path))), tmp_path / "out", progress=False, echo=said.append)
+    assert len(rows) == 4

@@ -110,17 +110,17 @@ def recommend(profile: dict, probe: dict | None = None, augment: str = "crop") -
     ratio, smallest, largest = profile["imbalance_ratio"], profile["smallest_count"], profile["largest_count"]
     if largest <= 20:
         r = Recommendation("ce", randaugment_mixup(augment), "ce + RandAugment + Mixup",
-                           f"at most {largest} labelled images per class: strong classical augmentation beat every "
-                           "generative recipe in the few-shot benchmarks", "few-labels", False, "augcond")
+                           f"at most {largest} labelled images per class: no generative recipe beat strong classical "
+                           "augmentation in the few-shot benchmarks (most lost to it)", "few-labels", False, "augcond")
     elif ratio >= 10 and smallest < 50:
         r = Recommendation("balanced-softmax", [], "balanced-softmax",
                            f"long-tailed (ratio {ratio:.0f}) with a tail of {smallest} images: Balanced Softmax was the "
-                           "best classical baseline in the matching benchmark, and SYNAuG only tied it",
+                           "best classical baseline in the benchmark setting of that shape, and SYNAuG only tied it",
                            "longtail-tiny-tail", False, "synaug")
     elif ratio >= 10:
         r = Recommendation("class-balanced", [], "class-balanced",
                            f"long-tailed (ratio {ratio:.0f}) with a tail of {smallest} images: class-balanced sampling "
-                           "was the best classical baseline in the matching benchmark, and SYNAuG lost to it",
+                           "was the best classical baseline in the benchmark setting of that shape, and SYNAuG lost to it",
                            "longtail-large-tail", False, "synaug")
     elif ratio >= 3:
         r = Recommendation("balanced-softmax", [], "balanced-softmax",
@@ -129,7 +129,7 @@ def recommend(profile: dict, probe: dict | None = None, augment: str = "crop") -
     elif 100 <= smallest and largest <= 1000:
         r = Recommendation("tada-all", [], "tada-all (variants of every training image)",
                            f"balanced, {smallest} to {largest} images per class: image-guided variants of every "
-                           "training image gained over no generated data in the matching benchmark",
+                           "training image gained over no generated data in the benchmark setting of that shape",
                            "balanced-moderate", True, "tada-all")
     else:
         r = Recommendation("ce", randaugment_mixup(augment), "ce + RandAugment + Mixup",
@@ -231,6 +231,7 @@ def analyse(config, *, probe_steps: int = 300, progress: bool = False) -> dict:
     data = load_dataset(config.data.dataset, image_size=config.data.image_size, channels=config.data.channels,
                         cache_dir=config.data.cache_dir, defer_cache=True)
     task = make_task(data, config.split)
+    data.save_cache()  # the checks passed: keep the decoded folder for the next command
     found = {"dataset": data.name, "split": asdict(config.split), "profile": data_profile(task),
              "duplicates": duplicates(task.train, task.test, seed=config.seed)}
     found["probe"] = probe(task, config, steps=probe_steps, progress=progress) if probe_steps > 0 else None

@@ -149,7 +149,8 @@ def train_run(config: RunConfig, *, progress: bool = True, force: bool = False, 
         config = replace(resolved, name=config.name or config.run_name())  # the run folder keeps "auto" in its name
         preflight(config, config.report.baselines if compare else ())
     recipe = get_recipe(config.recipe)
-    baselines = [get_recipe(b) for b in config.report.baselines if b != recipe.name] if compare else []
+    # recipe: auto may pick one of the baselines: it is then not trained twice
+    baselines = [get_recipe(b) for b in config.report.baselines if auto is None or b != recipe.name] if compare else []
     if recipe.check is not None:
         recipe.check(task, config)
     if config.generator.path:
