@@ -168,7 +168,8 @@ class SelectSection:
     """Data selection: generate `overgenerate` x the plan, keep the plan's count per class (SYNAuG,
     TADA, AugCond). Scores and choices are written to the store's metadata."""
 
-    method: str = "none"  # none, or a selector: random, confidence, agreement, realism, cluster (or one registered)
+    # none, or a selector: random, confidence, agreement, realism, cluster, diffult, diffult-band, prototype
+    method: str = "none"
     overgenerate: float = 2.0  # candidates per planned image (with a method)
     threshold: float = 0.5  # agreement: least confidence in the intended class
     k: int = 3  # realism: neighbours that set each real image's k-NN radius

@@ -130,6 +130,18 @@ def _strings(value, what: str) -> list[str]:
     return value
 
 
+def _recipe(value, what: str) -> list[str]:
+    """A recipe entry: a list of overrides, or {overrides: [...], generator_seeds: [...]} (its
+    own generator seeds, kept as a `generator_seeds=` marker the cells read)."""
+    if isinstance(value, dict):
+        if set(value) - {"overrides", "generator_seeds"}:
+            raise SynthaugError(f"{what} takes overrides and generator_seeds")
+        seeds = value.get("generator_seeds")
+        marker = [f"generator_seeds={','.join(map(str, _seeds(seeds, what + ': generator_seeds')))}"] if seeds else []
+        return [*_strings(value.get("overrides"), what), *marker]
+    return _strings(value, what)
+
+
 def _seeds(value, what: str) -> list[int]:
     if not isinstance(value, list) or not value or not all(isinstance(v, int) and v >= 0 for v in value) \
             or len(set(value)) != len(value):
@@ -151,7 +163,7 @@ def load_suite(name_or_path: str, _seen: tuple = ()) -> Suite:
     recipes = raw.get("recipes") or {}
     if not isinstance(recipes, dict):
         raise SynthaugError(f"suite '{name}': recipes must map a label to a list of overrides")
-    recipes = {str(label): _strings(o, f"suite '{name}': recipe '{label}'") for label, o in recipes.items()}
+    recipes = {str(label): _recipe(o, f"suite '{name}': recipe '{label}'") for label, o in recipes.items()}
     for other in raw.get("recipes_from") or []:
         for label, overrides in _read(suite_path(str(other))).get("recipes", {}).items():
             if recipes.setdefault(str(label), overrides) != overrides:
@@ -253,9 +265,12 @@ def _cells(setting: Setting, device: str) -> list[Cell]:
     for label, recipe_overrides in setting.recipes.items():
         recipe = recipe_of(setting, label)
         get_recipe(recipe)  # an unknown name fails here, with the registry's line
+        own = [o.split("=", 1)[1] for o in recipe_overrides if o.startswith("generator_seeds=")]
+        recipe_overrides = [o for o in recipe_overrides if not o.startswith("generator_seeds=")]
         overrides = [*setting.overrides, *_appending(recipe_overrides, setting.overrides),
                      *([f"train.steps={setting.steps}"] if setting.steps else []), f"train.device={device}"]
-        generator_seeds = setting.generator_seeds if _generates(recipe) else [None]
+        generator_seeds = ([int(x) for x in own[-1].split(",")] if own else setting.generator_seeds) \
+            if _generates(recipe) else [None]
         for g in generator_seeds:
             for seed in setting.classifier_seeds:
                 extra = [f"seed={seed}", *([f"generator.seed={g}"] if g is not None else [])]
@@ -301,7 +316,8 @@ def changes(recorded: dict, config: RunConfig) -> list[str]:
 def with_locations(cell: Cell, out: Path) -> RunConfig:
     """The cell's config writing under the suite's folder `out`: cells/<n>, one generator
     cache, and one store per (setting, generator, recipe section options) shared by the
-    classifier seeds (and by recipes whose images are the same: TADA's variants)."""
+    classifier seeds and by recipes whose images are the same (TADA's variants; SYNAuG's
+    options that only change the training, named by its section's IMAGE_KEYS; every selector)."""
     config = cell.config
     name = hashlib.sha256(cell.key.encode()).hexdigest()[:12]
     config = replace(config, output_dir=str(out / "cells"), name=f"{_slug(cell.setting)}-{_slug(cell.recipe)}-{name}",
@@ -309,9 +325,12 @@ def with_locations(cell: Cell, out: Path) -> RunConfig:
     section = get_recipe(config.recipe).shared_store
     if section and getattr(config, section).store_dir is None:
         d = config.to_dict()
-        images = {k: d[k] for k in ("data", "split", "generator", "select", section)}
+        images = {k: d[k] for k in ("data", "split", "generator", section)}
         images["generator"].pop("cache_dir", None)
-        images[section] = {k: v for k, v in images[section].items() if k != "store_dir"}
+        # the selectors score one shared set of candidates (each writes its own score columns)
+        images["candidates"] = d["select"]["overgenerate"] if d["select"]["method"] != "none" else None
+        keys = getattr(type(getattr(config, section)), "IMAGE_KEYS", None)  # the options that change the images
+        images[section] = {k: v for k, v in images[section].items() if k != "store_dir" and (keys is None or k in keys)}
         key = hashlib.sha256(json.dumps(images, sort_keys=True, default=str).encode()).hexdigest()[:12]
         store = replace(getattr(config, section), store_dir=str(out / "stores" / f"{_slug(cell.setting)}-{section}-{key}"))
         config = replace(config, sections={**config.sections, section: store})

@@ -330,6 +330,33 @@ def extract_features(model: Classifier, images: torch.Tensor, batch_size: int = 
     return infer(model, images, lambda m, x, rows: m.forward_features(x), batch_size=batch_size)
 
 
+def fit_head(model: Classifier, feats: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
+             class_balanced: bool = False, epochs: int = 10, lr: float = 0.05, batch_size: int = 256,
+             weight_decay: float = 5e-4, seed: int = 0, min_steps: int = 200, reset: bool = True) -> Classifier:
+    """Train the head alone on given features (SGD, cosine schedule; class-balanced loss
+    weights with `class_balanced`), at least `min_steps` steps; from a re-initialised head,
+    or (`reset=False`) from the trained one."""
+    counts = torch.bincount(labels, minlength=num_classes).float().clamp(min=1)
+    class_weight = (counts.sum() / (len(counts) * counts)) if class_balanced else torch.ones_like(counts)
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # the re-initialised head depends on the seed alone
+    if reset:
+        model.head.reset_parameters()
+    optimizer = torch.optim.SGD(model.head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    steps_per_epoch = math.ceil(len(labels) / batch_size)
+    epochs = max(epochs, math.ceil(min_steps / steps_per_epoch))
+    scheduler = warmup_cosine(optimizer, 0, epochs * steps_per_epoch)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(labels), generator=g).split(batch_size):
+            idx = idx.to(feats.device)
+            loss = F.cross_entropy(model.head(feats[idx]), labels[idx], weight=class_weight.to(feats.device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    return model.eval()
+
+
 def refit_head(
     model: Classifier,
     data: ImageDataset,
@@ -354,23 +381,6 @@ def refit_head(
         data = class_balanced_subsample(data, n, seed=seed)
     device = next(model.parameters()).device
     feats = extract_features(model, data.images).to(device)
-    labels = data.labels.to(device)
-    counts = torch.bincount(labels, minlength=data.num_classes).float().clamp(min=1)
-    class_weight = (counts.sum() / (len(counts) * counts)) if per_class == "all" else torch.ones_like(counts)
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)  # the re-initialised head depends on the seed alone
-    model.head.reset_parameters()
-    optimizer = torch.optim.SGD(model.head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
-    steps_per_epoch = math.ceil(len(labels) / batch_size)
-    epochs = max(epochs, math.ceil(min_steps / steps_per_epoch))
-    steps = epochs * steps_per_epoch
-    scheduler = warmup_cosine(optimizer, 0, steps)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(labels), generator=g).split(batch_size):
-            idx = idx.to(device)
-            loss = F.cross_entropy(model.head(feats[idx]), labels[idx], weight=class_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+    fit_head(model, feats, data.labels.to(device), data.num_classes, class_balanced=per_class == "all", epochs=epochs,
+             lr=lr, batch_size=batch_size, weight_decay=weight_decay, seed=seed, min_steps=min_steps)
     return model.eval()

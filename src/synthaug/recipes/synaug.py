@@ -8,6 +8,12 @@ REAL data.
    between real and synthetic images ("domain mixup") to narrow the domain gap.
 3. Freeze the features; re-fit only the last layer on real data, each class cut to the
    same count.
+
+How the synthetic images are used (issue 21's levers): `synthetic_weight` scales their loss;
+`target_per_class` sets the volume (above the largest class it over-fills the head too);
+`replay: true` is the control that puts real images, drawn again from each cell, in place
+of the generated ones (same counts, same training): a gain that replay matches is "more
+steps on the tail", not the generator's.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ from .registry import RecipeResult, register_recipe
 class SynaugSection:
     """SYNAuG: uniformize with generated images, domain mixup, head re-fit on real data."""
 
+    IMAGE_KEYS = ("target_per_class", "balance_groups")  # the options that change the generated images
+
     target_per_class: int | None = None  # images per class after filling (default: the largest class)
     balance_groups: bool = True  # with groups: fill every (class, group) cell
     domain_mixup: bool = True
@@ -46,6 +54,8 @@ class SynaugSection:
     refit_per_class: str = "min"  # real images per class for the re-fit: 'min' (smallest class) or a number
     store_dir: str | None = None  # where generated images go (default: <run folder>/synthetic); runs with the
     # same generator and plan can share one store
+    synthetic_weight: float = 1.0  # each synthetic image's loss weight (real images: 1)
+    replay: bool = False  # the real-replay control: real images drawn again in place of generated ones
 
     def __post_init__(self):
         from ..classify.train import check_per_class
@@ -53,6 +63,8 @@ class SynaugSection:
         check_per_class(self.refit_per_class, "synaug.refit_per_class")
         if self.mix_alpha <= 0 or not 0 <= self.mix_prob <= 1:
             raise SynthaugError("synaug.mix_alpha must be > 0 and synaug.mix_prob in [0, 1]")
+        if not 0 < self.synthetic_weight < float("inf"):
+            raise SynthaugError(f"synaug.synthetic_weight must be a finite number > 0, got {self.synthetic_weight}")
         if self.target_per_class is not None and self.target_per_class < 1:
             raise SynthaugError("synaug.target_per_class must be >= 1 (or unset: the largest class)")
         check_folder(self.store_dir, "synaug.store_dir")
@@ -62,7 +74,22 @@ def check(task, config):
     """Fail on an impossible plan or generator before anything is written."""
     by_group = config.synaug.balance_groups and task.train.groups is not None
     balance_plan(task.train, target_per_class=config.synaug.target_per_class, by_group=by_group)
-    check_generator(config.generator, task.train)
+    if not config.synaug.replay:
+        check_generator(config.generator, task.train)
+
+
+def replay(real, plan: list[dict]):
+    """The real-replay control: for each plan row, a real image of the row's class (and group)
+    drawn with the row's own seed, so the control adds exactly the plan's counts."""
+    picks = []
+    for row in plan:
+        cell = real.labels == row["label"]
+        if row.get("group") is not None and real.groups is not None:
+            cell &= real.groups == row["group"]
+        members = cell.nonzero().flatten()
+        g = torch.Generator().manual_seed(int(row["seed"]))
+        picks.append(int(members[torch.randint(len(members), (1,), generator=g)]))
+    return real.subset(torch.tensor(picks, dtype=torch.long))
 
 
 @register_recipe("synaug", "SYNAuG: uniformize classes (or groups) with generated images, domain mixup, head re-fit on real data",
@@ -74,23 +101,29 @@ def synaug(task, config, *, workdir=None, progress=False, trained=None) -> Recip
     by_group = opts.balance_groups and real.groups is not None
 
     # 1. generator (trained on the real training split, or cached / given), plan, generate
-    generator, generator_info = generator_stage(real, config, progress=progress, unlabeled=task.unlabeled)
-    seconds["generator"] = generator_info.pop("seconds")
-    if by_group and generator.config.num_groups == 0:
-        raise SynthaugError("the generator is not conditioned on groups: train one on this split or set synaug.balance_groups=false")
     plan = balance_plan(real, target_per_class=opts.target_per_class, by_group=by_group, seed=config.generator.plan_seed)
-    store_dir = Path(opts.store_dir) if opts.store_dir else workdir / "synthetic"
-    synthetic, synthetic_info = select_stage(plan, generator, config, store_dir, real, progress=progress)
-    seconds["generate"] = synthetic_info.pop("seconds")
+    if opts.replay:  # the control: the plan's counts filled with real images drawn again
+        synthetic, generator_info = replay(real, plan), {"source": "none: real replay"}
+        synthetic_info = {"images": len(synthetic), "generated_now": 0, "replay": True}
+    else:
+        generator, generator_info = generator_stage(real, config, progress=progress, unlabeled=task.unlabeled)
+        seconds["generator"] = generator_info.pop("seconds")
+        if by_group and generator.config.num_groups == 0:
+            raise SynthaugError("the generator is not conditioned on groups: train one on this split or set "
+                                "synaug.balance_groups=false")
+        store_dir = Path(opts.store_dir) if opts.store_dir else workdir / "synthetic"
+        synthetic, synthetic_info = select_stage(plan, generator, config, store_dir, real, progress=progress)
+        seconds["generate"] = synthetic_info.pop("seconds")
 
     # 2. train on real + synthetic, with mixup between a real and a synthetic image
     data = concat(real, synthetic) if len(synthetic) else real
     domains = torch.cat([torch.zeros(len(real)), torch.ones(len(synthetic))]).long()
+    weights = torch.cat([torch.ones(len(real)), torch.full((len(synthetic),), opts.synthetic_weight)])
     train_cfg = config.train
     if opts.domain_mixup:
         train_cfg = replace(train_cfg, mix="domain-mixup", mix_alpha=opts.mix_alpha, mix_prob=opts.mix_prob)
     result = fit_classifier(data, replace(train_cfg, refit_head=False), seed=config.seed, domains=domains,
-                            checkpoint_dir=workdir / "checkpoint", progress=progress)
+                            sample_weights=weights, checkpoint_dir=workdir / "checkpoint", progress=progress)
     seconds["train"] = result.seconds
     model = result.model
 

@@ -13,6 +13,12 @@ to keep per class, and returns (mask, scores). The built-in ones:
   images of the class, in feature space.
 - `cluster`: k-means per class in feature space, k kept across every cluster (in
   proportion to its size, nearest its centre first): diversity over fidelity.
+- `diffult`: DiffuLT's filter (Shao et al. 2024): the class centre of the real images'
+  features, d_f the largest real distance to it; candidates farther than 2 d_f are out of
+  distribution and dropped, k kept at random among the rest. `diffult-band` keeps only the
+  "approximately in distribution" band (d_f, 2 d_f], the images DiffuLT found most useful.
+- `prototype`: cleaning by prototypes: a candidate nearer another class's real prototype
+  (mean feature) than its own is dropped, k kept at random among the rest.
 """
 
 from __future__ import annotations
@@ -150,6 +156,56 @@ def select_realism(c: Candidates, keep, *, k=3, **_):
 @register_selector("cluster")
 def select_cluster(c: Candidates, keep, *, clusters=10, seed=0, **_):
     return cluster_representatives(c.features(), c.labels, keep, clusters=clusters, seed=seed)
+
+
+def centre_distances(features: torch.Tensor, labels: torch.Tensor, real: torch.Tensor, real_labels: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each candidate's distance to its class's real centre, over that class's d_f (the
+    largest real distance to the centre); and the number of candidates whose class has no
+    real image (their ratio is inf)."""
+    ratio = torch.full((len(labels),), float("inf"))
+    for cls in labels.unique().tolist():
+        reference = real[real_labels == cls]
+        if not len(reference):
+            continue
+        centre = reference.mean(0)
+        d_f = (reference - centre).norm(dim=1).max().clamp_min(1e-8)
+        members = labels == cls
+        ratio[members] = (features[members] - centre).norm(dim=1) / d_f
+    return ratio, int(torch.isinf(ratio).sum())
+
+
+@register_selector("diffult")
+def select_diffult(c: Candidates, keep, *, seed=0, **_):
+    ratio, _ = centre_distances(c.features(), c.labels, c.real_features(), c.real_labels)
+    allowed = ratio <= 2
+    return top_k_per_class(_random_scores(len(c.labels), seed), c.labels, keep, allowed=allowed), -ratio
+
+
+@register_selector("diffult-band")
+def select_diffult_band(c: Candidates, keep, *, seed=0, **_):
+    ratio, _ = centre_distances(c.features(), c.labels, c.real_features(), c.real_labels)
+    allowed = (ratio > 1) & (ratio <= 2)
+    return top_k_per_class(_random_scores(len(c.labels), seed), c.labels, keep, allowed=allowed), -ratio
+
+
+def prototype_margins(features: torch.Tensor, labels: torch.Tensor, real: torch.Tensor, real_labels: torch.Tensor
+                      ) -> torch.Tensor:
+    """Distance to the nearest other class's real prototype minus distance to its own (> 0:
+    nearer its own class)."""
+    classes = real_labels.unique()
+    prototypes = torch.stack([real[real_labels == k].mean(0) for k in classes.tolist()])
+    d = torch.cdist(features, prototypes)
+    own = (labels[:, None] == classes[None, :])
+    mine = torch.where(own, d, torch.full_like(d, float("inf"))).min(1).values
+    others = torch.where(own, torch.full_like(d, float("inf")), d).min(1).values
+    return others - mine
+
+
+@register_selector("prototype")
+def select_prototype(c: Candidates, keep, *, seed=0, **_):
+    margin = prototype_margins(c.features(), c.labels, c.real_features(), c.real_labels)
+    return top_k_per_class(_random_scores(len(c.labels), seed), c.labels, keep, allowed=margin > 0), margin
 
 
 def get_selector(name: str) -> Callable:

@@ -1,0 +1,134 @@
+"""Issue 21's levers, each shown to do what it says on data with a known answer (a mutation
+that disables one fails here): DiffuLT's distance filter and band, prototype cleaning, the
+synthetic loss weight and the real-replay control of SYNAuG."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_dataset
+
+import synthaug.recipes.synaug as synaug_module
+from synthaug.config import load_config
+from synthaug.data import LoadedDataset
+from synthaug.errors import SynthaugError
+from synthaug.recipes import get_recipe
+from synthaug.select.filters import Candidates, centre_distances, get_selector, prototype_margins
+from synthaug.task import make_task
+
+
+def _candidates(features, labels, real, real_labels):
+    return Candidates(labels=labels, probs=lambda: None, features=lambda: features, real_features=lambda: real,
+                      real_labels=real_labels)
+
+
+# class 0's real features lie on the unit circle around (0, 0): centre (0, 0), d_f = 1;
+# class 1's around (10, 0)
+REAL = torch.tensor([[1.0, 0], [-1, 0], [0, 1], [0, -1], [11, 0], [9, 0], [10, 1], [10, -1]])
+REAL_LABELS = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+# class-0 candidates at distance 0.5 (in distribution), 1.5 (the band), 2.5 (out of distribution), and one
+# at (8, 0): 8 from its own centre and 2 from class 1's
+FEATURES = torch.tensor([[0.5, 0], [0, 1.5], [-2.5, 0], [8, 0]])
+LABELS = torch.tensor([0, 0, 0, 0])
+
+
+def test_diffult_distances_are_over_the_largest_real_distance():
+    ratio, missing = centre_distances(FEATURES, LABELS, REAL, REAL_LABELS)
+    assert ratio.tolist() == pytest.approx([0.5, 1.5, 2.5, 8.0]) and missing == 0
+
+
+@pytest.mark.parametrize("method, kept", [("diffult", {0, 1}), ("diffult-band", {1}), ("prototype", {0, 1, 2})])
+def test_the_filters_keep_what_they_should(method, kept):
+    mask, scores = get_selector(method)(_candidates(FEATURES, LABELS, REAL, REAL_LABELS), {0: 4}, seed=0)
+    assert set(mask.nonzero().flatten().tolist()) == kept and len(scores) == 4
+
+
+def test_prototype_margins():
+    # prototypes (0, 0) and (10, 0): the distance to the other class's prototype minus to one's own
+    margins = prototype_margins(FEATURES, LABELS, REAL, REAL_LABELS)
+    assert margins.tolist() == pytest.approx([9.5 - 0.5, (100 + 2.25) ** 0.5 - 1.5, 12.5 - 2.5, 2 - 8])
+
+
+@pytest.fixture(scope="module")
+def data():
+    return LoadedDataset("tiny", make_dataset((40, 40, 40), seed=0), make_dataset((10, 10, 10), seed=1))
+
+
+FAST = ["recipe=synaug", "train.epochs=1", "train.batch_size=16", "train.augment=none", "split.ratio=8", "split.n_max=32"]
+
+
+def test_replay_adds_real_copies_in_the_plans_counts_and_weights_them(data, tmp_path, monkeypatch):
+    seen = {}
+    real_fit = synaug_module.fit_classifier
+
+    def spy(train, cfg, **kwargs):
+        seen["train"], seen["weights"] = train, kwargs["sample_weights"]
+        return real_fit(train, cfg, **kwargs)
+
+    monkeypatch.setattr(synaug_module, "fit_classifier", spy)
+    config = load_config(None, [*FAST, "synaug.replay=true", "synaug.synthetic_weight=0.3", f"output_dir={tmp_path}"])
+    task = make_task(data, config.split)
+    result = get_recipe("synaug").run(task, config, workdir=tmp_path / "run")
+    real = task.train
+    deficits = (real.class_counts().max() - real.class_counts()).tolist()
+    replayed = result.synthetic
+    assert replayed.class_counts().tolist() == deficits  # the plan's counts, no generator involved
+    pool = {bytes(im.numpy().tobytes()): int(label) for im, label in zip(real.images, real.labels)}
+    assert all(pool.get(bytes(im.numpy().tobytes())) == int(label) for im, label in zip(replayed.images, replayed.labels))
+    weights = seen["weights"]
+    assert weights[: len(real)].eq(1).all() and torch.allclose(weights[len(real):], torch.tensor(0.3))
+    assert len(weights) == len(seen["train"]) == len(real) + sum(deficits)
+    assert result.extra["synthetic"]["replay"] and "generator" not in result.seconds
+
+
+def test_synthetic_weight_is_checked():
+    with pytest.raises(SynthaugError, match="synaug.synthetic_weight"):
+        load_config(None, ["synaug.synthetic_weight=0"])
+
+
+def test_feature_diffusion_learns_each_class_s_distribution():
+    """Two classes of 2-D features around (-3, 0) and (+3, 0): generated features land by
+    their class (a denoiser that ignored the label would put half of them by the other)."""
+    from synthaug.generate.features import FeatureDiffusion
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0, 1]).repeat_interleave(300)
+    centres = torch.tensor([[-3.0, 0.0], [3.0, 0.0]])
+    feats = centres[labels] + 0.3 * torch.randn(600, 2, generator=g)
+    model = FeatureDiffusion(2, 2, hidden=64, blocks=2).fit(feats, labels, steps=600, batch_size=128, seed=0)
+    wanted = torch.tensor([0, 1]).repeat_interleave(200)
+    made = model.generate(wanted, seed=1, sampling_steps=25)
+    nearest = torch.cdist(made, centres).argmin(1)
+    assert (nearest == wanted).float().mean() > 0.95
+    for c in (0, 1):
+        assert (made[wanted == c].mean(0) - centres[c]).norm() < 0.6
+    assert torch.equal(made, model.generate(wanted, seed=1, sampling_steps=25))  # seeded
+
+
+def test_ldmlr_fills_the_tail_with_features_and_retrains_only_the_head(data, tmp_path, monkeypatch):
+    import synthaug.recipes.ldmlr as ldmlr_module
+    from synthaug.recipes.ldmlr import deficit_labels
+
+    assert deficit_labels(torch.tensor([5, 2, 0]), None).tolist() == [1, 1, 1, 2, 2, 2, 2, 2]
+    assert deficit_labels(torch.tensor([5, 2]), 6).tolist() == [0, 1, 1, 1, 1]
+    seen = {}
+    real_fit_head = ldmlr_module.fit_head
+
+    def spy(model, feats, labels, num_classes, **kwargs):
+        seen["labels"], seen["backbone"] = labels.cpu(), {k: v.clone() for k, v in model.backbone.state_dict().items()}
+        out = real_fit_head(model, feats, labels, num_classes, **kwargs)
+        seen["after"] = model.backbone.state_dict()
+        return out
+
+    monkeypatch.setattr(ldmlr_module, "fit_head", spy)
+    config = load_config(None, ["recipe=ldmlr", "train.epochs=1", "train.batch_size=16", "train.augment=none",
+                                "split.ratio=8", "split.n_max=32", "ldmlr.steps=20", "ldmlr.hidden=32",
+                                "ldmlr.sampling_steps=5", "ldmlr.head_epochs=1", f"output_dir={tmp_path}"])
+    task = make_task(data, config.split)
+    result = get_recipe("ldmlr").run(task, config, workdir=tmp_path / "run")
+    counts = task.train.class_counts()
+    filled = torch.bincount(seen["labels"], minlength=3)
+    assert filled.tolist() == [int(counts.max())] * 3  # real + generated: every class at the largest
+    assert result.extra["synthetic"]["images"] == int((counts.max() - counts).sum())
+    assert all(torch.equal(seen["backbone"][k], v) for k, v in seen["after"].items())  # the features stay
+    assert 0 <= result.metrics["balanced_accuracy"] <= 1
