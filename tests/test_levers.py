@@ -132,3 +132,88 @@ def test_ldmlr_fills_the_tail_with_features_and_retrains_only_the_head(data, tmp
     assert result.extra["synthetic"]["images"] == int((counts.max() - counts).sum())
     assert all(torch.equal(seen["backbone"][k], v) for k, v in seen["after"].items())  # the features stay
     assert 0 <= result.metrics["balanced_accuracy"] <= 1
+
+
+def test_tada_targeting_per_class_and_by_share():
+    from synthaug.plan import target_mask
+
+    # class 0's losses are all high, class 1's all low, each with one outlier above its class
+    losses = torch.tensor([5.0, 5.1, 5.2, 9.0, 0.1, 0.2, 0.1, 1.0])
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    assert target_mask(losses, labels).tolist() == [True, True, True, True, False, False, False, False]
+    assert target_mask(losses, labels, per_class=True).tolist() == [False, False, False, True, False, False, False, True]
+    assert target_mask(losses, labels, share=0.25).tolist() == [False, False, True, True, False, False, False, False]
+    assert target_mask(losses, labels, share=0.25, per_class=True).tolist() == \
+        [False, False, False, True, False, False, False, True]
+
+
+def test_tada_averages_the_losses_of_the_last_early_epochs(data, tmp_path, monkeypatch):
+    import synthaug.recipes.tada as tada_module
+
+    calls = []
+
+    def fake_losses(model, train):  # the first scoring says 1, the second 3: the average is 2
+        calls.append(1)
+        return torch.full((len(train),), 1.0 + 2 * (len(calls) - 1))
+
+    monkeypatch.setattr(tada_module, "example_losses", fake_losses)
+    config = load_config(None, ["recipe=tada", "train.epochs=3", "train.batch_size=16", "train.augment=none",
+                                "split.kind=few-shot", "split.k=10", "split.unlabeled_pool=false", "tada.early_epochs=2",
+                                "tada.loss_epochs=2", "tada.share=0.5", f"output_dir={tmp_path}"])
+    task = make_task(data, config.split)
+    losses, mask, _ = tada_module.score_examples(task, config, workdir=tmp_path)
+    assert len(calls) == 2 and torch.allclose(losses, torch.tensor(2.0)) and int(mask.sum()) == len(losses) // 2
+    with pytest.raises(SynthaugError, match="tada.loss_epochs"):
+        load_config(None, ["tada.early_epochs=2", "tada.loss_epochs=3"])
+
+
+def _grouped(n_major=40, n_minor=4, seed=0):
+    """Two classes x two groups: group == label in the many, the other way round in the few."""
+    base = make_dataset((n_major + n_minor, n_major + n_minor), seed=seed)
+    groups = torch.cat([torch.tensor([0] * n_major + [1] * n_minor), torch.tensor([1] * n_major + [0] * n_minor)])
+    base.groups = groups
+    return base
+
+
+def test_group_dro_moves_weight_to_the_worst_group():
+    from synthaug.classify.losses import GroupDRO
+
+    dro = GroupDRO(3, eta=0.5)
+    loss = dro(torch.tensor([1.0, 1.0, 3.0, 3.0]), torch.tensor([0, 0, 1, 1]))
+    assert dro.q[1] > dro.q[0] and dro.q[2] == dro.q[0] * torch.exp(torch.tensor(-0.5))  # absent group: not raised
+    assert loss > 2.0  # above the plain mean of the group losses (2.0)
+
+
+def test_group_sampling_and_weighting_reach_every_cell(monkeypatch):
+    import synthaug.classify.train as train_module
+    from synthaug.classify.train import group_cells, make_sampler
+
+    data = _grouped()
+    cells = group_cells(data)
+    drawn = torch.tensor(list(make_sampler("uniform", data.labels, 2, torch.Generator().manual_seed(0), cells)))
+    share = torch.bincount(cells[drawn], minlength=4).float() / len(drawn)
+    assert torch.allclose(share, torch.full((4,), 0.25), atol=0.08)  # the 4-image cells as often as the 40-image ones
+    seen = {}
+    real = train_module.soft_cross_entropy
+
+    def spy(logits, targets, **kw):
+        seen.setdefault("weights", kw["weights"].cpu())
+        return real(logits, targets, **kw)
+
+    monkeypatch.setattr(train_module, "soft_cross_entropy", spy)
+    fit_classifier_args = dict(epochs=1, batch_size=len(data), augment="none", group_method="reweighted")
+    train_module.fit_classifier(data, train_module.TrainConfig(**fit_classifier_args))
+    w = seen["weights"]
+    assert w.max() / w.min() == pytest.approx(10.0, rel=1e-4)  # a minority image weighs 10 majority ones
+
+
+def test_group_methods_need_groups_and_train(tmp_path):
+    from synthaug.classify.train import TrainConfig, fit_classifier
+
+    with pytest.raises(SynthaugError, match="needs a split with groups"):
+        fit_classifier(make_dataset((10, 10)), TrainConfig(epochs=1, group_method="dro"))
+    with pytest.raises(SynthaugError, match="train.mix=none"):
+        TrainConfig(group_method="dro", mix="mixup")
+    result = fit_classifier(_grouped(), TrainConfig(epochs=2, batch_size=16, augment="none", group_method="dro"),
+                            checkpoint_dir=tmp_path / "ck")
+    assert len(result.history) == 2

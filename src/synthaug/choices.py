@@ -22,6 +22,7 @@ Operator = Literal["image", "dropout", "mixup", "cutmix", "embed-mixup", "embed-
 ClassSampler = Literal["uniform", "class-balanced", "sqrt"]  # the classifier's batch sampler
 Loss = Literal["ce", "logit-adjusted", "balanced-softmax"]
 Mix = Literal["none", "mixup", "cutmix", "mixup-cutmix", "domain-mixup"]
+GroupMethod = Literal["none", "balanced-sampling", "reweighted", "dro"]  # the (class, group) cells' treatment
 HeadInit = Literal["fresh", "trained"]  # LDMLR: the head re-trained from scratch or fine-tuned
 
 

@@ -89,6 +89,23 @@ def slow_learnable(losses: torch.Tensor, *, seed: int = 0) -> torch.Tensor:
     return clusters == slow
 
 
+def target_mask(losses: torch.Tensor, labels: torch.Tensor, *, per_class: bool = False, share: float | None = None,
+                seed: int = 0) -> torch.Tensor:
+    """Which examples TADA targets: the k-means split of `slow_learnable` (over all examples,
+    or within each class with `per_class`), or the `share` of highest losses (of all
+    examples, or of each class)."""
+    groups = [torch.arange(len(losses))] if not per_class else \
+        [torch.nonzero(labels == c).flatten() for c in labels.unique().tolist()]
+    mask = torch.zeros(len(losses), dtype=torch.bool)
+    for members in groups:
+        if share is None:
+            mask[members] = slow_learnable(losses[members], seed=seed)
+        else:
+            top = losses[members].argsort(descending=True, stable=True)[: round(share * len(members))]
+            mask[members[top]] = True
+    return mask
+
+
 def strength_range(strength, key: str = "strength") -> tuple[float, float]:
     """A strength given as one number or as [low, high], checked to lie in (0, 1]."""
     try:

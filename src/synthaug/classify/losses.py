@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 
-def soft_cross_entropy(logits, targets, *, log_prior=None, tau: float = 0.0, weights=None):
+def soft_cross_entropy(logits, targets, *, log_prior=None, tau: float = 0.0, weights=None, reduce: bool = True):
     """Cross-entropy against soft targets (N, C), per-sample `weights` (N,) optional.
 
     With `log_prior` (log class frequencies) and `tau` > 0 this is the logit-adjusted loss of
@@ -17,7 +17,30 @@ def soft_cross_entropy(logits, targets, *, log_prior=None, tau: float = 0.0, wei
     per_sample = -(targets * F.log_softmax(logits, dim=1)).sum(1)
     if weights is not None:
         per_sample = per_sample * weights
-    return per_sample.mean()
+    return per_sample.mean() if reduce else per_sample
+
+
+class GroupDRO(torch.nn.Module):
+    """Group DRO (Sagawa et al. 2020): a distribution q over the groups, moved towards the
+    groups with the highest loss (exponentiated gradient ascent, step `eta`); the training loss
+    is the q-weighted mean of the groups' losses. q is a buffer, so it is checkpointed with the
+    model's training state."""
+
+    def __init__(self, groups: int, eta: float = 0.01):
+        super().__init__()
+        self.eta = eta
+        self.register_buffer("q", torch.full((groups,), 1.0 / groups))
+
+    def forward(self, per_sample: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+        n = len(self.q)
+        sums = torch.zeros(n, device=per_sample.device).index_add(0, group, per_sample)
+        counts = torch.zeros(n, device=per_sample.device).index_add(0, group, torch.ones_like(per_sample))
+        group_loss = sums / counts.clamp(min=1)
+        with torch.no_grad():
+            present = counts > 0
+            self.q[present] *= torch.exp(self.eta * group_loss[present].detach()).to(self.q)
+            self.q /= self.q.sum()
+        return (self.q.to(group_loss) * group_loss).sum()
 
 
 def mix_batch(x, targets, weights=None, *, mode: str = "mixup", alpha: float = 1.0, partner=None):

@@ -16,12 +16,12 @@ import torch.nn.functional as F
 from torch.utils.data import RandomSampler, WeightedRandomSampler
 from torchvision.transforms import v2
 
-from ..choices import ClassSampler, Loss, Mix, Precision, check_choices
+from ..choices import ClassSampler, GroupMethod, Loss, Mix, Precision, check_choices
 from ..data.dataset import ImageDataset
 from ..errors import SynthaugError
 from ..utils.loop import Checkpoint, warmup_cosine
 from ..utils.runtime import autocast, check_device, fast_dtype, infer, progress_bar, resolve_device
-from .losses import SAM, mix_batch, soft_cross_entropy
+from .losses import SAM, GroupDRO, mix_batch, soft_cross_entropy
 from .models import Classifier, create_model
 
 SAMPLERS, LOSSES, MIXES = get_args(ClassSampler), get_args(Loss), get_args(Mix)
@@ -51,6 +51,10 @@ class TrainConfig:
     mix_alpha: float = 1.0
     mix_prob: float = 1.0
     sam_rho: float = 0.0  # > 0 turns on SAM
+    # with groups (a coloured split): each (class, group) cell drawn equally often, its images' loss
+    # weighted by 1 / its size, or Group DRO over the cells (step size group_dro_eta)
+    group_method: GroupMethod = "none"
+    group_dro_eta: float = 0.01
     refit_head: bool = False  # cRT: re-fit the head on class-balanced real data after training
     refit_per_class: str = field(default="all", metadata={"help": "'all' (class-balanced weights over all images), 'min' or a number"})
     refit_epochs: int = 10
@@ -75,6 +79,13 @@ class TrainConfig:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise SynthaugError(f"train.{f.name} is {value}: give a finite number")
+        if self.group_method == "dro" and (self.mix != "none" or self.sam_rho > 0):
+            raise SynthaugError("train.group_method=dro works on each image's own loss: set train.mix=none and "
+                                "train.sam_rho=0")
+        if self.group_method == "balanced-sampling" and self.sampler != "uniform":
+            raise SynthaugError("train.group_method=balanced-sampling is a sampler: leave train.sampler=uniform")
+        if self.group_dro_eta <= 0:
+            raise SynthaugError(f"train.group_dro_eta must be > 0, got {self.group_dro_eta}")
         if self.sam_rho < 0 or self.lr <= 0 or self.refit_lr <= 0:
             raise SynthaugError("train.sam_rho must be >= 0 and train.lr, train.refit_lr > 0")
         if not 0 <= self.momentum < 1 or self.weight_decay < 0 or self.warmup_epochs < 0 or self.tau < 0:
@@ -180,7 +191,20 @@ def presented_prior(kind: str, counts: torch.Tensor) -> torch.Tensor:
     return presented / presented.sum()
 
 
-def make_sampler(kind: str, labels: torch.Tensor, num_classes: int, generator: torch.Generator):
+def group_cells(train: ImageDataset) -> torch.Tensor:
+    """Each image's (class, group) cell, numbered class * groups + group."""
+    if train.groups is None:
+        raise SynthaugError("train.group_method needs a split with groups (split.kind=colored, or a source with "
+                            "groups): set train.group_method=none")
+    return train.labels * (int(train.groups.max()) + 1) + train.groups
+
+
+def make_sampler(kind: str, labels: torch.Tensor, num_classes: int, generator: torch.Generator,
+                 cells: torch.Tensor | None = None):
+    """Batches' draw: `kind` over the classes, or (with `cells`) each cell equally often."""
+    if cells is not None:
+        per_cell = 1.0 / torch.bincount(cells).double().clamp(min=1)
+        return WeightedRandomSampler(per_cell[cells], num_samples=len(labels), replacement=True, generator=generator)
     if kind == "uniform":
         return RandomSampler(range(len(labels)), generator=generator)
     per_class = class_weights(kind, torch.bincount(labels, minlength=num_classes))
@@ -241,6 +265,10 @@ def fit_classifier(
     domains = torch.zeros(len(train), dtype=torch.int64) if domains is None else torch.as_tensor(domains, dtype=torch.int64)
     if domains.shape != (len(train),):
         raise SynthaugError(f"domains has {len(domains)} entries for {len(train)} images")
+    cells = group_cells(train) if cfg.group_method != "none" else None
+    if cfg.group_method == "reweighted":  # each image's loss weighted by 1 / its cell's size, mean 1
+        inverse = 1.0 / torch.bincount(cells).float()[cells]
+        weights = weights * inverse / inverse.mean()
     augment = build_augmentation(cfg.augment, train.image_size)
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     if cfg.steps is not None:
@@ -253,7 +281,13 @@ def fit_classifier(
     scheduler = warmup_cosine(optimizer, warmup, total_steps)
     sam = SAM(params, optimizer, cfg.sam_rho) if cfg.sam_rho > 0 else None
 
-    log_prior = presented_prior(cfg.sampler, train.class_counts()).log().to(device)
+    log_prior = presented_prior(cfg.sampler, train.class_counts())
+    if cfg.group_method == "balanced-sampling":  # each class as often as it has non-empty cells
+        per_class = torch.zeros(train.num_classes).index_add(0, torch.unique(cells) // (int(train.groups.max()) + 1),
+                                                             torch.ones(len(torch.unique(cells))))
+        log_prior = per_class.clamp(min=1e-6) / per_class.sum()
+    log_prior = log_prior.log().to(device)
+    dro = GroupDRO(int(cells.max()) + 1, cfg.group_dro_eta).to(device) if cfg.group_method == "dro" else None
     tau = 1.0 if cfg.loss == "balanced-softmax" else (cfg.tau if cfg.loss == "logit-adjusted" else 0.0)
 
     history, start_epoch, spent = [], 0, 0.0
@@ -263,14 +297,17 @@ def fit_classifier(
     key = {"config": asdict(cfg), "seed": seed, "data": train.fingerprint(), "extras": extras}
     key["config"]["precision"] = str(dtype or torch.float32)  # what "auto" is here
     checkpoint = Checkpoint(checkpoint_dir, key)
-    stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
+    stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler, **({"dro": dro} if dro is not None else {})}
     state = checkpoint.restore(lambda s: s["epoch"] <= (stop_after_epochs or cfg.epochs), **stateful)
     if state is not None:
         history, start_epoch, spent = state["history"], state["epoch"], state["seconds"]
 
-    def loss_of(x, targets, w):
+    def loss_of(x, targets, w, cell=None):
         with autocast(device, dtype):
             logits = model(x)
+        if dro is not None:  # the q-weighted mean of the cells' losses
+            per_sample = soft_cross_entropy(logits.float(), targets, log_prior=log_prior, tau=tau, weights=w, reduce=False)
+            return dro(per_sample, cell), logits
         return soft_cross_entropy(logits.float(), targets, log_prior=log_prior, tau=tau, weights=w), logits
 
     t0 = time.perf_counter()
@@ -282,7 +319,9 @@ def fit_classifier(
             g = torch.Generator().manual_seed(seed * 100_003 + epoch)
             model.train()
             total_loss, correct, seen, epoch_start = 0.0, 0, 0, time.perf_counter()
-            for idx in batches(make_sampler(cfg.sampler, train.labels, train.num_classes, g), cfg.batch_size):
+            sampler = make_sampler(cfg.sampler, train.labels, train.num_classes, g,
+                                   cells if cfg.group_method == "balanced-sampling" else None)
+            for idx in batches(sampler, cfg.batch_size):
                 x, y, w, dom = train.images[idx], train.labels[idx], weights[idx], domains[idx]
                 x = x if augment is None else augment(x)
                 x, y, w = x.to(device, non_blocking=True).float().div_(255), y.to(device), w.to(device)
@@ -296,7 +335,7 @@ def fit_classifier(
                                               partner=cross_domain_partners(dom.to(device)))
                 elif cfg.mix != "none" and torch.rand(()) < cfg.mix_prob:
                     x, targets, w = mix_batch(x, targets, w, mode=cfg.mix, alpha=cfg.mix_alpha)
-                loss, logits = loss_of(x, targets, w)
+                loss, logits = loss_of(x, targets, w, cells[idx].to(device) if dro is not None else None)
                 loss.backward()
                 if sam is not None:
                     sam.first_step()

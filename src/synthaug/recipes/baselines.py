@@ -31,6 +31,12 @@ BASELINES = {
     "posthoc-la": ("cross-entropy, then post-hoc logit adjustment (eval.posthoc_tau)", Baseline(after="posthoc")),
     "crt": ("cRT: cross-entropy, then the head re-fit class-balanced (Kang et al. 2020)", Baseline(after="refit")),
     "oracle": ("the full balanced real training set: the upper bound for generated data", Baseline(data="oracle")),
+    # with groups (a coloured split): the classical answers to group imbalance and spurious correlation
+    "group-balanced": ("each (class, group) cell drawn equally often", Baseline({"group_method": "balanced-sampling"})),
+    "group-reweighted": ("each image's loss weighted by 1 / its (class, group) cell's size",
+                         Baseline({"group_method": "reweighted"})),
+    "group-dro": ("Group DRO over the (class, group) cells, step train.group_dro_eta (Sagawa et al. 2020)",
+                  Baseline({"group_method": "dro"})),
 }
 
 

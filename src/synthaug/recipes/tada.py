@@ -29,7 +29,7 @@ from ..data import ImageDataset, concat
 from ..errors import SynthaugError
 from ..generate.cache import check_generator
 from ..generate.stage import generator_stage
-from ..plan import slow_learnable, targeted_plan
+from ..plan import target_mask, targeted_plan
 from ..report import image_row, pct, png, show, subplots
 from ..select.stage import select_stage
 from ..utils.io import atomic_write_json
@@ -49,17 +49,30 @@ MODES = {
 class TadaSection:
     """TADA: image-guided variants of the training examples not learned early in training."""
 
+    # a variant's image follows its example, variant index and strength: runs that target differently share a store
+    IMAGE_KEYS = ("variants", "strength")
+
     early_epochs: int = 3  # epochs of the normal schedule run before each example's loss is scored
     variants: int = 5  # image-guided variants per targeted example (the paper: 5 on CIFAR)
     strength: float | list = 0.5  # SDEdit strength, the share of sampling steps re-run: a number or [low, high]
     store_dir: str | None = None  # where the variants go (default: <run folder>/synthetic); tada, tada-all, tada-random
     # runs on the same split and generator can share one store (same row ids for the same examples)
+    # the targeting (issue 21): losses averaged over the last `loss_epochs` early epochs; k-means within each
+    # class (`per_class`); or, with `share`, that share of the highest losses instead of k-means
+    loss_epochs: int = 1
+    per_class: bool = False
+    share: float | None = None
 
     def __post_init__(self):
         from ..plan import strength_range
 
         if self.early_epochs < 1 or self.variants < 1:
             raise SynthaugError("tada.early_epochs and tada.variants must be >= 1")
+        if not 1 <= self.loss_epochs <= self.early_epochs:
+            raise SynthaugError(f"tada.loss_epochs must be in [1, tada.early_epochs = {self.early_epochs}], "
+                                f"got {self.loss_epochs}")
+        if self.share is not None and not 0 < self.share < 1:
+            raise SynthaugError(f"tada.share must be in (0, 1) (or unset: k-means), got {self.share}")
         strength_range(self.strength, "tada.strength")
         check_folder(self.store_dir, "tada.store_dir")
 
@@ -74,13 +87,15 @@ def check(task, config):
 
 
 def score_examples(task, config, *, workdir: Path, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Steps 1-2: each training example's loss after `tada.early_epochs` epochs, and the
-    slow-learnable mask."""
-    early = fit_classifier(task.train, replace(config.train, refit_head=False), seed=config.seed,
-                           stop_after_epochs=config.tada.early_epochs, checkpoint_dir=workdir / "early-checkpoint",
-                           progress=progress)
-    losses = example_losses(early.model, task.train)
-    mask = slow_learnable(losses, seed=config.seed)
+    """Steps 1-2: each training example's loss after `tada.early_epochs` epochs (averaged over
+    the last `tada.loss_epochs` of them), and the targeted (slow-learnable) mask."""
+    opts, scored = config.tada, []
+    for epoch in range(opts.early_epochs - opts.loss_epochs + 1, opts.early_epochs + 1):  # each resumes the last
+        early = fit_classifier(task.train, replace(config.train, refit_head=False), seed=config.seed,
+                               stop_after_epochs=epoch, checkpoint_dir=workdir / "early-checkpoint", progress=progress)
+        scored.append(example_losses(early.model, task.train))
+    losses = torch.stack(scored).mean(0)
+    mask = target_mask(losses, task.train.labels, per_class=opts.per_class, share=opts.share, seed=config.seed)
     return losses, mask, {"seconds": early.seconds, "train_acc": early.history[-1]["train_acc"] if early.history else None}
 
 
@@ -114,6 +129,7 @@ def run_tada(mode, task, config, *, workdir=None, progress=False, trained=None) 
         target = mask
     extra = {"targeted": {
         "mode": mode, "early_epochs": opts.early_epochs, "early_train_acc": early["train_acc"],
+        "loss_epochs": opts.loss_epochs, "per_class": opts.per_class, "share": opts.share,
         "slow_learnable": int(mask.sum()), "slow_learnable_share": float(mask.float().mean()),
         "targeted": int(target.sum()), "variants": opts.variants, "strength": opts.strength,
         "slow_per_class": torch.bincount(real.labels[mask], minlength=real.num_classes).tolist(),
@@ -169,8 +185,9 @@ def report(result: RecipeResult, real: ImageDataset) -> str:
 def targeted_section(t: dict, real: ImageDataset) -> str:
     """TADA's plan: how many examples were slow-learnable, their losses, classes and faces."""
     n = len(real)
+    how = "the top share of" if t.get("share") else "k-means on"
     text = (f"<h2>Targeted examples</h2><p>After {t['early_epochs']} epoch(s) (training accuracy "
-            f"{pct(t.get('early_train_acc'))}%), k-means on the per-example losses put <b>{t['slow_learnable']} of {n} "
+            f"{pct(t.get('early_train_acc'))}%), {how} the per-example losses put <b>{t['slow_learnable']} of {n} "
             f"examples ({100 * t['slow_learnable_share']:.1f}%)</b> in the slow-learnable cluster. Mode "
             f"<b>{html.escape(t['mode'])}</b>: {t['targeted']} example(s) targeted, {t['variants']} "
             f"{'duplicate' if t['mode'] == 'tada-upsample' else 'variant'}(s) each.</p>")
