@@ -8,7 +8,7 @@ STAMP := $(VENV)/.synthaug-installed
 # torch from this pin installs from the machine's wheel cache in about a minute; see README.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-slow bench-smoke bench-longtail bench-fewshot bench-targeted bench-tables bench-speed bench-sampler bench-selection bench-executors lint clean
+.PHONY: demo test test-slow bench-smoke bench-longtail bench-levers bench-fewshot bench-targeted bench-tables bench-speed bench-sampler bench-selection bench-executors lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ bench-smoke: $(STAMP)
 
 bench-longtail: $(STAMP)
 	$(BIN)/synthaug bench longtail-small --out benchmarks/results/bench/longtail-small
+
+# issue 21's levers (configs/bench/longtail.yaml): hours on a CPU, resumable
+bench-levers: $(STAMP)
+	$(BIN)/synthaug bench longtail --out benchmarks/results/bench/longtail
 
 bench-fewshot: $(STAMP)
 	$(BIN)/synthaug bench fewshot-small --out benchmarks/results/bench/fewshot-small

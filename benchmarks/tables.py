@@ -1,6 +1,7 @@
 """BENCHMARKS.md's method tables, from `synthaug bench` results: each shipped suite's folder
 under benchmarks/results/bench/ gets its leaderboard rewritten from its results.jsonl, and each
-setting's table is spliced into BENCHMARKS.md between <!-- bench:<suite>:<setting>:start/end -->.
+setting's table is spliced into BENCHMARKS.md between <!-- bench:<suite>:<setting>:start/end -->
+(a setting without those markers, one still running, is left out).
 
     python benchmarks/tables.py          # make bench-tables
 
@@ -10,12 +11,24 @@ Run a suite into its folder first (it resumes; finished cells are never redone),
 
 from __future__ import annotations
 
+import json
+
 from common import HERE, splice
 
 from synthaug.bench import load_suite, read_results, write_leaderboard
 from synthaug.bench.leaderboard import setting_tables
 
-SUITES = ["longtail-small", "targeted-small", "fewshot-small", "cifar10-gpu"]
+SUITES = ["longtail-small", "targeted-small", "fewshot-small", "cifar10-gpu", "longtail"]
+# suites whose rows are also kept flat, one JSON object per cell (the issues' format)
+EXPORTS = {"longtail": "longtail.jsonl"}
+FLAT = ("accuracy", "balanced_accuracy", "few_shot_accuracy", "worst_class_accuracy", "worst_group_accuracy")
+
+
+def flat(row: dict) -> dict:
+    return {"setting": row["setting"], "method": row["recipe"], "seed": row["seed"],
+            "generator_seed": row["generator_seed"], **{k: row["metrics"].get(k) for k in FLAT},
+            "synthetic_images": row["images_generated"], "seconds": row["seconds"], "device": row.get("device"),
+            "commit": row.get("commit")}
 
 
 def main():
@@ -26,8 +39,13 @@ def main():
             print(f"{name}: no results in {out}: skipped")
             continue
         write_leaderboard(suite, rows, out)
+        document = (HERE.parent / "BENCHMARKS.md").read_text()
         for setting, table in setting_tables(suite, rows).items():
-            splice(HERE.parent / "BENCHMARKS.md", f"bench:{name}:{setting}", table.strip())
+            key = f"bench:{name}:{setting}"
+            if f"<!-- {key}:start -->" in document:  # a setting appears once BENCHMARKS.md has its place
+                splice(HERE.parent / "BENCHMARKS.md", key, table.strip())
+        if name in EXPORTS:
+            (HERE / "results" / EXPORTS[name]).write_text("".join(json.dumps(flat(r)) + "\n" for r in rows))
         print(f"{name}: {len(rows)} of {len(suite.cells_)} cells -> {out / 'leaderboard.md'}")
 
 

@@ -166,3 +166,29 @@ def test_a_spent_budget_stops_between_cells_and_the_next_run_goes_on(tmp_path):
     assert len(rows) == 1 and any("budget of 0.001 min spent after 1 cell(s)" in line for line in said)
     rows = run_suite(load_suite(str(_suite(tmp_path))), tmp_path / "out", progress=False, echo=said.append)
     assert len(rows) == 4
+
+
+def test_only_the_chosen_settings_and_recipes_run(tmp_path):
+    suite = load_suite(str(_suite(tmp_path)))
+    rows = run_suite(suite, tmp_path / "out", progress=False, echo=lambda _: None, recipes=["balanced-softmax"])
+    assert {r["recipe"] for r in rows} == {"balanced-softmax"} and len(rows) == 2
+    with pytest.raises(SynthaugError, match="has no setting 'nope'"):
+        run_suite(suite, tmp_path / "out", progress=False, echo=lambda _: None, settings=["nope"])
+
+
+def test_two_benches_never_write_one_folder(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    suite, out = load_suite(str(_suite(tmp_path))), tmp_path / "out"
+    out.mkdir()
+    (out / ".synthaug-run").write_text("x")
+    (out / ".synthaug-bench.lock").write_text(f"{os.getppid()}\n")  # a live process holds it
+    with pytest.raises(SynthaugError, match=r"another synthaug bench \(pid \d+\) is writing"):
+        run_suite(suite, out, progress=False, echo=lambda _: None)
+    assert not (out / "results.jsonl").exists()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / ".synthaug-bench.lock").write_text(gone.stdout)  # a stale lock: that process has ended
+    rows = run_suite(suite, out, progress=False, echo=lambda _: None, recipes=["ce"])
+    assert len(rows) == 2 and not (out / ".synthaug-bench.lock").exists()

@@ -166,6 +166,8 @@ def bench(
     out: Path = typer.Option(None, help="the suite's folder (default: runs/bench-<suite>)"),
     force: bool = typer.Option(False, help="re-run the cells whose config changed since they ran"),
     report_only: bool = typer.Option(False, "--report-only", help="only rewrite the leaderboard from results.jsonl"),
+    setting: list[str] = typer.Option([], help="run only this setting's cells (repeatable)"),
+    recipe: list[str] = typer.Option([], help="run only this recipe label's cells (repeatable)"),
     quiet: bool = QUIET_OPT,
 ):
     """Run a benchmark suite (every setting x recipe x seed, resumable) and write results.jsonl
@@ -183,7 +185,7 @@ def bench(
             raise SynthaugError(f"'{out}' has no results.jsonl rows: run the suite first (without --report-only)")
         md, page = write_leaderboard(found, rows, out)
     else:
-        run_suite(found, out, force=force, progress=not quiet,
+        run_suite(found, out, force=force, progress=not quiet, settings=setting, recipes=recipe,
                   echo=lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
         md, page = out / "leaderboard.md", out / "leaderboard.html"
     console.print(f"leaderboard: {md}")

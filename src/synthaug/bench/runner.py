@@ -13,6 +13,7 @@ refused, or re-run with `force`. Every check that can fail runs before the first
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -26,6 +27,24 @@ from .suite import Cell, Suite, changes, settings_of, with_locations
 
 MARKER = ".synthaug-run"
 RESULTS = "results.jsonl"
+LOCK = ".synthaug-bench.lock"  # the pid of the bench writing into the folder
+
+
+def check_lock(out: Path):
+    """Refuse a folder another live `synthaug bench` is writing to (a stale lock is taken over)."""
+    try:
+        pid = int((out / LOCK).read_text().strip())
+    except (OSError, ValueError):
+        return
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return  # stale: that process is gone
+    except PermissionError:
+        pass
+    if pid != os.getpid():
+        raise SynthaugError(f"another synthaug bench (pid {pid}) is writing to '{out}': wait for it to finish or "
+                            "stop it, then run again")
 
 
 def read_results(out: Path) -> list[dict]:
@@ -103,23 +122,33 @@ def preflight(suite: Suite, cells: list[Cell], out: Path):
 
 
 def run_suite(suite: Suite, out: str | Path, *, force: bool = False, progress: bool = True,
-              echo=print) -> list[dict]:
-    """Run the suite's unfinished cells (and, with `force`, its changed ones); returns the rows
-    of results.jsonl. Stops starting cells once `suite.minutes` are spent (run again to go on)."""
+              echo=print, settings: list[str] = (), recipes: list[str] = ()) -> list[dict]:
+    """Run the suite's unfinished cells (and, with `force`, its changed ones), only those of
+    `settings` and `recipes` when given; returns the rows of results.jsonl. Stops starting
+    cells once `suite.minutes` are spent (run again to go on)."""
     from ..runs import train_run
     from .leaderboard import write_leaderboard
 
     out = Path(out)
     check_out(out)
+    check_lock(out)
+    for name, known, what in ((settings, {s.name for s in suite.settings}, "setting"),
+                              (recipes, {r for s in suite.settings for r in s.recipes}, "recipe")):
+        for n in name:
+            if n not in known:
+                raise SynthaugError(f"suite '{suite.name}' has no {what} '{n}': use one of {', '.join(sorted(known))}")
     cells, changed, done = plan(suite, out, force=force)
+    cells = [c for c in cells if (not settings or c.setting in settings) and (not recipes or c.recipe in recipes)]
     preflight(suite, cells, out)
     # every check passed: the first write
     make_folders(out, "--out")
     (out / MARKER).write_text("a benchmark folder made by synthaug\n")
+    (out / LOCK).write_text(f"{os.getpid()}\n")
     env = environment(suite.device)
     start = time.perf_counter()
     total = len(suite.cells_)
-    echo(f"suite {suite.name}: {total} cells, {total - len(cells)} finished, {len(cells)} to run -> {out}")
+    finished = sum(c.key in done for c in suite.cells_) - len(changed)
+    echo(f"suite {suite.name}: {total} cells, {finished} finished, {len(cells)} to run -> {out}")
     try:
         for n, cell in enumerate(cells, 1):
             spent = (time.perf_counter() - start) / 60
@@ -135,6 +164,7 @@ def run_suite(suite: Suite, out: str | Path, *, force: bool = False, progress: b
             echo(f"[{n}/{len(cells)}] {cell.key}: {cell.config.recipe} {row['metric']} "
                  f"{100 * row['metrics'][row['metric']]:.2f} ({row['wall_seconds']:.0f} s)")
     finally:
+        (out / LOCK).unlink(missing_ok=True)
         rows = list(done.values())
         if rows:
             write_leaderboard(suite, rows, out)
