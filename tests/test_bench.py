@@ -192,3 +192,21 @@ def test_two_benches_never_write_one_folder(tmp_path):
     (out / ".synthaug-bench.lock").write_text(gone.stdout)  # a stale lock: that process has ended
     rows = run_suite(suite, out, progress=False, echo=lambda _: None, recipes=["ce"])
     assert len(rows) == 2 and not (out / ".synthaug-bench.lock").exists()
+
+
+def test_a_run_folder_from_before_an_option_existed_is_the_same_run(tmp_path):
+    """Upgrading synthaug (a new option, at its default) does not turn a run folder into "a
+    run with a different config"; a changed value still does."""
+    import yaml
+
+    from synthaug.config import load_config
+    from synthaug.runs import train_run
+
+    base = ["data.dataset=digits", "train.epochs=1", "train.augment=none", f"output_dir={tmp_path}", "name=r"]
+    run_dir, first = train_run(load_config(None, base), progress=False)
+    recorded = yaml.safe_load((run_dir / "config.yaml").read_text())
+    del recorded["train"]["group_dro_eta"]  # as written by a synthaug without that option
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(recorded))
+    assert train_run(load_config(None, base), progress=False)[1] == first  # finished: not redone
+    with pytest.raises(SynthaugError, match="different config"):
+        train_run(load_config(None, [*base, "train.group_dro_eta=0.5"]), progress=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import types
 import typing
@@ -376,6 +377,30 @@ def _coerce(value, kind, key):
     else:
         return value
     raise SynthaugError(f"config key '{key}' got {value!r}: expected {kind.__name__}")
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """A nested config dict as dotted keys: {'train.lr': 0.05, ...}."""
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(recorded: dict, config: RunConfig, ignore=lambda key: False) -> list[str]:
+    """How `config` differs from a config recorded earlier (flat dotted keys), as
+    'train.lr: 0.05 -> 0.02' lines. A key the record lacks (an option added to synthaug since)
+    counts only when it is not at its default, so upgrading synthaug does not make finished
+    runs "different"."""
+    def plain(c):
+        return {k: v for k, v in json.loads(json.dumps(flatten(c.to_dict()), default=str)).items() if not ignore(k)}
+    now, defaults = plain(config), plain(RunConfig())
+    recorded = json.loads(json.dumps(recorded, default=str))
+    return [f"{k}: {recorded.get(k, defaults.get(k))!r} -> {v!r}" for k, v in now.items()
+            if recorded.get(k, defaults.get(k)) != v]
 
 
 def dump_config(config: RunConfig) -> str:

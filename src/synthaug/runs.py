@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import RunConfig, dump_config
+from .config import RunConfig, config_changes, dump_config, flatten
 from .data import load_dataset
 from .errors import SynthaugError
 from .recipes import get_recipe
@@ -73,8 +73,9 @@ def prepare_run_dir(run_dir: Path, config: RunConfig, *, force: bool = False) ->
                                 "remove it yourself or set another name (name=...)")
         shutil.rmtree(run_dir)
     elif config_file.is_file():
-        try:
-            same = yaml.safe_load(config_file.read_text()) == yaml.safe_load(dump_config(config))
+        try:  # the same config, up to options added to synthaug since (at their defaults)
+            recorded = yaml.safe_load(config_file.read_text())
+            same = isinstance(recorded, dict) and not config_changes(flatten(recorded), config)
         except (yaml.YAMLError, UnicodeDecodeError):
             same = False
         if same:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import RunConfig, load_config
+from ..config import RunConfig, config_changes, flatten, load_config
 from ..errors import SynthaugError
 from ..recipes import get_recipe
 from ..utils.paths import check_name
@@ -284,19 +284,14 @@ def _cells(setting: Setting, device: str) -> list[Cell]:
     return cells
 
 
+def _location(key: str) -> bool:
+    return key in LOCATION_KEYS or key.endswith(".store_dir")
+
+
 def settings_of(config: RunConfig) -> dict:
     """What a cell computes: its resolved config as flat dotted keys, without the places it
     writes to (output folder, caches, store folders)."""
-    flat = {}
-
-    def walk(node, prefix):
-        for key, value in node.items():
-            if isinstance(value, dict):
-                walk(value, f"{prefix}{key}.")
-            else:
-                flat[f"{prefix}{key}"] = value
-    walk(config.to_dict(), "")
-    return {k: v for k, v in flat.items() if k not in LOCATION_KEYS and not k.endswith(".store_dir")}
+    return {k: v for k, v in flatten(config.to_dict()).items() if not _location(k)}
 
 
 def fingerprint(config: RunConfig) -> str:
@@ -304,13 +299,9 @@ def fingerprint(config: RunConfig) -> str:
 
 
 def changes(recorded: dict, config: RunConfig) -> list[str]:
-    """How `config` differs from the settings a cell ran with ('train.lr: 0.05 -> 0.02'). A key
-    the row does not have (a setting added to synthaug since) counts as changed only when it
-    is not at its default, so a new option does not invalidate finished cells."""
-    now = json.loads(json.dumps(settings_of(config), default=str))
-    defaults = json.loads(json.dumps(settings_of(RunConfig()), default=str))
-    return [f"{k}: {recorded.get(k, defaults.get(k))!r} -> {now[k]!r}" for k in now
-            if recorded.get(k, defaults.get(k)) != now[k]]
+    """How `config` differs from the settings a cell ran with ('train.lr: 0.05 -> 0.02'); an
+    option added to synthaug since, at its default, is no change (`config.config_changes`)."""
+    return config_changes(recorded, config, ignore=_location)
 
 
 def with_locations(cell: Cell, out: Path) -> RunConfig:
