@@ -210,3 +210,12 @@ def test_a_run_folder_from_before_an_option_existed_is_the_same_run(tmp_path):
     assert train_run(load_config(None, base), progress=False)[1] == first  # finished: not redone
     with pytest.raises(SynthaugError, match="different config"):
         train_run(load_config(None, [*base, "train.group_dro_eta=0.5"]), progress=False)
+
+
+def test_recipes_from_reads_the_mapping_form_of_another_suite(tmp_path):
+    (tmp_path / "base.yaml").write_text("recipes:\n  ce: {overrides: [recipe=ce], generator_seeds: [0, 1]}\n"
+                                        "settings: {digits: [data.dataset=digits]}\n")
+    (tmp_path / "user.yaml").write_text(f"recipes_from: [{tmp_path / 'base.yaml'}]\n"
+                                        "settings: {digits: {overrides: [data.dataset=digits], recipes: [ce]}}\n")
+    suite = load_suite(str(tmp_path / "user.yaml"))
+    assert [c.config.recipe for c in suite.cells_] == ["ce"]

@@ -165,7 +165,8 @@ def load_suite(name_or_path: str, _seen: tuple = ()) -> Suite:
         raise SynthaugError(f"suite '{name}': recipes must map a label to a list of overrides")
     recipes = {str(label): _recipe(o, f"suite '{name}': recipe '{label}'") for label, o in recipes.items()}
     for other in raw.get("recipes_from") or []:
-        for label, overrides in _read(suite_path(str(other))).get("recipes", {}).items():
+        for label, entry in (_read(suite_path(str(other))).get("recipes") or {}).items():
+            overrides = _recipe(entry, f"suite '{other}': recipe '{label}'")  # a list, or the mapping form
             if recipes.setdefault(str(label), overrides) != overrides:
                 raise SynthaugError(f"suite '{name}': recipe '{label}' differs from suite '{other}''s: rename one")
     budget = raw.get("budget") or {}
