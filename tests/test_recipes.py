@@ -26,6 +26,9 @@ EXTRA = {
     "ldmlr": ["ldmlr.steps=5", "ldmlr.hidden=16", "ldmlr.sampling_steps=3", "ldmlr.head_epochs=1"],
     # the group baselines need a split with groups
     **{name: ["split.kind=colored"] for name in ("group-balanced", "group-reweighted", "group-dro")},
+    # semi-supervised: a few-shot split with its unlabelled pool
+    **{name: ["split.kind=few-shot", "split.k=5", "train.ssl_mu=2"] for name in ("fixmatch", "freematch")},
+    "dpt": ["split.kind=few-shot", "split.k=5", "train.ssl_mu=2", "dpt.per_class=3", "dpt.embed_dim=4"],
     "utilgen": ["split.val_per_class=2", "utilgen.rounds=1", "utilgen.valuation_epochs=1", "utilgen.embedding_steps=2",
                 "utilgen.dpo_steps=2", "utilgen.sampling_steps=3", "utilgen.final_multiple=1", "utilgen.per_round=1"],
 }
@@ -35,10 +38,12 @@ EXTRA = {
 def test_every_recipe_runs(name, data, tmp_path):
     config = load_config(None, [*FAST, f"recipe={name}", f"output_dir={tmp_path}", *EXTRA.get(name, [])])
     task = make_task(data, config.split)
-    if "split.kind=colored" not in EXTRA.get(name, []):
-        assert task.train.class_counts().tolist() == ([30, 9, 2] if name == "utilgen" else [32, 11, 4])
-    else:
+    if "split.kind=colored" in EXTRA.get(name, []):
         assert task.train.groups is not None
+    elif "split.kind=few-shot" in EXTRA.get(name, []):
+        assert task.train.class_counts().tolist() == [5, 5, 5] and len(task.unlabeled) == 105
+    else:
+        assert task.train.class_counts().tolist() == ([30, 9, 2] if name == "utilgen" else [32, 11, 4])
     result = get_recipe(name).run(task, config, workdir=tmp_path / "run")
     for key in ("accuracy", "balanced_accuracy", "many_shot_accuracy", "confusion_matrix"):
         assert key in result.metrics

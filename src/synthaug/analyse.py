@@ -209,7 +209,8 @@ def probe(task, config, *, steps: int = 300, progress: bool = False) -> dict:
     from .classify.evaluate import example_losses
     from .plan import slow_learnable
 
-    cfg = replace(config.train, steps=steps, loss="balanced-softmax", refit_head=False, mix="none", sam_rho=0.0)
+    cfg = replace(config.train, steps=steps, loss="balanced-softmax", refit_head=False, mix="none", sam_rho=0.0,
+                  ssl="none")
     result = fit_classifier(task.train, cfg, seed=config.seed, progress=progress)
     metrics = evaluate(result.model, task.test, train_counts=task.train.class_counts())
     losses = example_losses(result.model, task.train)

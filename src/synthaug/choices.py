@@ -23,6 +23,7 @@ ClassSampler = Literal["uniform", "class-balanced", "sqrt"]  # the classifier's 
 Loss = Literal["ce", "logit-adjusted", "balanced-softmax"]
 Mix = Literal["none", "mixup", "cutmix", "mixup-cutmix", "domain-mixup"]
 GroupMethod = Literal["none", "balanced-sampling", "reweighted", "dro"]  # the (class, group) cells' treatment
+SslMethod = Literal["none", "fixmatch", "freematch"]  # semi-supervised training on the unlabelled pool
 HeadInit = Literal["fresh", "trained"]  # LDMLR: the head re-trained from scratch or fine-tuned
 
 

@@ -68,10 +68,15 @@ class EvalSection:
     many_threshold: float | None = None  # many-shot: classes with more training images (default 20% of the head)
     few_threshold: float | None = None  # few-shot: classes with fewer (default 4% of the head)
     posthoc_tau: float = 1.0  # strength of post-hoc logit adjustment (recipe posthoc-la)
+    # score the test set every N optimiser steps of the final classifier (0: off): an accuracy-against-steps
+    # curve in metrics.json and the report, to see what a step budget costs; nothing is chosen by it
+    curve_every: int = 0
 
     def __post_init__(self):
         if any(v is not None and v < 0 for v in (self.many_threshold, self.few_threshold, self.posthoc_tau)):
             raise SynthaugError("eval.many_threshold, eval.few_threshold and eval.posthoc_tau must be >= 0")
+        if self.curve_every < 0:
+            raise SynthaugError(f"eval.curve_every must be >= 0 (0: off), got {self.curve_every}")
 
 
 @dataclass

@@ -138,21 +138,22 @@ def targeted_plan(data: ImageDataset, mask: torch.Tensor, *, variants: int, stre
     return rows
 
 
-def conditioned_plan(data: ImageDataset, *, target_per_class: int, mode: str, seed: int = 0, dropout: float = 0.3,
-                     recipe: str = "augcond") -> list[dict]:
-    """AugCond's plan: rows that fill every class up to `target_per_class`, each conditioned
-    on real images of its class: `sources` = [the image, a second image of the class for the
-    mixing modes]. The first image cycles through the class so each is used about equally;
-    the second is drawn from the row's seed (the first again if the class has one image).
-    `dropout` is the Dropout operators' rate, recorded on the rows that use it."""
-    if target_per_class < 1:
-        raise SynthaugError(f"target of {target_per_class} images per class is impossible: use a positive number")
+def conditioned_plan(data: ImageDataset, *, target_per_class: int | None = None, mode: str, seed: int = 0,
+                     dropout: float = 0.3, recipe: str = "augcond", per_class: int | None = None) -> list[dict]:
+    """AugCond's plan: rows that fill every class up to `target_per_class` (or, with
+    `per_class`, that many rows per class), each conditioned on images of `data` of its class:
+    `sources` = [the image, a second image of the class for the mixing modes]. The first image
+    cycles through the class so each is used about equally; the second is drawn from the
+    row's seed (the first again if the class has one image). `dropout` is the Dropout
+    operators' rate, recorded on the rows that use it."""
+    if (target_per_class if per_class is None else per_class) < 1:
+        raise SynthaugError(f"{target_per_class or per_class} images per class is impossible: use a positive number")
     rows = []
     for c in range(data.num_classes):
         members = torch.nonzero(data.labels == c).flatten().tolist()
         if not members:
             continue
-        for k in range(target_per_class - len(members)):
+        for k in range(target_per_class - len(members) if per_class is None else per_class):
             row_id = f"{recipe}-{mode}-c{c}-{k:06d}"
             s = row_seed(seed, row_id)
             first = members[k % len(members)]

@@ -21,7 +21,7 @@ import yaml
 from .config import RunConfig, config_changes, dump_config, flatten
 from .data import load_dataset
 from .errors import SynthaugError
-from .recipes import get_recipe
+from .recipes import RECIPES, get_recipe
 from .task import make_task
 from .utils.io import atomic_write_json, atomic_write_text
 from .utils.paths import check_name, make_folders, remove_created
@@ -130,6 +130,20 @@ def _finished(run_dir: Path, config: RunConfig, compare: bool, classes: list[str
     return metrics
 
 
+def check_ssl(task, config: RunConfig, recipes):
+    """Semi-supervised training needs an unlabelled pool and recipes whose classifier takes one."""
+    if config.train.ssl == "none":
+        return
+    if task.unlabeled is None or len(task.unlabeled) == 0:
+        raise SynthaugError(f"train.ssl={config.train.ssl} trains on an unlabelled pool and this split has none: use "
+                            "split.kind=few-shot with split.unlabeled_pool=true, or set train.ssl=none")
+    for recipe in recipes:
+        if not recipe.ssl:
+            able = ", ".join(sorted(name for name in RECIPES.names() if get_recipe(name).ssl))
+            raise SynthaugError(f"recipe {recipe.name} trains its classifier supervised only: set train.ssl=none, or use "
+                                f"one of {able}")
+
+
 def train_run(config: RunConfig, *, progress: bool = True, force: bool = False, compare: bool = False,
               ) -> tuple[Path, dict]:
     """Run one recipe as configured; returns the run folder and the metrics written there.
@@ -152,6 +166,7 @@ def train_run(config: RunConfig, *, progress: bool = True, force: bool = False, 
     recipe = get_recipe(config.recipe)
     # recipe: auto may pick one of the baselines: it is then not trained twice
     baselines = [get_recipe(b) for b in config.report.baselines if auto is None or b != recipe.name] if compare else []
+    check_ssl(task, config, [recipe, *baselines])
     if recipe.check is not None:
         recipe.check(task, config)
     if config.generator.path:
@@ -195,6 +210,7 @@ def train_run(config: RunConfig, *, progress: bool = True, force: bool = False, 
         "test": result.metrics,
         "seconds": {"load_data": load_seconds, **result.seconds},
         "history": result.history,
+        **({"curve": result.curve} if result.curve else {}),
         **result.extra,
         "compared": compare,
     }

@@ -1,10 +1,12 @@
 """One plain PyTorch training loop for the classifier, with the options the baselines and
-recipes need: sampler, loss, augmentation, Mixup/CutMix, SAM, per-sample weights, and cRT
-(re-fit the head on class-balanced real data). Resumable from per-epoch checkpoints."""
+recipes need: sampler, loss, augmentation, Mixup/CutMix, SAM, per-sample weights, cRT
+(re-fit the head on class-balanced real data), and semi-supervised training on an
+unlabelled pool (FixMatch, FreeMatch: `ssl.py`). Resumable from per-epoch checkpoints."""
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -16,16 +18,18 @@ import torch.nn.functional as F
 from torch.utils.data import RandomSampler, WeightedRandomSampler
 from torchvision.transforms import v2
 
-from ..choices import ClassSampler, GroupMethod, Loss, Mix, Precision, check_choices
-from ..data.dataset import ImageDataset
+from ..choices import ClassSampler, GroupMethod, Loss, Mix, Precision, SslMethod, check_choices
+from ..data.dataset import UNLABELED, ImageDataset
 from ..errors import SynthaugError
 from ..utils.loop import Checkpoint, warmup_cosine
 from ..utils.runtime import autocast, check_device, fast_dtype, infer, progress_bar, resolve_device
+from .evaluate import predict_logits
 from .losses import SAM, GroupDRO, mix_batch, soft_cross_entropy
 from .models import Classifier, create_model
+from .ssl import make_threshold, unlabelled_loss
 
 SAMPLERS, LOSSES, MIXES = get_args(ClassSampler), get_args(Loss), get_args(Mix)
-AUGMENTATIONS = ("none", "crop", "flip", "randaugment", "trivialaugment", "autoaugment")
+AUGMENTATIONS = ("none", "crop", "flip", "randaugment", "trivialaugment", "autoaugment", "cutout")
 
 
 @dataclass
@@ -55,6 +59,15 @@ class TrainConfig:
     # weighted by 1 / its size, or Group DRO over the cells (step size group_dro_eta)
     group_method: GroupMethod = "none"
     group_dro_eta: float = 0.01
+    # semi-supervised on the split's unlabelled pool (few-shot with split.unlabeled_pool): FixMatch, or
+    # FreeMatch's self-adaptive threshold. An epoch is then one pass over the pool, ssl_mu x batch_size a step
+    ssl: SslMethod = "none"
+    ssl_threshold: float = 0.95  # fixmatch: the weak view's confidence that makes its label a pseudo-label
+    ssl_mu: int = 7  # unlabelled images per labelled image in each step
+    ssl_weight: float = 1.0  # weight of the unlabelled loss (lambda_u)
+    ssl_weak: str = "flip+crop"  # the view that pseudo-labels ('+'-joined augmentations)
+    ssl_strong: str = "flip+crop+randaugment+cutout"  # the view trained on the pseudo-label
+    ssl_ema: float = 0.999  # with ssl, the model kept is an EMA of the weights with this decay (0: off)
     refit_head: bool = False  # cRT: re-fit the head on class-balanced real data after training
     refit_per_class: str = field(default="all", metadata={"help": "'all' (class-balanced weights over all images), 'min' or a number"})
     refit_epochs: int = 10
@@ -65,9 +78,11 @@ class TrainConfig:
 
     def __post_init__(self):
         check_choices(self, "train.")
-        for part in self.augment.split("+"):
-            if part not in AUGMENTATIONS:
-                raise SynthaugError(f"unknown augmentation '{part}': use '+'-joined names from {', '.join(AUGMENTATIONS)}")
+        for spec in (self.augment, self.ssl_weak, self.ssl_strong):
+            for part in spec.split("+"):
+                if part not in AUGMENTATIONS:
+                    raise SynthaugError(f"unknown augmentation '{part}': use '+'-joined names from "
+                                        f"{', '.join(AUGMENTATIONS)}")
         if self.epochs < 1 or self.batch_size < 1 or self.refit_epochs < 1 or (self.steps is not None and self.steps < 1):
             raise SynthaugError("train.epochs, train.steps, train.batch_size and train.refit_epochs must be >= 1")
         if self.mix_alpha <= 0:
@@ -84,6 +99,11 @@ class TrainConfig:
                                 "train.sam_rho=0")
         if self.group_method == "balanced-sampling" and self.sampler != "uniform":
             raise SynthaugError("train.group_method=balanced-sampling is a sampler: leave train.sampler=uniform")
+        if self.ssl != "none" and (self.sam_rho > 0 or self.group_method == "dro"):
+            raise SynthaugError(f"train.ssl={self.ssl} does not combine with SAM or Group DRO: set train.sam_rho=0 "
+                                "and train.group_method to another method")
+        if not 0 < self.ssl_threshold <= 1 or self.ssl_mu < 1 or self.ssl_weight < 0 or not 0 <= self.ssl_ema < 1:
+            raise SynthaugError("train.ssl_threshold must be in (0, 1], ssl_mu >= 1, ssl_weight >= 0 and ssl_ema in [0, 1)")
         if self.group_dro_eta <= 0:
             raise SynthaugError(f"train.group_dro_eta must be > 0, got {self.group_dro_eta}")
         if self.sam_rho < 0 or self.lr <= 0 or self.refit_lr <= 0:
@@ -106,6 +126,7 @@ class TrainResult:
     history: list[dict]
     seconds: float
     config: dict
+    curve: list[dict] = field(default_factory=list)  # test accuracy every `monitor_every` steps (fit_classifier)
 
 
 POLICIES = {"randaugment": v2.RandAugment, "trivialaugment": v2.TrivialAugmentWide, "autoaugment": v2.AutoAugment}
@@ -125,6 +146,8 @@ class Augmentation:
                 self.steps.append(self.crop)
             elif part == "flip":
                 self.steps.append(flip)
+            elif part == "cutout":
+                self.steps.append(cutout)
             elif part in POLICIES:
                 self.steps.append(per_image(POLICIES[part]()))
 
@@ -146,6 +169,20 @@ class Augmentation:
 def flip(x: torch.Tensor) -> torch.Tensor:
     """Each image mirrored left-right with probability 1/2."""
     return torch.where((torch.rand(len(x)) < 0.5)[:, None, None, None], x.flip(-1), x)
+
+
+def cutout(x: torch.Tensor) -> torch.Tensor:
+    """Cutout as FixMatch's strong view uses it: per image, a gray square of side uniform in
+    [1, side / 2] at a uniform centre (clipped at the border)."""
+    n, _, h, w = x.shape
+    size = torch.randint(1, max(2, min(h, w) // 2 + 1), (n,))
+    cy, cx = torch.randint(0, h, (n,)), torch.randint(0, w, (n,))
+    rows, cols = torch.arange(h)[None, :], torch.arange(w)[None, :]
+    inside_r = (rows >= (cy - size // 2)[:, None]) & (rows < (cy - size // 2 + size)[:, None])
+    inside_c = (cols >= (cx - size // 2)[:, None]) & (cols < (cx - size // 2 + size)[:, None])
+    square = (inside_r[:, :, None] & inside_c[:, None, :])[:, None]
+    gray = 128 if x.dtype == torch.uint8 else 0.5
+    return torch.where(square, torch.full_like(x, gray), x)
 
 
 def per_image(transform):
@@ -230,6 +267,19 @@ def epochs_for(steps: int, images: int, batch_size: int) -> int:
     return max(1, math.ceil(steps / math.ceil(images / batch_size)))
 
 
+def check_pool(unlabeled: ImageDataset | None, train: ImageDataset, cfg: TrainConfig):
+    """The unlabelled pool semi-supervised training needs: present, of the training set's kind,
+    and unlabelled (its labels are never read; a pool that carries them is refused)."""
+    if unlabeled is None or len(unlabeled) == 0:
+        raise SynthaugError(f"train.ssl={cfg.ssl} trains on an unlabelled pool and this split has none: use "
+                            "split.kind=few-shot with split.unlabeled_pool=true, or set train.ssl=none")
+    if int((unlabeled.labels != UNLABELED).sum()):
+        raise SynthaugError("the unlabelled pool carries labels: pass it with labels set to UNLABELED (-1)")
+    if unlabeled.images.shape[1:] != train.images.shape[1:]:
+        raise SynthaugError(f"the unlabelled pool's images are {tuple(unlabeled.images.shape[1:])}, the training "
+                            f"set's {tuple(train.images.shape[1:])}: load both at the same size")
+
+
 def fit_classifier(
     train: ImageDataset,
     config: TrainConfig | None = None,
@@ -237,6 +287,9 @@ def fit_classifier(
     seed: int = 0,
     sample_weights: torch.Tensor | None = None,
     domains: torch.Tensor | None = None,
+    unlabeled: ImageDataset | None = None,
+    monitor: ImageDataset | None = None,
+    monitor_every: int = 0,
     checkpoint_dir: str | Path | None = None,
     progress: bool = False,
     stop_after_epochs: int | None = None,
@@ -249,6 +302,14 @@ def fit_classifier(
     `sample_weights` scale each image's loss; `domains` (0 real, 1 synthetic) pair real with
     synthetic images when `mix="domain-mixup"`.
 
+    With `cfg.ssl`, each step also trains on `ssl_mu` x `batch_size` images of `unlabeled`
+    (FixMatch's consistency loss, `ssl.py`); an epoch is then one pass over the pool, the
+    labelled batches drawn from the sampler as often as it takes, and the model returned is
+    the EMA of the weights (`ssl_ema`).
+
+    `monitor` (a test set) is scored every `monitor_every` steps: the accuracy-against-steps
+    curve of `TrainResult.curve`, for reports only (nothing is chosen by it).
+
     Each epoch re-seeds from (seed, epoch), so a run resumed from `checkpoint_dir` after an
     interruption ends with the same weights as one that never stopped."""
     cfg = config or TrainConfig()
@@ -256,6 +317,9 @@ def fit_classifier(
         raise SynthaugError("the training set is empty: check the split parameters")
     if int((train.labels < 0).sum()):
         raise SynthaugError("the training set has unlabeled images: train on the labelled split only")
+    ssl = cfg.ssl != "none"
+    if ssl:
+        check_pool(unlabeled, train, cfg)
     device = resolve_device(cfg.device)
     model = new_classifier(train, cfg, seed=seed, device=device)
 
@@ -270,9 +334,10 @@ def fit_classifier(
         inverse = 1.0 / torch.bincount(cells).float()[cells]
         weights = weights * inverse / inverse.mean()
     augment = build_augmentation(cfg.augment, train.image_size)
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    pool_batch = cfg.ssl_mu * cfg.batch_size
+    steps_per_epoch = math.ceil(len(unlabeled) / pool_batch) if ssl else math.ceil(len(train) / cfg.batch_size)
     if cfg.steps is not None:
-        cfg = replace(cfg, epochs=epochs_for(cfg.steps, len(train), cfg.batch_size))
+        cfg = replace(cfg, epochs=max(1, math.ceil(cfg.steps / steps_per_epoch)))
     total_steps = steps_per_epoch * cfg.epochs
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
 
@@ -289,26 +354,59 @@ def fit_classifier(
     log_prior = log_prior.log().to(device)
     dro = GroupDRO(int(cells.max()) + 1, cfg.group_dro_eta).to(device) if cfg.group_method == "dro" else None
     tau = 1.0 if cfg.loss == "balanced-softmax" else (cfg.tau if cfg.loss == "logit-adjusted" else 0.0)
+    stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler, **({"dro": dro} if dro is not None else {})}
+    ema = None
+    if ssl:
+        weak, strong = build_augmentation(cfg.ssl_weak, train.image_size), build_augmentation(cfg.ssl_strong, train.image_size)
+        threshold = make_threshold(cfg.ssl, train.num_classes, cfg.ssl_threshold).to(device)
+        stateful["threshold"] = threshold
+        if cfg.ssl_ema > 0:
+            from torch.optim.swa_utils import AveragedModel
 
-    history, start_epoch, spent = [], 0, 0.0
-    # a checkpoint is resumed only by the same training (config, seed, data, weights, domains)
+            ema = AveragedModel(model, multi_avg_fn=ema_update(cfg.ssl_ema), use_buffers=True)
+            stateful["ema"] = ema
+    kept = lambda: ema.module if ema is not None else model  # noqa: E731  the model evaluated and returned
+
+    history, curve, start_epoch, spent = [], [], 0, 0.0
+    # a checkpoint is resumed only by the same training (config, seed, data, weights, domains, pool)
     extras = [hashlib.sha256(t.cpu().numpy().tobytes()).hexdigest() for t in (weights, domains)]
     dtype = fast_dtype(cfg.precision, device)
     key = {"config": asdict(cfg), "seed": seed, "data": train.fingerprint(), "extras": extras}
+    if ssl:
+        key["unlabeled"] = unlabeled.fingerprint()
+    if monitor is not None and monitor_every:
+        key["monitor"] = [monitor.fingerprint(), monitor_every]
     key["config"]["precision"] = str(dtype or torch.float32)  # what "auto" is here
     checkpoint = Checkpoint(checkpoint_dir, key)
-    stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler, **({"dro": dro} if dro is not None else {})}
     state = checkpoint.restore(lambda s: s["epoch"] <= (stop_after_epochs or cfg.epochs), **stateful)
     if state is not None:
-        history, start_epoch, spent = state["history"], state["epoch"], state["seconds"]
+        history, start_epoch, spent, curve = state["history"], state["epoch"], state["seconds"], state.get("curve", [])
 
-    def loss_of(x, targets, w, cell=None):
+    def loss_of(x, targets, w, cell=None, pool=None):
+        """The batch's loss, its labelled logits and the unlabelled part's statistics; with
+        `pool` (weak and strong views) FixMatch's unlabelled loss is added, every view through
+        one forward pass (batch norm sees them together, as in the paper)."""
+        n = len(x)
         with autocast(device, dtype):
-            logits = model(x)
+            logits = model(x if pool is None else torch.cat([x, *pool]))
+        logits, unlabelled = logits[:n].float(), logits[n:]
         if dro is not None:  # the q-weighted mean of the cells' losses
-            per_sample = soft_cross_entropy(logits.float(), targets, log_prior=log_prior, tau=tau, weights=w, reduce=False)
-            return dro(per_sample, cell), logits
-        return soft_cross_entropy(logits.float(), targets, log_prior=log_prior, tau=tau, weights=w), logits
+            per_sample = soft_cross_entropy(logits, targets, log_prior=log_prior, tau=tau, weights=w, reduce=False)
+            return dro(per_sample, cell), logits, None
+        loss = soft_cross_entropy(logits, targets, log_prior=log_prior, tau=tau, weights=w)
+        if pool is None:
+            return loss, logits, None
+        loss_u, _, mask = unlabelled_loss(*unlabelled.chunk(2), threshold)
+        return loss + cfg.ssl_weight * loss_u, logits, (float(loss_u.detach()), int(mask.sum()), len(mask))
+
+    def to_device(x):
+        x = x.to(device, non_blocking=True).float().div_(255)
+        return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
+
+    def score(step: int):
+        accuracy = float((predict_logits(kept(), monitor.images).argmax(1) == monitor.labels).float().mean())
+        curve.append({"step": step, "accuracy": accuracy})
+        model.train()
 
     t0 = time.perf_counter()
     with progress_bar(progress) as bar:
@@ -319,14 +417,18 @@ def fit_classifier(
             g = torch.Generator().manual_seed(seed * 100_003 + epoch)
             model.train()
             total_loss, correct, seen, epoch_start = 0.0, 0, 0, time.perf_counter()
-            sampler = make_sampler(cfg.sampler, train.labels, train.num_classes, g,
-                                   cells if cfg.group_method == "balanced-sampling" else None)
-            for idx in batches(sampler, cfg.batch_size):
+            draw = lambda g=g: make_sampler(cfg.sampler, train.labels, train.num_classes, g,  # noqa: E731
+                                        cells if cfg.group_method == "balanced-sampling" else None)
+            if ssl:  # a pass over the pool; the labelled batches drawn from as many passes as it takes
+                labelled = labelled_batches(draw, steps_per_epoch, cfg.batch_size)
+                pool_batches = torch.randperm(len(unlabeled), generator=g).split(pool_batch)
+                loss_u, confident, drawn = 0.0, 0, 0
+            else:
+                labelled, pool_batches = batches(draw(), cfg.batch_size), itertools.repeat(None)
+            for idx, pool_idx in zip(labelled, pool_batches):
                 x, y, w, dom = train.images[idx], train.labels[idx], weights[idx], domains[idx]
                 x = x if augment is None else augment(x)
-                x, y, w = x.to(device, non_blocking=True).float().div_(255), y.to(device), w.to(device)
-                if cfg.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
+                x, y, w = to_device(x), y.to(device), w.to(device)
                 targets = F.one_hot(y, train.num_classes).float()
                 if cfg.label_smoothing:
                     targets = targets * (1 - cfg.label_smoothing) + cfg.label_smoothing / train.num_classes
@@ -335,7 +437,11 @@ def fit_classifier(
                                               partner=cross_domain_partners(dom.to(device)))
                 elif cfg.mix != "none" and torch.rand(()) < cfg.mix_prob:
                     x, targets, w = mix_batch(x, targets, w, mode=cfg.mix, alpha=cfg.mix_alpha)
-                loss, logits = loss_of(x, targets, w, cells[idx].to(device) if dro is not None else None)
+                pool = None
+                if pool_idx is not None:
+                    u = unlabeled.images[pool_idx]
+                    pool = [to_device(u if view is None else view(u)) for view in (weak, strong)]
+                loss, logits, stats = loss_of(x, targets, w, cells[idx].to(device) if dro is not None else None, pool)
                 loss.backward()
                 if sam is not None:
                     sam.first_step()
@@ -345,23 +451,58 @@ def fit_classifier(
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
+                if ema is not None:
+                    ema.update_parameters(model)
+                if stats is not None:
+                    loss_u, confident, drawn = loss_u + stats[0] * stats[2], confident + stats[1], drawn + stats[2]
                 total_loss += float(loss.detach()) * len(y)
                 correct += int((logits.argmax(1) == targets.argmax(1)).sum())
                 seen += len(y)
-            history.append({
-                "epoch": epoch + 1, "loss": total_loss / seen, "train_acc": correct / seen,
-                "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - epoch_start,
-            })
-            bar.update(task, advance=1, info=f"loss {total_loss / seen:.3f}")
-            checkpoint.save({"history": history, "epoch": epoch + 1, "seconds": spent + time.perf_counter() - t0},
-                            **stateful)
+                if monitor is not None and monitor_every and scheduler.last_epoch % monitor_every == 0:
+                    score(scheduler.last_epoch)
+            entry = {"epoch": epoch + 1, "loss": total_loss / seen, "train_acc": correct / seen,
+                     "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - epoch_start}
+            if ssl:  # the pool's share above the threshold, and its loss (mean per unlabelled image)
+                entry.update(pseudo_labelled=confident / drawn, unlabelled_loss=loss_u / drawn)
+            history.append(entry)
+            bar.update(task, advance=1, info=f"loss {total_loss / seen:.3f}"
+                       + (f", pseudo-labelled {confident / drawn:.0%}" if ssl else ""))
+            checkpoint.save({"history": history, "epoch": epoch + 1, "seconds": spent + time.perf_counter() - t0,
+                             "curve": curve}, **stateful)
     seconds = spent + time.perf_counter() - t0
-    result = TrainResult(model.eval(), history, seconds, asdict(cfg))
+    model = kept()
+    if monitor is not None and monitor_every and (not curve or curve[-1]["step"] != scheduler.last_epoch):
+        score(scheduler.last_epoch)
+    result = TrainResult(model.eval(), history, seconds, asdict(cfg), curve)
     if cfg.refit_head:
         t1 = time.perf_counter()
         refit_head(model, train, per_class=cfg.refit_per_class, epochs=cfg.refit_epochs, lr=cfg.refit_lr, seed=seed)
         result.seconds += time.perf_counter() - t1
     return result
+
+
+def ema_update(decay: float):
+    """An EMA step for `AveragedModel` (weights and buffers) whose decay warms up as
+    min(decay, (1 + n) / (10 + n)) after n updates, so a short run's average is not
+    dominated by the initial weights (0.999^2000 still leaves 14% of them)."""
+
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor):
+        if not torch.is_floating_point(averaged[0]):  # counters (batch norm's batches seen)
+            return torch._foreach_copy_(averaged, current)
+        d = min(decay, (1 + int(n)) / (10 + int(n)))
+        torch._foreach_lerp_(averaged, current, 1 - d)
+
+    return update
+
+
+def labelled_batches(draw, steps: int, batch_size: int) -> list[torch.Tensor]:
+    """`steps` batches of `batch_size` labelled indices, from successive passes of the
+    sampler `draw()` makes (a labelled set smaller than the steps need is drawn again)."""
+    order, need = [], steps * batch_size
+    while sum(map(len, order)) < need:
+        order.append(torch.as_tensor(list(draw()), dtype=torch.int64))
+    return list(torch.cat(order)[:need].split(batch_size))
 
 
 def extract_features(model: Classifier, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:

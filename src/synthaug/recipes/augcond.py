@@ -111,7 +111,8 @@ def pairs_grid(real: ImageDataset, synthetic: ImageDataset, lines: int = 8, per_
 
 
 @register_recipe("augcond", "AugCond: generations conditioned on the class and augmented real images of it "
-                 "(augcond.mode picks the operator)", check=check, report=report, shared_store="augcond")
+                 "(augcond.mode picks the operator)", check=check, report=report, shared_store="augcond",
+                 ssl=True)
 def augcond(task, config, *, workdir=None, progress=False, trained=None) -> RecipeResult:
     opts, seconds = config.augcond, {}
     workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="synthaug-"))
@@ -140,4 +141,4 @@ def augcond(task, config, *, workdir=None, progress=False, trained=None) -> Reci
         "synthetic": {**synthetic_info, "counts_after": data.class_counts().tolist()},
     }
     return RecipeResult(metrics=metrics, model=result.model, history=result.history, seconds=seconds, extra=extra,
-                        synthetic=synthetic)
+                        synthetic=synthetic, curve=result.curve)

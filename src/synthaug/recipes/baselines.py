@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ..classify import evaluate, fit_classifier, refit_head
-from .registry import RecipeResult, register_recipe
+from .registry import RecipeResult, classifier_inputs, register_recipe
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,10 @@ BASELINES = {
     "posthoc-la": ("cross-entropy, then post-hoc logit adjustment (eval.posthoc_tau)", Baseline(after="posthoc")),
     "crt": ("cRT: cross-entropy, then the head re-fit class-balanced (Kang et al. 2020)", Baseline(after="refit")),
     "oracle": ("the full balanced real training set: the upper bound for generated data", Baseline(data="oracle")),
+    # with an unlabelled pool (few-shot): semi-supervised training, the classical answer to few labels
+    "fixmatch": ("FixMatch on the unlabelled pool: weak-view pseudo-labels above train.ssl_threshold train the "
+                 "strong view (Sohn et al. 2020)", Baseline({"ssl": "fixmatch"})),
+    "freematch": ("FixMatch with FreeMatch's self-adaptive threshold (Wang et al. 2023)", Baseline({"ssl": "freematch"})),
     # with groups (a coloured split): the classical answers to group imbalance and spurious correlation
     "group-balanced": ("each (class, group) cell drawn equally often", Baseline({"group_method": "balanced-sampling"})),
     "group-reweighted": ("each image's loss weighted by 1 / its (class, group) cell's size",
@@ -49,7 +53,8 @@ def run_baseline(name, task, config, *, workdir=None, progress=False, trained=No
         result = trained[key]
     else:
         result = fit_classifier(data, cfg, seed=config.seed, progress=progress,
-                                checkpoint_dir=Path(workdir) / "checkpoint" if workdir else None)
+                                checkpoint_dir=Path(workdir) / "checkpoint" if workdir else None,
+                                **classifier_inputs(task, replace(config, train=cfg)))
         if trained is not None:
             trained[key] = result
     seconds = {"train": result.seconds}
@@ -65,7 +70,7 @@ def run_baseline(name, task, config, *, workdir=None, progress=False, trained=No
     metrics = evaluate(model, task.test, train_counts=task.train.class_counts(), posthoc_tau=posthoc_tau,
                        many_threshold=config.eval.many_threshold, few_threshold=config.eval.few_threshold)
     seconds["evaluate"] = time.perf_counter() - t0
-    return RecipeResult(metrics=metrics, model=model, history=result.history, seconds=seconds)
+    return RecipeResult(metrics=metrics, model=model, history=result.history, seconds=seconds, curve=result.curve)
 
 
 def _register(name, description):
@@ -73,7 +78,7 @@ def _register(name, description):
         return run_baseline(name, task, config, workdir=workdir, progress=progress, trained=trained)
 
     fn.__name__ = name.replace("-", "_")
-    register_recipe(name, description)(fn)
+    register_recipe(name, description, ssl=True)(fn)
 
 
 for _name, (_description, _) in BASELINES.items():

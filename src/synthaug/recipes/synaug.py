@@ -35,7 +35,7 @@ from ..plan import balance_plan
 from ..select.metrics import diversity_ratio, memorization_ratio
 from ..select.stage import select_stage
 from ..utils.paths import check_folder
-from .registry import RecipeResult, register_recipe
+from .registry import RecipeResult, classifier_inputs, register_recipe
 
 
 @register_section("synaug")
@@ -93,7 +93,7 @@ def replay(real, plan: list[dict]):
 
 
 @register_recipe("synaug", "SYNAuG: uniformize classes (or groups) with generated images, domain mixup, head re-fit on real data",
-                 check=check, shared_store="synaug")
+                 check=check, shared_store="synaug", ssl=True)
 def synaug(task, config, *, workdir=None, progress=False, trained=None) -> RecipeResult:
     opts, seconds = config.synaug, {}
     workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="synthaug-"))
@@ -123,7 +123,8 @@ def synaug(task, config, *, workdir=None, progress=False, trained=None) -> Recip
     if opts.domain_mixup:
         train_cfg = replace(train_cfg, mix="domain-mixup", mix_alpha=opts.mix_alpha, mix_prob=opts.mix_prob)
     result = fit_classifier(data, replace(train_cfg, refit_head=False), seed=config.seed, domains=domains,
-                            sample_weights=weights, checkpoint_dir=workdir / "checkpoint", progress=progress)
+                            sample_weights=weights, checkpoint_dir=workdir / "checkpoint", progress=progress,
+                            **classifier_inputs(task, config))
     seconds["train"] = result.seconds
     model = result.model
 
@@ -148,4 +149,4 @@ def synaug(task, config, *, workdir=None, progress=False, trained=None) -> Recip
         "synthetic": {**synthetic_info, "counts_after": data.class_counts().tolist()},
     }
     return RecipeResult(metrics=metrics, model=model, history=result.history, seconds=seconds, extra=extra,
-                        synthetic=synthetic if len(synthetic) else None)
+                        synthetic=synthetic if len(synthetic) else None, curve=result.curve)

@@ -264,7 +264,7 @@ def _feature_map(model, real, store, rounds, final, n: int = 300, seed: int = 0)
 
 @register_recipe("utilgen", "UtilGen: rounds of generate, value (meta-learned weights), optimise policy and model; "
                  "then train on the final synthetic set, alone and with real data", check=check, report=report,
-                 generates=True)
+                 generates=True, ssl=True)
 def utilgen(task, config, *, workdir=None, progress=False, trained=None) -> RecipeResult:
     check(task, config)
     opts, seconds = config.utilgen, {}
@@ -304,7 +304,7 @@ def utilgen(task, config, *, workdir=None, progress=False, trained=None) -> Reci
         t0 = time.perf_counter()
         data = concat(real, synthetic)
         domains = torch.cat([torch.zeros(len(real)), torch.ones(len(synthetic))]).long()
-        valued = fit_meta_weighted(data, task.val, replace(config.train, epochs=opts.valuation_epochs, steps=None),
+        valued = fit_meta_weighted(data, task.val, replace(config.train, epochs=opts.valuation_epochs, steps=None, ssl="none"),
                                    MetaWeightConfig(meta_lr=opts.meta_lr), seed=config.seed, domains=domains,
                                    checkpoint_dir=folder / "valuation", progress=progress)
         utility = utilities(valued.model, valued.weight_net, data)
@@ -358,7 +358,7 @@ def utilgen(task, config, *, workdir=None, progress=False, trained=None) -> Reci
     # as many optimisation steps as the classifier on synthetic + real took
     size = config.train.batch_size
     epochs_alone = math.ceil(config.train.epochs * math.ceil((len(real) + len(final)) / size) / math.ceil(len(final) / size))
-    alone = fit_classifier(final, replace(config.train, epochs=epochs_alone), seed=config.seed,
+    alone = fit_classifier(final, replace(config.train, epochs=epochs_alone, ssl="none"), seed=config.seed,
                            checkpoint_dir=workdir / "checkpoint-synthetic-only", progress=progress)
     synthetic_only = evaluate(alone.model, task.test, train_counts=real.class_counts(),
                               many_threshold=config.eval.many_threshold, few_threshold=config.eval.few_threshold)
@@ -376,7 +376,7 @@ def utilgen(task, config, *, workdir=None, progress=False, trained=None) -> Reci
                       "counts_after": (real.class_counts() + final.class_counts()).tolist()},
     }
     return RecipeResult(metrics=metrics, model=result.model, history=result.history, seconds=seconds, extra=extra,
-                        synthetic=final, figures=_examples(store, rounds, real.num_classes))
+                        synthetic=final, figures=_examples(store, rounds, real.num_classes), curve=result.curve)
 
 
 def _examples(store: SyntheticStore, rounds: list[dict], classes: int) -> dict[str, torch.Tensor]:

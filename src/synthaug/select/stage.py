@@ -59,7 +59,7 @@ def overgenerate_plan(plan: list[dict], factor: float) -> list[dict]:
 def scorer_for(real: ImageDataset, config, folder: Path, *, progress: bool = False) -> Classifier:
     """The classifier that scores candidates: trained on the real split with balanced softmax
     (the run's other training settings), saved under `folder/<fingerprint>/` and reused."""
-    train_cfg = replace(config.train, loss="balanced-softmax", sampler="uniform", mix="none", refit_head=False,
+    train_cfg = replace(config.train, loss="balanced-softmax", sampler="uniform", mix="none", refit_head=False, ssl="none",
                         epochs=config.select.scorer_epochs or config.train.epochs,
                         steps=None if config.select.scorer_epochs else config.train.steps)
     key = hashlib.sha256(json.dumps([real.fingerprint(), asdict(train_cfg), config.seed], sort_keys=True,
@@ -172,7 +172,8 @@ def validation_stage(task, synthetic: ImageDataset, config, classifier: Classifi
     out["memorization"] = memorization_ratio(synthetic, task.train, heldout)
     if opts.cas:
         # train on synthetic only, test on the real test images of the classes it has
-        result = fit_classifier(synthetic, config.train, seed=config.seed, checkpoint_dir=Path(workdir) / "cas-checkpoint",
+        result = fit_classifier(synthetic, replace(config.train, ssl="none"), seed=config.seed,
+                                checkpoint_dir=Path(workdir) / "cas-checkpoint",
                                 progress=progress)
         present = synthetic.class_counts() > 0
         test = task.test.subset(torch.nonzero(present[task.test.labels]).flatten())
