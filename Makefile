@@ -8,7 +8,7 @@ STAMP := $(VENV)/.synthaug-installed
 # torch from this pin installs from the machine's wheel cache in about a minute; see README.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-slow bench-smoke bench-longtail bench-levers bench-fewshot bench-targeted bench-tables bench-speed bench-sampler bench-selection bench-executors lint clean
+.PHONY: demo test test-slow bench-smoke bench-longtail bench-levers bench-fewshot bench-ssl bench-targeted bench-tables bench-speed bench-sampler bench-selection bench-executors lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ bench-levers: $(STAMP)
 
 bench-fewshot: $(STAMP)
 	$(BIN)/synthaug bench fewshot-small --out benchmarks/results/bench/fewshot-small
+
+# issue 19: FixMatch, DPT and generation on top of semi-supervised training (configs/bench/fewshot.yaml):
+# hours on a CPU, resumable
+bench-ssl: $(STAMP)
+	$(BIN)/synthaug bench fewshot --out benchmarks/results/bench/fewshot
 
 bench-targeted: $(STAMP)
 	$(BIN)/synthaug bench targeted-small --out benchmarks/results/bench/targeted-small

@@ -17,18 +17,31 @@ from common import HERE, splice
 
 from synthaug.bench import load_suite, read_results, write_leaderboard
 from synthaug.bench.leaderboard import setting_tables
+from synthaug.utils.io import atomic_write_text
 
-SUITES = ["longtail-small", "targeted-small", "fewshot-small", "cifar10-gpu", "longtail"]
+SUITES = ["longtail-small", "targeted-small", "fewshot-small", "cifar10-gpu", "longtail", "fewshot"]
 # suites whose rows are also kept flat, one JSON object per cell (the issues' format)
-EXPORTS = {"longtail": "longtail.jsonl"}
+EXPORTS = {"longtail": "longtail.jsonl", "fewshot": "fewshot.jsonl"}
 FLAT = ("accuracy", "balanced_accuracy", "few_shot_accuracy", "worst_class_accuracy", "worst_group_accuracy")
 
 
+def backfill_curves(rows: list[dict], out) -> bool:
+    """Rows written before rows carried the accuracy-against-steps curve get it from their
+    cell's metrics.json (when the cell's folder is here). Returns whether any row changed."""
+    changed = False
+    for row in rows:
+        found = out / row["run"] / "metrics.json"
+        if "curve" not in row and found.exists() and (curve := json.loads(found.read_text()).get("curve")):
+            row["curve"], changed = curve, True
+    return changed
+
+
 def flat(row: dict) -> dict:
+    curve = row.get("curve")
     return {"setting": row["setting"], "method": row["recipe"], "seed": row["seed"],
             "generator_seed": row["generator_seed"], **{k: row["metrics"].get(k) for k in FLAT},
-            "synthetic_images": row["images_generated"], "seconds": row["seconds"], "device": row.get("device"),
-            "commit": row.get("commit")}
+            "synthetic_images": row["images_generated"], "seconds": row["seconds"], "wall_seconds": row.get("wall_seconds"),
+            "device": row.get("device"), "commit": row.get("commit"), **({"curve": curve} if curve else {})}
 
 
 def main():
@@ -38,6 +51,8 @@ def main():
         if not rows:
             print(f"{name}: no results in {out}: skipped")
             continue
+        if backfill_curves(rows, out) and not (out / ".synthaug-bench.lock").exists():
+            atomic_write_text(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         write_leaderboard(suite, rows, out)
         document = (HERE.parent / "BENCHMARKS.md").read_text()
         for setting, table in setting_tables(suite, rows).items():

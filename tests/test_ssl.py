@@ -8,7 +8,7 @@ from conftest import make_dataset
 
 import synthaug.utils.loop as loop
 from synthaug.classify import TrainConfig, create_model, fit_classifier
-from synthaug.classify.ssl import AdaptiveThreshold, Threshold, pseudo_label, unlabelled_loss
+from synthaug.classify.ssl import AdaptiveThreshold, Alignment, Threshold, pseudo_label, unlabelled_loss
 from synthaug.config import load_config
 from synthaug.data import UNLABELED, LoadedDataset, concat
 from synthaug.errors import SynthaugError
@@ -59,6 +59,18 @@ def test_adaptive_threshold_follows_the_models_confidence():
     assert bars[0] == pytest.approx(float(t.tau)) and (bars[1:] < bars[0]).all()
 
 
+def test_distribution_alignment_evens_out_an_over_predicted_class():
+    """A model that puts most pool images in class 0: aligned, class 0's share of the
+    pseudo-labels falls and the mean prediction moves towards uniform."""
+    align = Alignment(3, momentum=0.0)  # the running mean is this batch's
+    probs = torch.tensor([[0.8, 0.15, 0.05]] * 6 + [[0.5, 0.4, 0.1]] * 4)  # every argmax is class 0
+    aligned = align(probs)
+    assert torch.allclose(aligned.sum(1), torch.ones(10))
+    spread = lambda p: float((p.mean(0) - 1 / 3).abs().sum())  # noqa: E731
+    assert spread(aligned) < spread(probs)
+    assert (aligned.argmax(1) == 0).sum() < (probs.argmax(1) == 0).sum()
+
+
 def test_pseudo_labels_come_from_the_model_not_the_labels():
     """DPT labels the pool with the model's predictions: a model that predicts the wrong class
     gives that class (a pseudo-labeller that read the true labels fails this)."""
@@ -90,10 +102,10 @@ def test_fixmatch_trains_on_the_pool_and_keeps_the_ema():
     assert result.curve[-1]["accuracy"] > 0.9
 
 
-@pytest.mark.parametrize("ssl", ["fixmatch", "freematch"])
-def test_resume_gives_the_same_model(ssl, tmp_path, monkeypatch):
+@pytest.mark.parametrize("ssl, align", [("fixmatch", False), ("freematch", False), ("fixmatch", True)])
+def test_resume_gives_the_same_model(ssl, align, tmp_path, monkeypatch):
     ds, pool = make_dataset((6, 6, 6)), pool_of(make_dataset((10, 10, 10), seed=3))
-    cfg = TrainConfig(**{**SSL, "epochs": 3, "ssl": ssl, "augment": "crop"})
+    cfg = TrainConfig(**{**SSL, "epochs": 3, "ssl": ssl, "ssl_align": align, "augment": "crop"})
     reference = fit_classifier(ds, cfg, seed=1, unlabeled=pool).model.state_dict()
     real_save = loop.save_state
 

@@ -162,7 +162,7 @@ def analyse(
 @app.command()
 def bench(
     suite: str = typer.Argument(..., help="a shipped suite (smoke, longtail-small, longtail, fewshot-small, fewshot, "
-                                          "targeted-small, full, cifar10-gpu) or a suite YAML file"),
+                                          "targeted-small, full, cifar10-gpu, fewshot-cifar10-gpu) or a suite YAML file"),
     out: Path = typer.Option(None, help="the suite's folder (default: runs/bench-<suite>)"),
     force: bool = typer.Option(False, help="re-run the cells whose config changed since they ran"),
     report_only: bool = typer.Option(False, "--report-only", help="only rewrite the leaderboard from results.jsonl"),

@@ -111,6 +111,25 @@ def markdown_setting(name: str, rows: list[dict], summary: dict, columns: list[s
         lines.append(f"\nBest classical baseline: {best} (highest mean {label(metric)}); each difference is paired by "
                      "classifier seed. Cost: the recipe run alone (classifier training, its images at the measured "
                      "seconds per image, its generator's training)." + _gap(summary, best))
+    curves = curve_table(rows, summary["recipes"])
+    return "\n".join(lines) + "\n" + (f"\n{curves}" if curves else "")
+
+
+def curve_table(rows: list[dict], recipes: list[str]) -> str:
+    """Test accuracy against optimiser steps (cells run with eval.curve_every), mean over the
+    seeds: what a smaller step budget would have cost each recipe. '' when no cell has a curve."""
+    points: dict[str, dict[int, list[float]]] = {}
+    for r in rows:
+        for p in r.get("curve") or []:
+            points.setdefault(r["recipe"], {}).setdefault(p["step"], []).append(p["accuracy"])
+    if not points:
+        return ""
+    steps = sorted({s for by_step in points.values() for s in by_step})
+    lines = ["Test accuracy (%) against optimiser steps, mean over the seeds (recorded only, nothing chosen by it):", "",
+             "| recipe | " + " | ".join(map(str, steps)) + " |", "|---" * (len(steps) + 1) + "|"]
+    for recipe in [r for r in recipes if r in points]:
+        cells = [f"{100 * statistics.fmean(points[recipe][s]):.2f}" if s in points[recipe] else "-" for s in steps]
+        lines.append(f"| {recipe} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

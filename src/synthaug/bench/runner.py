@@ -98,6 +98,7 @@ def preflight(suite: Suite, cells: list[Cell], out: Path):
     device, model, store folders, data, split and the recipe's own check."""
     from ..data import load_dataset
     from ..recipes import get_recipe
+    from ..runs import check_ssl
     from ..runs import preflight as run_preflight
     from ..task import make_task
 
@@ -113,12 +114,13 @@ def preflight(suite: Suite, cells: list[Cell], out: Path):
                 tasks[key] = make_task(data, config.split)
             except SynthaugError as e:
                 raise SynthaugError(f"setting '{cell.setting}': {e}") from None
-        check = get_recipe(config.recipe).check
-        if check is not None:
-            try:
-                check(tasks[key], config)
-            except SynthaugError as e:
-                raise SynthaugError(f"cell '{cell.key}': {e}") from None
+        recipe = get_recipe(config.recipe)
+        try:
+            check_ssl(tasks[key], config, [recipe])
+            if recipe.check is not None:
+                recipe.check(tasks[key], config)
+        except SynthaugError as e:
+            raise SynthaugError(f"cell '{cell.key}': {e}") from None
 
 
 def run_suite(suite: Suite, out: str | Path, *, force: bool = False, progress: bool = True,
@@ -192,6 +194,8 @@ def result_row(suite: Suite, cell: Cell, metrics: dict, run_dir: Path, out: Path
         "generator": Path(generator["path"]).name if generator.get("path") else None,
         "generator_train_seconds": metrics["seconds"].get("generator") if generator.get("trained_now") else None,
         "train_steps": cell.config.train.steps, "run": str(run_dir.relative_to(out)),
+        # test accuracy against optimiser steps (eval.curve_every), when the cell recorded it
+        **({"curve": metrics["curve"]} if metrics.get("curve") else {}),
         "settings": json.loads(json.dumps(settings_of(cell.config), default=str)),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **env,
     }

@@ -11,7 +11,12 @@ FreeMatch (Wang et al. 2023), self-adaptive thresholding only: the threshold fol
 model's confidence, globally (an EMA of the mean top probability) and per class (an EMA of
 the mean class probabilities, max-normalised), so early training already learns from the
 pool and a class the model is unsure of gets a lower bar. (FreeMatch's fairness term is not
-implemented.)"""
+implemented.)
+
+Distribution alignment (ReMixMatch, Berthelot et al. 2020; `train.ssl_align`): the weak
+view's probabilities are multiplied by target / (an EMA of the model's mean prediction on the
+pool) and renormalised before the threshold, the target being uniform, so the classes the
+model over-predicts early do not take over the pseudo-labels (confirmation bias)."""
 
 from __future__ import annotations
 
@@ -61,17 +66,35 @@ class AdaptiveThreshold(Threshold):
         self.class_probs.mul_(m).add_((1 - m) * probs.mean(0))
 
 
+class Alignment(nn.Module):
+    """Distribution alignment: probs * target / running mean of probs, renormalised. The
+    running mean (EMA, `momentum`) is a buffer, so checkpoints keep it."""
+
+    def __init__(self, num_classes: int, momentum: float = 0.999):
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("target", torch.full((num_classes,), 1.0 / num_classes))
+        self.register_buffer("running", torch.full((num_classes,), 1.0 / num_classes))
+
+    @torch.no_grad()
+    def forward(self, probs: torch.Tensor) -> torch.Tensor:
+        self.running.mul_(self.momentum).add_((1 - self.momentum) * probs.mean(0))
+        aligned = probs * self.target / self.running.clamp(min=1e-6)
+        return aligned / aligned.sum(1, keepdim=True)
+
+
 def make_threshold(kind: str, num_classes: int, threshold: float) -> Threshold:
     return AdaptiveThreshold(num_classes) if kind == "freematch" else Threshold(num_classes, threshold)
 
 
-def unlabelled_loss(weak_logits: torch.Tensor, strong_logits: torch.Tensor, threshold: Threshold
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def unlabelled_loss(weak_logits: torch.Tensor, strong_logits: torch.Tensor, threshold: Threshold,
+                    align: Alignment | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """FixMatch's consistency loss: cross-entropy of the strong view against the weak view's
-    hard pseudo-label, over the images whose weak confidence reaches the threshold, averaged
-    over the whole unlabelled batch (as the paper). Returns the loss, the pseudo-labels and
-    the mask."""
-    labels, mask = threshold(torch.softmax(weak_logits.detach().float(), dim=1))
+    hard pseudo-label, over the images whose weak confidence (after `align`, if given)
+    reaches the threshold, averaged over the whole unlabelled batch (as the paper). Returns
+    the loss, the pseudo-labels and the mask."""
+    probs = torch.softmax(weak_logits.detach().float(), dim=1)
+    labels, mask = threshold(probs if align is None else align(probs))
     per_image = F.cross_entropy(strong_logits.float(), labels, reduction="none")
     return (per_image * mask).mean(), labels, mask
 

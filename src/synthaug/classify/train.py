@@ -26,7 +26,7 @@ from ..utils.runtime import autocast, check_device, fast_dtype, infer, progress_
 from .evaluate import predict_logits
 from .losses import SAM, GroupDRO, mix_batch, soft_cross_entropy
 from .models import Classifier, create_model
-from .ssl import make_threshold, unlabelled_loss
+from .ssl import Alignment, make_threshold, unlabelled_loss
 
 SAMPLERS, LOSSES, MIXES = get_args(ClassSampler), get_args(Loss), get_args(Mix)
 AUGMENTATIONS = ("none", "crop", "flip", "randaugment", "trivialaugment", "autoaugment", "cutout")
@@ -65,6 +65,7 @@ class TrainConfig:
     ssl_threshold: float = 0.95  # fixmatch: the weak view's confidence that makes its label a pseudo-label
     ssl_mu: int = 7  # unlabelled images per labelled image in each step
     ssl_weight: float = 1.0  # weight of the unlabelled loss (lambda_u)
+    ssl_align: bool = False  # distribution alignment of the weak view's prediction to uniform (ReMixMatch)
     ssl_weak: str = "flip+crop"  # the view that pseudo-labels ('+'-joined augmentations)
     ssl_strong: str = "flip+crop+randaugment+cutout"  # the view trained on the pseudo-label
     ssl_ema: float = 0.999  # with ssl, the model kept is an EMA of the weights with this decay (0: off)
@@ -360,6 +361,9 @@ def fit_classifier(
         weak, strong = build_augmentation(cfg.ssl_weak, train.image_size), build_augmentation(cfg.ssl_strong, train.image_size)
         threshold = make_threshold(cfg.ssl, train.num_classes, cfg.ssl_threshold).to(device)
         stateful["threshold"] = threshold
+        align = Alignment(train.num_classes).to(device) if cfg.ssl_align else None
+        if align is not None:
+            stateful["align"] = align
         if cfg.ssl_ema > 0:
             from torch.optim.swa_utils import AveragedModel
 
@@ -396,7 +400,7 @@ def fit_classifier(
         loss = soft_cross_entropy(logits, targets, log_prior=log_prior, tau=tau, weights=w)
         if pool is None:
             return loss, logits, None
-        loss_u, _, mask = unlabelled_loss(*unlabelled.chunk(2), threshold)
+        loss_u, _, mask = unlabelled_loss(*unlabelled.chunk(2), threshold, align)
         return loss + cfg.ssl_weight * loss_u, logits, (float(loss_u.detach()), int(mask.sum()), len(mask))
 
     def to_device(x):

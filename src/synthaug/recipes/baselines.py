@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ..classify import evaluate, fit_classifier, refit_head
+from ..errors import SynthaugError
 from .registry import RecipeResult, classifier_inputs, register_recipe
 
 
@@ -73,12 +74,20 @@ def run_baseline(name, task, config, *, workdir=None, progress=False, trained=No
     return RecipeResult(metrics=metrics, model=model, history=result.history, seconds=seconds, curve=result.curve)
 
 
+def needs_pool(task, config):
+    """The semi-supervised baselines' check: a split with an unlabelled pool."""
+    if task.unlabeled is None or len(task.unlabeled) == 0:
+        raise SynthaugError("semi-supervised training needs an unlabelled pool and this split has none: use "
+                            "split.kind=few-shot with split.unlabeled_pool=true")
+
+
 def _register(name, description):
     def fn(task, config, *, workdir=None, progress=False, trained=None):
         return run_baseline(name, task, config, workdir=workdir, progress=progress, trained=trained)
 
     fn.__name__ = name.replace("-", "_")
-    register_recipe(name, description, ssl=True)(fn)
+    check = needs_pool if BASELINES[name][1].train_overrides.get("ssl") else None
+    register_recipe(name, description, check=check, ssl=True)(fn)
 
 
 for _name, (_description, _) in BASELINES.items():
