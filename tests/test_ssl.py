@@ -8,7 +8,13 @@ from conftest import make_dataset
 
 import synthaug.utils.loop as loop
 from synthaug.classify import TrainConfig, create_model, fit_classifier
-from synthaug.classify.ssl import AdaptiveThreshold, Alignment, Threshold, pseudo_label, unlabelled_loss
+from synthaug.classify.ssl import (
+    AdaptiveThreshold,
+    Alignment,
+    Threshold,
+    pseudo_label,
+    unlabelled_loss,
+)
 from synthaug.config import load_config
 from synthaug.data import UNLABELED, LoadedDataset, concat
 from synthaug.errors import SynthaugError

@@ -140,8 +140,9 @@ def recommend(profile: dict, probe: dict | None = None, augment: str = "crop") -
         r.remarks.append(f"the probe already reaches {100 * probe['balanced_accuracy']:.1f}% balanced accuracy after "
                          f"{probe['steps']} steps: little room for any method")
     if profile.get("unlabeled_images"):
-        r.remarks.append(f"{profile['unlabeled_images']} unlabelled images: semi-supervised training (FixMatch) is the "
-                         "baseline a user would reach for; synthaug does not have it yet")
+        r.remarks.append(f"{profile['unlabeled_images']} unlabelled images: measure semi-supervised training on them "
+                         "too (recipe fixmatch, or train.ssl=fixmatch under another recipe; dpt adds images generated "
+                         "from the pseudo-labelled pool); the fewshot suite's tables in BENCHMARKS.md say where it paid")
     return r
 
 

@@ -162,9 +162,11 @@ def dpt(task, config, *, workdir=None, progress=False, trained=None) -> RecipeRe
         synthetic, generator_info = replay(conditions, plan), {"source": "none: pseudo-labelled pool replay"}
         synthetic_info = {"images": len(synthetic), "generated_now": 0, "replay": True}
     else:
-        # 2. the generator on the pseudo-labelled pool (image-conditioned, so every mode shares it)
-        generator, generator_info = generator_stage(conditions, config, progress=progress, unlabeled=rest,
-                                                    image_embed_dim=opts.embed_dim)
+        # 2. the generator on the pseudo-labelled pool (image-conditioned, so every mode shares it); every
+        # image drawn equally often: the null class's share of a batch is the low-confidence share of the data
+        share = round(len(rest) / (len(rest) + len(conditions)), 4) if rest is not None else 0.0
+        generator, generator_info = generator_stage(conditions, replace(config, generator=replace(
+            config.generator, unlabeled_share=share)), progress=progress, unlabeled=rest, image_embed_dim=opts.embed_dim)
         seconds["generator"] = generator_info.pop("seconds")
         # 3. per_class images per class, each conditioned on the label (and on pseudo-labelled images)
         store_dir = Path(opts.store_dir) if opts.store_dir else workdir / "synthetic"
