@@ -30,8 +30,8 @@ def backfill_curves(rows: list[dict], out) -> bool:
     cell's metrics.json (when the cell's folder is here). Returns whether any row changed."""
     changed = False
     for row in rows:
-        found = out / row["run"] / "metrics.json"
-        if "curve" not in row and found.exists() and (curve := json.loads(found.read_text()).get("curve")):
+        found = out / row.get("run", "-") / "metrics.json"
+        if "curve" not in row and row.get("run") and found.exists() and (curve := json.loads(found.read_text()).get("curve")):
             row["curve"], changed = curve, True
     return changed
 

@@ -207,9 +207,14 @@ def environment(device: str = "auto") -> dict:
     from .. import __version__
     from ..utils.runtime import resolve_device
 
+    here = Path(__file__).resolve().parent
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                                cwd=Path(__file__).resolve().parent).stdout.strip() or None
+                                cwd=here).stdout.strip() or None
+        # the code that runs is the commit only if the package's files are as committed
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", str(here.parent)],
+                                 capture_output=True, text=True, timeout=10, cwd=here).stdout.strip()
+        commit = f"{commit}+changes" if commit and changed else commit
     except (OSError, subprocess.SubprocessError):
         commit = None
     chosen = resolve_device(device)
