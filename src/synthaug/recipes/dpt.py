@@ -40,6 +40,7 @@ from ..generate.stage import generate_stage, generator_stage
 from ..plan import conditioned_plan
 from ..report import pct
 from ..select.metrics import diversity_ratio, memorization_ratio
+from ..utils.io import atomic_write_json
 from ..utils.paths import check_folder
 from .registry import RecipeResult, register_recipe, train_and_evaluate
 from .synaug import replay
@@ -112,8 +113,7 @@ def pseudo_labels(task, config, cache_root: Path, workdir: Path, *, progress: bo
     result.model.save_pretrained(folder / "classifier")
     save_file({"labels": labels.contiguous(), "confidence": confidence.contiguous()}, folder / "labels.safetensors")
     info = {"seed": seed, "test_accuracy": accuracy, "seconds": result.seconds}
-    (folder / "done.json.tmp").write_text(json.dumps(info))
-    (folder / "done.json.tmp").replace(folder / "done.json")  # last: a folder without it is redone
+    atomic_write_json(folder / "done.json", info)  # last: a folder without it is redone
     return {**info, "labels": labels, "confidence": confidence, "cached": False}
 
 
