@@ -89,3 +89,22 @@ def test_settings_built_in_code_check_their_choices(make):
     """The Literal types validate settings made in code too, not only those read by the config."""
     with pytest.raises(SynthaugError, match="use one of"):
         make()
+
+
+def test_options_added_later_leave_cache_keys_alone_at_their_defaults():
+    """Caches named by a hash of settings (labellers, scorers, checkpoints, shared stores)
+    keep their names when synthaug gains an option, as long as it stays at its default."""
+    from dataclasses import asdict
+
+    from synthaug.classify import TrainConfig
+    from synthaug.config import GeneratorSection
+    from synthaug.utils.keys import drop_added_defaults, key_dict
+
+    assert TrainConfig.ADDED and GeneratorSection.ADDED
+    plain = key_dict(TrainConfig())
+    assert not set(TrainConfig.ADDED) & set(plain)
+    assert plain == {k: v for k, v in asdict(TrainConfig()).items() if k not in TrainConfig.ADDED}
+    assert key_dict(TrainConfig(drw_start=0.8))["drw_start"] == 0.8
+    section = asdict(GeneratorSection(cbdm_weight=1.0))
+    kept = drop_added_defaults(section, GeneratorSection)
+    assert kept["cbdm_weight"] == 1.0 and "min_snr_gamma" not in kept and kept["steps"] == section["steps"]

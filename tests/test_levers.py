@@ -1,6 +1,8 @@
 """Issue 21's levers, each shown to do what it says on data with a known answer (a mutation
 that disables one fails here): DiffuLT's distance filter and band, prototype cleaning, the
-synthetic loss weight and the real-replay control of SYNAuG."""
+synthetic loss weight and the real-replay control of SYNAuG, deferred re-weighting, and the
+generator's tail levers (class sampling, Min-SNR weighting, CBDM's regulariser, the EMA's
+half-life)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import torch
 from conftest import make_dataset
 
 import synthaug.recipes.synaug as synaug_module
+from synthaug.classify import TrainConfig, fit_classifier
 from synthaug.config import load_config
 from synthaug.data import LoadedDataset
 from synthaug.errors import SynthaugError
@@ -217,3 +220,110 @@ def test_group_methods_need_groups_and_train(tmp_path):
     result = fit_classifier(_grouped(), TrainConfig(epochs=2, batch_size=16, augment="none", group_method="dro"),
                             checkpoint_dir=tmp_path / "ck")
     assert len(result.history) == 2
+
+
+def test_effective_number_weights_are_about_inverse_frequency_with_mean_one():
+    from synthaug.classify.train import effective_number_weights
+
+    w = effective_number_weights(torch.tensor([400, 100, 10]))
+    assert torch.isclose(w.mean(), torch.tensor(1.0))
+    assert 9.5 < float(w[2] / w[0]) < 40.5 and 3.9 < float(w[1] / w[0]) < 4.1  # (1-b^n) ~ n(1-b) for n << 1/(1-b)
+
+
+def test_drw_weights_the_loss_by_class_only_from_its_start(monkeypatch):
+    """DRW: plain cross-entropy before train.drw_start's share of the epochs, then each
+    image weighted by its class (rare classes above frequent ones), a mean of 1 per batch."""
+    import synthaug.classify.train as train_module
+
+    seen = []
+    real = train_module.soft_cross_entropy
+
+    def spy(logits, targets, **kw):
+        seen.append((kw.get("weights").detach().cpu().clone(), targets.argmax(1).cpu()))
+        return real(logits, targets, **kw)
+
+    monkeypatch.setattr(train_module, "soft_cross_entropy", spy)
+    ds = make_dataset((48, 12, 4))
+    fit_classifier(ds, TrainConfig(epochs=2, batch_size=16, augment="none", drw_start=0.5), seed=0)
+    per_epoch = len(seen) // 2
+    early, late = seen[:per_epoch], seen[per_epoch:]
+    assert all(torch.all(w == 1) for w, _ in early)
+    w, y = torch.cat([w for w, _ in late]), torch.cat([y for _, y in late])
+    assert float(w[y == 2].min()) > float(w[y == 1].max()) > float(w[y == 0].max())
+    assert all(torch.isclose(w.mean(), torch.tensor(1.0), atol=1e-5) for w, _ in late)
+    with pytest.raises(SynthaugError, match="drw_start"):
+        TrainConfig(drw_start=1.5)
+
+
+# ---------------------------------------------------------------- the generator's tail levers
+def _fit_generator(ds, **levers):
+    from synthaug.generate import DiffusionGenerator, GeneratorConfig, GeneratorTrainConfig
+
+    config = GeneratorConfig(image_size=8, channels=1, classes=ds.classes, preset="tiny", label_dropout=0.0)
+    train = GeneratorTrainConfig(steps=levers.pop("steps", 1), batch_size=16, warmup_steps=1, precision="float32",
+                                 **levers)
+    return DiffusionGenerator.fit(ds, config, train, seed=0)
+
+
+@pytest.mark.parametrize("sampler", ["uniform", "sqrt", "class-balanced"])
+def test_generator_class_sampler_draws_the_tail_as_often_as_it_says(monkeypatch, sampler):
+    import synthaug.generate.training as training
+
+    drawn = []
+    real = training.labelled_draw
+    monkeypatch.setattr(training, "labelled_draw", lambda *a: drawn.append(real(*a)) or drawn[-1])
+    ds = make_dataset((48, 12, 4))
+    _fit_generator(ds, steps=30, class_sampler=sampler)
+    share = float((ds.labels[torch.cat(drawn)] == 2).float().mean())
+    expected = {"uniform": 4 / 64, "sqrt": 2 / (48**0.5 + 12**0.5 + 2), "class-balanced": 1 / 3}[sampler]
+    assert abs(share - expected) < 0.06, (sampler, share, expected)
+
+
+def test_min_snr_weighting_lowers_the_loss_of_low_noise_steps_only():
+    ds = make_dataset((12, 8, 4))
+    plain = _fit_generator(ds).history[-1]["loss"]
+    weighted = _fit_generator(ds, min_snr_gamma=5.0).history[-1]["loss"]
+    unbounded = _fit_generator(ds, min_snr_gamma=1e12).history[-1]["loss"]  # no SNR above gamma: the plain loss
+    assert weighted < plain * 0.99 and abs(unbounded - plain) < 1e-5 * plain
+
+
+def test_cbdm_regulariser_pulls_the_true_class_towards_the_other_and_commits_a_quarter():
+    from synthaug.generate.training import cbdm_regulariser
+
+    eps, other = torch.zeros(2, 1, 2, 2, requires_grad=True), torch.ones(2, 1, 2, 2, requires_grad=True)
+    t = torch.tensor([500, 0])  # t = 0: no weight
+    loss = cbdm_regulariser(eps, other, t, tau=2.0, timesteps=1000)
+    assert torch.isclose(loss, torch.tensor((1.0 + 0.25) * 1.0 / 2))  # weight 2 * 0.5 on half the elements
+    loss.backward()
+    assert torch.all(eps.grad[1] == 0) and torch.all(other.grad[1] == 0)
+    assert torch.allclose(other.grad[0], -eps.grad[0] / 4) and float(eps.grad[0].sum()) < 0  # eps moves towards other
+    ds = make_dataset((12, 8, 4))
+    assert _fit_generator(ds, cbdm_weight=1.0).history[-1]["loss"] > _fit_generator(ds).history[-1]["loss"]
+
+
+def test_ema_half_life_sets_the_decay_from_the_run_s_length(monkeypatch):
+    import diffusers.training_utils
+
+    from synthaug.generate import GeneratorTrainConfig
+
+    cfg = GeneratorTrainConfig(steps=400, ema_half_life=0.25)
+    assert abs(cfg.decay**100 - 0.5) < 1e-9 and GeneratorTrainConfig().decay == 0.999
+    decays = []
+    real = diffusers.training_utils.EMAModel
+    monkeypatch.setattr(diffusers.training_utils, "EMAModel",
+                        lambda params, decay: decays.append(decay) or real(params, decay=decay))
+    _fit_generator(make_dataset((12, 8, 4)), steps=8, ema_half_life=0.5)
+    assert decays == [0.5 ** (1 / 4)]
+    with pytest.raises(SynthaugError, match="ema_half_life"):
+        GeneratorTrainConfig(ema_half_life=2.0)
+
+
+@pytest.mark.parametrize("lever", ["class_sampler=sqrt", "min_snr_gamma=5", "cbdm_weight=1", "ema_half_life=0.1"])
+def test_each_tail_lever_names_another_generator_and_the_defaults_keep_the_old_name(lever):
+    from synthaug.generate.cache import generator_fingerprint
+
+    ds = make_dataset((12, 8, 4))
+    default = load_config(None, []).generator
+    assert generator_fingerprint(ds, default, 0) != generator_fingerprint(ds, load_config(None, [f"generator.{lever}"]).generator, 0)
+    off = load_config(None, [f"generator.{lever.split('=')[0]}={'uniform' if 'sampler' in lever else 0}"]).generator
+    assert generator_fingerprint(ds, off, 0) == generator_fingerprint(ds, default, 0) == "a0fef0b7b8cd04b0"  # as before

@@ -19,7 +19,7 @@ Precision = Literal["auto", "float32", "bfloat16"]
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]  # Stable Diffusion's weights
 Operator = Literal["image", "dropout", "mixup", "cutmix", "embed-mixup", "embed-cutmix", "embed-cutmix-dropout",
                    "label-only"]  # AugCond's conditioning operators
-ClassSampler = Literal["uniform", "class-balanced", "sqrt"]  # the classifier's batch sampler
+ClassSampler = Literal["uniform", "class-balanced", "sqrt"]  # how batches draw the classes (classifier, generator)
 Loss = Literal["ce", "logit-adjusted", "balanced-softmax"]
 Mix = Literal["none", "mixup", "cutmix", "mixup-cutmix", "domain-mixup"]
 GroupMethod = Literal["none", "balanced-sampling", "reweighted", "dro"]  # the (class, group) cells' treatment

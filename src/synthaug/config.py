@@ -15,10 +15,11 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import yaml
 
-from .choices import Dtype, Pairing, Precision, Preset, Profile, Sampler, SplitKind
+from .choices import ClassSampler, Dtype, Pairing, Precision, Preset, Profile, Sampler, SplitKind
 from .classify.train import TrainConfig
 from .errors import SynthaugError
 from .utils.paths import check_folder, check_name
@@ -84,6 +85,9 @@ class GeneratorSection:
     """The generator: the embedded diffusion model (network, training) or a pretrained Stable
     Diffusion pipeline (`pretrained`), and sampling."""
 
+    # options left out of cache keys (shared stores) at their defaults (utils/keys.py)
+    ADDED: ClassVar[tuple[str, ...]] = ("class_sampler", "min_snr_gamma", "cbdm_weight", "ema_half_life")
+
     path: str | None = None  # a folder written by save_pretrained: use it instead of training one
     # embedded, stable-diffusion or a registered kind (generate/cache.py); auto: stable-diffusion with pretrained
     kind: str = "auto"
@@ -124,6 +128,11 @@ class GeneratorSection:
     # image-conditioned generators (recipe augcond): condition dropout and the conditioning image in training
     image_dropout: float = 0.1
     image_pairing: Pairing = "self"
+    # levers for a long-tailed training set (issue 21; BENCHMARKS.md measures them), off by default:
+    class_sampler: ClassSampler = "uniform"  # how the generator draws its labelled images: per image, sqrt, per class
+    min_snr_gamma: float = 0.0  # > 0: Min-SNR loss weighting, min(SNR, gamma) / SNR (Hang et al. 2023; gamma 5)
+    cbdm_weight: float = 0.0  # > 0: CBDM's class-balancing regulariser at strength tau (Qin et al. 2023; tau 1)
+    ema_half_life: float = 0.0  # > 0: the EMA's half-life as a share of the training steps (replaces ema_decay)
 
     @property
     def plan_seed(self) -> int:
@@ -136,6 +145,9 @@ class GeneratorSection:
         for key in ("steps", "batch_size", "checkpoint_every", "sampling_steps", "sampling_batch_size"):
             if getattr(self, key) < 1:
                 raise SynthaugError(f"generator.{key} must be >= 1, got {getattr(self, key)}")
+        if self.min_snr_gamma < 0 or self.cbdm_weight < 0 or not 0 <= self.ema_half_life <= 1:
+            raise SynthaugError("generator.min_snr_gamma and generator.cbdm_weight must be >= 0, "
+                                "generator.ema_half_life in [0, 1] (0: use generator.ema_decay)")
         if not 0 <= self.label_dropout < 1 or not 0 < self.ema_decay < 1 or self.lr <= 0:
             raise SynthaugError("generator.label_dropout must be in [0, 1), generator.ema_decay in (0, 1), generator.lr > 0")
         if self.guidance_scale < 1:

@@ -11,7 +11,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import get_args
+from typing import ClassVar, get_args
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,7 @@ from torchvision.transforms import v2
 from ..choices import ClassSampler, GroupMethod, Loss, Mix, Precision, SslMethod, check_choices
 from ..data.dataset import UNLABELED, ImageDataset
 from ..errors import SynthaugError
+from ..utils.keys import key_dict
 from ..utils.loop import Checkpoint, warmup_cosine
 from ..utils.runtime import autocast, check_device, fast_dtype, infer, progress_bar, resolve_device
 from .evaluate import predict_logits
@@ -36,6 +37,8 @@ AUGMENTATIONS = ("none", "crop", "flip", "randaugment", "trivialaugment", "autoa
 class TrainConfig:
     """Everything that decides how a classifier is trained. Defaults suit 28x28 images on a CPU."""
 
+    ADDED: ClassVar[tuple[str, ...]] = ("drw_start",)  # options left out of cache keys at their defaults (utils/keys.py)
+
     model: str = "small-cnn"
     epochs: int = 15
     # optimiser steps in all: when set, epochs = ceil(steps / steps per epoch), so methods that
@@ -49,6 +52,9 @@ class TrainConfig:
     sampler: ClassSampler = "uniform"
     loss: Loss = "ce"
     tau: float = 1.0  # logit-adjustment strength (balanced-softmax fixes it to 1)
+    # deferred re-weighting (DRW, Cao et al. 2019): from this share of the epochs on, each image's loss is
+    # weighted by its class's effective-number weight (Cui et al. 2019, beta 0.9999); 1: never, 0: from the start
+    drw_start: float = 1.0
     label_smoothing: float = 0.0
     augment: str = field(default="crop", metadata={"help": "'+'-joined: " + ", ".join(AUGMENTATIONS)})
     mix: Mix = "none"
@@ -88,7 +94,7 @@ class TrainConfig:
             raise SynthaugError("train.epochs, train.steps, train.batch_size and train.refit_epochs must be >= 1")
         if self.mix_alpha <= 0:
             raise SynthaugError(f"train.mix_alpha must be > 0, got {self.mix_alpha}")
-        for name in ("mix_prob", "label_smoothing"):
+        for name in ("mix_prob", "label_smoothing", "drw_start"):
             if not 0 <= getattr(self, name) <= 1:
                 raise SynthaugError(f"train.{name} must be in [0, 1], got {getattr(self, name)}")
         for f in fields(self):
@@ -221,6 +227,14 @@ def class_weights(kind: str, counts: torch.Tensor) -> torch.Tensor:
     return {"uniform": torch.ones_like(counts), "class-balanced": 1.0 / counts, "sqrt": 1.0 / counts.sqrt()}[kind]
 
 
+def effective_number_weights(counts: torch.Tensor, beta: float = 0.9999) -> torch.Tensor:
+    """Cui et al. 2019's class weights, (1 - beta) / (1 - beta^n_c), scaled to mean 1 over the
+    classes (empty classes get the weight of a class of one image)."""
+    counts = counts.double().clamp(min=1)
+    weights = (1 - beta) / (1 - beta**counts)
+    return (weights * len(counts) / weights.sum()).float()
+
+
 def presented_prior(kind: str, counts: torch.Tensor) -> torch.Tensor:
     """The class distribution the sampler presents to the loss. Logit adjustment and Balanced
     Softmax correct for this prior, not the dataset's counts: with class-balanced sampling it
@@ -348,6 +362,8 @@ def fit_classifier(
     sam = SAM(params, optimizer, cfg.sam_rho) if cfg.sam_rho > 0 else None
 
     log_prior = presented_prior(cfg.sampler, train.class_counts())
+    drw_epoch = round(cfg.drw_start * cfg.epochs) if cfg.drw_start < 1 else None
+    drw_weights = effective_number_weights(train.class_counts()).to(device)
     if cfg.group_method == "balanced-sampling":  # each class as often as it has non-empty cells
         per_class = torch.zeros(train.num_classes).index_add(0, torch.unique(cells) // (int(train.groups.max()) + 1),
                                                              torch.ones(len(torch.unique(cells))))
@@ -375,7 +391,7 @@ def fit_classifier(
     # a checkpoint is resumed only by the same training (config, seed, data, weights, domains, pool)
     extras = [hashlib.sha256(t.cpu().numpy().tobytes()).hexdigest() for t in (weights, domains)]
     dtype = fast_dtype(cfg.precision, device)
-    key = {"config": asdict(cfg), "seed": seed, "data": train.fingerprint(), "extras": extras}
+    key = {"config": key_dict(cfg), "seed": seed, "data": train.fingerprint(), "extras": extras}
     if ssl:
         key["unlabeled"] = unlabeled.fingerprint()
     if monitor is not None and monitor_every:
@@ -441,6 +457,10 @@ def fit_classifier(
                                               partner=cross_domain_partners(dom.to(device)))
                 elif cfg.mix != "none" and torch.rand(()) < cfg.mix_prob:
                     x, targets, w = mix_batch(x, targets, w, mode=cfg.mix, alpha=cfg.mix_alpha)
+                if drw_epoch is not None and epoch >= drw_epoch:
+                    # DRW: the class weight of each (mixed) target, a weighted mean as in the paper's loss
+                    class_w = targets @ drw_weights
+                    w = w * class_w / class_w.mean()
                 pool = None
                 if pool_idx is not None:
                     u = unlabeled.images[pool_idx]

@@ -17,7 +17,7 @@ from ..utils.registry import Registry
 from ..utils.runtime import fast_dtype, resolve_device
 from .base import Generator
 from .diffusion import DiffusionGenerator
-from .network import GeneratorConfig, GeneratorTrainConfig, SamplerConfig
+from .network import TAIL_LEVERS, GeneratorConfig, GeneratorTrainConfig, SamplerConfig
 from .stable_diffusion import KIND as SD_KIND
 from .stable_diffusion import StableDiffusionGenerator
 
@@ -54,6 +54,9 @@ def generator_fingerprint(data: ImageDataset, section, num_groups: int, *, unlab
         payload["unlabeled"] = [unlabeled.fingerprint(), section.unlabeled_share]
     if image_embed_dim:
         payload["image"] = [image_embed_dim, section.image_dropout, section.image_pairing]
+    levers = {k: getattr(section, k) for k, off in TAIL_LEVERS.items() if getattr(section, k) != off}
+    if levers:
+        payload["levers"] = levers
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -132,7 +135,8 @@ def train_config(section, device: str = "auto") -> GeneratorTrainConfig:
     return GeneratorTrainConfig(steps=section.steps, batch_size=section.batch_size, lr=section.lr,
                                 ema_decay=section.ema_decay, checkpoint_every=section.checkpoint_every,
                                 unlabeled_share=section.unlabeled_share, device=device,
-                                precision=resolved_precision(section.precision, device))
+                                precision=resolved_precision(section.precision, device),
+                                **{k: getattr(section, k) for k in TAIL_LEVERS})
 
 
 def sampler_config(section, device: str = "auto") -> SamplerConfig:

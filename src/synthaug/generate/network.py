@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import get_args
 
-from ..choices import Pairing, Precision, Preset, Sampler, check_choices
+from ..choices import ClassSampler, Pairing, Precision, Preset, Sampler, check_choices
 from ..errors import SynthaugError
 
 # Network sizes. `small` is the size a first trial found good for 28x28 digits on a CPU
@@ -83,9 +83,31 @@ class GeneratorTrainConfig:
     unlabeled_share: float = 0.5  # share of each batch drawn from an unlabeled pool, when one is given
     device: str = "auto"
     precision: Precision = "auto"  # bfloat16 autocast (float32 weights and optimiser) where native
+    # levers for a long-tailed training set (issue 21), off by default (see TAIL_LEVERS):
+    class_sampler: ClassSampler = "uniform"  # how the labelled images are drawn: per image, per sqrt(n_c), per class
+    min_snr_gamma: float = 0.0  # > 0: each timestep's loss weighted min(SNR, gamma) / SNR (Hang et al. 2023)
+    cbdm_weight: float = 0.0  # > 0: CBDM's class-balancing regulariser at this strength tau (Qin et al. 2023)
+    ema_half_life: float = 0.0  # > 0: the EMA's half-life as a share of the steps (replaces ema_decay)
 
     def __post_init__(self):
         check_choices(self, "generator.")
+        if self.min_snr_gamma < 0 or self.cbdm_weight < 0 or not 0 <= self.ema_half_life <= 1:
+            raise SynthaugError("generator.min_snr_gamma and generator.cbdm_weight must be >= 0, "
+                                "generator.ema_half_life in [0, 1] (0: use generator.ema_decay)")
+
+    @property
+    def decay(self) -> float:
+        """The EMA's decay per step: `ema_decay`, or the one that halves a weight's share in
+        `ema_half_life` x `steps` steps."""
+        return 0.5 ** (1 / max(1.0, self.ema_half_life * self.steps)) if self.ema_half_life else self.ema_decay
+
+    def levers(self) -> dict:
+        """The tail levers set away from their defaults: they join a generator's name only when
+        used, so generators trained before they existed keep their names."""
+        return {k: getattr(self, k) for k, off in TAIL_LEVERS.items() if getattr(self, k) != off}
+
+
+TAIL_LEVERS = {"class_sampler": "uniform", "min_snr_gamma": 0.0, "cbdm_weight": 0.0, "ema_half_life": 0.0}
 
 
 @dataclass

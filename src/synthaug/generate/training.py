@@ -12,13 +12,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..classify.train import class_weights
 from ..data.dataset import ImageDataset
 from ..errors import SynthaugError
 from ..utils.loop import Checkpoint, step_generator, warmup_constant
 from ..utils.runtime import autocast, fast_dtype, progress_bar, resolve_device
 from .diffusion import DiffusionGenerator
 from .image_condition import random_shift
-from .network import GeneratorConfig, GeneratorTrainConfig, build_train_scheduler
+from .network import TAIL_LEVERS, GeneratorConfig, GeneratorTrainConfig, build_train_scheduler
 
 
 def fit_generator(data: ImageDataset, config: GeneratorConfig | None = None, train: GeneratorTrainConfig | None = None,
@@ -53,7 +54,7 @@ def train_generator(gen: DiffusionGenerator, data: ImageDataset, cfg: GeneratorT
     stand-in for a generator pretrained on the world's images).
     With image conditioning, each image is denoised given the embedding of a shifted view
     of itself (or of another image of its class), dropped at `image_dropout`."""
-    from diffusers.training_utils import EMAModel
+    from diffusers.training_utils import EMAModel, compute_snr
 
     if int((data.labels < 0).sum()):
         raise SynthaugError("the generator trains on labelled images: pass the unlabeled pool as `unlabeled`")
@@ -61,7 +62,7 @@ def train_generator(gen: DiffusionGenerator, data: ImageDataset, cfg: GeneratorT
     nets = [net.to(device).train() for net in gen.networks()]
     unet = nets[0]
     params = gen.trainable_parameters()
-    ema = EMAModel(params, decay=cfg.ema_decay)
+    ema = EMAModel(params, decay=cfg.decay)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     schedule = warmup_constant(optimizer, cfg.warmup_steps)
     noise_scheduler = build_train_scheduler(gen.config)
@@ -75,11 +76,16 @@ def train_generator(gen: DiffusionGenerator, data: ImageDataset, cfg: GeneratorT
         groups = None if groups is None else torch.cat([groups, torch.full((n_pool,), gen.config.num_groups)])
     images = images.float().div(127.5).sub(1.0)  # [-1, 1]
     by_class = [torch.nonzero(data.labels == c).flatten() for c in range(gen.config.num_classes)]
+    counts = torch.bincount(data.labels, minlength=gen.config.num_classes)
+    # the labelled images' draw weights (class_sampler), and the class frequencies CBDM draws its y' from
+    draw = None if cfg.class_sampler == "uniform" else class_weights(cfg.class_sampler, counts)[data.labels].double()
+    frequencies = counts.double() / counts.sum()
 
     start, history, spent = 0, [], 0.0
     # a checkpoint is resumed only by the same training (network, settings, seed, data size)
     dtype = fast_dtype(cfg.precision, device)
-    train_settings = {k: v for k, v in asdict(cfg).items() if k not in ("checkpoint_every", "device", "precision")}
+    train_settings = {k: v for k, v in asdict(cfg).items()
+                      if k not in ("checkpoint_every", "device", "precision", *TAIL_LEVERS)} | cfg.levers()
     if not n_pool:
         train_settings.pop("unlabeled_share")
     key = {"config": gen.config.key(), "train": train_settings, "seed": seed, "data": data.fingerprint()}
@@ -104,9 +110,9 @@ def train_generator(gen: DiffusionGenerator, data: ImageDataset, cfg: GeneratorT
             if n_pool:
                 from_pool = torch.rand(cfg.batch_size, generator=g) < cfg.unlabeled_share
                 idx = torch.where(from_pool, n_labelled + torch.randint(n_pool, (cfg.batch_size,), generator=g),
-                                  torch.randint(n_labelled, (cfg.batch_size,), generator=g))
+                                  labelled_draw(n_labelled, cfg.batch_size, draw, g))
             else:
-                idx = torch.randint(n_labelled, (cfg.batch_size,), generator=g)
+                idx = labelled_draw(n_labelled, cfg.batch_size, draw, g)
             x0 = images[idx].to(device)
             cond_labels = labels[idx].clone()
             drop = torch.rand(len(idx), generator=g) < gen.config.label_dropout
@@ -126,9 +132,26 @@ def train_generator(gen: DiffusionGenerator, data: ImageDataset, cfg: GeneratorT
             t = torch.randint(gen.config.num_train_timesteps, (len(idx),), generator=g).to(device)
             noisy = noise_scheduler.add_noise(x0, noise, t)
             cond_map = gen.condition_map(len(idx), embeds, keep, device=device)
+            class_in = gen.class_input(cond, embeds, keep)
+            labelled = torch.nonzero(cond_labels != gen.null_class).flatten().to(device)
+            t_in = t
+            if cfg.cbdm_weight:  # CBDM: the labelled samples once more in the same pass, under a class y' drawn by frequency
+                other = torch.multinomial(frequencies, len(labelled), replacement=True, generator=g) if len(labelled) else labelled
+                picked = [None if v is None else v[labelled.to(v.device)] for v in (cond_groups, embeds, keep)]
+                other_in = gen.class_input(gen.condition_ids(other, picked[0]).to(device), *picked[1:])
+                noisy, t_in, class_in = torch.cat([noisy, noisy[labelled]]), torch.cat([t, t[labelled]]), torch.cat([class_in, other_in])
+                cond_map = None if cond_map is None else torch.cat([cond_map, cond_map[labelled]])
             with autocast(device, dtype):
-                predicted = gen.predict_noise(noisy, t, gen.class_input(cond, embeds, keep), cond_map)
-            loss = F.mse_loss(predicted.float(), noise)
+                predicted = gen.predict_noise(noisy, t_in, class_in, cond_map).float()
+            predicted, predicted_other = predicted[:len(idx)], predicted[len(idx):]
+            if cfg.min_snr_gamma:  # min(SNR, gamma) / SNR: less weight on the low-noise steps
+                snr_weight = (cfg.min_snr_gamma / compute_snr(noise_scheduler, t).clamp(min=1e-8)).clamp(max=1)
+                loss = ((predicted - noise).pow(2).mean((1, 2, 3)) * snr_weight).mean()
+            else:
+                loss = F.mse_loss(predicted, noise)
+            if cfg.cbdm_weight and len(labelled):  # averaged over the whole batch, as in the reference code
+                loss = loss + cbdm_regulariser(predicted[labelled], predicted_other, t[labelled], cfg.cbdm_weight,
+                                               gen.config.num_train_timesteps) * len(labelled) / len(idx)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -150,6 +173,25 @@ def train_generator(gen: DiffusionGenerator, data: ImageDataset, cfg: GeneratorT
     gen.history = history
     gen.train_seconds = spent + time.perf_counter() - t0
     return gen
+
+
+def labelled_draw(n: int, size: int, weights: torch.Tensor | None, g: torch.Generator) -> torch.Tensor:
+    """`size` indices of labelled images: uniform over the images, or by `weights` (class_sampler)."""
+    if weights is None:
+        return torch.randint(n, (size,), generator=g)
+    return torch.multinomial(weights, size, replacement=True, generator=g)
+
+
+def cbdm_regulariser(eps: torch.Tensor, eps_other: torch.Tensor, t: torch.Tensor, tau: float, timesteps: int) -> torch.Tensor:
+    """CBDM's class-balancing regulariser (Qin et al. 2023, as their reference code computes
+    it): the prediction under the true class pulled towards the prediction under another
+    class y' (stop-gradient), plus a quarter of the reverse commitment, both weighted by
+    tau * t / T, so it acts where the noise is high and the class matters least. Pulling the
+    tail's predictions towards the head's shares what the head taught the network."""
+    weight = (t.float() / timesteps * tau)[:, None, None, None]
+    pull = weight * (eps - eps_other.detach()).pow(2)
+    commit = weight * (eps.detach() - eps_other).pow(2)
+    return (pull + commit / 4).mean()
 
 
 def training_image_condition(gen: DiffusionGenerator, images, idx, labels, by_class, g) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,6 +29,8 @@ BASELINES = {
     "class-balanced": ("class-balanced sampling (each class drawn equally often)", Baseline({"sampler": "class-balanced"})),
     "logit-adjusted": ("logit-adjusted loss, strength train.tau (Menon et al. 2021)", Baseline({"loss": "logit-adjusted"})),
     "balanced-softmax": ("Balanced Softmax: logit-adjusted loss at tau=1 (Ren et al. 2020)", Baseline({"loss": "balanced-softmax"})),
+    "drw": ("deferred re-weighting: cross-entropy, class-weighted from 80% of the epochs on (Cao et al. 2019)",
+            Baseline({"drw_start": 0.8})),
     "posthoc-la": ("cross-entropy, then post-hoc logit adjustment (eval.posthoc_tau)", Baseline(after="posthoc")),
     "crt": ("cRT: cross-entropy, then the head re-fit class-balanced (Kang et al. 2020)", Baseline(after="refit")),
     "oracle": ("the full balanced real training set: the upper bound for generated data", Baseline(data="oracle")),

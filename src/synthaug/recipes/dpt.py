@@ -24,7 +24,7 @@ import html
 import json
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -41,6 +41,7 @@ from ..plan import conditioned_plan
 from ..report import pct
 from ..select.metrics import diversity_ratio, memorization_ratio
 from ..utils.io import atomic_write_json
+from ..utils.keys import key_dict
 from ..utils.paths import check_folder
 from .registry import RecipeResult, register_recipe, train_and_evaluate
 from .synaug import replay
@@ -90,7 +91,7 @@ def check(task, config):
 
 def labeller_key(task, config) -> str:
     seed = config.seed if config.dpt.labeller_seed is None else config.dpt.labeller_seed
-    cfg = asdict(replace(ssl_config(config), refit_head=False))
+    cfg = key_dict(replace(ssl_config(config), refit_head=False))
     payload = {"train": task.train.fingerprint(), "pool": task.unlabeled.fingerprint(), "config": cfg, "seed": seed}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -32,6 +32,7 @@ from ..generate.stage import generate_stage
 from ..plan import row_seed
 from ..store import SyntheticStore
 from ..utils.io import atomic_write_json
+from ..utils.keys import key_dict
 from ..utils.runtime import resolve_device
 from .features import feature_extractor
 from .filters import Candidates, get_selector
@@ -62,7 +63,7 @@ def scorer_for(real: ImageDataset, config, folder: Path, *, progress: bool = Fal
     train_cfg = replace(config.train, loss="balanced-softmax", sampler="uniform", mix="none", refit_head=False, ssl="none",
                         epochs=config.select.scorer_epochs or config.train.epochs,
                         steps=None if config.select.scorer_epochs else config.train.steps)
-    key = hashlib.sha256(json.dumps([real.fingerprint(), asdict(train_cfg), config.seed], sort_keys=True,
+    key = hashlib.sha256(json.dumps([real.fingerprint(), key_dict(train_cfg), config.seed], sort_keys=True,
                                     default=str).encode()).hexdigest()[:16]
     target = folder / key
     if (target / "model.safetensors").exists():
@@ -201,7 +202,7 @@ def validation_key(task, synthetic: ImageDataset, config, classifier: Classifier
     """Names a validation's inputs: the synthetic and real sets, the classifier's weights,
     the validation options, the training settings of CAS and the seed."""
     h = hashlib.sha256(json.dumps([synthetic.fingerprint(), task.train.fingerprint(), task.test.fingerprint(),
-                                   asdict(config.validate), asdict(config.train), config.seed], default=str).encode())
+                                   asdict(config.validate), key_dict(config.train), config.seed], default=str).encode())
     if classifier is not None:
         for name, tensor in sorted(classifier.state_dict().items()):
             h.update(name.encode())

@@ -1,0 +1,110 @@
+"""What limits DPT in the fewshot suite, measured: how right the labels are at each step.
+
+    python benchmarks/dpt_limits.py      # after `make bench-ssl` has made DPT's pseudo-labels and store
+
+DPT's chain is labeller -> pseudo-labelled pool -> generator -> generated images -> classifier.
+For each few-shot setting whose DPT cells have run, this measures, with a classifier trained
+on the whole labelled Fashion-MNIST training set (the oracle; never used by any method):
+- the pseudo-labels' accuracy on the pool (all of it, and the confident part the generator
+  trains under its class, `dpt.confidence`), per class;
+- the share of DPT's generated images that the oracle recognises as their class, per class;
+- the same for the control's replayed real images (their pseudo-labels against the truth).
+A generated image whose class the oracle does not recognise is a wrong label for the
+classifier trained on it, as a wrong pseudo-label is. Rows go to
+benchmarks/results/dpt_limits.jsonl, a table to BENCHMARKS.md (`dpt-limits`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+from pathlib import Path
+
+import torch
+from common import HERE, environment, splice
+from safetensors.torch import load_file
+
+from synthaug.bench.suite import load_suite, with_locations
+from synthaug.classify import evaluate, fit_classifier
+from synthaug.config import load_config
+from synthaug.data import load_dataset
+from synthaug.data.dataset import ImageDataset
+from synthaug.recipes.dpt import labeller_key
+from synthaug.store import SyntheticStore
+from synthaug.task import make_task
+
+OUT = HERE / "results" / "bench" / "fewshot"
+SETTINGS = ["Fashion-MNIST 5-shot", "Fashion-MNIST 10-shot"]
+RESULTS = HERE / "results" / "dpt_limits.jsonl"
+
+
+def true_labels(pool: ImageDataset, full: ImageDataset) -> torch.Tensor:
+    """The pool's labels, found by matching each image's bytes in the labelled training set."""
+    by_bytes = {hashlib.sha1(img.numpy().tobytes()).hexdigest(): int(y) for img, y in zip(full.images, full.labels)}
+    return torch.tensor([by_bytes[hashlib.sha1(img.numpy().tobytes()).hexdigest()] for img in pool.images])
+
+
+def per_class(correct: torch.Tensor, labels: torch.Tensor, classes) -> dict:
+    return {name: float(correct[labels == c].float().mean()) for c, name in enumerate(classes) if (labels == c).any()}
+
+
+def main():
+    if not (OUT / "results.jsonl").exists():
+        raise SystemExit("no fewshot results yet: run `make bench-ssl` first")
+    suite = load_suite("fewshot")
+    full = load_dataset("fashion-mnist")
+    oracle = None
+    rows = []
+    for setting in SETTINGS:
+        cell = next(c for c in suite.cells_ if c.setting == setting and c.recipe == "DPT" and c.seed == 0)
+        config = with_locations(cell, OUT)
+        task = make_task(full, config.split)
+        labels_file = OUT / "generators" / "pseudo-labels" / labeller_key(task, config) / "labels.safetensors"
+        stores = [s for s in sorted(Path(config.dpt.store_dir).glob("*/")) if (s / "train" / "metadata.jsonl").exists()]
+        if not labels_file.exists() or not stores:
+            print(f"{setting}: DPT has not run yet, skipped")
+            continue
+        if oracle is None:
+            oracle = fit_classifier(full.train, load_config(None, ["train.epochs=10"]).train, seed=0, progress=True).model
+        saved = load_file(labels_file)
+        truth = true_labels(task.unlabeled, full.train)
+        confident = saved["confidence"] >= config.dpt.confidence
+        right = saved["labels"] == truth
+        store = SyntheticStore(stores[0], task.train.classes)
+        generated = store.load()
+        recognised = evaluate(oracle, generated)
+        row = {
+            "setting": setting, "pool": len(truth), "confident_share": float(confident.float().mean()),
+            "pseudo_label_accuracy": float(right.float().mean()),
+            "confident_pseudo_label_accuracy": float(right[confident].float().mean()),
+            "confident_per_class": per_class(right[confident], truth[confident], task.train.classes),
+            "generated_images": len(generated), "generated_recognised": recognised["accuracy"],
+            "generated_per_class": recognised["per_class_accuracy"], "store": str(stores[0].relative_to(HERE.parent)),
+            **environment(),
+        }
+        rows.append(row)
+        print(f"{setting}: pseudo-labels {100 * row['pseudo_label_accuracy']:.1f}% right "
+              f"({100 * row['confident_pseudo_label_accuracy']:.1f}% of the confident), generated images "
+              f"recognised {100 * row['generated_recognised']:.1f}%", flush=True)
+    if not rows:
+        return
+    RESULTS.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    classes = list(rows[0]["generated_per_class"])
+    lines = ["| setting | pool pseudo-labels right | confident share | confident pseudo-labels right | "
+             "DPT's images recognised | lowest class (confident labels / images) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        worst = min(classes, key=lambda c: r["generated_per_class"].get(c, 1.0))
+        lines.append(f"| {r['setting']} | {100 * r['pseudo_label_accuracy']:.1f}% | {100 * r['confident_share']:.0f}% | "
+                     f"{100 * r['confident_pseudo_label_accuracy']:.1f}% | {100 * r['generated_recognised']:.1f}% | "
+                     f"{worst}: {100 * r['confident_per_class'].get(worst, float('nan')):.0f}% / "
+                     f"{100 * r['generated_per_class'][worst]:.0f}% |")
+    mean_gap = statistics.fmean(r["confident_pseudo_label_accuracy"] - r["generated_recognised"] for r in rows)
+    lines += ["", f"The oracle: small-cnn on all {len(full.train)} labelled training images, 10 epochs. "
+              f"Mean gap between the generator's training labels and its images: {100 * mean_gap:+.1f} points."]
+    splice(HERE.parent / "BENCHMARKS.md", "dpt-limits", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

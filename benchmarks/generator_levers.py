@@ -1,0 +1,138 @@
+"""The generator's tail levers (issue 21, item 3), each judged by the images it gives and what
+it costs.
+
+    python benchmarks/generator_levers.py                  # MNIST-5k-LT r50, generator seed 0
+    python benchmarks/generator_levers.py --seeds 0 1      # a second generator seed
+
+On MNIST-5k-LT r50 (the longtail suite's setting and generator: 800 steps at lr 1e-3, 10 SDE
+sampling steps), one generator per lever (and seed), each the longtail suite's generator with
+one change: square-root or class-balanced sampling of its training images, Min-SNR-5 loss
+weighting, CBDM's regulariser (tau 1), an EMA half-life of 10% of the run, twice the steps.
+Each draws the same labels and seeds (`--per-class` per class) and is measured against a
+classifier trained on the full balanced real training set (the oracle): the share of images
+it recognises, overall and on the tail (the few-shot classes, under 4% of the largest), the
+Fréchet distance to the real test images in its feature space, the tail's memorisation ratio
+(distance to the nearest training image against a held-out real image's: about 1 is new
+images, well below 1 copies) and diversity ratio (the tail's mean pairwise distance against
+the real test images'), and the generator's training minutes on this machine.
+
+Resumable: a finished (lever, seed) is a row of benchmarks/results/generator_levers.jsonl;
+an interrupted generator resumes from its checkpoint. The table goes to
+benchmarks/results/generator_levers.md and into BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from common import HERE, append_row, environment, read_rows, splice
+
+from synthaug.classify import evaluate, fit_classifier
+from synthaug.config import load_config
+from synthaug.data import load_dataset
+from synthaug.data.dataset import ImageDataset
+from synthaug.data.splits import shot_thresholds
+from synthaug.generate.cache import generator_for, sampler_config
+from synthaug.select.features import classifier_features
+from synthaug.select.metrics import diversity_ratio, frechet_distance, memorization_ratio
+from synthaug.task import make_task
+
+SETTING = ["data.dataset=mnist-5k", "split.kind=long-tail", "split.ratio=50", "train.epochs=30",
+           "generator.steps=800", "generator.sampling_steps=10"]
+LEVERS = {
+    "today": [],
+    "sqrt class sampling": ["generator.class_sampler=sqrt"],
+    "class-balanced sampling": ["generator.class_sampler=class-balanced"],
+    "Min-SNR gamma 5": ["generator.min_snr_gamma=5"],
+    "CBDM tau 1": ["generator.cbdm_weight=1"],
+    "EMA half-life 10% of the run": ["generator.ema_half_life=0.1"],
+    "2x steps (1600)": ["generator.steps=1600"],
+}
+RESULTS = HERE / "results" / "generator_levers.jsonl"
+
+
+def measure(lever: str, seed: int, args, oracle, task, env) -> dict:
+    config = load_config(None, [*SETTING, f"generator.seed={seed}", *LEVERS[lever]])
+    cache = HERE / "results" / "cache" / "generators"
+    generator, made = generator_for(task.train, config.generator, cache_root=cache, progress=True)
+    labels = torch.arange(task.train.num_classes).repeat_interleave(args.per_class)
+    t0 = time.perf_counter()
+    images = generator.generate(labels, list(range(len(labels))), sampler=sampler_config(config.generator), progress=True)
+    seconds = time.perf_counter() - t0
+    synthetic = ImageDataset(images, labels, classes=task.train.classes)
+    counts = task.train.class_counts()
+    _, few = shot_thresholds(int(counts.max()))
+    tail = torch.nonzero(counts < few).flatten()
+    tail = tail if len(tail) else counts.argmin()[None]  # no few-shot class: the smallest
+    on_tail = torch.isin(labels, tail)
+    recognised = evaluate(oracle, synthetic)
+    test_tail = torch.isin(task.test.labels, tail)
+    memorised = memorization_ratio(synthetic, task.train, task.test)
+    tail_names = [task.train.classes[c] for c in tail.tolist()]
+    features = classifier_features(oracle)
+    return {
+        "setting": "MNIST-5k-LT r50", "lever": lever, "generator_seed": seed, "overrides": LEVERS[lever],
+        "generator": generator.fingerprint(), "images": len(images), "tail_classes": tail_names,
+        "oracle_recognition": recognised["accuracy"],
+        "tail_recognition": statistics.fmean(recognised["per_class_accuracy"][n] for n in tail_names),
+        "frechet_distance": frechet_distance(features(task.test.images), features(images)),
+        "tail_memorisation_ratio": statistics.median(memorised["per_class"][n] for n in tail_names),
+        "tail_diversity_ratio": diversity_ratio(synthetic.subset(torch.nonzero(on_tail).flatten()),
+                                                task.test.subset(torch.nonzero(test_tail).flatten())),
+        "train_minutes": generator.train_seconds / 60, "trained_now": made.get("trained_now", False),
+        "images_per_second": len(images) / seconds, **env,
+    }
+
+
+def table(rows: list[dict]) -> str:
+    lines = [f"MNIST-5k-LT r50, the longtail suite's generator with one change per row; {rows[0]['images']} images "
+             f"per generator (same labels and seeds), tail = {', '.join(rows[0]['tail_classes'])}; mean over the "
+             "generator seeds (n).", "",
+             "| generator | n | oracle recognises | tail recognised | Fréchet distance (oracle features) "
+             "| tail memorisation ratio | tail diversity ratio | training (CPU min) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for lever in LEVERS:
+        mine = [r for r in rows if r["lever"] == lever]
+        if not mine:
+            continue
+        mean = {k: statistics.fmean(r[k] for r in mine) for k in ("oracle_recognition", "tail_recognition",
+                "frechet_distance", "tail_memorisation_ratio", "tail_diversity_ratio", "train_minutes")}
+        lines.append(f"| {lever} | {len(mine)} | {100 * mean['oracle_recognition']:.1f}% | "
+                     f"{100 * mean['tail_recognition']:.1f}% | {mean['frechet_distance']:.2f} | "
+                     f"{mean['tail_memorisation_ratio']:.2f} | {mean['tail_diversity_ratio']:.2f} | "
+                     f"{mean['train_minutes']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="generator seeds")
+    parser.add_argument("--per-class", type=int, default=100)
+    parser.add_argument("--levers", nargs="+", default=list(LEVERS), choices=list(LEVERS))
+    args = parser.parse_args()
+    done = {(r["lever"], r["generator_seed"]) for r in read_rows(RESULTS)}
+    todo = [(lever, seed) for seed in args.seeds for lever in args.levers if (lever, seed) not in done]
+    if todo:
+        config = load_config(None, SETTING)
+        task = make_task(load_dataset(config.data.dataset), config.split)
+        oracle = fit_classifier(task.oracle, config.train, seed=0, progress=True).model
+        env = environment()
+        for i, (lever, seed) in enumerate(todo, 1):
+            print(f"[{i}/{len(todo)}] {lever}, generator seed {seed}", flush=True)
+            row = measure(lever, seed, args, oracle, task, env)
+            append_row(RESULTS, row)
+            print(f"  recognised {100 * row['oracle_recognition']:.1f}%, tail {100 * row['tail_recognition']:.1f}%, "
+                  f"FD {row['frechet_distance']:.2f}, {row['train_minutes']:.1f} min", flush=True)
+    rows = read_rows(RESULTS)
+    if rows:
+        text = table(rows)
+        (HERE / "results" / "generator_levers.md").write_text(text)
+        splice(HERE.parent / "BENCHMARKS.md", "generator-levers", text)
+        print(text)
+
+
+if __name__ == "__main__":
+    main()
