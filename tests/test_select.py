@@ -226,12 +226,14 @@ def test_validate_command_on_a_folder(tmp_path, capsys, monkeypatch):
         for i, idx in enumerate(torch.nonzero(test.labels == c).flatten()[:6].tolist()):
             Image.fromarray(test.images[idx, 0].numpy()).save(tmp_path / "gen" / str(c) / f"{i}.png")
     args = ["synthaug", "validate", str(tmp_path / "gen"), "-s", "data.dataset=digits", "-s", "split.ratio=10",
-            "-s", "train.epochs=2", "-s", "validate.cas=false"]
+            "-s", "train.epochs=2", "-s", "validate.cas=false", "-s", f"output_dir={tmp_path / 'runs'}"]
     monkeypatch.setattr(sys, "argv", args)
     main()
     out = capsys.readouterr().out
     assert "frechet_distance" in out and "precision" in out
-    result = json.loads((tmp_path / "gen-validation" / "validation.json").read_text())
+    # written under the output folder, nothing beside the user's images
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gen", "runs"]
+    result = json.loads((tmp_path / "runs" / "validate-gen" / "validation.json").read_text())
     assert result["synthetic_images"] == result["real_images"] <= 60
     assert result["memorization"]["median"] > 0.5  # held-out real images are not copies
     (tmp_path / "gen" / "cat").mkdir()
@@ -240,3 +242,11 @@ def test_validate_command_on_a_folder(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         main()
     assert e.value.code == 2 and "class folder 'cat'" in capsys.readouterr().err
+    # an --out folder holding someone else's files is refused before anything is written
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "validation.json").write_text("theirs")
+    monkeypatch.setattr(sys, "argv", [*args, "--out", str(tmp_path / "mine")])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == 2 and "did not make" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "validation.json").read_text() == "theirs"

@@ -20,6 +20,7 @@ SET_OPT = typer.Option([], "--set", "-s", help="override a config key: -s train.
 SEED_OPT = typer.Option(None, help="shortcut for -s seed=...")
 FORCE_OPT = typer.Option(False, help="delete an existing run folder of the same name first")
 QUIET_OPT = typer.Option(False, help="no progress bars")
+VALIDATION_MARKER = ".synthaug-validation"  # marks a validate --out folder as synthaug's
 
 
 @app.command()
@@ -198,7 +199,7 @@ def validate(
     config_file: Path = typer.Option(None, "--config", "-c", help="config whose data and split are the real images"),
     overrides: list[str] = SET_OPT,
     classifier: Path = typer.Option(None, help="compare in this classifier's features (a save_pretrained folder)"),
-    out: Path = typer.Option(None, help="where validation.json goes (default: <synthetic>-validation/ beside it)"),
+    out: Path = typer.Option(None, help="where validation.json goes (default: <output_dir>/validate-<folder name>/)"),
     quiet: bool = QUIET_OPT,
 ):
     """Validate a synthetic image set against the real training split: Frechet distance, KID,
@@ -211,14 +212,17 @@ def validate(
     from .select.stage import scorer_for, validation_skip, validation_stage
     from .store import SyntheticStore
     from .task import make_task
-    from .utils.paths import check_folder
+    from .utils.paths import check_folder, check_name
 
     cfg = load_config(config_file, [*overrides, *([f"validate.features={classifier}"] if classifier else [])])
     check_features(cfg.validate.features, "--classifier" if classifier else "validate.features")
     if not synthetic.is_dir():
         raise SynthaugError(f"'{synthetic}' is not a folder: give a synthetic store or a folder of class subfolders")
-    out = out or synthetic.parent / f"{synthetic.name}-validation"
+    # under synthaug's output folder, never beside the user's images; a folder synthaug did not make is refused
+    out = out or Path(cfg.output_dir) / f"validate-{check_name(synthetic.resolve().name, 'the folder name')}"
     check_folder(out, "--out")
+    if out.is_dir() and any(out.iterdir()) and not (out / VALIDATION_MARKER).is_file():
+        raise SynthaugError(f"--out '{out}' holds files synthaug did not make: give a new or empty folder")
     data = load_dataset(cfg.data.dataset, image_size=cfg.data.image_size, channels=cfg.data.channels,
                         cache_dir=cfg.data.cache_dir, defer_cache=True)
     task = make_task(data, cfg.split)
@@ -232,6 +236,8 @@ def validate(
     if skip:  # before anything is written
         raise SynthaugError(f"cannot validate '{synthetic}': {skip}")
     data.save_cache()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / VALIDATION_MARKER).write_text("a validation folder made by synthaug\n")
     model = None
     if cfg.validate.features == "classifier":  # no classifier given: one trained on the real split
         model = scorer_for(task.train, cfg, out / "classifier", progress=not quiet)

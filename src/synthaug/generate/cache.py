@@ -13,11 +13,12 @@ from pathlib import Path
 
 from ..data.dataset import ImageDataset
 from ..errors import SynthaugError
+from ..utils.keys import drop_added_defaults
 from ..utils.registry import Registry
 from ..utils.runtime import fast_dtype, resolve_device
 from .base import Generator
 from .diffusion import DiffusionGenerator
-from .network import TAIL_LEVERS, GeneratorConfig, GeneratorTrainConfig, SamplerConfig
+from .network import GeneratorConfig, GeneratorTrainConfig, SamplerConfig
 from .stable_diffusion import KIND as SD_KIND
 from .stable_diffusion import StableDiffusionGenerator
 
@@ -54,8 +55,8 @@ def generator_fingerprint(data: ImageDataset, section, num_groups: int, *, unlab
         payload["unlabeled"] = [unlabeled.fingerprint(), section.unlabeled_share]
     if image_embed_dim:
         payload["image"] = [image_embed_dim, section.image_dropout, section.image_pairing]
-    levers = {k: getattr(section, k) for k, off in TAIL_LEVERS.items() if getattr(section, k) != off}
-    if levers:
+    levers = drop_added_defaults({k: getattr(section, k) for k in GeneratorTrainConfig.ADDED}, type(section))
+    if levers:  # the tail levers set away from their defaults (older generators keep their names)
         payload["levers"] = levers
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -136,7 +137,7 @@ def train_config(section, device: str = "auto") -> GeneratorTrainConfig:
                                 ema_decay=section.ema_decay, checkpoint_every=section.checkpoint_every,
                                 unlabeled_share=section.unlabeled_share, device=device,
                                 precision=resolved_precision(section.precision, device),
-                                **{k: getattr(section, k) for k in TAIL_LEVERS})
+                                **{k: getattr(section, k) for k in GeneratorTrainConfig.ADDED})
 
 
 def sampler_config(section, device: str = "auto") -> SamplerConfig:

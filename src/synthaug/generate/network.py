@@ -5,7 +5,7 @@ its samplers (DPM-Solver++, stochastic or not, and DDIM)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import get_args
+from typing import ClassVar, get_args
 
 from ..choices import ClassSampler, Pairing, Precision, Preset, Sampler, check_choices
 from ..errors import SynthaugError
@@ -83,7 +83,8 @@ class GeneratorTrainConfig:
     unlabeled_share: float = 0.5  # share of each batch drawn from an unlabeled pool, when one is given
     device: str = "auto"
     precision: Precision = "auto"  # bfloat16 autocast (float32 weights and optimiser) where native
-    # levers for a long-tailed training set (issue 21), off by default (see TAIL_LEVERS):
+    # levers for a long-tailed training set (issue 21), off by default; left out of checkpoint keys then
+    ADDED: ClassVar[tuple[str, ...]] = ("class_sampler", "min_snr_gamma", "cbdm_weight", "ema_half_life")
     class_sampler: ClassSampler = "uniform"  # how the labelled images are drawn: per image, per sqrt(n_c), per class
     min_snr_gamma: float = 0.0  # > 0: each timestep's loss weighted min(SNR, gamma) / SNR (Hang et al. 2023)
     cbdm_weight: float = 0.0  # > 0: CBDM's class-balancing regulariser at this strength tau (Qin et al. 2023)
@@ -101,13 +102,6 @@ class GeneratorTrainConfig:
         `ema_half_life` x `steps` steps."""
         return 0.5 ** (1 / max(1.0, self.ema_half_life * self.steps)) if self.ema_half_life else self.ema_decay
 
-    def levers(self) -> dict:
-        """The tail levers set away from their defaults: they join a generator's name only when
-        used, so generators trained before they existed keep their names."""
-        return {k: getattr(self, k) for k, off in TAIL_LEVERS.items() if getattr(self, k) != off}
-
-
-TAIL_LEVERS = {"class_sampler": "uniform", "min_snr_gamma": 0.0, "cbdm_weight": 0.0, "ema_half_life": 0.0}
 
 
 @dataclass

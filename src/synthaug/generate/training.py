@@ -6,7 +6,6 @@ exactly where it stopped."""
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -15,11 +14,12 @@ import torch.nn.functional as F
 from ..classify.train import class_weights
 from ..data.dataset import ImageDataset
 from ..errors import SynthaugError
+from ..utils.keys import key_dict
 from ..utils.loop import Checkpoint, step_generator, warmup_constant
 from ..utils.runtime import autocast, fast_dtype, progress_bar, resolve_device
 from .diffusion import DiffusionGenerator
 from .image_condition import random_shift
-from .network import TAIL_LEVERS, GeneratorConfig, GeneratorTrainConfig, build_train_scheduler
+from .network import GeneratorConfig, GeneratorTrainConfig, build_train_scheduler
 
 
 def fit_generator(data: ImageDataset, config: GeneratorConfig | None = None, train: GeneratorTrainConfig | None = None,
@@ -84,8 +84,7 @@ def train_generator(gen: DiffusionGenerator, data: ImageDataset, cfg: GeneratorT
     start, history, spent = 0, [], 0.0
     # a checkpoint is resumed only by the same training (network, settings, seed, data size)
     dtype = fast_dtype(cfg.precision, device)
-    train_settings = {k: v for k, v in asdict(cfg).items()
-                      if k not in ("checkpoint_every", "device", "precision", *TAIL_LEVERS)} | cfg.levers()
+    train_settings = {k: v for k, v in key_dict(cfg).items() if k not in ("checkpoint_every", "device", "precision")}
     if not n_pool:
         train_settings.pop("unlabeled_share")
     key = {"config": gen.config.key(), "train": train_settings, "seed": seed, "data": data.fingerprint()}
