@@ -311,9 +311,12 @@ def test_ema_half_life_sets_the_decay_from_the_run_s_length(monkeypatch):
     decays = []
     real = diffusers.training_utils.EMAModel
     monkeypatch.setattr(diffusers.training_utils, "EMAModel",
-                        lambda params, decay: decays.append(decay) or real(params, decay=decay))
+                        lambda params, decay, min_decay: decays.append((decay, min_decay))
+                        or real(params, decay=decay, min_decay=min_decay))
     _fit_generator(make_dataset((12, 8, 4)), steps=8, ema_half_life=0.5)
-    assert decays == [0.5 ** (1 / 4)]
+    assert decays == [(0.5 ** (1 / 4), 0.5 ** (1 / 4))]  # constant: diffusers' warm-up cap would override it
+    ema = real([torch.nn.Parameter(torch.zeros(1))], decay=0.9, min_decay=0.9)
+    assert ema.get_decay(50) == 0.9 and real([torch.nn.Parameter(torch.zeros(1))], decay=0.9).get_decay(50) < 0.9
     with pytest.raises(SynthaugError, match="ema_half_life"):
         GeneratorTrainConfig(ema_half_life=2.0)
 

@@ -132,7 +132,7 @@ class GeneratorSection:
     class_sampler: ClassSampler = "uniform"  # how the generator draws its labelled images: per image, sqrt, per class
     min_snr_gamma: float = 0.0  # > 0: Min-SNR loss weighting, min(SNR, gamma) / SNR (Hang et al. 2023; gamma 5)
     cbdm_weight: float = 0.0  # > 0: CBDM's class-balancing regulariser at strength tau (Qin et al. 2023; tau 1)
-    ema_half_life: float = 0.0  # > 0: the EMA's half-life as a share of the training steps (replaces ema_decay)
+    ema_half_life: float = 0.0  # > 0: a constant EMA decay with this half-life, as a share of the training steps
 
     @property
     def plan_seed(self) -> int:

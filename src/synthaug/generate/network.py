@@ -88,7 +88,7 @@ class GeneratorTrainConfig:
     class_sampler: ClassSampler = "uniform"  # how the labelled images are drawn: per image, per sqrt(n_c), per class
     min_snr_gamma: float = 0.0  # > 0: each timestep's loss weighted min(SNR, gamma) / SNR (Hang et al. 2023)
     cbdm_weight: float = 0.0  # > 0: CBDM's class-balancing regulariser at this strength tau (Qin et al. 2023)
-    ema_half_life: float = 0.0  # > 0: the EMA's half-life as a share of the steps (replaces ema_decay)
+    ema_half_life: float = 0.0  # > 0: a constant EMA decay with this half-life, as a share of the steps
 
     def __post_init__(self):
         check_choices(self, "generator.")

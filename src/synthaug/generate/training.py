@@ -62,7 +62,9 @@ def train_generator(gen: DiffusionGenerator, data: ImageDataset, cfg: GeneratorT
     nets = [net.to(device).train() for net in gen.networks()]
     unet = nets[0]
     params = gen.trainable_parameters()
-    ema = EMAModel(params, decay=cfg.decay)
+    # diffusers caps the decay at (1 + step) / (10 + step): ema_decay 0.999 binds only after ~9,000 steps, so a
+    # shorter run averages over about its last tenth; a half-life sets a constant decay instead
+    ema = EMAModel(params, decay=cfg.decay, min_decay=cfg.decay if cfg.ema_half_life else 0.0)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     schedule = warmup_constant(optimizer, cfg.warmup_steps)
     noise_scheduler = build_train_scheduler(gen.config)
