@@ -55,7 +55,7 @@ def generator_fingerprint(data: ImageDataset, section, num_groups: int, *, unlab
         payload["unlabeled"] = [unlabeled.fingerprint(), section.unlabeled_share]
     if image_embed_dim:
         payload["image"] = [image_embed_dim, section.image_dropout, section.image_pairing]
-    levers = drop_added_defaults({k: getattr(section, k) for k in GeneratorTrainConfig.ADDED}, type(section))
+    levers = drop_added_defaults({k: getattr(section, k) for k in section.ADDED}, type(section))
     if levers:  # the tail levers set away from their defaults (older generators keep their names)
         payload["levers"] = levers
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
