@@ -91,20 +91,34 @@ def test_settings_built_in_code_check_their_choices(make):
         make()
 
 
-def test_options_added_later_leave_cache_keys_alone_at_their_defaults():
-    """Caches named by a hash of settings (labellers, scorers, checkpoints, shared stores)
-    keep their names when synthaug gains an option, as long as it stays at its default."""
+def test_options_added_later_leave_cache_keys_alone_at_their_former_values():
+    """Caches named by a hash of settings (labellers, scorers, checkpoints, shared stores,
+    generators) keep their names when synthaug gains an option, as long as it is at the value
+    synthaug had before it; a default changed since (Min-SNR on) names new caches apart."""
     from dataclasses import asdict
 
     from synthaug.classify import TrainConfig
     from synthaug.config import GeneratorSection
-    from synthaug.utils.keys import drop_added_defaults, key_dict
+    from synthaug.generate.network import GeneratorTrainConfig
+    from synthaug.utils.keys import drop_former, key_dict
 
-    assert TrainConfig.ADDED and GeneratorSection.ADDED
+    assert TrainConfig.ADDED and GeneratorSection.ADDED == GeneratorTrainConfig.ADDED
     plain = key_dict(TrainConfig())
     assert not set(TrainConfig.ADDED) & set(plain)
     assert plain == {k: v for k, v in asdict(TrainConfig()).items() if k not in TrainConfig.ADDED}
     assert key_dict(TrainConfig(drw_start=0.8))["drw_start"] == 0.8
     section = asdict(GeneratorSection(cbdm_weight=1.0))
-    kept = drop_added_defaults(section, GeneratorSection)
-    assert kept["cbdm_weight"] == 1.0 and "min_snr_gamma" not in kept and kept["steps"] == section["steps"]
+    kept = drop_former(section, GeneratorSection)
+    assert kept["cbdm_weight"] == 1.0 and kept["steps"] == section["steps"] and "class_sampler" not in kept
+    assert kept["min_snr_gamma"] == 5.0  # today's default is not the former plain loss: it is named
+    assert "min_snr_gamma" not in drop_former(asdict(GeneratorSection(min_snr_gamma=0.0)), GeneratorSection)
+
+
+def test_a_record_without_a_later_option_ran_at_its_former_value():
+    """A run recorded before `generator.min_snr_gamma` existed trained without it: re-running it
+    at today's default is a change, pinning the former value is not."""
+    from synthaug.config import RunConfig, config_changes, flatten
+
+    recorded = {k: v for k, v in flatten(RunConfig().to_dict()).items() if k != "generator.min_snr_gamma"}
+    assert config_changes(recorded, RunConfig()) == ["generator.min_snr_gamma: 0.0 -> 5.0"]
+    assert config_changes(recorded, load_config(None, ["generator.min_snr_gamma=0"])) == []

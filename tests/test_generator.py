@@ -155,6 +155,33 @@ def test_group_conditioning():
     assert images.shape == (2, 3, 8, 8)
 
 
+@pytest.mark.parametrize("guidance", ["joint", "composed"])
+def test_composed_group_guidance_trains_the_group_alone_and_samples_its_direction(monkeypatch, guidance):
+    """A cell with no training image (class 0 in group 1 here) is reached by adding the class's
+    and the group's guidance: training sees (null class, group) cells only when composed, and
+    sampling runs three branches: (class, null), (null, group), (null, null)."""
+    ds = make_dataset((6, 6), channels=3)
+    ds.groups = ds.labels.clone()  # group == class: the cells (0, 1) and (1, 0) are empty
+    seen = []
+    real = DiffusionGenerator.predict_noise
+    monkeypatch.setattr(DiffusionGenerator, "predict_noise", lambda self, x, t, c, m: seen.append(c.cpu()) or real(self, x, t, c, m))
+    train = GeneratorTrainConfig(steps=30, batch_size=8, warmup_steps=1, precision="float32")
+    gen = DiffusionGenerator.fit(ds, tiny_config(ds, num_groups=2, group_guidance=guidance, label_dropout=0.3), train)
+    trained = torch.cat(seen)
+    null_class_with_group = (trained // 3 == gen.null_class) & (trained % 3 != 2)
+    assert bool(null_class_with_group.any()) == (guidance == "composed")
+    seen.clear()
+    images = gen.generate([0, 1], [0, 1], groups=[1, 0], sampler=FAST_SAMPLER)
+    assert images.shape == (2, 3, 8, 8)
+    if guidance == "composed":  # (0, null), (1, null) | (null, 1), (null, 0) | (null, null) x 2, each step
+        assert seen[0].tolist() == [0 * 3 + 2, 1 * 3 + 2, 2 * 3 + 1, 2 * 3 + 0, 8, 8]
+    else:
+        assert seen[0].tolist() == [0 * 3 + 1, 1 * 3 + 0, 8, 8]
+    assert gen.config.key().get("group_guidance") == (guidance if guidance == "composed" else None)
+    with pytest.raises(SynthaugError, match="composed group guidance"):
+        tiny_config(ds, num_groups=2, group_guidance="composed", image_embed_dim=4)
+
+
 def test_resume_after_interruption(tmp_path, monkeypatch):
     ds = make_dataset((12, 8, 4))
     reference = DiffusionGenerator.fit(ds, tiny_config(ds), TRAIN, seed=1)

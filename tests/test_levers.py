@@ -222,6 +222,24 @@ def test_group_methods_need_groups_and_train(tmp_path):
     assert len(result.history) == 2
 
 
+@pytest.mark.parametrize("balanced", [True, False])
+def test_group_dro_draws_each_cell_equally_often_as_the_paper_runs_it(monkeypatch, balanced):
+    """Sagawa et al.'s runs pair the online weights with group-balanced batches (--reweight_groups
+    --robust); with uniform batches the 4-image cells are mostly absent."""
+    import synthaug.classify.train as train_module
+
+    given = []
+    real = train_module.make_sampler
+    monkeypatch.setattr(train_module, "make_sampler", lambda *a: given.append(a[-1]) or real(*a))
+    cfg = train_module.TrainConfig(epochs=1, batch_size=16, augment="none", group_method="dro",
+                                   group_dro_balanced=balanced)
+    train_module.fit_classifier(_grouped(), cfg)
+    assert given and all((c is not None) == balanced for c in given)
+    from synthaug.recipes.baselines import BASELINES
+
+    assert BASELINES["group-dro"][1].train_overrides == {"group_method": "dro", "group_dro_balanced": True}
+
+
 def test_effective_number_weights_are_about_inverse_frequency_with_mean_one():
     from synthaug.classify.train import effective_number_weights
 
@@ -257,11 +275,12 @@ def test_drw_weights_the_loss_by_class_only_from_its_start(monkeypatch):
 
 # ---------------------------------------------------------------- the generator's tail levers
 def _fit_generator(ds, **levers):
+    """A one-step tiny generator; the levers at their former values (the plain loss) unless given."""
     from synthaug.generate import DiffusionGenerator, GeneratorConfig, GeneratorTrainConfig
 
     config = GeneratorConfig(image_size=8, channels=1, classes=ds.classes, preset="tiny", label_dropout=0.0)
     train = GeneratorTrainConfig(steps=levers.pop("steps", 1), batch_size=16, warmup_steps=1, precision="float32",
-                                 **levers)
+                                 **{**GeneratorTrainConfig.ADDED, **levers})
     return DiffusionGenerator.fit(ds, config, train, seed=0)
 
 
@@ -322,11 +341,15 @@ def test_ema_half_life_sets_the_decay_from_the_run_s_length(monkeypatch):
 
 
 @pytest.mark.parametrize("lever", ["class_sampler=sqrt", "min_snr_gamma=5", "cbdm_weight=1", "ema_half_life=0.1"])
-def test_each_tail_lever_names_another_generator_and_the_defaults_keep_the_old_name(lever):
+def test_each_tail_lever_names_another_generator_and_the_former_values_keep_the_old_name(lever):
     from synthaug.generate.cache import generator_fingerprint
+    from synthaug.generate.network import GeneratorTrainConfig
 
     ds = make_dataset((12, 8, 4))
-    default = load_config(None, []).generator
-    assert generator_fingerprint(ds, default, 0) != generator_fingerprint(ds, load_config(None, [f"generator.{lever}"]).generator, 0)
-    off = load_config(None, [f"generator.{lever.split('=')[0]}={'uniform' if 'sampler' in lever else 0}"]).generator
-    assert generator_fingerprint(ds, off, 0) == generator_fingerprint(ds, default, 0) == "a0fef0b7b8cd04b0"  # as before
+    former = [f"generator.{k}={v}" for k, v in GeneratorTrainConfig.ADDED.items()]
+    before = load_config(None, former).generator
+    assert generator_fingerprint(ds, before, 0) == "a0fef0b7b8cd04b0"  # the name generators had before the levers
+    assert generator_fingerprint(ds, before, 0) != generator_fingerprint(ds, load_config(None, former + [f"generator.{lever}"]).generator, 0)
+    # today's default (Min-SNR 5) is a lever: its generators are named apart from the former plain-loss ones
+    assert generator_fingerprint(ds, load_config(None, []).generator, 0) == generator_fingerprint(
+        ds, load_config(None, former + ["generator.min_snr_gamma=5"]).generator, 0)

@@ -86,6 +86,11 @@ def test_class_balanced_subsample():
     ds = make_dataset((20, 10, 5))
     assert class_balanced_subsample(ds).class_counts().tolist() == [5, 5, 5]
     assert class_balanced_subsample(ds, 3).class_counts().tolist() == [3, 3, 3]
+    coloured = colored(make_dataset((40, 40)), agreement=0.8, seed=0)
+    cells = torch.bincount(coloured.labels * 2 + coloured.groups, minlength=4)
+    cut = class_balanced_subsample(coloured, by_group=True)
+    assert torch.bincount(cut.labels * 2 + cut.groups, minlength=4).tolist() == [int(cells.min())] * 4
+    assert (cut.labels == cut.groups).float().mean() == 0.5  # the colour no longer predicts the class
 
 
 def test_shot_thresholds_scale_with_head():

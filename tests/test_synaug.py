@@ -89,6 +89,35 @@ def test_groups_are_balanced_and_reported(data, tmp_path):
     assert all(r["conditioning"] == "class+group" and r["group"] is not None for r in rows)
 
 
+def test_with_groups_the_head_is_re_fit_on_cell_balanced_real_data(data, tmp_path, monkeypatch):
+    """SYNAuG's last step re-fits the head on uniformly subsampled real data: with groups, each
+    (class, group) cell cut to the same count, or the colour-biased real data teaches the
+    head the colour again."""
+    import synthaug.recipes.synaug as synaug_module
+
+    given = []
+    real = synaug_module.refit_head
+    monkeypatch.setattr(synaug_module, "refit_head", lambda *a, **kw: given.append(kw["by_group"]) or real(*a, **kw))
+    base = [*FAST, f"output_dir={tmp_path}", "split.kind=colored", "split.agreement=0.9", "synaug.replay=true"]
+    for flags, by_group in (([], True), (["synaug.balance_groups=false"], False)):
+        config = load_config(None, [*base, *flags])
+        get_recipe("synaug").run(make_task(data, config.split), config, workdir=tmp_path / f"run{by_group}")
+    assert given == [True, False]
+    config = load_config(None, [*base, "synaug.refit_per_class=all"])
+    with pytest.raises(SynthaugError, match="refit_per_class=all"):
+        get_recipe("synaug").check(make_task(data, config.split), config)
+
+
+def test_replay_fills_a_cell_without_real_images_from_its_class():
+    from synthaug.recipes.synaug import replay
+
+    ds = make_dataset((6, 6))
+    ds.groups, ds.group_names = ds.labels.clone(), ["red", "green"]  # cells (0, 1) and (1, 0) have no image
+    plan = balance_plan(ds, by_group=True, seed=0)
+    drawn = replay(ds, plan)
+    assert len(drawn) == len(plan) == 12 and drawn.labels.tolist() == [r["label"] for r in plan]
+
+
 def test_generation_interrupted_then_resumed(data, tmp_path, monkeypatch):
     config = load_config(None, [*FAST, f"output_dir={tmp_path}", "generator.sampling_batch_size=8"])
     task = make_task(data, config.split)

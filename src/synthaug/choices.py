@@ -13,6 +13,7 @@ Profile = Literal["exp", "step"]  # long-tail: exponential or step profile
 Preset = Literal["tiny", "small", "base"]  # the embedded generator's network sizes
 Sampler = Literal["sde-dpm-solver++", "dpm-solver++", "ddim"]
 Pairing = Literal["self", "class"]  # image-conditioned training: the condition image
+GroupGuidance = Literal["joint", "composed"]  # how a group-conditioned generator guides a (class, group) cell
 # arithmetic of the embedded generator and the classifier; auto: bfloat16 where the hardware
 # computes it natively (utils/runtime.fast_dtype), else float32
 Precision = Literal["auto", "float32", "bfloat16"]

@@ -85,8 +85,10 @@ class GeneratorSection:
     """The generator: the embedded diffusion model (network, training) or a pretrained Stable
     Diffusion pipeline (`pretrained`), and sampling."""
 
-    # options left out of cache keys (shared stores) at their defaults (utils/keys.py)
-    ADDED: ClassVar[tuple[str, ...]] = ("class_sampler", "min_snr_gamma", "cbdm_weight", "ema_half_life")
+    # options added later, with the values generators had before them: left out of cache keys (trained
+    # generators, shared stores) at those (utils/keys.py)
+    ADDED: ClassVar[dict[str, object]] = {"class_sampler": "uniform", "min_snr_gamma": 0.0, "cbdm_weight": 0.0,
+                                          "ema_half_life": 0.0}
 
     path: str | None = None  # a folder written by save_pretrained: use it instead of training one
     # embedded, stable-diffusion or a registered kind (generate/cache.py); auto: stable-diffusion with pretrained
@@ -128,9 +130,11 @@ class GeneratorSection:
     # image-conditioned generators (recipe augcond): condition dropout and the conditioning image in training
     image_dropout: float = 0.1
     image_pairing: Pairing = "self"
-    # levers for a long-tailed training set (issue 21; BENCHMARKS.md measures them), off by default:
+    # levers for a long-tailed training set (issue 21; BENCHMARKS.md measures them), all but Min-SNR off:
     class_sampler: ClassSampler = "uniform"  # how the generator draws its labelled images: per image, sqrt, per class
-    min_snr_gamma: float = 0.0  # > 0: Min-SNR loss weighting, min(SNR, gamma) / SNR (Hang et al. 2023; gamma 5)
+    # > 0: Min-SNR loss weighting, min(SNR, gamma) / SNR (Hang et al. 2023); 5 since it won on MNIST-5k-LT
+    # (BENCHMARKS.md, issue 21); 0: the plain loss
+    min_snr_gamma: float = 5.0
     cbdm_weight: float = 0.0  # > 0: CBDM's class-balancing regulariser at strength tau (Qin et al. 2023; tau 1)
     ema_half_life: float = 0.0  # > 0: a constant EMA decay with this half-life, as a share of the training steps
 
@@ -410,11 +414,15 @@ def flatten(d: dict, prefix: str = "") -> dict:
 def config_changes(recorded: dict, config: RunConfig, ignore=lambda key: False) -> list[str]:
     """How `config` differs from a config recorded earlier (flat dotted keys), as
     'train.lr: 0.05 -> 0.02' lines. A key the record lacks (an option added to synthaug since)
-    counts only when it is not at its default, so upgrading synthaug does not make finished
-    runs "different"."""
+    counts only when it is not at the value synthaug had before it (its section's `ADDED`, else
+    its default), so upgrading synthaug does not make finished runs "different", and a changed
+    default does."""
     def plain(c):
         return {k: v for k, v in json.loads(json.dumps(flatten(c.to_dict()), default=str)).items() if not ignore(k)}
     now, defaults = plain(config), plain(RunConfig())
+    for section in dataclasses.fields(RunConfig):
+        for key, value in getattr(getattr(config, section.name, None), "ADDED", {}).items():
+            defaults[f"{section.name}.{key}"] = value
     recorded = json.loads(json.dumps(recorded, default=str))
     return [f"{k}: {recorded.get(k, defaults.get(k))!r} -> {v!r}" for k, v in now.items()
             if recorded.get(k, defaults.get(k)) != v]

@@ -37,7 +37,7 @@ import yaml
 from ..config import RunConfig, config_changes, flatten, load_config
 from ..errors import SynthaugError
 from ..recipes import get_recipe
-from ..utils.keys import drop_added_defaults
+from ..utils.keys import drop_former
 from ..utils.paths import check_name
 
 SHIPPED = Path(__file__).resolve().parents[3] / "configs" / "bench"
@@ -320,7 +320,7 @@ def with_locations(cell: Cell, out: Path) -> RunConfig:
         d = config.to_dict()
         images = {k: d[k] for k in ("data", "split", "generator", section)}
         images["generator"].pop("cache_dir", None)
-        images["generator"] = drop_added_defaults(images["generator"], type(config.generator))
+        images["generator"] = drop_former(images["generator"], type(config.generator))
         # the selectors score one shared set of candidates (each writes its own score columns)
         images["candidates"] = d["select"]["overgenerate"] if d["select"]["method"] != "none" else None
         keys = getattr(type(getattr(config, section)), "IMAGE_KEYS", None)  # the options that change the images

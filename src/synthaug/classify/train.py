@@ -37,7 +37,8 @@ AUGMENTATIONS = ("none", "crop", "flip", "randaugment", "trivialaugment", "autoa
 class TrainConfig:
     """Everything that decides how a classifier is trained. Defaults suit 28x28 images on a CPU."""
 
-    ADDED: ClassVar[tuple[str, ...]] = ("drw_start",)  # options left out of cache keys at their defaults (utils/keys.py)
+    # options added later, with the values caches had before them: left out of cache keys at those (utils/keys.py)
+    ADDED: ClassVar[dict[str, object]] = {"drw_start": 1.0, "group_dro_balanced": False}
 
     model: str = "small-cnn"
     epochs: int = 15
@@ -65,6 +66,9 @@ class TrainConfig:
     # weighted by 1 / its size, or Group DRO over the cells (step size group_dro_eta)
     group_method: GroupMethod = "none"
     group_dro_eta: float = 0.01
+    # Group DRO's batches draw each cell equally often, as the paper's runs do (--reweight_groups
+    # --robust in its reference code; recipe group-dro sets it); false: uniform batches
+    group_dro_balanced: bool = False
     # semi-supervised on the split's unlabelled pool (few-shot with split.unlabeled_pool): FixMatch, or
     # FreeMatch's self-adaptive threshold. An epoch is then one pass over the pool, ssl_mu x batch_size a step
     ssl: SslMethod = "none"
@@ -364,7 +368,8 @@ def fit_classifier(
     log_prior = presented_prior(cfg.sampler, train.class_counts())
     drw_epoch = round(cfg.drw_start * cfg.epochs) if cfg.drw_start < 1 else None
     drw_weights = effective_number_weights(train.class_counts()).to(device)
-    if cfg.group_method == "balanced-sampling":  # each class as often as it has non-empty cells
+    balanced_cells = cfg.group_method == "balanced-sampling" or (cfg.group_method == "dro" and cfg.group_dro_balanced)
+    if balanced_cells:  # each class as often as it has non-empty cells
         per_class = torch.zeros(train.num_classes).index_add(0, torch.unique(cells) // (int(train.groups.max()) + 1),
                                                              torch.ones(len(torch.unique(cells))))
         log_prior = per_class.clamp(min=1e-6) / per_class.sum()
@@ -438,7 +443,7 @@ def fit_classifier(
             model.train()
             total_loss, correct, seen, epoch_start = 0.0, 0, 0, time.perf_counter()
             draw = lambda g=g: make_sampler(cfg.sampler, train.labels, train.num_classes, g,  # noqa: E731
-                                        cells if cfg.group_method == "balanced-sampling" else None)
+                                        cells if balanced_cells else None)
             if ssl:  # a pass over the pool; the labelled batches drawn from as many passes as it takes
                 labelled = labelled_batches(draw, steps_per_epoch, cfg.batch_size)
                 pool_batches = torch.randperm(len(unlabeled), generator=g).split(pool_batch)
@@ -572,17 +577,20 @@ def refit_head(
     weight_decay: float = 5e-4,
     seed: int = 0,
     min_steps: int = 200,
+    by_group: bool = False,
 ) -> Classifier:
     """cRT (Kang et al. 2020): freeze the features, re-initialise the head and train it
     class-balanced. `per_class="all"` uses every image with class-balanced loss weights;
-    "min" or a number subsamples each class to the same count first (SYNAuG's re-fit).
-    Runs `epochs` passes but at least `min_steps` steps, so a small re-fit set (8 images
-    per class) still trains the head to convergence."""
+    "min" or a number subsamples each class (with `by_group`, each (class, group) cell) to
+    the same count first (SYNAuG's re-fit). Runs `epochs` passes but at least `min_steps`
+    steps, so a small re-fit set (8 images per class) still trains the head to convergence."""
     from ..data.splits import class_balanced_subsample
 
+    if by_group and per_class == "all":
+        raise SynthaugError("a re-fit balanced by group subsamples the cells: give per_class 'min' or a number")
     if per_class != "all":
         n = None if per_class == "min" else int(per_class)
-        data = class_balanced_subsample(data, n, seed=seed)
+        data = class_balanced_subsample(data, n, seed=seed, by_group=by_group)
     device = next(model.parameters()).device
     feats = extract_features(model, data.images).to(device)
     fit_head(model, feats, data.labels.to(device), data.num_classes, class_balanced=per_class == "all", epochs=epochs,

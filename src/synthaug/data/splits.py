@@ -126,15 +126,19 @@ def balanced_validation(ds: ImageDataset, per_class: int, *, seed: int = 0) -> t
     return rest, held
 
 
-def class_balanced_subsample(ds: ImageDataset, per_class: int | None = None, *, seed: int = 0) -> ImageDataset:
-    """Every class cut to the same count (the smallest class's size by default)."""
-    counts = ds.class_counts()
+def class_balanced_subsample(ds: ImageDataset, per_class: int | None = None, *, seed: int = 0,
+                             by_group: bool = False) -> ImageDataset:
+    """Every class cut to the same count (the smallest class's size by default); with
+    `by_group`, every non-empty (class, group) cell cut to the same count instead, so a
+    colour that agrees with the label in most images no longer does."""
+    units = ds.labels * (int(ds.groups.max()) + 1) + ds.groups if by_group else ds.labels
+    counts = torch.bincount(units)
     present = counts[counts > 0]
     n = int(present.min()) if per_class is None else min(int(per_class), int(present.min()))
     g = _generator(seed)
     keep = []
-    for c in range(ds.num_classes):
-        idx = torch.nonzero(ds.labels == c).flatten()
+    for unit in torch.nonzero(counts).flatten().tolist():
+        idx = torch.nonzero(units == unit).flatten()
         keep.append(idx[torch.randperm(len(idx), generator=g)[:n]])
     return ds.subset(torch.cat(keep).sort().values)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..data.dataset import ImageDataset
 from ..errors import SynthaugError
-from ..utils.keys import drop_added_defaults
+from ..utils.keys import drop_former
 from ..utils.registry import Registry
 from ..utils.runtime import fast_dtype, resolve_device
 from .base import Generator
@@ -55,8 +55,10 @@ def generator_fingerprint(data: ImageDataset, section, num_groups: int, *, unlab
         payload["unlabeled"] = [unlabeled.fingerprint(), section.unlabeled_share]
     if image_embed_dim:
         payload["image"] = [image_embed_dim, section.image_dropout, section.image_pairing]
-    levers = drop_added_defaults({k: getattr(section, k) for k in section.ADDED}, type(section))
-    if levers:  # the tail levers set away from their defaults (older generators keep their names)
+    if num_groups and not image_embed_dim:  # group generators from before composed guidance keep their names
+        payload["group_guidance"] = "composed"
+    levers = drop_former({k: getattr(section, k) for k in section.ADDED}, type(section))
+    if levers:  # the tail levers away from their former values (older generators keep their names)
         payload["levers"] = levers
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -126,10 +128,12 @@ def embedded_for(data: ImageDataset, section, *, cache_root: Path, progress: boo
 # are the one place that reads it into the library's settings for the network, its training and
 # sampling.
 def network_config(section, data: ImageDataset, *, num_groups: int = 0, image_embed_dim: int = 0) -> GeneratorConfig:
+    """The network a run trains; with groups, class and group guidance composed (`GeneratorConfig.group_guidance`)."""
     return GeneratorConfig(image_size=data.image_size[0], channels=data.channels, classes=data.classes,
                            num_groups=num_groups, preset=section.preset, label_dropout=section.label_dropout,
                            image_embed_dim=image_embed_dim, image_dropout=section.image_dropout,
-                           image_pairing=section.image_pairing)
+                           image_pairing=section.image_pairing,
+                           group_guidance="composed" if num_groups and not image_embed_dim else "joint")
 
 
 def train_config(section, device: str = "auto") -> GeneratorTrainConfig:

@@ -238,11 +238,15 @@ class DiffusionGenerator:
         embeds, keep = (None, None) if image is None else (image[0].to(device), image[1].to(device))
         cond = self.class_input(self.condition_ids(labels, groups).to(device), embeds, keep)
         cond_map = self.condition_map(len(labels), embeds, keep, device=device)
-        guided = sampling.guidance_scale != 1.0
+        composed = self.config.composed and groups is not None
+        guided = sampling.guidance_scale != 1.0 or composed
         if guided:
             null_groups = None if groups is None else torch.full_like(groups, self.config.num_groups)
             uncond = self.class_input(self.condition_ids(torch.full_like(labels, self.null_class), null_groups).to(device))
             both = None if cond_map is None else torch.cat([cond_map, torch.zeros_like(cond_map)])
+        if composed:  # the class's and the group's guidance, each against (null, null)
+            cond = torch.cat([self.class_input(self.condition_ids(labels, null_groups).to(device)),
+                              self.class_input(self.condition_ids(torch.full_like(labels, self.null_class), groups).to(device))])
         scheduler = build_sampler(self.config, sampling.sampler)
         scheduler.set_timesteps(sampling.steps)
         timesteps = scheduler.timesteps[start:]
@@ -256,11 +260,16 @@ class DiffusionGenerator:
         for t in timesteps:
             model_in = scheduler.scale_model_input(x, t)
             with autocast(device, dtype):
-                if guided:
+                if composed:
+                    eps = self.predict_noise(torch.cat([model_in] * 3), t, torch.cat([cond, uncond]), None).float()
+                elif guided:
                     eps = self.predict_noise(torch.cat([model_in, model_in]), t, torch.cat([cond, uncond]), both).float()
                 else:
                     eps = self.predict_noise(model_in, t, cond, cond_map).float()
-            if guided:
+            if composed:
+                eps_class, eps_group, eps_uncond = eps.chunk(3)
+                eps = eps_uncond + sampling.guidance_scale * (eps_class + eps_group - 2 * eps_uncond)
+            elif guided:
                 eps_cond, eps_uncond = eps.chunk(2)
                 eps = eps_uncond + sampling.guidance_scale * (eps_cond - eps_uncond)
             x = scheduler.step(eps, t, x, generator=streams).prev_sample

@@ -7,7 +7,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import ClassVar, get_args
 
-from ..choices import ClassSampler, Pairing, Precision, Preset, Sampler, check_choices
+from ..choices import (
+    ClassSampler,
+    GroupGuidance,
+    Pairing,
+    Precision,
+    Preset,
+    Sampler,
+    check_choices,
+)
 from ..errors import SynthaugError
 
 # Network sizes. `small` is the size a first trial found good for 28x28 digits on a CPU
@@ -43,6 +51,12 @@ class GeneratorConfig:
     image_pairing: Pairing = "self"  # the conditioning image in training: a shifted view of the image itself, or
     # another image of its class ("class"; then image and condition are independent given the class)
     image_shift: int = 2  # px: the view's random shift ("self" pairing)
+    # with groups, how guidance reaches a (class, group) cell. "composed" (synthaug's generators
+    # since issue 21): the class and the group are also trained apart, and sampling adds their
+    # two guidance directions (composable diffusion, Liu et al. 2022), so a cell with few or no
+    # training images (a digit in a colour it rarely has) gets the class's shape and the group's
+    # look; "joint": one embedding per cell guides alone (generators saved before)
+    group_guidance: GroupGuidance = "joint"
 
     def __post_init__(self):
         check_choices(self, "generator.")
@@ -53,6 +67,9 @@ class GeneratorConfig:
         self.layers_per_block = self.layers_per_block or preset["layers_per_block"]
         if self.image_embed_dim < 0 or not 0 <= self.image_dropout < 1:
             raise SynthaugError("generator image conditioning: image_embed_dim >= 0, image_dropout in [0, 1)")
+        if self.group_guidance == "composed" and self.image_embed_dim:
+            raise SynthaugError("composed group guidance has no image condition: use group_guidance 'joint' with "
+                                "image_embed_dim")
         downsamples = len(self.block_out_channels) - 1
         if self.image_size % (2**downsamples):
             raise SynthaugError(f"image size {self.image_size} is not divisible by {2**downsamples} "
@@ -69,7 +86,14 @@ class GeneratorConfig:
         if not self.image_embed_dim:
             for k in ("image_embed_dim", "image_dropout", "image_pairing", "image_shift"):
                 out.pop(k)
+        if out["group_guidance"] == "joint":  # as generators were named before the choice existed
+            out.pop("group_guidance")
         return out
+
+    @property
+    def composed(self) -> bool:
+        """Class and group guide as two terms (`group_guidance`), on a group-conditioned network."""
+        return self.num_groups > 0 and self.group_guidance == "composed"
 
 
 @dataclass
@@ -83,10 +107,14 @@ class GeneratorTrainConfig:
     unlabeled_share: float = 0.5  # share of each batch drawn from an unlabeled pool, when one is given
     device: str = "auto"
     precision: Precision = "auto"  # bfloat16 autocast (float32 weights and optimiser) where native
-    # levers for a long-tailed training set (issue 21), off by default; left out of checkpoint keys then
-    ADDED: ClassVar[tuple[str, ...]] = ("class_sampler", "min_snr_gamma", "cbdm_weight", "ema_half_life")
+    # levers for a long-tailed training set (issue 21), with the values generators had before them:
+    # left out of checkpoint keys at those (utils/keys.py)
+    ADDED: ClassVar[dict[str, object]] = {"class_sampler": "uniform", "min_snr_gamma": 0.0, "cbdm_weight": 0.0,
+                                          "ema_half_life": 0.0}
     class_sampler: ClassSampler = "uniform"  # how the labelled images are drawn: per image, per sqrt(n_c), per class
-    min_snr_gamma: float = 0.0  # > 0: each timestep's loss weighted min(SNR, gamma) / SNR (Hang et al. 2023)
+    # > 0: each timestep's loss weighted min(SNR, gamma) / SNR (Hang et al. 2023); 5 since it won on
+    # MNIST-5k-LT (BENCHMARKS.md, issue 21); 0: the plain loss
+    min_snr_gamma: float = 5.0
     cbdm_weight: float = 0.0  # > 0: CBDM's class-balancing regulariser at this strength tau (Qin et al. 2023)
     ema_half_life: float = 0.0  # > 0: a constant EMA decay with this half-life, as a share of the steps
 

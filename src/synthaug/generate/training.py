@@ -120,6 +120,8 @@ def train_generator(gen: DiffusionGenerator, data: ImageDataset, cfg: GeneratorT
             cond_labels[drop] = gen.null_class
             # the group is dropped on its own too, so (class, any group) cells are trained
             drop_group = drop | (torch.rand(len(idx), generator=g) < gen.config.label_dropout)
+            if gen.config.composed:  # and the class on its own: composed guidance adds (class, ·) and (·, group)
+                cond_labels[(torch.rand(len(idx), generator=g) < gen.config.label_dropout) & ~drop_group] = gen.null_class
             cond_groups = None if groups is None else torch.where(drop_group, gen.config.num_groups, groups[idx])
             cond = gen.condition_ids(cond_labels, cond_groups).to(device)
             embeds = keep = None

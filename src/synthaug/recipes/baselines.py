@@ -42,8 +42,9 @@ BASELINES = {
     "group-balanced": ("each (class, group) cell drawn equally often", Baseline({"group_method": "balanced-sampling"})),
     "group-reweighted": ("each image's loss weighted by 1 / its (class, group) cell's size",
                          Baseline({"group_method": "reweighted"})),
-    "group-dro": ("Group DRO over the (class, group) cells, step train.group_dro_eta (Sagawa et al. 2020)",
-                  Baseline({"group_method": "dro"})),
+    "group-dro": ("Group DRO over the (class, group) cells, step train.group_dro_eta, on batches that draw each "
+                  "cell equally often (Sagawa et al. 2020, as its runs)",
+                  Baseline({"group_method": "dro", "group_dro_balanced": True})),
 }
 
 

@@ -6,8 +6,9 @@ REAL data.
    for every cell below the largest, conditioned on its class (and group).
 2. Train on the now uniform real + synthetic set with the usual augmentation, plus Mixup
    between real and synthetic images ("domain mixup") to narrow the domain gap.
-3. Freeze the features; re-fit only the last layer on real data, each class cut to the
-   same count.
+3. Freeze the features; re-fit only the last layer on real data, each class (with groups,
+   each (class, group) cell) cut to the same count: "uniformly subsampled" real data, which
+   a class-balanced cut of colour-biased data would not be.
 
 How the synthetic images are used (issue 21's levers): `synthetic_weight` scales their loss;
 `target_per_class` sets the volume (above the largest class it over-fills the head too);
@@ -74,17 +75,21 @@ def check(task, config):
     """Fail on an impossible plan or generator before anything is written."""
     by_group = config.synaug.balance_groups and task.train.groups is not None
     balance_plan(task.train, target_per_class=config.synaug.target_per_class, by_group=by_group)
+    if by_group and config.synaug.refit_head and config.synaug.refit_per_class == "all":
+        raise SynthaugError("synaug.refit_per_class=all re-fits the head on the real data as it is, where the group "
+                            "predicts the class: use 'min' or a number (each (class, group) cell cut to that count)")
     if not config.synaug.replay:
         check_generator(config.generator, task.train)
 
 
 def replay(real, plan: list[dict]):
     """The real-replay control: for each plan row, a real image of the row's class (and group)
-    drawn with the row's own seed, so the control adds exactly the plan's counts."""
+    drawn with the row's own seed, so the control adds exactly the plan's counts. A (class,
+    group) cell with no real image at all is filled from its class: real data has nothing closer."""
     picks = []
     for row in plan:
         cell = real.labels == row["label"]
-        if row.get("group") is not None and real.groups is not None:
+        if row.get("group") is not None and real.groups is not None and bool((cell & (real.groups == row["group"])).any()):
             cell &= real.groups == row["group"]
         members = cell.nonzero().flatten()
         g = torch.Generator().manual_seed(int(row["seed"]))
@@ -128,11 +133,11 @@ def synaug(task, config, *, workdir=None, progress=False, trained=None) -> Recip
     seconds["train"] = result.seconds
     model = result.model
 
-    # 3. re-fit the head on a class-balanced subsample of the real data
+    # 3. re-fit the head on a class-balanced (with groups: cell-balanced) subsample of the real data
     if opts.refit_head:
         t0 = time.perf_counter()
         refit_head(model, real, per_class=opts.refit_per_class, epochs=config.train.refit_epochs,
-                   lr=config.train.refit_lr, seed=config.seed)
+                   lr=config.train.refit_lr, seed=config.seed, by_group=by_group)
         seconds["refit_head"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
