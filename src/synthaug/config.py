@@ -22,6 +22,7 @@ import yaml
 from .choices import ClassSampler, Dtype, Pairing, Precision, Preset, Profile, Sampler, SplitKind
 from .classify.train import TrainConfig
 from .errors import SynthaugError
+from .generate.network import GeneratorTrainConfig
 from .utils.paths import check_folder, check_name
 from .utils.registry import Registry
 
@@ -86,9 +87,8 @@ class GeneratorSection:
     Diffusion pipeline (`pretrained`), and sampling."""
 
     # options added later, with the values generators had before them: left out of cache keys (trained
-    # generators, shared stores) at those (utils/keys.py)
-    ADDED: ClassVar[dict[str, object]] = {"class_sampler": "uniform", "min_snr_gamma": 0.0, "cbdm_weight": 0.0,
-                                          "ema_half_life": 0.0}
+    # generators, shared stores) at those (utils/keys.py); the training's own list
+    ADDED: ClassVar[dict[str, object]] = GeneratorTrainConfig.ADDED
 
     path: str | None = None  # a folder written by save_pretrained: use it instead of training one
     # embedded, stable-diffusion or a registered kind (generate/cache.py); auto: stable-diffusion with pretrained

@@ -252,7 +252,7 @@ def group_cells(train: ImageDataset) -> torch.Tensor:
     if train.groups is None:
         raise SynthaugError("train.group_method needs a split with groups (split.kind=colored, or a source with "
                             "groups): set train.group_method=none")
-    return train.labels * (int(train.groups.max()) + 1) + train.groups
+    return train.cells()
 
 
 def make_sampler(kind: str, labels: torch.Tensor, num_classes: int, generator: torch.Generator,

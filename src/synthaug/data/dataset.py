@@ -72,6 +72,10 @@ class ImageDataset:
         labelled = self.labels[self.labels >= 0]
         return torch.bincount(labelled, minlength=self.num_classes)
 
+    def cells(self) -> torch.Tensor:
+        """Each image's (class, group) cell, numbered class * groups + group (needs groups)."""
+        return self.labels * (int(self.groups.max()) + 1) + self.groups
+
     def subset(self, indices) -> ImageDataset:
         indices = torch.as_tensor(indices, dtype=torch.int64)
         return replace(

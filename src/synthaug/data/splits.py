@@ -131,7 +131,7 @@ def class_balanced_subsample(ds: ImageDataset, per_class: int | None = None, *, 
     """Every class cut to the same count (the smallest class's size by default); with
     `by_group`, every non-empty (class, group) cell cut to the same count instead, so a
     colour that agrees with the label in most images no longer does."""
-    units = ds.labels * (int(ds.groups.max()) + 1) + ds.groups if by_group else ds.labels
+    units = ds.cells() if by_group else ds.labels
     counts = torch.bincount(units)
     present = counts[counts > 0]
     n = int(present.min()) if per_class is None else min(int(per_class), int(present.min()))
