@@ -1,5 +1,6 @@
 """`synthaug bench`: the smoke suite end to end, resuming an interrupted suite without redoing
-a finished cell, refusing (or with --force re-running) a changed cell, and the leaderboard's
+a finished cell, refusing (or with --force re-running) a changed cell, re-running chosen cells
+after a code change (--rerun), and the leaderboard's
 interval and verdict on made-up numbers with a known answer."""
 
 from __future__ import annotations
@@ -99,6 +100,23 @@ def test_a_changed_cell_is_refused_then_rerun_with_force(tmp_path, monkeypatch):
     assert calls == [True, True] and len(rows) == 4
     fingerprints = {c.key: c.fingerprint for c in edited.cells_}
     assert all(r["fingerprint"] == fingerprints[r["cell"]] for r in read_results(out))
+
+
+def test_rerun_runs_only_the_chosen_finished_cells_afresh(tmp_path, monkeypatch):
+    suite, out = load_suite(str(_suite(tmp_path))), tmp_path / "out"
+    run_suite(suite, out, progress=False, echo=lambda _: None)
+    before = {r["cell"]: r for r in read_results(out)}
+    with pytest.raises(SynthaugError, match="--rerun .* --recipe"):
+        run_suite(suite, out, rerun=True, progress=False, echo=lambda _: None)  # a whole suite is a new --out
+    real_train_run, calls = synthaug.runs.train_run, []
+    monkeypatch.setattr(synthaug.runs, "train_run", lambda config, **kw: (calls.append((config.recipe, kw["force"])),
+                                                                           real_train_run(config, **kw))[1])
+    run_suite(suite, out, rerun=True, recipes=["balanced-softmax"], progress=False, echo=lambda _: None)
+    assert calls == [("balanced-softmax", True)] * 2  # its run folders replaced, ce untouched
+    after = {r["cell"]: r for r in read_results(out)}
+    assert after.keys() == before.keys()
+    for key, row in after.items():
+        assert (row == before[key]) == (row["recipe"] == "ce")  # each rerun cell's row replaced, not added
 
 
 def _row(recipe, seed, score, generator_seed=None, images=0):

@@ -166,6 +166,8 @@ def bench(
                                           "targeted-small, full, cifar10-gpu, fewshot-cifar10-gpu) or a suite YAML file"),
     out: Path = typer.Option(None, help="the suite's folder (default: runs/bench-<suite>)"),
     force: bool = typer.Option(False, help="re-run the cells whose config changed since they ran"),
+    rerun: bool = typer.Option(False, help="run the chosen finished cells (--recipe, --setting) afresh, replacing "
+                                           "their rows: for a code change behind a recipe"),
     report_only: bool = typer.Option(False, "--report-only", help="only rewrite the leaderboard from results.jsonl"),
     setting: list[str] = typer.Option([], help="run only this setting's cells (repeatable)"),
     recipe: list[str] = typer.Option([], help="run only this recipe label's cells (repeatable)"),
@@ -186,7 +188,7 @@ def bench(
             raise SynthaugError(f"'{out}' has no results.jsonl rows: run the suite first (without --report-only)")
         md, page = write_leaderboard(found, rows, out)
     else:
-        run_suite(found, out, force=force, progress=not quiet, settings=setting, recipes=recipe,
+        run_suite(found, out, force=force, rerun=rerun, progress=not quiet, settings=setting, recipes=recipe,
                   echo=lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
         md, page = out / "leaderboard.md", out / "leaderboard.html"
     console.print(f"leaderboard: {md}")

@@ -8,7 +8,8 @@
     <out>/stores/            synthetic stores, shared by the classifier seeds of a plan
 
 A finished cell is never redone. A cell whose config changed since it ran (an edited suite) is
-refused, or re-run with `force`. Every check that can fail runs before the first write."""
+refused, or re-run with `force`; `rerun` re-runs chosen cells whose config did not change (the
+code did). Every check that can fail runs before the first write."""
 
 from __future__ import annotations
 
@@ -75,22 +76,27 @@ def check_out(out: Path):
         raise SynthaugError(f"--out '{out}' holds files synthaug did not make (no {MARKER}): give a new or empty folder")
 
 
-def plan(suite: Suite, out: Path, *, force: bool = False) -> tuple[list[Cell], list[Cell], dict[str, dict]]:
-    """(cells to run, of them the changed ones to re-run, finished rows by cell). Raises on a
-    changed cell without `force`."""
+def plan(suite: Suite, out: Path, *, force: bool = False,
+         rerun: bool = False) -> tuple[list[Cell], list[Cell], dict[str, dict]]:
+    """(cells to run, of them the finished ones to run afresh, finished rows by cell). Raises on a
+    changed cell without `force`; with `rerun`, every finished cell runs afresh."""
     done = {r["cell"]: r for r in read_results(out)}
-    todo, changed, first = [], [], None
+    todo, again, changed, first = [], [], [], None
     for cell in suite.cells_:
         row = done.get(cell.key)
         if row is None:
             todo.append(cell)
-        elif row.get("fingerprint") != cell.fingerprint and (found := changes(row.get("settings") or {}, cell.config)):
+            continue
+        found = row.get("fingerprint") != cell.fingerprint and changes(row.get("settings") or {}, cell.config)
+        if found:
             changed.append(cell)
             first = first or found[0]
+        if found or rerun:
+            again.append(cell)
     if changed and not force:
         raise SynthaugError(f"{len(changed)} cell(s) of suite '{suite.name}' changed since they ran (first: "
                             f"'{changed[0].key}', {first}): pass --force to re-run them, or give another --out")
-    return todo + changed, changed, done
+    return todo + again, again, done
 
 
 def preflight(suite: Suite, cells: list[Cell], out: Path):
@@ -123,11 +129,13 @@ def preflight(suite: Suite, cells: list[Cell], out: Path):
             raise SynthaugError(f"cell '{cell.key}': {e}") from None
 
 
-def run_suite(suite: Suite, out: str | Path, *, force: bool = False, progress: bool = True,
+def run_suite(suite: Suite, out: str | Path, *, force: bool = False, rerun: bool = False, progress: bool = True,
               echo=print, settings: list[str] = (), recipes: list[str] = ()) -> list[dict]:
     """Run the suite's unfinished cells (and, with `force`, its changed ones), only those of
-    `settings` and `recipes` when given; returns the rows of results.jsonl. Stops starting
-    cells once `suite.minutes` are spent (run again to go on)."""
+    `settings` and `recipes` when given; returns the rows of results.jsonl. `rerun` runs the
+    chosen finished cells afresh, their run folders replaced (trained generators and stores
+    whose fingerprints still match are reused), for when the code behind a recipe changed.
+    Stops starting cells once `suite.minutes` are spent (run again to go on)."""
     from ..runs import train_run
     from .leaderboard import write_leaderboard
 
@@ -139,8 +147,12 @@ def run_suite(suite: Suite, out: str | Path, *, force: bool = False, progress: b
         for n in name:
             if n not in known:
                 raise SynthaugError(f"suite '{suite.name}' has no {what} '{n}': use one of {', '.join(sorted(known))}")
-    cells, changed, done = plan(suite, out, force=force)
-    cells = [c for c in cells if (not settings or c.setting in settings) and (not recipes or c.recipe in recipes)]
+    if rerun and not (settings or recipes):
+        raise SynthaugError("--rerun runs finished cells afresh: choose them with --recipe and/or --setting")
+    chosen = lambda c: (not settings or c.setting in settings) and (not recipes or c.recipe in recipes)  # noqa: E731
+    cells, changed, done = plan(suite, out, force=force, rerun=rerun)
+    cells = [c for c in cells if chosen(c)]
+    changed = [c for c in changed if chosen(c)]
     preflight(suite, cells, out)
     # every check passed: the first write
     make_folders(out, "--out")
