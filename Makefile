@@ -8,7 +8,7 @@ STAMP := $(VENV)/.synthaug-installed
 # torch from this pin installs from the machine's wheel cache in about a minute; see README.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-slow bench-smoke bench-longtail bench-levers bench-generator-levers bench-fewshot bench-ssl bench-targeted bench-tables bench-speed bench-sampler bench-selection bench-executors lint clean
+.PHONY: demo test test-slow bench-smoke bench-longtail bench-levers bench-generator-levers bench-coloured-generator bench-fewshot bench-ssl bench-targeted bench-tables bench-speed bench-sampler bench-selection bench-executors lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ bench-levers: $(STAMP)
 # issue 21, item 3: the generator's tail levers judged by their images (about 40 minutes on a CPU, resumable)
 bench-generator-levers: $(STAMP)
 	$(BIN)/python benchmarks/generator_levers.py
+
+# issue 21, item 6: the coloured generator judged cell by cell (digit and colour read apart; minutes, resumable)
+bench-coloured-generator: $(STAMP)
+	$(BIN)/python benchmarks/coloured_generator.py
 
 bench-fewshot: $(STAMP)
 	$(BIN)/synthaug bench fewshot-small --out benchmarks/results/bench/fewshot-small

@@ -25,14 +25,21 @@ EXPORTS = {"longtail": "longtail.jsonl", "fewshot": "fewshot.jsonl"}
 FLAT = ("accuracy", "balanced_accuracy", "few_shot_accuracy", "worst_class_accuracy", "worst_group_accuracy")
 
 
-def backfill_curves(rows: list[dict], out) -> bool:
-    """Rows written before rows carried the accuracy-against-steps curve get it from their
-    cell's metrics.json (when the cell's folder is here). Returns whether any row changed."""
+def backfill(rows: list[dict], out) -> bool:
+    """Rows written before rows carried the accuracy-against-steps curve get it, and replay
+    controls written before they were told apart get their images counted as replayed, not
+    generated, from their cell's metrics.json (when the cell's folder is here). Returns
+    whether any row changed."""
     changed = False
     for row in rows:
         found = out / row.get("run", "-") / "metrics.json"
-        if "curve" not in row and row.get("run") and found.exists() and (curve := json.loads(found.read_text()).get("curve")):
+        if not (row.get("run") and found.exists()) or ("curve" in row and "images_replayed" in row):
+            continue
+        metrics = json.loads(found.read_text())
+        if "curve" not in row and (curve := metrics.get("curve")):
             row["curve"], changed = curve, True
+        if "images_replayed" not in row and (metrics.get("synthetic") or {}).get("replay"):
+            row["images_replayed"], row["images_generated"], changed = row["images_generated"], 0, True
     return changed
 
 
@@ -40,7 +47,8 @@ def flat(row: dict) -> dict:
     curve = row.get("curve")
     return {"setting": row["setting"], "method": row["recipe"], "seed": row["seed"],
             "generator_seed": row["generator_seed"], **{k: row["metrics"].get(k) for k in FLAT},
-            "synthetic_images": row["images_generated"], "seconds": row["seconds"], "wall_seconds": row.get("wall_seconds"),
+            "synthetic_images": row["images_generated"],
+            "replayed_images": row.get("images_replayed", 0), "seconds": row["seconds"], "wall_seconds": row.get("wall_seconds"),
             "device": row.get("device"), "commit": row.get("commit"), **({"curve": curve} if curve else {})}
 
 
@@ -51,7 +59,7 @@ def main():
         if not rows:
             print(f"{name}: no results in {out}: skipped")
             continue
-        if backfill_curves(rows, out) and not (out / ".synthaug-bench.lock").exists():
+        if backfill(rows, out) and not (out / ".synthaug-bench.lock").exists():
             atomic_write_text(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         write_leaderboard(suite, rows, out)
         document = (HERE.parent / "BENCHMARKS.md").read_text()

@@ -13,6 +13,8 @@ from conftest import run_cli
 
 import synthaug.runs
 from synthaug.bench import leaderboard_markdown, load_suite, read_results, run_suite, shipped
+from synthaug.bench.leaderboard import costs, setting_summary
+from synthaug.bench.runner import result_row
 from synthaug.errors import SynthaugError
 
 TWO_BASELINES = """
@@ -124,6 +126,20 @@ def _row(recipe, seed, score, generator_seed=None, images=0):
             "cell": f"s | {recipe} | {generator_seed} | {seed}", "metric": "balanced_accuracy",
             "metrics": {"balanced_accuracy": score}, "per_class": {}, "seconds": {"train": 60.0},
             "images_generated": images, "generated_now": images, "device": "CPU", "commit": "x"}
+
+
+def test_a_replay_control_costs_no_generation_and_is_not_a_classical_baseline(tmp_path):
+    made = [dict(_row("synaug", s, 0.9, images=1000), seconds={"train": 60.0, "generate": 100.0}) for s in range(2)]
+    replay = [dict(_row("real replay", s, 0.9), images_replayed=1000) for s in range(2)]
+    plain = [_row("ce", s, 0.8) for s in range(2)]
+    suite = load_suite(str(_suite(tmp_path)))
+    metrics = {"test": {"balanced_accuracy": 0.9}, "seconds": {"train": 60.0},
+               "synthetic": {"images": 1000, "generated_now": 0, "replay": True}}
+    row = result_row(suite, suite.cells_[0], metrics, tmp_path / "out" / "cells" / "x", tmp_path / "out", 60.0, {})
+    assert row["images_generated"] == 0 and row["images_replayed"] == 1000  # how the runner records a replay
+    cost = costs(made + replay + plain)
+    assert cost["synaug"]["generation"] == 100.0 and cost["real replay"]["generation"] == 0.0
+    assert setting_summary(made + replay + plain, None)["classical"] == ["ce"]
 
 
 def test_the_leaderboard_interval_and_verdict_on_a_known_paired_difference():

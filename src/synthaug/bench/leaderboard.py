@@ -68,7 +68,7 @@ def setting_summary(rows: list[dict], setting) -> dict:
     recipes = list(dict.fromkeys([*(setting.recipes if setting else []), *(r["recipe"] for r in rows)]))
     recipes = [r for r in recipes if any(row["recipe"] == r for row in rows)]
     classical = setting.classical if setting else [r for r in recipes if not any(
-        row["images_generated"] for row in rows if row["recipe"] == r) and r != "oracle"]
+        row["images_generated"] or row.get("images_replayed") for row in rows if row["recipe"] == r) and r != "oracle"]
     scores = {r: by_seed([row for row in rows if row["recipe"] == r], metric) for r in recipes}
     verdicts = {r: compare(scores, r, classical=classical) for r in recipes if r not in classical and r != "oracle"}
     return {"metric": metric, "recipes": recipes, "classical": classical, "scores": scores, "verdicts": verdicts,
