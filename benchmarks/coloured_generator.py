@@ -45,6 +45,8 @@ SETTING = "Coloured MNIST-5k, agreement 0.95"
 RECIPE = "synaug, generator 2400 steps"
 OUT = HERE / "results" / "bench" / "longtail"
 RESULTS = HERE / "results" / "coloured_generator.jsonl"
+SCORES = tuple(f"{what}_{cells}" for what in ("digit", "colour", "both") for cells in ("majority", "minority")) + (
+    "cells_half_usable", "cells")
 VARIANTS = {  # the suite's generator section with these changes
     "800 steps": {"steps": 800},
     "2400 steps": {"steps": 2400},
@@ -106,8 +108,7 @@ def table(rows: list[dict], real: dict) -> str:
              "|---|---|---|---|---|---|---|"]
 
     def line(name, mine):
-        m = {k: statistics.fmean(r[k] for r in mine) for k in mine[0] if k.split("_")[0] in ("digit", "colour", "both",
-                                                                                            "cells", "train")}
+        m = {k: statistics.fmean(r[k] for r in mine) for k in SCORES + ("train_minutes",) if k in mine[0]}
         pair = lambda k: f"{100 * m[k + '_majority']:.1f}% / {100 * m[k + '_minority']:.1f}%"  # noqa: E731
         minutes = f"{m['train_minutes']:.1f}" if "train_minutes" in m else "-"
         return (f"| {name} | {len(mine)} | {pair('digit')} | {pair('colour')} | {pair('both')} | "
