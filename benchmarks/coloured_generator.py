@@ -17,7 +17,9 @@ readers' own error is on the page. Generators come from (and train into) the sui
 benchmarks/results/bench/longtail/generators, so a generator trained here is the suite's.
 
 Variants: the suite's generator (plain loss, as the suite pins it) at 800 and 2,400 steps, and
-at 2,400 steps with Min-SNR-5 (synthaug's default generator loss).
+at 2,400 steps with Min-SNR-5 (synthaug's default generator loss); that one also sampled with
+the class's and the group's guidance at their own scales (`generator.guidance_scale` /
+`generator.group_guidance_scale`; 3 / 3 otherwise).
 
 Resumable: a finished (variant, seed) is a row of benchmarks/results/coloured_generator.jsonl.
 The table goes to benchmarks/results/coloured_generator.md and into BENCHMARKS.md.
@@ -51,6 +53,10 @@ VARIANTS = {  # the suite's generator section with these changes
     "800 steps": {"steps": 800},
     "2400 steps": {"steps": 2400},
     "2400 steps, Min-SNR 5": {"steps": 2400, "min_snr_gamma": 5.0},
+    # the same generator, sampled with the class's and the group's guidance at their own scales (class / group)
+    **{f"2400 steps, Min-SNR 5, guidance {c:g} / {g:g}": {"steps": 2400, "min_snr_gamma": 5.0, "guidance_scale": c,
+                                                         "group_guidance_scale": g}
+       for c, g in ((3.0, 1.0), (3.0, 1.5), (3.0, 5.0), (5.0, 1.5), (5.0, 3.0))},
 }
 
 

@@ -13,7 +13,7 @@ from conftest import run_cli
 
 import synthaug.runs
 from synthaug.bench import leaderboard_markdown, load_suite, read_results, run_suite, shipped
-from synthaug.bench.leaderboard import costs, setting_summary
+from synthaug.bench.leaderboard import _gap, costs, setting_summary
 from synthaug.bench.runner import result_row
 from synthaug.errors import SynthaugError
 
@@ -139,7 +139,14 @@ def test_a_replay_control_costs_no_generation_and_is_not_a_classical_baseline(tm
     assert row["images_generated"] == 0 and row["images_replayed"] == 1000  # how the runner records a replay
     cost = costs(made + replay + plain)
     assert cost["synaug"]["generation"] == 100.0 and cost["real replay"]["generation"] == 0.0
-    assert setting_summary(made + replay + plain, None)["classical"] == ["ce"]
+    summary = setting_summary(made + replay + plain, None)
+    assert summary["classical"] == ["ce"] and summary["controls"] == ["real replay"]
+    # the oracle's gap is closed by generated images, never by the replay control, however high it scores
+    oracle = [_row("oracle", s, 1.0) for s in range(2)]
+    replay = [dict(r, metrics={"balanced_accuracy": 0.95}) for r in replay]
+    assert "synaug, closes 50% of the gap" in _gap(setting_summary(made + replay + plain + oracle, None), "ce")
+    below = [dict(r, metrics={"balanced_accuracy": 0.7}) for r in made]
+    assert "no generative recipe reaches" in _gap(setting_summary(below + replay + plain + oracle, None), "ce")
 
 
 def test_the_leaderboard_interval_and_verdict_on_a_known_paired_difference():

@@ -102,7 +102,8 @@ def test_options_added_later_leave_cache_keys_alone_at_their_former_values():
     from synthaug.generate.network import GeneratorTrainConfig
     from synthaug.utils.keys import drop_former, key_dict
 
-    assert TrainConfig.ADDED and GeneratorSection.ADDED == GeneratorTrainConfig.ADDED
+    # the section's list: the training's, and sampling's (a store made before keeps its name)
+    assert TrainConfig.ADDED and GeneratorSection.ADDED == {**GeneratorTrainConfig.ADDED, "group_guidance_scale": None}
     plain = key_dict(TrainConfig())
     assert not set(TrainConfig.ADDED) & set(plain)
     assert plain == {k: v for k, v in asdict(TrainConfig()).items() if k not in TrainConfig.ADDED}
@@ -112,6 +113,8 @@ def test_options_added_later_leave_cache_keys_alone_at_their_former_values():
     assert kept["cbdm_weight"] == 1.0 and kept["steps"] == section["steps"] and "class_sampler" not in kept
     assert kept["min_snr_gamma"] == 5.0  # today's default is not the former plain loss: it is named
     assert "min_snr_gamma" not in drop_former(asdict(GeneratorSection(min_snr_gamma=0.0)), GeneratorSection)
+    assert "group_guidance_scale" not in kept
+    assert drop_former(asdict(GeneratorSection(group_guidance_scale=1.0)), GeneratorSection)["group_guidance_scale"] == 1.0
 
 
 def test_a_record_without_a_later_option_ran_at_its_former_value():

@@ -182,6 +182,31 @@ def test_composed_group_guidance_trains_the_group_alone_and_samples_its_directio
         tiny_config(ds, num_groups=2, group_guidance="composed", image_embed_dim=4)
 
 
+def test_group_guidance_scale_weighs_the_group_s_term_alone():
+    """Composed guidance with its own scale for the group's term: unset, both terms at
+    guidance_scale (the former images); 0, the class's guidance alone, so the group changes
+    nothing; another scale, other images. A sampling option: the generator keeps its name, the
+    store's provenance records it only when set."""
+    from synthaug.config import load_config
+    from synthaug.generate.cache import generator_fingerprint, provenance, sampler_config
+
+    ds = make_dataset((6, 6), channels=3)
+    ds.groups = torch.tensor([0, 1] * 6)
+    gen = DiffusionGenerator.fit(ds, tiny_config(ds, num_groups=2, group_guidance="composed"), TRAIN)
+    sample = lambda groups, **kw: gen.generate([0, 0], [3, 4], groups=groups, sampler=SamplerConfig(  # noqa: E731
+        steps=3, guidance_scale=2.0, precision="float32", **kw))
+    assert torch.equal(sample([0, 0]), sample([0, 0], group_guidance_scale=2.0))
+    assert torch.equal(sample([0, 0], group_guidance_scale=0.0), sample([1, 1], group_guidance_scale=0.0))
+    assert not torch.equal(sample([0, 0]), sample([1, 1]))
+    assert not torch.equal(sample([0, 0]), sample([0, 0], group_guidance_scale=5.0))
+    unset, split = (load_config(None, o).generator for o in ([], ["generator.group_guidance_scale=1.5"]))
+    assert generator_fingerprint(ds, unset, 2) == generator_fingerprint(ds, split, 2)
+    assert "group_guidance_scale" not in provenance(gen, sampler_config(unset))
+    assert provenance(gen, sampler_config(split))["group_guidance_scale"] == 1.5
+    with pytest.raises(SynthaugError, match="group_guidance_scale"):
+        load_config(None, ["generator.group_guidance_scale=-1"])
+
+
 def test_resume_after_interruption(tmp_path, monkeypatch):
     ds = make_dataset((12, 8, 4))
     reference = DiffusionGenerator.fit(ds, tiny_config(ds), TRAIN, seed=1)

@@ -87,8 +87,8 @@ class GeneratorSection:
     Diffusion pipeline (`pretrained`), and sampling."""
 
     # options added later, with the values generators had before them: left out of cache keys (trained
-    # generators, shared stores) at those (utils/keys.py); the training's own list
-    ADDED: ClassVar[dict[str, object]] = GeneratorTrainConfig.ADDED
+    # generators, shared stores) at those (utils/keys.py); the training's own list, and sampling's
+    ADDED: ClassVar[dict[str, object]] = {**GeneratorTrainConfig.ADDED, "group_guidance_scale": None}
 
     path: str | None = None  # a folder written by save_pretrained: use it instead of training one
     # embedded, stable-diffusion or a registered kind (generate/cache.py); auto: stable-diffusion with pretrained
@@ -120,6 +120,9 @@ class GeneratorSection:
     sampler: Sampler = "sde-dpm-solver++"
     sampling_steps: int = 15
     guidance_scale: float = 3.0
+    # a group-conditioned generator's (composed) guidance: the group's term at this scale, the class's at
+    # guidance_scale (default: guidance_scale for both; 0: the class's guidance alone)
+    group_guidance_scale: float | None = None
     sampling_batch_size: int = 128
     # the embedded generator's arithmetic in training and sampling: auto is bfloat16 autocast where
     # the hardware computes it natively (a CPU with AVX512-BF16 or AMX, a recent GPU), else float32
@@ -156,6 +159,9 @@ class GeneratorSection:
             raise SynthaugError("generator.label_dropout must be in [0, 1), generator.ema_decay in (0, 1), generator.lr > 0")
         if self.guidance_scale < 1:
             raise SynthaugError(f"generator.guidance_scale must be >= 1 (1 = no guidance), got {self.guidance_scale}")
+        if self.group_guidance_scale is not None and self.group_guidance_scale < 0:
+            raise SynthaugError(f"generator.group_guidance_scale must be >= 0 (0: the class's guidance alone), "
+                                f"got {self.group_guidance_scale}")
         if self.path and self.pretrained:
             raise SynthaugError("set generator.path (a saved generator) or generator.pretrained (a Stable Diffusion "
                                 "pipeline), not both")

@@ -57,7 +57,7 @@ def generator_fingerprint(data: ImageDataset, section, num_groups: int, *, unlab
         payload["image"] = [image_embed_dim, section.image_dropout, section.image_pairing]
     if num_groups and not image_embed_dim:  # group generators from before composed guidance keep their names
         payload["group_guidance"] = "composed"
-    levers = drop_former({k: getattr(section, k) for k in section.ADDED}, type(section))
+    levers = drop_former({k: getattr(section, k) for k in GeneratorTrainConfig.ADDED}, GeneratorTrainConfig)
     if levers:  # the tail levers away from their former values (older generators keep their names)
         payload["levers"] = levers
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
@@ -148,6 +148,7 @@ def sampler_config(section, device: str = "auto") -> SamplerConfig:
     """The section's sampling settings, `auto` precision resolved for `device` (so a store's
     provenance names the arithmetic its images were made in, wherever they were made)."""
     return SamplerConfig(sampler=section.sampler, steps=section.sampling_steps, guidance_scale=section.guidance_scale,
+                         group_guidance_scale=getattr(section, "group_guidance_scale", None),
                          batch_size=section.sampling_batch_size, precision=resolved_precision(section.precision, device))
 
 
@@ -170,6 +171,8 @@ def provenance(generator: Generator, sampling: SamplerConfig) -> dict:
     # computes in its own generator.dtype)
     if sampling.precision != "float32" and generator.kind == "embedded":
         made["precision"] = sampling.precision
+    if sampling.group_guidance_scale is not None:  # added later: stores made before keep their rows
+        made["group_guidance_scale"] = sampling.group_guidance_scale
     return made
 
 

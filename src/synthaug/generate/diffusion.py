@@ -268,7 +268,11 @@ class DiffusionGenerator:
                     eps = self.predict_noise(model_in, t, cond, cond_map).float()
             if composed:
                 eps_class, eps_group, eps_uncond = eps.chunk(3)
-                eps = eps_uncond + sampling.guidance_scale * (eps_class + eps_group - 2 * eps_uncond)
+                w, w_group = sampling.guidance_scale, sampling.group_guidance_scale
+                if w_group is None or w_group == w:  # one scale (the images made before the split, bit for bit)
+                    eps = eps_uncond + w * (eps_class + eps_group - 2 * eps_uncond)
+                else:
+                    eps = eps_uncond + w * (eps_class - eps_uncond) + w_group * (eps_group - eps_uncond)
             elif guided:
                 eps_cond, eps_uncond = eps.chunk(2)
                 eps = eps_uncond + sampling.guidance_scale * (eps_cond - eps_uncond)

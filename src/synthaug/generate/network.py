@@ -137,6 +137,8 @@ class SamplerConfig:
     sampler: Sampler = "sde-dpm-solver++"
     steps: int = 15
     guidance_scale: float = 3.0  # 1 = no guidance; the null-class branch is skipped then
+    # composed (class, group) guidance: the group's term at this scale (None: guidance_scale)
+    group_guidance_scale: float | None = None
     batch_size: int = 128
     precision: Precision = "auto"  # the UNet's arithmetic: bfloat16 autocast where native (utils/runtime.fast_dtype)
 
