@@ -139,6 +139,11 @@ def test_a_replay_control_costs_no_generation_and_is_not_a_classical_baseline(tm
     assert row["images_generated"] == 0 and row["images_replayed"] == 1000  # how the runner records a replay
     cost = costs(made + replay + plain)
     assert cost["synaug"]["generation"] == 100.0 and cost["real replay"]["generation"] == 0.0
+    # each recipe's images at its own generator's rate: cheap features do not lower the images' cost
+    features = [dict(_row("ldmlr", s, 0.9, images=1000), seconds={"train": 60.0, "generate": 1.0}) for s in range(2)]
+    images = [dict(r, generator="g") for r in made]
+    cost = costs(images + features)
+    assert cost["synaug"]["generation"] == 100.0 and cost["ldmlr"]["generation"] == 1.0
     summary = setting_summary(made + replay + plain, None)
     assert summary["classical"] == ["ce"] and summary["controls"] == ["real replay"]
     # the oracle's gap is closed by generated images, never by the replay control, however high it scores

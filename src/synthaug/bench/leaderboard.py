@@ -45,17 +45,29 @@ def by_seed(rows: list[dict], metric: str) -> dict[int, float]:
 
 def costs(rows: list[dict]) -> dict[str, float]:
     """Seconds a recipe costs on its own, per cell: the classifier's stages, its images at the
-    setting's measured seconds per image, and the training of its generator(s)."""
-    made = [(r["seconds"].get("generate", 0.0), r["generated_now"]) for r in rows if r.get("generated_now")]
-    per_image = sum(s for s, _ in made) / sum(n for _, n in made) if made else None
+    measured seconds per image of its generator(s) (else the setting's), and the training of its
+    generator(s). Rates are kept per generator: LDMLR's features cost a thousandth of an image."""
+    made: dict = {}  # generator fingerprint (None: a feature generator) -> [seconds, images]
+    for r in rows:
+        if r.get("generated_now"):
+            rate = made.setdefault(r.get("generator"), [0.0, 0])
+            rate[0] += r["seconds"].get("generate", 0.0)
+            rate[1] += r["generated_now"]
+
+    def per_image(generators) -> float | None:
+        mine = [made[g] for g in generators if g in made] or list(made.values())
+        return sum(s for s, _ in mine) / sum(n for _, n in mine) if mine else None
+
     trained = {r["generator"]: r["generator_train_seconds"] for r in rows if r.get("generator_train_seconds")}
     out = {}
     for recipe in dict.fromkeys(r["recipe"] for r in rows):
         mine = [r for r in rows if r["recipe"] == recipe]
         classifier = statistics.fmean(sum(v for k, v in r["seconds"].items() if k not in COSTLESS) for r in mine)
         images = statistics.fmean(r["images_generated"] for r in mine)
-        generator_seconds = [trained[g] for g in {r.get("generator") for r in mine} if g in trained]
-        generation = images * per_image if per_image and images else 0.0
+        generators = {r.get("generator") for r in mine}
+        generator_seconds = [trained[g] for g in generators if g in trained]
+        rate = per_image(generators)
+        generation = images * rate if rate and images else 0.0
         out[recipe] = {"classifier": classifier, "generation": generation, "images": images,
                        "generator": statistics.fmean(generator_seconds) if generator_seconds else 0.0}
         out[recipe]["total"] = classifier + generation + out[recipe]["generator"]
