@@ -156,7 +156,7 @@ def _gap(summary: dict, best: str) -> str:
     """' Oracle 98.83: synaug closes 14% of the gap.' (the best generative recipe; a real-replay
     control is not one), or ''."""
     oracle = summary["scores"].get("oracle")
-    found = [v for v in summary["verdicts"].values() if v is not None and v.recipe not in summary.get("controls", ())]
+    found = [v for v in summary["verdicts"].values() if v is not None and v.recipe not in summary["controls"]]
     if not oracle or not found:
         return ""
     top = max(found, key=lambda v: v.recipe_mean)

@@ -148,7 +148,7 @@ def sampler_config(section, device: str = "auto") -> SamplerConfig:
     """The section's sampling settings, `auto` precision resolved for `device` (so a store's
     provenance names the arithmetic its images were made in, wherever they were made)."""
     return SamplerConfig(sampler=section.sampler, steps=section.sampling_steps, guidance_scale=section.guidance_scale,
-                         group_guidance_scale=getattr(section, "group_guidance_scale", None),
+                         group_guidance_scale=section.group_guidance_scale,
                          batch_size=section.sampling_batch_size, precision=resolved_precision(section.precision, device))
 
 
