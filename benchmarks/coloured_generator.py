@@ -19,7 +19,8 @@ benchmarks/results/bench/longtail/generators, so a generator trained here is the
 Variants: the suite's generator (plain loss, as the suite pins it) at 800 and 2,400 steps, and
 at 2,400 steps with Min-SNR-5 (synthaug's default generator loss); that one also sampled with
 the class's and the group's guidance at their own scales (`generator.guidance_scale` /
-`generator.group_guidance_scale`; 3 / 3 otherwise).
+`generator.group_guidance_scale`; 3 / 3 otherwise), and trained with each class's colours drawn
+by sqrt(n) or equally often (`generator.group_sampler`).
 
 Resumable: a finished (variant, seed) is a row of benchmarks/results/coloured_generator.jsonl.
 The table goes to benchmarks/results/coloured_generator.md and into BENCHMARKS.md.
@@ -57,6 +58,10 @@ VARIANTS = {  # the suite's generator section with these changes
     **{f"2400 steps, Min-SNR 5, guidance {c:g} / {g:g}": {"steps": 2400, "min_snr_gamma": 5.0, "guidance_scale": c,
                                                          "group_guidance_scale": g}
        for c, g in ((3.0, 1.0), (3.0, 1.5), (3.0, 5.0), (5.0, 1.5), (5.0, 3.0))},
+    # trained with each class's colours drawn by sqrt(n) or equally (`generator.group_sampler`), so the colour's
+    # direction is learnt from every digit, not mostly from the colour's majority digit
+    **{f"2400 steps, Min-SNR 5, cells {s}": {"steps": 2400, "min_snr_gamma": 5.0, "group_sampler": s}
+       for s in ("sqrt", "balanced")},
 }
 
 

@@ -144,6 +144,12 @@ def test_a_replay_control_costs_no_generation_and_is_not_a_classical_baseline(tm
     images = [dict(r, generator="g") for r in made]
     cost = costs(images + features)
     assert cost["synaug"]["generation"] == 100.0 and cost["ldmlr"]["generation"] == 1.0
+    # a shared generator's training counts once; a cell's own unnamed one (LDMLR's feature model) in every cell
+    images[0].update(generator_train_seconds=500.0, seconds={**images[0]["seconds"], "generator": 500.0})
+    features = [dict(r, seconds={**r["seconds"], "generator": 20.0}) for r in features]
+    cost = costs(images + features)
+    assert cost["synaug"]["generator"] == 500.0 and cost["ldmlr"]["generator"] == 20.0
+    assert cost["ldmlr"]["total"] == 60.0 + 1.0 + 20.0
     summary = setting_summary(made + replay + plain, None)
     assert summary["classical"] == ["ce"] and summary["controls"] == ["real replay"]
     # the oracle's gap is closed by generated images, never by the replay control, however high it scores

@@ -298,6 +298,42 @@ def test_generator_class_sampler_draws_the_tail_as_often_as_it_says(monkeypatch,
     assert abs(share - expected) < 0.06, (sampler, share, expected)
 
 
+@pytest.mark.parametrize("group_sampler", ["uniform", "sqrt", "balanced"])
+@pytest.mark.parametrize("class_sampler", ["uniform", "class-balanced"])
+def test_generator_group_sampler_draws_a_class_s_rare_group_as_often_as_it_says(monkeypatch, class_sampler,
+                                                                                group_sampler):
+    import synthaug.generate.training as training
+    from synthaug.generate import DiffusionGenerator, GeneratorConfig, GeneratorTrainConfig
+
+    drawn = []
+    real = training.labelled_draw
+    monkeypatch.setattr(training, "labelled_draw", lambda *a: drawn.append(real(*a)) or drawn[-1])
+    ds = make_dataset((48, 16))  # class 0: 36 in group 0, 12 in group 1; class 1: 4 in group 0, 12 in group 1
+    ds.groups, ds.group_names = torch.tensor([0] * 36 + [1] * 12 + [0] * 4 + [1] * 12), ["red", "green"]
+    config = GeneratorConfig(image_size=8, channels=1, classes=ds.classes, preset="tiny", num_groups=2,
+                             group_guidance="composed")
+    train = GeneratorTrainConfig(steps=40, batch_size=16, warmup_steps=1, precision="float32",
+                                 **{**GeneratorTrainConfig.ADDED, "class_sampler": class_sampler,
+                                    "group_sampler": group_sampler})
+    DiffusionGenerator.fit(ds, config, train, seed=0)
+    idx = torch.cat(drawn)
+    class_share = float((ds.labels[idx] == 1).float().mean())
+    rare = float((ds.groups[idx][ds.labels[idx] == 1] == 0).float().mean())  # class 1's rare group's share of it
+    assert abs(class_share - {"uniform": 16 / 64, "class-balanced": 0.5}[class_sampler]) < 0.07
+    assert abs(rare - {"uniform": 4 / 16, "sqrt": 2 / (2 + 12**0.5), "balanced": 0.5}[group_sampler]) < 0.1, rare
+
+
+def test_group_sampler_without_groups_is_refused_before_anything_is_written():
+    from synthaug.generate.cache import check_generator
+
+    section = load_config(None, ["generator.group_sampler=balanced"]).generator
+    with pytest.raises(SynthaugError, match="group_sampler=balanced .* no groups"):
+        check_generator(section, make_dataset((12, 8, 4)))
+    ds = make_dataset((12, 8))
+    ds.groups, ds.group_names = torch.tensor([0, 1] * 10), ["red", "green"]
+    check_generator(section, ds)
+
+
 def test_min_snr_weighting_lowers_the_loss_of_low_noise_steps_only():
     ds = make_dataset((12, 8, 4))
     plain = _fit_generator(ds).history[-1]["loss"]
@@ -340,7 +376,8 @@ def test_ema_half_life_sets_the_decay_from_the_run_s_length(monkeypatch):
         GeneratorTrainConfig(ema_half_life=2.0)
 
 
-@pytest.mark.parametrize("lever", ["class_sampler=sqrt", "min_snr_gamma=5", "cbdm_weight=1", "ema_half_life=0.1"])
+@pytest.mark.parametrize("lever", ["class_sampler=sqrt", "min_snr_gamma=5", "cbdm_weight=1", "ema_half_life=0.1",
+                                   "group_sampler=balanced"])
 def test_each_tail_lever_names_another_generator_and_the_former_values_keep_the_old_name(lever):
     from synthaug.generate.cache import generator_fingerprint
     from synthaug.generate.network import GeneratorTrainConfig

@@ -21,6 +21,7 @@ Dtype = Literal["auto", "float32", "float16", "bfloat16"]  # Stable Diffusion's 
 Operator = Literal["image", "dropout", "mixup", "cutmix", "embed-mixup", "embed-cutmix", "embed-cutmix-dropout",
                    "label-only"]  # AugCond's conditioning operators
 ClassSampler = Literal["uniform", "class-balanced", "sqrt"]  # how batches draw the classes (classifier, generator)
+GroupSampler = Literal["uniform", "sqrt", "balanced"]  # how the generator draws a class's (class, group) cells
 Loss = Literal["ce", "logit-adjusted", "balanced-softmax"]
 Mix = Literal["none", "mixup", "cutmix", "mixup-cutmix", "domain-mixup"]
 GroupMethod = Literal["none", "balanced-sampling", "reweighted", "dro"]  # the (class, group) cells' treatment

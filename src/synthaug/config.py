@@ -19,7 +19,17 @@ from typing import ClassVar
 
 import yaml
 
-from .choices import ClassSampler, Dtype, Pairing, Precision, Preset, Profile, Sampler, SplitKind
+from .choices import (
+    ClassSampler,
+    Dtype,
+    GroupSampler,
+    Pairing,
+    Precision,
+    Preset,
+    Profile,
+    Sampler,
+    SplitKind,
+)
 from .classify.train import TrainConfig
 from .errors import SynthaugError
 from .generate.network import GeneratorTrainConfig
@@ -135,6 +145,9 @@ class GeneratorSection:
     image_pairing: Pairing = "self"
     # levers for a long-tailed training set (issue 21; BENCHMARKS.md measures them), all but Min-SNR off:
     class_sampler: ClassSampler = "uniform"  # how the generator draws its labelled images: per image, sqrt, per class
+    # with groups (coloured split): how each class's share is split over its (class, group) cells: per image,
+    # sqrt, per cell (balanced: every colour of a class drawn equally often)
+    group_sampler: GroupSampler = "uniform"
     # > 0: Min-SNR loss weighting, min(SNR, gamma) / SNR (Hang et al. 2023); 5 since it won on MNIST-5k-LT
     # (BENCHMARKS.md, issue 21); 0: the plain loss
     min_snr_gamma: float = 5.0

@@ -46,7 +46,9 @@ def by_seed(rows: list[dict], metric: str) -> dict[int, float]:
 def costs(rows: list[dict]) -> dict[str, float]:
     """Seconds a recipe costs on its own, per cell: the classifier's stages, its images at the
     measured seconds per image of its generator(s) (else the setting's), and the training of its
-    generator(s). Rates are kept per generator: LDMLR's features cost a thousandth of an image."""
+    generator(s): a shared generator's once (the cell that trained it), a cell's own unnamed one
+    (LDMLR's feature model, trained in every cell) in each. Rates are kept per generator: LDMLR's
+    features cost a thousandth of an image."""
     made: dict = {}  # generator fingerprint (None: a feature generator) -> [seconds, images]
     for r in rows:
         if r.get("generated_now"):
@@ -66,10 +68,12 @@ def costs(rows: list[dict]) -> dict[str, float]:
         images = statistics.fmean(r["images_generated"] for r in mine)
         generators = {r.get("generator") for r in mine}
         generator_seconds = [trained[g] for g in generators if g in trained]
+        own = [r["seconds"]["generator"] for r in mine if r.get("generator") is None and "generator" in r["seconds"]]
         rate = per_image(generators)
         generation = images * rate if rate and images else 0.0
         out[recipe] = {"classifier": classifier, "generation": generation, "images": images,
-                       "generator": statistics.fmean(generator_seconds) if generator_seconds else 0.0}
+                       "generator": (statistics.fmean(generator_seconds) if generator_seconds else 0.0)
+                       + (statistics.fmean(own) if own else 0.0)}
         out[recipe]["total"] = classifier + generation + out[recipe]["generator"]
     return out
 

@@ -161,6 +161,9 @@ def check_generator(section, data: ImageDataset, *, image_embed_dim: int = 0):
     """Fail, before anything is written, on an embedded generator that cannot be built for `data`."""
     if trains_embedded(section):
         network_config(section, data, image_embed_dim=image_embed_dim)
+        if section.group_sampler != "uniform" and (data.groups is None or not data.group_names):
+            raise SynthaugError(f"generator.group_sampler={section.group_sampler} draws (class, group) cells, but the "
+                                "training data has no groups: use split.kind=colored, or generator.group_sampler=uniform")
 
 
 def provenance(generator: Generator, sampling: SamplerConfig) -> dict:

@@ -10,6 +10,7 @@ from typing import ClassVar, get_args
 from ..choices import (
     ClassSampler,
     GroupGuidance,
+    GroupSampler,
     Pairing,
     Precision,
     Preset,
@@ -110,8 +111,11 @@ class GeneratorTrainConfig:
     # levers for a long-tailed training set (issue 21), with the values generators had before them:
     # left out of checkpoint keys at those (utils/keys.py)
     ADDED: ClassVar[dict[str, object]] = {"class_sampler": "uniform", "min_snr_gamma": 0.0, "cbdm_weight": 0.0,
-                                          "ema_half_life": 0.0}
+                                          "ema_half_life": 0.0, "group_sampler": "uniform"}
     class_sampler: ClassSampler = "uniform"  # how the labelled images are drawn: per image, per sqrt(n_c), per class
+    # with groups: how each class's share is split over its (class, group) cells: per image, per sqrt(n_cg),
+    # per cell (balanced: a class's minority colours drawn as often as its majority colour)
+    group_sampler: GroupSampler = "uniform"
     # > 0: each timestep's loss weighted min(SNR, gamma) / SNR (Hang et al. 2023); 5 since it won on
     # MNIST-5k-LT (BENCHMARKS.md, issue 21); 0: the plain loss
     min_snr_gamma: float = 5.0

@@ -79,8 +79,9 @@ def train_generator(gen: DiffusionGenerator, data: ImageDataset, cfg: GeneratorT
     images = images.float().div(127.5).sub(1.0)  # [-1, 1]
     by_class = [torch.nonzero(data.labels == c).flatten() for c in range(gen.config.num_classes)]
     counts = torch.bincount(data.labels, minlength=gen.config.num_classes)
-    # the labelled images' draw weights (class_sampler), and the class frequencies CBDM draws its y' from
-    draw = None if cfg.class_sampler == "uniform" else class_weights(cfg.class_sampler, counts)[data.labels].double()
+    # the labelled images' draw weights (class_sampler, group_sampler), and the class frequencies CBDM draws its y' from
+    draw = draw_weights(data.labels, None if groups is None else groups[:n_labelled], cfg.class_sampler,
+                        cfg.group_sampler, gen.config.num_classes)
     frequencies = counts.double() / counts.sum()
 
     start, history, spent = 0, [], 0.0
@@ -176,6 +177,24 @@ def train_generator(gen: DiffusionGenerator, data: ImageDataset, cfg: GeneratorT
     gen.history = history
     gen.train_seconds = spent + time.perf_counter() - t0
     return gen
+
+
+def draw_weights(labels: torch.Tensor, groups: torch.Tensor | None, class_sampler: str, group_sampler: str,
+                 num_classes: int) -> torch.Tensor | None:
+    """Each labelled image's draw weight (None: uniform over the images). A class's share of the
+    draws is set by `class_sampler`; with groups, `group_sampler` splits it over the class's
+    (class, group) cells: by their images (uniform), by sqrt(n_cg), or equally (balanced), so a
+    class's rare groups are seen as often as `group_sampler` says, and the group direction is
+    learnt from every class, not mostly from the class the group goes with."""
+    if group_sampler == "uniform" or groups is None:
+        return None if class_sampler == "uniform" else class_weights(class_sampler, torch.bincount(labels, minlength=num_classes))[labels].double()
+    counts = torch.bincount(labels, minlength=num_classes).double()
+    class_share = class_weights(class_sampler, counts).double() * counts  # the class's mass
+    cell = labels * (int(groups.max()) + 1) + groups
+    cell_counts = torch.bincount(cell).double()
+    cell_mass = {"sqrt": cell_counts.sqrt(), "balanced": (cell_counts > 0).double()}[group_sampler]
+    within = torch.zeros(num_classes, dtype=torch.float64).index_add_(0, labels, cell_mass[cell] / cell_counts[cell])
+    return class_share[labels] * cell_mass[cell] / cell_counts[cell] / within[labels]
 
 
 def labelled_draw(n: int, size: int, weights: torch.Tensor | None, g: torch.Generator) -> torch.Tensor:
