@@ -5,7 +5,7 @@ the longtail suite's coloured setting, judged by its images per (class, colour) 
     python benchmarks/coloured_generator.py --variants "2400 steps" --seeds 0 1
 
 Coloured MNIST-5k at agreement 0.95 (the suite's setting): a majority cell is a class in its own
-colour (~95% of the class's images), a minority cell a class in another colour (0-15 images).
+colour (~95% of the class's images), a minority cell a class in another colour (0-7 images).
 Each generator draws `--per-cell` images for every one of the 100 cells (the same seeds for
 every generator) with the suite's sampler, and each image is read twice:
 - the digit, by the oracle: a small CNN trained on all of MNIST-5k coloured at random (the
