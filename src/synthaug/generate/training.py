@@ -186,9 +186,9 @@ def draw_weights(labels: torch.Tensor, groups: torch.Tensor | None, class_sample
     (class, group) cells: by their images (uniform), by sqrt(n_cg), or equally (balanced), so a
     class's rare groups are seen as often as `group_sampler` says, and the group direction is
     learnt from every class, not mostly from the class the group goes with."""
+    counts = torch.bincount(labels, minlength=num_classes)
     if group_sampler == "uniform" or groups is None:
-        return None if class_sampler == "uniform" else class_weights(class_sampler, torch.bincount(labels, minlength=num_classes))[labels].double()
-    counts = torch.bincount(labels, minlength=num_classes).double()
+        return None if class_sampler == "uniform" else class_weights(class_sampler, counts)[labels].double()
     class_share = class_weights(class_sampler, counts).double() * counts  # the class's mass
     cell = labels * (int(groups.max()) + 1) + groups
     cell_counts = torch.bincount(cell).double()
