@@ -334,6 +334,22 @@ def test_group_sampler_without_groups_is_refused_before_anything_is_written():
     check_generator(section, ds)
 
 
+def test_group_sampler_default_draws_by_sqrt_with_groups_and_leaves_group_less_generators_as_they_were():
+    from synthaug.generate.cache import check_generator, generator_fingerprint, train_config
+
+    default = load_config(None, []).generator
+    assert default.group_sampler == "auto"
+    assert train_config(default, num_groups=2).group_sampler == "sqrt"
+    assert train_config(default).group_sampler == "uniform"
+    ds = make_dataset((12, 8, 4))
+    check_generator(default, ds)  # no groups: nothing to split, nothing refused
+    explicit = {s: load_config(None, [f"generator.group_sampler={s}"]).generator for s in ("uniform", "sqrt")}
+    # with groups the default's generator is the sqrt one; without, the one it was before the option
+    assert generator_fingerprint(ds, default, 2) == generator_fingerprint(ds, explicit["sqrt"], 2)
+    assert generator_fingerprint(ds, default, 2) != generator_fingerprint(ds, explicit["uniform"], 2)
+    assert generator_fingerprint(ds, default, 0) == generator_fingerprint(ds, explicit["uniform"], 0)
+
+
 def test_min_snr_weighting_lowers_the_loss_of_low_noise_steps_only():
     ds = make_dataset((12, 8, 4))
     plain = _fit_generator(ds).history[-1]["loss"]

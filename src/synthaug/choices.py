@@ -22,6 +22,7 @@ Operator = Literal["image", "dropout", "mixup", "cutmix", "embed-mixup", "embed-
                    "label-only"]  # AugCond's conditioning operators
 ClassSampler = Literal["uniform", "class-balanced", "sqrt"]  # how batches draw the classes (classifier, generator)
 GroupSampler = Literal["uniform", "sqrt", "balanced"]  # how the generator draws a class's (class, group) cells
+GroupSamplerChoice = Literal["auto", GroupSampler]  # the run config's: auto is sqrt with groups, else uniform
 Loss = Literal["ce", "logit-adjusted", "balanced-softmax"]
 Mix = Literal["none", "mixup", "cutmix", "mixup-cutmix", "domain-mixup"]
 GroupMethod = Literal["none", "balanced-sampling", "reweighted", "dro"]  # the (class, group) cells' treatment

@@ -22,7 +22,7 @@ import yaml
 from .choices import (
     ClassSampler,
     Dtype,
-    GroupSampler,
+    GroupSamplerChoice,
     Pairing,
     Precision,
     Preset,
@@ -146,8 +146,9 @@ class GeneratorSection:
     # levers for a long-tailed training set (issue 21; BENCHMARKS.md measures them), all but Min-SNR off:
     class_sampler: ClassSampler = "uniform"  # how the generator draws its labelled images: per image, sqrt, per class
     # with groups (coloured split): how each class's share is split over its (class, group) cells: per image,
-    # sqrt, per cell (balanced: every colour of a class drawn equally often)
-    group_sampler: GroupSampler = "uniform"
+    # sqrt, per cell (balanced: every colour of a class drawn equally often); auto: sqrt where the data has
+    # groups (it doubled the minority cells drawn right, BENCHMARKS.md, issue 21), else uniform
+    group_sampler: GroupSamplerChoice = "auto"
     # > 0: Min-SNR loss weighting, min(SNR, gamma) / SNR (Hang et al. 2023); 5 since it won on MNIST-5k-LT
     # (BENCHMARKS.md, issue 21); 0: the plain loss
     min_snr_gamma: float = 5.0

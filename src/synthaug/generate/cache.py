@@ -57,7 +57,7 @@ def generator_fingerprint(data: ImageDataset, section, num_groups: int, *, unlab
         payload["image"] = [image_embed_dim, section.image_dropout, section.image_pairing]
     if num_groups and not image_embed_dim:  # group generators from before composed guidance keep their names
         payload["group_guidance"] = "composed"
-    levers = drop_former({k: getattr(section, k) for k in GeneratorTrainConfig.ADDED}, GeneratorTrainConfig)
+    levers = drop_former(lever_settings(section, num_groups), GeneratorTrainConfig)
     if levers:  # the tail levers away from their former values (older generators keep their names)
         payload["levers"] = levers
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
@@ -105,7 +105,7 @@ def embedded_for(data: ImageDataset, section, *, cache_root: Path, progress: boo
     (`<cache_root>/<fingerprint>/`), else trained now (resuming its checkpoint)."""
     num_groups = len(data.group_names) if data.groups is not None and data.group_names else 0
     unlabeled = unlabeled if unlabeled is not None and len(unlabeled) else None
-    train = train_config(section, device)
+    train = train_config(section, device, num_groups=num_groups)
     fingerprint = generator_fingerprint(data, section, num_groups, unlabeled=unlabeled, image_embed_dim=image_embed_dim,
                                         precision=train.precision)
     folder = Path(cache_root) / fingerprint
@@ -136,12 +136,22 @@ def network_config(section, data: ImageDataset, *, num_groups: int = 0, image_em
                            group_guidance="composed" if num_groups and not image_embed_dim else "joint")
 
 
-def train_config(section, device: str = "auto") -> GeneratorTrainConfig:
+def train_config(section, device: str = "auto", *, num_groups: int = 0) -> GeneratorTrainConfig:
+    """The section's training settings for data with `num_groups` groups (0: none)."""
     return GeneratorTrainConfig(steps=section.steps, batch_size=section.batch_size, lr=section.lr,
                                 ema_decay=section.ema_decay, checkpoint_every=section.checkpoint_every,
                                 unlabeled_share=section.unlabeled_share, device=device,
                                 precision=resolved_precision(section.precision, device),
-                                **{k: getattr(section, k) for k in GeneratorTrainConfig.ADDED})
+                                **lever_settings(section, num_groups))
+
+
+def lever_settings(section, num_groups: int) -> dict:
+    """The section's tail levers (`GeneratorTrainConfig.ADDED`), `group_sampler: auto` made
+    concrete: sqrt where the data has groups, else uniform."""
+    levers = {k: getattr(section, k) for k in GeneratorTrainConfig.ADDED}
+    if levers["group_sampler"] == "auto":
+        levers["group_sampler"] = "sqrt" if num_groups else "uniform"
+    return levers
 
 
 def sampler_config(section, device: str = "auto") -> SamplerConfig:
@@ -161,7 +171,7 @@ def check_generator(section, data: ImageDataset, *, image_embed_dim: int = 0):
     """Fail, before anything is written, on an embedded generator that cannot be built for `data`."""
     if trains_embedded(section):
         network_config(section, data, image_embed_dim=image_embed_dim)
-        if section.group_sampler != "uniform" and (data.groups is None or not data.group_names):
+        if section.group_sampler not in ("auto", "uniform") and (data.groups is None or not data.group_names):
             raise SynthaugError(f"generator.group_sampler={section.group_sampler} draws (class, group) cells, but the "
                                 "training data has no groups: use split.kind=colored, or generator.group_sampler=uniform")
 
