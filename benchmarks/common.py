@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
-import subprocess
 from pathlib import Path
 
-import torch
+from synthaug.bench.runner import environment as bench_environment
 
 HERE = Path(__file__).resolve().parent
 # the project's CIFAR-10 (JPEG) tarball, beside the checkout; the library itself looks only at SYNTHAUG_CIFAR10
@@ -29,14 +27,9 @@ def append_row(path: Path, row: dict):
 
 
 def environment() -> dict:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
-    return {"commit": commit, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "machine": platform.processor() or platform.machine(), "device": device_name()}
-
-
-def device_name() -> str:
-    """The GPU's name where one is visible (the recipes' `device: auto` picks it), else 'CPU'."""
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    """Where a row was measured: the suites' record (commit, marked `+changes` when the package's
+    files are not as committed; device, threads, torch, version)."""
+    return bench_environment()
 
 
 def fmt(values, scale: float = 100.0, digits: int = 2) -> str:
