@@ -22,7 +22,7 @@ import statistics
 from pathlib import Path
 
 import torch
-from common import HERE, environment, splice
+from common import HERE, environment, read_rows, splice
 from safetensors.torch import load_file
 
 from synthaug.bench.suite import load_suite, with_locations
@@ -89,6 +89,9 @@ def main():
               f"recognised {100 * row['generated_recognised']:.1f}%", flush=True)
     if not rows:
         return
+    # a setting skipped now (its labeller or store not on this machine) keeps the row measured before
+    measured = {r["setting"]: r for r in read_rows(RESULTS)} | {r["setting"]: r for r in rows}
+    rows = [measured[s] for s in SETTINGS if s in measured]
     RESULTS.write_text("".join(json.dumps(r) + "\n" for r in rows))
     classes = list(rows[0]["generated_per_class"])
     lines = ["| setting | pool pseudo-labels right | confident share | confident pseudo-labels right | "
