@@ -160,6 +160,17 @@ def test_a_replay_control_costs_no_generation_and_is_not_a_classical_baseline(tm
     assert "no generative recipe reaches" in _gap(setting_summary(below + replay + plain + oracle, None), "ce")
 
 
+def test_the_leaderboard_says_when_rows_ran_in_another_arithmetic():
+    from synthaug.bench.runner import environment
+
+    assert environment()["auto_precision"] in ("bfloat16", "float32")
+    rows = [_row("ce", s, 0.8) for s in range(2)] + [dict(_row("synaug", s, 0.9, images=10), auto_precision="float32")
+                                                      for s in range(2)]
+    head = leaderboard_markdown(None, rows).split("**s**: ")[1].splitlines()[0]
+    assert "on CPU, CPU (float32) (costs mix the devices)" in head
+    assert "on CPU;" in leaderboard_markdown(None, rows[:2])
+
+
 def test_the_leaderboard_interval_and_verdict_on_a_known_paired_difference():
     baseline = [0.50, 0.60, 0.70]
     # generative recipe, two generator seeds per classifier seed: their means are +2.0, +2.5, +1.5 points

@@ -97,7 +97,9 @@ def markdown_setting(name: str, rows: list[dict], summary: dict, columns: list[s
     columns = [metric, *[c for c in columns if c != metric and any(r["metrics"].get(c) is not None for r in rows)]]
     seeds = sorted({r["seed"] for r in rows})
     gseeds = sorted({r["generator_seed"] for r in rows if r["generator_seed"] is not None})
-    devices = sorted({r.get("device", "CPU") for r in rows})
+    # the device, and where recorded what `precision: auto` computed on it (a CPU without native bfloat16: float32)
+    devices = sorted({r.get("device", "CPU") + (f" ({r['auto_precision']})" if r.get("auto_precision") else "")
+                      for r in rows})
     devices = ", ".join(devices) + (" (costs mix the devices)" if len(devices) > 1 else "")
     commits = ", ".join(sorted({str(r.get("commit")) for r in rows}))
     head = (f"**{name}**: classifier seeds {seeds}" + (f", generator seeds {gseeds}" if gseeds else "")
