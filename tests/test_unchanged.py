@@ -36,7 +36,12 @@ RUNS = {
 
 
 def machine() -> str:
-    return f"{platform.machine()} torch {torch.__version__.split('+')[0]}"
+    """The machine kind a record holds on: the CPU's native bfloat16 (AVX512-BF16 or AMX) changes
+    which float32 kernels oneDNN picks, and a CPU without it draws a few images differently."""
+    from synthaug.utils.runtime import bfloat16_native
+
+    bf16 = " bf16" if bfloat16_native(torch.device("cpu")) else ""
+    return f"{platform.machine()}{bf16} torch {torch.__version__.split('+')[0]}"
 
 
 def observe(run_dir: Path, metrics: dict) -> dict:
