@@ -220,7 +220,7 @@ def environment(device: str = "auto") -> dict:
     import torch
 
     from .. import __version__
-    from ..utils.runtime import fast_dtype, resolve_device
+    from ..utils.runtime import bfloat16_native, resolve_device
 
     here = Path(__file__).resolve().parent
     try:
@@ -235,7 +235,7 @@ def environment(device: str = "auto") -> dict:
     chosen = resolve_device(device)
     device = torch.cuda.get_device_name(chosen) if chosen.type == "cuda" else chosen.type.upper()
     # what `precision: auto` computes in here: a CPU without native bfloat16 runs float32, about twice as slow
-    auto_precision = "bfloat16" if fast_dtype("auto", chosen) is not None else "float32"
+    auto_precision = "bfloat16" if bfloat16_native(chosen) else "float32"
     return {"device": device, "machine": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "auto_precision": auto_precision,
             "commit": commit, "version": __version__}
