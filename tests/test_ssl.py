@@ -174,15 +174,23 @@ def test_dpt_seeds_share_one_labeller_generator_and_images(tmp_path):
     assert len(concat(task.train, runs[1].synthetic)) == 9 + 6
 
 
-def test_dpt_replay_adds_confident_pool_images_under_their_pseudo_labels(tmp_path):
+def test_dpt_replay_adds_confident_pool_images_under_their_pseudo_labels(tmp_path, monkeypatch):
     """The control trains no generator: per_class images per class from the labelled and the
-    confident pseudo-labelled pool images."""
+    confident pseudo-labelled pool images, at dpt.synthetic_weight in the final training."""
+    import synthaug.classify as classify
+
+    seen, real_fit = [], classify.fit_classifier
+    monkeypatch.setattr(classify, "fit_classifier", lambda train, cfg, **kw: seen.append(kw) or real_fit(train, cfg, **kw))
     data = LoadedDataset("tiny", make_dataset((20, 20, 20), seed=0), make_dataset((5, 5, 5), seed=1))
     config = load_config(None, ["split.kind=few-shot", "split.k=3", "train.epochs=1", "train.batch_size=4",
                                 "train.augment=none", "train.ssl_mu=2", "dpt.per_class=4", "dpt.replay=true",
-                                "dpt.confidence=0", "recipe=dpt", f"output_dir={tmp_path}"])
+                                "dpt.confidence=0", "dpt.synthetic_weight=0.25", "recipe=dpt", f"output_dir={tmp_path}"])
     task = make_task(data, config.split)
     result = get_recipe("dpt").run(task, config, workdir=tmp_path / "run")
+    weights = seen[-1]["sample_weights"]  # the final training's (the labeller is the first call)
+    assert weights.tolist() == [1.0] * len(task.train) + [0.25] * len(result.synthetic)
+    with pytest.raises(SynthaugError, match="dpt.synthetic_weight"):
+        load_config(None, ["dpt.synthetic_weight=0"])
     assert result.extra["generator"]["source"].startswith("none") and "generator" not in result.seconds
     assert result.synthetic.class_counts().tolist() == [4, 4, 4]
     seen = {bytes(x.numpy()) for x in concat(task.train, task.unlabeled).images}

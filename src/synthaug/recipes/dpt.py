@@ -11,6 +11,8 @@
 
 `dpt.replay` is the control: the same number of confident pseudo-labelled pool images take
 the generated images' place (does the generator add anything beyond its pseudo-labels?).
+`dpt.synthetic_weight` scales the added images' loss (issue 21's lever: at 300 per class
+they are 97% of a 10-shot labelled batch, and the real labelled images the rest).
 
 The labeller is trained once per (data, training settings, `dpt.labeller_seed`) and its
 pseudo-labels cached beside the generators, so runs of several classifier seeds that fix
@@ -69,8 +71,11 @@ class DptSection:
     # the control: per_class images per class drawn from the labelled and the confident pseudo-labelled pool
     # images (the generator's own training images) instead of generated ones
     replay: bool = False
+    synthetic_weight: float = 1.0  # each added image's loss weight in step 4 (real labelled images: 1)
 
     def __post_init__(self):
+        if not 0 < self.synthetic_weight < float("inf"):
+            raise SynthaugError(f"dpt.synthetic_weight must be a finite number > 0, got {self.synthetic_weight}")
         if self.per_class < 1 or self.embed_dim < 1 or not 0 <= self.confidence <= 1 or not 0 <= self.dropout < 1:
             raise SynthaugError("dpt.per_class and dpt.embed_dim must be >= 1, dpt.confidence in [0, 1] and "
                                 "dpt.dropout in [0, 1)")
@@ -133,12 +138,13 @@ def labelled_pool(task, labels: torch.Tensor, confidence: torch.Tensor, threshol
 def report(result: RecipeResult, real: ImageDataset) -> str:
     d = result.extra["dpt"]
     counts = ", ".join(f"{html.escape(c)} {n}" for c, n in zip(real.classes, d["pseudo_counts"]))
+    weight = d.get("synthetic_weight", 1.0)
     out = [f"<h2>DPT: the pseudo-labelled pool</h2><p>The semi-supervised labeller (seed {d['labeller_seed']}, test "
            f"accuracy {pct(d['labeller_test_accuracy'])}%) labelled {d['pool']} pool images: {d['confident']} at "
            f"confidence ≥ {d['confidence']} trained the generator under their pseudo-labels ({counts}), "
            f"{d['pool'] - d['confident']} under the null class. {d['per_class']} images per class were generated "
            f"({'replayed from the confident pool: the control' if d['replay'] else html.escape(d['mode'])}) and "
-           "joined the labelled set.</p>"]
+           f"joined the labelled set{'' if weight == 1 else f', each at loss weight {weight:g}'}.</p>"]
     return "".join(out)
 
 
@@ -178,8 +184,9 @@ def dpt(task, config, *, workdir=None, progress=False, trained=None) -> RecipeRe
 
     # 4. the semi-supervised classifier again, the generated images labelled data
     data = concat(task.train, synthetic)
+    weights = torch.cat([torch.ones(len(task.train)), torch.full((len(synthetic),), opts.synthetic_weight)])
     result, metrics, spent = train_and_evaluate(data, task, replace(config, train=ssl_config(config)), workdir=workdir,
-                                                progress=progress)
+                                                progress=progress, sample_weights=weights)
     seconds.update(spent)
     heldout = task.val if task.val is not None else task.test
     pseudo_counts = torch.bincount(conditions.labels[len(task.train):], minlength=task.train.num_classes).tolist()
@@ -188,7 +195,7 @@ def dpt(task, config, *, workdir=None, progress=False, trained=None) -> RecipeRe
                 "labeller_cached": labelled["cached"], "pool": len(task.unlabeled),
                 "confident": len(conditions) - len(task.train), "confidence": opts.confidence,
                 "pseudo_counts": pseudo_counts, "per_class": opts.per_class, "mode": opts.mode, "replay": opts.replay,
-                "mean_confidence": float(labelled["confidence"].float().mean())},
+                "synthetic_weight": opts.synthetic_weight, "mean_confidence": float(labelled["confidence"].float().mean())},
         "memorization": memorization_ratio(synthetic, task.train, heldout),
         "diversity_ratio": diversity_ratio(synthetic, task.train),
         "generator": generator_info,
