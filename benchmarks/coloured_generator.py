@@ -35,10 +35,10 @@ import time
 from pathlib import Path
 
 import torch
-from common import HERE, append_row, environment, read_rows, splice
+from common import HERE, append_row, environment, read_rows, splice, trained_oracle
 
 from synthaug.bench.suite import load_suite, with_locations
-from synthaug.classify import fit_classifier, predict_logits
+from synthaug.classify import predict_logits
 from synthaug.data import load_dataset
 from synthaug.data.splits import COLOURS
 from synthaug.generate.cache import generator_for, sampler_config
@@ -142,7 +142,7 @@ def main():
     cell = next(c for c in suite.cells_ if c.setting == SETTING and c.recipe == RECIPE)
     config = with_locations(cell, OUT)
     task = make_task(load_dataset(config.data.dataset), config.split)
-    oracle = fit_classifier(task.oracle, config.train, seed=0, progress=True).model
+    oracle = trained_oracle(task.oracle, config.train)
     test = task.test
     real = scores(oracle, test.images, test.labels, test.groups)
     done = {(r["variant"], r["generator_seed"]) for r in read_rows(RESULTS)}

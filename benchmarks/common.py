@@ -32,6 +32,29 @@ def environment() -> dict:
     return bench_environment()
 
 
+def trained_oracle(train, config, *, seed: int = 0, progress: bool = True):
+    """The classifier that judges images and labels in the scripts (trained on `train`, with
+    `config`, a TrainConfig), trained once and kept under `results/cache/oracles/<key>/`: the
+    scripts that train it on the same data with the same settings share it, and a rerun judges
+    with the same one. The key names the arithmetic `auto` precision picks here."""
+    import hashlib
+
+    from synthaug.classify import fit_classifier
+    from synthaug.classify.models import Classifier
+    from synthaug.utils.keys import key_dict
+    from synthaug.utils.runtime import fast_dtype, resolve_device
+
+    dtype = fast_dtype(config.precision, resolve_device(config.device))
+    key = {"data": train.fingerprint(), "config": {**key_dict(config), "precision": str(dtype)}, "seed": seed}
+    folder = HERE / "results" / "cache" / "oracles" / hashlib.sha256(
+        json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    if (folder / "model.safetensors").exists():
+        return Classifier.from_pretrained(folder).eval()
+    model = fit_classifier(train, config, seed=seed, progress=progress).model
+    model.save_pretrained(folder)  # atomic: a folder without model.safetensors is trained again
+    return model.eval()
+
+
 def fmt(values, scale: float = 100.0, digits: int = 2) -> str:
     values = [v for v in values if v is not None]
     if not values:

@@ -22,11 +22,11 @@ import statistics
 from pathlib import Path
 
 import torch
-from common import HERE, environment, read_rows, splice
+from common import HERE, environment, read_rows, splice, trained_oracle
 from safetensors.torch import load_file
 
 from synthaug.bench.suite import load_suite, with_locations
-from synthaug.classify import evaluate, fit_classifier
+from synthaug.classify import evaluate
 from synthaug.config import load_config
 from synthaug.data import load_dataset
 from synthaug.data.dataset import ImageDataset
@@ -61,17 +61,20 @@ def main():
         config = with_locations(cell, OUT)
         task = make_task(full, config.split)
         labels_file = OUT / "generators" / "pseudo-labels" / labeller_key(task, config) / "labels.safetensors"
-        stores = [s for s in sorted(Path(config.dpt.store_dir).glob("*/")) if (s / "train" / "metadata.jsonl").exists()]
-        if not labels_file.exists() or not stores:
+        # DPT's images: the store folder of the generator its seed-0 row used (the folder holds one per generator)
+        ran = next((r for r in read_rows(OUT / "results.jsonl") if r["cell"] == cell.key), None)
+        made_by = OUT / "generators" / str(ran and ran["generator"]) / "generator.json"
+        folder = Path(config.dpt.store_dir) / json.loads(made_by.read_text())["fingerprint"][:16] if made_by.exists() else None
+        if not labels_file.exists() or folder is None or not (folder / "train" / "metadata.jsonl").exists():
             print(f"{setting}: DPT has not run yet, skipped")
             continue
         if oracle is None:
-            oracle = fit_classifier(full.train, load_config(None, ["train.epochs=10"]).train, seed=0, progress=True).model
+            oracle = trained_oracle(full.train, load_config(None, ["train.epochs=10"]).train)
         saved = load_file(labels_file)
         truth = true_labels(task.unlabeled, full.train)
         confident = saved["confidence"] >= config.dpt.confidence
         right = saved["labels"] == truth
-        store = SyntheticStore(stores[0], task.train.classes)
+        store = SyntheticStore(folder, task.train.classes)
         generated = store.load()
         recognised = evaluate(oracle, generated)
         row = {
@@ -80,7 +83,7 @@ def main():
             "confident_pseudo_label_accuracy": float(right[confident].float().mean()),
             "confident_per_class": per_class(right[confident], truth[confident], task.train.classes),
             "generated_images": len(generated), "generated_recognised": recognised["accuracy"],
-            "generated_per_class": recognised["per_class_accuracy"], "store": str(stores[0].relative_to(HERE.parent)),
+            "generated_per_class": recognised["per_class_accuracy"], "store": str(folder.relative_to(HERE.parent)),
             **environment(),
         }
         rows.append(row)

@@ -28,9 +28,9 @@ import statistics
 import time
 
 import torch
-from common import HERE, append_row, environment, read_rows, splice
+from common import HERE, append_row, environment, read_rows, splice, trained_oracle
 
-from synthaug.classify import evaluate, fit_classifier
+from synthaug.classify import evaluate
 from synthaug.config import load_config
 from synthaug.data import load_dataset
 from synthaug.data.dataset import ImageDataset
@@ -118,7 +118,7 @@ def main():
     if todo:
         config = load_config(None, SETTING)
         task = make_task(load_dataset(config.data.dataset), config.split)
-        oracle = fit_classifier(task.oracle, config.train, seed=0, progress=True).model
+        oracle = trained_oracle(task.oracle, config.train)
         env = environment()
         for i, (lever, seed) in enumerate(todo, 1):
             print(f"[{i}/{len(todo)}] {lever}, generator seed {seed}", flush=True)

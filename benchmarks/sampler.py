@@ -20,10 +20,10 @@ import time
 
 import numpy as np
 import torch
-from common import HERE, append_row, environment, read_rows, splice
+from common import HERE, append_row, environment, read_rows, splice, trained_oracle
 from scipy import linalg
 
-from synthaug.classify import evaluate, fit_classifier
+from synthaug.classify import evaluate
 from synthaug.config import load_config
 from synthaug.data import load_dataset
 from synthaug.data.dataset import ImageDataset
@@ -82,7 +82,7 @@ def main():
                                 f"generator.cache_dir={cache / 'generators'}", *args.generator])
     task = make_task(load_dataset(config.data.dataset), config.split)
     generator, _ = generator_for(task.train, config.generator, cache_root=cache / "generators", progress=True)
-    oracle = fit_classifier(task.oracle, config.train, seed=0).model
+    oracle = trained_oracle(task.oracle, config.train, progress=False)
     reference = features(oracle, task.test.images)
     labels = torch.arange(task.train.num_classes).repeat_interleave(args.per_class)
     seeds = list(range(len(labels)))
