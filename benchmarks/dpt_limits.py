@@ -3,12 +3,12 @@
     python benchmarks/dpt_limits.py      # after `make bench-ssl` has made DPT's pseudo-labels and store
 
 DPT's chain is labeller -> pseudo-labelled pool -> generator -> generated images -> classifier.
-For each few-shot setting whose DPT cells have run, this measures, with a classifier trained
-on the whole labelled Fashion-MNIST training set (the oracle; never used by any method):
+For each DPT row of the suite (`CHAINS`: a setting and a labeller) whose seed-0 cell has run,
+this measures, with a classifier trained on the whole labelled Fashion-MNIST training set
+(the oracle; never used by any method):
 - the pseudo-labels' accuracy on the pool (all of it, and the confident part the generator
-  trains under its class, `dpt.confidence`), per class;
-- the share of DPT's generated images that the oracle recognises as their class, per class;
-- the same for the control's replayed real images (their pseudo-labels against the truth).
+  trains under its class, `dpt.confidence`, from which the control draws its images), per class;
+- the share of DPT's generated images that the oracle recognises as their class, per class.
 A generated image whose class the oracle does not recognise is a wrong label for the
 classifier trained on it, as a wrong pseudo-label is. Rows go to
 benchmarks/results/dpt_limits.jsonl, a table to BENCHMARKS.md (`dpt-limits`).
@@ -22,7 +22,7 @@ import statistics
 from pathlib import Path
 
 import torch
-from common import HERE, environment, read_rows, splice, trained_oracle
+from common import HERE, environment, publish, read_rows, trained_oracle
 from safetensors.torch import load_file
 
 from synthaug.bench.suite import load_suite, with_locations
@@ -35,7 +35,9 @@ from synthaug.store import SyntheticStore
 from synthaug.task import make_task
 
 OUT = HERE / "results" / "bench" / "fewshot"
-SETTINGS = ["Fashion-MNIST 5-shot", "Fashion-MNIST 10-shot"]
+# (setting, the suite's DPT row): DPT with FixMatch as its labeller, and with FixMatch + RandAugment + Mixup
+CHAINS = [("Fashion-MNIST 5-shot", "DPT"), ("Fashion-MNIST 10-shot", "DPT"),
+          ("Fashion-MNIST 10-shot", "DPT on FixMatch + RandAugment + Mixup")]
 RESULTS = HERE / "results" / "dpt_limits.jsonl"
 
 
@@ -56,8 +58,8 @@ def main():
     full = load_dataset("fashion-mnist")
     oracle = None
     rows = []
-    for setting in SETTINGS:
-        cell = next(c for c in suite.cells_ if c.setting == setting and c.recipe == "DPT" and c.seed == 0)
+    for setting, recipe in CHAINS:
+        cell = next(c for c in suite.cells_ if c.setting == setting and c.recipe == recipe and c.seed == 0)
         config = with_locations(cell, OUT)
         task = make_task(full, config.split)
         labels_file = OUT / "generators" / "pseudo-labels" / labeller_key(task, config) / "labels.safetensors"
@@ -66,7 +68,7 @@ def main():
         made_by = OUT / "generators" / str(ran and ran["generator"]) / "generator.json"
         folder = Path(config.dpt.store_dir) / json.loads(made_by.read_text())["fingerprint"][:16] if made_by.exists() else None
         if not labels_file.exists() or folder is None or not (folder / "train" / "metadata.jsonl").exists():
-            print(f"{setting}: DPT has not run yet, skipped")
+            print(f"{setting}, {recipe}: not run yet, skipped")
             continue
         if oracle is None:
             oracle = trained_oracle(full.train, load_config(None, ["train.epochs=10"]).train)
@@ -78,7 +80,8 @@ def main():
         generated = store.load()
         recognised = evaluate(oracle, generated)
         row = {
-            "setting": setting, "pool": len(truth), "confident_share": float(confident.float().mean()),
+            "setting": setting, "recipe": recipe, "labeller_test_accuracy": json.loads(
+                (labels_file.parent / "done.json").read_text())["test_accuracy"], "pool": len(truth), "confident_share": float(confident.float().mean()),
             "pseudo_label_accuracy": float(right.float().mean()),
             "confident_pseudo_label_accuracy": float(right[confident].float().mean()),
             "confident_per_class": per_class(right[confident], truth[confident], task.train.classes),
@@ -87,29 +90,36 @@ def main():
             **environment(),
         }
         rows.append(row)
-        print(f"{setting}: pseudo-labels {100 * row['pseudo_label_accuracy']:.1f}% right "
+        print(f"{setting}, {recipe}: pseudo-labels {100 * row['pseudo_label_accuracy']:.1f}% right "
               f"({100 * row['confident_pseudo_label_accuracy']:.1f}% of the confident), generated images "
               f"recognised {100 * row['generated_recognised']:.1f}%", flush=True)
     if not rows:
         return
-    # a setting skipped now (its labeller or store not on this machine) keeps the row measured before
-    measured = {r["setting"]: r for r in read_rows(RESULTS)} | {r["setting"]: r for r in rows}
-    rows = [measured[s] for s in SETTINGS if s in measured]
+    # a chain skipped now (its labeller or store not on this machine) keeps the row measured before
+    chain = lambda r: (r["setting"], r.get("recipe", "DPT"))  # noqa: E731  (the first rows were DPT's alone)
+    measured = {chain(r): r for r in read_rows(RESULTS)} | {chain(r): r for r in rows}
+    rows = [measured[c] for c in CHAINS if c in measured]
     RESULTS.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    publish(RESULTS, "dpt-limits", summarise(rows), to_benchmarks=True)
+
+
+def summarise(rows: list[dict]) -> str:
     classes = list(rows[0]["generated_per_class"])
-    lines = ["| setting | pool pseudo-labels right | confident share | confident pseudo-labels right | "
-             "DPT's images recognised | lowest class (confident labels / images) |", "|---|---|---|---|---|---|"]
+    lines = ["| setting | DPT row | labeller's test accuracy | pool pseudo-labels right | confident share | "
+             "confident pseudo-labels right | DPT's images recognised | lowest class (confident labels / images) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         worst = min(classes, key=lambda c: r["generated_per_class"].get(c, 1.0))
-        lines.append(f"| {r['setting']} | {100 * r['pseudo_label_accuracy']:.1f}% | {100 * r['confident_share']:.0f}% | "
-                     f"{100 * r['confident_pseudo_label_accuracy']:.1f}% | {100 * r['generated_recognised']:.1f}% | "
+        labeller = f"{100 * r['labeller_test_accuracy']:.1f}%" if "labeller_test_accuracy" in r else "-"
+        lines.append(f"| {r['setting']} | {r.get('recipe', 'DPT')} | {labeller} | {100 * r['pseudo_label_accuracy']:.1f}% "
+                     f"| {100 * r['confident_share']:.0f}% | {100 * r['confident_pseudo_label_accuracy']:.1f}% | "
+                     f"{100 * r['generated_recognised']:.1f}% | "
                      f"{worst}: {100 * r['confident_per_class'].get(worst, float('nan')):.0f}% / "
                      f"{100 * r['generated_per_class'][worst]:.0f}% |")
     mean_gap = statistics.fmean(r["confident_pseudo_label_accuracy"] - r["generated_recognised"] for r in rows)
-    lines += ["", f"The oracle: small-cnn on all {len(full.train)} labelled training images, 10 epochs. "
+    lines += ["", "The oracle: small-cnn on all 60,000 labelled Fashion-MNIST training images, 10 epochs. "
               f"Mean gap between the generator's training labels and its images: {100 * mean_gap:+.1f} points."]
-    splice(HERE.parent / "BENCHMARKS.md", "dpt-limits", "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

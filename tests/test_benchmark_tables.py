@@ -11,7 +11,7 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-@pytest.mark.parametrize("key", ["executors", "selection", "speed"])
+@pytest.mark.parametrize("key", ["dpt_limits", "executors", "selection", "speed"])
 def test_each_table_regenerates_from_its_results(key, monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     monkeypatch.setenv("SYNTHAUG_CIFAR10", "")  # the benchmarks would point it at ../shared/data
