@@ -196,12 +196,13 @@ RECIPES = {
     "utilgen": ["recipe=utilgen", "split.kind=few-shot", "split.k=4", "utilgen.per_round=1", "split.val_per_class=2", "utilgen.rounds=2",
                 "utilgen.valuation_epochs=1", "utilgen.embedding_steps=2", "utilgen.dpo_steps=2", "utilgen.sampling_steps=2",
                 "utilgen.final_multiple=1", "utilgen.sampler=ddim"],
+    "dpt": ["recipe=dpt", "split.kind=few-shot", "split.k=2", "dpt.per_class=2", "train.ssl_mu=1"],
 }
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_each_recipe_runs_on_stable_diffusion(recipe, sd_folder, unclip_folder, tmp_path, monkeypatch):
-    folder = unclip_folder if recipe == "augcond" else sd_folder
+    folder = unclip_folder if recipe in ("augcond", "dpt") else sd_folder  # image-conditioned
     sets = [*SD_RUN, *RECIPES[recipe], f"generator.pretrained={folder}", f"output_dir={tmp_path}", "name=run"]
     monkeypatch.setattr(sys, "argv", ["synthaug", "run", "--quiet", *[a for kv in sets for a in ("-s", kv)]])
     main()

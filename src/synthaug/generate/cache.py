@@ -219,8 +219,8 @@ def stable_diffusion_for(data: ImageDataset, section, *, cache_root: Path, progr
             info.update(source="adapted", path=str(folder), trained_now=True, base=section.pretrained)
     gen.check_compatible(data)
     if image_embed_dim and not gen.unclip:
-        raise SynthaugError(f"recipe augcond conditions on images: '{section.pretrained}' is not an unCLIP pipeline "
-                            "(use e.g. stabilityai/stable-diffusion-2-1-unclip)")
+        raise SynthaugError(f"this recipe conditions on images (augcond, dpt): '{section.pretrained}' is not an unCLIP "
+                            "pipeline (use e.g. stabilityai/stable-diffusion-2-1-unclip)")
     return gen, info
 
 

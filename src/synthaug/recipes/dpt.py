@@ -1,5 +1,5 @@
 """DPT, "Diffusion models and semi-supervised learners benefit mutually with few labels"
-(You et al. NeurIPS 2023; METHODS.md section 6): few labels and a pool of unlabelled images.
+(You et al. NeurIPS 2023): few labels and a pool of unlabelled images.
 
 1. Train the semi-supervised classifier (FixMatch, or `train.ssl`) on the labelled images and
    the pool, and pseudo-label the whole pool with it (its label and confidence per image).
