@@ -19,7 +19,7 @@ from synthaug.config import load_config
 from synthaug.data import UNLABELED, LoadedDataset, concat
 from synthaug.errors import SynthaugError
 from synthaug.recipes import get_recipe
-from synthaug.recipes.dpt import labelled_pool
+from synthaug.recipes.dpt import labelled_pool, labeller_key
 from synthaug.task import make_task
 
 SSL = dict(epochs=2, batch_size=4, lr=0.05, augment="none", ssl="fixmatch", ssl_mu=2)
@@ -172,6 +172,17 @@ def test_dpt_seeds_share_one_labeller_generator_and_images(tmp_path):
     assert (tmp_path / "store" / a["generator"]["fingerprint"][:16]).is_dir()
     assert torch.equal(runs[0].synthetic.images, runs[1].synthetic.images)
     assert len(concat(task.train, runs[1].synthetic)) == 9 + 6
+
+
+def test_the_labeller_is_shared_across_weight_norm():
+    """train.weight_norm acts on weighted images only; the labeller trains unweighted, so runs
+    that differ in it share one labeller (and runs that differ in its training do not)."""
+    data = LoadedDataset("tiny", make_dataset((20, 20, 20), seed=0), make_dataset((5, 5, 5), seed=1))
+    base = ["split.kind=few-shot", "split.k=3", "recipe=dpt"]
+    task = make_task(data, load_config(None, base).split)
+    keys = {labeller_key(task, load_config(None, [*base, f"train.weight_norm={v}"])) for v in ("false", "true")}
+    assert len(keys) == 1
+    assert labeller_key(task, load_config(None, [*base, "train.lr=0.1"])) not in keys
 
 
 def test_dpt_replay_adds_confident_pool_images_under_their_pseudo_labels(tmp_path, monkeypatch):

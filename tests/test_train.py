@@ -134,6 +134,19 @@ def test_sample_weights_shape_and_effect():
     assert (preds[ds.labels == 2] == 2).float().mean() < 0.5
 
 
+def test_weight_norm_keeps_the_loss_scale():
+    """Divided by their batch's mean, weights of 0.1 on every image train the model that weights
+    of 1 do; left as they are, they shrink the loss and train another."""
+    ds = make_dataset((24, 12, 6))
+    tenth = torch.full((len(ds),), 0.1)
+    reference = fit_classifier(ds, TrainConfig(**FAST), seed=0).model.state_dict()
+    normed = fit_classifier(ds, TrainConfig(**FAST, weight_norm=True), sample_weights=tenth, seed=0).model.state_dict()
+    scaled = fit_classifier(ds, TrainConfig(**FAST), sample_weights=tenth, seed=0).model.state_dict()
+    floats = [k for k, v in reference.items() if v.is_floating_point()]
+    assert all(torch.allclose(reference[k], normed[k], rtol=1e-4, atol=1e-5) for k in floats)
+    assert not all(torch.allclose(reference[k], scaled[k], rtol=1e-4, atol=1e-5) for k in floats)
+
+
 def test_refit_head_only_changes_head():
     ds = make_dataset((40, 10, 4))
     model = fit_classifier(ds, TrainConfig(**FAST), seed=0).model

@@ -38,7 +38,7 @@ class TrainConfig:
     """Everything that decides how a classifier is trained. Defaults suit 28x28 images on a CPU."""
 
     # options added later, with the values caches had before them: left out of cache keys at those (utils/keys.py)
-    ADDED: ClassVar[dict[str, object]] = {"drw_start": 1.0, "group_dro_balanced": False}
+    ADDED: ClassVar[dict[str, object]] = {"drw_start": 1.0, "group_dro_balanced": False, "weight_norm": False}
 
     model: str = "small-cnn"
     epochs: int = 15
@@ -56,6 +56,9 @@ class TrainConfig:
     # deferred re-weighting (DRW, Cao et al. 2019): from this share of the epochs on, each image's loss is
     # weighted by its class's effective-number weight (Cui et al. 2019, beta 0.9999); 1: never, 0: from the start
     drw_start: float = 1.0
+    # each batch's per-image loss weights divided by their mean: weights then set the balance between
+    # the batch's images (real against synthetic) without scaling its loss against the unlabelled term
+    weight_norm: bool = False
     label_smoothing: float = 0.0
     augment: str = field(default="crop", metadata={"help": "'+'-joined: " + ", ".join(AUGMENTATIONS)})
     mix: Mix = "none"
@@ -466,6 +469,8 @@ def fit_classifier(
                     # DRW: the class weight of each (mixed) target, a weighted mean as in the paper's loss
                     class_w = targets @ drw_weights
                     w = w * class_w / class_w.mean()
+                if cfg.weight_norm:
+                    w = w / w.mean().clamp_min(1e-12)
                 pool = None
                 if pool_idx is not None:
                     u = unlabeled.images[pool_idx]

@@ -87,6 +87,13 @@ def ssl_config(config):
     return replace(config.train, ssl="fixmatch") if config.train.ssl == "none" else config.train
 
 
+def labeller_config(config):
+    """The labeller's training settings: the run's, semi-supervised, without a head re-fit, and
+    with `weight_norm` off (it trains on real images only, unweighted, so the option does nothing
+    there and would only split its cache)."""
+    return replace(ssl_config(config), refit_head=False, weight_norm=False)
+
+
 def check(task, config):
     if task.unlabeled is None or len(task.unlabeled) == 0:
         raise SynthaugError("dpt pseudo-labels an unlabelled pool and this split has none: use split.kind=few-shot "
@@ -96,7 +103,7 @@ def check(task, config):
 
 def labeller_key(task, config) -> str:
     seed = config.seed if config.dpt.labeller_seed is None else config.dpt.labeller_seed
-    cfg = key_dict(replace(ssl_config(config), refit_head=False))
+    cfg = key_dict(labeller_config(config))
     payload = {"train": task.train.fingerprint(), "pool": task.unlabeled.fingerprint(), "config": cfg, "seed": seed}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -111,7 +118,7 @@ def pseudo_labels(task, config, cache_root: Path, workdir: Path, *, progress: bo
         tensors = load_file(folder / "labels.safetensors")
         return {**json.loads((folder / "done.json").read_text()), **tensors, "cached": True}
     seed = config.seed if config.dpt.labeller_seed is None else config.dpt.labeller_seed
-    result = fit_classifier(task.train, replace(ssl_config(config), refit_head=False), seed=seed,
+    result = fit_classifier(task.train, labeller_config(config), seed=seed,
                             unlabeled=task.unlabeled, checkpoint_dir=workdir / "labeller-checkpoint", progress=progress)
     labels, confidence = pseudo_label(result.model, task.unlabeled.images)
     accuracy = evaluate(result.model, task.test)["accuracy"]
