@@ -35,9 +35,12 @@ from synthaug.store import SyntheticStore
 from synthaug.task import make_task
 
 OUT = HERE / "results" / "bench" / "fewshot"
-# (setting, the suite's DPT row): DPT with FixMatch as its labeller, and with FixMatch + RandAugment + Mixup
-CHAINS = [("Fashion-MNIST 5-shot", "DPT"), ("Fashion-MNIST 10-shot", "DPT"),
-          ("Fashion-MNIST 10-shot", "DPT on FixMatch + RandAugment + Mixup")]
+# (setting, the suite's DPT row): DPT with FixMatch as its labeller (label-only images, and AugCond's best mode
+# conditioned on pseudo-labelled images), and with FixMatch + RandAugment + Mixup (at confidence 0.5 and 0.9)
+CHAINS = [("Fashion-MNIST 5-shot", "DPT"), ("Fashion-MNIST 5-shot", "DPT + AugCond mixup"),
+          ("Fashion-MNIST 10-shot", "DPT"), ("Fashion-MNIST 10-shot", "DPT + AugCond cutmix"),
+          ("Fashion-MNIST 10-shot", "DPT on FixMatch + RandAugment + Mixup"),
+          ("Fashion-MNIST 10-shot", "DPT on FixMatch + RandAugment + Mixup, confidence 0.9")]
 RESULTS = HERE / "results" / "dpt_limits.jsonl"
 
 
