@@ -56,6 +56,13 @@ EVIDENCE = {
         Evidence("longtail-small", "Fashion-MNIST-LT r100", "synaug", "class-balanced", -1.02, -1.79, -0.26, "loss"),
         Evidence("longtail-small", "Fashion-MNIST-LT r100", "synaug w/o domain mixup", "class-balanced", -0.52, -1.28,
                  0.24, "no significant difference")],
+    "few-labels-pool": [
+        Evidence("fewshot", "Fashion-MNIST 10-shot", "DPT on FixMatch + RandAugment + Mixup",
+                 "FixMatch + RandAugment + Mixup", -2.24, -2.82, -1.66, "loss"),
+        Evidence("fewshot", "Fashion-MNIST 10-shot", "DPT", "FixMatch + RandAugment + Mixup", -4.41, -5.84, -2.99,
+                 "loss"),
+        Evidence("fewshot", "Fashion-MNIST 10-shot", "FixMatch + label-only generation",
+                 "FixMatch + RandAugment + Mixup", -4.70, -5.14, -4.25, "loss")],
     "few-labels": [
         Evidence("fewshot-small", "Fashion-MNIST 5-shot", "AugCond embed-cutmix-dropout + RandAugment + Mixup",
                  "RandAugment + Mixup", -1.45, -6.69, 3.79, "no significant difference"),
@@ -85,6 +92,9 @@ class Recommendation:
 
 
 RULES = """\
+0. few-labels-pool: the largest class has at most 20 labelled images and there is an
+   unlabelled pool -> fixmatch with RandAugment + Mixup on its labelled images: the best
+   trainer of the fewshot suite (Fashion-MNIST 10-shot), and every generation on top of it lost.
 1. few-labels: the largest class has at most 20 labelled images -> ce with RandAugment + Mixup.
    Every generative recipe tied or lost to it in the few-shot suites (5, 10, 10+3 per class).
 2. longtail-tiny-tail: imbalance ratio >= 10 and the smallest class under 50 images ->
@@ -108,7 +118,14 @@ def randaugment_mixup(augment: str) -> list[str]:
 def recommend(profile: dict, probe: dict | None = None, augment: str = "crop") -> Recommendation:
     """The first recipe to try for data with this profile (see RULES)."""
     ratio, smallest, largest = profile["imbalance_ratio"], profile["smallest_count"], profile["largest_count"]
-    if largest <= 20:
+    pool = profile.get("unlabeled_images", 0)
+    if largest <= 20 and pool:
+        r = Recommendation("fixmatch", randaugment_mixup(augment), "fixmatch + RandAugment + Mixup",
+                           f"at most {largest} labelled images per class and {pool} unlabelled: semi-supervised "
+                           "training with strong augmentation of the labelled images was the best trainer in the "
+                           "few-shot benchmark with a pool, and every generation on top of it lost",
+                           "few-labels-pool", False, "dpt")
+    elif largest <= 20:
         r = Recommendation("ce", randaugment_mixup(augment), "ce + RandAugment + Mixup",
                            f"at most {largest} labelled images per class: no generative recipe beat strong classical "
                            "augmentation in the few-shot benchmarks (most lost to it)", "few-labels", False, "augcond")
@@ -139,7 +156,7 @@ def recommend(profile: dict, probe: dict | None = None, augment: str = "crop") -
     if probe and probe.get("balanced_accuracy", 0) >= 0.98:
         r.remarks.append(f"the probe already reaches {100 * probe['balanced_accuracy']:.1f}% balanced accuracy after "
                          f"{probe['steps']} steps: little room for any method")
-    if profile.get("unlabeled_images"):
+    if pool and r.rule != "few-labels-pool":
         r.remarks.append(f"{profile['unlabeled_images']} unlabelled images: measure semi-supervised training on them "
                          "too (recipe fixmatch, or train.ssl=fixmatch under another recipe; dpt adds images generated "
                          "from the pseudo-labelled pool); the fewshot suite's tables in BENCHMARKS.md say where it paid")
