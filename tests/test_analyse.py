@@ -99,6 +99,7 @@ def test_profile_and_duplicates_on_known_data():
 @pytest.mark.parametrize("counts, rule", [
     ({"largest_count": 10, "smallest_count": 10, "imbalance_ratio": 1.0}, "few-labels"),
     ({"largest_count": 10, "smallest_count": 10, "imbalance_ratio": 1.0, "unlabeled_images": 500}, "few-labels-pool"),
+    ({"largest_count": 5, "smallest_count": 5, "imbalance_ratio": 1.0, "unlabeled_images": 500}, "few-labels"),
     ({"largest_count": 400, "smallest_count": 8, "imbalance_ratio": 50.0}, "longtail-tiny-tail"),
     ({"largest_count": 6000, "smallest_count": 60, "imbalance_ratio": 100.0}, "longtail-large-tail"),
     ({"largest_count": 500, "smallest_count": 100, "imbalance_ratio": 5.0}, "imbalanced"),
@@ -142,7 +143,7 @@ def test_analyse_runs_on_the_other_built_in_datasets(name, capsys, monkeypatch):
 
 @pytest.mark.parametrize("split, recipe, rule", [
     (["split.ratio=10"], "balanced-softmax", "longtail-tiny-tail"),
-    (["split.kind=few-shot", "split.k=5", "train.ssl_mu=1"], "fixmatch", "few-labels-pool"),  # the pool: FixMatch
+    (["split.kind=few-shot", "split.k=10", "train.ssl_mu=1"], "fixmatch", "few-labels-pool"),  # the pool: FixMatch
 ])
 def test_recipe_auto_runs_the_recommendation_and_records_why(split, recipe, rule, tmp_path, capsys, monkeypatch):
     args = ["run", "-s", "recipe=auto", "-s", "data.dataset=digits", *[a for s in split for a in ("-s", s)],
