@@ -44,6 +44,7 @@ bench-generator-levers: $(STAMP)
 # issue 21, item 6: the coloured generator judged cell by cell (digit and colour read apart; minutes, resumable)
 bench-coloured-generator: $(STAMP)
 	$(BIN)/python benchmarks/coloured_generator.py
+	$(BIN)/python benchmarks/coloured_generator.py --agreement 0.99 --variants "2400 steps, Min-SNR 5, cells sqrt"
 
 bench-fewshot: $(STAMP)
 	$(BIN)/synthaug bench fewshot-small --out benchmarks/results/bench/fewshot-small

@@ -3,9 +3,11 @@ the longtail suite's coloured setting, judged by its images per (class, colour) 
 
     python benchmarks/coloured_generator.py                   # agreement 0.95, generator seed 0
     python benchmarks/coloured_generator.py --variants "2400 steps" --seeds 0 1
+    python benchmarks/coloured_generator.py --agreement 0.99 --variants "2400 steps, Min-SNR 5, cells sqrt"
 
-Coloured MNIST-5k at agreement 0.95 (the suite's setting): a majority cell is a class in its own
-colour (~95% of the class's images), a minority cell a class in another colour (0-7 images).
+Coloured MNIST-5k at agreement 0.95 (or 0.99, the suite's two coloured settings): a majority cell
+is a class in its own colour (~95% of the class's images), a minority cell a class in another
+colour (0-7 images at 0.95, 0-2 at 0.99, many none).
 Each generator draws `--per-cell` images for every one of the 100 cells (the same seeds for
 every generator) with the suite's sampler, and each image is read twice:
 - the digit, by the oracle: a small CNN trained on all of MNIST-5k coloured at random (the
@@ -22,8 +24,8 @@ the class's and the group's guidance at their own scales (`generator.guidance_sc
 `generator.group_guidance_scale`; 3 / 3 otherwise), and trained with each class's colours drawn
 by sqrt(n) or equally often (`generator.group_sampler`).
 
-Resumable: a finished (variant, seed) is a row of benchmarks/results/coloured_generator.jsonl.
-The table goes to benchmarks/results/coloured_generator.md and into BENCHMARKS.md.
+Resumable: a finished (setting, variant, seed) is a row of benchmarks/results/coloured_generator.jsonl.
+Each setting's table goes to benchmarks/results/coloured_generator[-0.99].md and into BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from synthaug.data.splits import COLOURS
 from synthaug.generate.cache import generator_for, sampler_config
 from synthaug.task import make_task
 
-SETTING = "Coloured MNIST-5k, agreement 0.95"
+SETTINGS = {"0.95": "Coloured MNIST-5k, agreement 0.95", "0.99": "Coloured MNIST-5k, agreement 0.99"}
 RECIPE = "synaug, generator 2400 steps"
 OUT = HERE / "results" / "bench" / "longtail"
 RESULTS = HERE / "results" / "coloured_generator.jsonl"
@@ -95,7 +97,7 @@ def scores(oracle, images, labels, groups) -> dict:
     return out
 
 
-def measure(variant: str, seed: int, per_cell: int, config, task, oracle, env) -> dict:
+def measure(setting: str, variant: str, seed: int, per_cell: int, config, task, oracle, env) -> dict:
     section = dataclasses.replace(config.generator, **VARIANTS[variant], seed=seed)
     generator, made = generator_for(task.train, section, cache_root=Path(section.cache_dir), progress=True)
     labels = torch.arange(10).repeat_interleave(10 * per_cell)
@@ -104,14 +106,15 @@ def measure(variant: str, seed: int, per_cell: int, config, task, oracle, env) -
     images = generator.generate(labels, list(range(len(labels))), groups, sampler=sampler_config(section),
                                 progress=True)
     seconds = time.perf_counter() - t0
-    return {"setting": SETTING, "variant": variant, "overrides": VARIANTS[variant], "generator_seed": seed, "generator": generator.fingerprint(),
+    return {"setting": setting, "variant": variant, "overrides": VARIANTS[variant], "generator_seed": seed, "generator": generator.fingerprint(),
             "images": len(images), "train_minutes": generator.train_seconds / 60,
             "trained_now": made.get("trained_now", False), "images_per_second": len(images) / seconds,
             **scores(oracle, images, labels, groups), **env}
 
 
-def table(rows: list[dict], real: dict) -> str:
-    lines = [f"{SETTING}: {rows[0]['images'] if rows else 0} images per generator ({rows[0]['images'] // 100 if rows else 0} "
+def table(setting: str, rows: list[dict], real: dict) -> str:
+    rows = [r for r in rows if r["setting"] == setting]
+    lines = [f"{setting}: {rows[0]['images'] if rows else 0} images per generator ({rows[0]['images'] // 100 if rows else 0} "
              "per (class, colour) cell, the same seeds); the digit read by an oracle trained on randomly coloured "
              "MNIST-5k, the colour read exactly; majority = a class in its own colour. Mean over generator seeds (n).",
              "", "| images | n | digit (majority / minority) | colour (majority / minority) "
@@ -137,28 +140,31 @@ def main():
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="generator seeds")
     parser.add_argument("--per-cell", type=int, default=5)
+    parser.add_argument("--agreement", default="0.95", choices=list(SETTINGS), help="the coloured setting")
     args = parser.parse_args()
+    setting = SETTINGS[args.agreement]
     suite = load_suite("longtail")
-    cell = next(c for c in suite.cells_ if c.setting == SETTING and c.recipe == RECIPE)
+    cell = next(c for c in suite.cells_ if c.setting == setting and c.recipe == RECIPE)
     config = with_locations(cell, OUT)
     task = make_task(load_dataset(config.data.dataset), config.split)
     oracle = trained_oracle(task.oracle, config.train)
     test = task.test
     real = scores(oracle, test.images, test.labels, test.groups)
-    done = {(r["variant"], r["generator_seed"]) for r in read_rows(RESULTS)}
+    done = {(r["variant"], r["generator_seed"]) for r in read_rows(RESULTS) if r["setting"] == setting}
     env = environment()
     for variant in args.variants:
         for seed in args.seeds:
             if (variant, seed) in done:
                 continue
             print(f"{variant}, generator seed {seed}", flush=True)
-            row = measure(variant, seed, args.per_cell, config, task, oracle, env)
+            row = measure(setting, variant, seed, args.per_cell, config, task, oracle, env)
             append_row(RESULTS, row)
             print(f"  both right: majority {100 * row['both_majority']:.1f}%, minority "
                   f"{100 * row['both_minority']:.1f}%", flush=True)
-    text = table(read_rows(RESULTS), real)
-    (HERE / "results" / "coloured_generator.md").write_text(text)
-    splice(HERE.parent / "BENCHMARKS.md", "coloured-generator", text)
+    text = table(setting, read_rows(RESULTS), real)
+    suffix = "" if args.agreement == "0.95" else f"-{args.agreement}"
+    (HERE / "results" / f"coloured_generator{suffix}.md").write_text(text)
+    splice(HERE.parent / "BENCHMARKS.md", f"coloured-generator{suffix}", text)
     print(text)
 
 
