@@ -53,6 +53,18 @@ def test_compare_pairs_with_the_best_classical_baseline_not_the_oracle():
     assert compare(scores, "synaug", classical=["ce"]).baseline == "ce"
 
 
+def test_compare_breaks_a_tie_on_the_metric_with_the_second_metric():
+    # every worst group at 0: the bar is the baseline with the better average, whatever the list order
+    worst = {"synaug": {0: 0.0, 1: 0.0}, "ce": {0: 0.0, 1: 0.0}, "group-balanced": {0: 0.0, 1: 0.0}}
+    average = {"synaug": {0: 0.60, 1: 0.61}, "ce": {0: 0.30, 1: 0.31}, "group-balanced": {0: 0.46, 1: 0.45}}
+    assert compare(worst, "synaug", classical=["ce", "group-balanced"]).baseline == "ce"
+    found = compare(worst, "synaug", classical=["ce", "group-balanced"], tiebreak=average)
+    assert found.baseline == "group-balanced" and found.difference == 0.0
+    # the tie-break never overrules the metric itself
+    worst["ce"] = {0: 0.01, 1: 0.01}
+    assert compare(worst, "synaug", classical=["ce", "group-balanced"], tiebreak=average).baseline == "ce"
+
+
 def test_run_with_several_seeds_gives_a_verdict_and_resumes(tmp_path, capsys, monkeypatch):
     args = ["run", "-s", "data.dataset=digits", "-s", "recipe=crt", "-s", "train.epochs=2", "-s", "train.batch_size=64",
             "-s", "report.baselines=[ce,oracle]", "-s", f"output_dir={tmp_path}", "--seeds", "0,1", "--quiet"]

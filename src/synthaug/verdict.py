@@ -15,7 +15,7 @@ UPPER_BOUNDS = ("oracle",)
 @dataclass
 class Verdict:
     recipe: str
-    baseline: str  # the best classical baseline: the highest mean over the shared seeds
+    baseline: str  # the best classical baseline: the highest mean over the shared seeds (ties: the tie-break's)
     seeds: list[int]
     recipe_mean: float
     baseline_mean: float
@@ -57,10 +57,12 @@ def verdict_of(low: float, high: float) -> str:
     return "gain" if low > 0 else "loss" if high < 0 else "no significant difference"
 
 
-def compare(scores: dict[str, dict[int, float]], recipe: str, classical: list[str] | None = None) -> Verdict | None:
+def compare(scores: dict[str, dict[int, float]], recipe: str, classical: list[str] | None = None,
+            tiebreak: dict[str, dict[int, float]] | None = None) -> Verdict | None:
     """The recipe against the best classical baseline in `scores` (method -> seed -> score),
     paired over the seeds both have; None without a classical baseline. `classical` names the
-    baselines (default: every other method but the upper bounds)."""
+    baselines (default: every other method but the upper bounds). Baselines tied on `scores`
+    (every worst group at 0, say) are told apart by their mean in `tiebreak`, a second metric."""
     baselines = {name: by_seed for name, by_seed in scores.items()
                  if name != recipe and name not in UPPER_BOUNDS and (classical is None or name in classical)}
     mine = scores[recipe]
@@ -68,7 +70,13 @@ def compare(scores: dict[str, dict[int, float]], recipe: str, classical: list[st
     candidates = [name for name in baselines if shared[name]]
     if not candidates:
         return None
-    best = max(candidates, key=lambda name: statistics.fmean(baselines[name][s] for s in shared[name]))
+
+    def rank(name: str) -> tuple[float, float]:
+        second = [tiebreak[name][s] for s in shared[name] if s in tiebreak.get(name, {})] if tiebreak else []
+        return (statistics.fmean(baselines[name][s] for s in shared[name]),
+                statistics.fmean(second) if second else -math.inf)
+
+    best = max(candidates, key=rank)
     seeds = shared[best]
     ours, theirs = [mine[s] for s in seeds], [baselines[best][s] for s in seeds]
     difference, low, high = paired_interval(ours, theirs)

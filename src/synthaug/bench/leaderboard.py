@@ -87,7 +87,11 @@ def setting_summary(rows: list[dict], setting) -> dict:
     classical = setting.classical if setting else [r for r in recipes if not any(
         row["images_generated"] for row in rows if row["recipe"] == r) and r not in (*controls, "oracle")]
     scores = {r: by_seed([row for row in rows if row["recipe"] == r], metric) for r in recipes}
-    verdicts = {r: compare(scores, r, classical=classical) for r in recipes if r not in classical and r != "oracle"}
+    # ties on the metric (every worst group at 0) go to the next column's mean
+    second = next((c for c in (setting.columns if setting else []) if c != metric), None)
+    tiebreak = {r: by_seed([row for row in rows if row["recipe"] == r], second) for r in recipes} if second else None
+    verdicts = {r: compare(scores, r, classical=classical, tiebreak=tiebreak)
+                for r in recipes if r not in classical and r != "oracle"}
     return {"metric": metric, "recipes": recipes, "classical": classical, "controls": controls, "scores": scores,
             "verdicts": verdicts, "costs": costs(rows)}
 
