@@ -193,6 +193,30 @@ def test_the_leaderboard_interval_and_verdict_on_a_known_paired_difference():
     assert "+2.00 (-0.48 to +4.48) | no significant difference" in line
 
 
+def test_baselines_tied_on_the_metric_are_told_apart_by_the_next_column():
+    from types import SimpleNamespace
+
+    from synthaug.bench.leaderboard import markdown_setting
+
+    def row(recipe, seed, worst, average, images=0):
+        return dict(_row(recipe, seed, 0.0, images=images), metric="worst_group_accuracy",
+                    metrics={"worst_group_accuracy": worst, "accuracy": average})
+
+    # every worst group at 0 (agreement 0.99): ce is listed first, group-balanced has the better average
+    rows = [row("ce", s, 0.0, 0.30) for s in range(2)] + [row("group-balanced", s, 0.0, 0.46) for s in range(2)]
+    rows += [row("synaug", s, 0.0, 0.60 + 0.01 * s, images=100) for s in range(2)]
+    setting = SimpleNamespace(metric="worst_group_accuracy", recipes=["ce", "group-balanced", "synaug"],
+                              classical=["ce", "group-balanced"], columns=["worst_group_accuracy", "accuracy"])
+    summary = setting_summary(rows, setting)
+    assert summary["verdicts"]["synaug"].baseline == "group-balanced"
+    board = markdown_setting("s", rows, summary, setting.columns)
+    assert "Best classical baseline: group-balanced (highest mean worst group, ties broken by highest mean" in board
+    # no tie: the sentence says nothing of a tie-break
+    rows = [dict(r, metrics=dict(r["metrics"], worst_group_accuracy=0.1)) if r["recipe"] == "ce" else r for r in rows]
+    board = markdown_setting("s", rows, setting_summary(rows, setting), setting.columns)
+    assert "Best classical baseline: ce (highest mean worst group);" in board
+
+
 @pytest.mark.parametrize("name", shipped())
 def test_every_shipped_suite_loads(name):
     suite = load_suite(name)

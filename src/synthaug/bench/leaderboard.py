@@ -93,7 +93,7 @@ def setting_summary(rows: list[dict], setting) -> dict:
     verdicts = {r: compare(scores, r, classical=classical, tiebreak=tiebreak)
                 for r in recipes if r not in classical and r != "oracle"}
     return {"metric": metric, "recipes": recipes, "classical": classical, "controls": controls, "scores": scores,
-            "verdicts": verdicts, "costs": costs(rows)}
+            "verdicts": verdicts, "costs": costs(rows), "tiebreak": second}
 
 
 def markdown_setting(name: str, rows: list[dict], summary: dict, columns: list[str]) -> str:
@@ -131,7 +131,11 @@ def markdown_setting(name: str, rows: list[dict], summary: dict, columns: list[s
         lines.append(f"| {mark} | " + " | ".join(cells) + f" | {paired} | {verdict} | {cost['images']:.0f}{ratio} "
                      f"| {minutes} |")
     if best:
-        lines.append(f"\nBest classical baseline: {best} (highest mean {label(metric)}); each difference is paired by "
+        scores, mean = summary["scores"], lambda name: statistics.fmean(summary["scores"][name].values())
+        tied = [c for c in summary["classical"] if c != best and scores.get(c) and scores.get(best)
+                and mean(c) == mean(best)]
+        tie = f", ties broken by highest mean {label(summary['tiebreak'])}" if tied and summary.get("tiebreak") else ""
+        lines.append(f"\nBest classical baseline: {best} (highest mean {label(metric)}{tie}); each difference is paired by "
                      "classifier seed. Cost: the recipe run alone (classifier training, its images at the measured "
                      "seconds per image, its generator's training)." + _gap(summary, best))
     curves = curve_table(rows, summary["recipes"])
