@@ -162,6 +162,20 @@ def test_tada_targets_the_slow_learnable_set_and_shares_a_store(digits_task, tmp
     assert rand.extra["synthetic"]["generated_now"] == 0
 
 
+def test_the_added_images_are_weighted_synthetic_weight_in_the_final_training(digits_task, tmp_path, monkeypatch):
+    import synthaug.classify as classify
+
+    seen, real_fit = [], classify.fit_classifier
+    monkeypatch.setattr(classify, "fit_classifier", lambda train, cfg, **kw: seen.append(kw) or real_fit(train, cfg, **kw))
+    config = load_config(None, [*FAST, f"output_dir={tmp_path}", "tada.synthetic_weight=0.25"])
+    result = get_recipe("tada-upsample").run(digits_task, config, workdir=tmp_path / "up")
+    added = result.extra["targeted"]["targeted"] * 2  # each targeted example twice (tada.variants=2)
+    assert seen[-1]["sample_weights"].tolist() == [1.0] * len(digits_task.train) + [0.25] * added
+    assert result.extra["targeted"]["synthetic_weight"] == 0.25
+    with pytest.raises(SynthaugError, match="tada.synthetic_weight"):
+        load_config(None, ["tada.synthetic_weight=0"])
+
+
 def test_tada_run_reports_its_plan(tmp_path, monkeypatch, capsys):
     args = ["synthaug", "run", "--quiet", "-s", "recipe=tada", "-s", f"output_dir={tmp_path}",
             "-s", "report.baselines=ce,tada-upsample", *[a for kv in FAST for a in ("-s", kv)]]

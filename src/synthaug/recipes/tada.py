@@ -62,6 +62,7 @@ class TadaSection:
     loss_epochs: int = 1
     per_class: bool = False
     share: float | None = None
+    synthetic_weight: float = 1.0  # each added image's loss weight (real images: 1): item 1's lever on the variants
 
     def __post_init__(self):
         from ..plan import strength_range
@@ -73,6 +74,8 @@ class TadaSection:
                                 f"got {self.loss_epochs}")
         if self.share is not None and not 0 < self.share < 1:
             raise SynthaugError(f"tada.share must be in (0, 1) (or unset: k-means), got {self.share}")
+        if not 0 < self.synthetic_weight < float("inf"):
+            raise SynthaugError(f"tada.synthetic_weight must be a finite number > 0, got {self.synthetic_weight}")
         strength_range(self.strength, "tada.strength")
         check_folder(self.store_dir, "tada.store_dir")
 
@@ -132,6 +135,7 @@ def run_tada(mode, task, config, *, workdir=None, progress=False, trained=None) 
         "loss_epochs": opts.loss_epochs, "per_class": opts.per_class, "share": opts.share,
         "slow_learnable": int(mask.sum()), "slow_learnable_share": float(mask.float().mean()),
         "targeted": int(target.sum()), "variants": opts.variants, "strength": opts.strength,
+        "synthetic_weight": opts.synthetic_weight,
         "slow_per_class": torch.bincount(real.labels[mask], minlength=real.num_classes).tolist(),
         "loss_histogram": loss_histogram(losses, mask),
         # the hardest targeted examples, for the report (the full mask is in targeted.json)
@@ -151,9 +155,10 @@ def run_tada(mode, task, config, *, workdir=None, progress=False, trained=None) 
         seconds["generate"] = extra["synthetic"].pop("seconds")
         extra["synthetic"]["counts_after"] = (real.class_counts() + added.class_counts()).tolist()
 
-    # 4. train from scratch on the originals + the variants
+    # 4. train from scratch on the originals + the variants (each weighted `synthetic_weight` in the loss)
+    weights = torch.cat([torch.ones(len(real)), torch.full((len(added),), opts.synthetic_weight)])
     result, metrics, spent = train_and_evaluate(concat(real, added) if len(added) else real, task, config,
-                                                workdir=workdir, progress=progress)
+                                                workdir=workdir, progress=progress, sample_weights=weights)
     seconds.update(spent)
     return RecipeResult(metrics=metrics, model=result.model, history=result.history, seconds=seconds, extra=extra,
                         synthetic=added if mode != "tada-upsample" and len(added) else None)
