@@ -134,8 +134,8 @@ def digits_task():
 
 
 def test_tada_targets_the_slow_learnable_set_and_shares_a_store(digits_task, tmp_path):
-    store = tmp_path / "store"
-    config = load_config(None, [*FAST, f"output_dir={tmp_path}", f"tada.store_dir={store}", "train.sam_rho=0.05"])
+    store = tmp_path / "store"  # the paper's k-means split (synthaug's default is the top 35%, tested below)
+    config = load_config(None, [*FAST, f"output_dir={tmp_path}", f"tada.store_dir={store}", "tada.share=null"])
     result = get_recipe("tada").run(digits_task, config, workdir=tmp_path / "tada")
     t, syn = result.extra["targeted"], result.extra["synthetic"]
     n = len(digits_task.train)
@@ -162,16 +162,18 @@ def test_tada_targets_the_slow_learnable_set_and_shares_a_store(digits_task, tmp
     assert rand.extra["synthetic"]["generated_now"] == 0
 
 
-def test_the_added_images_are_weighted_synthetic_weight_in_the_final_training(digits_task, tmp_path, monkeypatch):
+def test_by_default_the_top_35_percent_is_targeted_and_its_images_weighted_0_3(digits_task, tmp_path, monkeypatch):
     import synthaug.classify as classify
 
     seen, real_fit = [], classify.fit_classifier
     monkeypatch.setattr(classify, "fit_classifier", lambda train, cfg, **kw: seen.append(kw) or real_fit(train, cfg, **kw))
-    config = load_config(None, [*FAST, f"output_dir={tmp_path}", "tada.synthetic_weight=0.25"])
+    config = load_config(None, [*FAST, f"output_dir={tmp_path}"])  # the defaults: the top 35%, each added image 0.3
     result = get_recipe("tada-upsample").run(digits_task, config, workdir=tmp_path / "up")
+    n = len(digits_task.train)
+    assert result.extra["targeted"]["targeted"] == round(0.35 * n)
     added = result.extra["targeted"]["targeted"] * 2  # each targeted example twice (tada.variants=2)
-    assert seen[-1]["sample_weights"].tolist() == [1.0] * len(digits_task.train) + [0.25] * added
-    assert result.extra["targeted"]["synthetic_weight"] == 0.25
+    assert seen[-1]["sample_weights"].tolist() == pytest.approx([1.0] * n + [0.3] * added)
+    assert result.extra["targeted"]["synthetic_weight"] == 0.3
     with pytest.raises(SynthaugError, match="tada.synthetic_weight"):
         load_config(None, ["tada.synthetic_weight=0"])
 

@@ -2,10 +2,12 @@
 
 1. Train the classifier for a few epochs of its normal schedule.
 2. Score each training example by its loss at that point; k-means (k=2) on the losses
-   splits them into learned and slow-learnable (typically 30-40% of the data).
+   splits them into learned and slow-learnable (typically 30-40% of the data). synthaug's
+   default targets the top 35% of losses instead (`share`; unset it for the paper's k-means).
 3. Make `variants` image-guided variants of each slow-learnable example: noise the real
    image part of the way (SDEdit, about half the steps) and denoise it under its label.
-4. Train from scratch on the originals plus the variants (SGD or SAM, usual augmentation).
+4. Train from scratch on the originals plus the variants (SGD or SAM, usual augmentation),
+   each variant weighted `synthetic_weight` (default 0.3) in the loss.
 
 The paper's baselines are registered beside it: `tada-all` generates variants of every
 example, `tada-upsample` duplicates the slow-learnable examples instead of generating; and
@@ -58,11 +60,13 @@ class TadaSection:
     store_dir: str | None = None  # where the variants go (default: <run folder>/synthetic); tada, tada-all, tada-random
     # runs on the same split and generator can share one store (same row ids for the same examples)
     # the targeting (issue 21): losses averaged over the last `loss_epochs` early epochs; k-means within each
-    # class (`per_class`); or, with `share`, that share of the highest losses instead of k-means
+    # class (`per_class`); `share`: that share of the highest losses (None: the paper's k-means split)
     loss_epochs: int = 1
     per_class: bool = False
-    share: float | None = None
-    synthetic_weight: float = 1.0  # each added image's loss weight (real images: 1): item 1's lever on the variants
+    share: float | None = 0.35
+    # each added image's loss weight (real images: 1). The defaults, top 35% at weight 0.3, are the longtail
+    # suite's best TADA row on 10% of Fashion-MNIST (2 generator seeds; BENCHMARKS.md)
+    synthetic_weight: float = 0.3
 
     def __post_init__(self):
         from ..plan import strength_range
