@@ -125,3 +125,27 @@ def test_a_record_without_a_later_option_ran_at_its_former_value():
     recorded = {k: v for k, v in flatten(RunConfig().to_dict()).items() if k != "generator.min_snr_gamma"}
     assert config_changes(recorded, RunConfig()) == ["generator.min_snr_gamma: 0.0 -> 5.0"]
     assert config_changes(recorded, load_config(None, ["generator.min_snr_gamma=0"])) == []
+
+
+def test_a_recipe_section_s_defaults_count_only_for_the_runs_that_read_it():
+    """TADA's defaults moved (share None -> 0.35): a finished ce or SYNAuG run (whose report
+    baselines do not include a TADA recipe) is not "different" for it, a TADA run is. And a
+    TADA run recorded before `tada.share` and `tada.synthetic_weight` existed ran the paper's
+    k-means at weight 1 (the section's `ADDED`)."""
+    import synthaug.recipes  # noqa: F401  (registers which recipes read which section)
+    from synthaug.config import config_changes, flatten, unread_sections
+
+    def before(overrides):  # the record of a run made when tada.share defaulted to None
+        return {**flatten(load_config(None, overrides).to_dict()), "tada.share": None}
+
+    for recipe in ("ce", "synaug"):
+        assert "tada" in unread_sections(load_config(None, [f"recipe={recipe}"]))
+        assert config_changes(before([f"recipe={recipe}"]), load_config(None, [f"recipe={recipe}"])) == []
+    assert config_changes(before(["recipe=tada"]), load_config(None, ["recipe=tada"])) == ["tada.share: None -> 0.35"]
+    baseline = ["recipe=ce", "report.baselines=[tada-upsample]"]  # a baseline reads it: it counts
+    assert config_changes(before(baseline), load_config(None, baseline)) == ["tada.share: None -> 0.35"]
+    assert unread_sections(load_config(None, ["recipe=auto"])) == set()
+    older = {k: v for k, v in before(["recipe=tada"]).items() if k not in ("tada.share", "tada.synthetic_weight")}
+    assert config_changes(older, load_config(None, ["recipe=tada"])) == \
+        ["tada.share: None -> 0.35", "tada.synthetic_weight: 1.0 -> 0.3"]
+    assert config_changes(older, load_config(None, ["recipe=tada", "tada.share=null", "tada.synthetic_weight=1"])) == []

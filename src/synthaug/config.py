@@ -40,9 +40,24 @@ from .utils.registry import Registry
 SECTIONS: Registry[type] = Registry("config section")
 
 
+# a recipe section -> the recipes that read it (`register_recipe` fills it): a run's record does
+# not change when a section that neither its recipe nor its baselines read moves its defaults
+READERS: dict[str, set[str]] = {}
+
+
 def register_section(name: str):
     """Register a dataclass as the run config's section `name` (e.g. a recipe's options)."""
     return SECTIONS.register(name)
+
+
+def unread_sections(config: RunConfig) -> set[str]:
+    """The recipe sections that neither `config.recipe` nor its report's baselines read
+    (none for `recipe: auto`, which picks its recipe later)."""
+    if config.recipe == "auto":
+        return set()
+    runs = {config.recipe, *config.report.baselines}
+    return {name for name in SECTIONS.names() if name in READERS and not READERS[name] & runs}
+
 MAX_SEED = 2**31 - 1  # seeds are mixed with step counts before they reach torch's generators
 
 
@@ -436,13 +451,16 @@ def config_changes(recorded: dict, config: RunConfig, ignore=lambda key: False) 
     'train.lr: 0.05 -> 0.02' lines. A key the record lacks (an option added to synthaug since)
     counts only when it is not at the value synthaug had before it (its section's `ADDED`, else
     its default), so upgrading synthaug does not make finished runs "different", and a changed
-    default does."""
+    default does, in the sections the run reads (not in `unread_sections`)."""
+    unread = unread_sections(config)
+
     def plain(c):
-        return {k: v for k, v in json.loads(json.dumps(flatten(c.to_dict()), default=str)).items() if not ignore(k)}
+        return {k: v for k, v in json.loads(json.dumps(flatten(c.to_dict()), default=str)).items()
+                if not ignore(k) and k.split(".")[0] not in unread}
     now, defaults = plain(config), plain(RunConfig())
-    for section in dataclasses.fields(RunConfig):
-        for key, value in getattr(getattr(config, section.name, None), "ADDED", {}).items():
-            defaults[f"{section.name}.{key}"] = value
+    for section in [f.name for f in dataclasses.fields(RunConfig)] + SECTIONS.names():
+        for key, value in getattr(getattr(config, section, None), "ADDED", {}).items():
+            defaults[f"{section}.{key}"] = value
     recorded = json.loads(json.dumps(recorded, default=str))
     return [f"{k}: {recorded.get(k, defaults.get(k))!r} -> {v!r}" for k, v in now.items()
             if recorded.get(k, defaults.get(k)) != v]

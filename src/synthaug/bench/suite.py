@@ -34,7 +34,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import RunConfig, config_changes, flatten, load_config
+from ..config import RunConfig, config_changes, flatten, load_config, unread_sections
 from ..errors import SynthaugError
 from ..recipes import get_recipe
 from ..utils.keys import drop_former
@@ -292,8 +292,9 @@ def _location(key: str) -> bool:
 
 def settings_of(config: RunConfig) -> dict:
     """What a cell computes: its resolved config as flat dotted keys, without the places it
-    writes to (output folder, caches, store folders)."""
-    return {k: v for k, v in flatten(config.to_dict()).items() if not _location(k)}
+    writes to (output folder, caches, store folders) and the recipe sections it does not read."""
+    unread = unread_sections(config)
+    return {k: v for k, v in flatten(config.to_dict()).items() if not _location(k) and k.split(".")[0] not in unread}
 
 
 def fingerprint(config: RunConfig) -> str:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..classify.models import Classifier
+from ..config import READERS
 from ..data.dataset import ImageDataset
 from ..utils.registry import Registry
 
@@ -42,9 +43,12 @@ RECIPES: Registry[Recipe] = Registry("recipe")
 
 
 def register_recipe(name: str, description: str, check: Callable | None = None, report: Callable | None = None,
-                    shared_store: str | None = None, generates: bool | None = None, ssl: bool = False):
-    """`generates` defaults to whether the recipe has a store to share."""
+                    shared_store: str | None = None, generates: bool | None = None, ssl: bool = False,
+                    options: str | None = None):
+    """`generates` defaults to whether the recipe has a store to share; `options`, the config
+    section it reads, to its `shared_store` section, else the section named like the recipe."""
     generates = shared_store is not None if generates is None else generates
+    READERS.setdefault(options or shared_store or name, set()).add(name)
     return RECIPES.register(name, lambda fn: Recipe(name, description, fn, check, report, shared_store, generates, ssl))
 
 

@@ -22,6 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -53,6 +54,8 @@ class TadaSection:
 
     # a variant's image follows its example, variant index and strength: runs that target differently share a store
     IMAGE_KEYS = ("variants", "strength")
+    # options added since TADA's first release, with what it did before them (the paper's k-means, weight 1)
+    ADDED: ClassVar[dict[str, object]] = {"loss_epochs": 1, "per_class": False, "share": None, "synthetic_weight": 1.0}
 
     early_epochs: int = 3  # epochs of the normal schedule run before each example's loss is scored
     variants: int = 5  # image-guided variants per targeted example (the paper: 5 on CIFAR)
