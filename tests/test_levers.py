@@ -1,6 +1,6 @@
 """Issue 21's levers, each shown to do what it says on data with a known answer (a mutation
 that disables one fails here): DiffuLT's distance filter and band, prototype cleaning, the
-synthetic loss weight and the real-replay control of SYNAuG, deferred re-weighting, and the
+synthetic loss weight, the real-replay control and the replay share of SYNAuG, deferred re-weighting, and the
 generator's tail levers (class sampling, Min-SNR weighting, CBDM's regulariser, the EMA's
 half-life)."""
 
@@ -13,8 +13,9 @@ from conftest import make_dataset
 import synthaug.recipes.synaug as synaug_module
 from synthaug.classify import TrainConfig, fit_classifier
 from synthaug.config import load_config
-from synthaug.data import LoadedDataset
+from synthaug.data import ImageDataset, LoadedDataset
 from synthaug.errors import SynthaugError
+from synthaug.plan import balance_plan
 from synthaug.recipes import get_recipe
 from synthaug.select.filters import Candidates, centre_distances, get_selector, prototype_margins
 from synthaug.task import make_task
@@ -82,6 +83,64 @@ def test_replay_adds_real_copies_in_the_plans_counts_and_weights_them(data, tmp_
     assert weights[: len(real)].eq(1).all() and torch.allclose(weights[len(real):], torch.tensor(0.3))
     assert len(weights) == len(seen["train"]) == len(real) + sum(deficits)
     assert result.extra["synthetic"]["replay"] and "generator" not in result.seconds
+
+
+def test_split_replay_gives_each_cell_its_share_and_keeps_the_generated_rows_ids():
+    plan = balance_plan(make_dataset((20, 10, 4)), seed=0)  # cells of 10 and 16 rows
+    replayed, generated = synaug_module.split_replay(plan, 0.5)
+    assert [sum(r["label"] == c for r in replayed) for c in range(3)] == [0, 5, 8]
+    assert {r["id"] for r in replayed} | {r["id"] for r in generated} == {r["id"] for r in plan}
+    assert not {r["id"] for r in replayed} & {r["id"] for r in generated}
+    assert synaug_module.split_replay(plan, 0) == ([], plan) and synaug_module.split_replay(plan, 1) == (plan, [])
+
+
+def test_replay_share_fills_part_of_each_cell_with_real_copies_and_generates_the_rest(data, tmp_path, monkeypatch):
+    """A stand-in generator marks its images (all 255): the share of each cell drawn again
+    is real, the rest is asked of the generator (its rows only) and weighted like it."""
+    asked, seen = {}, {}
+
+    def fake_generator_stage(real, config, **kwargs):
+        return type("G", (), {"config": type("C", (), {"num_groups": 0})()})(), {"seconds": 0.0}
+
+    def fake_select_stage(plan, generator, config, store_dir, real, **kwargs):
+        asked["ids"] = [r["id"] for r in plan]
+        images = torch.full((len(plan), *real.images.shape[1:]), 255, dtype=torch.uint8)
+        made = ImageDataset(images, torch.tensor([r["label"] for r in plan]), real.classes)
+        return made, {"images": len(plan), "generated_now": len(plan), "seconds": 0.0}
+
+    real_fit = synaug_module.fit_classifier
+
+    def spy(train, cfg, **kwargs):
+        seen["weights"] = kwargs["sample_weights"]
+        return real_fit(train, cfg, **kwargs)
+
+    monkeypatch.setattr(synaug_module, "generator_stage", fake_generator_stage)
+    monkeypatch.setattr(synaug_module, "select_stage", fake_select_stage)
+    monkeypatch.setattr(synaug_module, "fit_classifier", spy)
+    config = load_config(None, [*FAST, "synaug.replay_share=0.5", "synaug.synthetic_weight=0.3", f"output_dir={tmp_path}"])
+    task = make_task(data, config.split)
+    result = get_recipe("synaug").run(task, config, workdir=tmp_path / "run")
+    plan = balance_plan(task.train, seed=config.generator.plan_seed)
+    replayed_rows, generated_rows = synaug_module.split_replay(plan, 0.5)
+    assert asked["ids"] == [r["id"] for r in generated_rows]  # the generator is asked for its share only
+    added = result.synthetic
+    marked = added.images.flatten(1).eq(255).all(1)
+    deficits = (task.train.class_counts().max() - task.train.class_counts()).tolist()
+    assert added.class_counts().tolist() == deficits  # the plan's counts in all
+    for c in range(3):
+        in_class = added.labels == c
+        assert int((in_class & ~marked).sum()) == sum(r["label"] == c for r in replayed_rows) == round(deficits[c] / 2)
+    pool = {bytes(im.numpy().tobytes()) for im in task.train.images}
+    assert all(bytes(im.numpy().tobytes()) in pool for im in added.images[~marked])  # real copies
+    assert torch.allclose(seen["weights"][len(task.train):], torch.tensor(0.3))
+    assert result.extra["synthetic"]["replayed"] == len(replayed_rows) and not result.extra["synthetic"].get("replay")
+
+
+def test_replay_share_is_checked():
+    with pytest.raises(SynthaugError, match="synaug.replay_share"):
+        load_config(None, ["synaug.replay_share=1.5"])
+    with pytest.raises(SynthaugError, match="replay=true already"):
+        load_config(None, ["synaug.replay=true", "synaug.replay_share=0.5"])
 
 
 def test_synthetic_weight_is_checked():

@@ -203,7 +203,7 @@ def result_row(suite: Suite, cell: Cell, metrics: dict, run_dir: Path, out: Path
         "seconds": metrics.get("seconds", {}), "wall_seconds": wall,
         # a replay control's images are real ones drawn again: none generated, none costed
         "images_generated": 0 if synthetic.get("replay") else synthetic.get("images", 0),
-        "images_replayed": synthetic.get("images", 0) if synthetic.get("replay") else 0,
+        "images_replayed": synthetic.get("images", 0) if synthetic.get("replay") else synthetic.get("replayed", 0),
         "generated_now": synthetic.get("generated_now", 0),
         # the generator (by fingerprint) and, in the cell that trained it, its training time
         "generator": Path(generator["path"]).name if generator.get("path") else None,

@@ -14,7 +14,9 @@ How the synthetic images are used (issue 21's levers): `synthetic_weight` scales
 `target_per_class` sets the volume (above the largest class it over-fills the head too);
 `replay: true` is the control that puts real images, drawn again from each cell, in place
 of the generated ones (same counts, same training): a gain that replay matches is "more
-steps on the tail", not the generator's.
+steps on the tail", not the generator's. `replay_share` fills that share of each cell with
+real images drawn again and the rest with generated ones, so generated images can add to
+replay rather than replace it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -45,6 +48,7 @@ class SynaugSection:
     """SYNAuG: uniformize with generated images, domain mixup, head re-fit on real data."""
 
     IMAGE_KEYS = ("target_per_class", "balance_groups")  # the options that change the generated images
+    ADDED: ClassVar[dict[str, object]] = {"replay_share": 0.0}  # options added since, at their former values
 
     target_per_class: int | None = None  # images per class after filling (default: the largest class)
     balance_groups: bool = True  # with groups: fill every (class, group) cell
@@ -57,6 +61,7 @@ class SynaugSection:
     # same generator and plan can share one store
     synthetic_weight: float = 1.0  # each synthetic image's loss weight (real images: 1)
     replay: bool = False  # the real-replay control: real images drawn again in place of generated ones
+    replay_share: float = 0.0  # the share of each cell's fill drawn again from its real images, the rest generated
 
     def __post_init__(self):
         from ..classify.train import check_per_class
@@ -66,6 +71,11 @@ class SynaugSection:
             raise SynthaugError("synaug.mix_alpha must be > 0 and synaug.mix_prob in [0, 1]")
         if not 0 < self.synthetic_weight < float("inf"):
             raise SynthaugError(f"synaug.synthetic_weight must be a finite number > 0, got {self.synthetic_weight}")
+        if not 0 <= self.replay_share <= 1:
+            raise SynthaugError(f"synaug.replay_share must be in [0, 1] (0: all generated), got {self.replay_share}")
+        if self.replay and self.replay_share:
+            raise SynthaugError("synaug.replay=true already fills every cell with real images: "
+                                "leave synaug.replay_share at 0, or set replay_share alone for a mix")
         if self.target_per_class is not None and self.target_per_class < 1:
             raise SynthaugError("synaug.target_per_class must be >= 1 (or unset: the largest class)")
         check_folder(self.store_dir, "synaug.store_dir")
@@ -78,8 +88,19 @@ def check(task, config):
     if by_group and config.synaug.refit_head and config.synaug.refit_per_class == "all":
         raise SynthaugError("synaug.refit_per_class=all re-fits the head on the real data as it is, where the group "
                             "predicts the class: use 'min' or a number (each (class, group) cell cut to that count)")
-    if not config.synaug.replay:
+    if not config.synaug.replay and config.synaug.replay_share < 1:
         check_generator(config.generator, task.train)
+
+
+def split_replay(plan: list[dict], share: float) -> tuple[list[dict], list[dict]]:
+    """The plan's rows to fill with real images drawn again and the rows to generate: in each
+    (class, group) cell the first round(share x its rows) rows are replayed, so every cell gets
+    the same mix and the generated rows keep their ids (a store filled for the whole plan serves)."""
+    cells: dict[tuple, list[dict]] = {}
+    for row in plan:
+        cells.setdefault((row["label"], row.get("group")), []).append(row)
+    replayed = {row["id"] for rows in cells.values() for row in rows[:round(share * len(rows))]}
+    return [r for r in plan if r["id"] in replayed], [r for r in plan if r["id"] not in replayed]
 
 
 def replay(real, plan: list[dict]):
@@ -107,9 +128,11 @@ def synaug(task, config, *, workdir=None, progress=False, trained=None) -> Recip
 
     # 1. generator (trained on the real training split, or cached / given), plan, generate
     plan = balance_plan(real, target_per_class=opts.target_per_class, by_group=by_group, seed=config.generator.plan_seed)
-    if opts.replay:  # the control: the plan's counts filled with real images drawn again
-        synthetic, generator_info = replay(real, plan), {"source": "none: real replay"}
+    to_replay, to_generate = (plan, []) if opts.replay else split_replay(plan, opts.replay_share)
+    if to_replay and not to_generate:  # the control: the plan's counts filled with real images drawn again
+        synthetic, generator_info = replay(real, to_replay), {"source": "none: real replay"}
         synthetic_info = {"images": len(synthetic), "generated_now": 0, "replay": True}
+        generated = synthetic
     else:
         generator, generator_info = generator_stage(real, config, progress=progress, unlabeled=task.unlabeled)
         seconds["generator"] = generator_info.pop("seconds")
@@ -117,8 +140,10 @@ def synaug(task, config, *, workdir=None, progress=False, trained=None) -> Recip
             raise SynthaugError("the generator is not conditioned on groups: train one on this split or set "
                                 "synaug.balance_groups=false")
         store_dir = Path(opts.store_dir) if opts.store_dir else workdir / "synthetic"
-        synthetic, synthetic_info = select_stage(plan, generator, config, store_dir, real, progress=progress)
+        generated, synthetic_info = select_stage(to_generate, generator, config, store_dir, real, progress=progress)
         seconds["generate"] = synthetic_info.pop("seconds")
+        synthetic = concat(replay(real, to_replay), generated) if to_replay else generated
+        synthetic_info["replayed"] = len(to_replay)
 
     # 2. train on real + synthetic, with mixup between a real and a synthetic image
     data = concat(real, synthetic) if len(synthetic) else real
@@ -146,10 +171,10 @@ def synaug(task, config, *, workdir=None, progress=False, trained=None) -> Recip
     seconds["evaluate"] = time.perf_counter() - t0
     # memorisation check: are synthetic images as far from the training images as fresh real ones?
     heldout = task.val if task.val is not None else task.test
-    memorization = memorization_ratio(synthetic, real, heldout) if len(synthetic) else None
+    memorization = memorization_ratio(generated, real, heldout) if len(generated) else None
     extra = {
         "memorization": memorization,
-        "diversity_ratio": diversity_ratio(synthetic, real) if len(synthetic) else None,
+        "diversity_ratio": diversity_ratio(generated, real) if len(generated) else None,
         "generator": generator_info,
         "synthetic": {**synthetic_info, "counts_after": data.class_counts().tolist()},
     }
