@@ -152,6 +152,9 @@ def test_a_replay_control_costs_no_generation_and_is_not_a_classical_baseline(tm
     assert cost["ldmlr"]["total"] == 60.0 + 1.0 + 20.0
     summary = setting_summary(made + replay + plain, None)
     assert summary["classical"] == ["ce"] and summary["controls"] == ["real replay"]
+    # half replayed, half generated (synaug.replay_share) is a generative recipe, not a control
+    mixed = [dict(r, recipe="half replay", images_generated=50, images_replayed=50) for r in replay]
+    assert setting_summary(made + replay + mixed + plain, None)["controls"] == ["real replay"]
     # the oracle's gap is closed by generated images, never by the replay control, however high it scores
     oracle = [_row("oracle", s, 1.0) for s in range(2)]
     replay = [dict(r, metrics={"balanced_accuracy": 0.95}) for r in replay]

@@ -265,8 +265,11 @@ def _summary(metrics: dict, rows: dict[str, dict]) -> str:
             if gap > 0:
                 text += f" Oracle {pct(rows['oracle']['balanced_accuracy'])}%: {100 * (ours - baselines[best]['balanced_accuracy']) / gap:.0f}% of the gap closed."
     syn = metrics.get("synthetic")
-    if syn:
-        text += f" {syn['images']} synthetic images."
+    if syn and syn.get("replay"):
+        text += f" {syn['images']} real images drawn again (the replay control), none generated."
+    elif syn:
+        text += f" {syn['images']} synthetic images" + (
+            f" and {syn['replayed']} real images drawn again (synaug.replay_share)." if syn.get("replayed") else ".")
     if metrics.get("auto"):
         text += f"<br>Chosen by <code>recipe: auto</code>: {html.escape(metrics['auto']['why'])}."
     return text

@@ -83,7 +83,9 @@ def setting_summary(rows: list[dict], setting) -> dict:
     metric = setting.metric if setting else rows[0]["metric"]
     recipes = list(dict.fromkeys([*(setting.recipes if setting else []), *(r["recipe"] for r in rows)]))
     recipes = [r for r in recipes if any(row["recipe"] == r for row in rows)]
-    controls = [r for r in recipes if any(row.get("images_replayed") for row in rows if row["recipe"] == r)]
+    # a control adds only real images drawn again; a recipe that also generates (synaug.replay_share) is not one
+    controls = [r for r in recipes if any(row.get("images_replayed") and not row["images_generated"]
+                                          for row in rows if row["recipe"] == r)]
     classical = setting.classical if setting else [r for r in recipes if not any(
         row["images_generated"] for row in rows if row["recipe"] == r) and r not in (*controls, "oracle")]
     scores = {r: by_seed([row for row in rows if row["recipe"] == r], metric) for r in recipes}
