@@ -41,6 +41,14 @@ def row_seed(plan_seed: int, row_id: str) -> int:
     return int(hashlib.sha256(f"{plan_seed}:{row_id}".encode()).hexdigest()[:8], 16)
 
 
+def plan_cells(plan: list[dict]) -> dict[tuple, list[dict]]:
+    """The plan's rows by (class, group) cell, each cell's rows in plan order."""
+    cells: dict[tuple, list[dict]] = {}
+    for row in plan:
+        cells.setdefault((row["label"], row.get("group")), []).append(row)
+    return cells
+
+
 def balance_plan(data: ImageDataset, *, target_per_class: int | None = None, by_group: bool = False,
                  seed: int = 0, recipe: str = "synaug") -> list[dict]:
     """SYNAuG's uniformizing plan: for every class (or every (class, group) cell with

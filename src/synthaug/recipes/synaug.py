@@ -35,7 +35,7 @@ from ..data import concat
 from ..errors import SynthaugError
 from ..generate.cache import check_generator
 from ..generate.stage import generator_stage
-from ..plan import balance_plan
+from ..plan import balance_plan, plan_cells
 from ..select.metrics import diversity_ratio, memorization_ratio
 from ..select.stage import select_stage
 from ..utils.paths import check_folder
@@ -96,10 +96,7 @@ def split_replay(plan: list[dict], share: float) -> tuple[list[dict], list[dict]
     """The plan's rows to fill with real images drawn again and the rows to generate: in each
     (class, group) cell the first round(share x its rows) rows are replayed, so every cell gets
     the same mix and the generated rows keep their ids (a store filled for the whole plan serves)."""
-    cells: dict[tuple, list[dict]] = {}
-    for row in plan:
-        cells.setdefault((row["label"], row.get("group")), []).append(row)
-    replayed = {row["id"] for rows in cells.values() for row in rows[:round(share * len(rows))]}
+    replayed = {row["id"] for rows in plan_cells(plan).values() for row in rows[:round(share * len(rows))]}
     return [r for r in plan if r["id"] in replayed], [r for r in plan if r["id"] not in replayed]
 
 
@@ -129,7 +126,7 @@ def synaug(task, config, *, workdir=None, progress=False, trained=None) -> Recip
     # 1. generator (trained on the real training split, or cached / given), plan, generate
     plan = balance_plan(real, target_per_class=opts.target_per_class, by_group=by_group, seed=config.generator.plan_seed)
     to_replay, to_generate = (plan, []) if opts.replay else split_replay(plan, opts.replay_share)
-    if to_replay and not to_generate:  # the control: the plan's counts filled with real images drawn again
+    if opts.replay or not to_generate and to_replay:  # the control: the plan's counts filled with real images drawn again
         synthetic, generator_info = replay(real, to_replay), {"source": "none: real replay"}
         synthetic_info = {"images": len(synthetic), "generated_now": 0, "replay": True}
         generated = synthetic

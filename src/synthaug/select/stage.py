@@ -29,7 +29,7 @@ from ..classify.models import Classifier
 from ..data.dataset import ImageDataset
 from ..errors import SynthaugError
 from ..generate.stage import generate_stage
-from ..plan import row_seed
+from ..plan import plan_cells, row_seed
 from ..store import SyntheticStore
 from ..utils.io import atomic_write_json
 from ..utils.keys import key_dict
@@ -45,11 +45,8 @@ def overgenerate_plan(plan: list[dict], factor: float) -> list[dict]:
     their ids, so a store filled without selection is reused."""
     if factor < 1:
         raise SynthaugError(f"select.overgenerate must be >= 1, got {factor}")
-    cells: dict[tuple, list[dict]] = {}
-    for row in plan:
-        cells.setdefault((row["label"], row.get("group")), []).append(row)
     out = list(plan)
-    for rows in cells.values():
+    for rows in plan_cells(plan).values():
         for n in range(len(rows), math.ceil(round(factor * len(rows), 9))):
             row, j = rows[n % len(rows)], n // len(rows)
             copy_id = f"{row['id']}~{j}"
