@@ -75,6 +75,7 @@ def test_accelerate_with_two_cpu_processes(setup, local_store, tmp_path):
     check_same_images(store, local_store, plan)
 
 
+@pytest.mark.slow  # Ray is an optional extra, and starting it takes most of a minute on 2 CPU cores
 def test_ray_with_two_workers_one_killed(setup, local_store, tmp_path):
     ray = pytest.importorskip("ray")
     ds, gen, plan, _ = setup

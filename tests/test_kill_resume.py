@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from synthaug.utils.io import load_state
 
@@ -56,6 +57,8 @@ def test_kill_during_generator_training(tmp_path):
     assert metrics["generator"]["source"] == "trained"
 
 
+# slow (three start-ups of torch): the damaged-store test below kills during generation and resumes too
+@pytest.mark.slow
 def test_kill_during_generation(tmp_path):
     extra = ["-s", "generator.steps=2", "-s", "generator.sampling_batch_size=8"]
     proc = start(tmp_path, *extra)

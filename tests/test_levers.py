@@ -66,16 +66,18 @@ def test_replay_adds_real_copies_in_the_plans_counts_and_weights_them(data, tmp_
     real_fit = synaug_module.fit_classifier
 
     def spy(train, cfg, **kwargs):
-        seen["train"], seen["weights"] = train, kwargs["sample_weights"]
+        seen["train"], seen["weights"], seen["augment"] = train, kwargs["sample_weights"], kwargs["synthetic_augment"]
         return real_fit(train, cfg, **kwargs)
 
     monkeypatch.setattr(synaug_module, "fit_classifier", spy)
-    config = load_config(None, [*FAST, "synaug.replay=true", "synaug.synthetic_weight=0.3", f"output_dir={tmp_path}"])
+    config = load_config(None, [*FAST, "synaug.replay=true", "synaug.synthetic_weight=0.3", "synaug.synthetic_augment=crop",
+                                f"output_dir={tmp_path}"])
     task = make_task(data, config.split)
     result = get_recipe("synaug").run(task, config, workdir=tmp_path / "run")
     real = task.train
     deficits = (real.class_counts().max() - real.class_counts()).tolist()
-    replayed = result.synthetic
+    replayed = result.replayed
+    assert result.synthetic is None  # nothing generated: the report shows no generated samples
     assert replayed.class_counts().tolist() == deficits  # the plan's counts, no generator involved
     pool = {bytes(im.numpy().tobytes()): int(label) for im, label in zip(real.images, real.labels)}
     assert all(pool.get(bytes(im.numpy().tobytes())) == int(label) for im, label in zip(replayed.images, replayed.labels))
@@ -83,6 +85,25 @@ def test_replay_adds_real_copies_in_the_plans_counts_and_weights_them(data, tmp_
     assert weights[: len(real)].eq(1).all() and torch.allclose(weights[len(real):], torch.tensor(0.3))
     assert len(weights) == len(seen["train"]) == len(real) + sum(deficits)
     assert result.extra["synthetic"]["replay"] and "generator" not in result.seconds
+    assert seen["augment"] == "crop"  # the added images' own augmentation, passed on
+
+
+@pytest.mark.parametrize("real_spec, synthetic_spec", [("cutout", "none"), ("none", "cutout")])
+def test_synthetic_augment_gives_the_synthetic_images_their_own_augmentation(monkeypatch, real_spec, synthetic_spec):
+    """Real images are black, synthetic ones white: each augmentation sees its domain's images only."""
+    from synthaug.classify.train import Augmentation
+
+    seen = []
+    original = Augmentation.__call__
+    monkeypatch.setattr(Augmentation, "__call__", lambda self, x: seen.append(x.clone()) or original(self, x))
+    ds = make_dataset((12, 12))
+    domains = torch.arange(len(ds)) % 3 == 0
+    ds.images[:] = torch.where(domains[:, None, None, None], 255, 0).to(torch.uint8)
+    fit_classifier(ds, TrainConfig(epochs=2, batch_size=8, augment=real_spec), domains=domains,
+                   synthetic_augment=synthetic_spec)
+    augmented = torch.cat(seen)
+    assert len(augmented) == 2 * int((domains if synthetic_spec != "none" else ~domains).sum())  # every draw, once
+    assert augmented.eq(255 if synthetic_spec != "none" else 0).all()
 
 
 def test_split_replay_gives_each_cell_its_share_and_keeps_the_generated_rows_ids():
@@ -123,24 +144,26 @@ def test_replay_share_fills_part_of_each_cell_with_real_copies_and_generates_the
     plan = balance_plan(task.train, seed=config.generator.plan_seed)
     replayed_rows, generated_rows = synaug_module.split_replay(plan, 0.5)
     assert asked["ids"] == [r["id"] for r in generated_rows]  # the generator is asked for its share only
-    added = result.synthetic
-    marked = added.images.flatten(1).eq(255).all(1)
+    generated, replayed = result.synthetic, result.replayed
+    assert generated.images.flatten(1).eq(255).all()  # the report's synthetic images: the generator's only
     deficits = (task.train.class_counts().max() - task.train.class_counts()).tolist()
-    assert added.class_counts().tolist() == deficits  # the plan's counts in all
+    assert (generated.class_counts() + replayed.class_counts()).tolist() == deficits  # the plan's counts in all
     for c in range(3):
-        in_class = added.labels == c
-        assert int((in_class & ~marked).sum()) == sum(r["label"] == c for r in replayed_rows) == round(deficits[c] / 2)
+        assert int((replayed.labels == c).sum()) == sum(r["label"] == c for r in replayed_rows) == round(deficits[c] / 2)
     pool = {bytes(im.numpy().tobytes()) for im in task.train.images}
-    assert all(bytes(im.numpy().tobytes()) in pool for im in added.images[~marked])  # real copies
+    assert all(bytes(im.numpy().tobytes()) in pool for im in replayed.images)  # real copies
+    assert len(seen["weights"]) == len(task.train) + sum(deficits)  # both trained on
     assert torch.allclose(seen["weights"][len(task.train):], torch.tensor(0.3))
     assert result.extra["synthetic"]["replayed"] == len(replayed_rows) and not result.extra["synthetic"].get("replay")
 
 
-def test_replay_share_is_checked():
+def test_replay_share_and_synthetic_augment_are_checked():
     with pytest.raises(SynthaugError, match="synaug.replay_share"):
         load_config(None, ["synaug.replay_share=1.5"])
     with pytest.raises(SynthaugError, match="replay=true already"):
         load_config(None, ["synaug.replay=true", "synaug.replay_share=0.5"])
+    with pytest.raises(SynthaugError, match="synaug.synthetic_augment: unknown augmentation 'blur'"):
+        load_config(None, ["synaug.synthetic_augment=crop+blur"])
 
 
 def test_synthetic_weight_is_checked():
@@ -465,3 +488,25 @@ def test_each_tail_lever_names_another_generator_and_the_former_values_keep_the_
     # today's default (Min-SNR 5) is a lever: its generators are named apart from the former plain-loss ones
     assert generator_fingerprint(ds, load_config(None, []).generator, 0) == generator_fingerprint(
         ds, load_config(None, former + ["generator.min_snr_gamma=5"]).generator, 0)
+
+
+def test_the_report_counts_replayed_images_apart_and_never_shows_them_as_generated(tmp_path, monkeypatch):
+    """The replay control's report: its added images stacked as "real, drawn again" in the
+    counts plot, none among the generator's samples (there are none)."""
+    import sys
+
+    import synthaug.report as report
+    from synthaug.cli import main
+
+    seen = {}
+    counts, grid = report.counts_plot, report.sample_grid
+    monkeypatch.setattr(report, "counts_plot", lambda *a: seen.setdefault("counts", a) and counts(*a))
+    monkeypatch.setattr(report, "sample_grid", lambda *a: seen.setdefault("grid", a) and grid(*a))
+    args = ["synthaug", "run", "--quiet", "-s", "data.dataset=digits", "-s", "split.ratio=10", "-s", f"output_dir={tmp_path}",
+            "-s", "report.baselines=ce", "-s", "synaug.replay=true",
+            *[a for kv in FAST if not kv.startswith("split.") for a in ("-s", kv)]]
+    monkeypatch.setattr(sys, "argv", args)
+    main()
+    _, real_counts, synthetic_counts, replayed_counts = seen["counts"]
+    assert not any(synthetic_counts) and seen["grid"][2] is None
+    assert [r + a for r, a in zip(real_counts, replayed_counts)] == [max(real_counts)] * len(real_counts)

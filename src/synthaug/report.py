@@ -53,11 +53,16 @@ def metrics_table(rows: dict[str, dict], recipe: str) -> str:
     return "".join(out) + "</table>"
 
 
-def counts_plot(classes, real_counts, synthetic_counts) -> str:
+def counts_plot(classes, real_counts, synthetic_counts, replayed_counts=None) -> str:
+    """Training images per class: real, then real drawn again (replay), then synthetic, stacked."""
     fig, ax = subplots(figsize=(max(6, 0.6 * len(classes)), 3.2))
     x = range(len(classes))
     ax.bar(x, real_counts, label="real", color="#4c72b0")
-    ax.bar(x, synthetic_counts, bottom=real_counts, label="synthetic", color="#dd8452")
+    bottom = list(real_counts)
+    if replayed_counts is not None and any(replayed_counts):
+        ax.bar(x, replayed_counts, bottom=bottom, label="real, drawn again", color="#8fb3de")
+        bottom = [a + b for a, b in zip(bottom, replayed_counts)]
+    ax.bar(x, synthetic_counts, bottom=bottom, label="synthetic", color="#dd8452")
     ax.set_xticks(list(x), classes, rotation=45, ha="right")
     ax.set_ylabel("training images")
     ax.legend()
@@ -187,15 +192,16 @@ def literal_text():
 
 
 def write_report(path: str | Path, metrics: dict, real: ImageDataset, synthetic: ImageDataset | None,
-                 config_yaml: str, recipe_sections=None) -> Path:
+                 config_yaml: str, recipe_sections=None, *, replayed: ImageDataset | None = None) -> Path:
     """Write the run's report.html; `recipe_sections()`: the recipe's own sections (HTML, its
-    `report`), placed after the shared ones."""
+    `report`), placed after the shared ones; `replayed`: real images drawn again and trained on
+    (shown in the counts, never as samples of the generator)."""
     with literal_text():
         sections = [recipe_sections()] if recipe_sections is not None else []
-        return _write_report(path, metrics, real, synthetic, config_yaml, sections)
+        return _write_report(path, metrics, real, synthetic, config_yaml, sections, replayed)
 
 
-def _write_report(path, metrics, real, synthetic, config_yaml, sections) -> Path:
+def _write_report(path, metrics, real, synthetic, config_yaml, sections, replayed=None) -> Path:
     recipe = metrics["recipe"]
     rows = {recipe: metrics["test"], **{k: v["test"] for k, v in metrics.get("baselines", {}).items()}}
     classes = real.classes
@@ -206,8 +212,9 @@ def _write_report(path, metrics, real, synthetic, config_yaml, sections) -> Path
     synthetic_counts = [0] * len(classes)
     if synthetic is not None and len(synthetic):
         synthetic_counts = synthetic.class_counts().tolist()
+    replayed_counts = replayed.class_counts().tolist() if replayed is not None and len(replayed) else None
     parts.append("<h2>Training images per class, before and after</h2>"
-                 + counts_plot(classes, real.class_counts().tolist(), synthetic_counts))
+                 + counts_plot(classes, real.class_counts().tolist(), synthetic_counts, replayed_counts))
     parts.append("<h2>Real and synthetic samples</h2>" + sample_grid(classes, real, synthetic))
     memo = metrics.get("memorization")
     if memo and memo.get("per_class"):

@@ -226,7 +226,8 @@ def train_run(config: RunConfig, *, progress: bool = True, force: bool = False, 
         from .report import write_report
 
         sections = (lambda: recipe.report(result, task.train)) if recipe.report is not None else None
-        write_report(run_dir / "report.html", metrics, task.train, result.synthetic, dump_config(config), sections)
+        write_report(run_dir / "report.html", metrics, task.train, result.synthetic, dump_config(config), sections,
+                     replayed=result.replayed)
     for leftover in ("checkpoint", "cas-checkpoint"):
         shutil.rmtree(run_dir / leftover, ignore_errors=True)
     return run_dir, metrics

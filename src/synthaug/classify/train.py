@@ -92,11 +92,8 @@ class TrainConfig:
 
     def __post_init__(self):
         check_choices(self, "train.")
-        for spec in (self.augment, self.ssl_weak, self.ssl_strong):
-            for part in spec.split("+"):
-                if part not in AUGMENTATIONS:
-                    raise SynthaugError(f"unknown augmentation '{part}': use '+'-joined names from "
-                                        f"{', '.join(AUGMENTATIONS)}")
+        for name in ("augment", "ssl_weak", "ssl_strong"):
+            check_augmentation(getattr(self, name), f"train.{name}")
         if self.epochs < 1 or self.batch_size < 1 or self.refit_epochs < 1 or (self.steps is not None and self.steps < 1):
             raise SynthaugError("train.epochs, train.steps, train.batch_size and train.refit_epochs must be >= 1")
         if self.mix_alpha <= 0:
@@ -126,6 +123,14 @@ class TrainConfig:
             raise SynthaugError("train.momentum must be in [0, 1), train.weight_decay, warmup_epochs and tau >= 0")
         check_per_class(self.refit_per_class, "train.refit_per_class")
         check_device(self.device, "train.device")
+
+
+def check_augmentation(spec: str, key: str):
+    """Fail on an augmentation spec with a part that is not one of AUGMENTATIONS."""
+    for part in spec.split("+"):
+        if part not in AUGMENTATIONS:
+            raise SynthaugError(f"{key}: unknown augmentation '{part}': use '+'-joined names from "
+                                f"{', '.join(AUGMENTATIONS)}")
 
 
 def check_per_class(value, key: str):
@@ -201,6 +206,18 @@ def cutout(x: torch.Tensor) -> torch.Tensor:
 
 def per_image(transform):
     return lambda x: torch.stack([transform(image) for image in x]) if len(x) else x
+
+
+def by_domain(real: Augmentation | None, synthetic: Augmentation | None):
+    """augment(x, domains): each image of a uint8 batch through its domain's augmentation
+    (0 real, 1 synthetic; None leaves it as it is)."""
+    def augment(x: torch.Tensor, domains: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        for transform, mask in ((real, domains == 0), (synthetic, domains != 0)):
+            if transform is not None and bool(mask.any()):
+                x[mask] = transform(x[mask])
+        return x
+    return augment
 
 
 def build_augmentation(spec: str, image_size: tuple[int, int]) -> Augmentation | None:
@@ -309,6 +326,7 @@ def fit_classifier(
     seed: int = 0,
     sample_weights: torch.Tensor | None = None,
     domains: torch.Tensor | None = None,
+    synthetic_augment: str | None = None,
     unlabeled: ImageDataset | None = None,
     monitor: ImageDataset | None = None,
     monitor_every: int = 0,
@@ -322,7 +340,8 @@ def fit_classifier(
     checkpoint: the model as it is a few epochs into its normal training).
 
     `sample_weights` scale each image's loss; `domains` (0 real, 1 synthetic) pair real with
-    synthetic images when `mix="domain-mixup"`.
+    synthetic images when `mix="domain-mixup"`; `synthetic_augment` (a spec like `cfg.augment`)
+    augments the synthetic images in its place (AdaInf: generated images want weaker augmentation).
 
     With `cfg.ssl`, each step also trains on `ssl_mu` x `batch_size` images of `unlabeled`
     (FixMatch's consistency loss, `ssl.py`); an epoch is then one pass over the pool, the
@@ -356,6 +375,11 @@ def fit_classifier(
         inverse = 1.0 / torch.bincount(cells).float()[cells]
         weights = weights * inverse / inverse.mean()
     augment = build_augmentation(cfg.augment, train.image_size)
+    if synthetic_augment is not None:  # augment(x, domains): each image through its domain's augmentation
+        check_augmentation(synthetic_augment, "synthetic_augment")
+        augment = by_domain(augment, build_augmentation(synthetic_augment, train.image_size))
+    elif augment is not None:
+        augment = lambda x, domains, one=augment: one(x)  # noqa: E731
     pool_batch = cfg.ssl_mu * cfg.batch_size
     steps_per_epoch = math.ceil(len(unlabeled) / pool_batch) if ssl else math.ceil(len(train) / cfg.batch_size)
     if cfg.steps is not None:
@@ -402,6 +426,8 @@ def fit_classifier(
     key = {"config": key_dict(cfg), "seed": seed, "data": train.fingerprint(), "extras": extras}
     if ssl:
         key["unlabeled"] = unlabeled.fingerprint()
+    if synthetic_augment is not None:
+        key["synthetic_augment"] = synthetic_augment
     if monitor is not None and monitor_every:
         key["monitor"] = [monitor.fingerprint(), monitor_every]
     key["config"]["precision"] = str(dtype or torch.float32)  # what "auto" is here
@@ -455,7 +481,7 @@ def fit_classifier(
                 labelled, pool_batches = batches(draw(), cfg.batch_size), itertools.repeat(None)
             for idx, pool_idx in zip(labelled, pool_batches):
                 x, y, w, dom = train.images[idx], train.labels[idx], weights[idx], domains[idx]
-                x = x if augment is None else augment(x)
+                x = x if augment is None else augment(x, dom)
                 x, y, w = to_device(x), y.to(device), w.to(device)
                 targets = F.one_hot(y, train.num_classes).float()
                 if cfg.label_smoothing:

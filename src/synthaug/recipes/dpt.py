@@ -209,4 +209,5 @@ def dpt(task, config, *, workdir=None, progress=False, trained=None) -> RecipeRe
         "synthetic": {**synthetic_info, "counts_after": data.class_counts().tolist()},
     }
     return RecipeResult(metrics=metrics, model=result.model, history=result.history, seconds=seconds, extra=extra,
-                        synthetic=synthetic, curve=result.curve)
+                        synthetic=None if opts.replay else synthetic, replayed=synthetic if opts.replay else None,
+                        curve=result.curve)

@@ -21,6 +21,7 @@ class RecipeResult:
     seconds: dict[str, float]  # wall time per stage
     extra: dict = field(default_factory=dict)  # more results for metrics.json (plan, rounds, generator, ...)
     synthetic: ImageDataset | None = None  # the generated images the model trained on (for the report)
+    replayed: ImageDataset | None = None  # real images drawn again and added to the training set (replay controls)
     figures: dict = field(default_factory=dict)  # images only the report shows (name: uint8 tensor)
     curve: list[dict] = field(default_factory=list)  # test accuracy against steps (eval.curve_every)
 

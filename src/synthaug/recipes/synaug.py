@@ -16,7 +16,8 @@ How the synthetic images are used (issue 21's levers): `synthetic_weight` scales
 of the generated ones (same counts, same training): a gain that replay matches is "more
 steps on the tail", not the generator's. `replay_share` fills that share of each cell with
 real images drawn again and the rest with generated ones, so generated images can add to
-replay rather than replace it.
+replay rather than replace it. `synthetic_augment` gives the added images their own
+augmentation (AdaInf: generated images want a weaker one than real images).
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ class SynaugSection:
     """SYNAuG: uniformize with generated images, domain mixup, head re-fit on real data."""
 
     IMAGE_KEYS = ("target_per_class", "balance_groups")  # the options that change the generated images
-    ADDED: ClassVar[dict[str, object]] = {"replay_share": 0.0}  # options added since, at their former values
+    ADDED: ClassVar[dict[str, object]] = {"replay_share": 0.0, "synthetic_augment": "same"}  # options added
+    # since, at their former values
 
     target_per_class: int | None = None  # images per class after filling (default: the largest class)
     balance_groups: bool = True  # with groups: fill every (class, group) cell
@@ -62,11 +64,14 @@ class SynaugSection:
     synthetic_weight: float = 1.0  # each synthetic image's loss weight (real images: 1)
     replay: bool = False  # the real-replay control: real images drawn again in place of generated ones
     replay_share: float = 0.0  # the share of each cell's fill drawn again from its real images, the rest generated
+    synthetic_augment: str = "same"  # the added images' augmentation: 'same' (train.augment's) or a spec like it
 
     def __post_init__(self):
-        from ..classify.train import check_per_class
+        from ..classify.train import check_augmentation, check_per_class
 
         check_per_class(self.refit_per_class, "synaug.refit_per_class")
+        if self.synthetic_augment != "same":
+            check_augmentation(self.synthetic_augment, "synaug.synthetic_augment")
         if self.mix_alpha <= 0 or not 0 <= self.mix_prob <= 1:
             raise SynthaugError("synaug.mix_alpha must be > 0 and synaug.mix_prob in [0, 1]")
         if not 0 < self.synthetic_weight < float("inf"):
@@ -126,10 +131,10 @@ def synaug(task, config, *, workdir=None, progress=False, trained=None) -> Recip
     # 1. generator (trained on the real training split, or cached / given), plan, generate
     plan = balance_plan(real, target_per_class=opts.target_per_class, by_group=by_group, seed=config.generator.plan_seed)
     to_replay, to_generate = (plan, []) if opts.replay else split_replay(plan, opts.replay_share)
+    replayed, generated = replay(real, to_replay), None  # real images drawn again (the control, or the share)
     if opts.replay or not to_generate and to_replay:  # the control: the plan's counts filled with real images drawn again
-        synthetic, generator_info = replay(real, to_replay), {"source": "none: real replay"}
-        synthetic_info = {"images": len(synthetic), "generated_now": 0, "replay": True}
-        generated = synthetic
+        generator_info = {"source": "none: real replay"}
+        synthetic_info = {"images": len(replayed), "generated_now": 0, "replay": True}
     else:
         generator, generator_info = generator_stage(real, config, progress=progress, unlabeled=task.unlabeled)
         seconds["generator"] = generator_info.pop("seconds")
@@ -139,18 +144,20 @@ def synaug(task, config, *, workdir=None, progress=False, trained=None) -> Recip
         store_dir = Path(opts.store_dir) if opts.store_dir else workdir / "synthetic"
         generated, synthetic_info = select_stage(to_generate, generator, config, store_dir, real, progress=progress)
         seconds["generate"] = synthetic_info.pop("seconds")
-        synthetic = concat(replay(real, to_replay), generated) if to_replay else generated
-        synthetic_info["replayed"] = len(to_replay)
+        synthetic_info["replayed"] = len(replayed)
+    added = [d for d in (replayed, generated) if d is not None and len(d)]
+    added = concat(*added) if added else replayed  # every image trained on besides the real set, in the plan's counts
 
-    # 2. train on real + synthetic, with mixup between a real and a synthetic image
-    data = concat(real, synthetic) if len(synthetic) else real
-    domains = torch.cat([torch.zeros(len(real)), torch.ones(len(synthetic))]).long()
-    weights = torch.cat([torch.ones(len(real)), torch.full((len(synthetic),), opts.synthetic_weight)])
+    # 2. train on real + added, with mixup between a real and an added image
+    data = concat(real, added) if len(added) else real
+    domains = torch.cat([torch.zeros(len(real)), torch.ones(len(added))]).long()
+    weights = torch.cat([torch.ones(len(real)), torch.full((len(added),), opts.synthetic_weight)])
     train_cfg = config.train
     if opts.domain_mixup:
         train_cfg = replace(train_cfg, mix="domain-mixup", mix_alpha=opts.mix_alpha, mix_prob=opts.mix_prob)
     result = fit_classifier(data, replace(train_cfg, refit_head=False), seed=config.seed, domains=domains,
                             sample_weights=weights, checkpoint_dir=workdir / "checkpoint", progress=progress,
+                            synthetic_augment=None if opts.synthetic_augment == "same" else opts.synthetic_augment,
                             **classifier_inputs(task, config))
     seconds["train"] = result.seconds
     model = result.model
@@ -168,12 +175,13 @@ def synaug(task, config, *, workdir=None, progress=False, trained=None) -> Recip
     seconds["evaluate"] = time.perf_counter() - t0
     # memorisation check: are synthetic images as far from the training images as fresh real ones?
     heldout = task.val if task.val is not None else task.test
-    memorization = memorization_ratio(generated, real, heldout) if len(generated) else None
+    generated = generated if generated is not None and len(generated) else None
+    replayed = replayed if len(replayed) else None
     extra = {
-        "memorization": memorization,
-        "diversity_ratio": diversity_ratio(generated, real) if len(generated) else None,
+        "memorization": memorization_ratio(generated, real, heldout) if generated is not None else None,
+        "diversity_ratio": diversity_ratio(generated, real) if generated is not None else None,
         "generator": generator_info,
         "synthetic": {**synthetic_info, "counts_after": data.class_counts().tolist()},
     }
     return RecipeResult(metrics=metrics, model=model, history=result.history, seconds=seconds, extra=extra,
-                        synthetic=synthetic if len(synthetic) else None, curve=result.curve)
+                        synthetic=generated, replayed=replayed, curve=result.curve)
