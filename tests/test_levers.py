@@ -15,7 +15,7 @@ from synthaug.classify import TrainConfig, fit_classifier
 from synthaug.config import load_config
 from synthaug.data import ImageDataset, LoadedDataset
 from synthaug.errors import SynthaugError
-from synthaug.plan import balance_plan
+from synthaug.plan import balance_plan, plan_cells
 from synthaug.recipes import get_recipe
 from synthaug.select.filters import Candidates, centre_distances, get_selector, prototype_margins
 from synthaug.task import make_task
@@ -115,6 +115,19 @@ def test_split_replay_gives_each_cell_its_share_and_keeps_the_generated_rows_ids
     assert synaug_module.split_replay(plan, 0) == ([], plan) and synaug_module.split_replay(plan, 1) == (plan, [])
 
 
+def test_split_replay_generates_a_cell_without_real_images_in_full():
+    ds = make_dataset((6, 6))
+    ds.groups, ds.group_names = torch.tensor([0] * 5 + [1] * 7), ["red", "green"]  # cell (1, 0) has no image
+    plan = balance_plan(ds, by_group=True, seed=0)
+    cells = {cell: len(rows) for cell, rows in plan_cells(plan).items()}
+    assert cells[(1, 0)] == 6 and cells[(0, 1)] == 5
+    replayed, generated = synaug_module.split_replay(plan, 0.6, ds)
+    drawn = [(r["label"], r["group"]) for r in replayed]
+    assert {cell: drawn.count(cell) for cell in set(drawn)} == {(0, 0): 1, (0, 1): 3}  # round(0.6 x 1), round(0.6 x 5)
+    assert sum((r["label"], r["group"]) == (1, 0) for r in generated) == 6  # none drawn from the other colour
+    assert len(generated) + len(replayed) == len(plan)
+
+
 def test_replay_share_fills_part_of_each_cell_with_real_copies_and_generates_the_rest(data, tmp_path, monkeypatch):
     """A stand-in generator marks its images (all 255): the share of each cell drawn again
     is real, the rest is asked of the generator (its rows only) and weighted like it."""
@@ -160,8 +173,8 @@ def test_replay_share_fills_part_of_each_cell_with_real_copies_and_generates_the
 def test_replay_share_and_synthetic_augment_are_checked():
     with pytest.raises(SynthaugError, match="synaug.replay_share"):
         load_config(None, ["synaug.replay_share=1.5"])
-    with pytest.raises(SynthaugError, match="replay=true already"):
-        load_config(None, ["synaug.replay=true", "synaug.replay_share=0.5"])
+    assert load_config(None, []).synaug.replay_share == 0.5  # the default: half of each cell's fill drawn again
+    load_config(None, ["synaug.replay=true"])  # replays the whole fill: the default share is moot, not an error
     with pytest.raises(SynthaugError, match="synaug.synthetic_augment: unknown augmentation 'blur'"):
         load_config(None, ["synaug.synthetic_augment=crop+blur"])
 

@@ -168,7 +168,7 @@ def test_selection_keeps_the_planned_count(data, tmp_path):
     for method in ("confidence", "agreement", "realism", "cluster", "random", "diffult", "diffult-band", "prototype"):
         config = load_config(None, [*FAST, "recipe=synaug", f"output_dir={tmp_path}", f"synaug.store_dir={store_dir}",
                                     f"select.method={method}", "select.overgenerate=2", "select.threshold=0.2",
-                                    "select.clusters=2", "select.k=2", "train.epochs=1"])
+                                    "select.clusters=2", "select.k=2", "train.epochs=1", "synaug.replay_share=0"])
         task = make_task(data, config.split)
         result = get_recipe("synaug").run(task, config, workdir=tmp_path / method)
         deficits = (task.train.class_counts().max() - task.train.class_counts()).tolist()

@@ -18,9 +18,10 @@ from synthaug.plan import balance_plan
 from synthaug.recipes import get_recipe
 from synthaug.task import make_task
 
+# the whole fill generated (replay_share 0): these tests count the generator's images
 FAST = ["train.epochs=2", "train.batch_size=16", "train.augment=none", "split.ratio=8", "split.n_max=32",
         "recipe=synaug", "generator.preset=tiny", "generator.steps=4", "generator.batch_size=8",
-        "generator.sampling_steps=3", "generator.sampling_batch_size=16"]
+        "generator.sampling_steps=3", "generator.sampling_batch_size=16", "synaug.replay_share=0"]
 
 
 @pytest.fixture(scope="module")
