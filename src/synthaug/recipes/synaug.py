@@ -102,12 +102,11 @@ def split_replay(plan: list[dict], share: float, real=None) -> tuple[list[dict],
     the same mix and the generated rows keep their ids (a store filled for the whole plan serves).
     A cell with no real image of its own in `real` is generated in full: drawing it again would
     copy another group's images."""
-    empty = set()
+    cells = plan_cells(plan)
     if real is not None and real.groups is not None:
         present = set(zip(real.labels.tolist(), real.groups.tolist()))
-        empty = {cell for cell in plan_cells(plan) if cell[1] is not None and cell not in present}
-    replayed = {row["id"] for cell, rows in plan_cells(plan).items() if cell not in empty
-                for row in rows[:round(share * len(rows))]}
+        cells = {cell: rows for cell, rows in cells.items() if cell[1] is None or cell in present}
+    replayed = {row["id"] for rows in cells.values() for row in rows[:round(share * len(rows))]}
     return [r for r in plan if r["id"] in replayed], [r for r in plan if r["id"] not in replayed]
 
 
