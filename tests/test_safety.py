@@ -330,6 +330,23 @@ def test_balanced_softmax_uses_the_prior_the_sampler_presents():
         assert torch.allclose(p, q, atol=1e-6)  # a uniform prior adjusts nothing: no double correction
 
 
+@pytest.mark.parametrize("loss, expected", [("balanced-softmax", 0.5), ("ce", 0.2)])
+def test_balanced_softmax_counts_each_image_by_its_loss_weight(loss, expected):
+    """Identical images, 10 per class, class 1 weighted 0.25: weighted cross-entropy learns
+    p(1) = 2.5 / 12.5 = 0.2; Balanced Softmax, whose prior is the weighted mass (0.8, 0.2),
+    learns logits that say 0.5 (a prior from the counts would leave 0.2)."""
+    from synthaug.classify import TrainConfig, fit_classifier
+    from synthaug.data.dataset import ImageDataset
+
+    data = ImageDataset(torch.zeros(20, 1, 8, 8, dtype=torch.uint8), torch.arange(2).repeat_interleave(10), ["a", "b"])
+    weights = torch.where(data.labels == 1, 0.25, 1.0)
+    model = fit_classifier(data, TrainConfig(epochs=40, batch_size=20, lr=0.1, weight_decay=0, augment="none", loss=loss),
+                           seed=0, sample_weights=weights).model.eval()
+    with torch.no_grad():
+        p = model(torch.zeros(1, 1, 8, 8)).softmax(-1)[0, 1].item()
+    assert abs(p - expected) < 0.05
+
+
 # --------------------------------------------------------------------------- 19. metrics
 
 

@@ -259,11 +259,13 @@ def effective_number_weights(counts: torch.Tensor, beta: float = 0.9999) -> torc
     return (weights * len(counts) / weights.sum()).float()
 
 
-def presented_prior(kind: str, counts: torch.Tensor) -> torch.Tensor:
+def presented_prior(kind: str, counts: torch.Tensor, mass: torch.Tensor | None = None) -> torch.Tensor:
     """The class distribution the sampler presents to the loss. Logit adjustment and Balanced
     Softmax correct for this prior, not the dataset's counts: with class-balanced sampling it
-    is uniform, so they do not correct the imbalance a second time."""
-    presented = counts.float().clamp(min=1) * class_weights(kind, counts)
+    is uniform, so they do not correct the imbalance a second time. `mass` (each class's sum of
+    loss weights, default its count) counts an image weighted 0.3 as 0.3 of an image."""
+    mass = torch.where(counts > 0, counts if mass is None else mass, 1).float().clamp(min=1e-6)
+    presented = mass * class_weights(kind, counts)
     return presented / presented.sum()
 
 
@@ -367,6 +369,8 @@ def fit_classifier(
     weights = torch.ones(len(train)) if sample_weights is None else torch.as_tensor(sample_weights, dtype=torch.float32)
     if weights.shape != (len(train),):
         raise SynthaugError(f"sample_weights has {len(weights)} entries for {len(train)} images")
+    # each class's share of the loss, the prior Balanced Softmax corrects for (the caller's weights, before any group's)
+    mass = None if sample_weights is None else torch.zeros(train.num_classes).index_add(0, train.labels, weights)
     domains = torch.zeros(len(train), dtype=torch.int64) if domains is None else torch.as_tensor(domains, dtype=torch.int64)
     if domains.shape != (len(train),):
         raise SynthaugError(f"domains has {len(domains)} entries for {len(train)} images")
@@ -392,7 +396,7 @@ def fit_classifier(
     scheduler = warmup_cosine(optimizer, warmup, total_steps)
     sam = SAM(params, optimizer, cfg.sam_rho) if cfg.sam_rho > 0 else None
 
-    log_prior = presented_prior(cfg.sampler, train.class_counts())
+    log_prior = presented_prior(cfg.sampler, train.class_counts(), mass)
     drw_epoch = round(cfg.drw_start * cfg.epochs) if cfg.drw_start < 1 else None
     drw_weights = effective_number_weights(train.class_counts()).to(device)
     balanced_cells = cfg.group_method == "balanced-sampling" or (cfg.group_method == "dro" and cfg.group_dro_balanced)
