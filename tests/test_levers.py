@@ -2,9 +2,11 @@
 that disables one fails here): DiffuLT's distance filter and band, prototype cleaning, the
 synthetic loss weight, the real-replay control and the replay share of SYNAuG, deferred re-weighting, and the
 generator's tail levers (class sampling, Min-SNR weighting, CBDM's regulariser, the EMA's
-half-life)."""
+half-life); the report's baselines at the recipe's optimiser steps."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -523,3 +525,25 @@ def test_the_report_counts_replayed_images_apart_and_never_shows_them_as_generat
     _, real_counts, synthetic_counts, replayed_counts = seen["counts"]
     assert not any(synthetic_counts) and seen["grid"][2] is None
     assert [r + a for r, a in zip(real_counts, replayed_counts)] == [max(real_counts)] * len(real_counts)
+
+
+def test_the_report_baselines_train_for_the_recipes_optimiser_steps(tmp_path, capsys, monkeypatch):
+    """SYNAuG trains on every class filled to the largest, more optimiser steps than the real
+    set's schedule: the report's baselines train as long (so a gain is not more steps), the
+    oracle, a reference, on its own schedule."""
+    from conftest import run_cli
+
+    args = ["run", "--quiet", "-s", "data.dataset=digits", "-s", "split.ratio=10", "-s", f"output_dir={tmp_path}",
+            "-s", "report.baselines=[ce,oracle]", "-s", "synaug.replay=true",
+            *[a for kv in FAST if not kv.startswith("split.") for a in ("-s", kv)]]
+    code, _, err = run_cli(args, capsys, monkeypatch)
+    assert code == 0, err
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    steps = -(-sum(metrics["synthetic"]["counts_after"]) // 16)  # one epoch at batch 16
+    real = -(-metrics["task"]["train"]["images"] // 16)
+    assert steps > real and metrics["baseline_steps"] == steps
+    # whole epochs of the real set: at most one epoch more (a mutation that trains them on their own schedule fails)
+    assert steps <= metrics["baselines"]["ce"]["steps"] < steps + real
+    assert metrics["baselines"]["oracle"]["steps"] == -(-metrics["task"]["oracle"]["images"] // 16)
+    assert f"the recipe's {steps:,} optimiser steps" in (run_dir / "report.html").read_text()

@@ -267,6 +267,9 @@ def _summary(metrics: dict, rows: dict[str, dict]) -> str:
         best = max(baselines, key=lambda k: baselines[k]["balanced_accuracy"])
         delta = 100 * (ours - baselines[best]["balanced_accuracy"])
         text += f" Best baseline: {html.escape(best)} at {pct(baselines[best]['balanced_accuracy'])}% ({delta:+.2f} points)."
+        if metrics.get("baseline_steps"):
+            text += (f" The baselines trained for the recipe's {metrics['baseline_steps']:,} optimiser steps (to the "
+                     "end of that epoch), so a gain over them is not more steps.")
         if "oracle" in rows:
             gap = rows["oracle"]["balanced_accuracy"] - baselines[best]["balanced_accuracy"]
             if gap > 0:

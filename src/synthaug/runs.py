@@ -194,11 +194,16 @@ def train_run(config: RunConfig, *, progress: bool = True, force: bool = False, 
 
         validation = validation_stage(task, result.synthetic, config, result.model, workdir=run_dir, progress=progress)
     compared, trained = {}, {}
+    # the baselines train for the recipe's optimiser steps (the oracle, a reference, for its own): a gain
+    # over them is not more steps
+    steps = result.steps if config.train.steps is None and result.steps else None
+    equal = replace(config, train=replace(config.train, steps=steps)) if steps else config
     for baseline in baselines:
         done_file = run_dir / "baselines" / f"{baseline.name}.json"
         if not done_file.exists():
-            b = baseline.run(task, config, workdir=run_dir / "baselines" / baseline.name, progress=progress, trained=trained)
-            atomic_write_json(done_file, {"test": b.metrics, "seconds": b.seconds})
+            b = baseline.run(task, config if baseline.name == "oracle" else equal,
+                             workdir=run_dir / "baselines" / baseline.name, progress=progress, trained=trained)
+            atomic_write_json(done_file, {"test": b.metrics, "seconds": b.seconds, "steps": b.steps})
             shutil.rmtree(run_dir / "baselines" / baseline.name, ignore_errors=True)
         compared[baseline.name] = json.loads(done_file.read_text())
     metrics = {
@@ -220,6 +225,7 @@ def train_run(config: RunConfig, *, progress: bool = True, force: bool = False, 
         metrics["validation"] = validation
     if compared:
         metrics["baselines"] = compared
+        metrics["baseline_steps"] = equal.train.steps  # None: the baselines' own schedule
     # the metrics first: a report that fails (and is redone by the next run) loses nothing
     atomic_write_json(run_dir / "metrics.json", metrics)
     if compare and config.report.html:

@@ -146,6 +146,7 @@ class TrainResult:
     seconds: float
     config: dict
     curve: list[dict] = field(default_factory=list)  # test accuracy every `monitor_every` steps (fit_classifier)
+    steps: int = 0  # optimiser steps taken (the schedule's, up to `stop_after_epochs`)
 
 
 POLICIES = {"randaugment": v2.RandAugment, "trivialaugment": v2.TrivialAugmentWide, "autoaugment": v2.AutoAugment}
@@ -537,7 +538,7 @@ def fit_classifier(
     model = kept()
     if monitor is not None and monitor_every and (not curve or curve[-1]["step"] != scheduler.last_epoch):
         score(scheduler.last_epoch)
-    result = TrainResult(model.eval(), history, seconds, asdict(cfg), curve)
+    result = TrainResult(model.eval(), history, seconds, asdict(cfg), curve, steps=steps_per_epoch * last_epoch)
     if cfg.refit_head:
         t1 = time.perf_counter()
         refit_head(model, train, per_class=cfg.refit_per_class, epochs=cfg.refit_epochs, lr=cfg.refit_lr, seed=seed)

@@ -24,6 +24,7 @@ class RecipeResult:
     replayed: ImageDataset | None = None  # real images drawn again and added to the training set (replay controls)
     figures: dict = field(default_factory=dict)  # images only the report shows (name: uint8 tensor)
     curve: list[dict] = field(default_factory=list)  # test accuracy against steps (eval.curve_every)
+    steps: int | None = None  # the tested classifier's optimiser steps (the report's baselines train as long)
 
 
 @dataclass
