@@ -140,5 +140,5 @@ def augcond(task, config, *, workdir=None, progress=False, trained=None) -> Reci
         "generator": generator_info,
         "synthetic": {**synthetic_info, "counts_after": data.class_counts().tolist()},
     }
-    return RecipeResult(metrics=metrics, model=result.model, history=result.history, steps=result.steps, seconds=seconds, extra=extra,
-                        synthetic=synthetic, curve=result.curve)
+    return RecipeResult(metrics=metrics, model=result.model, history=result.history, seconds=seconds, extra=extra,
+                        steps=result.steps, synthetic=synthetic, curve=result.curve)

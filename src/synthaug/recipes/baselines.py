@@ -74,7 +74,8 @@ def run_baseline(name, task, config, *, workdir=None, progress=False, trained=No
     metrics = evaluate(model, task.test, train_counts=task.train.class_counts(), posthoc_tau=posthoc_tau,
                        many_threshold=config.eval.many_threshold, few_threshold=config.eval.few_threshold)
     seconds["evaluate"] = time.perf_counter() - t0
-    return RecipeResult(metrics=metrics, model=model, history=result.history, steps=result.steps, seconds=seconds, curve=result.curve)
+    return RecipeResult(metrics=metrics, model=model, history=result.history, seconds=seconds, curve=result.curve,
+                        steps=result.steps)
 
 
 def needs_pool(task, config):

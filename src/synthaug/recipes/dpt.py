@@ -208,6 +208,6 @@ def dpt(task, config, *, workdir=None, progress=False, trained=None) -> RecipeRe
         "generator": generator_info,
         "synthetic": {**synthetic_info, "counts_after": data.class_counts().tolist()},
     }
-    return RecipeResult(metrics=metrics, model=result.model, history=result.history, steps=result.steps, seconds=seconds, extra=extra,
+    return RecipeResult(metrics=metrics, model=result.model, history=result.history, seconds=seconds, extra=extra,
                         synthetic=None if opts.replay else synthetic, replayed=synthetic if opts.replay else None,
-                        curve=result.curve)
+                        curve=result.curve, steps=result.steps)

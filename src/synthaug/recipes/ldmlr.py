@@ -115,4 +115,5 @@ def ldmlr(task, config, *, workdir=None, progress=False, trained=None) -> Recipe
                       "counts": torch.bincount(labels, minlength=real.num_classes).tolist(),
                       "recognised_by_the_trained_head": recognised},
     }
-    return RecipeResult(metrics=metrics, model=model, history=result.history, steps=result.steps, seconds=seconds, extra=extra)
+    return RecipeResult(metrics=metrics, model=model, history=result.history, seconds=seconds, extra=extra,
+                        steps=result.steps)

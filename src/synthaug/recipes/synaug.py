@@ -188,5 +188,5 @@ def synaug(task, config, *, workdir=None, progress=False, trained=None) -> Recip
         "generator": generator_info,
         "synthetic": {**synthetic_info, "counts_after": data.class_counts().tolist()},
     }
-    return RecipeResult(metrics=metrics, model=model, history=result.history, steps=result.steps, seconds=seconds, extra=extra,
-                        synthetic=generated, replayed=replayed, curve=result.curve)
+    return RecipeResult(metrics=metrics, model=model, history=result.history, seconds=seconds, extra=extra,
+                        steps=result.steps, synthetic=generated, replayed=replayed, curve=result.curve)

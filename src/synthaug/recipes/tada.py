@@ -167,8 +167,8 @@ def run_tada(mode, task, config, *, workdir=None, progress=False, trained=None) 
     result, metrics, spent = train_and_evaluate(concat(real, added) if len(added) else real, task, config,
                                                 workdir=workdir, progress=progress, sample_weights=weights)
     seconds.update(spent)
-    return RecipeResult(metrics=metrics, model=result.model, history=result.history, steps=result.steps, seconds=seconds, extra=extra,
-                        synthetic=added if mode != "tada-upsample" and len(added) else None)
+    return RecipeResult(metrics=metrics, model=result.model, history=result.history, seconds=seconds, extra=extra,
+                        steps=result.steps, synthetic=added if mode != "tada-upsample" and len(added) else None)
 
 
 def _register(mode: str):

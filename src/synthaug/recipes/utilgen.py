@@ -375,8 +375,9 @@ def utilgen(task, config, *, workdir=None, progress=False, trained=None) -> Reci
         "synthetic": {"planned": len(plan), "images": len(final), "store": str(store.root),
                       "counts_after": (real.class_counts() + final.class_counts()).tolist()},
     }
-    return RecipeResult(metrics=metrics, model=result.model, history=result.history, steps=result.steps, seconds=seconds, extra=extra,
-                        synthetic=final, figures=_examples(store, rounds, real.num_classes), curve=result.curve)
+    return RecipeResult(metrics=metrics, model=result.model, history=result.history, seconds=seconds, extra=extra,
+                        synthetic=final, figures=_examples(store, rounds, real.num_classes), curve=result.curve,
+                        steps=result.steps)
 
 
 def _examples(store: SyntheticStore, rounds: list[dict], classes: int) -> dict[str, torch.Tensor]:
