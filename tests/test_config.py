@@ -23,6 +23,16 @@ def test_defaults_file_and_overrides(tmp_path):
     assert load_config(None, ["generator.lr=1e-3"]).generator.lr == 0.001
 
 
+def test_a_path_from_the_home_folder_means_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    path = tmp_path / "c.yaml"
+    path.write_text("output_dir: ~/runs\nsynaug:\n  store_dir: ~/store\n")
+    cfg = load_config(path, ["generator.pretrained=~/models/sd15", "data.cache_dir=~/cache", "generator.prompt=~{name}"])
+    assert cfg.output_dir == str(tmp_path / "runs") and cfg.synaug.store_dir == str(tmp_path / "store")
+    assert cfg.generator.pretrained == str(tmp_path / "models/sd15") and cfg.data.cache_dir == str(tmp_path / "cache")
+    assert cfg.generator.prompt == "~{name}"  # text, not a path: left alone
+
+
 @pytest.mark.parametrize(
     "overrides, match",
     [

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -354,7 +355,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
             node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
         except yaml.YAMLError:
             raise SynthaugError(f"override '{item}': the value is not valid YAML; quote it or fix the brackets") from None
+    expand_home(raw)
     return build(RunConfig, raw, "")
+
+
+PATH_KEYS = ("dataset", "cache_dir", "output_dir", "store_dir", "path", "pretrained")
+
+
+def expand_home(raw: dict) -> None:
+    """`~` at the start of a path option is the home folder, as in a shell (YAML and a quoted or
+    `key=~/...` override leave it unexpanded; a folder literally named '~' is never what is meant)."""
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            expand_home(value)
+        elif key in PATH_KEYS and isinstance(value, str) and value.startswith("~"):
+            raw[key] = os.path.expanduser(value)
 
 
 def build(cls, raw: dict, prefix: str):
