@@ -547,3 +547,15 @@ def test_the_report_baselines_train_for_the_recipes_optimiser_steps(tmp_path, ca
     assert steps <= metrics["baselines"]["ce"]["steps"] < steps + real
     assert metrics["baselines"]["oracle"]["steps"] == -(-metrics["task"]["oracle"]["images"] // 16)
     assert f"the recipe's {steps:,} optimiser steps" in (run_dir / "report.html").read_text()
+    # a run finished by an older synthaug (baselines on their own schedule, no budget recorded) runs its
+    # baselines again for the recipe's steps; the oracle's, on its own schedule either way, is kept
+    ce, oracle = run_dir / "baselines" / "ce.json", run_dir / "baselines" / "oracle.json"
+    ce.write_text(json.dumps({"test": {"balanced_accuracy": -1.0}, "seconds": 0.0}))
+    oracle.write_text(json.dumps({**json.loads(oracle.read_text()), "seconds": -1.0}))
+    del metrics["baseline_steps"]
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    code, _, err = run_cli(args, capsys, monkeypatch)
+    assert code == 0, err
+    again = json.loads((run_dir / "metrics.json").read_text())
+    assert again["baseline_steps"] == steps and json.loads(ce.read_text())["for_steps"] == steps
+    assert again["baselines"]["ce"]["test"]["balanced_accuracy"] >= 0 and again["baselines"]["oracle"]["seconds"] == -1.0

@@ -359,7 +359,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
     return build(RunConfig, raw, "")
 
 
-PATH_KEYS = ("dataset", "cache_dir", "output_dir", "store_dir", "path", "pretrained")
+PATH_KEYS = ("dataset", "cache_dir", "output_dir", "store_dir", "path", "pretrained", "features")
 
 
 def expand_home(raw: dict) -> None:

@@ -103,6 +103,21 @@ def _unstarted(run_dir: Path) -> bool:
     return {p.name for p in run_dir.iterdir()} <= {MARKER, "config.yaml"}
 
 
+def _trained_for(done_file: Path):
+    """The step budget a finished baseline trained for (None: its own schedule), or a marker that
+    matches no budget when it has not finished or cannot be read."""
+    try:
+        done = json.loads(done_file.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return "unfinished"
+    if not isinstance(done, dict) or "test" not in done:
+        return "unfinished"
+    if "for_steps" in done:
+        return done["for_steps"]
+    # recorded before the budget was: its own schedule, or a budget no longer known (retrained)
+    return None if "steps" not in done else "unknown"
+
+
 def _finished(run_dir: Path, config: RunConfig, compare: bool, classes: list[str]) -> dict | None:
     """The metrics of a finished run, or None if it must (re)run: no metrics yet, a run made
     by `train` when `run` asks for the comparison and report, or a damaged synthetic store
@@ -115,6 +130,8 @@ def _finished(run_dir: Path, config: RunConfig, compare: bool, classes: list[str
         return None
     if compare and not metrics.get("compared", "baselines" in metrics):
         return None
+    if compare and "baselines" in metrics and "baseline_steps" not in metrics:
+        return None  # an older synthaug's baselines, on their own schedule: train them for the recipe's steps
     if compare and config.report.html and not (run_dir / "report.html").is_file():
         return None
     store = (metrics.get("synthetic") or {}).get("store")
@@ -200,10 +217,12 @@ def train_run(config: RunConfig, *, progress: bool = True, force: bool = False, 
     equal = replace(config, train=replace(config.train, steps=steps)) if steps else config
     for baseline in baselines:
         done_file = run_dir / "baselines" / f"{baseline.name}.json"
-        if not done_file.exists():
-            b = baseline.run(task, config if baseline.name == "oracle" else equal,
-                             workdir=run_dir / "baselines" / baseline.name, progress=progress, trained=trained)
-            atomic_write_json(done_file, {"test": b.metrics, "seconds": b.seconds, "steps": b.steps})
+        own = config if baseline.name == "oracle" else equal
+        if _trained_for(done_file) != own.train.steps:  # not yet, or for another budget (an older synthaug)
+            b = baseline.run(task, own, workdir=run_dir / "baselines" / baseline.name, progress=progress,
+                             trained=trained)
+            atomic_write_json(done_file, {"test": b.metrics, "seconds": b.seconds, "steps": b.steps,
+                                          "for_steps": own.train.steps})
             shutil.rmtree(run_dir / "baselines" / baseline.name, ignore_errors=True)
         compared[baseline.name] = json.loads(done_file.read_text())
     metrics = {

@@ -367,7 +367,7 @@ def fit_classifier(
     device = resolve_device(cfg.device)
     model = new_classifier(train, cfg, seed=seed, device=device)
 
-    weights = torch.ones(len(train)) if sample_weights is None else torch.as_tensor(sample_weights, dtype=torch.float32)
+    weights = torch.ones(len(train)) if sample_weights is None else torch.as_tensor(sample_weights, dtype=torch.float32).cpu()
     if weights.shape != (len(train),):
         raise SynthaugError(f"sample_weights has {len(weights)} entries for {len(train)} images")
     # each class's share of the loss, the prior Balanced Softmax corrects for (the caller's weights, before any group's)
@@ -433,6 +433,8 @@ def fit_classifier(
         key["unlabeled"] = unlabeled.fingerprint()
     if synthetic_augment is not None:
         key["synthetic_augment"] = synthetic_augment
+    if mass is not None and cfg.loss in ("logit-adjusted", "balanced-softmax"):
+        key["prior"] = "weighted"  # the prior counts each image by its weight (before: by one)
     if monitor is not None and monitor_every:
         key["monitor"] = [monitor.fingerprint(), monitor_every]
     key["config"]["precision"] = str(dtype or torch.float32)  # what "auto" is here
