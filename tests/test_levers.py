@@ -2,7 +2,7 @@
 that disables one fails here): DiffuLT's distance filter and band, prototype cleaning, the
 synthetic loss weight, the real-replay control and the replay share of SYNAuG, deferred re-weighting, and the
 generator's tail levers (class sampling, Min-SNR weighting, CBDM's regulariser, the EMA's
-half-life); the report's baselines at the recipe's optimiser steps."""
+half-life); the report's baselines at the recipe's optimiser steps; the weighted prior's checkpoint key."""
 
 from __future__ import annotations
 
@@ -559,3 +559,30 @@ def test_the_report_baselines_train_for_the_recipes_optimiser_steps(tmp_path, ca
     again = json.loads((run_dir / "metrics.json").read_text())
     assert again["baseline_steps"] == steps and json.loads(ce.read_text())["for_steps"] == steps
     assert again["baselines"]["ce"]["test"]["balanced_accuracy"] >= 0 and again["baselines"]["oracle"]["seconds"] == -1.0
+
+
+@pytest.mark.parametrize("loss", ["balanced-softmax", "ce"])
+def test_a_checkpoint_whose_prior_counted_each_image_by_one_is_not_resumed_by_the_weighted_prior(tmp_path, monkeypatch,
+                                                                                                   loss):
+    """Balanced Softmax with sample weights corrects for each class's summed weight; a checkpoint written
+    before that (its key names no prior) trained under another loss and starts afresh. Cross-entropy's
+    loss did not change, so its checkpoints still resume."""
+    import synthaug.classify.train as train_module
+    from synthaug.utils.io import load_state, save_state
+
+    data = make_dataset((12, 6, 3))
+    cfg = TrainConfig(epochs=2, batch_size=8, augment="none", loss=loss)
+    weights = torch.linspace(0.3, 1.0, len(data))
+    folder = tmp_path / "ck"
+    fit_classifier(data, cfg, sample_weights=weights, checkpoint_dir=folder, stop_after_epochs=1)
+    state = load_state(folder)
+    key = json.loads(state["run_key"])
+    key.pop("prior", None)  # as an older synthaug wrote it
+    save_state(folder, {**state, "run_key": json.dumps(key, sort_keys=True, default=str)})
+
+    restored = []
+    restore = train_module.Checkpoint.restore
+    monkeypatch.setattr(train_module.Checkpoint, "restore",
+                        lambda self, *a, **k: restored.append(restore(self, *a, **k)) or restored[-1])
+    fit_classifier(data, cfg, sample_weights=weights, checkpoint_dir=folder)
+    assert (restored[0] is None) == (loss == "balanced-softmax")
