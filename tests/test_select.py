@@ -208,6 +208,10 @@ def test_validation_stage_in_a_run(data, tmp_path, monkeypatch):
                 "domain_gap", "memorization", "cas"):
         assert key in v
     assert 0 <= v["cas"]["balanced_accuracy"] <= 1 and v["cas"]["classes"] == 2  # the head class gets no images
+    per_class = v["cas"]["per_class"]  # each class the synthetic set has, by name; balanced accuracy is their mean
+    assert len(per_class) == 2 and set(per_class) < set(data.train.classes)
+    assert sum(per_class.values()) / 2 == pytest.approx(v["cas"]["balanced_accuracy"])
+    assert "CAS per class" in page and all(f"<th>{name}</th>" in page.split("CAS per class")[1] for name in per_class)
     assert json.loads((run_dir / "validation.json").read_text())["frechet_distance"] == v["frechet_distance"]
     assert not (run_dir / "cas-checkpoint").exists()
 

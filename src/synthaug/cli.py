@@ -256,6 +256,9 @@ def validate(
         table.add_row("memorization (median)", f"{result['memorization']['median']:.3f}")
     if result.get("cas"):
         table.add_row("CAS balanced accuracy", f"{100 * result['cas']['balanced_accuracy']:.2f}")
+        weakest = sorted(result["cas"].get("per_class", {}).items(), key=lambda kv: kv[1])[:3]
+        if weakest:
+            table.add_row("CAS, weakest classes", ", ".join(f"{name} {100 * a:.1f}" for name, a in weakest))
     console.print(table)
     console.print(f"written: {out / 'validation.json'}")
 

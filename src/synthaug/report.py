@@ -153,13 +153,20 @@ def validation_section(v: dict, classes: list[str]) -> str:
     diversity = v.get("diversity_ratio", {}).get("per_class", {})
     heads = "".join(f"<th>{html.escape(classes[int(c)])}</th>" for c in diversity)
     cells = "".join(f"<td>{r:.2f}</td>" for r in diversity.values())
+    cas = v.get("cas", {}).get("per_class", {})  # by class name; the weakest first
+    weakest = sorted(cas.items(), key=lambda kv: kv[1])
     return (f"<h2>Synthetic set validation</h2><p class='muted'>{v['synthetic_images']} synthetic against "
             f"{v['real_images']} real training images (the same count per class), in the feature space "
             f"'{html.escape(v['features'])}'.</p>"
             f"<table><tr><th>metric</th><th>value</th><th class='note'>what it says</th></tr>{''.join(rows)}</table>"
             + (f"<p class='muted'>Diversity per class: mean pairwise feature distance, synthetic over real "
                f"(below 1: less varied than the real images).</p><table><tr><th>class</th>{heads}</tr>"
-               f"<tr><td>ratio</td>{cells}</tr></table>" if diversity else ""))
+               f"<tr><td>ratio</td>{cells}</tr></table>" if diversity else "")
+            + (f"<p class='muted'>CAS per class, the weakest first: the share of a class's real test images that "
+               f"the classifier trained on the synthetic images alone gets right (low: that class's images do not "
+               f"show it).</p><table><tr><th>class</th>{''.join(f'<th>{html.escape(c)}</th>' for c, _ in weakest)}"
+               f"</tr><tr><td>CAS</td>{''.join(f'<td>{pct(a)}%</td>' for _, a in weakest)}</tr></table>"
+               if cas else ""))
 
 
 def show(ax, image: torch.Tensor):

@@ -177,7 +177,7 @@ def validation_stage(task, synthetic: ImageDataset, config, classifier: Classifi
         test = task.test.subset(torch.nonzero(present[task.test.labels]).flatten())
         metrics = evaluate(result.model, test)
         out["cas"] = {"accuracy": metrics["accuracy"], "balanced_accuracy": metrics["balanced_accuracy"],
-                      "classes": int(present.sum())}
+                      "classes": int(present.sum()), "per_class": metrics["per_class_accuracy"]}
     out["seconds"] = time.perf_counter() - t0
     out["key"] = key
     atomic_write_json(done, out)
