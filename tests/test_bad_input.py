@@ -148,6 +148,11 @@ def escaping_store(root):
     return d
 
 
+def escaping_store_images(root):
+    """The same store given by its image folder (train/): still a store, still checked."""
+    return escaping_store(root) / "train"
+
+
 def suite_file(text):
     def make(root):
         (root / "suite.yaml").write_text(text)
@@ -234,6 +239,7 @@ CASES = [
                                                    "--classifier", "IN"], "config.json"),
     ("validate-missing-folder", None, ["validate", "./nope", *FAST], "is not a folder"),
     ("validate-store-escapes", escaping_store, ["validate", "IN", *FAST], "outside"),
+    ("validate-store-images-escape", escaping_store_images, ["validate", "IN", *FAST], "outside"),
     ("cifar-tarball-truncated", truncated_tarball, ["datasets", "cifar10"], "truncated"),
     ("fashion-gz-truncated", truncated_idx, ["datasets", "fashion-mnist"], "truncated"),
     ("datasets-unknown", None, ["datasets", "nope"], "unknown dataset 'nope'"),

@@ -222,3 +222,25 @@ def test_bad_folders(tmp_path, setup, match):
 def test_unknown_name():
     with pytest.raises(SynthaugError, match="unknown dataset 'nope'"):
         load_dataset("nope")
+
+
+def test_a_class_folder_may_carry_the_name_a_store_gives_it(tmp_path):
+    """'T-shirt/top' cannot be a folder name: the store writes 'T-shirt_top', and validating the
+    store's class folders reads them back as their classes; two folders of one class are refused."""
+    from PIL import Image
+
+    from synthaug.data.dataset import ImageDataset
+    from synthaug.data.sources import read_class_folder
+
+    like = ImageDataset(torch.zeros(3, 1, 8, 8, dtype=torch.uint8), torch.tensor([0, 1, 2]),
+                        ["T-shirt/top", "Ankle boot", "Bag"])
+    for folder, n in (("T-shirt_top", 2), ("Ankle_boot", 3), ("Bag", 1)):
+        (tmp_path / "gen" / folder).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(np.full((8, 8), 10 * i, dtype=np.uint8)).save(tmp_path / "gen" / folder / f"{i}.png")
+    read = read_class_folder(tmp_path / "gen", like)
+    assert read.classes == like.classes and read.labels.bincount().tolist() == [2, 3, 1]
+    (tmp_path / "gen" / "Ankle boot").mkdir()
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "gen" / "Ankle boot" / "0.png")
+    with pytest.raises(SynthaugError, match="class 'Ankle boot' has two folders"):
+        read_class_folder(tmp_path / "gen", like)

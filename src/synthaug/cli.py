@@ -220,6 +220,8 @@ def validate(
     check_features(cfg.validate.features, "--classifier" if classifier else "validate.features")
     if not synthetic.is_dir():
         raise SynthaugError(f"'{synthetic}' is not a folder: give a synthetic store or a folder of class subfolders")
+    if synthetic.name == "train" and (synthetic / "metadata.jsonl").exists():  # a store's image folder: the store
+        synthetic = synthetic.parent
     # under synthaug's output folder, never beside the user's images; a folder synthaug did not make is refused
     out = out or Path(cfg.output_dir) / f"validate-{check_name(synthetic.resolve().name, 'the folder name')}"
     check_folder(out, "--out")

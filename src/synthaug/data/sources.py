@@ -322,16 +322,28 @@ def _load_image_folder(root: Path, image_size=None, cache_dir: Path | None = Non
 
 def read_class_folder(root: str | Path, like: ImageDataset) -> ImageDataset:
     """Images in `root/<class>/` (e.g. generated elsewhere) as a dataset with the classes,
-    channels and size of `like`; a class folder that `like` does not know is an error."""
+    channels and size of `like`; a folder is named by its class or as a store names it
+    ("Ankle_boot" for "Ankle boot", `store.class_folder`); a class folder that `like` does not
+    know is an error."""
+    from ..store import class_folder
+
     root = Path(root)
     if not root.is_dir():
         raise SynthaugError(f"'{root}' is not a folder: give a folder of class subfolders")
     files, names = _list_class_folder(root)
-    unknown = [n for n in names if n not in like.classes]
+    stored = {}  # a store's folder name -> the classes it can stand for
+    for c in like.classes:
+        stored.setdefault(class_folder(c), []).append(c)
+    classes = [n if n in like.classes else (stored[n][0] if len(stored.get(n, [])) == 1 else None) for n in names]
+    unknown = [n for n, c in zip(names, classes) if c is None]
     if unknown:
         raise SynthaugError(f"class folder '{unknown[0]}' in '{root}' is not a class of the data ({', '.join(like.classes[:10])}"
                             f"{', ...' if len(like.classes) > 10 else ''}): rename or remove it")
-    ds = _decode([(p, like.classes.index(names[label])) for p, label in files], like.classes)
+    if len(set(classes)) < len(classes):
+        twice = next(c for c in classes if classes.count(c) > 1)
+        raise SynthaugError(f"class '{twice}' has two folders in '{root}' ({', '.join(n for n, c in zip(names, classes) if c == twice)}): "
+                            "merge them into one")
+    ds = _decode([(p, like.classes.index(classes[label])) for p, label in files], like.classes)
     return _convert(ds, like.image_size, like.channels)
 
 
