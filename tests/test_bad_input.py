@@ -140,9 +140,10 @@ def truncated_idx(root):
 
 
 def escaping_store(root):
-    """A synthetic store whose metadata points outside it."""
+    """A synthetic store (its marker says synthaug made it) whose metadata points outside it."""
     d = root / "store"
     (d / "train" / "cls0").mkdir(parents=True)
+    (d / ".synthaug-store").write_text("a synthetic image store made by synthaug\n")
     row = {"id": "x", "file_name": "/etc/hostname", "class": "cls0", "label": 0}
     (d / "train" / "metadata.jsonl").write_text(json.dumps(row) + "\n")
     return d

@@ -216,6 +216,21 @@ def test_validation_stage_in_a_run(data, tmp_path, monkeypatch):
     assert not (run_dir / "cas-checkpoint").exists()
 
 
+def test_a_validation_written_before_cas_had_its_classes_is_done_again(data, tmp_path):
+    from synthaug.select.stage import validation_stage
+
+    config = load_config(None, [*FAST, "validate.features=pixels"])
+    task = make_task(data, config.split)
+    synthetic = make_dataset((20, 20, 20), seed=2)
+    first = validation_stage(task, synthetic, config, None, workdir=tmp_path)
+    done = tmp_path / "validation.json"
+    older = json.loads(done.read_text())
+    del older["cas"]["per_class"]
+    done.write_text(json.dumps(older))
+    again = validation_stage(task, synthetic, config, None, workdir=tmp_path)
+    assert again["cas"]["per_class"] == first["cas"]["per_class"] and len(first["cas"]["per_class"]) == 3
+
+
 def test_validate_command_on_a_folder(tmp_path, capsys, monkeypatch):
     import sys
 

@@ -244,3 +244,23 @@ def test_a_class_folder_may_carry_the_name_a_store_gives_it(tmp_path):
     Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "gen" / "Ankle boot" / "0.png")
     with pytest.raises(SynthaugError, match="class 'Ankle boot' has two folders"):
         read_class_folder(tmp_path / "gen", like)
+    # a store's name that two classes share names neither
+    (tmp_path / "gen" / "Ankle boot").rename(tmp_path / "other")
+    twins = ImageDataset(like.images, like.labels, ["T-shirt/top", "Ankle boot", "Ankle/boot"])
+    with pytest.raises(SynthaugError, match="may hold any of the classes Ankle boot, Ankle/boot"):
+        read_class_folder(tmp_path / "gen", twins)
+
+
+def test_a_hugging_face_image_folder_is_not_taken_for_a_store(tmp_path):
+    """`synthaug validate ds/train` reads a user's imagefolder as class folders; only a folder
+    synthaug made (its marker) is read as a store."""
+    import json
+
+    from synthaug.store import MARKER, is_store
+
+    (tmp_path / "ds" / "train" / "Bag").mkdir(parents=True)
+    row = {"file_name": "Bag/0.png", "label": 2}
+    (tmp_path / "ds" / "train" / "metadata.jsonl").write_text(json.dumps(row) + "\n")
+    assert not is_store(tmp_path / "ds")
+    (tmp_path / "ds" / MARKER).write_text("made by synthaug\n")
+    assert is_store(tmp_path / "ds")

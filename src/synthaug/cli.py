@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import SynthaugError
@@ -212,7 +213,7 @@ def validate(
     from .data.sources import read_class_folder
     from .select.features import check_features
     from .select.stage import scorer_for, validation_skip, validation_stage
-    from .store import SyntheticStore
+    from .store import SPLIT, SyntheticStore, is_store
     from .task import make_task
     from .utils.paths import check_folder, check_name
 
@@ -220,7 +221,7 @@ def validate(
     check_features(cfg.validate.features, "--classifier" if classifier else "validate.features")
     if not synthetic.is_dir():
         raise SynthaugError(f"'{synthetic}' is not a folder: give a synthetic store or a folder of class subfolders")
-    if synthetic.name == "train" and (synthetic / "metadata.jsonl").exists():  # a store's image folder: the store
+    if synthetic.name == SPLIT and is_store(synthetic.parent):  # a store's image folder: the store
         synthetic = synthetic.parent
     # under synthaug's output folder, never beside the user's images; a folder synthaug did not make is refused
     out = out or Path(cfg.output_dir) / f"validate-{check_name(synthetic.resolve().name, 'the folder name')}"
@@ -230,7 +231,7 @@ def validate(
     data = load_dataset(cfg.data.dataset, image_size=cfg.data.image_size, channels=cfg.data.channels,
                         cache_dir=cfg.data.cache_dir, defer_cache=True)
     task = make_task(data, cfg.split)
-    if (synthetic / "train" / "metadata.jsonl").exists():
+    if is_store(synthetic):
         store = SyntheticStore(synthetic, task.train.classes)
         store.verify()
         images = store.load()
@@ -260,7 +261,7 @@ def validate(
         table.add_row("CAS balanced accuracy", f"{100 * result['cas']['balanced_accuracy']:.2f}")
         weakest = sorted(result["cas"].get("per_class", {}).items(), key=lambda kv: kv[1])[:3]
         if weakest:
-            table.add_row("CAS, weakest classes", ", ".join(f"{name} {100 * a:.1f}" for name, a in weakest))
+            table.add_row("CAS, weakest classes", ", ".join(f"{escape(name)} {100 * a:.1f}" for name, a in weakest))
     console.print(table)
     console.print(f"written: {out / 'validation.json'}")
 
@@ -290,8 +291,6 @@ def main():
                 Console(stderr=True).print("interrupted: run the same command again to resume")
             sys.exit(rc)
     except SynthaugError as e:
-        from rich.markup import escape
-
         Console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -50,6 +50,13 @@ def check_store_folder(path, key: str = "store_dir"):
                         "give a new or empty folder")
 
 
+def is_store(root: str | os.PathLike) -> bool:
+    """Whether `root` is a store synthaug made (its marker, or an older synthaug's rows); a
+    Hugging Face imagefolder of the user's own images, train/metadata.jsonl too, is not."""
+    root = Path(root)
+    return root.is_dir() and ((root / MARKER).is_file() or _older_store(root))
+
+
 def _older_store(root: Path) -> bool:
     """A store written before stores had a marker: metadata.jsonl whose every line is a row
     synthaug writes (a Hugging Face imagefolder of the user's own images is not one)."""

@@ -335,6 +335,10 @@ def read_class_folder(root: str | Path, like: ImageDataset) -> ImageDataset:
     for c in like.classes:
         stored.setdefault(class_folder(c), []).append(c)
     classes = [n if n in like.classes else (stored[n][0] if len(stored.get(n, [])) == 1 else None) for n in names]
+    several = [n for n, c in zip(names, classes) if c is None and len(stored.get(n, [])) > 1]
+    if several:
+        raise SynthaugError(f"class folder '{several[0]}' in '{root}' may hold any of the classes "
+                            f"{', '.join(stored[several[0]])}: name it by its class")
     unknown = [n for n, c in zip(names, classes) if c is None]
     if unknown:
         raise SynthaugError(f"class folder '{unknown[0]}' in '{root}' is not a class of the data ({', '.join(like.classes[:10])}"

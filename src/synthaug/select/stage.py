@@ -158,7 +158,8 @@ def validation_stage(task, synthetic: ImageDataset, config, classifier: Classifi
             previous = json.loads(done.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             previous = {}
-        if previous.get("key") == key:
+        # one written before CAS had its classes is done again
+        if previous.get("key") == key and not (opts.cas and "per_class" not in previous.get("cas", {})):
             return previous
     t0 = time.perf_counter()
     real, fake = matched_per_class(task.train, synthetic, opts.max_per_class, config.seed)
