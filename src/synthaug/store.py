@@ -44,7 +44,7 @@ def check_store_folder(path, key: str = "store_dir"):
     root = Path(path)
     if root.is_symlink():
         raise SynthaugError(f"{key} '{root}' is a link: give the folder itself")
-    if (root / MARKER).is_file() or not any(root.iterdir()) or _older_store(root):
+    if not any(root.iterdir()) or is_store(root):
         return
     raise SynthaugError(f"{key} '{root}' is not empty and is not a synthaug store (no {MARKER}): "
                         "give a new or empty folder")

@@ -331,14 +331,15 @@ def read_class_folder(root: str | Path, like: ImageDataset) -> ImageDataset:
     if not root.is_dir():
         raise SynthaugError(f"'{root}' is not a folder: give a folder of class subfolders")
     files, names = _list_class_folder(root)
-    stored = {}  # a store's folder name -> the classes it can stand for
+    stored = {}  # a folder name -> the classes it can stand for: its own, else those a store names so
     for c in like.classes:
         stored.setdefault(class_folder(c), []).append(c)
-    classes = [n if n in like.classes else (stored[n][0] if len(stored.get(n, [])) == 1 else None) for n in names]
-    several = [n for n, c in zip(names, classes) if c is None and len(stored.get(n, [])) > 1]
+    stored.update({c: [c] for c in like.classes})
+    several = [n for n in names if len(stored.get(n, [])) > 1]
     if several:
         raise SynthaugError(f"class folder '{several[0]}' in '{root}' may hold any of the classes "
                             f"{', '.join(stored[several[0]])}: name it by its class")
+    classes = [stored[n][0] if n in stored else None for n in names]
     unknown = [n for n, c in zip(names, classes) if c is None]
     if unknown:
         raise SynthaugError(f"class folder '{unknown[0]}' in '{root}' is not a class of the data ({', '.join(like.classes[:10])}"
