@@ -262,6 +262,8 @@ CASES = [
     ("analyse-unknown-dataset", None, ["analyse", "nope"], "unknown dataset 'nope'"),
     ("analyse-json-exists", text_file, ["analyse", "digits", "--json", "IN"], "overwrites nothing"),
     ("analyse-negative-probe", None, ["analyse", "digits", "--probe-steps", "-1"], "--probe-steps"),
+    ("bench-unknown-generator-seed", suite_file(SUITE), ["bench", "IN", "--generator-seed", "3"],
+     "no generator seed 3: use one of none"),
     ("bench-out-not-ours", a_folder("mine", {"keep.txt": b"mine"}), ["bench", "smoke", "--out", "IN"],
      "synthaug did not make"),
 ]

@@ -121,6 +121,28 @@ def test_rerun_runs_only_the_chosen_finished_cells_afresh(tmp_path, monkeypatch)
         assert (row == before[key]) == (row["recipe"] == "ce")  # each rerun cell's row replaced, not added
 
 
+def test_generator_seed_runs_only_that_seeds_generative_cells(tmp_path, monkeypatch):
+    suite = load_suite(str(_suite(tmp_path, TWO_BASELINES.replace(
+        "  balanced-softmax: [recipe=balanced-softmax]",
+        "  synaug: {overrides: [recipe=synaug, generator.steps=2], generator_seeds: [0, 1]}"))))
+    out, calls = tmp_path / "out", []
+
+    def fake_run(config, **kw):  # what ran, and a result to record
+        calls.append((config.recipe, config.generator.seed, config.seed))
+        (out / "cells" / config.name).mkdir(parents=True)
+        return out / "cells" / config.name, {"test": {"balanced_accuracy": 0.5}, "seconds": {"train": 1.0}}
+
+    monkeypatch.setattr(synthaug.runs, "train_run", fake_run)
+    with pytest.raises(SynthaugError, match="no generator seed 2: use one of 0, 1"):
+        run_suite(suite, out, generator_seeds=[2], progress=False, echo=lambda _: None)
+    assert not out.exists()  # refused before the first write
+    run_suite(suite, out, generator_seeds=[1], progress=False, echo=lambda _: None)
+    assert calls == [("synaug", 1, 0), ("synaug", 1, 1)]  # neither ce nor generator seed 0
+    calls.clear()
+    run_suite(suite, out, progress=False, echo=lambda _: None)  # the rest, later
+    assert sorted(calls) == [("ce", 0, 0), ("ce", 0, 1), ("synaug", 0, 0), ("synaug", 0, 1)]
+
+
 def _row(recipe, seed, score, generator_seed=None, images=0):
     return {"suite": "made-up", "setting": "s", "recipe": recipe, "seed": seed, "generator_seed": generator_seed,
             "cell": f"s | {recipe} | {generator_seed} | {seed}", "metric": "balanced_accuracy",

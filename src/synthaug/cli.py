@@ -172,6 +172,8 @@ def bench(
     report_only: bool = typer.Option(False, "--report-only", help="only rewrite the leaderboard from results.jsonl"),
     setting: list[str] = typer.Option([], help="run only this setting's cells (repeatable)"),
     recipe: list[str] = typer.Option([], help="run only this recipe label's cells (repeatable)"),
+    generator_seed: list[int] = typer.Option([], help="run only the generative cells of this generator seed "
+                                                      "(repeatable)"),
     quiet: bool = QUIET_OPT,
 ):
     """Run a benchmark suite (every setting x recipe x seed, resumable) and write results.jsonl
@@ -190,7 +192,7 @@ def bench(
         md, page = write_leaderboard(found, rows, out)
     else:
         run_suite(found, out, force=force, rerun=rerun, progress=not quiet, settings=setting, recipes=recipe,
-                  echo=lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
+                  generator_seeds=generator_seed, echo=lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
         md, page = out / "leaderboard.md", out / "leaderboard.html"
     console.print(f"leaderboard: {md}")
     console.print(f"page: {page}")

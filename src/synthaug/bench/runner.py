@@ -130,9 +130,11 @@ def preflight(suite: Suite, cells: list[Cell], out: Path):
 
 
 def run_suite(suite: Suite, out: str | Path, *, force: bool = False, rerun: bool = False, progress: bool = True,
-              echo=print, settings: list[str] = (), recipes: list[str] = ()) -> list[dict]:
+              echo=print, settings: list[str] = (), recipes: list[str] = (),
+              generator_seeds: list[int] = ()) -> list[dict]:
     """Run the suite's unfinished cells (and, with `force`, its changed ones), only those of
-    `settings` and `recipes` when given; returns the rows of results.jsonl. `rerun` runs the
+    `settings`, `recipes` and `generator_seeds` (then only generative cells) when given; returns
+    the rows of results.jsonl. `rerun` runs the
     chosen finished cells afresh, their run folders replaced (trained generators and stores
     whose fingerprints still match are reused), for when the code behind a recipe changed.
     Stops starting cells once `suite.minutes` are spent (run again to go on)."""
@@ -147,9 +149,19 @@ def run_suite(suite: Suite, out: str | Path, *, force: bool = False, rerun: bool
         for n in name:
             if n not in known:
                 raise SynthaugError(f"suite '{suite.name}' has no {what} '{n}': use one of {', '.join(sorted(known))}")
-    if rerun and not (settings or recipes):
-        raise SynthaugError("--rerun runs finished cells afresh: choose them with --recipe and/or --setting")
-    chosen = lambda c: (not settings or c.setting in settings) and (not recipes or c.recipe in recipes)  # noqa: E731
+    seeds = {c.generator_seed for c in suite.cells_ if c.generator_seed is not None}
+    for g in generator_seeds:
+        if g not in seeds:
+            raise SynthaugError(f"suite '{suite.name}' has no generator seed {g}: use one of "
+                                f"{', '.join(map(str, sorted(seeds))) or 'none (no recipe generates)'}")
+    if rerun and not (settings or recipes or generator_seeds):
+        raise SynthaugError("--rerun runs finished cells afresh: choose them with --recipe, --setting and/or "
+                            "--generator-seed")
+
+    def chosen(c: Cell) -> bool:
+        return ((not settings or c.setting in settings) and (not recipes or c.recipe in recipes)
+                and (not generator_seeds or c.generator_seed in generator_seeds))
+
     cells, changed, done = plan(suite, out, force=force, rerun=rerun)
     cells = [c for c in cells if chosen(c)]
     changed = [c for c in changed if chosen(c)]
