@@ -134,9 +134,9 @@ def run_suite(suite: Suite, out: str | Path, *, force: bool = False, rerun: bool
               generator_seeds: list[int] = ()) -> list[dict]:
     """Run the suite's unfinished cells (and, with `force`, its changed ones), only those of
     `settings`, `recipes` and `generator_seeds` (then only generative cells) when given; returns
-    the rows of results.jsonl. `rerun` runs the
-    chosen finished cells afresh, their run folders replaced (trained generators and stores
-    whose fingerprints still match are reused), for when the code behind a recipe changed.
+    the rows of results.jsonl. `rerun` runs the chosen finished cells afresh, their run folders
+    replaced (trained generators and stores whose fingerprints still match are reused), for when
+    the code behind a recipe changed.
     Stops starting cells once `suite.minutes` are spent (run again to go on)."""
     from ..runs import train_run
     from .leaderboard import write_leaderboard
