@@ -2,9 +2,10 @@
 give the images and metrics recorded before the refactor (`data/unchanged.json`).
 
 Re-record only when a change is meant to alter results, and say so in the commit:
-`SYNTHAUG_RECORD=1 python -m pytest tests/test_unchanged.py`. The record holds on the
-machine kind and torch version it was made with (floating-point kernels differ elsewhere);
-on another, the test is skipped with a line saying why."""
+`SYNTHAUG_RECORD=1 python -m pytest tests/test_unchanged.py` (it adds or replaces this machine
+kind's record). A record holds on the machine kind and torch version it was made with
+(floating-point kernels differ elsewhere); on a kind without one, the test is skipped with a
+line saying why."""
 
 from __future__ import annotations
 
@@ -36,12 +37,16 @@ RUNS = {
 
 
 def machine() -> str:
-    """The machine kind a record holds on: the CPU's native bfloat16 (AVX512-BF16 or AMX) changes
-    which float32 kernels oneDNN picks, and a CPU without it draws a few images differently."""
-    from synthaug.utils.runtime import bfloat16_native
-
-    bf16 = " bf16" if bfloat16_native(torch.device("cpu")) else ""
-    return f"{platform.machine()}{bf16} torch {torch.__version__.split('+')[0]}"
+    """The machine kind a record holds on: the CPU's vendor and the instruction sets that choose
+    float32 kernels (oneDNN and MKL pick other ones with AVX512-BF16, AVX512-FP16, AMX or VNNI, and
+    on AMD), so a CPU of another kind draws a few images differently."""
+    probes = sorted(name[4:-10] for name in dir(torch.cpu) if name.startswith("_is_") and name.endswith("_supported")
+                    and getattr(torch.cpu, name)())
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text().split() if cpuinfo.exists() else []
+    vendor = next((word for word in flags if word in ("GenuineIntel", "AuthenticAMD")), platform.processor() or "?")
+    isa = probes + [flag for flag in ("avx512_fp16", "amx_bf16") if flag in flags]
+    return f"{platform.machine()} {vendor} {'+'.join(isa)} torch {torch.__version__.split('+')[0]}"
 
 
 def observe(run_dir: Path, metrics: dict) -> dict:
@@ -60,18 +65,19 @@ def observe(run_dir: Path, metrics: dict) -> dict:
 
 @pytest.mark.parametrize("recipe", list(RUNS))
 def test_same_seed_runs_give_the_recorded_images_and_metrics(recipe, tmp_path):
-    record = json.loads(RECORD.read_text()) if RECORD.exists() else {}
-    if not os.environ.get("SYNTHAUG_RECORD") and record.get("machine") != machine():
-        pytest.skip(f"recorded on {record.get('machine')}, this is {machine()}")
+    records = json.loads(RECORD.read_text()) if RECORD.exists() else {}
+    kind = machine()
+    if not os.environ.get("SYNTHAUG_RECORD") and kind not in records:
+        pytest.skip(f"recorded on {', '.join(records) or 'no machine'}; this is {kind}")
     config = load_config(None, [*TINY, *RUNS[recipe], f"output_dir={tmp_path}"])
     run_dir, metrics = train_run(config, progress=False, compare=True)
     seen = observe(run_dir, metrics)
     if os.environ.get("SYNTHAUG_RECORD"):
-        record = {**record, "machine": machine(), recipe: seen}
+        records[kind] = {**records.get(kind, {}), recipe: seen}
         RECORD.parent.mkdir(exist_ok=True)
-        RECORD.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+        RECORD.write_text(json.dumps(records, indent=1, sort_keys=True) + "\n")
         return
-    want = record[recipe]
+    want = records[kind][recipe]
     assert seen["images"].keys() == want["images"].keys()
     changed = [i for i in want["images"] if seen["images"][i] != want["images"][i]]
     assert not changed, f"{len(changed)} of {len(want['images'])} images changed, e.g. {changed[:3]}"
