@@ -331,3 +331,16 @@ def test_recipes_from_reads_the_mapping_form_of_another_suite(tmp_path):
                                         "settings: {digits: {overrides: [data.dataset=digits], recipes: [ce]}}\n")
     suite = load_suite(str(tmp_path / "user.yaml"))
     assert [c.config.recipe for c in suite.cells_] == ["ce"]
+
+
+def test_a_selection_of_the_plan_itself_shares_the_unselected_store(tmp_path):
+    """At select.overgenerate 1 the candidates are the plan's own rows: a filter row reads the
+    images of its unselected twin; at 2 the candidates are their own (larger) store."""
+    from synthaug.bench.suite import with_locations
+
+    text = TWO_BASELINES.replace("  balanced-softmax: [recipe=balanced-softmax]\n", (
+        "  synaug: [recipe=synaug]\n  filtered: [recipe=synaug, select.method=agreement, select.overgenerate=1]\n"
+        "  overgenerated: [recipe=synaug, select.method=agreement, select.overgenerate=2]\n"))
+    cells = [c for c in load_suite(str(_suite(tmp_path, text))).cells_ if c.seed == 0 and c.recipe != "ce"]
+    stores = {c.recipe: with_locations(c, tmp_path).synaug.store_dir for c in cells}
+    assert stores["filtered"] == stores["synaug"] != stores["overgenerated"]

@@ -9,6 +9,7 @@ import torch
 from conftest import make_dataset
 from test_recipes import FAST
 
+from synthaug.classify.evaluate import predict_logits
 from synthaug.classify.models import create_model
 from synthaug.config import load_config
 from synthaug.data import LoadedDataset
@@ -269,3 +270,38 @@ def test_validate_command_on_a_folder(tmp_path, capsys, monkeypatch):
         main()
     assert e.value.code == 2 and "did not make" in capsys.readouterr().err
     assert (tmp_path / "mine" / "validation.json").read_text() == "theirs"
+
+
+def test_with_groups_a_reader_drops_the_candidates_of_another_group(data, tmp_path, monkeypatch):
+    """On a coloured split the scorer learns the class on cell-balanced batches (not the colour
+    that stands in for it), and a group reader, trained the same way with labels and groups
+    swapped, drops the candidates it reads as another group before the selector keeps any."""
+    import synthaug.select.stage as stage
+
+    trained, fit = [], stage.fit_classifier
+    monkeypatch.setattr(stage, "fit_classifier", lambda train, cfg, **kw: trained.append((train, cfg)) or fit(train, cfg, **kw))
+    store_dir = tmp_path / "store"
+    base = [*FAST, "recipe=synaug", f"output_dir={tmp_path}", f"synaug.store_dir={store_dir}", "split.kind=colored",
+            "split.agreement=0.9", "select.overgenerate=2", "train.epochs=1", "synaug.replay_share=0"]
+    config = load_config(None, [*base, "select.method=random"])
+    task = make_task(data, config.split)
+    result = get_recipe("synaug").run(task, config, workdir=tmp_path / "random")
+    [(reader_data, reader_cfg)] = trained  # `random` needs no scorer: the reader alone was trained
+    assert reader_data.labels.tolist() == task.train.groups.tolist() and reader_data.classes == task.train.group_names
+    assert reader_data.groups.tolist() == task.train.labels.tolist() and reader_cfg.group_method == "balanced-sampling"
+    info = result.extra["synthetic"]["selection"]
+    rows = SyntheticStore(store_dir, task.train.classes).rows()
+    misread = {r["id"] for r in rows if not r["scores"]["group_read"]}
+    assert 0 < info["group_misread"] == len(misread) < len(rows)
+    assert not misread & {r["id"] for r in result.synthetic.info["rows"]}
+    reader = stage.group_reader_for(task.train, config, store_dir / "scorers")  # trained once, read from the store
+    assert len(trained) == 1
+    assert (predict_logits(reader, result.synthetic.images).argmax(1) == result.synthetic.groups).all()
+
+    trained.clear()  # the scorer: cross-entropy on cell-balanced batches; without the reader nothing is dropped first
+    config = load_config(None, [*base, "select.method=confidence", "select.read_groups=false"])
+    result = get_recipe("synaug").run(task, config, workdir=tmp_path / "confidence")
+    [(scorer_data, scorer_cfg)] = trained
+    assert scorer_data is task.train and (scorer_cfg.loss, scorer_cfg.group_method) == ("ce", "balanced-sampling")
+    assert result.extra["synthetic"]["selection"]["group_misread"] is None
+    assert result.extra["synthetic"]["selection"]["shortfall"] == 0  # every planned image kept, misread or not

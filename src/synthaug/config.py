@@ -234,6 +234,7 @@ class SelectSection:
     clusters: int = 10  # cluster: k-means centres per class
     features: str = "classifier"  # classifier (the scorer's), pixels, a classifier folder, or hf:<hub id or folder>
     scorer_epochs: int | None = None  # epochs of the scorer (trained on the real split); default train.epochs
+    read_groups: bool = True  # with groups: drop the candidates a group reader reads as another group first
 
     def __post_init__(self):
         if self.scorer_epochs is not None and self.scorer_epochs < 1:

@@ -322,8 +322,10 @@ def with_locations(cell: Cell, out: Path) -> RunConfig:
         images = {k: d[k] for k in ("data", "split", "generator", section)}
         images["generator"].pop("cache_dir", None)
         images["generator"] = drop_former(images["generator"], type(config.generator))
-        # the selectors score one shared set of candidates (each writes its own score columns)
-        images["candidates"] = d["select"]["overgenerate"] if d["select"]["method"] != "none" else None
+        # the selectors score one shared set of candidates (each writes its own score columns); at
+        # overgenerate 1 the candidates are the plan's own rows, the unselected store's images
+        factor = d["select"]["overgenerate"]
+        images["candidates"] = factor if d["select"]["method"] != "none" and factor != 1 else None
         keys = getattr(type(getattr(config, section)), "IMAGE_KEYS", None)  # the options that change the images
         images[section] = {k: v for k, v in images[section].items() if k != "store_dir" and (keys is None or k in keys)}
         key = hashlib.sha256(json.dumps(images, sort_keys=True, default=str).encode()).hexdigest()[:12]

@@ -3,9 +3,14 @@
 `select_stage` replaces `generate_stage` in a recipe: it generates `select.overgenerate` x
 the plan's images per (class, group) cell, scores the candidates with a scorer (a
 classifier trained on the real training split with balanced softmax, so that a long tail
-does not bias it; cached in the store), keeps as many per cell as the plan asked for with
-the chosen selector, and records each candidate's score and whether it was kept in the
-store's metadata (`select_<method>`, `selected_<method>`).
+does not bias it; with groups, on batches that draw each (class, group) cell equally, so that
+it reads the class and not the group; cached in the store), keeps as many per cell as the
+plan asked for with the chosen selector, and records each candidate's score and whether it
+was kept in the store's metadata (`select_<method>`, `selected_<method>`). With groups and
+`select.read_groups`, a group reader (the same classifier trained to tell the groups apart,
+each (group, class) cell drawn equally) first drops the candidates it reads as another group
+than the one they were generated for (`group_read` in the metadata): a minority cell's image
+in the majority's colour teaches the spurious rule again.
 
 `validation_stage` measures a run's synthetic set against the real training images: the
 feature-space metrics of `select/metrics.py`, the memorisation ratio, and the accuracy on
@@ -56,8 +61,11 @@ def overgenerate_plan(plan: list[dict], factor: float) -> list[dict]:
 
 def scorer_for(real: ImageDataset, config, folder: Path, *, progress: bool = False) -> Classifier:
     """The classifier that scores candidates: trained on the real split with balanced softmax
-    (the run's other training settings), saved under `folder/<fingerprint>/` and reused."""
-    train_cfg = replace(config.train, loss="balanced-softmax", sampler="uniform", mix="none", refit_head=False, ssl="none",
+    (with groups: cross-entropy on cell-balanced batches, which balance the classes too), the
+    run's other training settings, saved under `folder/<fingerprint>/` and reused."""
+    grouped = real.groups is not None
+    train_cfg = replace(config.train, loss="ce" if grouped else "balanced-softmax", sampler="uniform", mix="none",
+                        group_method="balanced-sampling" if grouped else "none", refit_head=False, ssl="none",
                         epochs=config.select.scorer_epochs or config.train.epochs,
                         steps=None if config.select.scorer_epochs else config.train.steps)
     key = hashlib.sha256(json.dumps([real.fingerprint(), key_dict(train_cfg), config.seed], sort_keys=True,
@@ -69,6 +77,16 @@ def scorer_for(real: ImageDataset, config, folder: Path, *, progress: bool = Fal
                             progress=progress)
     result.model.save_pretrained(target)
     return result.model
+
+
+def group_reader_for(real: ImageDataset, config, folder: Path, *, progress: bool = False) -> Classifier:
+    """A classifier of the groups: `scorer_for` on the real split with labels and groups
+    swapped, so each (group, class) cell is drawn equally and the class cannot stand in for
+    the group."""
+    names = real.group_names or [f"group {g}" for g in range(int(real.groups.max()) + 1)]
+    swapped = ImageDataset(real.images, real.groups, list(names), groups=real.labels, group_names=list(real.classes),
+                           name=f"{real.name} groups")
+    return scorer_for(swapped, config, folder, progress=progress)
 
 
 def select_stage(plan: list[dict], generator, config, store_dir: str | Path, real: ImageDataset, *,
@@ -94,27 +112,33 @@ def select_stage(plan: list[dict], generator, config, store_dir: str | Path, rea
     features = lazy("features", lambda: extract()(candidates.images))
     real_features = lazy("real", lambda: extract()(real.images))
     groups = candidates.groups if candidates.groups is not None else torch.zeros(len(candidates), dtype=torch.long)
+    read = torch.ones(len(candidates), dtype=torch.bool)  # the group reader agrees (or there is none)
+    if opts.read_groups and candidates.groups is not None and real.groups is not None:
+        reader = group_reader_for(real, config, Path(store_dir) / "scorers", progress=progress)
+        read = predict_logits(reader, candidates.images).argmax(1) == candidates.groups
     planned = {}
     for row in plan:
         cell = (int(row["label"]), row.get("group") if candidates.groups is not None else None)
         planned[cell] = planned.get(cell, 0) + 1
     mask, scores = torch.zeros(len(candidates), dtype=torch.bool), torch.zeros(len(candidates))
     for group in groups.unique().tolist():
-        members = torch.nonzero(groups == group).flatten()
+        members = torch.nonzero((groups == group) & read).flatten()
         view = Candidates(labels=candidates.labels[members], probs=lambda m=members: probs()[m],
                           features=lambda m=members: features()[m], real_features=real_features, real_labels=real.labels)
         keep = {c: n for (c, cell_group), n in planned.items() if cell_group in (None, group)}
         m, s = selector(view, keep, threshold=opts.threshold, k=opts.k, clusters=opts.clusters, seed=config.seed)
         mask[members], scores[members] = m, s.float()
     ids = [r["id"] for r in candidates.info["rows"]]
+    grouped = candidates.groups is not None and opts.read_groups
     SyntheticStore(store_dir, real.classes).set_scores(
-        {i: {f"select_{opts.method}": float(s), f"selected_{opts.method}": bool(k)} for i, s, k in zip(ids, scores, mask)})
+        {i: {f"select_{opts.method}": float(s), f"selected_{opts.method}": bool(k)} | ({"group_read": bool(r)} if grouped else {})
+         for i, s, k, r in zip(ids, scores, mask, read)})
     kept = candidates.subset(torch.nonzero(mask).flatten())
     kept.info["rows"] = [r for r, k in zip(candidates.info["rows"], mask) if k]
     shortfall = len(plan) - int(mask.sum())
     info.update({
         "selection": {"method": opts.method, "overgenerate": opts.overgenerate, "candidates": len(candidates),
-                      "kept": int(mask.sum()), "shortfall": shortfall, "features": str(opts.features),
+                      "group_misread": int((~read).sum()) if grouped else None, "kept": int(mask.sum()), "shortfall": shortfall, "features": str(opts.features),
                       "kept_score_mean": float(scores[mask].mean()) if mask.any() else None,
                       "dropped_score_mean": float(scores[~mask].mean()) if (~mask).any() else None,
                       "seconds": time.perf_counter() - t0},
