@@ -8,7 +8,7 @@ STAMP := $(VENV)/.synthaug-installed
 # torch from this pin installs from the machine's wheel cache in about a minute; see README.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-slow bench-smoke bench-longtail bench-levers bench-generator-levers bench-coloured-generator bench-fewshot bench-ssl bench-targeted bench-tables bench-speed bench-sampler bench-selection bench-executors lint clean
+.PHONY: demo test test-slow bench-smoke bench-longtail bench-levers bench-generator-levers bench-coloured-generator bench-coloured-filter bench-fewshot bench-ssl bench-targeted bench-tables bench-speed bench-sampler bench-selection bench-executors lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,12 @@ bench-generator-levers: $(STAMP)
 bench-coloured-generator: $(STAMP)
 	$(BIN)/python benchmarks/coloured_generator.py
 	$(BIN)/python benchmarks/coloured_generator.py --agreement 0.99 --variants "2400 steps, Min-SNR 5, cells sqrt"
+
+# issue 21, item 6: what the agreement filter keeps of the coloured generator's images, judged the same way (after
+# the filter's bench rows; minutes, resumable)
+bench-coloured-filter: $(STAMP)
+	$(BIN)/python benchmarks/coloured_filter.py
+	$(BIN)/python benchmarks/coloured_filter.py --agreement 0.99
 
 bench-fewshot: $(STAMP)
 	$(BIN)/synthaug bench fewshot-small --out benchmarks/results/bench/fewshot-small
