@@ -113,7 +113,8 @@ def select_stage(plan: list[dict], generator, config, store_dir: str | Path, rea
     real_features = lazy("real", lambda: extract()(real.images))
     groups = candidates.groups if candidates.groups is not None else torch.zeros(len(candidates), dtype=torch.long)
     read = torch.ones(len(candidates), dtype=torch.bool)  # the group reader agrees (or there is none)
-    if opts.read_groups and candidates.groups is not None and real.groups is not None:
+    reading = opts.read_groups and candidates.groups is not None and real.groups is not None
+    if reading:
         reader = group_reader_for(real, config, Path(store_dir) / "scorers", progress=progress)
         read = predict_logits(reader, candidates.images).argmax(1) == candidates.groups
     planned = {}
@@ -129,16 +130,16 @@ def select_stage(plan: list[dict], generator, config, store_dir: str | Path, rea
         m, s = selector(view, keep, threshold=opts.threshold, k=opts.k, clusters=opts.clusters, seed=config.seed)
         mask[members], scores[members] = m, s.float()
     ids = [r["id"] for r in candidates.info["rows"]]
-    grouped = candidates.groups is not None and opts.read_groups
     SyntheticStore(store_dir, real.classes).set_scores(
-        {i: {f"select_{opts.method}": float(s), f"selected_{opts.method}": bool(k)} | ({"group_read": bool(r)} if grouped else {})
+        {i: {f"select_{opts.method}": float(s), f"selected_{opts.method}": bool(k)} | ({"group_read": bool(r)} if reading else {})
          for i, s, k, r in zip(ids, scores, mask, read)})
     kept = candidates.subset(torch.nonzero(mask).flatten())
     kept.info["rows"] = [r for r, k in zip(candidates.info["rows"], mask) if k]
     shortfall = len(plan) - int(mask.sum())
     info.update({
         "selection": {"method": opts.method, "overgenerate": opts.overgenerate, "candidates": len(candidates),
-                      "group_misread": int((~read).sum()) if grouped else None, "kept": int(mask.sum()), "shortfall": shortfall, "features": str(opts.features),
+                      "group_misread": int((~read).sum()) if reading else None, "kept": int(mask.sum()),
+                      "shortfall": shortfall, "features": str(opts.features),
                       "kept_score_mean": float(scores[mask].mean()) if mask.any() else None,
                       "dropped_score_mean": float(scores[~mask].mean()) if (~mask).any() else None,
                       "seconds": time.perf_counter() - t0},
