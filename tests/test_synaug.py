@@ -109,6 +109,17 @@ def test_with_groups_the_head_is_re_fit_on_cell_balanced_real_data(data, tmp_pat
         get_recipe("synaug").check(make_task(data, config.split), config)
 
 
+def test_group_dro_with_domain_mixup_fails_before_anything_is_generated(data, tmp_path):
+    """Group DRO weighs each image's own loss; domain mixup blends two: the check says so first."""
+    base = [*FAST, f"output_dir={tmp_path}", "split.kind=colored", "split.agreement=0.9", "train.group_method=dro"]
+    config = load_config(None, base)
+    with pytest.raises(SynthaugError, match="synaug.domain_mixup=false"):
+        get_recipe("synaug").check(make_task(data, config.split), config)
+    config = load_config(None, [*base, "synaug.domain_mixup=false", "synaug.replay=true"])
+    get_recipe("synaug").check(make_task(data, config.split), config)
+    assert not list(tmp_path.iterdir())
+
+
 def test_replay_fills_a_cell_without_real_images_from_its_class():
     from synthaug.recipes.synaug import replay
 

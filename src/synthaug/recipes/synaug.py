@@ -93,6 +93,9 @@ def check(task, config):
     if by_group and config.synaug.refit_head and config.synaug.refit_per_class == "all":
         raise SynthaugError("synaug.refit_per_class=all re-fits the head on the real data as it is, where the group "
                             "predicts the class: use 'min' or a number (each (class, group) cell cut to that count)")
+    if config.synaug.domain_mixup and config.train.group_method == "dro":
+        raise SynthaugError("Group DRO weighs each image's own loss and synaug's domain mixup blends two images' "
+                            "losses: set synaug.domain_mixup=false to train SYNAuG's images with Group DRO")
     if not config.synaug.replay and config.synaug.replay_share < 1:
         check_generator(config.generator, task.train)
 

@@ -65,7 +65,8 @@ def scorer_for(real: ImageDataset, config, folder: Path, *, progress: bool = Fal
     run's other training settings, saved under `folder/<fingerprint>/` and reused."""
     grouped = real.groups is not None
     train_cfg = replace(config.train, loss="ce" if grouped else "balanced-softmax", sampler="uniform", mix="none",
-                        group_method="balanced-sampling" if grouped else "none", refit_head=False, ssl="none",
+                        group_method="balanced-sampling" if grouped else "none", group_dro_balanced=False,
+                        refit_head=False, ssl="none",
                         epochs=config.select.scorer_epochs or config.train.epochs,
                         steps=None if config.select.scorer_epochs else config.train.steps)
     key = hashlib.sha256(json.dumps([real.fingerprint(), key_dict(train_cfg), config.seed], sort_keys=True,
