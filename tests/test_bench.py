@@ -333,6 +333,28 @@ def test_recipes_from_reads_the_mapping_form_of_another_suite(tmp_path):
     assert [c.config.recipe for c in suite.cells_] == ["ce"]
 
 
+def test_a_setting_that_differs_in_its_test_only_shares_the_stores_it_names(tmp_path):
+    """`stores` names another setting whose images a setting reuses (only its test differs);
+    the store's key still holds the images' settings, so a setting whose training data differs
+    never shares one, and a name that is not a setting of the suite is refused."""
+    from synthaug.bench.suite import with_locations
+
+    text = TWO_BASELINES.replace("  balanced-softmax: [recipe=balanced-softmax]\n", "  synaug: [recipe=synaug]\n").replace(
+        "settings:\n  digits: []\n",
+        "settings:\n  coloured: [split.kind=colored]\n"
+        "  coloured, drawn test: {overrides: [split.kind=colored, split.test_colours=drawn], stores: coloured}\n"
+        "  coloured, own store: [split.kind=colored, split.test_colours=drawn]\n"
+        "  other data: {overrides: [split.kind=colored, split.agreement=0.5], stores: coloured}\n")
+    cells = [c for c in load_suite(str(_suite(tmp_path, text))).cells_ if c.seed == 0 and c.recipe == "synaug"]
+    stores = {c.setting: with_locations(c, tmp_path).synaug.store_dir for c in cells}
+    assert stores["coloured"] == stores["coloured, drawn test"]
+    assert stores["coloured, own store"] != stores["coloured"]  # its own folder, the same key
+    assert stores["coloured, own store"].rsplit("-", 1)[1] == stores["coloured"].rsplit("-", 1)[1]
+    assert stores["other data"] != stores["coloured"]
+    with pytest.raises(SynthaugError, match="stores must name another"):
+        load_suite(str(_suite(tmp_path, text.replace("stores: coloured}", "stores: colored}", 1))))
+
+
 def test_a_selection_of_the_plan_itself_shares_the_unselected_store(tmp_path):
     """At select.overgenerate 1 the candidates are the plan's own rows: a filter row reads the
     images of its unselected twin; at 2 the candidates are their own (larger) store."""

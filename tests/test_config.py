@@ -137,6 +137,25 @@ def test_a_record_without_a_later_option_ran_at_its_former_value():
     assert config_changes(recorded, load_config(None, ["generator.min_snr_gamma=0"])) == []
 
 
+def test_a_split_option_counts_only_for_the_split_kinds_that_read_it():
+    """`split.test_colours` (added; every, where the former test drew one colour) changes a
+    coloured run, not a long-tailed one; neither does a long-tail option a coloured run."""
+    from synthaug.config import config_changes, flatten
+
+    def before(overrides):  # recorded before split.test_colours existed
+        return {k: v for k, v in flatten(load_config(None, overrides).to_dict()).items() if k != "split.test_colours"}
+
+    assert config_changes(before([]), load_config(None, [])) == []
+    assert config_changes(before([]), load_config(None, ["split.agreement=0.5"])) == []
+    coloured = ["split.kind=colored"]
+    assert config_changes(before(coloured), load_config(None, coloured)) == ["split.test_colours: 'drawn' -> 'every'"]
+    drawn = [*coloured, "split.test_colours=drawn"]
+    assert config_changes(before(coloured), load_config(None, drawn)) == []
+    assert config_changes(before(coloured), load_config(None, [*drawn, "split.ratio=10"])) == []
+    assert config_changes(before(coloured), load_config(None, [*drawn, "split.agreement=0.5"])) == \
+        ["split.agreement: 0.95 -> 0.5"]
+
+
 def test_a_recipe_section_s_defaults_count_only_for_the_runs_that_read_it():
     """TADA's defaults moved (share None -> 0.35): a finished ce or SYNAuG run (whose report
     baselines do not include a TADA recipe) is not "different" for it, a TADA run is. And a

@@ -7,6 +7,7 @@ from synthaug.data import (
     balanced_validation,
     class_balanced_subsample,
     colored,
+    every_colour,
     few_shot,
     long_tail,
     long_tail_counts,
@@ -71,6 +72,35 @@ def test_colored_agreement_and_groups():
     assert (red[:, 0].mean() > 3 * red[:, 1].mean())  # red images are red
     with pytest.raises(SynthaugError, match="agreement"):
         colored(ds, agreement=1.5)
+
+
+def test_every_colour_paints_each_image_in_each_colour():
+    """The coloured test without the draw: every (class, colour) cell holds all of the
+    class's images, each painted as `colored` paints it."""
+    ds = make_dataset((30, 20, 10))
+    test = every_colour(ds)
+    assert len(test) == 3 * len(ds) and test.channels == 3
+    cells = torch.bincount(test.labels * 3 + test.groups, minlength=9).view(3, 3)
+    assert cells.tolist() == [[30] * 3, [20] * 3, [10] * 3]
+    drawn = colored(ds, agreement=None, seed=1)
+    for i in (0, 25, 59):  # the same image in the colour it drew matches the drawn test's pixels
+        g = int(drawn.groups[i])
+        assert torch.equal(test.images[g * len(ds) + i], drawn.images[i])
+        assert int(test.labels[g * len(ds) + i]) == int(ds.labels[i])
+
+
+def test_make_task_tests_a_coloured_split_in_every_colour_by_default():
+    from synthaug.config import load_config
+    from synthaug.data import LoadedDataset
+    from synthaug.task import make_task
+
+    data = LoadedDataset("toy", make_dataset((40, 40, 40)), make_dataset((10, 10, 10)))
+    every = make_task(data, load_config(None, ["split.kind=colored"]).split)
+    drawn = make_task(data, load_config(None, ["split.kind=colored", "split.test_colours=drawn"]).split)
+    assert len(every.test) == 90 and len(drawn.test) == 30
+    assert torch.equal(every.train.images, drawn.train.images)  # the test only
+    with pytest.raises(SynthaugError, match="test_colours"):
+        load_config(None, ["split.test_colours=some"])
 
 
 def test_balanced_validation():

@@ -9,6 +9,7 @@ from typing import Literal
 from .errors import SynthaugError
 
 SplitKind = Literal["none", "long-tail", "few-shot", "colored"]
+TestColours = Literal["every", "drawn"]  # colored: each test image in every colour, or in one drawn colour
 Profile = Literal["exp", "step"]  # long-tail: exponential or step profile
 Preset = Literal["tiny", "small", "base"]  # the embedded generator's network sizes
 Sampler = Literal["sde-dpm-solver++", "dpm-solver++", "ddim"]

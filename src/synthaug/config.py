@@ -30,6 +30,7 @@ from .choices import (
     Profile,
     Sampler,
     SplitKind,
+    TestColours,
 )
 from .classify.train import TrainConfig
 from .errors import SynthaugError
@@ -80,7 +81,24 @@ class SplitSection:
     k: int = 10  # few-shot: labelled images per class
     unlabeled_pool: bool = True  # few-shot: keep the other images as an unlabeled pool
     agreement: float = 0.95  # colored: share of training images whose colour agrees with the class
+    # colored: the test set's colours. every: each test image in every colour, so a (class, colour) cell
+    # holds all of the class's test images (worst group measured on ~100 images, not ~10); drawn: one
+    # random colour per test image (the former test, 1/10 the images)
+    test_colours: TestColours = "every"
     val_per_class: int = 0  # carve a class-balanced validation split of this many images per class
+
+    ADDED: ClassVar[dict[str, object]] = {"test_colours": "drawn"}  # options added, at their former values
+    TEST: ClassVar[tuple[str, ...]] = ("test_colours",)  # options that change the test set only
+    # the options each split kind reads (the others change nothing, so a run made before one of them
+    # existed, or with another value of it, computed the same)
+    READS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "none": (), "long-tail": ("ratio", "profile", "n_max"), "few-shot": ("k", "unlabeled_pool"),
+        "colored": ("agreement", "test_colours")}
+
+    def unread(self) -> set[str]:
+        """The kind-specific options this split's kind does not read."""
+        every = {k for keys in self.READS.values() for k in keys}
+        return every - set(self.READS[self.kind])
 
     def __post_init__(self):
         if self.val_per_class < 0 or self.k < 1 or (self.n_max is not None and self.n_max < 1):
@@ -467,12 +485,14 @@ def config_changes(recorded: dict, config: RunConfig, ignore=lambda key: False) 
     'train.lr: 0.05 -> 0.02' lines. A key the record lacks (an option added to synthaug since)
     counts only when it is not at the value synthaug had before it (its section's `ADDED`, else
     its default), so upgrading synthaug does not make finished runs "different", and a changed
-    default does, in the sections the run reads (not in `unread_sections`)."""
+    default does, in the sections the run reads (not in `unread_sections`) and in the split
+    options its split kind reads (`SplitSection.READS`)."""
     unread = unread_sections(config)
+    unread_split = {f"split.{k}" for k in config.split.unread()}
 
     def plain(c):
         return {k: v for k, v in json.loads(json.dumps(flatten(c.to_dict()), default=str)).items()
-                if not ignore(k) and k.split(".")[0] not in unread}
+                if not ignore(k) and k.split(".")[0] not in unread and k not in unread_split}
     now, defaults = plain(config), plain(RunConfig())
     for section in [f.name for f in dataclasses.fields(RunConfig)] + SECTIONS.names():
         for key, value in getattr(getattr(config, section, None), "ADDED", {}).items():

@@ -7,7 +7,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .config import SplitSection
-from .data import ImageDataset, LoadedDataset, balanced_validation, colored, few_shot, long_tail
+from .data import (
+    ImageDataset,
+    LoadedDataset,
+    balanced_validation,
+    colored,
+    every_colour,
+    few_shot,
+    long_tail,
+)
 
 
 @dataclass
@@ -34,7 +42,8 @@ def make_task(data: LoadedDataset, split: SplitSection) -> Task:
     if split.kind == "colored":
         full = colored(data.train, agreement=None, seed=split.seed)  # oracle: colour independent of class
         train = colored(data.train, agreement=split.agreement, seed=split.seed)
-        test = colored(data.test, agreement=None, seed=split.seed + 1)
+        test = (every_colour(data.test) if split.test_colours == "every"
+                else colored(data.test, agreement=None, seed=split.seed + 1))
     elif split.kind == "long-tail":
         train = long_tail(data.train, split.ratio, profile=split.profile, seed=split.seed, n_max=split.n_max)
     elif split.kind == "few-shot":

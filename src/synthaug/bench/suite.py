@@ -19,6 +19,10 @@ classifier seeds, read from YAML (shipped ones in configs/bench/, or the user's 
       Fashion-MNIST-LT r100:             # or a mapping: overrides, and any suite-level key above
         overrides: [data.dataset=fashion-mnist, split.ratio=100]
         recipes: [ce, synaug]
+      Coloured MNIST-5k: [split.kind=colored, split.agreement=0.95]
+      Coloured MNIST-5k, drawn test:     # stores: share another setting's generated images (only the test differs)
+        overrides: [split.kind=colored, split.agreement=0.95, split.test_colours=drawn]
+        stores: Coloured MNIST-5k
     include: [fewshot-small]             # optional: every setting of other suites, as they define them
     recipes_from: [longtail-small]       # optional: recipe labels defined by other suites
 
@@ -34,7 +38,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import RunConfig, config_changes, flatten, load_config, unread_sections
+from ..config import RunConfig, SplitSection, config_changes, flatten, load_config, unread_sections
 from ..errors import SynthaugError
 from ..recipes import get_recipe
 from ..utils.keys import drop_former
@@ -42,8 +46,8 @@ from ..utils.paths import check_name
 
 SHIPPED = Path(__file__).resolve().parents[3] / "configs" / "bench"
 SETTING_KEYS = {"overrides", "recipes", "metric", "classifier_seeds", "generator_seeds", "steps", "classical",
-                "columns"}
-SUITE_KEYS = SETTING_KEYS - {"overrides"} | {"name", "description", "common", "settings", "budget", "include",
+                "columns", "stores"}
+SUITE_KEYS = SETTING_KEYS - {"overrides", "stores"} | {"name", "description", "common", "settings", "budget", "include",
                                               "columns", "recipes_from"}
 UPPER_BOUNDS = ("oracle",)
 
@@ -59,6 +63,7 @@ class Setting:
     generator_seeds: list[int]
     steps: int | None
     columns: list[str]  # the leaderboard's metric columns
+    stores: str | None = None  # the setting whose store folders this one's cells share (same images, other test)
 
 
 @dataclass
@@ -69,6 +74,7 @@ class Cell:
     seed: int
     config: RunConfig
     fingerprint: str
+    stores: str = ""  # the setting that names the cell's store folder (its own, or its `stores`)
 
     @property
     def key(self) -> str:
@@ -202,6 +208,11 @@ def load_suite(name_or_path: str, _seen: tuple = ()) -> Suite:
             settings.append(s)
     if not settings:
         raise SynthaugError(f"suite '{name}' has no settings: add one under settings (or include a suite)")
+    names = [s.name for s in settings]
+    for s in settings:
+        if s.stores is not None and (s.stores == s.name or s.stores not in names):
+            raise SynthaugError(f"suite '{name}', setting '{s.name}': stores must name another of the suite's "
+                                f"settings ({', '.join(n for n in names if n != s.name)})")
     device = str(budget.get("device", "auto"))
     suite = Suite(name, str(raw.get("description", "")), settings, device, minutes, str(path))
     suite.cells_ = [c for s in settings for c in _cells(s, device)]
@@ -227,10 +238,16 @@ def _setting(suite: str, label: str, spec: dict, common: list[str], recipes: dic
     setting = Setting(label, overrides, {r: recipes[r] for r in chosen}, [], str(spec["metric"]),
                       _seeds(spec["classifier_seeds"], f"{where}: classifier_seeds"),
                       _seeds(spec["generator_seeds"], f"{where}: generator_seeds"), steps,
-                      _strings(spec["columns"], f"{where}: columns"))
+                      _strings(spec["columns"], f"{where}: columns"), _stores(spec.get("stores"), where))
     setting.classical = classical if classical is not None else [
         r for r in chosen if r not in UPPER_BOUNDS and not _generates(recipe_of(setting, r))]
     return setting
+
+
+def _stores(value, where: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise SynthaugError(f"{where}: stores must name one of the suite's settings")
+    return value
 
 
 def recipe_of(setting: Setting, label: str) -> str:
@@ -282,7 +299,8 @@ def _cells(setting: Setting, device: str) -> list[Cell]:
                     config = load_config(None, [*mine, *extra])
                 except SynthaugError as e:
                     raise SynthaugError(f"setting '{setting.name}', recipe '{label}': {e}") from None
-                cells.append(Cell(setting.name, label, g, seed, config, fingerprint(config)))
+                cells.append(Cell(setting.name, label, g, seed, config, fingerprint(config),
+                                  setting.stores or setting.name))
     return cells
 
 
@@ -311,7 +329,8 @@ def with_locations(cell: Cell, out: Path) -> RunConfig:
     """The cell's config writing under the suite's folder `out`: cells/<n>, one generator
     cache, and one store per (setting, generator, recipe section options) shared by the
     classifier seeds and by recipes whose images are the same (TADA's variants; SYNAuG's
-    options that only change the training, named by its section's IMAGE_KEYS; every selector)."""
+    options that only change the training, named by its section's IMAGE_KEYS; every selector)
+    and by settings that differ in their test set only (a setting's `stores`)."""
     config = cell.config
     name = hashlib.sha256(cell.key.encode()).hexdigest()[:12]
     config = replace(config, output_dir=str(out / "cells"), name=f"{_slug(cell.setting)}-{_slug(cell.recipe)}-{name}",
@@ -320,6 +339,7 @@ def with_locations(cell: Cell, out: Path) -> RunConfig:
     if section and getattr(config, section).store_dir is None:
         d = config.to_dict()
         images = {k: d[k] for k in ("data", "split", "generator", section)}
+        images["split"] = {k: v for k, v in images["split"].items() if k not in SplitSection.TEST}
         images["generator"].pop("cache_dir", None)
         images["generator"] = drop_former(images["generator"], type(config.generator))
         # the selectors score one shared set of candidates (each writes its own score columns); at
@@ -329,7 +349,7 @@ def with_locations(cell: Cell, out: Path) -> RunConfig:
         keys = getattr(type(getattr(config, section)), "IMAGE_KEYS", None)  # the options that change the images
         images[section] = {k: v for k, v in images[section].items() if k != "store_dir" and (keys is None or k in keys)}
         key = hashlib.sha256(json.dumps(images, sort_keys=True, default=str).encode()).hexdigest()[:12]
-        store = replace(getattr(config, section), store_dir=str(out / "stores" / f"{_slug(cell.setting)}-{section}-{key}"))
+        store = replace(getattr(config, section), store_dir=str(out / "stores" / f"{_slug(cell.stores or cell.setting)}-{section}-{key}"))
         config = replace(config, sections={**config.sections, section: store})
     return config
 

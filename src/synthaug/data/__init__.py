@@ -6,6 +6,7 @@ from .splits import (
     balanced_validation,
     class_balanced_subsample,
     colored,
+    every_colour,
     few_shot,
     long_tail,
     long_tail_counts,
@@ -14,6 +15,6 @@ from .splits import (
 
 __all__ = [
     "UNLABELED", "ImageDataset", "LoadedDataset", "concat", "SOURCES", "load_dataset", "register_source",
-    "balanced_validation", "class_balanced_subsample", "colored", "few_shot", "long_tail", "long_tail_counts",
+    "balanced_validation", "class_balanced_subsample", "colored", "every_colour", "few_shot", "long_tail", "long_tail_counts",
     "shot_thresholds",
 ]

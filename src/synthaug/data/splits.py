@@ -82,10 +82,9 @@ def few_shot(ds: ImageDataset, k: int, *, seed: int = 0) -> tuple[ImageDataset, 
 def colored(ds: ImageDataset, *, agreement: float | None, seed: int = 0) -> ImageDataset:
     """Colour each (grayscale) image. With probability `agreement` the colour is its class's
     own colour, otherwise one of the other colours at random; `agreement=None` draws every
-    colour uniformly (the test set: colour carries no information). The colour is the
-    group id, so (class, colour) cells define the groups for worst-group accuracy."""
-    if ds.num_classes > len(COLOURS):
-        raise SynthaugError(f"the coloured split supports up to {len(COLOURS)} classes, dataset has {ds.num_classes}")
+    colour uniformly (colour carries no information). The colour is the group id, so
+    (class, colour) cells define the groups for worst-group accuracy."""
+    _check_colours(ds)
     if agreement is not None and not 0.0 <= agreement <= 1.0:
         raise SynthaugError(f"colour agreement must be in [0, 1], got {agreement}")
     n_colours = ds.num_classes
@@ -97,13 +96,35 @@ def colored(ds: ImageDataset, *, agreement: float | None, seed: int = 0) -> Imag
         other = (ds.labels + 1 + torch.randint(n_colours - 1, (n,), generator=g)) % n_colours
         keep = torch.rand(n, generator=g) < agreement
         colour = torch.where(keep, ds.labels.clamp(min=0), other)
-    gray = ds.images.float().mean(1, keepdim=True)
-    rgb = torch.tensor([COLOURS[i][1] for i in range(n_colours)])[colour]  # (N, 3)
-    images = (gray * rgb[:, :, None, None]).round().clamp(0, 255).to(torch.uint8)
-    out = ds.subset(torch.arange(n))
-    out.images, out.groups = images, colour
-    out.group_names = [COLOURS[i][0] for i in range(n_colours)]
+    out = _paint(ds, torch.arange(n), colour)
     out.info.update(split="colored", agreement=agreement, seed=seed)
+    return out
+
+
+def every_colour(ds: ImageDataset) -> ImageDataset:
+    """Each image once in every colour (colour-major): the coloured test set without the
+    draw of one colour per image, so a (class, colour) cell holds all of the class's images,
+    not the tenth that drew that colour (the exact mean over the random colouring)."""
+    _check_colours(ds)
+    n, n_colours = len(ds), ds.num_classes
+    out = _paint(ds, torch.arange(n).repeat(n_colours), torch.arange(n_colours).repeat_interleave(n))
+    out.info.update(split="colored", agreement=None, every_colour=True)
+    return out
+
+
+def _check_colours(ds: ImageDataset):
+    if ds.num_classes > len(COLOURS):
+        raise SynthaugError(f"the coloured split supports up to {len(COLOURS)} classes, dataset has {ds.num_classes}")
+
+
+def _paint(ds: ImageDataset, index: torch.Tensor, colour: torch.Tensor) -> ImageDataset:
+    """Images `index` of `ds` (grayscale) painted in `colour` (one per image), the colour as group."""
+    out = ds.subset(index)
+    gray = out.images.float().mean(1, keepdim=True)
+    rgb = torch.tensor([COLOURS[i][1] for i in range(ds.num_classes)])[colour]  # (N, 3)
+    out.images = (gray * rgb[:, :, None, None]).round().clamp(0, 255).to(torch.uint8)
+    out.groups = colour
+    out.group_names = [COLOURS[i][0] for i in range(ds.num_classes)]
     return out
 
 
