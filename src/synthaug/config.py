@@ -81,9 +81,9 @@ class SplitSection:
     k: int = 10  # few-shot: labelled images per class
     unlabeled_pool: bool = True  # few-shot: keep the other images as an unlabeled pool
     agreement: float = 0.95  # colored: share of training images whose colour agrees with the class
-    # colored: the test set's colours. every: each test image in every colour, so a (class, colour) cell
-    # holds all of the class's test images (worst group measured on ~100 images, not ~10); drawn: one
-    # random colour per test image (the former test, 1/10 the images)
+    # colored: the test set's colours. every: each test image in every colour, so a (class, colour) cell holds
+    # all of the class's test images (on MNIST-5k 100, not 2 to 19); drawn: one random colour per test image
+    # (the former test)
     test_colours: TestColours = "every"
     val_per_class: int = 0  # carve a class-balanced validation split of this many images per class
 
