@@ -74,7 +74,7 @@ class Cell:
     seed: int
     config: RunConfig
     fingerprint: str
-    stores: str = ""  # the setting that names the cell's store folder (its own, or its `stores`)
+    stores: str | None = None  # the setting whose store folders the cell shares (None: its own)
 
     @property
     def key(self) -> str:
@@ -299,8 +299,7 @@ def _cells(setting: Setting, device: str) -> list[Cell]:
                     config = load_config(None, [*mine, *extra])
                 except SynthaugError as e:
                     raise SynthaugError(f"setting '{setting.name}', recipe '{label}': {e}") from None
-                cells.append(Cell(setting.name, label, g, seed, config, fingerprint(config),
-                                  setting.stores or setting.name))
+                cells.append(Cell(setting.name, label, g, seed, config, fingerprint(config), setting.stores))
     return cells
 
 
