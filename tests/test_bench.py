@@ -159,6 +159,11 @@ def test_a_replay_control_costs_no_generation_and_is_not_a_classical_baseline(tm
                "synthetic": {"images": 1000, "generated_now": 0, "replay": True}}
     row = result_row(suite, suite.cells_[0], metrics, tmp_path / "out" / "cells" / "x", tmp_path / "out", 60.0, {})
     assert row["images_generated"] == 0 and row["images_replayed"] == 1000  # how the runner records a replay
+    assert "per_group" not in row  # no groups in the test, no per-cell accuracies
+    cells = {"a": {"0": 1.0, "1": 0.5}}
+    row = result_row(suite, suite.cells_[0], dict(metrics, test={"balanced_accuracy": 0.9, "group_accuracy": cells}),
+                     tmp_path / "out" / "cells" / "x", tmp_path / "out", 60.0, {})
+    assert row["per_group"] == cells  # each (class, group) cell's accuracy, for what the worst one hides
     cost = costs(made + replay + plain)
     assert cost["synaug"]["generation"] == 100.0 and cost["real replay"]["generation"] == 0.0
     # each recipe's images at its own generator's rate: cheap features do not lower the images' cost

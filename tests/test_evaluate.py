@@ -30,3 +30,4 @@ def test_worst_group():
     m = classification_metrics(preds, labels, class_names=["a", "b"], groups=groups)
     assert m["worst_group_accuracy"] == 0.0 and m["worst_group"] == {"class": "b", "group": 1}
     assert abs(m["mean_group_accuracy"] - (1 + 0.5 + 1 + 0) / 4) < 1e-6
+    assert m["group_accuracy"] == {"a": {"0": 1.0, "1": 0.5}, "b": {"0": 1.0, "1": 0.0}}

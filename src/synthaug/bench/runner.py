@@ -212,6 +212,7 @@ def result_row(suite: Suite, cell: Cell, metrics: dict, run_dir: Path, out: Path
         "metric": metric,
         "metrics": found, "memorization": (metrics.get("memorization") or {}).get("median"),
         "per_class": test.get("per_class_accuracy", {}),
+        **({"per_group": test["group_accuracy"]} if test.get("group_accuracy") else {}),
         "seconds": metrics.get("seconds", {}), "wall_seconds": wall,
         # a replay control's images are real ones drawn again: none generated, none costed
         "images_generated": 0 if synthetic.get("replay") else synthetic.get("images", 0),

@@ -36,7 +36,7 @@ def classification_metrics(
 
     `train_counts` (images per class in training) gives the many/medium/few-shot split:
     many > many_threshold, few < few_threshold (defaults: 20% and 4% of the largest class,
-    see `shot_thresholds`). `groups` gives worst-group accuracy over (class, group) cells."""
+    see `shot_thresholds`). `groups` gives each (class, group) cell's accuracy and the worst and mean of them."""
     predictions, labels = torch.as_tensor(predictions), torch.as_tensor(labels)
     num_classes = len(class_names)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
@@ -74,6 +74,10 @@ def classification_metrics(
         out["worst_group_accuracy"] = cells[worst]
         out["worst_group"] = {"class": class_names[worst[0]], "group": int(worst[1])}
         out["mean_group_accuracy"] = sum(cells.values()) / len(cells)
+        per_group: dict[str, dict[str, float]] = {}  # class -> group -> accuracy, every cell the test holds
+        for (c, g), a in cells.items():
+            per_group.setdefault(class_names[c], {})[str(g)] = a
+        out["group_accuracy"] = per_group
     return out
 
 
