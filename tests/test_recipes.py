@@ -72,6 +72,20 @@ def test_task_kinds(data):
     assert "worst_group_accuracy" in metrics
 
 
+def test_a_coloured_run_reports_each_cell(tmp_path):
+    from synthaug.runs import train_run
+
+    config = load_config(None, ["data.dataset=digits", "split.kind=colored", "recipe=group-reweighted",
+                                "train.epochs=1", "train.augment=none", "report.baselines=[ce]",
+                                f"output_dir={tmp_path}"])
+    run_dir, metrics = train_run(config, progress=False, compare=True)
+    test, worst = metrics["test"], metrics["test"]["worst_group"]
+    assert sum(len(groups) for groups in test["group_accuracy"].values()) == 100  # every (digit, colour) cell
+    assert test["group_accuracy"][worst["class"]][str(worst["group"])] == test["worst_group_accuracy"]
+    page = (run_dir / "report.html").read_text()
+    assert "per (class, group) cell" in page and f"<b>{100 * test['worst_group_accuracy']:.2f}</b>" in page
+
+
 def test_unknown_recipe():
     with pytest.raises(SynthaugError, match="unknown recipe"):
         get_recipe("magic")

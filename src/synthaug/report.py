@@ -111,6 +111,22 @@ def per_class_plot(classes, rows: dict[str, dict]) -> str:
     return png(fig)
 
 
+def group_table(test: dict) -> str:
+    """Each (class, group) cell's test accuracy (%), a row per class; the worst cell in bold."""
+    cells = test["group_accuracy"]
+    groups = sorted({g for row in cells.values() for g in row}, key=int)
+    worst = test.get("worst_group") or {}
+    out = ["<table><tr><th>class</th>" + "".join(f"<th>group {g}</th>" for g in groups) + "</tr>"]
+    for c, row in cells.items():
+        tds = []
+        for g in groups:
+            v = pct(row.get(g))
+            bold = c == worst.get("class") and g == str(worst.get("group"))
+            tds.append(f"<td><b>{v}</b></td>" if bold else f"<td>{v}</td>")
+        out.append(f"<tr><td>{html.escape(c)}</td>{''.join(tds)}</tr>")
+    return "".join(out) + "</table>"
+
+
 def selection_section(sel: dict) -> str:
     shortfall = (f" {sel['shortfall']} planned images found no candidate that passed (the filter kept fewer)."
                  if sel.get("shortfall") else "")
@@ -237,6 +253,9 @@ def _write_report(path, metrics, real, synthetic, config_yaml, sections, replaye
         parts.append(validation_section(metrics["validation"], classes))
     parts.extend(sections)  # the recipe's own (its `report`)
     parts.append("<h2>Per-class test accuracy</h2>" + per_class_plot(classes, rows))
+    if metrics["test"].get("group_accuracy"):
+        parts.append("<h2>Test accuracy per (class, group) cell</h2>"
+                     f"<p class='muted'>{html.escape(recipe)}; the worst cell in bold.</p>" + group_table(metrics["test"]))
     generator = metrics.get("generator")
     if generator and generator.get("kind") == "stable-diffusion" and not generator.get("history"):
         parts.append(f"<h2>Generator</h2><p>Stable Diffusion through diffusers, {html.escape(generator.get('source', ''))}: "
