@@ -143,6 +143,25 @@ def test_generator_seed_runs_only_that_seeds_generative_cells(tmp_path, monkeypa
     assert sorted(calls) == [("ce", 0, 0), ("ce", 0, 1), ("synaug", 0, 0), ("synaug", 0, 1)]
 
 
+def test_seed_runs_only_that_classifier_seeds_cells(tmp_path, monkeypatch):
+    suite, out, calls = load_suite(str(_suite(tmp_path))), tmp_path / "out", []
+
+    def fake_run(config, **kw):
+        calls.append((config.recipe, config.seed))
+        (out / "cells" / config.name).mkdir(parents=True)
+        return out / "cells" / config.name, {"test": {"balanced_accuracy": 0.5}, "seconds": {"train": 1.0}}
+
+    monkeypatch.setattr(synthaug.runs, "train_run", fake_run)
+    with pytest.raises(SynthaugError, match="no classifier seed 7: use one of 0, 1"):
+        run_suite(suite, out, seeds=[7], progress=False, echo=lambda _: None)
+    assert not out.exists()  # refused before the first write
+    run_suite(suite, out, seeds=[1], recipes=["ce"], progress=False, echo=lambda _: None)
+    assert calls == [("ce", 1)]  # one cell: one process's share of a suite split over processes
+    calls.clear()
+    run_suite(suite, out, seeds=[0], progress=False, echo=lambda _: None)
+    assert sorted(calls) == [("balanced-softmax", 0), ("ce", 0)]
+
+
 def _row(recipe, seed, score, generator_seed=None, images=0):
     return {"suite": "made-up", "setting": "s", "recipe": recipe, "seed": seed, "generator_seed": generator_seed,
             "cell": f"s | {recipe} | {generator_seed} | {seed}", "metric": "balanced_accuracy",

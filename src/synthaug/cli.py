@@ -174,6 +174,8 @@ def bench(
     recipe: list[str] = typer.Option([], help="run only this recipe label's cells (repeatable)"),
     generator_seed: list[int] = typer.Option([], help="run only the generative cells of this generator seed "
                                                       "(repeatable)"),
+    seed: list[int] = typer.Option([], help="run only the cells of this classifier seed (repeatable): with "
+                                           "--recipe, one cell per process, for several processes on one GPU"),
     quiet: bool = QUIET_OPT,
 ):
     """Run a benchmark suite (every setting x recipe x seed, resumable) and write results.jsonl
@@ -192,7 +194,7 @@ def bench(
         md, page = write_leaderboard(found, rows, out)
     else:
         run_suite(found, out, force=force, rerun=rerun, progress=not quiet, settings=setting, recipes=recipe,
-                  generator_seeds=generator_seed, echo=lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
+                  generator_seeds=generator_seed, seeds=seed, echo=lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
         md, page = out / "leaderboard.md", out / "leaderboard.html"
     console.print(f"leaderboard: {md}")
     console.print(f"page: {page}")

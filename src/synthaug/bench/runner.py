@@ -131,10 +131,10 @@ def preflight(suite: Suite, cells: list[Cell], out: Path):
 
 def run_suite(suite: Suite, out: str | Path, *, force: bool = False, rerun: bool = False, progress: bool = True,
               echo=print, settings: list[str] = (), recipes: list[str] = (),
-              generator_seeds: list[int] = ()) -> list[dict]:
+              generator_seeds: list[int] = (), seeds: list[int] = ()) -> list[dict]:
     """Run the suite's unfinished cells (and, with `force`, its changed ones), only those of
-    `settings`, `recipes` and `generator_seeds` (then only generative cells) when given; returns
-    the rows of results.jsonl. `rerun` runs the chosen finished cells afresh, their run folders
+    `settings`, `recipes`, `generator_seeds` (then only generative cells) and classifier `seeds`
+    when given; returns the rows of results.jsonl. `rerun` runs the chosen finished cells afresh, their run folders
     replaced (trained generators and stores whose fingerprints still match are reused), for when
     the code behind a recipe changed.
     Stops starting cells once `suite.minutes` are spent (run again to go on)."""
@@ -149,18 +149,23 @@ def run_suite(suite: Suite, out: str | Path, *, force: bool = False, rerun: bool
         for n in name:
             if n not in known:
                 raise SynthaugError(f"suite '{suite.name}' has no {what} '{n}': use one of {', '.join(sorted(known))}")
-    seeds = {c.generator_seed for c in suite.cells_ if c.generator_seed is not None}
+    known = {c.generator_seed for c in suite.cells_ if c.generator_seed is not None}
     for g in generator_seeds:
-        if g not in seeds:
+        if g not in known:
             raise SynthaugError(f"suite '{suite.name}' has no generator seed {g}: use one of "
-                                f"{', '.join(map(str, sorted(seeds))) or 'none (no recipe generates)'}")
-    if rerun and not (settings or recipes or generator_seeds):
-        raise SynthaugError("--rerun runs finished cells afresh: choose them with --recipe, --setting and/or "
-                            "--generator-seed")
+                                f"{', '.join(map(str, sorted(known))) or 'none (no recipe generates)'}")
+    known = {c.seed for c in suite.cells_}
+    for s in seeds:
+        if s not in known:
+            raise SynthaugError(f"suite '{suite.name}' has no classifier seed {s}: use one of "
+                                f"{', '.join(map(str, sorted(known)))}")
+    if rerun and not (settings or recipes or generator_seeds or seeds):
+        raise SynthaugError("--rerun runs finished cells afresh: choose them with --recipe, --setting, "
+                            "--generator-seed and/or --seed")
 
     def chosen(c: Cell) -> bool:
         return ((not settings or c.setting in settings) and (not recipes or c.recipe in recipes)
-                and (not generator_seeds or c.generator_seed in generator_seeds))
+                and (not generator_seeds or c.generator_seed in generator_seeds) and (not seeds or c.seed in seeds))
 
     cells, changed, done = plan(suite, out, force=force, rerun=rerun)
     cells = [c for c in cells if chosen(c)]

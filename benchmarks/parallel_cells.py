@@ -1,0 +1,238 @@
+"""Run one setting of a bench suite as parallel `synthaug bench` processes on one machine: the
+cells of a short GPU lease (one H100 or H200 shared by many small classifiers) in minutes rather
+than one after another.
+
+    python benchmarks/parallel_cells.py cifar10-gpu --setting "CIFAR-10-LT r100" --out /tmp/lt \\
+        --workers 10 --minutes 6 --stop 9 --export rows.jsonl
+
+Each cell (recipe, classifier seed) runs as `synthaug bench SUITE --setting S --recipe R --seed N`
+in its own folder, so no two processes write one results.jsonl. Generative cells share one
+generator cache and one store folder (each job folder links to them): the setting's first
+generative cell trains the generator; the cells that write one store run their first seed one
+after another, and a recipe's other seeds start once its first has filled the store. The real-replay
+control draws real images only (no generator, no store) and runs at once. Ready cells start
+first-seed-first, so a lease that runs out leaves every recipe with as many seeds as the rest.
+
+After `--minutes` no cell starts; at `--stop` the running ones are stopped (their rows are
+lost, the others kept). Every finished row goes into `--export` as it lands (one JSON line per
+cell, as results.jsonl holds it; `--commit` fills the commit a copy without .git cannot read),
+so the rows survive a lease that ends early. Merge them into a suite folder with --merge:
+
+    python benchmarks/parallel_cells.py cifar10-gpu --merge rows.jsonl --into benchmarks/results/bench/cifar10-gpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from synthaug.bench import load_suite, read_results
+from synthaug.bench.runner import MARKER, RESULTS
+from synthaug.bench.suite import Cell, with_locations
+from synthaug.recipes import get_recipe
+from synthaug.utils.io import atomic_write_text
+
+SHARED = ("generators", "stores")  # the folders generative jobs share (linked into each job folder)
+
+
+@dataclass
+class Job:
+    cell: Cell
+    name: str
+    generative: bool  # trains or reads the shared generator and store
+    after: list[str] = field(default_factory=list)  # jobs that must finish first
+    process: subprocess.Popen | None = None
+    started: float | None = None
+    rc: int | None = None
+
+
+def writes_store(cell: Cell) -> bool:
+    """Whether the cell reads a generator and writes a shared store (the real-replay control does neither)."""
+    if cell.generator_seed is None:
+        return False
+    synaug = cell.config.sections.get("synaug")
+    return not (cell.config.recipe == "synaug" and synaug is not None and synaug.replay)
+
+
+def plan_jobs(suite, setting: str, out: Path, last: list[str] = ()) -> list[Job]:
+    """The setting's cells as jobs with the order they must keep (see the module's docstring);
+    the cells of `last` (recipe labels: a reference such as the oracle) after all others."""
+    cells = [c for c in suite.cells_ if c.setting == setting]
+    recipes = list(dict.fromkeys(c.recipe for c in cells))
+    jobs, first_of, first_generative, heads = [], {}, None, {}
+    for cell in sorted(cells, key=lambda c: (c.seed, recipes.index(c.recipe))):
+        name = f"{recipes.index(cell.recipe):02d}-s{cell.seed}-g{cell.generator_seed}"
+        job = Job(cell, name, writes_store(cell))
+        if job.generative:
+            section = get_recipe(cell.config.recipe).shared_store
+            store = getattr(with_locations(cell, out / "shared"), section).store_dir if section else None
+            key = (cell.recipe, cell.generator_seed)
+            if key in first_of:  # a recipe's other seeds: after its first has filled the store
+                job.after.append(first_of[key])
+            else:  # a recipe's first seed: after the generator, and after the store's previous writer
+                first_of[key] = name
+                if first_generative is not None:
+                    job.after.append(first_generative)
+                if store is not None and store in heads:
+                    job.after.append(heads[store])
+                heads[store] = name
+                first_generative = first_generative or name
+        jobs.append(job)
+    blocking = {a for j in jobs for a in j.after}
+    # what others wait for first, then first seeds first
+    jobs.sort(key=lambda j: (j.name not in blocking, j.cell.recipe in last, j.cell.seed, j.name))
+    return jobs
+
+
+def job_folder(job: Job, out: Path) -> Path:
+    folder = out / "jobs" / job.name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MARKER).write_text("a benchmark folder made by synthaug\n")
+    if job.generative:
+        for name in SHARED:
+            (out / "shared" / name).mkdir(parents=True, exist_ok=True)
+            link = folder / name
+            if not link.is_symlink():
+                link.symlink_to((out / "shared" / name).resolve(), target_is_directory=True)
+    return folder
+
+
+def export(out: Path, path: Path, commit: str | None) -> list[dict]:
+    """Every finished row of every job folder, into `path` (atomic); returns them."""
+    rows = []
+    for folder in sorted((out / "jobs").glob("*")):
+        for row in read_results(folder):
+            if commit and not row.get("commit"):
+                row["commit"] = commit
+            rows.append(row)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def run(args) -> int:
+    suite = load_suite(args.suite)
+    if args.setting not in {s.name for s in suite.settings}:
+        sys.exit(f"suite '{suite.name}' has no setting '{args.setting}'")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    unknown = [r for r in args.last if r not in {c.recipe for c in suite.cells_ if c.setting == args.setting}]
+    if unknown:
+        sys.exit(f"setting '{args.setting}' has no recipe '{unknown[0]}' (--last)")
+    jobs = plan_jobs(suite, args.setting, out, args.last)
+    export_path = Path(args.export) if args.export else out / "rows.jsonl"
+    threads = max(1, (os.cpu_count() or 2) // args.workers)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    # decode the data once, before the workers (each would decode and cache it at the same time)
+    from synthaug.data import load_dataset
+    data = jobs[0].cell.config.data
+    t0 = time.perf_counter()
+    load_dataset(data.dataset, image_size=data.image_size, channels=data.channels, cache_dir=data.cache_dir)
+    print(f"{len(jobs)} cells, {args.workers} workers x {threads} threads; data ready in {time.perf_counter() - t0:.0f} s",
+          flush=True)
+    start, done, failed = time.perf_counter(), set(), set()
+    minutes = lambda: (time.perf_counter() - start) / 60  # noqa: E731
+    pending = list(jobs)
+    try:
+        while True:
+            for job in [j for j in jobs if j.process is not None and j.rc is None]:
+                job.rc = job.process.poll()
+                if job.rc is None:
+                    continue
+                (done if job.rc == 0 else failed).add(job.name)
+                rows = export(out, export_path, args.commit)
+                print(f"[{minutes():5.2f} min] {job.name} ({job.cell.recipe}, seed {job.cell.seed}) "
+                      f"{'done' if job.rc == 0 else f'FAILED rc {job.rc}'} in {time.perf_counter() - job.started:.0f} s; "
+                      f"{len(rows)} rows", flush=True)
+                if job.rc:
+                    print(tail(out / "logs" / f"{job.name}.log"), flush=True)
+            pending = [j for j in pending if not any(a in failed for a in j.after)]  # a failed prerequisite: skipped
+            running = [j for j in jobs if j.process is not None and j.rc is None]
+            if minutes() >= args.stop:
+                for job in running:
+                    os.killpg(job.process.pid, signal.SIGTERM)
+                print(f"[{minutes():5.2f} min] stop: {len(running)} running cell(s) stopped, {len(pending)} not started",
+                      flush=True)
+                break
+            if minutes() < args.minutes:
+                for job in [j for j in pending if all(a in done for a in j.after)][: args.workers - len(running)]:
+                    folder = job_folder(job, out)
+                    cmd = [sys.executable, "-c", "from synthaug.cli import main; main()", "bench", args.suite,
+                           "--out", str(folder), "--setting", args.setting, "--recipe", job.cell.recipe,
+                           "--seed", str(job.cell.seed), "--quiet"]
+                    if job.cell.generator_seed is not None:
+                        cmd += ["--generator-seed", str(job.cell.generator_seed)]
+                    (out / "logs").mkdir(exist_ok=True)
+                    log = open(out / "logs" / f"{job.name}.log", "w")
+                    job.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                                   start_new_session=True)
+                    job.started = time.perf_counter()
+                    pending.remove(job)
+                    running.append(job)
+            elif not running:
+                print(f"[{minutes():5.2f} min] budget spent: {len(pending)} cell(s) not started", flush=True)
+                break
+            if not running and not pending:
+                break
+            time.sleep(1)
+    finally:
+        for job in jobs:
+            if job.process is not None and job.process.poll() is None:
+                os.killpg(job.process.pid, signal.SIGKILL)
+        rows = export(out, export_path, args.commit)
+        print(f"{len(rows)} rows in {export_path}; failed: {sorted(failed) or 'none'}", flush=True)
+    return 1 if failed else 0
+
+
+def merge(args) -> int:
+    """Add the exported rows to a suite folder's results.jsonl (a cell's newer row replaces its older)."""
+    into = Path(args.into)
+    if not (into / MARKER).is_file():
+        sys.exit(f"'{into}' is not a bench folder (no {MARKER})")
+    rows = {r["cell"]: r for r in read_results(into)}
+    new = [json.loads(line) for line in Path(args.merge).read_text().splitlines() if line.strip()]
+    rows.update({r["cell"]: r for r in new})
+    atomic_write_text(into / RESULTS, "".join(json.dumps(r) + "\n" for r in rows.values()))
+    print(f"{len(new)} rows merged into {into / RESULTS} ({len(rows)} in all): rewrite its leaderboard with "
+          f"synthaug bench {args.suite} --out {into} --report-only")
+    return 0
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("suite", help="a shipped suite or a suite YAML file")
+    p.add_argument("--setting", help="the setting whose cells run")
+    p.add_argument("--out", default="runs/parallel-cells", help="the jobs' folders (one per cell) and logs")
+    p.add_argument("--workers", type=int, default=8, help="cells at a time")
+    p.add_argument("--minutes", type=float, default=60.0, help="start no cell after this many minutes")
+    p.add_argument("--stop", type=float, default=float("inf"), help="stop the running cells after this many minutes")
+    p.add_argument("--last", action="append", default=[], help="a recipe whose cells start after all others (repeatable)")
+    p.add_argument("--export", help="the finished rows, one JSON line each (default: OUT/rows.jsonl)")
+    p.add_argument("--commit", help="the commit the rows ran at, where the copy has no .git")
+    p.add_argument("--merge", help="exported rows to add to the suite folder --into")
+    p.add_argument("--into", help="a suite folder (with --merge)")
+    args = p.parse_args()
+    if args.merge:
+        return merge(args)
+    if not args.setting:
+        p.error("--setting is required (or --merge)")
+    shutil.which("nvidia-smi") and subprocess.run(["nvidia-smi", "-L"])
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
