@@ -1,0 +1,64 @@
+"""benchmarks/parallel_cells.py: a setting's cells as parallel jobs, in an order that keeps one
+writer per store (the generator's cell first, a recipe's seeds after its first), first seeds
+first, and the cells an earlier lease finished left out."""
+
+import importlib
+from pathlib import Path
+
+import pytest
+
+from synthaug.bench import load_suite
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+SUITE = """
+name: parallel
+classifier_seeds: [0, 1]
+generator_seeds: [0]
+steps: 20
+common: [data.dataset=digits, split.kind=long-tail, split.ratio=5, generator.steps=2]
+recipes:
+  ce: [recipe=ce]
+  synaug: [recipe=synaug]
+  synaug, all generated: [recipe=synaug, synaug.replay_share=0]
+  real replay: [recipe=synaug, synaug.replay=true]
+  oracle: [recipe=oracle]
+settings:
+  digits: []
+"""
+
+
+@pytest.fixture
+def parallel(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    return importlib.import_module("parallel_cells")
+
+
+def test_jobs_keep_one_writer_per_store_and_start_first_seeds_first(parallel, tmp_path):
+    (tmp_path / "s.yaml").write_text(SUITE)
+    suite = load_suite(str(tmp_path / "s.yaml"))
+    jobs = parallel.plan_jobs(suite, "digits", tmp_path / "out", last=["oracle"])
+    by = {(j.cell.recipe, j.cell.seed): j for j in jobs}
+    first = by["synaug", 0]
+    assert first.after == [] and first.alone and jobs[0] is first  # it trains the generator: first, alone
+    # one store for both SYNAuG recipes (replay_share changes no image): their first seeds one after another
+    assert by["synaug, all generated", 0].after == [first.name]
+    assert by["synaug", 1].after == [first.name]
+    assert by["synaug, all generated", 1].after == [by["synaug, all generated", 0].name]
+    assert by["real replay", 0].after == [] and not by["real replay", 0].generative  # no generator, no store
+    order = [(j.cell.recipe, j.cell.seed) for j in jobs]
+    assert order.index(("ce", 0)) < order.index(("ce", 1)) < order.index(("oracle", 0))  # --last: after all others
+    assert len({j.name for j in jobs}) == len(jobs) == 10
+
+
+def test_skip_leaves_out_finished_cells_and_the_next_seed_fills_the_store(parallel, tmp_path):
+    (tmp_path / "s.yaml").write_text(SUITE)
+    suite = load_suite(str(tmp_path / "s.yaml"))
+    everything = {(j.cell.recipe, j.cell.seed): j.name for j in parallel.plan_jobs(suite, "digits", tmp_path / "a")}
+    ran = {c.key for c in suite.cells_ if c.seed == 0 and c.recipe in ("ce", "synaug")}
+    jobs = parallel.plan_jobs(suite, "digits", tmp_path / "b", skip=ran)
+    by = {(j.cell.recipe, j.cell.seed): j for j in jobs}
+    assert ("ce", 0) not in by and ("synaug", 0) not in by and len(jobs) == 8
+    # a new machine holds no generator and no store: the first generative cell left trains and fills them
+    head = by["synaug, all generated", 0]
+    assert head.after == [] and head.alone and by["synaug", 1].after == [head.name]
+    assert all(everything[k] == j.name for k, j in by.items())  # a cell's job has one name in every lease
