@@ -7,11 +7,13 @@ than one after another.
 
 Each cell (recipe, classifier seed) runs as `synthaug bench SUITE --setting S --recipe R --seed N`
 in its own folder, so no two processes write one results.jsonl. Generative cells share one
-generator cache and one store folder (each job folder links to them): the setting's first
-generative cell trains the generator; the cells that write one store run their first seed one
-after another, and a recipe's other seeds start once its first has filled the store. The real-replay
-control draws real images only (no generator, no store) and runs at once. Ready cells start
-first-seed-first, so a lease that runs out leaves every recipe with as many seeds as the rest.
+generator cache and one store folder (each job folder links to them): each generator seed's first
+generative cell trains it; the recipes that write one store (SYNAuG's fills differ in how much of
+a plan is generated, not in its images) run their first seed one after another, and their other
+seeds start once the store's last writer is done (a cell that opens a store repairs what it finds,
+so none reads while another writes). The real-replay control draws real images only (no generator,
+no store) and runs at once. Ready cells start first-seed-first, so a lease that runs out leaves
+every recipe with as many seeds as the rest; a cell whose prerequisite failed is dropped.
 With --alone the generator's cell runs first with no other beside it: on an H200, 2,400 generator
 steps take 1.7 minutes alone and did not end within 8 beside 11 classifiers. --skip leaves out
 the cells an earlier lease finished, so a setting larger than one lease runs over several.
@@ -19,7 +21,8 @@ the cells an earlier lease finished, so a setting larger than one lease runs ove
 After `--minutes` no cell starts; at `--stop` the running ones are stopped (their rows are
 lost, the others kept). Every finished row goes into `--export` as it lands (one JSON line per
 cell, as results.jsonl holds it; `--commit` fills the commit a copy without .git cannot read),
-so the rows survive a lease that ends early. Merge them into a suite folder with --merge:
+so the rows survive a lease that ends early. Exit status 0: every cell has a row; 1: a cell failed;
+2: cells left without a row (the time ran out). Merge the rows into a suite folder with --merge:
 
     python benchmarks/parallel_cells.py cifar10-gpu --merge rows.jsonl --into benchmarks/results/bench/cifar10-gpu
 """
@@ -68,34 +71,33 @@ def writes_store(cell: Cell) -> bool:
 
 def plan_jobs(suite, setting: str, out: Path, last: list[str] = (), skip: set[str] = frozenset()) -> list[Job]:
     """The setting's cells as jobs with the order they must keep (see the module's docstring);
-    the cells of `last` (recipe labels: a reference such as the oracle) after all others, the
-    cells in `skip` (keys of rows from an earlier lease) left out: a recipe's first seed left is
-    the one that fills its store (a new machine holds none), the rest wait for it."""
+    the cells of `last` (recipe labels: a reference such as the oracle) after the others that
+    nothing waits for, the cells in `skip` (keys of rows from an earlier lease) left out: the first
+    generative cell left of each generator seed trains it again (a new machine holds none)."""
     recipes = list(dict.fromkeys(c.recipe for c in suite.cells_ if c.setting == setting))  # names jobs alike in every lease
     cells = [c for c in suite.cells_ if c.setting == setting and c.key not in skip]
-    jobs, first_of, first_generative, heads = [], {}, None, {}
+    jobs, firsts, trainer, writers, store_of = [], {}, {}, {}, {}
     for cell in sorted(cells, key=lambda c: (c.seed, recipes.index(c.recipe))):
         name = f"{recipes.index(cell.recipe):02d}-s{cell.seed}-g{cell.generator_seed}"
         job = Job(cell, name, writes_store(cell))
-        if job.generative:
-            section = get_recipe(cell.config.recipe).shared_store
-            store = getattr(with_locations(cell, out / "shared"), section).store_dir if section else None
-            key = (cell.recipe, cell.generator_seed)
-            if key in first_of:  # a recipe's other seeds: after its first has filled the store
-                job.after.append(first_of[key])
-            else:  # a recipe's first seed: after the generator, and after the store's previous writer
-                first_of[key] = name
-                if first_generative is not None:
-                    job.after.append(first_generative)
-                if store is not None and store in heads and heads[store] not in job.after:
-                    job.after.append(heads[store])
-                heads[store] = name
-                first_generative = first_generative or name
         jobs.append(job)
-    if first_generative is not None:
-        jobs[[j.name for j in jobs].index(first_generative)].alone = True
+        if not job.generative:
+            continue
+        section = get_recipe(cell.config.recipe).shared_store
+        store_of[name] = getattr(with_locations(cell, out / "shared"), section).store_dir if section else name
+        if (cell.recipe, cell.generator_seed) in firsts:
+            continue  # a later seed: placed below, once every writer of its store is known
+        firsts[cell.recipe, cell.generator_seed] = name
+        # a recipe's first seed fills (its part of) the store: after its generator's trainer and the store's last writer
+        job.after = list(dict.fromkeys(a for a in (trainer.get(cell.generator_seed), writers.get(store_of[name])) if a))
+        trainer.setdefault(cell.generator_seed, name)
+        job.alone = trainer[cell.generator_seed] == name
+        writers[store_of[name]] = name
+    for job in jobs:  # later seeds read a store only once its last writer is done (a reader repairs what it finds)
+        if job.generative and firsts[job.cell.recipe, job.cell.generator_seed] != job.name:
+            job.after = [writers[store_of[job.name]]]
     blocking = {a for j in jobs for a in j.after}
-    # what others wait for first, then first seeds first
+    # what others wait for first, then first seeds first, then `last`
     jobs.sort(key=lambda j: (j.name not in blocking, j.cell.recipe in last, j.cell.seed, j.name))
     return jobs
 
@@ -148,7 +150,10 @@ def run(args) -> int:
     unknown = [r for r in args.last if r not in {c.recipe for c in suite.cells_ if c.setting == args.setting}]
     if unknown:
         sys.exit(f"setting '{args.setting}' has no recipe '{unknown[0]}' (--last)")
-    skip = {r["cell"] for path in args.skip for r in read_results_file(Path(path))}
+    # a row counts when its cell's config is the suite's today (an edited cell runs again)
+    fingerprints = {c.key: c.fingerprint for c in suite.cells_}
+    skip = {r["cell"] for path in args.skip for r in read_results_file(Path(path))
+            if r.get("fingerprint") == fingerprints.get(r.get("cell"))}
     jobs = plan_jobs(suite, args.setting, out, args.last, skip)
     if not jobs:
         print("every cell of the setting has a row (--skip): nothing to run")
@@ -163,9 +168,17 @@ def run(args) -> int:
     load_dataset(data.dataset, image_size=data.image_size, channels=data.channels, cache_dir=data.cache_dir)
     print(f"{len(jobs)} cells, {args.workers} workers x {threads} threads; data ready in {time.perf_counter() - t0:.0f} s",
           flush=True)
-    start, done, failed = time.perf_counter(), set(), set()
+    start, done, failed, dropped = time.perf_counter(), set(), set(), set()
     minutes = lambda: (time.perf_counter() - start) / 60  # noqa: E731
     pending = list(jobs)
+
+    def stop(job: Job, sig: int):
+        try:
+            os.killpg(job.process.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    former = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a lease's end: the finally below still runs
     try:
         while True:
             for job in [j for j in jobs if j.process is not None and j.rc is None]:
@@ -179,19 +192,30 @@ def run(args) -> int:
                       f"{len(rows)} rows", flush=True)
                 if job.rc:
                     print(tail(out / "logs" / f"{job.name}.log"), flush=True)
-            pending = [j for j in pending if not any(a in failed for a in j.after)]  # a failed prerequisite: skipped
+            while lost := [j for j in pending if any(a in failed | dropped for a in j.after)]:  # and what waits on them
+                for job in lost:
+                    pending.remove(job)
+                    dropped.add(job.name)
+                    print(f"[{minutes():5.2f} min] {job.name} ({job.cell.recipe}, seed {job.cell.seed}) dropped: "
+                          f"a cell it waits for failed", flush=True)
             running = [j for j in jobs if j.process is not None and j.rc is None]
             if minutes() >= args.stop:
                 for job in running:
-                    os.killpg(job.process.pid, signal.SIGTERM)
+                    stop(job, signal.SIGTERM)
                 print(f"[{minutes():5.2f} min] stop: {len(running)} running cell(s) stopped, {len(pending)} not started",
                       flush=True)
+                time.sleep(5)  # a grace period: a stopped cell keeps its checkpoint
                 break
-            # with --alone, the generator's cell starts first and nothing beside it until it is done
+            ready = [j for j in pending if all(a in done for a in j.after)]
+            if not running and (not ready or minutes() >= args.minutes):
+                if pending:
+                    print(f"[{minutes():5.2f} min] {len(pending)} cell(s) not started"
+                          + (": the time is spent" if minutes() >= args.minutes else ""), flush=True)
+                break
+            # with --alone, a generator's cell starts first and nothing beside it until it is done
             solo = args.alone and any(j.alone for j in pending + running)
             if minutes() < args.minutes and not (solo and running):
-                ready = [j for j in pending if all(a in done for a in j.after)]
-                for job in [j for j in ready if j.alone] if solo else ready[: args.workers - len(running)]:
+                for job in [j for j in ready if j.alone][:1] if solo else ready[: args.workers - len(running)]:
                     folder = job_folder(job, out)
                     cmd = [sys.executable, "-c", "from synthaug.cli import main; main()", "bench", args.suite,
                            "--out", str(folder), "--setting", args.setting, "--recipe", job.cell.recipe,
@@ -199,25 +223,22 @@ def run(args) -> int:
                     if job.cell.generator_seed is not None:
                         cmd += ["--generator-seed", str(job.cell.generator_seed)]
                     (out / "logs").mkdir(exist_ok=True)
-                    log = open(out / "logs" / f"{job.name}.log", "w")
-                    job.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                                   start_new_session=True)
+                    with open(out / "logs" / f"{job.name}.log", "w") as log:
+                        job.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                                       start_new_session=True)
                     job.started = time.perf_counter()
                     pending.remove(job)
-                    running.append(job)
-            elif not running:
-                print(f"[{minutes():5.2f} min] budget spent: {len(pending)} cell(s) not started", flush=True)
-                break
-            if not running and not pending:
-                break
             time.sleep(1)
     finally:
+        signal.signal(signal.SIGTERM, former)
         for job in jobs:
-            if job.process is not None and job.process.poll() is None:
-                os.killpg(job.process.pid, signal.SIGKILL)
+            if job.process is not None:
+                stop(job, signal.SIGKILL)  # the whole group, its children too
         rows = export(out, export_path, args.commit)
-        print(f"{len(rows)} rows in {export_path}; failed: {sorted(failed) or 'none'}", flush=True)
-    return 1 if failed else 0
+        missing = len(jobs) - len({r["cell"] for r in rows} & {j.cell.key for j in jobs})
+        print(f"{len(rows)} rows in {export_path}; {missing} cell(s) without a row; failed: {sorted(failed) or 'none'}"
+              + (f"; dropped: {sorted(dropped)}" if dropped else ""), flush=True)
+    return 1 if failed else 2 if missing else 0
 
 
 def merge(args) -> int:
@@ -242,7 +263,8 @@ def main():
     p.add_argument("--workers", type=int, default=8, help="cells at a time")
     p.add_argument("--minutes", type=float, default=60.0, help="start no cell after this many minutes")
     p.add_argument("--stop", type=float, default=float("inf"), help="stop the running cells after this many minutes")
-    p.add_argument("--last", action="append", default=[], help="a recipe whose cells start after all others (repeatable)")
+    p.add_argument("--last", action="append", default=[],
+                   help="a recipe whose cells start after the others that nothing waits for (repeatable)")
     p.add_argument("--skip", action="append", default=[],
                    help="rows from an earlier lease (a results.jsonl or an --export file): their cells do not run")
     p.add_argument("--alone", action="store_true",
@@ -253,6 +275,8 @@ def main():
     p.add_argument("--into", help="a suite folder (with --merge)")
     args = p.parse_args()
     if args.merge:
+        if not args.into:
+            p.error("--merge needs --into (the suite folder the rows join)")
         return merge(args)
     if not args.setting:
         p.error("--setting is required (or --merge)")

@@ -149,12 +149,13 @@ def run_suite(suite: Suite, out: str | Path, *, force: bool = False, rerun: bool
         for n in name:
             if n not in known:
                 raise SynthaugError(f"suite '{suite.name}' has no {what} '{n}': use one of {', '.join(sorted(known))}")
-    known = {c.generator_seed for c in suite.cells_ if c.generator_seed is not None}
+    scope = [c for c in suite.cells_ if not settings or c.setting in settings]  # the chosen settings' cells
+    known = {c.generator_seed for c in scope if c.generator_seed is not None}
     for g in generator_seeds:
         if g not in known:
             raise SynthaugError(f"suite '{suite.name}' has no generator seed {g}: use one of "
                                 f"{', '.join(map(str, sorted(known))) or 'none (no recipe generates)'}")
-    known = {c.seed for c in suite.cells_}
+    known = {c.seed for c in scope}
     for s in seeds:
         if s not in known:
             raise SynthaugError(f"suite '{suite.name}' has no classifier seed {s}: use one of "
