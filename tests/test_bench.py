@@ -121,18 +121,25 @@ def test_rerun_runs_only_the_chosen_finished_cells_afresh(tmp_path, monkeypatch)
         assert (row == before[key]) == (row["recipe"] == "ce")  # each rerun cell's row replaced, not added
 
 
-def test_generator_seed_runs_only_that_seeds_generative_cells(tmp_path, monkeypatch):
-    suite = load_suite(str(_suite(tmp_path, TWO_BASELINES.replace(
-        "  balanced-softmax: [recipe=balanced-softmax]",
-        "  synaug: {overrides: [recipe=synaug, generator.steps=2], generator_seeds: [0, 1]}"))))
-    out, calls = tmp_path / "out", []
+def _fake_runs(monkeypatch, out: Path, what) -> list:
+    """Replace each cell's run by a stub that records `what(config)` and a result; returns the records."""
+    calls = []
 
-    def fake_run(config, **kw):  # what ran, and a result to record
-        calls.append((config.recipe, config.generator.seed, config.seed))
+    def fake_run(config, **kw):
+        calls.append(what(config))
         (out / "cells" / config.name).mkdir(parents=True)
         return out / "cells" / config.name, {"test": {"balanced_accuracy": 0.5}, "seconds": {"train": 1.0}}
 
     monkeypatch.setattr(synthaug.runs, "train_run", fake_run)
+    return calls
+
+
+def test_generator_seed_runs_only_that_seeds_generative_cells(tmp_path, monkeypatch):
+    suite = load_suite(str(_suite(tmp_path, TWO_BASELINES.replace(
+        "  balanced-softmax: [recipe=balanced-softmax]",
+        "  synaug: {overrides: [recipe=synaug, generator.steps=2], generator_seeds: [0, 1]}"))))
+    out = tmp_path / "out"
+    calls = _fake_runs(monkeypatch, out, lambda config: (config.recipe, config.generator.seed, config.seed))
     with pytest.raises(SynthaugError, match="no generator seed 2: use one of 0, 1"):
         run_suite(suite, out, generator_seeds=[2], progress=False, echo=lambda _: None)
     assert not out.exists()  # refused before the first write
@@ -144,14 +151,8 @@ def test_generator_seed_runs_only_that_seeds_generative_cells(tmp_path, monkeypa
 
 
 def test_seed_runs_only_that_classifier_seeds_cells(tmp_path, monkeypatch):
-    suite, out, calls = load_suite(str(_suite(tmp_path))), tmp_path / "out", []
-
-    def fake_run(config, **kw):
-        calls.append((config.recipe, config.seed))
-        (out / "cells" / config.name).mkdir(parents=True)
-        return out / "cells" / config.name, {"test": {"balanced_accuracy": 0.5}, "seconds": {"train": 1.0}}
-
-    monkeypatch.setattr(synthaug.runs, "train_run", fake_run)
+    suite, out = load_suite(str(_suite(tmp_path))), tmp_path / "out"
+    calls = _fake_runs(monkeypatch, out, lambda config: (config.recipe, config.seed))
     with pytest.raises(SynthaugError, match="no classifier seed 7: use one of 0, 1"):
         run_suite(suite, out, seeds=[7], progress=False, echo=lambda _: None)
     assert not out.exists()  # refused before the first write
