@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from synthaug.bench import load_suite, read_results
-from synthaug.bench.runner import MARKER, RESULTS
+from synthaug.bench.runner import MARKER, RESULTS, cell_changes
 from synthaug.bench.suite import Cell, with_locations
 from synthaug.recipes import get_recipe
 from synthaug.utils.io import atomic_write_text
@@ -141,6 +141,13 @@ def tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
+def finished(suite, rows: list[dict]) -> set[str]:
+    """Keys of the cells these rows finished: a row counts when its cell is the suite's today, as
+    `synthaug bench` decides (an edited cell runs again; an option added to synthaug since does not)."""
+    cells = {c.key: c for c in suite.cells_}
+    return {r["cell"] for r in rows if r.get("cell") in cells and not cell_changes(r, cells[r["cell"]])}
+
+
 def run(args) -> int:
     suite = load_suite(args.suite)
     if args.setting not in {s.name for s in suite.settings}:
@@ -150,10 +157,7 @@ def run(args) -> int:
     unknown = [r for r in args.last if r not in {c.recipe for c in suite.cells_ if c.setting == args.setting}]
     if unknown:
         sys.exit(f"setting '{args.setting}' has no recipe '{unknown[0]}' (--last)")
-    # a row counts when its cell's config is the suite's today (an edited cell runs again)
-    fingerprints = {c.key: c.fingerprint for c in suite.cells_}
-    skip = {r["cell"] for path in args.skip for r in read_results_file(Path(path))
-            if r.get("fingerprint") == fingerprints.get(r.get("cell"))}
+    skip = finished(suite, [r for path in args.skip for r in read_results_file(Path(path))])
     jobs = plan_jobs(suite, args.setting, out, args.last, skip)
     if not jobs:
         print("every cell of the setting has a row (--skip): nothing to run")

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from synthaug.bench import load_suite
+from synthaug.bench.suite import settings_of
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 SUITE = """
@@ -65,6 +66,19 @@ def test_skip_leaves_out_finished_cells_and_the_next_seed_fills_the_store(parall
     head = by["synaug, all generated", 0]
     assert head.after == [] and head.alone and by["synaug", 1].after == [head.name]
     assert all(everything[k] == j.name for k, j in by.items())  # a cell's job has one name in every lease
+
+
+def test_a_row_counts_as_finished_unless_its_cell_changed(parallel, tmp_path):
+    (tmp_path / "s.yaml").write_text(SUITE)
+    suite = load_suite(str(tmp_path / "s.yaml"))
+    cell = next(c for c in suite.cells_ if c.recipe == "ce" and c.seed == 0)
+    settings = settings_of(cell.config)
+    older = {k: v for k, v in settings.items() if k != "train.data_on_device"}  # a row from before that option
+    rows = [{"cell": cell.key, "fingerprint": "before", "settings": older},
+            {"cell": "no such cell", "fingerprint": cell.fingerprint, "settings": settings}]
+    assert parallel.finished(suite, rows) == {cell.key}
+    edited = {**settings, "train.lr": settings["train.lr"] * 2}  # the suite's cell differs from what ran
+    assert parallel.finished(suite, [{"cell": cell.key, "fingerprint": "before", "settings": edited}]) == set()
 
 
 class FakeProcess:

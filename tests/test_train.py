@@ -6,7 +6,14 @@ from conftest import make_dataset
 import synthaug.utils.loop as loop
 from synthaug.classify import TrainConfig, evaluate, fit_classifier, refit_head
 from synthaug.classify.losses import SAM, mix_batch, soft_cross_entropy
-from synthaug.classify.train import AUGMENTATIONS, MIXES, SAMPLERS, build_augmentation, make_sampler
+from synthaug.classify.train import (
+    AUGMENTATIONS,
+    MIXES,
+    SAMPLERS,
+    build_augmentation,
+    make_sampler,
+    resident,
+)
 from synthaug.errors import SynthaugError
 
 FAST = dict(epochs=2, batch_size=16, lr=0.05, augment="none")
@@ -164,6 +171,26 @@ def test_same_seed_same_model():
     a, b = small_train(augment="crop+flip", mix="mixup"), small_train(augment="crop+flip", mix="mixup")
     for (k, va), vb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
         assert torch.equal(va, vb), k
+
+
+def test_images_stay_where_they_are_off_a_gpu_or_when_told():
+    images = make_dataset((24, 12, 6)).images
+    assert resident(images, torch.device("cpu"), True) is images
+    if torch.cuda.is_available():
+        assert resident(images, torch.device("cuda"), False) is images
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_images_on_the_gpu_train_as_when_indexed_on_the_cpu(monkeypatch):
+    """train.data_on_device: the images go to the GPU once and each batch is indexed and
+    augmented there, with the CPU's random draws: the same training as on the CPU's side."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    images = make_dataset((24, 12, 6)).images
+    assert resident(images, torch.device("cuda"), True).is_cuda
+    kw = dict(device="cuda", precision="float32", augment="crop+flip+cutout", mix="mixup")
+    on, off = small_train(**kw), small_train(**kw, data_on_device=False)
+    assert [h["loss"] for h in on.history] == pytest.approx([h["loss"] for h in off.history], rel=1e-5)
+    assert [h["train_acc"] for h in on.history] == [h["train_acc"] for h in off.history]
 
 
 def test_resume_after_interruption_gives_the_same_model(tmp_path, monkeypatch):

@@ -76,6 +76,12 @@ def check_out(out: Path):
         raise SynthaugError(f"--out '{out}' holds files synthaug did not make (no {MARKER}): give a new or empty folder")
 
 
+def cell_changes(row: dict, cell: Cell) -> list[str]:
+    """How `cell` differs from the settings its finished `row` ran with; empty for the same cell
+    (an option added to synthaug since, at its former value, is no change)."""
+    return [] if row.get("fingerprint") == cell.fingerprint else changes(row.get("settings") or {}, cell.config)
+
+
 def plan(suite: Suite, out: Path, *, force: bool = False,
          rerun: bool = False) -> tuple[list[Cell], list[Cell], dict[str, dict]]:
     """(cells to run, of them the finished ones to run afresh, finished rows by cell). Raises on a
@@ -87,7 +93,7 @@ def plan(suite: Suite, out: Path, *, force: bool = False,
         if row is None:
             todo.append(cell)
             continue
-        found = row.get("fingerprint") != cell.fingerprint and changes(row.get("settings") or {}, cell.config)
+        found = cell_changes(row, cell)
         if found:
             changed.append(cell)
             first = first or found[0]

@@ -38,7 +38,8 @@ class TrainConfig:
     """Everything that decides how a classifier is trained. Defaults suit 28x28 images on a CPU."""
 
     # options added later, with the values caches had before them: left out of cache keys at those (utils/keys.py)
-    ADDED: ClassVar[dict[str, object]] = {"drw_start": 1.0, "group_dro_balanced": False, "weight_norm": False}
+    ADDED: ClassVar[dict[str, object]] = {"drw_start": 1.0, "group_dro_balanced": False, "weight_norm": False,
+                                          "data_on_device": True}  # speed only: the same training either way
 
     model: str = "small-cnn"
     epochs: int = 15
@@ -89,6 +90,9 @@ class TrainConfig:
     device: str = "auto"
     precision: Precision = "auto"  # bfloat16 autocast (float32 weights) where the hardware computes it natively
     channels_last: bool = True  # the convolutions' memory layout (faster with oneDNN and cuDNN)
+    # on a GPU, the training images (and an unlabelled pool) kept there when they fit in a quarter of its
+    # free memory, so each batch is indexed and augmented there; false: indexed and augmented on the CPU
+    data_on_device: bool = True
 
     def __post_init__(self):
         check_choices(self, "train.")
@@ -155,8 +159,9 @@ POLICIES = {"randaugment": v2.RandAugment, "trivialaugment": v2.TrivialAugmentWi
 class Augmentation:
     """Training augmentation of a uint8 batch, from a spec like 'crop+flip+randaugment'
     (applied in that order). Crop (zero padding of 1/8 of the side, as `v2.RandomCrop`) and
-    flip draw per image in tensor ops over the whole batch; the policies run per image
-    through torchvision v2, whose transforms draw one operation per call."""
+    flip draw per image in tensor ops over the whole batch, from the CPU's random generator
+    wherever the batch is (a batch on a GPU is augmented as it would be on the CPU); the
+    policies run per image through torchvision v2, whose transforms draw one operation per call."""
 
     def __init__(self, spec: str, image_size: tuple[int, int]):
         self.padding = max(1, image_size[0] // 8)
@@ -181,14 +186,15 @@ class Augmentation:
         p = self.padding
         padded = F.pad(x, (p, p, p, p))
         top, left = torch.randint(0, 2 * p + 1, (n,)), torch.randint(0, 2 * p + 1, (n,))
-        rows = (top[:, None] + torch.arange(h))[:, None, :, None]
-        cols = (left[:, None] + torch.arange(w))[:, None, None, :]
-        return padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+        rows = (top[:, None] + torch.arange(h))[:, None, :, None].to(x.device, non_blocking=True)
+        cols = (left[:, None] + torch.arange(w))[:, None, None, :].to(x.device, non_blocking=True)
+        image, channel = torch.arange(n, device=x.device)[:, None, None, None], torch.arange(c, device=x.device)[None, :, None, None]
+        return padded[image, channel, rows, cols]
 
 
 def flip(x: torch.Tensor) -> torch.Tensor:
     """Each image mirrored left-right with probability 1/2."""
-    return torch.where((torch.rand(len(x)) < 0.5)[:, None, None, None], x.flip(-1), x)
+    return torch.where((torch.rand(len(x)) < 0.5)[:, None, None, None].to(x.device, non_blocking=True), x.flip(-1), x)
 
 
 def cutout(x: torch.Tensor) -> torch.Tensor:
@@ -200,7 +206,7 @@ def cutout(x: torch.Tensor) -> torch.Tensor:
     rows, cols = torch.arange(h)[None, :], torch.arange(w)[None, :]
     inside_r = (rows >= (cy - size // 2)[:, None]) & (rows < (cy - size // 2 + size)[:, None])
     inside_c = (cols >= (cx - size // 2)[:, None]) & (cols < (cx - size // 2 + size)[:, None])
-    square = (inside_r[:, :, None] & inside_c[:, None, :])[:, None]
+    square = (inside_r[:, :, None] & inside_c[:, None, :])[:, None].to(x.device, non_blocking=True)
     gray = 128 if x.dtype == torch.uint8 else 0.5
     return torch.where(square, torch.full_like(x, gray), x)
 
@@ -458,11 +464,20 @@ def fit_classifier(
         if pool is None:
             return loss, logits, None
         loss_u, _, mask = unlabelled_loss(*unlabelled.chunk(2), threshold, align)
-        return loss + cfg.ssl_weight * loss_u, logits, (float(loss_u.detach()), int(mask.sum()), len(mask))
+        return loss + cfg.ssl_weight * loss_u, logits, (loss_u.detach(), mask.sum(), len(mask))
+
+    def send(t: torch.Tensor, to=device) -> torch.Tensor:
+        """A CPU tensor to the device without waiting: a blocking copy to a GPU first waits for
+        every step queued there, so the CPU could not prepare the next step meanwhile."""
+        return t.to(to, non_blocking=True)
 
     def to_device(x):
-        x = x.to(device, non_blocking=True).float().div_(255)
+        x = send(x).float().div_(255)
         return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
+
+    # the images each batch is indexed from: on the GPU when they fit, so indexing and augmentation run there
+    images = resident(train.images, device, cfg.data_on_device, unlabeled.images if ssl else None)
+    pool_images = None if not ssl else unlabeled.images if images is train.images else unlabeled.images.to(device)
 
     def score(step: int):
         accuracy = float((predict_logits(kept(), monitor.images).argmax(1) == monitor.labels).float().mean())
@@ -477,25 +492,28 @@ def fit_classifier(
             torch.manual_seed(seed * 100_003 + epoch)
             g = torch.Generator().manual_seed(seed * 100_003 + epoch)
             model.train()
-            total_loss, correct, seen, epoch_start = 0.0, 0, 0, time.perf_counter()
+            # the epoch's statistics stay on the device and are read once at its end (a read per step waits for the GPU)
+            total_loss, seen = torch.zeros((), dtype=torch.float64, device=device), 0
+            correct = torch.zeros((), dtype=torch.int64, device=device)
+            epoch_start = time.perf_counter()
             draw = lambda g=g: make_sampler(cfg.sampler, train.labels, train.num_classes, g,  # noqa: E731
                                         cells if balanced_cells else None)
             if ssl:  # a pass over the pool; the labelled batches drawn from as many passes as it takes
                 labelled = labelled_batches(draw, steps_per_epoch, cfg.batch_size)
                 pool_batches = torch.randperm(len(unlabeled), generator=g).split(pool_batch)
-                loss_u, confident, drawn = 0.0, 0, 0
+                loss_u, confident, drawn = torch.zeros_like(total_loss), torch.zeros_like(correct), 0
             else:
                 labelled, pool_batches = batches(draw(), cfg.batch_size), itertools.repeat(None)
             for idx, pool_idx in zip(labelled, pool_batches):
-                x, y, w, dom = train.images[idx], train.labels[idx], weights[idx], domains[idx]
+                x, y, w, dom = images[send(idx, images.device)], train.labels[idx], weights[idx], domains[idx]
                 x = x if augment is None else augment(x, dom)
-                x, y, w = to_device(x), y.to(device), w.to(device)
+                x, y, w = to_device(x), send(y), send(w)
                 targets = F.one_hot(y, train.num_classes).float()
                 if cfg.label_smoothing:
                     targets = targets * (1 - cfg.label_smoothing) + cfg.label_smoothing / train.num_classes
                 if cfg.mix == "domain-mixup" and torch.rand(()) < cfg.mix_prob:
                     x, targets, w = mix_batch(x, targets, w, mode="mixup", alpha=cfg.mix_alpha,
-                                              partner=cross_domain_partners(dom.to(device)))
+                                              partner=send(cross_domain_partners(dom)))
                 elif cfg.mix != "none" and torch.rand(()) < cfg.mix_prob:
                     x, targets, w = mix_batch(x, targets, w, mode=cfg.mix, alpha=cfg.mix_alpha)
                 if drw_epoch is not None and epoch >= drw_epoch:
@@ -506,9 +524,9 @@ def fit_classifier(
                     w = w / w.mean().clamp_min(1e-12)
                 pool = None
                 if pool_idx is not None:
-                    u = unlabeled.images[pool_idx]
+                    u = pool_images[send(pool_idx, pool_images.device)]
                     pool = [to_device(u if view is None else view(u)) for view in (weak, strong)]
-                loss, logits, stats = loss_of(x, targets, w, cells[idx].to(device) if dro is not None else None, pool)
+                loss, logits, stats = loss_of(x, targets, w, send(cells[idx]) if dro is not None else None, pool)
                 loss.backward()
                 if sam is not None:
                     sam.first_step()
@@ -521,15 +539,17 @@ def fit_classifier(
                 if ema is not None:
                     ema.update_parameters(model)
                 if stats is not None:
-                    loss_u, confident, drawn = loss_u + stats[0] * stats[2], confident + stats[1], drawn + stats[2]
-                total_loss += float(loss.detach()) * len(y)
-                correct += int((logits.argmax(1) == targets.argmax(1)).sum())
+                    loss_u, confident, drawn = loss_u + stats[0].double() * stats[2], confident + stats[1], drawn + stats[2]
+                total_loss += loss.detach().double() * len(y)
+                correct += (logits.argmax(1) == targets.argmax(1)).sum()
                 seen += len(y)
                 if monitor is not None and monitor_every and scheduler.last_epoch % monitor_every == 0:
                     score(scheduler.last_epoch)
+            total_loss, correct = float(total_loss), int(correct)
             entry = {"epoch": epoch + 1, "loss": total_loss / seen, "train_acc": correct / seen,
                      "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - epoch_start}
             if ssl:  # the pool's share above the threshold, and its loss (mean per unlabelled image)
+                loss_u, confident = float(loss_u), int(confident)
                 entry.update(pseudo_labelled=confident / drawn, unlabelled_loss=loss_u / drawn)
             history.append(entry)
             bar.update(task, advance=1, info=f"loss {total_loss / seen:.3f}"
@@ -546,6 +566,16 @@ def fit_classifier(
         refit_head(model, train, per_class=cfg.refit_per_class, epochs=cfg.refit_epochs, lr=cfg.refit_lr, seed=seed)
         result.seconds += time.perf_counter() - t1
     return result
+
+
+def resident(images: torch.Tensor, device: torch.device, allowed: bool, pool: torch.Tensor | None = None) -> torch.Tensor:
+    """`images` on `device` where that is a CUDA GPU with room for them and `pool` in a quarter
+    of its free memory (`allowed`: train.data_on_device), else `images` as they are."""
+    if not allowed or device.type != "cuda":
+        return images
+    need = images.nbytes + (0 if pool is None else pool.nbytes)
+    free, _ = torch.cuda.mem_get_info(device)
+    return images.to(device) if need <= free // 4 else images
 
 
 def ema_update(decay: float):

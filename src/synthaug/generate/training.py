@@ -115,7 +115,7 @@ def train_generator(gen: DiffusionGenerator, data: ImageDataset, cfg: GeneratorT
                                   labelled_draw(n_labelled, cfg.batch_size, draw, g))
             else:
                 idx = labelled_draw(n_labelled, cfg.batch_size, draw, g)
-            x0 = images[idx].to(device)
+            x0 = images[idx].to(device, non_blocking=True)  # non-blocking: no wait for the GPU's queue
             cond_labels = labels[idx].clone()
             drop = torch.rand(len(idx), generator=g) < gen.config.label_dropout
             cond_labels[drop] = gen.null_class
@@ -124,7 +124,7 @@ def train_generator(gen: DiffusionGenerator, data: ImageDataset, cfg: GeneratorT
             if gen.config.composed:  # and the class on its own: composed guidance adds (class, ·) and (·, group)
                 cond_labels[(torch.rand(len(idx), generator=g) < gen.config.label_dropout) & ~drop_group] = gen.null_class
             cond_groups = None if groups is None else torch.where(drop_group, gen.config.num_groups, groups[idx])
-            cond = gen.condition_ids(cond_labels, cond_groups).to(device)
+            cond = gen.condition_ids(cond_labels, cond_groups).to(device, non_blocking=True)
             embeds = keep = None
             if gen.condition is not None:
                 embeds, keep = training_image_condition(gen, images, idx, labels, by_class, g)
@@ -132,12 +132,12 @@ def train_generator(gen: DiffusionGenerator, data: ImageDataset, cfg: GeneratorT
                 # image too, so that pair is trained as often as a dropped label
                 keep = keep & ~drop
                 embeds, keep = embeds.to(device), keep.to(device)
-            noise = torch.randn(x0.shape, generator=g).to(device)
-            t = torch.randint(gen.config.num_train_timesteps, (len(idx),), generator=g).to(device)
+            noise = torch.randn(x0.shape, generator=g).to(device, non_blocking=True)
+            t = torch.randint(gen.config.num_train_timesteps, (len(idx),), generator=g).to(device, non_blocking=True)
             noisy = noise_scheduler.add_noise(x0, noise, t)
             cond_map = gen.condition_map(len(idx), embeds, keep, device=device)
             class_in = gen.class_input(cond, embeds, keep)
-            labelled = torch.nonzero(cond_labels != gen.null_class).flatten().to(device)
+            labelled = torch.nonzero(cond_labels != gen.null_class).flatten().to(device, non_blocking=True)
             t_in = t
             if cfg.cbdm_weight:  # CBDM: the labelled samples once more in the same pass, under a class y' drawn by frequency
                 other = torch.multinomial(frequencies, len(labelled), replacement=True, generator=g) if len(labelled) else labelled
@@ -162,10 +162,10 @@ def train_generator(gen: DiffusionGenerator, data: ImageDataset, cfg: GeneratorT
             optimizer.step()
             schedule.step()
             ema.step(params)
-            window.append(float(loss.detach()))
+            window.append(loss.detach())  # read every 50 steps: a read per step waits for the GPU
             done = step + 1
             if done % 50 == 0 or done == cfg.steps:
-                history.append({"step": done, "loss": sum(window) / len(window)})
+                history.append({"step": done, "loss": sum(torch.stack(window).double().tolist()) / len(window)})
                 window = []
                 bar.update(task, completed=done, info=f"loss {history[-1]['loss']:.4f}")
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
