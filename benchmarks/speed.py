@@ -69,7 +69,7 @@ LEVERS = {
     "UniPC, 8 steps": dict(steps=8, solver="unipc"),
 }
 BARE = "bare diffusers loop (float32)"
-PARTS = ("peak", "sampling", "training", "classifier")
+PARTS = ("sampling", "training", "classifier")  # and the peak rates, always (every table reads them)
 # classifier levers: TrainConfig changes (the last two only where a GPU makes them differ from the default)
 CLASSIFIER_LEVERS = {"float32": dict(precision="float32", channels_last=False),
                      "channels_last, float32": dict(precision="float32"), "bfloat16": dict(channels_last=False),
@@ -204,14 +204,14 @@ def main():
     config = load_config(None, [*setting["config"], f"generator.cache_dir={cache}"])
     task = make_task(load_dataset(config.data.dataset), config.split)
 
-    # 1. peak rates
+    # 1. peak rates (always)
     device = resolve_device("auto")
     if ("peak", "machine", None, None) not in done:
         record({"part": "peak", "lever": "machine", "gflops": peak_rates(setting["matmul"], device)})
     if "classifier" in args.parts:  # 4. first: a GPU lease runs it alone
         levers = {k: CLASSIFIER_LEVERS[k] for k in args.classifier_levers}
         classifier_part(task, config, device, done, record, args.models, levers, name=args.dataset or config.data.dataset)
-    if set(args.parts) <= {"peak", "classifier"}:
+    if set(args.parts) <= {"classifier"}:
         publish(results, "speed", summarise(read_rows(results)), to_benchmarks=not args.quick)
         return
 
@@ -224,54 +224,56 @@ def main():
     n, classes = setting["images"], task.train.classes
     labels = torch.arange(len(classes)).repeat(n // len(classes) + 1)[:n]
 
-    # 2. sampling: per repeat, the bare loop first, then every lever on the same labels and seeds
-    compiled = {}
-    for repeat in range(setting["repeats"]):
-        seeds = list(range(repeat * n, (repeat + 1) * n))
-        bare_seconds = next((r["seconds"] for r in rows_here()
-                             if r["part"] == "sampling" and r["lever"] == BARE and r["repeat"] == repeat), None)
-        if bare_seconds is None:
-            t0 = time.perf_counter()
-            images = bare_loop(generator, labels, seed=repeat, sampling=replace(base, precision="float32"))
-            bare_seconds = time.perf_counter() - t0
-            record({"part": "sampling", "lever": BARE, "repeat": repeat, "images": n, "seconds": bare_seconds,
-                    "images_per_s": n / bare_seconds, "bare_images_per_s": n / bare_seconds, "steps": base.steps,
-                    "precision": "float32", "flops_per_image": 2 * flops * base.steps,
-                    **quality(oracle, reference, images, labels, classes)})
-        for name in args.levers:
-            if ("sampling", name, None, repeat) in done:
-                continue
-            lever = LEVERS[name]
-            sampling = replace(base, **{k: v for k, v in lever.items() if k in ("precision", "batch_size", "steps")})
-            with lever_applied(generator, lever, compiled):
-                warm = time.perf_counter()  # a compiled UNet compiles once per batch shape
-                for size in {sampling.batch_size, n % sampling.batch_size} - {0} if lever.get("compile") else {2}:
-                    generator.generate(labels[:size], seeds[:size], sampler=sampling)
-                warm = time.perf_counter() - warm
+    if "sampling" in args.parts:
+        # 2. sampling: per repeat, the bare loop first, then every lever on the same labels and seeds
+        compiled = {}
+        for repeat in range(setting["repeats"]):
+            seeds = list(range(repeat * n, (repeat + 1) * n))
+            bare_seconds = next((r["seconds"] for r in rows_here()
+                                 if r["part"] == "sampling" and r["lever"] == BARE and r["repeat"] == repeat), None)
+            if bare_seconds is None:
                 t0 = time.perf_counter()
-                images = generator.generate(labels, seeds, sampler=sampling)
-                seconds = time.perf_counter() - t0
-            record({"part": "sampling", "lever": name, "repeat": repeat, "images": n, "seconds": seconds,
-                    "images_per_s": n / seconds, "bare_images_per_s": n / bare_seconds, "warmup_seconds": warm,
-                    "steps": sampling.steps, "precision": sampling.precision, "flops_per_image": 2 * flops * sampling.steps,
-                    **quality(oracle, reference, images, labels, classes)})
+                images = bare_loop(generator, labels, seed=repeat, sampling=replace(base, precision="float32"))
+                bare_seconds = time.perf_counter() - t0
+                record({"part": "sampling", "lever": BARE, "repeat": repeat, "images": n, "seconds": bare_seconds,
+                        "images_per_s": n / bare_seconds, "bare_images_per_s": n / bare_seconds, "steps": base.steps,
+                        "precision": "float32", "flops_per_image": 2 * flops * base.steps,
+                        **quality(oracle, reference, images, labels, classes)})
+            for name in args.levers:
+                if ("sampling", name, None, repeat) in done:
+                    continue
+                lever = LEVERS[name]
+                sampling = replace(base, **{k: v for k, v in lever.items() if k in ("precision", "batch_size", "steps")})
+                with lever_applied(generator, lever, compiled):
+                    warm = time.perf_counter()  # a compiled UNet compiles once per batch shape
+                    for size in {sampling.batch_size, n % sampling.batch_size} - {0} if lever.get("compile") else {2}:
+                        generator.generate(labels[:size], seeds[:size], sampler=sampling)
+                    warm = time.perf_counter() - warm
+                    t0 = time.perf_counter()
+                    images = generator.generate(labels, seeds, sampler=sampling)
+                    seconds = time.perf_counter() - t0
+                record({"part": "sampling", "lever": name, "repeat": repeat, "images": n, "seconds": seconds,
+                        "images_per_s": n / seconds, "bare_images_per_s": n / bare_seconds, "warmup_seconds": warm,
+                        "steps": sampling.steps, "precision": sampling.precision, "flops_per_image": 2 * flops * sampling.steps,
+                        **quality(oracle, reference, images, labels, classes)})
 
-    # 3b. generator training: float32 against the default, same steps, each judged on a larger
-    # sample (seeds no sampling repeat used); then throughput probes
-    m = setting["quality_images"]
-    labels, seeds = torch.arange(len(classes)).repeat(m // len(classes) + 1)[:m], list(range(10_000, 10_000 + m))
-    for lever, precision in (("default", "auto"), ("float32", "float32")):
-        if ("training", lever, None, None) in done:
-            continue
-        section = replace(config.generator, precision=precision)
-        gen, _ = generator_for(task.train, section, cache_root=cache, progress=True)  # trained once, then cached
-        images = gen.generate(labels, seeds, sampler=base)
-        record({"part": "training", "lever": lever, "precision": resolved_precision(precision, "auto"),
-                "steps": section.steps, "train_seconds": gen.train_seconds, "steps_per_s": section.steps / gen.train_seconds,
-                "final_loss": gen.history[-1]["loss"], "images": m, **quality(oracle, reference, images, labels, classes)})
-    for lever, change in (("channels_last, bfloat16", dict(channels_last=True)), ("batch 128", dict(batch_size=128))):
-        if ("training", lever, None, None) not in done:
-            record({"part": "training", "lever": lever, **train_probe(task.train, config, setting["train_probe"], **change)})
+    if "training" in args.parts:
+        # 3b. generator training: float32 against the default, same steps, each judged on a larger
+        # sample (seeds no sampling repeat used); then throughput probes
+        m = setting["quality_images"]
+        labels, seeds = torch.arange(len(classes)).repeat(m // len(classes) + 1)[:m], list(range(10_000, 10_000 + m))
+        for lever, precision in (("default", "auto"), ("float32", "float32")):
+            if ("training", lever, None, None) in done:
+                continue
+            section = replace(config.generator, precision=precision)
+            gen, _ = generator_for(task.train, section, cache_root=cache, progress=True)  # trained once, then cached
+            images = gen.generate(labels, seeds, sampler=base)
+            record({"part": "training", "lever": lever, "precision": resolved_precision(precision, "auto"),
+                    "steps": section.steps, "train_seconds": gen.train_seconds, "steps_per_s": section.steps / gen.train_seconds,
+                    "final_loss": gen.history[-1]["loss"], "images": m, **quality(oracle, reference, images, labels, classes)})
+        for lever, change in (("channels_last, bfloat16", dict(channels_last=True)), ("batch 128", dict(batch_size=128))):
+            if ("training", lever, None, None) not in done:
+                record({"part": "training", "lever": lever, **train_probe(task.train, config, setting["train_probe"], **change)})
 
     publish(results, "speed", summarise(read_rows(results)), to_benchmarks=not args.quick)
 

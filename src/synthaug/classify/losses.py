@@ -36,9 +36,8 @@ class GroupDRO(torch.nn.Module):
         sums = torch.zeros(n, device=per_sample.device).index_add(0, group, per_sample)
         counts = torch.zeros(n, device=per_sample.device).index_add(0, group, torch.ones_like(per_sample))
         group_loss = sums / counts.clamp(min=1)
-        with torch.no_grad():
-            present = counts > 0
-            self.q[present] *= torch.exp(self.eta * group_loss[present].detach()).to(self.q)
+        with torch.no_grad():  # a group absent from the batch has loss 0, so its q is multiplied by exactly 1
+            self.q *= torch.exp(self.eta * group_loss.detach()).to(self.q)
             self.q /= self.q.sum()
         return (self.q.to(group_loss) * group_loss).sum()
 

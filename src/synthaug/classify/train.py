@@ -15,6 +15,7 @@ from typing import ClassVar, get_args
 
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import RandomSampler, WeightedRandomSampler
 from torchvision.transforms import v2
 
@@ -91,7 +92,8 @@ class TrainConfig:
     precision: Precision = "auto"  # bfloat16 autocast (float32 weights) where the hardware computes it natively
     channels_last: bool = True  # the convolutions' memory layout (faster with oneDNN and cuDNN)
     # on a GPU, the training images (and an unlabelled pool) kept there when they fit in a quarter of its
-    # free memory, so each batch is indexed and augmented there; false: indexed and augmented on the CPU
+    # free memory and no augmentation is a per-image policy (randaugment, ...), so each batch is
+    # indexed, cropped and flipped there; false: indexed and augmented on the CPU
     data_on_device: bool = True
 
     def __post_init__(self):
@@ -221,8 +223,9 @@ def by_domain(real: Augmentation | None, synthetic: Augmentation | None):
     def augment(x: torch.Tensor, domains: torch.Tensor) -> torch.Tensor:
         x = x.clone()
         for transform, mask in ((real, domains == 0), (synthetic, domains != 0)):
-            if transform is not None and bool(mask.any()):
-                x[mask] = transform(x[mask])
+            if transform is not None and bool(mask.any()):  # `domains` on the CPU: no wait for a GPU
+                rows = torch.nonzero(mask).flatten().to(x.device, non_blocking=True)
+                x[rows] = transform(x[rows])
         return x
     return augment
 
@@ -424,9 +427,7 @@ def fit_classifier(
         if align is not None:
             stateful["align"] = align
         if cfg.ssl_ema > 0:
-            from torch.optim.swa_utils import AveragedModel
-
-            ema = AveragedModel(model, multi_avg_fn=ema_update(cfg.ssl_ema), use_buffers=True)
+            ema = WeightEMA(model, cfg.ssl_ema)
             stateful["ema"] = ema
     kept = lambda: ema.module if ema is not None else model  # noqa: E731  the model evaluated and returned
 
@@ -476,7 +477,10 @@ def fit_classifier(
         return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
 
     # the images each batch is indexed from: on the GPU when they fit, so indexing and augmentation run there
-    images = resident(train.images, device, cfg.data_on_device, unlabeled.images if ssl else None)
+    # (not with a per-image policy: thousands of tiny kernels a step, and not the CPU's arithmetic)
+    specs = [cfg.augment, synthetic_augment or "none", *((cfg.ssl_weak, cfg.ssl_strong) if ssl else ())]
+    batchwise = not any(part in POLICIES for spec in specs for part in spec.split("+"))
+    images = resident(train.images, device, cfg.data_on_device and batchwise, unlabeled.images if ssl else None)
     pool_images = None if not ssl else unlabeled.images if images is train.images else unlabeled.images.to(device)
 
     def score(step: int):
@@ -578,19 +582,30 @@ def resident(images: torch.Tensor, device: torch.device, allowed: bool, pool: to
     return images.to(device) if need <= free // 4 else images
 
 
-def ema_update(decay: float):
-    """An EMA step for `AveragedModel` (weights and buffers) whose decay warms up as
-    min(decay, (1 + n) / (10 + n)) after n updates, so a short run's average is not
-    dominated by the initial weights (0.999^2000 still leaves 14% of them)."""
+class WeightEMA(AveragedModel):
+    """The model's weights and buffers averaged with a decay that warms up as
+    min(decay, (1 + n) / (10 + n)) after n updates, so a short run's average is not dominated
+    by the initial weights (0.999^2000 still leaves 14% of them). Its state is AveragedModel's;
+    its update count stays on the CPU (AveragedModel's own update copies it to the GPU every
+    step, which waits for the GPU)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        super().__init__(model, use_buffers=True)
+        self.decay = decay
 
     @torch.no_grad()
-    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor):
-        if not torch.is_floating_point(averaged[0]):  # counters (batch norm's batches seen)
-            return torch._foreach_copy_(averaged, current)
-        d = min(decay, (1 + int(n)) / (10 + int(n)))
-        torch._foreach_lerp_(averaged, current, 1 - d)
-
-    return update
+    def update_parameters(self, model: torch.nn.Module):
+        n = int(self.n_averaged)
+        mine = [*self.module.parameters(), *self.module.buffers()]
+        theirs = [t.detach() for t in (*model.parameters(), *model.buffers())]
+        floats = [torch.is_floating_point(t) for t in mine]
+        if n == 0:
+            torch._foreach_copy_(mine, theirs)
+        else:  # counters (batch norm's batches seen) are copied
+            d = min(self.decay, (1 + n) / (10 + n))
+            torch._foreach_lerp_([a for a, f in zip(mine, floats) if f], [b for b, f in zip(theirs, floats) if f], 1 - d)
+            torch._foreach_copy_([a for a, f in zip(mine, floats) if not f], [b for b, f in zip(theirs, floats) if not f])
+        self.n_averaged += 1
 
 
 def labelled_batches(draw, steps: int, batch_size: int) -> list[torch.Tensor]:

@@ -131,18 +131,19 @@ def train_generator(gen: DiffusionGenerator, data: ImageDataset, cfg: GeneratorT
                 # guidance contrasts (class, image) with (null, null): a dropped label drops the
                 # image too, so that pair is trained as often as a dropped label
                 keep = keep & ~drop
-                embeds, keep = embeds.to(device), keep.to(device)
+                embeds, keep = embeds.to(device, non_blocking=True), keep.to(device, non_blocking=True)
             noise = torch.randn(x0.shape, generator=g).to(device, non_blocking=True)
             t = torch.randint(gen.config.num_train_timesteps, (len(idx),), generator=g).to(device, non_blocking=True)
             noisy = noise_scheduler.add_noise(x0, noise, t)
             cond_map = gen.condition_map(len(idx), embeds, keep, device=device)
             class_in = gen.class_input(cond, embeds, keep)
-            labelled = torch.nonzero(cond_labels != gen.null_class).flatten().to(device, non_blocking=True)
+            labelled_here = torch.nonzero(cond_labels != gen.null_class).flatten()  # on the CPU
+            labelled = labelled_here.to(device, non_blocking=True)
             t_in = t
             if cfg.cbdm_weight:  # CBDM: the labelled samples once more in the same pass, under a class y' drawn by frequency
-                other = torch.multinomial(frequencies, len(labelled), replacement=True, generator=g) if len(labelled) else labelled
-                picked = [None if v is None else v[labelled.to(v.device)] for v in (cond_groups, embeds, keep)]
-                other_in = gen.class_input(gen.condition_ids(other, picked[0]).to(device), *picked[1:])
+                other = torch.multinomial(frequencies, len(labelled), replacement=True, generator=g) if len(labelled) else labelled_here
+                picked = [None if v is None else v[labelled_here.to(v.device, non_blocking=True)] for v in (cond_groups, embeds, keep)]
+                other_in = gen.class_input(gen.condition_ids(other, picked[0]).to(device, non_blocking=True), *picked[1:])
                 noisy, t_in, class_in = torch.cat([noisy, noisy[labelled]]), torch.cat([t, t[labelled]]), torch.cat([class_in, other_in])
                 cond_map = None if cond_map is None else torch.cat([cond_map, cond_map[labelled]])
             with autocast(device, dtype):
