@@ -5,6 +5,7 @@ never the test set's; training resumes exactly."""
 import pytest
 import torch
 from conftest import make_dataset
+from torch.optim.swa_utils import AveragedModel
 
 import synthaug.utils.loop as loop
 from synthaug.classify import TrainConfig, create_model, fit_classifier
@@ -15,6 +16,7 @@ from synthaug.classify.ssl import (
     pseudo_label,
     unlabelled_loss,
 )
+from synthaug.classify.train import WeightEMA
 from synthaug.config import load_config
 from synthaug.data import UNLABELED, LoadedDataset, concat
 from synthaug.errors import SynthaugError
@@ -106,6 +108,25 @@ def test_fixmatch_trains_on_the_pool_and_keeps_the_ema():
     assert all(0 <= h["pseudo_labelled"] <= 1 for h in result.history)
     assert result.history[-1]["pseudo_labelled"] > 0  # the easy problem's pool gets pseudo-labels
     assert result.curve[-1]["accuracy"] > 0.9
+
+
+def test_weight_average_warms_up_and_keeps_averaged_models_state():
+    model = create_model("small-cnn", num_classes=3, in_channels=1, image_size=(8, 8))
+    ema = WeightEMA(model, decay=0.999)
+    assert set(ema.state_dict()) == set(AveragedModel(model, use_buffers=True).state_dict())  # old checkpoints load
+    first = {k: v.clone() for k, v in model.state_dict().items()}
+    ema.update_parameters(model)  # the first update copies
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+        model.backbone[0][1].num_batches_tracked += 5
+    ema.update_parameters(model)  # then d = min(0.999, 2 / 11): most of the way to the new weights
+    d = 2 / 11
+    for k, v in ema.module.state_dict().items():
+        now = model.state_dict()[k]
+        expected = now if not torch.is_floating_point(v) else d * first[k] + (1 - d) * now
+        assert torch.allclose(v.float(), expected.float(), atol=1e-6), k
+    assert int(ema.n_averaged) == 2 and ema.n_averaged.device.type == "cpu"
 
 
 @pytest.mark.parametrize("ssl, align", [("fixmatch", False), ("freematch", False), ("fixmatch", True)])
