@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU lease's work for issue 21, as one command on the device machine (it must end inside
 # the device's 10 minutes a command; a lease is about 15 minutes, start included):
+#   0. the CUDA-only tests (images on the GPU train as when indexed on the CPU);
 #   1. the classifier loop's levers on CIFAR-10, ResNet-32 alone (the images kept on the GPU and
 #      augmented there, against indexed and augmented on the CPU): about a minute;
 #   2. the CIFAR-10-LT r100 cells no earlier lease finished, side by side (parallel_cells.py),
@@ -31,6 +32,9 @@ fi
 export PYTHONPATH=$PWD/src:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}
 export SYNTHAUG_CIFAR10=${SYNTHAUG_CIFAR10:-$PWD/.gpu/cifar10-jpg.tar.gz}
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
+
+# 0. the CUDA-only tests (seconds; where pytest is installed)
+timeout 90 $PY -m pytest -q -p no:cacheprovider tests/test_train.py -k gpu 2>&1 | tail -3 | tee "$OUT/tests.log"
 
 # 1. the loop's levers: this machine's new rows of benchmarks/results/speed.jsonl come back, at $COMMIT
 before=$(wc -l < benchmarks/results/speed.jsonl)
