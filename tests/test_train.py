@@ -175,9 +175,9 @@ def test_same_seed_same_model():
 
 def test_images_stay_where_they_are_off_a_gpu_or_when_told():
     images = make_dataset((24, 12, 6)).images
-    assert resident(images, torch.device("cpu"), True) is images
+    assert resident(images, None, torch.device("cpu"), True)[0] is images
     if torch.cuda.is_available():
-        assert resident(images, torch.device("cuda"), False) is images
+        assert resident(images, None, torch.device("cuda"), False)[0] is images
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -186,7 +186,7 @@ def test_images_on_the_gpu_train_as_when_indexed_on_the_cpu(monkeypatch):
     augmented there, with the CPU's random draws: the same training as on the CPU's side."""
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     images = make_dataset((24, 12, 6)).images
-    assert resident(images, torch.device("cuda"), True).is_cuda
+    assert resident(images, None, torch.device("cuda"), True)[0].is_cuda
     kw = dict(device="cuda", precision="float32", augment="crop+flip+cutout", mix="mixup")
     on, off = small_train(**kw), small_train(**kw, data_on_device=False)
     assert [h["loss"] for h in on.history] == pytest.approx([h["loss"] for h in off.history], rel=1e-5)

@@ -24,7 +24,15 @@ from ..data.dataset import UNLABELED, ImageDataset
 from ..errors import SynthaugError
 from ..utils.keys import key_dict
 from ..utils.loop import Checkpoint, warmup_cosine
-from ..utils.runtime import autocast, check_device, fast_dtype, infer, progress_bar, resolve_device
+from ..utils.runtime import (
+    autocast,
+    check_device,
+    fast_dtype,
+    infer,
+    progress_bar,
+    resolve_device,
+    send,
+)
 from .evaluate import predict_logits
 from .losses import SAM, GroupDRO, mix_batch, soft_cross_entropy
 from .models import Classifier, create_model
@@ -188,15 +196,15 @@ class Augmentation:
         p = self.padding
         padded = F.pad(x, (p, p, p, p))
         top, left = torch.randint(0, 2 * p + 1, (n,)), torch.randint(0, 2 * p + 1, (n,))
-        rows = (top[:, None] + torch.arange(h))[:, None, :, None].to(x.device, non_blocking=True)
-        cols = (left[:, None] + torch.arange(w))[:, None, None, :].to(x.device, non_blocking=True)
+        rows = send((top[:, None] + torch.arange(h))[:, None, :, None], x.device)
+        cols = send((left[:, None] + torch.arange(w))[:, None, None, :], x.device)
         # the rows, then the columns: two gathers (half the time of one 4-index lookup on a CPU)
         return padded.gather(2, rows.expand(n, c, h, w + 2 * p)).gather(3, cols.expand(n, c, h, w))
 
 
 def flip(x: torch.Tensor) -> torch.Tensor:
     """Each image mirrored left-right with probability 1/2."""
-    return torch.where((torch.rand(len(x)) < 0.5)[:, None, None, None].to(x.device, non_blocking=True), x.flip(-1), x)
+    return torch.where(send((torch.rand(len(x)) < 0.5)[:, None, None, None], x.device), x.flip(-1), x)
 
 
 def cutout(x: torch.Tensor) -> torch.Tensor:
@@ -208,7 +216,7 @@ def cutout(x: torch.Tensor) -> torch.Tensor:
     rows, cols = torch.arange(h)[None, :], torch.arange(w)[None, :]
     inside_r = (rows >= (cy - size // 2)[:, None]) & (rows < (cy - size // 2 + size)[:, None])
     inside_c = (cols >= (cx - size // 2)[:, None]) & (cols < (cx - size // 2 + size)[:, None])
-    square = (inside_r[:, :, None] & inside_c[:, None, :])[:, None].to(x.device, non_blocking=True)
+    square = send((inside_r[:, :, None] & inside_c[:, None, :])[:, None], x.device)
     gray = 128 if x.dtype == torch.uint8 else 0.5
     return torch.where(square, torch.full_like(x, gray), x)
 
@@ -224,7 +232,7 @@ def by_domain(real: Augmentation | None, synthetic: Augmentation | None):
         x = x.clone()
         for transform, mask in ((real, domains == 0), (synthetic, domains != 0)):
             if transform is not None and bool(mask.any()):  # `domains` on the CPU: no wait for a GPU
-                rows = torch.nonzero(mask).flatten().to(x.device, non_blocking=True)
+                rows = send(torch.nonzero(mask).flatten(), x.device)
                 x[rows] = transform(x[rows])
         return x
     return augment
@@ -467,21 +475,15 @@ def fit_classifier(
         loss_u, _, mask = unlabelled_loss(*unlabelled.chunk(2), threshold, align)
         return loss + cfg.ssl_weight * loss_u, logits, (loss_u.detach(), mask.sum(), len(mask))
 
-    def send(t: torch.Tensor, to=device) -> torch.Tensor:
-        """A CPU tensor to the device without waiting: a blocking copy to a GPU first waits for
-        every step queued there, so the CPU could not prepare the next step meanwhile."""
-        return t.to(to, non_blocking=True)
-
     def to_device(x):
-        x = send(x).float().div_(255)
+        x = send(x, device).float().div_(255)
         return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
 
     # the images each batch is indexed from: on the GPU when they fit, so indexing and augmentation run there
     # (not with a per-image policy: thousands of tiny kernels a step, and not the CPU's arithmetic)
     specs = [cfg.augment, synthetic_augment or "none", *((cfg.ssl_weak, cfg.ssl_strong) if ssl else ())]
     batchwise = not any(part in POLICIES for spec in specs for part in spec.split("+"))
-    images = resident(train.images, device, cfg.data_on_device and batchwise, unlabeled.images if ssl else None)
-    pool_images = None if not ssl else unlabeled.images if images is train.images else unlabeled.images.to(device)
+    images, pool_images = resident(train.images, unlabeled.images if ssl else None, device, cfg.data_on_device and batchwise)
 
     def score(step: int):
         accuracy = float((predict_logits(kept(), monitor.images).argmax(1) == monitor.labels).float().mean())
@@ -511,13 +513,13 @@ def fit_classifier(
             for idx, pool_idx in zip(labelled, pool_batches):
                 x, y, w, dom = images[send(idx, images.device)], train.labels[idx], weights[idx], domains[idx]
                 x = x if augment is None else augment(x, dom)
-                x, y, w = to_device(x), send(y), send(w)
+                x, y, w = to_device(x), send(y, device), send(w, device)
                 targets = F.one_hot(y, train.num_classes).float()
                 if cfg.label_smoothing:
                     targets = targets * (1 - cfg.label_smoothing) + cfg.label_smoothing / train.num_classes
                 if cfg.mix == "domain-mixup" and torch.rand(()) < cfg.mix_prob:
                     x, targets, w = mix_batch(x, targets, w, mode="mixup", alpha=cfg.mix_alpha,
-                                              partner=send(cross_domain_partners(dom)))
+                                              partner=send(cross_domain_partners(dom), device))
                 elif cfg.mix != "none" and torch.rand(()) < cfg.mix_prob:
                     x, targets, w = mix_batch(x, targets, w, mode=cfg.mix, alpha=cfg.mix_alpha)
                 if drw_epoch is not None and epoch >= drw_epoch:
@@ -530,7 +532,7 @@ def fit_classifier(
                 if pool_idx is not None:
                     u = pool_images[send(pool_idx, pool_images.device)]
                     pool = [to_device(u if view is None else view(u)) for view in (weak, strong)]
-                loss, logits, stats = loss_of(x, targets, w, send(cells[idx]) if dro is not None else None, pool)
+                loss, logits, stats = loss_of(x, targets, w, send(cells[idx], device) if dro is not None else None, pool)
                 loss.backward()
                 if sam is not None:
                     sam.first_step()
@@ -572,14 +574,18 @@ def fit_classifier(
     return result
 
 
-def resident(images: torch.Tensor, device: torch.device, allowed: bool, pool: torch.Tensor | None = None) -> torch.Tensor:
-    """`images` on `device` where that is a CUDA GPU with room for them and `pool` in a quarter
-    of its free memory (`allowed`: train.data_on_device), else `images` as they are."""
+def resident(images: torch.Tensor, pool: torch.Tensor | None, device: torch.device,
+             allowed: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`images` and `pool` (an unlabelled pool, or None) on `device` where that is a CUDA GPU
+    with room for both in a quarter of its free memory (`allowed`: train.data_on_device), else
+    both as they are."""
     if not allowed or device.type != "cuda":
-        return images
+        return images, pool
     need = images.nbytes + (0 if pool is None else pool.nbytes)
     free, _ = torch.cuda.mem_get_info(device)
-    return images.to(device) if need <= free // 4 else images
+    if need > free // 4:
+        return images, pool
+    return images.to(device), None if pool is None else pool.to(device)
 
 
 class WeightEMA(AveragedModel):

@@ -16,7 +16,7 @@ from ..data.dataset import ImageDataset
 from ..errors import SynthaugError
 from ..utils.keys import key_dict
 from ..utils.loop import Checkpoint, step_generator, warmup_constant
-from ..utils.runtime import autocast, fast_dtype, progress_bar, resolve_device
+from ..utils.runtime import autocast, fast_dtype, progress_bar, resolve_device, send
 from .diffusion import DiffusionGenerator
 from .image_condition import random_shift
 from .network import GeneratorConfig, GeneratorTrainConfig, build_train_scheduler
@@ -115,7 +115,7 @@ def train_generator(gen: DiffusionGenerator, data: ImageDataset, cfg: GeneratorT
                                   labelled_draw(n_labelled, cfg.batch_size, draw, g))
             else:
                 idx = labelled_draw(n_labelled, cfg.batch_size, draw, g)
-            x0 = images[idx].to(device, non_blocking=True)  # non-blocking: no wait for the GPU's queue
+            x0 = send(images[idx], device)
             cond_labels = labels[idx].clone()
             drop = torch.rand(len(idx), generator=g) < gen.config.label_dropout
             cond_labels[drop] = gen.null_class
@@ -124,26 +124,26 @@ def train_generator(gen: DiffusionGenerator, data: ImageDataset, cfg: GeneratorT
             if gen.config.composed:  # and the class on its own: composed guidance adds (class, ·) and (·, group)
                 cond_labels[(torch.rand(len(idx), generator=g) < gen.config.label_dropout) & ~drop_group] = gen.null_class
             cond_groups = None if groups is None else torch.where(drop_group, gen.config.num_groups, groups[idx])
-            cond = gen.condition_ids(cond_labels, cond_groups).to(device, non_blocking=True)
+            cond = send(gen.condition_ids(cond_labels, cond_groups), device)
             embeds = keep = None
             if gen.condition is not None:
                 embeds, keep = training_image_condition(gen, images, idx, labels, by_class, g)
                 # guidance contrasts (class, image) with (null, null): a dropped label drops the
                 # image too, so that pair is trained as often as a dropped label
                 keep = keep & ~drop
-                embeds, keep = embeds.to(device, non_blocking=True), keep.to(device, non_blocking=True)
-            noise = torch.randn(x0.shape, generator=g).to(device, non_blocking=True)
-            t = torch.randint(gen.config.num_train_timesteps, (len(idx),), generator=g).to(device, non_blocking=True)
+                embeds, keep = send(embeds, device), send(keep, device)
+            noise = send(torch.randn(x0.shape, generator=g), device)
+            t = send(torch.randint(gen.config.num_train_timesteps, (len(idx),), generator=g), device)
             noisy = noise_scheduler.add_noise(x0, noise, t)
             cond_map = gen.condition_map(len(idx), embeds, keep, device=device)
             class_in = gen.class_input(cond, embeds, keep)
             labelled_here = torch.nonzero(cond_labels != gen.null_class).flatten()  # on the CPU
-            labelled = labelled_here.to(device, non_blocking=True)
+            labelled = send(labelled_here, device)
             t_in = t
             if cfg.cbdm_weight:  # CBDM: the labelled samples once more in the same pass, under a class y' drawn by frequency
                 other = torch.multinomial(frequencies, len(labelled), replacement=True, generator=g) if len(labelled) else labelled_here
-                picked = [None if v is None else v[labelled_here.to(v.device, non_blocking=True)] for v in (cond_groups, embeds, keep)]
-                other_in = gen.class_input(gen.condition_ids(other, picked[0]).to(device, non_blocking=True), *picked[1:])
+                picked = [None if v is None else v[send(labelled_here, v.device)] for v in (cond_groups, embeds, keep)]
+                other_in = gen.class_input(send(gen.condition_ids(other, picked[0]), device), *picked[1:])
                 noisy, t_in, class_in = torch.cat([noisy, noisy[labelled]]), torch.cat([t, t[labelled]]), torch.cat([class_in, other_in])
                 cond_map = None if cond_map is None else torch.cat([cond_map, cond_map[labelled]])
             with autocast(device, dtype):

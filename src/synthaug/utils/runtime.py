@@ -65,6 +65,12 @@ def fast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def send(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor to `device` without waiting: a blocking copy to a GPU first waits for every
+    step queued there, so the CPU could not prepare the next step meanwhile (a no-op on the CPU)."""
+    return t.to(device, non_blocking=True)
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """Mixed precision in `dtype` (weights stay float32), or nothing for None."""
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
