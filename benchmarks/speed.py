@@ -15,6 +15,10 @@ Four parts, all in one run so that their numbers share the machine's state:
 3. **Generator training**: steps/s in float32 and with the default (bfloat16 autocast where
    native, float32 master weights), and the quality each reached after the same steps.
 4. **Classifier training**: images/s of the small CNN and ResNet-32 per lever.
+5. **Augmentation policies**: RandAugment, TrivialAugmentWide and AutoAugment on a FixMatch
+   strong view's batch (448 images), image by image through torchvision against
+   `BatchedPolicy` (the same draws, each operation once on the images that drew it), one
+   thread, interleaved repeats; each repeat checks the two give the same images.
 
 Rows go to benchmarks/results/speed.jsonl (one per part, lever and repeat); the table to
 benchmarks/results/speed.md and BENCHMARKS.md.
@@ -35,6 +39,7 @@ from common import HERE, append_row, environment, publish, read_rows
 from sampler import features, frechet_distance
 
 from synthaug.classify import evaluate, fit_classifier
+from synthaug.classify.train import POLICIES, BatchedPolicy
 from synthaug.config import load_config
 from synthaug.data import load_dataset
 from synthaug.data.dataset import ImageDataset
@@ -69,7 +74,7 @@ LEVERS = {
     "UniPC, 8 steps": dict(steps=8, solver="unipc"),
 }
 BARE = "bare diffusers loop (float32)"
-PARTS = ("sampling", "training", "classifier")  # and the peak rates, always (every table reads them)
+PARTS = ("sampling", "training", "classifier", "augmentation")  # and the peak rates, always (every table reads them)
 # classifier levers: TrainConfig changes (the last two only where a GPU makes them differ from the default)
 CLASSIFIER_LEVERS = {"float32": dict(precision="float32", channels_last=False),
                      "channels_last, float32": dict(precision="float32"), "bfloat16": dict(channels_last=False),
@@ -211,7 +216,9 @@ def main():
     if "classifier" in args.parts:  # 4. first: a GPU lease runs it alone
         levers = {k: CLASSIFIER_LEVERS[k] for k in args.classifier_levers}
         classifier_part(task, config, device, done, record, args.models, levers, name=args.dataset or config.data.dataset)
-    if set(args.parts) <= {"classifier"}:
+    if "augmentation" in args.parts:  # 5. cheap, and needs no generator
+        augmentation_part(done, record, repeats=setting["repeats"])
+    if set(args.parts) <= {"classifier", "augmentation"}:
         publish(results, "speed", summarise(read_rows(results)), to_benchmarks=not args.quick)
         return
 
@@ -304,6 +311,35 @@ def classifier_part(task, config, device, done: set, record, models: list[str], 
                   f"train accuracy {a['train_acc']:.4f} / {b['train_acc']:.4f}", flush=True)
 
 
+def augmentation_part(done: set, record, repeats: int, batch: int = 448):
+    """Seconds per batch of each policy image by image (torchvision) and batched, on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for repeat in range(repeats):
+            for shape in ((1, 28, 28), (3, 32, 32)):
+                x = torch.randint(0, 256, (batch, *shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(repeat))
+                size = "x".join(map(str, shape))
+                for policy, policy_class in POLICIES.items():
+                    if all(("augmentation", f"{policy}, {way}", size, repeat) in done for way in ("per image", "batched")):
+                        continue
+                    torch.manual_seed(repeat)
+                    transform, t0 = policy_class(), time.perf_counter()
+                    expected = torch.stack([transform(image) for image in x])
+                    per_image = time.perf_counter() - t0
+                    batched = BatchedPolicy(policy_class)
+                    torch.manual_seed(repeat)
+                    t0 = time.perf_counter()
+                    same = torch.equal(batched(x), expected)
+                    seconds = time.perf_counter() - t0
+                    for way, sec in (("per image", per_image), ("batched", seconds)):
+                        record({"part": "augmentation", "lever": f"{policy}, {way}", "model": size, "repeat": repeat,
+                                "images": batch, "seconds": sec, "images_per_s": batch / sec, "same_images": same,
+                                "threads_used": 1})
+    finally:
+        torch.set_num_threads(threads)
+
+
 def train_probe(data, config, steps: int, channels_last: bool = False, batch_size: int | None = None) -> dict:
     """Steps/s of a few training steps of a fresh generator (throughput only)."""
     from synthaug.generate.cache import network_config, train_config
@@ -379,6 +415,21 @@ def device_table(rows: list[dict]) -> str:
             cells = [next((f"{r['images_per_s']:.0f}" for r in classifier if r["lever"] == lever and r["model"] == m), "-")
                      for m in models]
             lines.append(f"| {lever} | " + " | ".join(cells) + " |")
+    augmentation = [r for r in rows if r["part"] == "augmentation"]
+    if augmentation:
+        sizes = list(dict.fromkeys(r["model"] for r in augmentation))
+        lines += ["", f"**Augmentation policies** (ms per batch of {augmentation[0]['images']} uint8 images, one thread, "
+                  f"mean over {len({r['repeat'] for r in augmentation})} repeats; batched gives the same images: "
+                  f"{all(r['same_images'] for r in augmentation)})", "",
+                  "| policy | " + " | ".join(f"{s} per image | {s} batched | x" for s in sizes) + " |",
+                  "|---|" + "---|---|---|" * len(sizes)]
+        for policy in dict.fromkeys(r["lever"].rsplit(", ", 1)[0] for r in augmentation):
+            cells = []
+            for size in sizes:
+                ms = {way: 1000 * mean([r for r in augmentation if r["model"] == size
+                                        and r["lever"] == f"{policy}, {way}"], "seconds") for way in ("per image", "batched")}
+                cells.append(f"{ms['per image']:.0f} | {ms['batched']:.0f} | {ms['per image'] / ms['batched']:.1f}")
+            lines.append(f"| {policy} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

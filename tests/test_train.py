@@ -9,7 +9,9 @@ from synthaug.classify.losses import SAM, mix_batch, soft_cross_entropy
 from synthaug.classify.train import (
     AUGMENTATIONS,
     MIXES,
+    POLICIES,
     SAMPLERS,
+    BatchedPolicy,
     build_augmentation,
     make_sampler,
     resident,
@@ -89,6 +91,24 @@ def test_batched_crop_and_flip_draw_per_image_like_torchvision():
     mirrored = torch.tensor([torch.equal(flipped[i], x[i].flip(-1)) for i in range(len(x))])
     assert all(torch.equal(flipped[i], x[i]) or mirrored[i] for i in range(len(x)))
     assert 0.4 < mirrored.float().mean() < 0.6
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+@pytest.mark.parametrize("channels", [1, 3])
+def test_batched_policy_is_the_policy_image_by_image(policy, channels):
+    """Each operation run once on the images that drew it gives exactly torchvision's policy
+    applied per image from the same seed, and leaves the random stream where it would be."""
+    x = torch.randint(0, 256, (200, channels, 12, 12), dtype=torch.uint8)
+    torch.manual_seed(3)
+    transform = POLICIES[policy]()
+    expected = torch.stack([transform(image) for image in x])
+    after = torch.rand(3)
+    batched = BatchedPolicy(POLICIES[policy])
+    torch.manual_seed(3)
+    out = batched(x)
+    assert torch.equal(out, expected) and torch.equal(torch.rand(3), after)
+    assert (out != x).any(dim=(1, 2, 3)).float().mean() > 0.5  # the policy did change most images
+    assert len({tuple(ops) for ops in batched.draw(50, (channels, 12, 12))}) > 10  # images draw apart
 
 
 def test_unknown_augmentation():

@@ -100,7 +100,7 @@ class TrainConfig:
     precision: Precision = "auto"  # bfloat16 autocast (float32 weights) where the hardware computes it natively
     channels_last: bool = True  # the convolutions' memory layout (faster with oneDNN and cuDNN)
     # on a GPU, the training images (and an unlabelled pool) kept there when they fit in a quarter of its
-    # free memory and no augmentation is a per-image policy (randaugment, ...), so each batch is
+    # free memory and no augmentation is a policy (randaugment, ...), so each batch is
     # indexed, cropped and flipped there; false: indexed and augmented on the CPU
     data_on_device: bool = True
 
@@ -171,7 +171,8 @@ class Augmentation:
     (applied in that order). Crop (zero padding of 1/8 of the side, as `v2.RandomCrop`) and
     flip draw per image in tensor ops over the whole batch, from the CPU's random generator
     wherever the batch is (a batch on a GPU is augmented as it would be on the CPU); the
-    policies run per image through torchvision v2, whose transforms draw one operation per call."""
+    policies draw per image as torchvision v2's transforms do and run each operation once on all
+    the images that drew it (`BatchedPolicy`)."""
 
     def __init__(self, spec: str, image_size: tuple[int, int]):
         self.padding = max(1, image_size[0] // 8)
@@ -184,7 +185,7 @@ class Augmentation:
             elif part == "cutout":
                 self.steps.append(cutout)
             elif part in POLICIES:
-                self.steps.append(per_image(POLICIES[part]()))
+                self.steps.append(BatchedPolicy(POLICIES[part]))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         for step in self.steps:
@@ -221,8 +222,47 @@ def cutout(x: torch.Tensor) -> torch.Tensor:
     return torch.where(square, torch.full_like(x, gray), x)
 
 
-def per_image(transform):
-    return lambda x: torch.stack([transform(image) for image in x]) if len(x) else x
+class BatchedPolicy:
+    """A torchvision v2 auto-augment policy (RandAugment, TrivialAugmentWide, AutoAugment) over a
+    batch: each image draws its operations as the policy's own `forward` would, from the same random
+    stream in the same order, and each operation then runs once on all the images that drew it.
+    The result is the policy applied image by image (its operations are deterministic given their
+    magnitude, and each acts on every image of a batch alone) at a few dozen calls a batch instead
+    of one or two per image."""
+
+    def __init__(self, policy_class: type):
+        policy, drawn = policy_class(), []
+
+        class Recorder(policy_class):  # the policy's own draws, its operations noted instead of applied
+            def _apply_image_or_video_transform(self, image, transform_id, magnitude, interpolation, fill):
+                drawn.append((transform_id, magnitude))
+                return image
+
+        self.recorder, self.drawn = Recorder(), drawn
+        self.apply = lambda x, op, magnitude: policy._apply_image_or_video_transform(
+            x, op, magnitude, interpolation=policy.interpolation, fill=policy._fill)
+
+    def draw(self, n: int, shape: tuple[int, ...]) -> list[list[tuple[str, float]]]:
+        """The operations of each of n images, in order."""
+        blank, ops = torch.zeros(shape, dtype=torch.uint8), []
+        for _ in range(n):
+            self.drawn.clear()
+            self.recorder(blank)
+            ops.append(list(self.drawn))
+        return ops
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        ops = self.draw(len(x), tuple(x.shape[1:]))
+        x = x.clone()
+        for layer in range(max(map(len, ops), default=0)):
+            groups: dict[tuple[str, float], list[int]] = {}
+            for i, image_ops in enumerate(ops):
+                if layer < len(image_ops) and image_ops[layer][0] != "Identity":
+                    groups.setdefault(image_ops[layer], []).append(i)
+            for (op, magnitude), rows in groups.items():
+                rows = send(torch.tensor(rows), x.device)
+                x[rows] = self.apply(x[rows], op, magnitude)
+        return x
 
 
 def by_domain(real: Augmentation | None, synthetic: Augmentation | None):
@@ -480,7 +520,8 @@ def fit_classifier(
         return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
 
     # the images each batch is indexed from: on the GPU when they fit, so indexing and augmentation run there
-    # (not with a per-image policy: thousands of tiny kernels a step, and not the CPU's arithmetic)
+    # (not with a policy: its operations on a GPU would not be the CPU's arithmetic, so a run would
+    # depend on where its batch is)
     specs = [cfg.augment, synthetic_augment or "none", *((cfg.ssl_weak, cfg.ssl_strong) if ssl else ())]
     batchwise = not any(part in POLICIES for spec in specs for part in spec.split("+"))
     images, pool_images = resident(train.images, unlabeled.images if ssl else None, device, cfg.data_on_device and batchwise)
