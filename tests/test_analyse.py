@@ -51,13 +51,15 @@ STAND_INS = {"fashion-mnist": (6000, 1000), "cifar10": (5000, 1000)}
 LABEL = {"ce + RandAugment + Mixup": "RandAugment + Mixup", "fixmatch + RandAugment + Mixup": "FixMatch + RandAugment + Mixup",
          "balanced-softmax": "balanced-softmax", "class-balanced": "class-balanced",
          "ce, 6x the schedule": "none, augment-all's steps",
-         "balanced-softmax, SYNAuG's steps": ("balanced-softmax, replay's steps (960)", "balanced-softmax, replay's steps")}
+         "balanced-softmax, SYNAuG's steps": ("balanced-softmax, replay's steps (960)", "balanced-softmax, replay's steps"),
+         "group-reweighted, SYNAuG's steps": "group-reweighted, replay's steps"}
 # a recommendation at SYNAuG's steps -> its row in a setting where every recipe trains the same steps
 EQUAL_STEPS = {"balanced-softmax, SYNAuG's steps": "balanced-softmax"}
 # where each recommendation is checked: suite -> its settings (None: all). targeted-small's TADA setting and
 # longtail-small's long-tailed ones are superseded by longtail's, which also trains the classical rows for as many
 # steps as the generative ones (rules 2, 3 and 5)
-CHECKED = {"longtail": ["MNIST-5k-LT r50", "Fashion-MNIST-LT r100", "Fashion-MNIST 10%"], "fewshot-small": None,
+CHECKED = {"longtail": ["MNIST-5k-LT r50", "Fashion-MNIST-LT r100", "Fashion-MNIST 10%",
+                        "Coloured MNIST-5k, agreement 0.95, every test colour"], "fewshot-small": None,
            "fewshot": None, "cifar10-gpu": None}
 
 
@@ -121,10 +123,19 @@ def test_profile_and_duplicates_on_known_data():
     ({"largest_count": 500, "smallest_count": 100, "imbalance_ratio": 5.0}, "imbalanced"),
     ({"largest_count": 600, "smallest_count": 600, "imbalance_ratio": 1.0}, "balanced-moderate"),
     ({"largest_count": 5000, "smallest_count": 5000, "imbalance_ratio": 1.0}, "balanced-other"),
+    ({"classes": 10, "largest_count": 500, "smallest_count": 480, "imbalance_ratio": 1.04,
+      "cells": {"groups": 10, "cells": 100, "largest": 384, "smallest": 0, "empty": 8}}, "groups"),
+    ({"classes": 10, "largest_count": 500, "smallest_count": 480, "imbalance_ratio": 1.04,
+      "cells": {"groups": 2, "cells": 20, "largest": 300, "smallest": 90, "empty": 0}}, "groups"),
+    ({"classes": 10, "largest_count": 500, "smallest_count": 480, "imbalance_ratio": 1.04,  # cells balanced enough
+      "cells": {"groups": 2, "cells": 20, "largest": 250, "smallest": 230, "empty": 0}}, "balanced-moderate"),
 ])
 def test_each_rule(counts, rule):
     found = recommend(counts)
     assert found.rule == rule and found.why
+    if rule == "groups":  # SYNAuG's steps: every cell filled to the largest, at the default schedule's epochs
+        cells = counts["cells"]
+        assert found.overrides == [f"train.steps={15 * -(-cells['cells'] * cells['largest'] // 128)}"]
     assert not found.generative_expected  # no setting measured a generative gain over its best baseline
 
 
@@ -165,6 +176,7 @@ def test_analyse_runs_on_the_other_built_in_datasets(name, capsys, monkeypatch):
 @pytest.mark.parametrize("split, recipe, rule", [
     (["split.ratio=10"], "balanced-softmax", "longtail-tiny-tail"),
     (["split.kind=few-shot", "split.k=10", "train.ssl_mu=1"], "fixmatch", "few-labels-pool"),  # the pool: FixMatch
+    (["split.kind=colored", "split.agreement=0.95"], "group-reweighted", "groups"),  # imbalanced (digit, colour) cells
 ])
 def test_recipe_auto_runs_the_recommendation_and_records_why(split, recipe, rule, tmp_path, capsys, monkeypatch):
     args = ["run", "-s", "recipe=auto", "-s", "data.dataset=digits", *[a for s in split for a in ("-s", s)],
