@@ -105,3 +105,26 @@ def test_seeds_of_a_generative_recipe_share_one_store(tmp_path, capsys, monkeypa
     assert stores == {str(tmp_path / "digits-lt8-synaug-seeds-0-1" / "synthetic")}
     assert metrics[0]["synthetic"]["generated_now"] > 0 and metrics[1]["synthetic"]["generated_now"] == 0
     assert metrics[0]["synthetic"]["images"] == metrics[1]["synthetic"]["images"]
+
+
+def test_with_groups_the_default_baselines_are_the_group_methods_and_the_verdict_is_worst_group(
+        tmp_path, capsys, monkeypatch):
+    """On a split with groups the report's default baselines are what a user would do about groups
+    (group-balanced sampling, group reweighting, Group DRO), trained for the recipe's steps, and the
+    verdict is on worst-group accuracy; a list the user gives is kept as given."""
+    base = ["run", "-s", "data.dataset=digits", "-s", "split.kind=colored", "-s", "split.agreement=0.9",
+            "-s", "recipe=class-balanced", "-s", "train.epochs=1", "-s", "train.batch_size=64",
+            "-s", f"output_dir={tmp_path}", "--quiet"]
+    code, out, err = run_cli([*base, "--seeds", "0,1"], capsys, monkeypatch)
+    assert code == 0, err
+    (summary_dir,) = [p for p in tmp_path.iterdir() if p.name.endswith("seeds-0-1")]
+    summary = json.loads((summary_dir / "summary.json").read_text())
+    assert summary["metric"] == "worst_group_accuracy"
+    assert set(summary["scores"]) == {"class-balanced", "ce", "group-balanced", "group-reweighted", "group-dro"}
+    assert summary["verdict"]["baseline"] in {"ce", "group-balanced", "group-reweighted", "group-dro"}
+    assert "worst-group accuracy" in (summary_dir / "summary.md").read_text()
+    run_dir = Path(summary["runs"]["0"])
+    assert "worst-group accuracy" in (run_dir / "report.html").read_text()
+    code, out, err = run_cli([*base, "-s", "name=given", "-s", "report.baselines=[ce]"], capsys, monkeypatch)
+    assert code == 0, err
+    assert set(json.loads((tmp_path / "given" / "metrics.json").read_text())["baselines"]) == {"ce"}

@@ -57,7 +57,7 @@ def unread_sections(config: RunConfig) -> set[str]:
     (none for `recipe: auto`, which picks its recipe later)."""
     if config.recipe == "auto":
         return set()
-    runs = {config.recipe, *config.report.baselines}
+    runs = {config.recipe, *config.report.every_baseline()}
     return {name for name in SECTIONS.names() if name in READERS and not READERS[name] & runs}
 
 MAX_SEED = 2**31 - 1  # seeds are mixed with step counts before they reach torch's generators
@@ -277,10 +277,24 @@ class ValidateSection:
             raise SynthaugError("validate.max_per_class must be >= 2, validate.k and validate.density_k >= 1")
 
 
+DEFAULT_BASELINES = ["ce", "balanced-softmax", "crt"]
+# the classical answers to group imbalance: what the default means where the split has groups
+GROUP_BASELINES = ["ce", "group-balanced", "group-reweighted", "group-dro"]
+
+
 @dataclass
 class ReportSection:
-    baselines: list = field(default_factory=lambda: ["ce", "balanced-softmax", "crt"])  # trained in the same run
+    # trained in the same run; left at the default, a split with groups trains GROUP_BASELINES instead
+    baselines: list = field(default_factory=lambda: list(DEFAULT_BASELINES))
     html: bool = True
+
+    def baselines_for(self, grouped: bool) -> list:
+        """The baselines a run trains: the group methods for the default where the split has groups."""
+        return list(GROUP_BASELINES) if grouped and self.baselines == DEFAULT_BASELINES else list(self.baselines)
+
+    def every_baseline(self) -> list:
+        """Every baseline a run may train, before the data says whether it has groups."""
+        return list(dict.fromkeys([*self.baselines, *self.baselines_for(True)]))
 
 
 @dataclass

@@ -286,20 +286,23 @@ def write_page(path: str | Path, title: str, body: str) -> Path:
 
 def _summary(metrics: dict, rows: dict[str, dict]) -> str:
     recipe = metrics["recipe"]
-    ours = rows[recipe]["balanced_accuracy"]
-    text = f"<b>{html.escape(recipe)}</b>: balanced accuracy {pct(ours)}%."
-    baselines = {k: v for k, v in rows.items() if k not in (recipe, "oracle")}
+    # with groups the headline is worst-group accuracy, a tie (every worst group 0) told apart by accuracy
+    key = "worst_group_accuracy" if rows[recipe].get("worst_group_accuracy") is not None else "balanced_accuracy"
+    label = key.replace("_", " ").replace("worst group", "worst-group")
+    ours = rows[recipe][key]
+    text = f"<b>{html.escape(recipe)}</b>: {label} {pct(ours)}%."
+    baselines = {k: v for k, v in rows.items() if k not in (recipe, "oracle") and v.get(key) is not None}
     if baselines:
-        best = max(baselines, key=lambda k: baselines[k]["balanced_accuracy"])
-        delta = 100 * (ours - baselines[best]["balanced_accuracy"])
-        text += f" Best baseline: {html.escape(best)} at {pct(baselines[best]['balanced_accuracy'])}% ({delta:+.2f} points)."
+        best = max(baselines, key=lambda k: (baselines[k][key], baselines[k]["accuracy"]))
+        delta = 100 * (ours - baselines[best][key])
+        text += f" Best baseline: {html.escape(best)} at {pct(baselines[best][key])}% ({delta:+.2f} points)."
         if metrics.get("baseline_steps"):
             text += (f" The baselines trained for the recipe's {metrics['baseline_steps']:,} optimiser steps (to the "
                      "end of that epoch), so a gain over them is not more steps.")
-        if "oracle" in rows:
-            gap = rows["oracle"]["balanced_accuracy"] - baselines[best]["balanced_accuracy"]
+        if rows.get("oracle", {}).get(key) is not None:
+            gap = rows["oracle"][key] - baselines[best][key]
             if gap > 0:
-                text += f" Oracle {pct(rows['oracle']['balanced_accuracy'])}%: {100 * (ours - baselines[best]['balanced_accuracy']) / gap:.0f}% of the gap closed."
+                text += f" Oracle {pct(rows['oracle'][key])}%: {100 * (ours - baselines[best][key]) / gap:.0f}% of the gap closed."
     syn = metrics.get("synthetic")
     if syn and syn.get("replay"):
         text += f" {syn['images']} real images drawn again (the replay control), none generated."
@@ -317,7 +320,11 @@ def write_seeds_report(path: str | Path, summary: dict, table_markdown: str) -> 
     import os
     import statistics
 
+    from .runs import METRIC_NAMES
+
     verdict = summary.get("verdict")
+    grouped = summary.get("metric") == "worst_group_accuracy"
+    metric = METRIC_NAMES[summary.get("metric", "balanced_accuracy")]
     headline = html.escape(summary["verdict_line"] or "no classical baseline to compare with")
     colour = {"gain": "#d9f2d9", "loss": "#f8d7d7"}.get((verdict or {}).get("verdict"), "#eeeeee")
     rows = "".join(
@@ -331,9 +338,11 @@ def write_seeds_report(path: str | Path, summary: dict, table_markdown: str) -> 
     body = (f"<h1>synthaug: {html.escape(summary['recipe'])} on {html.escape(str(summary['dataset']))}, "
             f"seeds {', '.join(map(str, summary['seeds']))}</h1>"
             f"<div class='summary' style='background:{colour}'><b>Verdict</b>: {headline}. The interval is the paired "
-            "95% t-interval of the difference in balanced accuracy over the seeds; the best classical baseline is the "
-            "one with the highest mean (the oracle is a reference, not a baseline).</div>"
-            "<h2>Balanced accuracy (%), balanced test set</h2><table><tr><th>method</th><th>mean</th><th>std</th>"
+            f"95% t-interval of the difference in {metric} over the seeds; the best classical baseline is the "
+            "one with the highest mean (the oracle is a reference, not a baseline)"
+            + ("; with groups, baselines tied on it are told apart by their accuracy" if grouped else "") + ".</div>"
+            f"<h2>{metric.capitalize()} (%), {'every (class, group) cell' if grouped else 'balanced test set'}</h2>"
+            "<table><tr><th>method</th><th>mean</th><th>std</th>"
             f"<th>per seed</th></tr>{rows}</table><h2>Each seed's report</h2><p>{links}</p>"
             f"<details><summary>as Markdown</summary><pre>{html.escape(table_markdown)}</pre></details>")
     return write_page(path, f"synthaug: {summary['recipe']}, {len(summary['seeds'])} seeds", body)

@@ -165,10 +165,10 @@ def train_run(config: RunConfig, *, progress: bool = True, force: bool = False, 
               ) -> tuple[Path, dict]:
     """Run one recipe as configured; returns the run folder and the metrics written there.
 
-    With `compare`, the baselines in `config.report.baselines` are trained in the same run on
-    the same split (each saved as it finishes, so an interrupted run keeps them), and
+    With `compare`, the baselines in `config.report.baselines` (left at the default, the group
+    methods where the split has groups) are trained in the same run on the same split (each saved as it finishes, so an interrupted run keeps them), and
     `report.html` is written."""
-    preflight(config, config.report.baselines if compare else ())
+    preflight(config, config.report.every_baseline() if compare else ())
     t0 = time.perf_counter()
     data = load_dataset(config.data.dataset, image_size=config.data.image_size, channels=config.data.channels,
                         cache_dir=config.data.cache_dir, defer_cache=True)
@@ -179,10 +179,11 @@ def train_run(config: RunConfig, *, progress: bool = True, force: bool = False, 
 
         resolved, auto = resolve_auto(config, task)
         config = replace(resolved, name=config.name or config.run_name())  # the run folder keeps "auto" in its name
-        preflight(config, config.report.baselines if compare else ())
+        preflight(config, config.report.every_baseline() if compare else ())
     recipe = get_recipe(config.recipe)
     # recipe: auto may pick one of the baselines: it is then not trained twice
-    baselines = [get_recipe(b) for b in config.report.baselines if auto is None or b != recipe.name] if compare else []
+    names = config.report.baselines_for(task.train.groups is not None)
+    baselines = [get_recipe(b) for b in names if auto is None or b != recipe.name] if compare else []
     check_ssl(task, config, [recipe, *baselines])
     if recipe.check is not None:
         recipe.check(task, config)
@@ -273,7 +274,7 @@ def seeds_run(config: RunConfig, seeds: list[int], *, progress: bool = True, for
     if config.recipe == "auto":  # resolved once for every seed, from the split
         from .analyse import resolve_auto
 
-        preflight(config, config.report.baselines)
+        preflight(config, config.report.every_baseline())
         data = load_dataset(config.data.dataset, image_size=config.data.image_size, channels=config.data.channels,
                             cache_dir=config.data.cache_dir, defer_cache=True)
         config, _ = resolve_auto(config, make_task(data, config.split))
@@ -285,7 +286,7 @@ def seeds_run(config: RunConfig, seeds: list[int], *, progress: bool = True, for
         shared = replace(getattr(config, section), store_dir=str(summary_dir / "synthetic"))
         configs = [replace(c, sections={**c.sections, section: shared}) for c in configs]
     for c in configs:
-        preflight(c, c.report.baselines)  # the run name included
+        preflight(c, c.report.every_baseline())  # the run name included
     if summary_dir.exists() and not (summary_dir / MARKER).is_file():
         raise SynthaugError(f"'{summary_dir}' exists and is not a folder synthaug made: choose another name or output_dir")
     make_folders(summary_dir, "the summary folder")  # every check above passed
@@ -294,12 +295,19 @@ def seeds_run(config: RunConfig, seeds: list[int], *, progress: bool = True, for
     for c in configs:
         run_dir, metrics = train_run(c, progress=progress, force=force, compare=True)
         runs[c.seed] = (run_dir, metrics)
-    scores = {config.recipe: {s: m["test"]["balanced_accuracy"] for s, (_, m) in runs.items()}}
-    for s, (_, m) in runs.items():
-        for name, b in m.get("baselines", {}).items():
-            scores.setdefault(name, {})[s] = b["test"]["balanced_accuracy"]
-    found = compare(scores, config.recipe)
-    summary = {"recipe": config.recipe, "dataset": config.data.dataset, "seeds": seeds, "metric": "balanced_accuracy",
+    # with groups the verdict is on worst-group accuracy, a tie (every worst group 0) told apart by accuracy
+    grouped = all("worst_group_accuracy" in m["test"] for _, m in runs.values())
+    metric, second = ("worst_group_accuracy", "accuracy") if grouped else ("balanced_accuracy", None)
+
+    def scores_of(key: str) -> dict[str, dict[int, float]]:
+        out = {config.recipe: {s: m["test"][key] for s, (_, m) in runs.items()}}
+        for s, (_, m) in runs.items():
+            for name, b in m.get("baselines", {}).items():
+                out.setdefault(name, {})[s] = b["test"][key]
+        return out
+    scores = scores_of(metric)
+    found = compare(scores, config.recipe, tiebreak=scores_of(second) if second else None)
+    summary = {"recipe": config.recipe, "dataset": config.data.dataset, "seeds": seeds, "metric": metric,
                "scores": scores, "runs": {s: str(d) for s, (d, _) in runs.items()},
                "verdict": found.to_dict() if found else None, "verdict_line": found.line() if found else None}
     atomic_write_json(summary_dir / "summary.json", summary)
@@ -310,12 +318,15 @@ def seeds_run(config: RunConfig, seeds: list[int], *, progress: bool = True, for
     return summary_dir, summary
 
 
+METRIC_NAMES = {"balanced_accuracy": "balanced accuracy", "worst_group_accuracy": "worst-group accuracy"}
+
+
 def seeds_table(summary: dict) -> str:
-    """Balanced accuracy per method, mean ± std over the seeds, in Markdown, verdict first."""
+    """The verdict's metric per method, mean ± std over the seeds, in Markdown, verdict first."""
     import statistics
 
     lines = [summary["verdict_line"] or "no classical baseline to compare with", "",
-             "| method | balanced accuracy (%), mean ± std | seeds |", "|---|---|---|"]
+             f"| method | {METRIC_NAMES[summary['metric']]} (%), mean ± std | seeds |", "|---|---|---|"]
     for name, by_seed in summary["scores"].items():
         values = [100 * v for v in by_seed.values()]
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
