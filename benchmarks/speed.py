@@ -17,8 +17,9 @@ Four parts, all in one run so that their numbers share the machine's state:
 4. **Classifier training**: images/s of the small CNN and ResNet-32 per lever.
 5. **Augmentation policies**: RandAugment, TrivialAugmentWide and AutoAugment on a FixMatch
    strong view's batch (448 images), image by image through torchvision against
-   `BatchedPolicy` (the same draws, each operation once on the images that drew it), one
-   thread, interleaved repeats; each repeat checks the two give the same images.
+   `BatchedPolicy` (the same draws, each operation once on the images that drew it), on one
+   CPU thread wherever the script runs (the training loop runs policies on the CPU), in
+   interleaved repeats; each repeat checks the two give the same images.
 
 Rows go to benchmarks/results/speed.jsonl (one per part, lever and repeat); the table to
 benchmarks/results/speed.md and BENCHMARKS.md.

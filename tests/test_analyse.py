@@ -124,11 +124,14 @@ def test_profile_and_duplicates_on_known_data():
     ({"largest_count": 600, "smallest_count": 600, "imbalance_ratio": 1.0}, "balanced-moderate"),
     ({"largest_count": 5000, "smallest_count": 5000, "imbalance_ratio": 1.0}, "balanced-other"),
     ({"classes": 10, "largest_count": 500, "smallest_count": 480, "imbalance_ratio": 1.04,
-      "cells": {"groups": 10, "cells": 100, "largest": 384, "smallest": 0, "empty": 8}}, "groups"),
+      "cells": {"groups": 10, "cells": 100, "largest": 384, "smallest": 0, "mean": 50.0, "empty": 8}}, "groups"),
     ({"classes": 10, "largest_count": 500, "smallest_count": 480, "imbalance_ratio": 1.04,
-      "cells": {"groups": 2, "cells": 20, "largest": 300, "smallest": 90, "empty": 0}}, "groups"),
+      "cells": {"groups": 2, "cells": 20, "largest": 400, "smallest": 70, "mean": 245.0, "empty": 0}}, "groups"),
+    ({"classes": 10, "largest_count": 30, "smallest_count": 26, "imbalance_ratio": 1.15,  # cells too small to tell
+      "cells": {"groups": 10, "cells": 100, "largest": 9, "smallest": 0, "mean": 2.8, "empty": 6}}, "balanced-other"),
     ({"classes": 10, "largest_count": 500, "smallest_count": 480, "imbalance_ratio": 1.04,  # cells balanced enough
-      "cells": {"groups": 2, "cells": 20, "largest": 250, "smallest": 230, "empty": 0}}, "balanced-moderate"),
+      "cells": {"groups": 2, "cells": 20, "largest": 300, "smallest": 90, "mean": 245.0, "empty": 0}},
+     "balanced-moderate"),
 ])
 def test_each_rule(counts, rule):
     found = recommend(counts)

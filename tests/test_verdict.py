@@ -125,6 +125,13 @@ def test_with_groups_the_default_baselines_are_the_group_methods_and_the_verdict
     assert "worst-group accuracy" in (summary_dir / "summary.md").read_text()
     run_dir = Path(summary["runs"]["0"])
     assert "worst-group accuracy" in (run_dir / "report.html").read_text()
+    # a run compared with other baselines (an older synthaug's defaults) is compared again, not taken as finished
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    del metrics["baselines"]["group-dro"]
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    code, out, err = run_cli([*base, "--seeds", "0,1"], capsys, monkeypatch)
+    assert code == 0, err
+    assert "group-dro" in json.loads((run_dir / "metrics.json").read_text())["baselines"]
     code, out, err = run_cli([*base, "-s", "name=given", "-s", "report.baselines=[ce]"], capsys, monkeypatch)
     assert code == 0, err
     assert set(json.loads((tmp_path / "given" / "metrics.json").read_text())["baselines"]) == {"ce"}

@@ -280,10 +280,13 @@ def print_metrics(metrics: dict):
     table.add_row("seconds", f"{sum(v for k, v in metrics['seconds'].items() if k != 'load_data'):.1f}")
     console.print(table)
     if metrics.get("baselines"):
-        compare = Table("method", "balanced acc", "few-shot acc", title="against the baselines (same split, same run)")
-        for name, m in {metrics["recipe"]: metrics, **metrics["baselines"]}.items():
-            few = m["test"].get("few_shot_accuracy")
-            compare.add_row(name, f"{100 * m['test']['balanced_accuracy']:.2f}", "n/a" if few is None else f"{100 * few:.2f}")
+        grouped = test.get("worst_group_accuracy") is not None  # then worst group and accuracy are the point
+        keys = ("worst_group_accuracy", "accuracy") if grouped else ("balanced_accuracy", "few_shot_accuracy")
+        compare = Table("method", *(k.removesuffix("_accuracy").replace("_", " ") + " acc" for k in keys),
+                        title="against the baselines (same split, same run)")
+        others = {k: v for k, v in metrics["baselines"].items() if k != metrics["recipe"]}  # older runs held it
+        for name, m in {metrics["recipe"]: metrics, **others}.items():
+            compare.add_row(name, *("n/a" if m["test"].get(k) is None else f"{100 * m['test'][k]:.2f}" for k in keys))
         console.print(compare)
 
 

@@ -226,12 +226,14 @@ def write_report(path: str | Path, metrics: dict, real: ImageDataset, synthetic:
 
 def _write_report(path, metrics, real, synthetic, config_yaml, sections, replayed=None) -> Path:
     recipe = metrics["recipe"]
-    rows = {recipe: metrics["test"], **{k: v["test"] for k, v in metrics.get("baselines", {}).items()}}
+    rows = {recipe: metrics["test"], **{k: v["test"] for k, v in metrics.get("baselines", {}).items() if k != recipe}}
     classes = real.classes
     parts = [f"<h1>synthaug run: {html.escape(recipe)} on {html.escape(str(metrics['dataset']))}</h1>",
              f"<p class='muted'>{html.escape(metrics.get('description', ''))} · seed {metrics['seed']}</p>"]
     parts.append(f"<div class='summary'>{_summary(metrics, rows)}</div>")
-    parts.append("<h2>Test metrics (%), balanced test set</h2>" + metrics_table(rows, recipe))
+    grouped = metrics["test"].get("worst_group_accuracy") is not None
+    parts.append(f"<h2>Test metrics (%), {'every (class, group) cell of the test set' if grouped else 'balanced test set'}"
+                 "</h2>" + metrics_table(rows, recipe))
     synthetic_counts = [0] * len(classes)
     if synthetic is not None and len(synthetic):
         synthetic_counts = synthetic.class_counts().tolist()

@@ -118,10 +118,11 @@ def _trained_for(done_file: Path):
     return None if "steps" not in done else "unknown"
 
 
-def _finished(run_dir: Path, config: RunConfig, compare: bool, classes: list[str]) -> dict | None:
+def _finished(run_dir: Path, config: RunConfig, compare: bool, classes: list[str], baselines: list[str]) -> dict | None:
     """The metrics of a finished run, or None if it must (re)run: no metrics yet, a run made
-    by `train` when `run` asks for the comparison and report, or a damaged synthetic store
-    (the re-run regenerates exactly the damaged images)."""
+    by `train` when `run` asks for the comparison and report, one compared with other baselines
+    than `baselines` (an older synthaug's defaults; those trained before are kept), or a damaged
+    synthetic store (the re-run regenerates exactly the damaged images)."""
     try:
         metrics = json.loads((run_dir / "metrics.json").read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
@@ -132,6 +133,8 @@ def _finished(run_dir: Path, config: RunConfig, compare: bool, classes: list[str
         return None
     if compare and "baselines" in metrics and "baseline_steps" not in metrics:
         return None  # an older synthaug's baselines, on their own schedule: train them for the recipe's steps
+    if compare and set(metrics.get("baselines", {})) != set(baselines):
+        return None
     if compare and config.report.html and not (run_dir / "report.html").is_file():
         return None
     store = (metrics.get("synthetic") or {}).get("store")
@@ -181,9 +184,9 @@ def train_run(config: RunConfig, *, progress: bool = True, force: bool = False, 
         config = replace(resolved, name=config.name or config.run_name())  # the run folder keeps "auto" in its name
         preflight(config, config.report.every_baseline() if compare else ())
     recipe = get_recipe(config.recipe)
-    # recipe: auto may pick one of the baselines: it is then not trained twice
-    names = config.report.baselines_for(task.train.groups is not None)
-    baselines = [get_recipe(b) for b in names if auto is None or b != recipe.name] if compare else []
+    # a baseline that is the recipe itself (recipe: auto often picks one) is not trained twice
+    names = [b for b in config.report.baselines_for(task.train.groups is not None) if b != recipe.name]
+    baselines = [get_recipe(b) for b in names] if compare else []
     check_ssl(task, config, [recipe, *baselines])
     if recipe.check is not None:
         recipe.check(task, config)
@@ -196,7 +199,7 @@ def train_run(config: RunConfig, *, progress: bool = True, force: bool = False, 
     data.save_cache()
     run_dir = Path(config.output_dir) / config.run_name()
     started, created = prepare_run_dir(run_dir, config, force=force)
-    if started and (done := _finished(run_dir, config, compare, task.train.classes)) is not None:
+    if started and (done := _finished(run_dir, config, compare, task.train.classes, names)) is not None:
         return run_dir, done
     try:
         result = recipe.run(task, config, workdir=run_dir, progress=progress)
@@ -303,7 +306,8 @@ def seeds_run(config: RunConfig, seeds: list[int], *, progress: bool = True, for
         out = {config.recipe: {s: m["test"][key] for s, (_, m) in runs.items()}}
         for s, (_, m) in runs.items():
             for name, b in m.get("baselines", {}).items():
-                out.setdefault(name, {})[s] = b["test"][key]
+                if name != config.recipe:  # a run from before baselines left out the recipe itself
+                    out.setdefault(name, {})[s] = b["test"][key]
         return out
     scores = scores_of(metric)
     found = compare(scores, config.recipe, tiebreak=scores_of(second) if second else None)
