@@ -259,13 +259,14 @@ def test_pairs_grid_takes_any_row_id():
 
 
 def test_run_after_train_compares_and_reports(tmp_path, capsys, monkeypatch):
-    base = [*FAST, "-s", f"output_dir={tmp_path}", "-s", "name=x", "-s", "report.baselines=ce"]
+    base = [*FAST, "-s", f"output_dir={tmp_path}", "-s", "name=x", "-s", "report.baselines=[ce,balanced-softmax]"]
     assert run_cli(["train", *base], capsys, monkeypatch)[0] == 0
     assert not (tmp_path / "x" / "report.html").exists()
     code, out, err = run_cli(["run", *base], capsys, monkeypatch)
     assert code == 0, err
     metrics = json.loads((tmp_path / "x" / "metrics.json").read_text())
-    assert "ce" in metrics["baselines"] and (tmp_path / "x" / "report.html").exists()
+    # the recipe (ce) is not trained again as its own baseline
+    assert set(metrics["baselines"]) == {"balanced-softmax"} and (tmp_path / "x" / "report.html").exists()
 
 
 # --------------------------------------------------------------------------- 16. validation
