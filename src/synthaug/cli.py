@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .errors import SynthaugError
+from .verdict import headline
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Generative data augmentation for image classification.")
@@ -280,8 +281,9 @@ def print_metrics(metrics: dict):
     table.add_row("seconds", f"{sum(v for k, v in metrics['seconds'].items() if k != 'load_data'):.1f}")
     console.print(table)
     if metrics.get("baselines"):
-        grouped = test.get("worst_group_accuracy") is not None  # then worst group and accuracy are the point
-        keys = ("worst_group_accuracy", "accuracy") if grouped else ("balanced_accuracy", "few_shot_accuracy")
+        keys = headline(test)
+        if test.get("worst_group_accuracy") is None and test.get("few_shot_accuracy") is not None:
+            keys += ("few_shot_accuracy",)
         compare = Table("method", *(k.removesuffix("_accuracy").replace("_", " ") + " acc" for k in keys),
                         title="against the baselines (same split, same run)")
         others = {k: v for k, v in metrics["baselines"].items() if k != metrics["recipe"]}  # older runs held it

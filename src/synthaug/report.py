@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .data.dataset import ImageDataset
+from .verdict import headline
 
 STYLE = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -288,14 +289,13 @@ def write_page(path: str | Path, title: str, body: str) -> Path:
 
 def _summary(metrics: dict, rows: dict[str, dict]) -> str:
     recipe = metrics["recipe"]
-    # with groups the headline is worst-group accuracy, a tie (every worst group 0) told apart by accuracy
-    key = "worst_group_accuracy" if rows[recipe].get("worst_group_accuracy") is not None else "balanced_accuracy"
+    key, second = headline(rows[recipe])
     label = key.replace("_", " ").replace("worst group", "worst-group")
     ours = rows[recipe][key]
     text = f"<b>{html.escape(recipe)}</b>: {label} {pct(ours)}%."
     baselines = {k: v for k, v in rows.items() if k not in (recipe, "oracle") and v.get(key) is not None}
     if baselines:
-        best = max(baselines, key=lambda k: (baselines[k][key], baselines[k]["accuracy"]))
+        best = max(baselines, key=lambda k: (baselines[k][key], baselines[k][second]))
         delta = 100 * (ours - baselines[best][key])
         text += f" Best baseline: {html.escape(best)} at {pct(baselines[best][key])}% ({delta:+.2f} points)."
         if metrics.get("baseline_steps"):

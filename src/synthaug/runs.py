@@ -270,7 +270,7 @@ def seeds_run(config: RunConfig, seeds: list[int], *, progress: bool = True, for
     through its cache; so is the store (`<summary folder>/synthetic`) when the recipe's images
     do not depend on the classifier seed (`Recipe.shared_store`) and no store_dir is set."""
     from .report import write_seeds_report
-    from .verdict import compare
+    from .verdict import compare, headline
 
     if len(set(seeds)) != len(seeds) or len(seeds) < 2:
         raise SynthaugError(f"--seeds {','.join(map(str, seeds))}: give two or more different seeds, e.g. --seeds 0,1,2")
@@ -298,9 +298,8 @@ def seeds_run(config: RunConfig, seeds: list[int], *, progress: bool = True, for
     for c in configs:
         run_dir, metrics = train_run(c, progress=progress, force=force, compare=True)
         runs[c.seed] = (run_dir, metrics)
-    # with groups the verdict is on worst-group accuracy, a tie (every worst group 0) told apart by accuracy
-    grouped = all("worst_group_accuracy" in m["test"] for _, m in runs.values())
-    metric, second = ("worst_group_accuracy", "accuracy") if grouped else ("balanced_accuracy", None)
+    # the seeds share their data, so groups are in every run's test or in none
+    metric, second = headline(runs[seeds[0]][1]["test"])
 
     def scores_of(key: str) -> dict[str, dict[int, float]]:
         out = {config.recipe: {s: m["test"][key] for s, (_, m) in runs.items()}}
@@ -310,7 +309,7 @@ def seeds_run(config: RunConfig, seeds: list[int], *, progress: bool = True, for
                     out.setdefault(name, {})[s] = b["test"][key]
         return out
     scores = scores_of(metric)
-    found = compare(scores, config.recipe, tiebreak=scores_of(second) if second else None)
+    found = compare(scores, config.recipe, tiebreak=scores_of(second))
     summary = {"recipe": config.recipe, "dataset": config.data.dataset, "seeds": seeds, "metric": metric,
                "scores": scores, "runs": {s: str(d) for s, (d, _) in runs.items()},
                "verdict": found.to_dict() if found else None, "verdict_line": found.line() if found else None}

@@ -12,6 +12,14 @@ from dataclasses import asdict, dataclass
 UPPER_BOUNDS = ("oracle",)
 
 
+def headline(test: dict) -> tuple[str, str]:
+    """The metric a run is judged on and the one that tells its ties apart, from its test
+    metrics: worst-group accuracy where the test has groups (every worst group 0 is a tie,
+    common at strong spurious correlation), else balanced accuracy; then accuracy."""
+    grouped = test.get("worst_group_accuracy") is not None
+    return ("worst_group_accuracy" if grouped else "balanced_accuracy"), "accuracy"
+
+
 @dataclass
 class Verdict:
     recipe: str
