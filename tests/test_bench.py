@@ -261,10 +261,14 @@ def test_baselines_tied_on_the_metric_are_told_apart_by_the_next_column():
     assert summary["verdicts"]["synaug"].baseline == "group-balanced"
     board = markdown_setting("s", rows, summary, setting.columns)
     assert "Best classical baseline: group-balanced (highest mean worst group, ties broken by highest mean" in board
+    # tied on every seed, the row reads the next column's paired difference: 0.14, 0.15 -> +14.50 +- 6.35
+    line = next(x for x in board.splitlines() if x.startswith("| synaug"))
+    assert "| tied on every seed; accuracy +14.50 (+8.15 to +20.85) | tie; accuracy: gain |" in line
     # no tie: the sentence says nothing of a tie-break
     rows = [dict(r, metrics=dict(r["metrics"], worst_group_accuracy=0.1)) if r["recipe"] == "ce" else r for r in rows]
     board = markdown_setting("s", rows, setting_summary(rows, setting), setting.columns)
     assert "Best classical baseline: ce (highest mean worst group);" in board
+    assert "tied on every seed" not in board
 
 
 @pytest.mark.parametrize("name", shipped())

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
-from synthaug.verdict import compare, paired_interval, verdict_of
+from synthaug.verdict import compare, compare_tied, paired_interval, verdict_of
 
 
 def test_the_interval_of_a_known_paired_difference():
@@ -60,9 +60,19 @@ def test_compare_breaks_a_tie_on_the_metric_with_the_second_metric():
     assert compare(worst, "synaug", classical=["ce", "group-balanced"]).baseline == "ce"
     found = compare(worst, "synaug", classical=["ce", "group-balanced"], tiebreak=average)
     assert found.baseline == "group-balanced" and found.difference == 0.0
-    # the tie-break never overrules the metric itself
+    # tied on every seed, the pair is also compared on the second metric: 0.60, 0.61 against 0.46, 0.45
+    # -> differences 0.14, 0.16: mean 0.15, sd 0.01414, t(0.975, 1) = 12.7062 -> half width 0.127
+    assert found.tied
+    second = compare_tied(found, average)
+    assert (second.recipe, second.baseline) == ("synaug", "group-balanced")
+    assert second.difference == pytest.approx(0.15) and second.low == pytest.approx(0.023, abs=1e-3)
+    assert second.verdict == "gain"
+    # the tie-break never overrules the metric itself, and a difference on it is no tie
     worst["ce"] = {0: 0.01, 1: 0.01}
-    assert compare(worst, "synaug", classical=["ce", "group-balanced"], tiebreak=average).baseline == "ce"
+    found = compare(worst, "synaug", classical=["ce", "group-balanced"], tiebreak=average)
+    assert found.baseline == "ce" and not found.tied and compare_tied(found, average) is None
+    # one seed is no tie to read: no interval either way
+    assert compare_tied(compare({"synaug": {0: 0.0}, "ce": {0: 0.0}}, "synaug"), average) is None
 
 
 def test_run_with_several_seeds_gives_a_verdict_and_resumes(tmp_path, capsys, monkeypatch):
@@ -123,6 +133,12 @@ def test_with_groups_the_default_baselines_are_the_group_methods_and_the_verdict
     assert set(summary["scores"]) == {"class-balanced", "ce", "group-balanced", "group-reweighted", "group-dro"}
     assert summary["verdict"]["baseline"] in {"ce", "group-balanced", "group-reweighted", "group-dro"}
     assert "worst-group accuracy" in (summary_dir / "summary.md").read_text()
+    # one epoch leaves a cell at 0 for every method: tied on every seed, the line reads accuracy too
+    assert all(v == 0 for by_seed in summary["scores"].values() for v in by_seed.values())
+    assert "+0.00 points (95% interval +0.00 to +0.00): no significant difference; tied on every seed, " \
+           "so on accuracy: " in summary["verdict_line"]
+    assert summary["tiebreak"]["baseline"] == summary["verdict"]["baseline"]
+    assert summary["verdict_line"] in (summary_dir / "summary.md").read_text()
     run_dir = Path(summary["runs"]["0"])
     assert "worst-group accuracy" in (run_dir / "report.html").read_text()
     # a run compared with other baselines (an older synthaug's defaults) is compared again, not taken as finished

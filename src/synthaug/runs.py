@@ -270,7 +270,7 @@ def seeds_run(config: RunConfig, seeds: list[int], *, progress: bool = True, for
     through its cache; so is the store (`<summary folder>/synthetic`) when the recipe's images
     do not depend on the classifier seed (`Recipe.shared_store`) and no store_dir is set."""
     from .report import write_seeds_report
-    from .verdict import compare, headline
+    from .verdict import compare, compare_tied, headline
 
     if len(set(seeds)) != len(seeds) or len(seeds) < 2:
         raise SynthaugError(f"--seeds {','.join(map(str, seeds))}: give two or more different seeds, e.g. --seeds 0,1,2")
@@ -310,9 +310,14 @@ def seeds_run(config: RunConfig, seeds: list[int], *, progress: bool = True, for
         return out
     scores = scores_of(metric)
     found = compare(scores, config.recipe, tiebreak=scores_of(second))
+    line = found.line() if found else None
+    tied = compare_tied(found, scores_of(second))  # every seed the same score (every worst group 0): read the second
+    if tied:
+        line += f"; tied on every seed, so on {METRIC_NAMES[second]}: {tied.difference_text()}"
     summary = {"recipe": config.recipe, "dataset": config.data.dataset, "seeds": seeds, "metric": metric,
                "scores": scores, "runs": {s: str(d) for s, (d, _) in runs.items()},
-               "verdict": found.to_dict() if found else None, "verdict_line": found.line() if found else None}
+               "verdict": found.to_dict() if found else None, "verdict_line": line,
+               "tiebreak": tied.to_dict() if tied else None}
     atomic_write_json(summary_dir / "summary.json", summary)
     table = seeds_table(summary)
     atomic_write_text(summary_dir / "summary.md", table)
@@ -321,7 +326,8 @@ def seeds_run(config: RunConfig, seeds: list[int], *, progress: bool = True, for
     return summary_dir, summary
 
 
-METRIC_NAMES = {"balanced_accuracy": "balanced accuracy", "worst_group_accuracy": "worst-group accuracy"}
+METRIC_NAMES = {"balanced_accuracy": "balanced accuracy", "worst_group_accuracy": "worst-group accuracy",
+                "accuracy": "accuracy"}
 
 
 def seeds_table(summary: dict) -> str:

@@ -35,10 +35,19 @@ class Verdict:
     def line(self, scale: float = 100.0, unit: str = " points") -> str:
         """e.g. 'synaug against balanced-softmax over 5 seeds: +0.30 points (95% interval
         -0.21 to +0.81): no significant difference'."""
+        return (f"{self.recipe} against {self.baseline} over {len(self.seeds)} seed{'s' * (len(self.seeds) != 1)}: "
+                + self.difference_text(scale, unit))
+
+    def difference_text(self, scale: float = 100.0, unit: str = " points") -> str:
+        """e.g. '+0.30 points (95% interval -0.21 to +0.81): no significant difference'."""
         interval = "" if math.isnan(self.low) else \
             f" (95% interval {scale * self.low:+.2f} to {scale * self.high:+.2f})"
-        return (f"{self.recipe} against {self.baseline} over {len(self.seeds)} seed{'s' * (len(self.seeds) != 1)}: "
-                f"{scale * self.difference:+.2f}{unit}{interval}: {self.verdict}")
+        return f"{scale * self.difference:+.2f}{unit}{interval}: {self.verdict}"
+
+    @property
+    def tied(self) -> bool:
+        """The same score as the baseline on every seed (every worst group 0, say): no interval to read."""
+        return len(self.seeds) > 1 and self.difference == self.low == self.high == 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,3 +99,12 @@ def compare(scores: dict[str, dict[int, float]], recipe: str, classical: list[st
     difference, low, high = paired_interval(ours, theirs)
     return Verdict(recipe, best, seeds, statistics.fmean(ours), statistics.fmean(theirs), difference, low, high,
                    verdict_of(low, high))
+
+
+def compare_tied(found: Verdict | None, tiebreak: dict[str, dict[int, float]]) -> Verdict | None:
+    """Where the recipe ties its baseline on every seed (`Verdict.tied`; common for worst-group
+    accuracy under strong spurious correlation, where every method's worst group is 0), the
+    same pair compared on the tie-break metric (method -> seed -> score); else None."""
+    if found is None or not found.tied or found.recipe not in tiebreak or found.baseline not in tiebreak:
+        return None
+    return compare({found.recipe: tiebreak[found.recipe], found.baseline: tiebreak[found.baseline]}, found.recipe)

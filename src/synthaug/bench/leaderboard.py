@@ -14,7 +14,7 @@ import statistics
 from pathlib import Path
 
 from ..utils.io import atomic_write_text
-from ..verdict import compare
+from ..verdict import compare, compare_tied
 
 LABELS = {"accuracy": "accuracy", "balanced_accuracy": "balanced acc", "few_shot_accuracy": "few-shot",
           "many_shot_accuracy": "many-shot", "medium_shot_accuracy": "medium-shot",
@@ -94,8 +94,10 @@ def setting_summary(rows: list[dict], setting) -> dict:
     tiebreak = {r: by_seed([row for row in rows if row["recipe"] == r], second) for r in recipes} if second else None
     verdicts = {r: compare(scores, r, classical=classical, tiebreak=tiebreak)
                 for r in recipes if r not in classical and r != "oracle"}
+    # a recipe tied with its baseline on every seed (every worst group 0) is compared on the next column too
+    tied = {r: t for r, v in verdicts.items() if tiebreak and (t := compare_tied(v, tiebreak))}
     return {"metric": metric, "recipes": recipes, "classical": classical, "controls": controls, "scores": scores,
-            "verdicts": verdicts, "costs": costs(rows), "tiebreak": second}
+            "verdicts": verdicts, "tied": tied, "costs": costs(rows), "tiebreak": second}
 
 
 def markdown_setting(name: str, rows: list[dict], summary: dict, columns: list[str]) -> str:
@@ -124,6 +126,11 @@ def markdown_setting(name: str, rows: list[dict], summary: dict, columns: list[s
         paired = (f"{100 * found.difference:+.2f} ({100 * found.low:+.2f} to {100 * found.high:+.2f})"
                   if found and len(found.seeds) > 1 else "-")
         verdict = found.verdict if found else ("classical baseline" if recipe in summary["classical"] else "reference")
+        second = summary.get("tied", {}).get(recipe)
+        if second:  # the metric equal on every seed: its interval says nothing, the next column's does
+            paired = (f"tied on every seed; {label(summary['tiebreak'])} {100 * second.difference:+.2f} "
+                      f"({100 * second.low:+.2f} to {100 * second.high:+.2f})")
+            verdict = f"tie; {label(summary['tiebreak'])}: {second.verdict}"
         cost = summary["costs"][recipe]
         mark = f"**{recipe}**" if found and found.verdict == "gain" else recipe
         minutes = cost["total"] / 60
