@@ -137,7 +137,7 @@ def test_with_groups_the_default_baselines_are_the_group_methods_and_the_verdict
     assert all(v == 0 for by_seed in summary["scores"].values() for v in by_seed.values())
     assert "+0.00 points (95% interval +0.00 to +0.00): no significant difference; tied on every seed, " \
            "so on accuracy: " in summary["verdict_line"]
-    assert summary["tiebreak"]["baseline"] == summary["verdict"]["baseline"]
+    assert summary["tied"]["baseline"] == summary["verdict"]["baseline"]
     assert summary["verdict_line"] in (summary_dir / "summary.md").read_text()
     run_dir = Path(summary["runs"]["0"])
     assert "worst-group accuracy" in (run_dir / "report.html").read_text()

@@ -284,7 +284,8 @@ def print_metrics(metrics: dict):
         keys = headline(test)
         if test.get("worst_group_accuracy") is None and test.get("few_shot_accuracy") is not None:
             keys += ("few_shot_accuracy",)
-        compare = Table("method", *(k.removesuffix("_accuracy").replace("_", " ") + " acc" for k in keys),
+        compare = Table("method", *("accuracy" if k == "accuracy" else k.removesuffix("_accuracy").replace("_", " ") + " acc"
+                                    for k in keys),
                         title="against the baselines (same split, same run)")
         others = {k: v for k, v in metrics["baselines"].items() if k != metrics["recipe"]}  # older runs held it
         for name, m in {metrics["recipe"]: metrics, **others}.items():

@@ -342,7 +342,7 @@ def write_seeds_report(path: str | Path, summary: dict, table_markdown: str) -> 
             f"<div class='summary' style='background:{colour}'><b>Verdict</b>: {headline}. The interval is the paired "
             f"95% t-interval of the difference in {metric} over the seeds; the best classical baseline is the "
             "one with the highest mean (the oracle is a reference, not a baseline)"
-            + ("; with groups, baselines tied on it are told apart by their accuracy" if grouped else "") + ".</div>"
+            + "; baselines tied on it are told apart by their accuracy.</div>"
             f"<h2>{metric.capitalize()} (%), {'every (class, group) cell' if grouped else 'balanced test set'}</h2>"
             "<table><tr><th>method</th><th>mean</th><th>std</th>"
             f"<th>per seed</th></tr>{rows}</table><h2>Each seed's report</h2><p>{links}</p>"

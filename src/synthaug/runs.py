@@ -317,7 +317,7 @@ def seeds_run(config: RunConfig, seeds: list[int], *, progress: bool = True, for
     summary = {"recipe": config.recipe, "dataset": config.data.dataset, "seeds": seeds, "metric": metric,
                "scores": scores, "runs": {s: str(d) for s, (d, _) in runs.items()},
                "verdict": found.to_dict() if found else None, "verdict_line": line,
-               "tiebreak": tied.to_dict() if tied else None}
+               "tied": tied.to_dict() if tied else None}
     atomic_write_json(summary_dir / "summary.json", summary)
     table = seeds_table(summary)
     atomic_write_text(summary_dir / "summary.md", table)

@@ -14,8 +14,9 @@ UPPER_BOUNDS = ("oracle",)
 
 def headline(test: dict) -> tuple[str, str]:
     """The metric a run is judged on and the one that tells its ties apart, from its test
-    metrics: worst-group accuracy where the test has groups (every worst group 0 is a tie,
-    common at strong spurious correlation), else balanced accuracy; then accuracy."""
+    metrics: worst-group accuracy where the test has groups, else balanced accuracy; then
+    accuracy, which tells apart baselines tied on the first (every worst group 0 is common
+    at strong spurious correlation)."""
     grouped = test.get("worst_group_accuracy") is not None
     return ("worst_group_accuracy" if grouped else "balanced_accuracy"), "accuracy"
 
@@ -107,4 +108,5 @@ def compare_tied(found: Verdict | None, tiebreak: dict[str, dict[int, float]]) -
     same pair compared on the tie-break metric (method -> seed -> score); else None."""
     if found is None or not found.tied or found.recipe not in tiebreak or found.baseline not in tiebreak:
         return None
-    return compare({found.recipe: tiebreak[found.recipe], found.baseline: tiebreak[found.baseline]}, found.recipe)
+    pair = {name: {s: v for s, v in tiebreak[name].items() if s in found.seeds} for name in (found.recipe, found.baseline)}
+    return compare(pair, found.recipe)
