@@ -308,12 +308,10 @@ def seeds_run(config: RunConfig, seeds: list[int], *, progress: bool = True, for
                 if name != config.recipe:  # a run from before baselines left out the recipe itself
                     out.setdefault(name, {})[s] = b["test"][key]
         return out
-    scores = scores_of(metric)
-    found = compare(scores, config.recipe, tiebreak=scores_of(second))
-    line = found.line() if found else None
-    tied = compare_tied(found, scores_of(second))  # every seed the same score (every worst group 0): read the second
-    if tied:
-        line += f"; tied on every seed, so on {METRIC_NAMES[second]}: {tied.difference_text()}"
+    scores, seconds = scores_of(metric), scores_of(second)
+    found = compare(scores, config.recipe, tiebreak=seconds)
+    tied = compare_tied(found, seconds)  # every seed the same score (every worst group 0): read the second
+    line = found.line_with_tie(tied, METRIC_NAMES[second]) if found else None
     summary = {"recipe": config.recipe, "dataset": config.data.dataset, "seeds": seeds, "metric": metric,
                "scores": scores, "runs": {s: str(d) for s, (d, _) in runs.items()},
                "verdict": found.to_dict() if found else None, "verdict_line": line,

@@ -39,6 +39,10 @@ class Verdict:
         return (f"{self.recipe} against {self.baseline} over {len(self.seeds)} seed{'s' * (len(self.seeds) != 1)}: "
                 + self.difference_text(scale, unit))
 
+    def line_with_tie(self, tied: Verdict | None, name: str) -> str:
+        """`line()`, and where `tied` (from `compare_tied`) the same pair on the tie-break metric `name`."""
+        return self.line() + (f"; tied on every seed, so on {name}: {tied.difference_text()}" if tied else "")
+
     def difference_text(self, scale: float = 100.0, unit: str = " points") -> str:
         """e.g. '+0.30 points (95% interval -0.21 to +0.81): no significant difference'."""
         interval = "" if math.isnan(self.low) else \

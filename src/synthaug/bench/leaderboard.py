@@ -259,8 +259,7 @@ def write_leaderboard(suite, rows: list[dict], out: str | Path) -> tuple[Path, P
         for name, mine, setting in _settings(suite, rows):
             summary = setting_summary(mine, setting)
             second = label(summary["tiebreak"]) if summary["tiebreak"] else ""
-            lines = [v.line() + (f"; tied on every seed, so on {second}: {summary['tied'][r].difference_text()}"
-                                 if r in summary["tied"] else "")
+            lines = [v.line_with_tie(summary["tied"].get(r), second)
                      for r, v in summary["verdicts"].items() if v is not None]
             colour = "#d9f2d9" if any(v and v.verdict == "gain" for v in summary["verdicts"].values()) else "#f6f8fa"
             table = markdown_setting(name, mine, summary, setting.columns if setting else [])
