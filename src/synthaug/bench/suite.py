@@ -320,7 +320,8 @@ def fingerprint(config: RunConfig) -> str:
 
 def changes(recorded: dict, config: RunConfig) -> list[str]:
     """How `config` differs from the settings a cell ran with ('train.lr: 0.05 -> 0.02'); an
-    option added to synthaug since, at its default, is no change (`config.config_changes`)."""
+    option added to synthaug since, at the value synthaug had before it (its `ADDED` value, else its
+    default), is no change (`config.config_changes`)."""
     return config_changes(recorded, config, ignore=_location)
 
 
