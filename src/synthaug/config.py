@@ -177,7 +177,8 @@ class GeneratorSection:
     # image-conditioned generators (recipe augcond): condition dropout and the conditioning image in training
     image_dropout: float = 0.1
     image_pairing: Pairing = "self"
-    # levers for a long-tailed training set (issue 21; BENCHMARKS.md measures them), all but Min-SNR off:
+    # levers for a long-tailed training set (issue 21; BENCHMARKS.md measures them), all but Min-SNR (and
+    # group_sampler auto, sqrt on data with groups) off:
     class_sampler: ClassSampler = "uniform"  # how the generator draws its labelled images: per image, sqrt, per class
     # with groups (coloured split): how each class's share is split over its (class, group) cells: per image,
     # sqrt, per cell (balanced: every colour of a class drawn equally often); auto: sqrt where the data has

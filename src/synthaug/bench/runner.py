@@ -105,7 +105,7 @@ def plan(suite: Suite, out: Path, *, force: bool = False,
     return todo + again, again, done
 
 
-def preflight(suite: Suite, cells: list[Cell], out: Path):
+def preflight(cells: list[Cell], out: Path):
     """Every check a cell's run would make before writing, for every cell to run: config,
     device, model, store folders, data, split and the recipe's own check."""
     from ..data import load_dataset
@@ -177,7 +177,7 @@ def run_suite(suite: Suite, out: str | Path, *, force: bool = False, rerun: bool
     cells, changed, done = plan(suite, out, force=force, rerun=rerun)
     cells = [c for c in cells if chosen(c)]
     changed = [c for c in changed if chosen(c)]
-    preflight(suite, cells, out)
+    preflight(cells, out)
     # every check passed: the first write
     make_folders(out, "--out")
     (out / MARKER).write_text("a benchmark folder made by synthaug\n")

@@ -443,9 +443,10 @@ def fit_classifier(
     elif augment is not None:
         augment = lambda x, domains, one=augment: one(x)  # noqa: E731
     pool_batch = cfg.ssl_mu * cfg.batch_size
-    steps_per_epoch = math.ceil(len(unlabeled) / pool_batch) if ssl else math.ceil(len(train) / cfg.batch_size)
+    epoch_images, epoch_batch = (len(unlabeled), pool_batch) if ssl else (len(train), cfg.batch_size)  # an epoch: the pool's, with ssl
+    steps_per_epoch = math.ceil(epoch_images / epoch_batch)
     if cfg.steps is not None:
-        cfg = replace(cfg, epochs=max(1, math.ceil(cfg.steps / steps_per_epoch)))
+        cfg = replace(cfg, epochs=epochs_for(cfg.steps, epoch_images, epoch_batch))
     total_steps = steps_per_epoch * cfg.epochs
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
 

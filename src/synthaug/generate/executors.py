@@ -133,7 +133,7 @@ def _finish(store: SyntheticStore, folder: Path):
 
 # ---------------------------------------------------------------------------- accelerate
 @register_executor("accelerate")
-def run_accelerate(store, plan, generator, sampling, sources, *, provenance, progress=False, workers=None, shard_size=128,
+def run_accelerate(store, plan, generator, sampling, sources, *, provenance, progress=False, workers=None, shard_size,
                    **_) -> int:
     """`accelerate launch` with `workers` processes (default: one per GPU, else 2 on the
     CPU), each making its share of the shards."""
@@ -191,7 +191,7 @@ class _RayShardMaker:
 
 
 @register_executor("ray")
-def run_ray(store, plan, generator, sampling, sources, *, provenance, progress=False, workers=None, shard_size=128,
+def run_ray(store, plan, generator, sampling, sources, *, provenance, progress=False, workers=None, shard_size,
             address=None, **_) -> int:
     """Ray Data over the shards with `workers` actors (default: one per GPU of the cluster,
     else 2), on the cluster at `address` (default: a running one, else a local instance).

@@ -23,13 +23,12 @@ from typing import get_args
 import torch
 from torch import nn
 
-from ..choices import Operator, Pairing
+from ..choices import Operator
 from ..errors import SynthaugError
 
 # conditioning modes: "label-only" is class conditioning with the image dropped (the baseline)
 OPERATORS = get_args(Operator)
 TWO_IMAGE_OPERATORS = ("mixup", "cutmix", "embed-mixup", "embed-cutmix", "embed-cutmix-dropout")
-PAIRINGS = get_args(Pairing)
 
 
 class PCAEncoder(nn.Module):
