@@ -12,14 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 from pathlib import Path
 
 import pytest
-import torch
 
 from synthaug.config import load_config
 from synthaug.runs import train_run
+from synthaug.utils.runtime import machine_kind as machine
 
 RECORD = Path(__file__).parent / "data" / "unchanged.json"
 TINY = ["data.dataset=digits", "generator.precision=float32", "train.precision=float32", "train.channels_last=false",
@@ -34,19 +33,6 @@ RUNS = {
                 "utilgen.valuation_epochs=1", "utilgen.embedding_steps=4", "utilgen.dpo_steps=4",
                 "utilgen.sampling_steps=4", "utilgen.final_multiple=2"],
 }
-
-
-def machine() -> str:
-    """The machine kind a record holds on: the CPU's vendor and the instruction sets that choose
-    float32 kernels (oneDNN and MKL pick other ones with AVX512-BF16, AVX512-FP16, AMX or VNNI, and
-    on AMD), so a CPU of another kind draws a few images differently."""
-    probes = sorted(name[4:-10] for name in dir(torch.cpu) if name.startswith("_is_") and name.endswith("_supported")
-                    and getattr(torch.cpu, name)())
-    cpuinfo = Path("/proc/cpuinfo")
-    flags = cpuinfo.read_text().split() if cpuinfo.exists() else []
-    vendor = next((word for word in flags if word in ("GenuineIntel", "AuthenticAMD")), platform.processor() or "?")
-    isa = probes + [flag for flag in ("avx512_fp16", "amx_bf16") if flag in flags]
-    return f"{platform.machine()} {vendor} {'+'.join(isa)} torch {torch.__version__.split('+')[0]}"
 
 
 def observe(run_dir: Path, metrics: dict) -> dict:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -245,7 +244,7 @@ def environment(device: str = "auto") -> dict:
     import torch
 
     from .. import __version__
-    from ..utils.runtime import bfloat16_native, resolve_device
+    from ..utils.runtime import bfloat16_native, machine_kind, resolve_device
 
     here = Path(__file__).resolve().parent
     try:
@@ -261,6 +260,6 @@ def environment(device: str = "auto") -> dict:
     device = torch.cuda.get_device_name(chosen) if chosen.type == "cuda" else chosen.type.upper()
     # what `precision: auto` computes in here: a CPU without native bfloat16 runs float32, about twice as slow
     auto_precision = "bfloat16" if bfloat16_native(chosen) else "float32"
-    return {"device": device, "machine": platform.processor() or platform.machine(),
+    return {"device": device, "machine": machine_kind(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "auto_precision": auto_precision,
             "commit": commit, "version": __version__}

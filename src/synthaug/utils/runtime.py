@@ -4,14 +4,30 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from ..errors import SynthaugError
 
 DEVICE_KINDS = ("cpu", "cuda", "mps")
+
+
+def machine_kind() -> str:
+    """The kind of machine a result holds on (bench rows and tests/test_unchanged.py record it): the
+    CPU's vendor and the instruction sets that choose float32 and bfloat16 kernels (oneDNN and MKL
+    pick other ones with AVX512-BF16, AVX512-FP16, AMX or VNNI, and on AMD), so a CPU of another
+    kind trains another generator from the same seed and draws other images."""
+    probes = sorted(name[4:-10] for name in dir(torch.cpu) if name.startswith("_is_") and name.endswith("_supported")
+                    and getattr(torch.cpu, name)())
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text().split() if cpuinfo.exists() else []
+    vendor = next((word for word in flags if word in ("GenuineIntel", "AuthenticAMD")), platform.processor() or "?")
+    isa = probes + [flag for flag in ("avx512_fp16", "amx_bf16") if flag in flags]
+    return f"{platform.machine()} {vendor} {'+'.join(isa)} torch {torch.__version__.split('+')[0]}"
 
 
 def check_device(device: str, key: str = "device") -> str:
