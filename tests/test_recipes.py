@@ -6,6 +6,7 @@ from synthaug.config import load_config
 from synthaug.data import LoadedDataset
 from synthaug.errors import SynthaugError
 from synthaug.recipes import RECIPES, get_recipe
+from synthaug.runs import remove_checkpoints
 from synthaug.task import make_task
 
 FAST = ["train.epochs=2", "train.batch_size=16", "train.augment=none", "split.ratio=8", "split.n_max=32",
@@ -48,6 +49,10 @@ def test_every_recipe_runs(name, data, tmp_path):
     for key in ("accuracy", "balanced_accuracy", "many_shot_accuracy", "confusion_matrix"):
         assert key in result.metrics
     assert result.seconds["train"] > 0
+    # what a finished run keeps: no stage's training checkpoint (train_run removes them; runs.CHECKPOINTS)
+    remove_checkpoints(tmp_path / "run")
+    left = [p for p in (tmp_path / "run").rglob("*") if p.name == "state.safetensors"]
+    assert not left, f"{name} leaves a training checkpoint that runs.CHECKPOINTS does not name: {left}"
 
 
 def test_shared_training_between_baselines(data):

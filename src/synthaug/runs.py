@@ -257,9 +257,21 @@ def train_run(config: RunConfig, *, progress: bool = True, force: bool = False, 
         sections = (lambda: recipe.report(result, task.train)) if recipe.report is not None else None
         write_report(run_dir / "report.html", metrics, task.train, result.synthetic, dump_config(config), sections,
                      replayed=result.replayed)
-    for leftover in ("checkpoint", "cas-checkpoint"):
-        shutil.rmtree(run_dir / leftover, ignore_errors=True)
+    remove_checkpoints(run_dir)
     return run_dir, metrics
+
+
+# the training checkpoints a recipe's stages leave in its run folder, named one by one (a glob over the folder
+# could meet a store's class folder of the same name): they resume an interrupted run and serve no finished one
+CHECKPOINTS = ("checkpoint", "cas-checkpoint", "early-checkpoint", "labeller-checkpoint", "checkpoint-synthetic-only",
+               "rounds/r*/valuation")
+
+
+def remove_checkpoints(run_dir: Path):
+    """Drop the stages' training checkpoints from a finished run's folder (`CHECKPOINTS`)."""
+    for pattern in CHECKPOINTS:
+        for leftover in run_dir.glob(pattern):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def seeds_run(config: RunConfig, seeds: list[int], *, progress: bool = True, force: bool = False) -> tuple[Path, dict]:

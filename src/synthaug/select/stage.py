@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -74,9 +75,10 @@ def scorer_for(real: ImageDataset, config, folder: Path, *, progress: bool = Fal
     target = folder / key
     if (target / "model.safetensors").exists():
         return Classifier.from_pretrained(target).to(resolve_device(config.train.device))
-    result = fit_classifier(real, train_cfg, seed=config.seed, checkpoint_dir=folder / f"{key}-checkpoint",
-                            progress=progress)
+    checkpoint = folder / f"{key}-checkpoint"  # resumes an interrupted training; gone once the scorer is saved
+    result = fit_classifier(real, train_cfg, seed=config.seed, checkpoint_dir=checkpoint, progress=progress)
     result.model.save_pretrained(target)
+    shutil.rmtree(checkpoint, ignore_errors=True)
     return result.model
 
 
