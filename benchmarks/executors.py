@@ -36,6 +36,7 @@ import torch
 from common import HERE, append_row, environment, publish, read_rows
 
 from synthaug.generate import DiffusionGenerator, GeneratorConfig, SamplerConfig
+from synthaug.generate.cache import provenance
 from synthaug.generate.executors import execute
 from synthaug.generate.stable_diffusion import StableDiffusionGenerator
 from synthaug.store import SyntheticStore
@@ -77,7 +78,7 @@ def measure(name: str, generator, sampling: SamplerConfig, n: int, workdir: Path
         written = n
     else:
         store = SyntheticStore(workdir / "store", CLASSES)
-        written = execute(executor, store, plan, generator, sampling, None, extra={"generator": generator.fingerprint()},
+        written = execute(executor, store, plan, generator, sampling, None, provenance=provenance(generator, sampling),
                           workers=workers, shard_size=sampling.batch_size)
         assert len(store.rows()) == n
         shutil.rmtree(workdir / "store")

@@ -168,3 +168,27 @@ def test_corrupt_images_and_bad_rows_are_found_said_and_regenerated(tmp_path, ca
     ds = store.load()
     first = [r["id"] for r in ds.info["rows"]].index("synaug-0000")
     assert len(ds) == 6 and int(ds.images[first, 0, 0, 0]) == 100
+
+
+def test_exclusive_makes_processes_take_turns(tmp_path):
+    """Two holders of the same lock file (cells side by side training one scorer) take turns:
+    the second enters only once the first has left."""
+    import threading
+    import time
+
+    from synthaug.utils.io import exclusive
+
+    events = []
+
+    def second():
+        with exclusive(tmp_path / "key.lock"):
+            events.append("second in")
+
+    with exclusive(tmp_path / "key.lock"):
+        events.append("first in")
+        waiting = threading.Thread(target=second)
+        waiting.start()
+        time.sleep(0.3)
+        events.append("first out")
+    waiting.join(timeout=10)
+    assert events == ["first in", "first out", "second in"]

@@ -200,6 +200,7 @@ def train_run(config: RunConfig, *, progress: bool = True, force: bool = False, 
     run_dir = Path(config.output_dir) / config.run_name()
     started, created = prepare_run_dir(run_dir, config, force=force)
     if started and (done := _finished(run_dir, config, compare, task.train.classes, names)) is not None:
+        remove_checkpoints(run_dir)  # a run finished by an older synthaug, or stopped before its cleanup
         return run_dir, done
     try:
         result = recipe.run(task, config, workdir=run_dir, progress=progress)

@@ -37,7 +37,7 @@ from ..errors import SynthaugError
 from ..generate.stage import generate_stage
 from ..plan import plan_cells, row_seed
 from ..store import SyntheticStore
-from ..utils.io import atomic_write_json
+from ..utils.io import atomic_write_json, exclusive
 from ..utils.keys import key_dict
 from ..utils.runtime import resolve_device
 from .features import feature_extractor
@@ -72,14 +72,15 @@ def scorer_for(real: ImageDataset, config, folder: Path, *, progress: bool = Fal
                         steps=None if config.select.scorer_epochs else config.train.steps)
     key = hashlib.sha256(json.dumps([real.fingerprint(), key_dict(train_cfg), config.seed], sort_keys=True,
                                     default=str).encode()).hexdigest()[:16]
-    target = folder / key
-    if (target / "model.safetensors").exists():
-        return Classifier.from_pretrained(target).to(resolve_device(config.train.device))
-    checkpoint = folder / f"{key}-checkpoint"  # resumes an interrupted training; gone once the scorer is saved
-    result = fit_classifier(real, train_cfg, seed=config.seed, checkpoint_dir=checkpoint, progress=progress)
-    result.model.save_pretrained(target)
-    shutil.rmtree(checkpoint, ignore_errors=True)
-    return result.model
+    target, checkpoint = folder / key, folder / f"{key}-checkpoint"  # the checkpoint: gone once the scorer is saved
+    with exclusive(folder / f"{key}.lock"):  # cells side by side that need the same scorer train it once
+        if (target / "model.safetensors").exists():
+            shutil.rmtree(checkpoint, ignore_errors=True)
+            return Classifier.from_pretrained(target).to(resolve_device(config.train.device))
+        result = fit_classifier(real, train_cfg, seed=config.seed, checkpoint_dir=checkpoint, progress=progress)
+        result.model.save_pretrained(target)
+        shutil.rmtree(checkpoint, ignore_errors=True)
+        return result.model
 
 
 def group_reader_for(real: ImageDataset, config, folder: Path, *, progress: bool = False) -> Classifier:
@@ -210,6 +211,7 @@ def validation_stage(task, synthetic: ImageDataset, config, classifier: Classifi
     out["seconds"] = time.perf_counter() - t0
     out["key"] = key
     atomic_write_json(done, out)
+    shutil.rmtree(Path(workdir) / "cas-checkpoint", ignore_errors=True)  # ours; the result is written
     return out
 
 

@@ -3,11 +3,31 @@ safetensors, never pickle."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
 
 import torch
+
+
+@contextlib.contextmanager
+def exclusive(path: str | os.PathLike):
+    """Hold an exclusive lock on the file `path` (created if missing) for the block, so processes
+    that would make the same cached thing at once take turns and the later ones read what the first
+    saved (parallel bench cells sharing a scorer). Without `fcntl` (Windows) there is no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str):
