@@ -264,8 +264,8 @@ def train_run(config: RunConfig, *, progress: bool = True, force: bool = False, 
 
 # the training checkpoints a recipe's stages leave in its run folder, named one by one (a glob over the folder
 # could meet a store's class folder of the same name): they resume an interrupted run and serve no finished one
-CHECKPOINTS = ("checkpoint", "cas-checkpoint", "early-checkpoint", "labeller-checkpoint", "checkpoint-synthetic-only",
-               "rounds/r*/valuation")
+# (the validation stage and the filter's scorer drop their own)
+CHECKPOINTS = ("checkpoint", "early-checkpoint", "labeller-checkpoint", "checkpoint-synthetic-only", "rounds/r*/valuation")
 
 
 def remove_checkpoints(run_dir: Path):

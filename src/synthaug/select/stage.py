@@ -180,7 +180,7 @@ def validation_stage(task, synthetic: ImageDataset, config, classifier: Classifi
     skip = validation_skip(task, synthetic, config)
     if skip:
         return {"skipped": skip}
-    done = Path(workdir) / "validation.json"
+    done, checkpoint = Path(workdir) / "validation.json", Path(workdir) / "cas-checkpoint"  # ours: gone once done
     key = validation_key(task, synthetic, config, classifier)
     if done.exists():
         try:
@@ -189,6 +189,7 @@ def validation_stage(task, synthetic: ImageDataset, config, classifier: Classifi
             previous = {}
         # one written before CAS had its classes is done again
         if previous.get("key") == key and not (opts.cas and "per_class" not in previous.get("cas", {})):
+            shutil.rmtree(checkpoint, ignore_errors=True)
             return previous
     t0 = time.perf_counter()
     real, fake = matched_per_class(task.train, synthetic, opts.max_per_class, config.seed)
@@ -201,7 +202,7 @@ def validation_stage(task, synthetic: ImageDataset, config, classifier: Classifi
     if opts.cas:
         # train on synthetic only, test on the real test images of the classes it has
         result = fit_classifier(synthetic, replace(config.train, ssl="none"), seed=config.seed,
-                                checkpoint_dir=Path(workdir) / "cas-checkpoint",
+                                checkpoint_dir=checkpoint,
                                 progress=progress)
         present = synthetic.class_counts() > 0
         test = task.test.subset(torch.nonzero(present[task.test.labels]).flatten())
@@ -211,7 +212,7 @@ def validation_stage(task, synthetic: ImageDataset, config, classifier: Classifi
     out["seconds"] = time.perf_counter() - t0
     out["key"] = key
     atomic_write_json(done, out)
-    shutil.rmtree(Path(workdir) / "cas-checkpoint", ignore_errors=True)  # ours; the result is written
+    shutil.rmtree(checkpoint, ignore_errors=True)
     return out
 
 

@@ -20,7 +20,7 @@ def machine_kind() -> str:
     """The kind of machine a result holds on (bench rows and tests/test_unchanged.py record it): the
     CPU's vendor and the instruction sets that choose float32 and bfloat16 kernels (oneDNN and MKL
     pick other ones with AVX512-BF16, AVX512-FP16, AMX or VNNI, and on AMD), so a CPU of another
-    kind trains another generator from the same seed and draws other images."""
+    kind can draw other images from the same seed."""
     probes = sorted(name[4:-10] for name in dir(torch.cpu) if name.startswith("_is_") and name.endswith("_supported")
                     and getattr(torch.cpu, name)())
     cpuinfo = Path("/proc/cpuinfo")
