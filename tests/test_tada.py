@@ -178,6 +178,25 @@ def test_by_default_the_top_35_percent_is_targeted_and_its_images_weighted_0_3(d
         load_config(None, ["tada.synthetic_weight=0"])
 
 
+def test_a_rerun_reads_the_early_losses_back_instead_of_retraining(digits_task, tmp_path, monkeypatch):
+    import synthaug.recipes.tada as tada
+
+    config = load_config(None, [*FAST, f"output_dir={tmp_path}"])
+    losses, mask, early = tada.score_examples(digits_task, config, workdir=tmp_path)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the early classifier was trained again")
+
+    monkeypatch.setattr(tada, "fit_classifier", refuse)
+    again, again_mask, again_early = tada.score_examples(digits_task, config, workdir=tmp_path)
+    assert torch.equal(again, losses) and torch.equal(again_mask, mask)
+    assert again_early["train_acc"] == early["train_acc"]
+    # scored after another number of epochs: not the same losses, so they are computed again
+    later = load_config(None, [*FAST, f"output_dir={tmp_path}", "tada.early_epochs=2"])
+    with pytest.raises(AssertionError, match="trained again"):
+        tada.score_examples(digits_task, later, workdir=tmp_path)
+
+
 def test_tada_run_reports_its_plan(tmp_path, monkeypatch, capsys):
     args = ["synthaug", "run", "--quiet", "-s", "recipe=tada", "-s", f"output_dir={tmp_path}",
             "-s", "report.baselines=ce,tada-upsample", *[a for kv in FAST for a in ("-s", kv)]]

@@ -231,6 +231,16 @@ def test_utilgen_rounds_end_to_end_and_resume(digits_task, tmp_path, monkeypatch
     assert resumed.extra["generator"]["fingerprint"] == reference.extra["generator"]["fingerprint"]
     assert torch.equal(resumed.synthetic.images, reference.synthetic.images)
 
+    # the finished run again (`run` after `train`): the synthetic-only classifier's result is read back
+    import synthaug.recipes.utilgen as utilgen
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the synthetic-only classifier was trained again")
+
+    monkeypatch.setattr(utilgen, "fit_classifier", refuse)
+    again = get_recipe("utilgen").run(digits_task, config, workdir=tmp_path / "ref")
+    assert again.extra["utilgen"]["synthetic_only"] == u["synthetic_only"]
+
 
 def test_utilgen_needs_a_validation_split(digits_task, tmp_path):
     config = load_config(None, [*UTILGEN, f"output_dir={tmp_path}", "split.val_per_class=0"])

@@ -18,6 +18,7 @@ targeting matter, or only the number of images?).
 from __future__ import annotations
 
 import html
+import json
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -98,15 +99,34 @@ def check(task, config):
 
 def score_examples(task, config, *, workdir: Path, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Steps 1-2: each training example's loss after `tada.early_epochs` epochs (averaged over
-    the last `tada.loss_epochs` of them), and the targeted (slow-learnable) mask."""
-    opts, scored = config.tada, []
-    for epoch in range(opts.early_epochs - opts.loss_epochs + 1, opts.early_epochs + 1):  # each resumes the last
-        early = fit_classifier(task.train, replace(config.train, refit_head=False), seed=config.seed,
-                               stop_after_epochs=epoch, checkpoint_dir=workdir / "early-checkpoint", progress=progress)
-        scored.append(example_losses(early.model, task.train))
-    losses = torch.stack(scored).mean(0)
+    the last `tada.loss_epochs` of them), and the targeted (slow-learnable) mask. Both go to
+    `targeted.json` in `workdir`, which a re-run of the same run folder (one config) reads back."""
+    opts, saved = config.tada, workdir / "targeted.json"
+    early = _scored_before(saved, len(task.train), opts)
+    if early is None:
+        scored = []
+        for epoch in range(opts.early_epochs - opts.loss_epochs + 1, opts.early_epochs + 1):  # each resumes the last
+            fit = fit_classifier(task.train, replace(config.train, refit_head=False), seed=config.seed,
+                                 stop_after_epochs=epoch, checkpoint_dir=workdir / "early-checkpoint", progress=progress)
+            scored.append(example_losses(fit.model, task.train))
+        early = {"epochs": opts.early_epochs, "loss_epochs": opts.loss_epochs, "seconds": fit.seconds,
+                 "train_acc": fit.history[-1]["train_acc"] if fit.history else None,
+                 "losses": torch.stack(scored).mean(0).tolist()}
+    losses = torch.tensor(early["losses"])
     mask = target_mask(losses, task.train.labels, per_class=opts.per_class, share=opts.share, seed=config.seed)
-    return losses, mask, {"seconds": early.seconds, "train_acc": early.history[-1]["train_acc"] if early.history else None}
+    atomic_write_json(saved, {**early, "slow_learnable": mask.tolist()})
+    return losses, mask, early
+
+
+def _scored_before(saved: Path, examples: int, opts: TadaSection) -> dict | None:
+    """The early losses a former run of this folder wrote, if they were scored as `opts` asks."""
+    try:
+        early = json.loads(saved.read_text())
+    except (OSError, ValueError):
+        return None
+    same = (isinstance(early, dict) and early.get("epochs") == opts.early_epochs
+            and early.get("loss_epochs") == opts.loss_epochs and len(early.get("losses") or ()) == examples)
+    return early if same else None
 
 
 def random_like(mask: torch.Tensor, *, seed: int) -> torch.Tensor:
@@ -148,7 +168,6 @@ def run_tada(mode, task, config, *, workdir=None, progress=False, trained=None) 
         # the hardest targeted examples, for the report (the full mask is in targeted.json)
         "examples": torch.nonzero(target).flatten()[losses[target].argsort(descending=True)][:64].tolist(),
     }}
-    atomic_write_json(workdir / "targeted.json", {"losses": losses.tolist(), "slow_learnable": mask.tolist()})
 
     if mode == "tada-upsample":  # the same examples, duplicated `variants` times
         added = real.subset(torch.nonzero(target).flatten().repeat_interleave(opts.variants))

@@ -167,6 +167,27 @@ def report(result: RecipeResult, real: ImageDataset) -> str:
     return "".join(out)
 
 
+def _synthetic_only(final: ImageDataset, task, config, *, workdir: Path, progress: bool) -> dict:
+    """Test metrics of a classifier trained on the final set alone, for as many optimisation steps
+    as the one on synthetic + real took; kept in `synthetic-only.json`, which a re-run of the same
+    run folder (one config) reads back."""
+    saved = workdir / "synthetic-only.json"
+    try:
+        before = json.loads(saved.read_text())
+        if isinstance(before, dict) and before.get("images") == len(final) and isinstance(before.get("test"), dict):
+            return before["test"]
+    except (OSError, ValueError):
+        pass
+    real, size = task.train, config.train.batch_size
+    epochs = math.ceil(config.train.epochs * math.ceil((len(real) + len(final)) / size) / math.ceil(len(final) / size))
+    alone = fit_classifier(final, replace(config.train, epochs=epochs, ssl="none"), seed=config.seed,
+                           checkpoint_dir=workdir / "checkpoint-synthetic-only", progress=progress)
+    test = evaluate(alone.model, task.test, train_counts=real.class_counts(),
+                    many_threshold=config.eval.many_threshold, few_threshold=config.eval.few_threshold)
+    atomic_write_json(saved, {"images": len(final), "test": test})
+    return test
+
+
 def _generate(store, plan, generator, sampling, noise_bank, progress):
     from ..generate.cache import provenance
 
@@ -355,13 +376,7 @@ def utilgen(task, config, *, workdir=None, progress=False, trained=None) -> Reci
     result, metrics, spent = train_and_evaluate(concat(real, final), task, config, workdir=workdir, progress=progress)
     seconds.update(spent)
     t0 = time.perf_counter()
-    # as many optimisation steps as the classifier on synthetic + real took
-    size = config.train.batch_size
-    epochs_alone = math.ceil(config.train.epochs * math.ceil((len(real) + len(final)) / size) / math.ceil(len(final) / size))
-    alone = fit_classifier(final, replace(config.train, epochs=epochs_alone, ssl="none"), seed=config.seed,
-                           checkpoint_dir=workdir / "checkpoint-synthetic-only", progress=progress)
-    synthetic_only = evaluate(alone.model, task.test, train_counts=real.class_counts(),
-                              many_threshold=config.eval.many_threshold, few_threshold=config.eval.few_threshold)
+    synthetic_only = _synthetic_only(final, task, config, workdir=workdir, progress=progress)
     seconds["train_synthetic_only"] = time.perf_counter() - t0
     extra = {
         # is the final set new (memorisation ratio about 1) and as varied as the real images (diversity ratio)?
