@@ -184,6 +184,13 @@ def test_a_replay_control_costs_no_generation_and_is_not_a_classical_baseline(tm
     row = result_row(suite, suite.cells_[0], dict(metrics, test={"balanced_accuracy": 0.9, "group_accuracy": cells}),
                      tmp_path / "out" / "cells" / "x", tmp_path / "out", 60.0, {})
     assert row["per_group"] == cells  # each (class, group) cell's accuracy, for what the worst one hides
+    # a generator costs all its training, as it records it: not this cell's last minute of a resumed training,
+    # and not nothing where a cell that trained it stopped before its row and the next found it trained
+    for trained_now in (True, False):
+        used = dict(metrics, seconds={"train": 60.0, "generator": 63.0},
+                    generator={"path": "generators/abc", "trained_now": trained_now, "train_seconds": 3209.0})
+        row = result_row(suite, suite.cells_[0], used, tmp_path / "out" / "cells" / "x", tmp_path / "out", 60.0, {})
+        assert row["generator"] == "abc" and row["generator_train_seconds"] == 3209.0
     cost = costs(made + replay + plain)
     assert cost["synaug"]["generation"] == 100.0 and cost["real replay"]["generation"] == 0.0
     # each recipe's images at its own generator's rate: cheap features do not lower the images' cost

@@ -46,7 +46,8 @@ def by_seed(rows: list[dict], metric: str) -> dict[int, float]:
 def costs(rows: list[dict]) -> dict[str, float]:
     """Seconds a recipe costs on its own, per cell: the classifier's stages, its images at the
     measured seconds per image of its generator(s) (else the setting's), and the training of its
-    generator(s): a shared generator's once (the cell that trained it), a cell's own unnamed one
+    generator(s): a shared generator's once (as the generator records it, in every cell that used it;
+    in older rows only in the cell that trained it), a cell's own unnamed one
     (LDMLR's feature model, trained in every cell) in each. Rates are kept per generator: LDMLR's
     features cost a thousandth of an image."""
     made: dict = {}  # generator fingerprint (None: a feature generator) -> [seconds, images]
