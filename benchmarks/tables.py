@@ -26,20 +26,24 @@ FLAT = ("accuracy", "balanced_accuracy", "few_shot_accuracy", "worst_class_accur
 
 
 def backfill(rows: list[dict], out) -> bool:
-    """Rows written before rows carried the accuracy-against-steps curve get it, and replay
-    controls written before they were told apart get their images counted as replayed, not
-    generated, from their cell's metrics.json (when the cell's folder is here). Returns
+    """Rows written before rows carried these get them from their cell's metrics.json (when the
+    cell's folder is here): the accuracy-against-steps curve; a replay control's images counted as
+    replayed, not generated; the generator's whole training time as it records it (rows carried it
+    only in the cell that trained it, and of a resumed training only that run's part). Returns
     whether any row changed."""
     changed = False
     for row in rows:
         found = out / row.get("run", "-") / "metrics.json"
-        if not (row.get("run") and found.exists()) or ("curve" in row and "images_replayed" in row):
+        if not (row.get("run") and found.exists()):
             continue
         metrics = json.loads(found.read_text())
         if "curve" not in row and (curve := metrics.get("curve")):
             row["curve"], changed = curve, True
         if "images_replayed" not in row and (metrics.get("synthetic") or {}).get("replay"):
             row["images_replayed"], row["images_generated"], changed = row["images_generated"], 0, True
+        trained = (metrics.get("generator") or {}).get("train_seconds")
+        if row.get("generator") and trained and row.get("generator_train_seconds") != trained:
+            row["generator_train_seconds"], changed = trained, True
     return changed
 
 
