@@ -29,8 +29,9 @@ def backfill(rows: list[dict], out) -> bool:
     """Rows written before rows carried these get them from their cell's metrics.json (when the
     cell's folder is here): the accuracy-against-steps curve; a replay control's images counted as
     replayed, not generated; the generator's whole training time as it records it (rows carried it
-    only in the cell that trained it, and of a resumed training only that run's part). Returns
-    whether any row changed."""
+    only in the cell that trained it, and of a resumed training only that run's part), and where that
+    folder is gone, the time another row recorded for the same generator. Returns whether any row
+    changed."""
     changed = False
     for row in rows:
         found = out / row.get("run", "-") / "metrics.json"
@@ -44,6 +45,15 @@ def backfill(rows: list[dict], out) -> bool:
         trained = (metrics.get("generator") or {}).get("train_seconds")
         if row.get("generator") and trained and row.get("generator_train_seconds") != trained:
             row["generator_train_seconds"], changed = trained, True
+    # a generator is one generator in every setting: a row without its time takes the longest any row recorded
+    # (a row of its training cell recorded that cell's part of a resumed training, its metrics.json all of it)
+    known: dict[str, float] = {}
+    for row in rows:
+        if row.get("generator") and row.get("generator_train_seconds"):
+            known[row["generator"]] = max(known.get(row["generator"], 0.0), row["generator_train_seconds"])
+    for row in rows:
+        if row.get("generator") in known and not row.get("generator_train_seconds"):
+            row["generator_train_seconds"], changed = known[row["generator"]], True
     return changed
 
 

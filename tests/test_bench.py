@@ -191,6 +191,13 @@ def test_a_replay_control_costs_no_generation_and_is_not_a_classical_baseline(tm
                     generator={"path": "generators/abc", "trained_now": trained_now, "train_seconds": 3209.0})
         row = result_row(suite, suite.cells_[0], used, tmp_path / "out" / "cells" / "x", tmp_path / "out", 60.0, {})
         assert row["generator"] == "abc" and row["generator_train_seconds"] == 3209.0
+    # a cell's own unnamed generator (LDMLR's feature model) is costed by its stage, once, and by no other recipe
+    features = dict(metrics, seconds={"train": 60.0, "generator": 50.0}, generator={"kind": "features", "train_seconds": 50.0})
+    row = result_row(suite, suite.cells_[0], features, tmp_path / "out" / "cells" / "x", tmp_path / "out", 60.0, {})
+    assert row["generator"] is None and row["generator_train_seconds"] is None
+    cost = costs([dict(_row("ldmlr", 0, 0.9), seconds={"train": 60.0, "generator": 50.0}, generator_train_seconds=50.0),
+                  _row("ce", 0, 0.8)])  # the first as a row of 84d01f0 recorded it
+    assert cost["ldmlr"]["generator"] == 50.0 and cost["ce"]["generator"] == 0.0
     cost = costs(made + replay + plain)
     assert cost["synaug"]["generation"] == 100.0 and cost["real replay"]["generation"] == 0.0
     # each recipe's images at its own generator's rate: cheap features do not lower the images' cost
@@ -204,6 +211,9 @@ def test_a_replay_control_costs_no_generation_and_is_not_a_classical_baseline(tm
     cost = costs(images + features)
     assert cost["synaug"]["generator"] == 500.0 and cost["ldmlr"]["generator"] == 20.0
     assert cost["ldmlr"]["total"] == 60.0 + 1.0 + 20.0
+    # one generator timed differently by two rows (an older row: its run's part of a resumed training) costs the longer
+    cost = costs([dict(images[0], generator_train_seconds=3209.0), *images[1:], dict(images[0], generator_train_seconds=63.0)])
+    assert cost["synaug"]["generator"] == 3209.0
     summary = setting_summary(made + replay + plain, None)
     assert summary["classical"] == ["ce"] and summary["controls"] == ["real replay"]
     # half replayed, half generated (synaug.replay_share) is a generative recipe, not a control

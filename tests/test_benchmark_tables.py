@@ -54,11 +54,15 @@ def test_backfill_gives_older_rows_what_their_cells_recorded(tmp_path, monkeypat
     (tmp_path / "cells" / "a" / "metrics.json").write_text(json.dumps(
         {"curve": [[10, 0.5]], "generator": {"train_seconds": 3209.0}, "synthetic": {"images": 8}}))
     # a cell that resumed its generator's training recorded only its own part of it; one that found the
-    # generator trained recorded none; a row whose folder is gone is left as it is
+    # generator trained recorded none
     rows = [{"run": "cells/a", "generator": "g", "generator_train_seconds": 63.0, "images_generated": 8},
             {"run": "cells/a", "generator": "g", "generator_train_seconds": None, "images_generated": 8},
-            {"run": "cells/gone", "generator": "g", "generator_train_seconds": 63.0, "images_generated": 8}]
+            {"run": "cells/gone", "generator": "g", "generator_train_seconds": 63.0, "images_generated": 8},
+            {"run": "cells/gone", "generator": "g", "generator_train_seconds": None, "images_generated": 8},
+            {"run": "cells/gone", "generator": "h", "generator_train_seconds": None, "images_generated": 8}]
     assert tables.backfill(rows, tmp_path)
-    assert [r["generator_train_seconds"] for r in rows] == [3209.0, 3209.0, 63.0]
+    # a row whose folder is gone keeps what it recorded, and takes the generator's time from another row
+    # when it recorded none; a generator no row timed stays untimed
+    assert [r["generator_train_seconds"] for r in rows] == [3209.0, 3209.0, 63.0, 3209.0, None]
     assert rows[0]["curve"] == [[10, 0.5]] and "curve" not in rows[2]
     assert not tables.backfill(rows, tmp_path)  # nothing more to give

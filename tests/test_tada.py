@@ -190,11 +190,12 @@ def test_a_rerun_reads_the_early_losses_back_instead_of_retraining(digits_task, 
     monkeypatch.setattr(tada, "fit_classifier", refuse)
     again, again_mask, again_early = tada.score_examples(digits_task, config, workdir=tmp_path)
     assert torch.equal(again, losses) and torch.equal(again_mask, mask)
-    assert again_early["train_acc"] == early["train_acc"]
-    # scored after another number of epochs: not the same losses, so they are computed again
-    later = load_config(None, [*FAST, f"output_dir={tmp_path}", "tada.early_epochs=2"])
-    with pytest.raises(AssertionError, match="trained again"):
-        tada.score_examples(digits_task, later, workdir=tmp_path)
+    assert again_early["train_acc"] == early["train_acc"] and again_early["seconds"] == early["seconds"] > 0
+    # scored after another number of epochs, or under other training settings: computed again
+    for other in ("tada.early_epochs=2", "train.lr=0.01"):
+        changed = load_config(None, [*FAST, f"output_dir={tmp_path}", other])
+        with pytest.raises(AssertionError, match="trained again"):
+            tada.score_examples(digits_task, changed, workdir=tmp_path)
 
 
 def test_tada_run_reports_its_plan(tmp_path, monkeypatch, capsys):

@@ -61,7 +61,10 @@ def costs(rows: list[dict]) -> dict[str, float]:
         mine = [made[g] for g in generators if g in made] or list(made.values())
         return sum(s for s, _ in mine) / sum(n for _, n in mine) if mine else None
 
-    trained = {r["generator"]: r["generator_train_seconds"] for r in rows if r.get("generator_train_seconds")}
+    trained: dict[str, float] = {}  # the longest any row recorded (older rows: that run's part of a resumed training)
+    for r in rows:
+        if r.get("generator") and r.get("generator_train_seconds"):
+            trained[r["generator"]] = max(trained.get(r["generator"], 0.0), r["generator_train_seconds"])
     out = {}
     for recipe in dict.fromkeys(r["recipe"] for r in rows):
         mine = [r for r in rows if r["recipe"] == recipe]

@@ -217,6 +217,12 @@ def result_row(suite: Suite, cell: Cell, metrics: dict, run_dir: Path, out: Path
     alone = ((metrics.get("utilgen") or {}).get("synthetic_only") or {}).get("accuracy")
     if alone is not None:  # UtilGen's classifier trained on its final synthetic set alone
         found["synthetic_only_accuracy"] = alone
+    # the generator (by fingerprint) and its training time as it records it: all of it, in every cell that used
+    # it (also one that resumed an interrupted training, or found it trained by a cell that then stopped); a
+    # cell's own unnamed generator (LDMLR's feature model) is costed by its stage's seconds instead
+    trained = None
+    if generator.get("path"):
+        trained = generator.get("train_seconds") or (metrics["seconds"].get("generator") if generator.get("trained_now") else None)
     return {
         "suite": suite.name, "setting": cell.setting, "recipe": cell.recipe, "recipe_name": cell.config.recipe,
         "generator_seed": cell.generator_seed, "seed": cell.seed, "cell": cell.key, "fingerprint": cell.fingerprint,
@@ -229,11 +235,8 @@ def result_row(suite: Suite, cell: Cell, metrics: dict, run_dir: Path, out: Path
         "images_generated": 0 if synthetic.get("replay") else synthetic.get("images", 0),
         "images_replayed": synthetic.get("images", 0) if synthetic.get("replay") else synthetic.get("replayed", 0),
         "generated_now": synthetic.get("generated_now", 0),
-        # the generator (by fingerprint) and its training time as it records it: all of it, in every cell that
-        # used it (also one that resumed an interrupted training, or found it trained by a cell that then stopped)
         "generator": Path(generator["path"]).name if generator.get("path") else None,
-        "generator_train_seconds": generator.get("train_seconds") or (
-            metrics["seconds"].get("generator") if generator.get("trained_now") else None),
+        "generator_train_seconds": trained,
         "train_steps": cell.config.train.steps, "run": str(run_dir.relative_to(out)),
         # test accuracy against optimiser steps (eval.curve_every), when the cell recorded it
         **({"curve": metrics["curve"]} if metrics.get("curve") else {}),

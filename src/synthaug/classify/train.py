@@ -379,6 +379,14 @@ def check_pool(unlabeled: ImageDataset | None, train: ImageDataset, cfg: TrainCo
                             f"set's {tuple(train.images.shape[1:])}: load both at the same size")
 
 
+def training_key(train: ImageDataset, cfg: TrainConfig, *, seed: int) -> dict:
+    """What names a training on `train` and its result: the settings (the precision as "auto"
+    resolves here), the seed and the data. A saved result is reused only under the same key."""
+    key = {"config": key_dict(cfg), "seed": seed, "data": train.fingerprint()}
+    key["config"]["precision"] = str(fast_dtype(cfg.precision, resolve_device(cfg.device)) or torch.float32)
+    return key
+
+
 def fit_classifier(
     train: ImageDataset,
     config: TrainConfig | None = None,
@@ -484,7 +492,7 @@ def fit_classifier(
     # a checkpoint is resumed only by the same training (config, seed, data, weights, domains, pool)
     extras = [hashlib.sha256(t.cpu().numpy().tobytes()).hexdigest() for t in (weights, domains)]
     dtype = fast_dtype(cfg.precision, device)
-    key = {"config": key_dict(cfg), "seed": seed, "data": train.fingerprint(), "extras": extras}
+    key = {**training_key(train, cfg, seed=seed), "extras": extras}
     if ssl:
         key["unlabeled"] = unlabeled.fingerprint()
     if synthetic_augment is not None:
@@ -493,7 +501,6 @@ def fit_classifier(
         key["prior"] = "weighted"  # the prior counts each image by its weight (before: by one)
     if monitor is not None and monitor_every:
         key["monitor"] = [monitor.fingerprint(), monitor_every]
-    key["config"]["precision"] = str(dtype or torch.float32)  # what "auto" is here
     checkpoint = Checkpoint(checkpoint_dir, key)
     state = checkpoint.restore(lambda s: s["epoch"] <= (stop_after_epochs or cfg.epochs), **stateful)
     if state is not None:

@@ -27,7 +27,7 @@ from typing import ClassVar
 
 import torch
 
-from ..classify import example_losses, fit_classifier
+from ..classify import example_losses, fit_classifier, training_key
 from ..config import register_section
 from ..data import ImageDataset, concat
 from ..errors import SynthaugError
@@ -100,16 +100,20 @@ def check(task, config):
 def score_examples(task, config, *, workdir: Path, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Steps 1-2: each training example's loss after `tada.early_epochs` epochs (averaged over
     the last `tada.loss_epochs` of them), and the targeted (slow-learnable) mask. Both go to
-    `targeted.json` in `workdir`, which a re-run of the same run folder (one config) reads back."""
-    opts, saved = config.tada, workdir / "targeted.json"
-    early = _scored_before(saved, len(task.train), opts)
+    `targeted.json` in `workdir` with what names them (the early training's key, the epochs), and
+    a re-run of the run folder reads them back (with the seconds they took) when that matches."""
+    opts, saved, t0 = config.tada, workdir / "targeted.json", time.perf_counter()
+    early_train = replace(config.train, refit_head=False)
+    key = {**training_key(task.train, early_train, seed=config.seed), "epochs": opts.early_epochs,
+           "loss_epochs": opts.loss_epochs}
+    early = _scored_before(saved, key)
     if early is None:
         scored = []
         for epoch in range(opts.early_epochs - opts.loss_epochs + 1, opts.early_epochs + 1):  # each resumes the last
-            fit = fit_classifier(task.train, replace(config.train, refit_head=False), seed=config.seed,
-                                 stop_after_epochs=epoch, checkpoint_dir=workdir / "early-checkpoint", progress=progress)
+            fit = fit_classifier(task.train, early_train, seed=config.seed, stop_after_epochs=epoch,
+                                 checkpoint_dir=workdir / "early-checkpoint", progress=progress)
             scored.append(example_losses(fit.model, task.train))
-        early = {"epochs": opts.early_epochs, "loss_epochs": opts.loss_epochs, "seconds": fit.seconds,
+        early = {"key": key, "seconds": time.perf_counter() - t0,
                  "train_acc": fit.history[-1]["train_acc"] if fit.history else None,
                  "losses": torch.stack(scored).mean(0).tolist()}
     losses = torch.tensor(early["losses"])
@@ -118,15 +122,13 @@ def score_examples(task, config, *, workdir: Path, progress: bool = False) -> tu
     return losses, mask, early
 
 
-def _scored_before(saved: Path, examples: int, opts: TadaSection) -> dict | None:
-    """The early losses a former run of this folder wrote, if they were scored as `opts` asks."""
+def _scored_before(saved: Path, key: dict) -> dict | None:
+    """The early losses a former run of this folder wrote, if they were scored under `key`."""
     try:
         early = json.loads(saved.read_text())
     except (OSError, ValueError):
         return None
-    same = (isinstance(early, dict) and early.get("epochs") == opts.early_epochs
-            and early.get("loss_epochs") == opts.loss_epochs and len(early.get("losses") or ()) == examples)
-    return early if same else None
+    return early if isinstance(early, dict) and early.get("key") == json.loads(json.dumps(key)) else None
 
 
 def random_like(mask: torch.Tensor, *, seed: int) -> torch.Tensor:
@@ -148,9 +150,8 @@ def run_tada(mode, task, config, *, workdir=None, progress=False, trained=None) 
     workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="synthaug-"))
     real = task.train
 
-    t0 = time.perf_counter()
     losses, mask, early = score_examples(task, config, workdir=workdir, progress=progress)
-    seconds["early_training"] = time.perf_counter() - t0
+    seconds["early_training"] = early["seconds"]  # read back by a re-run: the seconds it took when scored
     if mode == "tada-all":
         target = torch.ones_like(mask)
     elif mode == "tada-random":

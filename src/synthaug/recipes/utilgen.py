@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from ..choices import Sampler
-from ..classify import evaluate, extract_features, fit_classifier
+from ..classify import evaluate, extract_features, fit_classifier, training_key
 from ..config import register_section
 from ..data import ImageDataset, concat
 from ..errors import SynthaugError
@@ -167,25 +167,31 @@ def report(result: RecipeResult, real: ImageDataset) -> str:
     return "".join(out)
 
 
-def _synthetic_only(final: ImageDataset, task, config, *, workdir: Path, progress: bool) -> dict:
+def _synthetic_only(final: ImageDataset, task, config, *, workdir: Path, progress: bool) -> tuple[dict, float]:
     """Test metrics of a classifier trained on the final set alone, for as many optimisation steps
-    as the one on synthetic + real took; kept in `synthetic-only.json`, which a re-run of the same
-    run folder (one config) reads back."""
+    as the one on synthetic + real took, and the seconds it took. Kept in `synthetic-only.json` with
+    what names them (the training's key, the test set, the shot thresholds); a re-run of the run folder
+    reads them back when that matches."""
+    real, size, t0 = task.train, config.train.batch_size, time.perf_counter()
+    epochs = math.ceil(config.train.epochs * math.ceil((len(real) + len(final)) / size) / math.ceil(len(final) / size))
+    train = replace(config.train, epochs=epochs, ssl="none")
+    key = json.loads(json.dumps({**training_key(final, train, seed=config.seed), "test": task.test.fingerprint(),
+                                 "counts": real.class_counts().tolist(),
+                                 "thresholds": [config.eval.many_threshold, config.eval.few_threshold]}))
     saved = workdir / "synthetic-only.json"
     try:
         before = json.loads(saved.read_text())
-        if isinstance(before, dict) and before.get("images") == len(final) and isinstance(before.get("test"), dict):
-            return before["test"]
-    except (OSError, ValueError):
+        if isinstance(before, dict) and before.get("key") == key:
+            return before["test"], before["seconds"]
+    except (OSError, ValueError, KeyError):
         pass
-    real, size = task.train, config.train.batch_size
-    epochs = math.ceil(config.train.epochs * math.ceil((len(real) + len(final)) / size) / math.ceil(len(final) / size))
-    alone = fit_classifier(final, replace(config.train, epochs=epochs, ssl="none"), seed=config.seed,
-                           checkpoint_dir=workdir / "checkpoint-synthetic-only", progress=progress)
+    alone = fit_classifier(final, train, seed=config.seed, checkpoint_dir=workdir / "checkpoint-synthetic-only",
+                           progress=progress)
     test = evaluate(alone.model, task.test, train_counts=real.class_counts(),
                     many_threshold=config.eval.many_threshold, few_threshold=config.eval.few_threshold)
-    atomic_write_json(saved, {"images": len(final), "test": test})
-    return test
+    seconds = time.perf_counter() - t0
+    atomic_write_json(saved, {"key": key, "test": test, "seconds": seconds})
+    return test, seconds
 
 
 def _generate(store, plan, generator, sampling, noise_bank, progress):
@@ -375,9 +381,8 @@ def utilgen(task, config, *, workdir=None, progress=False, trained=None) -> Reci
     seconds["generate"] += time.perf_counter() - t0
     result, metrics, spent = train_and_evaluate(concat(real, final), task, config, workdir=workdir, progress=progress)
     seconds.update(spent)
-    t0 = time.perf_counter()
-    synthetic_only = _synthetic_only(final, task, config, workdir=workdir, progress=progress)
-    seconds["train_synthetic_only"] = time.perf_counter() - t0
+    synthetic_only, seconds["train_synthetic_only"] = _synthetic_only(final, task, config, workdir=workdir,
+                                                                      progress=progress)
     extra = {
         # is the final set new (memorisation ratio about 1) and as varied as the real images (diversity ratio)?
         "memorization": memorization_ratio(final, real, task.val),
