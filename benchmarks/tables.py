@@ -16,7 +16,7 @@ import json
 from common import HERE, splice
 
 from synthaug.bench import load_suite, read_results, write_leaderboard
-from synthaug.bench.leaderboard import setting_tables
+from synthaug.bench.leaderboard import generator_training, setting_tables
 from synthaug.utils.io import atomic_write_text
 
 SUITES = ["longtail-small", "targeted-small", "fewshot-small", "cifar10-gpu", "longtail", "fewshot"]
@@ -46,11 +46,7 @@ def backfill(rows: list[dict], out) -> bool:
         if row.get("generator") and trained and row.get("generator_train_seconds") != trained:
             row["generator_train_seconds"], changed = trained, True
     # a generator is one generator in every setting: a row without its time takes the longest any row recorded
-    # (a row of its training cell recorded that cell's part of a resumed training, its metrics.json all of it)
-    known: dict[str, float] = {}
-    for row in rows:
-        if row.get("generator") and row.get("generator_train_seconds"):
-            known[row["generator"]] = max(known.get(row["generator"], 0.0), row["generator_train_seconds"])
+    known = generator_training(rows)
     for row in rows:
         if row.get("generator") in known and not row.get("generator_train_seconds"):
             row["generator_train_seconds"], changed = known[row["generator"]], True

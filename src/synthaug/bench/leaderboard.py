@@ -43,6 +43,16 @@ def by_seed(rows: list[dict], metric: str) -> dict[int, float]:
     return {s: statistics.fmean(v) for s, v in sorted(seeds.items())}
 
 
+def generator_training(rows: list[dict]) -> dict[str, float]:
+    """Each named generator's training seconds: the longest any row recorded (an older row of the
+    cell that trained it holds only that run's part of a resumed training)."""
+    trained: dict[str, float] = {}
+    for r in rows:
+        if r.get("generator") and r.get("generator_train_seconds"):
+            trained[r["generator"]] = max(trained.get(r["generator"], 0.0), r["generator_train_seconds"])
+    return trained
+
+
 def costs(rows: list[dict]) -> dict[str, float]:
     """Seconds a recipe costs on its own, per cell: the classifier's stages, its images at the
     measured seconds per image of its generator(s) (else the setting's), and the training of its
@@ -61,10 +71,7 @@ def costs(rows: list[dict]) -> dict[str, float]:
         mine = [made[g] for g in generators if g in made] or list(made.values())
         return sum(s for s, _ in mine) / sum(n for _, n in mine) if mine else None
 
-    trained: dict[str, float] = {}  # the longest any row recorded (older rows: that run's part of a resumed training)
-    for r in rows:
-        if r.get("generator") and r.get("generator_train_seconds"):
-            trained[r["generator"]] = max(trained.get(r["generator"], 0.0), r["generator_train_seconds"])
+    trained = generator_training(rows)
     out = {}
     for recipe in dict.fromkeys(r["recipe"] for r in rows):
         mine = [r for r in rows if r["recipe"] == recipe]

@@ -18,7 +18,6 @@ targeting matter, or only the number of images?).
 from __future__ import annotations
 
 import html
-import json
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -36,7 +35,7 @@ from ..generate.stage import generator_stage
 from ..plan import target_mask, targeted_plan
 from ..report import image_row, pct, png, show, subplots
 from ..select.stage import select_stage
-from ..utils.io import atomic_write_json
+from ..utils.io import atomic_write_json, read_keyed
 from ..utils.paths import check_folder
 from .registry import RecipeResult, register_recipe, train_and_evaluate
 
@@ -106,7 +105,7 @@ def score_examples(task, config, *, workdir: Path, progress: bool = False) -> tu
     early_train = replace(config.train, refit_head=False)
     key = {**training_key(task.train, early_train, seed=config.seed), "epochs": opts.early_epochs,
            "loss_epochs": opts.loss_epochs}
-    early = _scored_before(saved, key)
+    early = read_keyed(saved, key)
     if early is None:
         scored = []
         for epoch in range(opts.early_epochs - opts.loss_epochs + 1, opts.early_epochs + 1):  # each resumes the last
@@ -120,15 +119,6 @@ def score_examples(task, config, *, workdir: Path, progress: bool = False) -> tu
     mask = target_mask(losses, task.train.labels, per_class=opts.per_class, share=opts.share, seed=config.seed)
     atomic_write_json(saved, {**early, "slow_learnable": mask.tolist()})
     return losses, mask, early
-
-
-def _scored_before(saved: Path, key: dict) -> dict | None:
-    """The early losses a former run of this folder wrote, if they were scored under `key`."""
-    try:
-        early = json.loads(saved.read_text())
-    except (OSError, ValueError):
-        return None
-    return early if isinstance(early, dict) and early.get("key") == json.loads(json.dumps(key)) else None
 
 
 def random_like(mask: torch.Tensor, *, seed: int) -> torch.Tensor:

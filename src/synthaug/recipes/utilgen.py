@@ -45,7 +45,7 @@ from ..plan import row_kind, utility_plan
 from ..report import image_row, pct, png, subplots
 from ..select.metrics import diversity_ratio, memorization_ratio
 from ..store import SyntheticStore
-from ..utils.io import atomic_write_json
+from ..utils.io import atomic_write_json, read_keyed
 from ..utils.paths import check_folder
 from ..value import MetaWeightConfig, fit_meta_weighted, utilities
 from .registry import RecipeResult, register_recipe, train_and_evaluate
@@ -175,16 +175,11 @@ def _synthetic_only(final: ImageDataset, task, config, *, workdir: Path, progres
     real, size, t0 = task.train, config.train.batch_size, time.perf_counter()
     epochs = math.ceil(config.train.epochs * math.ceil((len(real) + len(final)) / size) / math.ceil(len(final) / size))
     train = replace(config.train, epochs=epochs, ssl="none")
-    key = json.loads(json.dumps({**training_key(final, train, seed=config.seed), "test": task.test.fingerprint(),
-                                 "counts": real.class_counts().tolist(),
-                                 "thresholds": [config.eval.many_threshold, config.eval.few_threshold]}))
+    key = {**training_key(final, train, seed=config.seed), "test": task.test.fingerprint(),
+           "counts": real.class_counts().tolist(), "thresholds": [config.eval.many_threshold, config.eval.few_threshold]}
     saved = workdir / "synthetic-only.json"
-    try:
-        before = json.loads(saved.read_text())
-        if isinstance(before, dict) and before.get("key") == key:
-            return before["test"], before["seconds"]
-    except (OSError, ValueError, KeyError):
-        pass
+    if (before := read_keyed(saved, key)) is not None:
+        return before["test"], before["seconds"]
     alone = fit_classifier(final, train, seed=config.seed, checkpoint_dir=workdir / "checkpoint-synthetic-only",
                            progress=progress)
     test = evaluate(alone.model, task.test, train_counts=real.class_counts(),

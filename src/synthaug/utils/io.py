@@ -43,6 +43,16 @@ def atomic_write_json(path, obj):
     atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
 
 
+def read_keyed(path: str | os.PathLike, key: dict) -> dict | None:
+    """The JSON object `atomic_write_json` saved at `path` with `"key": key`, or None when there
+    is none, it cannot be read, or it was made under another key (compared as JSON)."""
+    try:
+        saved = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) and saved.get("key") == json.loads(json.dumps(key)) else None
+
+
 def _json_default(o):
     if isinstance(o, torch.Tensor):
         return o.tolist()
