@@ -224,6 +224,7 @@ CASES = [
     ("single-class", one_class, ["train", "-s", "data.dataset=IN", "-s", "split.kind=none"], "two classes"),
     ("unknown-recipe", None, ["train", *FAST, "-s", "recipe=magic"], "unknown recipe 'magic'"),
     ("unknown-selector", None, ["run", *FAST, "-s", "select.method=best"], "unknown selection method 'best'"),
+    ("boundary-push-too-far", None, ["run", *FAST, "-s", "select.boundary=1"], "select.boundary must be in [0, 1)"),
     ("unknown-executor", None, ["run", *FAST, "-s", "executor.name=slurm"], "unknown executor 'slurm'"),
     ("unknown-sampler", None, ["train", *FAST, "-s", "generator.sampler=euler"], "use one of sde-dpm-solver++"),
     ("utilgen-on-ray", None, ["run", *FAST, "-s", "recipe=utilgen", "-s", "split.val_per_class=3", "-s",

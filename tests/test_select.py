@@ -305,3 +305,82 @@ def test_with_groups_a_reader_drops_the_candidates_of_another_group(data, tmp_pa
     assert scorer_data is task.train and (scorer_cfg.loss, scorer_cfg.group_method) == ("ce", "balanced-sampling")
     assert result.extra["synthetic"]["selection"]["group_misread"] is None
     assert result.extra["synthetic"]["selection"]["shortfall"] == 0  # every planned image kept, misread or not
+
+
+@pytest.fixture(scope="module")
+def scorer(data):
+    """A small-cnn that reads the tiny data's classes (row bands) with a margin to spare."""
+    torch.manual_seed(0)
+    model = create_model("small-cnn", num_classes=3, in_channels=1, image_size=8)
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = data.train.images.float() / 255
+    for _ in range(60):
+        optimiser.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), data.train.labels).backward()
+        optimiser.step()
+    return model.eval()
+
+
+@pytest.mark.parametrize("push", [0.5, 0.9])
+def test_the_boundary_push_moves_images_part_way_to_their_rival(scorer, data, push):
+    from synthaug.select.boundary import boundary_push, margins
+
+    images, labels = data.train.images, data.train.labels
+    pushed, found = boundary_push(scorer, images, labels, push)
+    moved = found["pushed"]
+    assert pushed.dtype == torch.uint8 and pushed.shape == images.shape
+    assert moved.sum() > 0.6 * len(images)  # nearly every image read as its class moves
+    assert torch.equal(pushed[~moved], images[~moved]) and (pushed[moved] != images[moved]).flatten(1).any(1).all()
+    # the margin to the nearest rival shrinks by about `push` (DeepFool on the linearised margin, then uint8)
+    ratio = (found["margin_after"][moved] / found["margin_before"][moved]).median()
+    assert abs(float(ratio) - (1 - push)) < 0.1
+    after = margins(predict_logits(scorer, pushed), labels)
+    assert torch.allclose(after, found["margin_after"], atol=1e-4)
+    assert (after[found["margin_before"] > 0] > 0).all()  # cleaning: no image is pushed over to another class
+
+
+def test_the_boundary_push_puts_back_the_images_it_pushes_over(scorer, data):
+    """So close to the boundary, rounding to uint8 pushes some images over: they stay as generated."""
+    from synthaug.select.boundary import boundary_push, margins
+
+    images, labels = data.train.images, data.train.labels
+    pushed, found = boundary_push(scorer, images, labels, 0.99)
+    readable = margins(predict_logits(scorer, images), labels) > 0
+    assert 0 < int(found["pushed"].sum()) < int(readable.sum())  # some were put back
+    assert (margins(predict_logits(scorer, pushed), labels)[readable] > 0).all()
+    unchanged, none = boundary_push(scorer, images, labels, 0.0)
+    assert torch.equal(unchanged, images) and not none["pushed"].any()
+
+
+@pytest.mark.parametrize("method", ["none", "prototype"])
+def test_a_run_pushes_its_kept_images_and_leaves_the_store_as_generated(data, tmp_path, method):
+    import synthaug.select.stage as stage
+    from synthaug.select.boundary import margins
+
+    store_dir = tmp_path / "store"
+    base = [*FAST, "recipe=synaug", f"output_dir={tmp_path}", f"synaug.store_dir={store_dir}", f"select.method={method}",
+            "train.epochs=1", "synaug.replay_share=0"]
+    config = load_config(None, [*base, "select.boundary=0.6"])
+    task = make_task(data, config.split)
+    result = get_recipe("synaug").run(task, config, workdir=tmp_path / "pushed")
+    info = result.extra["synthetic"]["boundary"]
+    store = SyntheticStore(store_dir, task.train.classes)
+    rows = {r["id"]: r for r in store.rows()}
+    kept = [r["id"] for r in result.synthetic.info["rows"]]
+    everything = store.load()
+    at = {r["id"]: n for n, r in enumerate(everything.info["rows"])}
+    generated = everything.images[[at[i] for i in kept]]  # the store's images, as generated
+    moved = torch.tensor([rows[i]["scores"]["boundary_pushed"] for i in kept])
+    assert info["images"] == len(kept) and info["pushed"] == int(moved.sum()) > 0
+    assert torch.equal(result.synthetic.images[~moved], generated[~moved])
+    assert (result.synthetic.images[moved] != generated[moved]).flatten(1).any(1).all()
+    scorer = stage.scorer_for(task.train, config, store_dir / "scorers")  # the scorer the push used, from the store
+    before = margins(predict_logits(scorer, generated), result.synthetic.labels)
+    after = margins(predict_logits(scorer, result.synthetic.images), result.synthetic.labels)
+    assert torch.allclose(before, torch.tensor([rows[i]["scores"]["boundary_margin_before"] for i in kept]), atol=1e-4)
+    assert (after[moved] < before[moved]).all() and (after[moved] > 0).all()
+    if method == "prototype":
+        assert "selection" in result.extra["synthetic"]
+    # without the push the same store gives back its images as generated
+    plain = get_recipe("synaug").run(task, load_config(None, base), workdir=tmp_path / "plain")
+    assert "boundary" not in plain.extra["synthetic"] and torch.equal(plain.synthetic.images, generated)

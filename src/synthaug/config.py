@@ -243,7 +243,8 @@ class ExecutorSection:
 @dataclass
 class SelectSection:
     """Data selection: generate `overgenerate` x the plan, keep the plan's count per class (SYNAuG,
-    TADA, AugCond). Scores and choices are written to the store's metadata."""
+    TADA, AugCond), optionally push the kept images towards the boundary (`boundary`). Scores and
+    choices are written to the store's metadata."""
 
     # none, or a selector: random, confidence, agreement, realism, cluster, diffult, diffult-band, prototype
     method: str = "none"
@@ -254,8 +255,13 @@ class SelectSection:
     features: str = "classifier"  # classifier (the scorer's), pixels, a classifier folder, or hf:<hub id or folder>
     scorer_epochs: int | None = None  # epochs of the scorer (trained on the real split); default train.epochs
     read_groups: bool = True  # with groups: drop the candidates a group reader reads as another group first
+    # DBG's boundary push: move each kept image this share of the way to its nearest rival class under the
+    # scorer (0: off; 1 would put it on the boundary)
+    boundary: float = 0.0
 
     def __post_init__(self):
+        if not 0 <= self.boundary < 1:
+            raise SynthaugError(f"select.boundary must be in [0, 1) (0: off), got {self.boundary}")
         if self.scorer_epochs is not None and self.scorer_epochs < 1:
             raise SynthaugError("select.scorer_epochs must be >= 1 (or unset: train.epochs)")
         if self.overgenerate < 1 or not 0 <= self.threshold <= 1 or self.k < 1 or self.clusters < 1:

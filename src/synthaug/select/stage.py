@@ -12,6 +12,9 @@ each (group, class) cell drawn equally) first drops the candidates it reads as a
 than the one they were generated for (`group_read` in the metadata): a minority cell's image
 in the majority's colour teaches the spurious rule again.
 
+With `select.boundary` (> 0), the kept images are then moved towards the boundary of
+their nearest rival class under the same scorer (DBG, `select/boundary.py`).
+
 `validation_stage` measures a run's synthetic set against the real training images: the
 feature-space metrics of `select/metrics.py`, the memorisation ratio, and the accuracy on
 the real test set of a classifier trained on the synthetic images alone (CAS).
@@ -40,6 +43,7 @@ from ..store import SyntheticStore
 from ..utils.io import atomic_write_json, exclusive
 from ..utils.keys import key_dict
 from ..utils.runtime import resolve_device
+from .boundary import boundary_push
 from .features import feature_extractor
 from .filters import Candidates, get_selector
 from .metrics import memorization_ratio, set_metrics
@@ -95,11 +99,45 @@ def group_reader_for(real: ImageDataset, config, folder: Path, *, progress: bool
 
 def select_stage(plan: list[dict], generator, config, store_dir: str | Path, real: ImageDataset, *,
                  progress: bool = False) -> tuple[ImageDataset, dict]:
-    """Generate, then select (see the module docstring); without a selection method this is
-    `generate_stage`. Returns the kept images and a description (counts, seconds, scores)."""
+    """Generate, then select, then push (see the module docstring); without a selection method
+    or a push this is `generate_stage`. Returns the kept images and a description (counts, seconds, scores)."""
     opts = config.select
     if opts.method == "none" or not plan:
-        return generate_stage(plan, generator, config, store_dir, real, progress=progress)
+        kept, info = generate_stage(plan, generator, config, store_dir, real, progress=progress)
+    else:
+        kept, info = _select(plan, generator, config, store_dir, real, progress=progress)
+    if opts.boundary and len(kept):
+        kept, info["boundary"] = push_stage(kept, config, store_dir, real, progress=progress)
+        info["seconds"] += info["boundary"]["seconds"]
+    return kept, info
+
+
+def push_stage(kept: ImageDataset, config, store_dir: str | Path, real: ImageDataset, *,
+               progress: bool = False) -> tuple[ImageDataset, dict]:
+    """DBG's boundary push (`select/boundary.py`) of the kept images under the scorer, each
+    image's margins written to the store's metadata (`boundary_margin_before`,
+    `boundary_margin_after`, `boundary_pushed`); the store's images stay as generated."""
+    t0 = time.perf_counter()
+    scorer = scorer_for(real, config, Path(store_dir) / "scorers", progress=progress)
+    images, found = boundary_push(scorer, kept.images, kept.labels, config.select.boundary)
+    ids = [r["id"] for r in kept.info["rows"]]
+    SyntheticStore(store_dir, real.classes).set_scores(
+        {i: {"boundary_margin_before": float(a), "boundary_margin_after": float(b), "boundary_pushed": bool(p)}
+         for i, a, b, p in zip(ids, found["margin_before"], found["margin_after"], found["pushed"])})
+    moved = found["pushed"]
+    ratio = found["margin_after"][moved] / found["margin_before"][moved]
+    info = {"push": config.select.boundary, "images": len(kept), "pushed": int(moved.sum()),
+            "margin_before": float(found["margin_before"].median()),
+            "margin_after": float(found["margin_after"].median()),
+            "margin_ratio": float(ratio.median()) if moved.any() else None,
+            "pixel_change": float((images.float() - kept.images.float()).abs().mean() / 255),
+            "seconds": time.perf_counter() - t0}
+    return replace(kept, images=images, info=dict(kept.info)), info
+
+
+def _select(plan: list[dict], generator, config, store_dir: str | Path, real: ImageDataset, *,
+            progress: bool = False) -> tuple[ImageDataset, dict]:
+    opts = config.select
     candidates_plan = overgenerate_plan(plan, opts.overgenerate)
     candidates, info = generate_stage(candidates_plan, generator, config, store_dir, real, progress=progress)
     t0 = time.perf_counter()
