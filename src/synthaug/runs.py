@@ -50,6 +50,12 @@ def preflight(config: RunConfig, baselines: list[str] = ()):
     EXECUTORS.lookup(config.executor.name)
     if config.select.method != "none":
         SELECTORS.lookup(config.select.method, also=("none",))
+    if (config.select.method != "none" or config.select.boundary) and config.recipe != "auto":
+        if not get_recipe(config.recipe).selects:  # its images would go unselected without a word
+            able = ", ".join(sorted(n for n in RECIPES.names() if get_recipe(n).selects))
+            option = "select.method" if config.select.method != "none" else "select.boundary"
+            raise SynthaugError(f"recipe {config.recipe} does not select its images, so {option} would do nothing: "
+                                f"use one of {able}, or leave select.method=none and select.boundary=0")
     GENERATORS.lookup(generator_kind(config.generator))
     check_features(config.select.features, "select.features")
     check_features(config.validate.features, "validate.features")

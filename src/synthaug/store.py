@@ -28,6 +28,7 @@ from PIL import Image
 
 from .data.dataset import ImageDataset
 from .errors import SynthaugError
+from .utils.io import exclusive
 from .utils.paths import check_folder, check_name, inside, make_folders, remove_created
 from .utils.runtime import progress_bar
 
@@ -248,7 +249,12 @@ class SyntheticStore:
 
     def set_scores(self, scores: dict[str, dict]):
         """Merge per-image scores (`{id: {"utility_r1": 0.8, ...}}`) into the rows' `scores`
-        and rewrite metadata.jsonl atomically. Ids the store does not hold are an error."""
+        and rewrite metadata.jsonl atomically. Ids the store does not hold are an error. Runs that
+        share the store (parallel bench cells) take turns, so none loses another's scores."""
+        with exclusive(self.split_dir / ".metadata.lock"):
+            self._set_scores(scores)
+
+    def _set_scores(self, scores: dict[str, dict]):
         rows = self.rows()
         known = {r["id"] for r in rows}
         missing = [i for i in scores if i not in known]

@@ -28,7 +28,7 @@ from ..generate.cache import check_generator
 from ..generate.stage import generator_stage
 from ..plan import conditioned_plan
 from ..report import png, show, subplots
-from ..select.stage import select_stage
+from ..select.stage import select_stage, stage_seconds
 from ..utils.paths import check_folder
 from .registry import RecipeResult, register_recipe, train_and_evaluate
 
@@ -112,7 +112,7 @@ def pairs_grid(real: ImageDataset, synthetic: ImageDataset, lines: int = 8, per_
 
 @register_recipe("augcond", "AugCond: generations conditioned on the class and augmented real images of it "
                  "(augcond.mode picks the operator)", check=check, report=report, shared_store="augcond",
-                 ssl=True)
+                 ssl=True, selects=True)
 def augcond(task, config, *, workdir=None, progress=False, trained=None) -> RecipeResult:
     opts, seconds = config.augcond, {}
     workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="synthaug-"))
@@ -128,7 +128,7 @@ def augcond(task, config, *, workdir=None, progress=False, trained=None) -> Reci
                             dropout=opts.dropout)
     store_dir = Path(opts.store_dir) if opts.store_dir else workdir / "synthetic"
     synthetic, synthetic_info = select_stage(plan, generator, config, store_dir, real, progress=progress)
-    seconds["generate"] = synthetic_info.pop("seconds")
+    seconds.update(stage_seconds(synthetic_info))
 
     # 4. train on real + generated
     data = concat(real, synthetic)

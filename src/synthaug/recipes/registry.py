@@ -39,6 +39,7 @@ class Recipe:
     shared_store: str | None = None
     generates: bool = False  # it makes synthetic images (a benchmark runs it once per generator seed)
     ssl: bool = False  # its classifier can train semi-supervised on the split's unlabelled pool (train.ssl)
+    selects: bool = False  # its images go through `select_stage` (select.method, select.boundary)
 
 
 RECIPES: Registry[Recipe] = Registry("recipe")
@@ -46,12 +47,13 @@ RECIPES: Registry[Recipe] = Registry("recipe")
 
 def register_recipe(name: str, description: str, check: Callable | None = None, report: Callable | None = None,
                     shared_store: str | None = None, generates: bool | None = None, ssl: bool = False,
-                    options: str | None = None):
+                    options: str | None = None, selects: bool = False):
     """`generates` defaults to whether the recipe has a store to share; `options`, the config
     section it reads, to its `shared_store` section, else the section named like the recipe."""
     generates = shared_store is not None if generates is None else generates
     READERS.setdefault(options or shared_store or name, set()).add(name)
-    return RECIPES.register(name, lambda fn: Recipe(name, description, fn, check, report, shared_store, generates, ssl))
+    return RECIPES.register(name, lambda fn: Recipe(name, description, fn, check, report, shared_store, generates, ssl,
+                                                   selects))
 
 
 def get_recipe(name: str) -> Recipe:

@@ -39,7 +39,7 @@ from ..generate.cache import check_generator
 from ..generate.stage import generator_stage
 from ..plan import balance_plan, plan_cells
 from ..select.metrics import diversity_ratio, memorization_ratio
-from ..select.stage import select_stage
+from ..select.stage import select_stage, stage_seconds
 from ..utils.paths import check_folder
 from .registry import RecipeResult, classifier_inputs, register_recipe
 
@@ -130,7 +130,7 @@ def replay(real, plan: list[dict]):
 
 
 @register_recipe("synaug", "SYNAuG: uniformize classes (or groups) with generated images, domain mixup, head re-fit on real data",
-                 check=check, shared_store="synaug", ssl=True)
+                 check=check, shared_store="synaug", ssl=True, selects=True)
 def synaug(task, config, *, workdir=None, progress=False, trained=None) -> RecipeResult:
     opts, seconds = config.synaug, {}
     workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="synthaug-"))
@@ -152,7 +152,7 @@ def synaug(task, config, *, workdir=None, progress=False, trained=None) -> Recip
                                 "synaug.balance_groups=false")
         store_dir = Path(opts.store_dir) if opts.store_dir else workdir / "synthetic"
         generated, synthetic_info = select_stage(to_generate, generator, config, store_dir, real, progress=progress)
-        seconds["generate"] = synthetic_info.pop("seconds")
+        seconds.update(stage_seconds(synthetic_info))
         synthetic_info["replayed"] = len(replayed)
     added = [d for d in (replayed, generated) if d is not None and len(d)]
     added = concat(*added) if added else replayed  # every image trained on besides the real set, in the plan's counts

@@ -34,7 +34,7 @@ from ..generate.cache import check_generator
 from ..generate.stage import generator_stage
 from ..plan import target_mask, targeted_plan
 from ..report import image_row, pct, png, show, subplots
-from ..select.stage import select_stage
+from ..select.stage import select_stage, stage_seconds
 from ..utils.io import atomic_write_json, read_keyed
 from ..utils.paths import check_folder
 from .registry import RecipeResult, register_recipe, train_and_evaluate
@@ -169,7 +169,7 @@ def run_tada(mode, task, config, *, workdir=None, progress=False, trained=None) 
         plan = targeted_plan(real, target, variants=opts.variants, strength=opts.strength, seed=config.generator.plan_seed)
         store_dir = Path(opts.store_dir) if opts.store_dir else workdir / "synthetic"
         added, extra["synthetic"] = select_stage(plan, generator, config, store_dir, real, progress=progress)
-        seconds["generate"] = extra["synthetic"].pop("seconds")
+        seconds.update(stage_seconds(extra["synthetic"]))
         extra["synthetic"]["counts_after"] = (real.class_counts() + added.class_counts()).tolist()
 
     # 4. train from scratch on the originals + the variants (each weighted `synthetic_weight` in the loss)
@@ -187,7 +187,7 @@ def _register(mode: str):
 
     fn.__name__ = mode.replace("-", "_")
     register_recipe(mode, MODES[mode], check=check if mode != "tada-upsample" else None, report=report,
-                    shared_store="tada", generates=mode != "tada-upsample")(fn)  # a variant's image follows its source and seed, not the classifier
+                    shared_store="tada", generates=mode != "tada-upsample", selects=mode != "tada-upsample")(fn)  # a variant's image follows its source and seed, not the classifier
 
 
 # ---------------------------------------------------------------------------- report

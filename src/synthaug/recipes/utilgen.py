@@ -101,10 +101,9 @@ class UtilgenSection:
 def check(task, config):
     if task.val is None or len(task.val) == 0:
         raise SynthaugError("utilgen values images on a clean real validation split: set split.val_per_class (e.g. 10)")
-    # its rounds generate from noise and images in memory, in this process, and keep every image
-    if config.executor.name != "local" or config.select.method != "none":
-        raise SynthaugError("utilgen generates in this process and keeps every image it values: leave executor.name=local "
-                            "and select.method=none")
+    # its rounds generate from noise and images in memory, in this process (selection: `runs.preflight`)
+    if config.executor.name != "local":
+        raise SynthaugError("utilgen generates in this process: leave executor.name=local")
     check_generator(config.generator, task.train)
 
 

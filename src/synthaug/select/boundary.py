@@ -1,18 +1,20 @@
 """DBG's boundary push (Yang et al., CVPR 2026, "Decision Boundary-aware Generation for
 Long-tailed Learning"): a generated image deep inside its class teaches the classifier
-little; moved towards the class it is nearest to confusing, it marks the boundary where a
-long tail squeezes the tail classes.
+little; moved towards the class it is nearest to being confused with, it marks the boundary
+where a long tail squeezes the tail classes.
 
 For each generated image x of intended class y, under the scorer f (the classifier trained on
 the real split, `select/stage.py`):
-1. its margin is m(x) = f_y(x) - max_{k != y} f_k(x), against its nearest rival class;
+1. its margin is m(x) = f_y(x) - max_{k != y} f_k(x), against the highest other logit (DBG's
+   rival; DeepFool's own would be the class whose linearised boundary is nearest);
 2. DeepFool steps (Moosavi-Dezfooli et al. 2016) move x along -grad m to where the
    linearised margin is (1 - push) m(x0): push 0 leaves x as it is, 1 puts it on the
    boundary; at most `STEPS` steps, pixels kept in [0, 1], then rounded back to uint8;
 3. cleaning: an image the scorer reads as another class once pushed (or already did) is kept
    as generated; with its hard label it would teach the rival's region as y's.
-Every image keeps its label and its place; the push is done again in each run (it depends on
-the scorer, and so on the classifier seed), the store's images are left as generated.
+Every image keeps its label and its place (DBG relabels with the confusable classes; a hard
+label keeps the recipes' losses as they are). The push is done again in each run (it depends
+on the scorer, and so on the classifier seed); the store's images stay as generated.
 """
 
 from __future__ import annotations

@@ -13,7 +13,9 @@ than the one they were generated for (`group_read` in the metadata): a minority 
 in the majority's colour teaches the spurious rule again.
 
 With `select.boundary` (> 0), the kept images are then moved towards the boundary of
-their nearest rival class under the same scorer (DBG, `select/boundary.py`).
+the rival class they are nearest to confusing with (the highest other logit) under the same
+scorer (DBG, `select/boundary.py`), in the run only. The selection's and the push's seconds
+are reported apart from the generation's (`stage_seconds`).
 
 `validation_stage` measures a run's synthetic set against the real training images: the
 feature-space metrics of `select/metrics.py`, the memorisation ratio, and the accuracy on
@@ -108,22 +110,28 @@ def select_stage(plan: list[dict], generator, config, store_dir: str | Path, rea
         kept, info = _select(plan, generator, config, store_dir, real, progress=progress)
     if opts.boundary and len(kept):
         kept, info["boundary"] = push_stage(kept, config, store_dir, real, progress=progress)
-        info["seconds"] += info["boundary"]["seconds"]
+    # the selection's and the push's time (their scorer's training included), apart from the generation's
+    spent = [info[k]["seconds"] for k in ("selection", "boundary") if k in info]
+    if spent:
+        info["select_seconds"] = sum(spent)
     return kept, info
+
+
+def stage_seconds(info: dict) -> dict[str, float]:
+    """A recipe's seconds from `select_stage`'s description (taken out of it): `generate`, and
+    `select` where it selected or pushed."""
+    return {"generate": info.pop("seconds"), **({"select": info.pop("select_seconds")} if "select_seconds" in info else {})}
 
 
 def push_stage(kept: ImageDataset, config, store_dir: str | Path, real: ImageDataset, *,
                progress: bool = False) -> tuple[ImageDataset, dict]:
-    """DBG's boundary push (`select/boundary.py`) of the kept images under the scorer, each
-    image's margins written to the store's metadata (`boundary_margin_before`,
-    `boundary_margin_after`, `boundary_pushed`); the store's images stay as generated."""
+    """DBG's boundary push (`select/boundary.py`) of the kept images under the scorer. The push
+    depends on the scorer, so on the classifier seed: it is redone in each run and kept in the
+    run's description (margins, how many moved), never in the store, whose images stay as
+    generated for every run that shares it."""
     t0 = time.perf_counter()
     scorer = scorer_for(real, config, Path(store_dir) / "scorers", progress=progress)
     images, found = boundary_push(scorer, kept.images, kept.labels, config.select.boundary)
-    ids = [r["id"] for r in kept.info["rows"]]
-    SyntheticStore(store_dir, real.classes).set_scores(
-        {i: {"boundary_margin_before": float(a), "boundary_margin_after": float(b), "boundary_pushed": bool(p)}
-         for i, a, b, p in zip(ids, found["margin_before"], found["margin_after"], found["pushed"])})
     moved = found["pushed"]
     ratio = found["margin_after"][moved] / found["margin_before"][moved]
     info = {"push": config.select.boundary, "images": len(kept), "pushed": int(moved.sum()),
@@ -187,7 +195,6 @@ def _select(plan: list[dict], generator, config, store_dir: str | Path, real: Im
                       "seconds": time.perf_counter() - t0},
         "planned": len(plan),
         "images": int(mask.sum()),
-        "seconds": info["seconds"] + time.perf_counter() - t0,
     })
     return kept, info
 
