@@ -393,3 +393,17 @@ def test_the_boundary_push_does_not_depend_on_the_batch(scorer, data):
     whole, found = boundary_push(scorer, data.train.images, data.train.labels, 0.5)
     batched, found_batched = boundary_push(scorer, data.train.images, data.train.labels, 0.5, batch_size=7)
     assert torch.equal(whole, batched) and torch.equal(found["pushed"], found_batched["pushed"])
+
+
+def test_a_flat_margin_is_not_pushed_off_the_image_range(data):
+    """Where the margin barely depends on the pixels, DeepFool's step would be unbounded."""
+    from synthaug.select.boundary import boundary_push
+
+    flat = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
+    with torch.no_grad():
+        flat[1].weight.zero_()
+        flat[1].weight[2].fill_(1e-7)  # the margin over class 1 grows by 1e-7 a pixel
+        flat[1].bias.copy_(torch.tensor([0.0, 1.0, 2.0]))
+    images = data.train.images[data.train.labels == 2]  # read as class 2 by a margin of 1
+    pushed, found = boundary_push(flat, images, torch.full((len(images),), 2), 0.5)
+    assert torch.equal(pushed, images) and not found["pushed"].any()

@@ -45,8 +45,10 @@ def _push_batch(scorer: Classifier, x: torch.Tensor, labels: torch.Tensor, push:
             break
         (grad,) = torch.autograd.grad(margin.sum(), x)
         flat = grad.flatten(1)
+        norm = flat.pow(2).sum(1)
+        moving &= norm > 1e-8  # a flat margin (dead units) would ask for an unbounded step: left as it is
         # the step onto the linearised target: r = (target - m) g / |g|^2
-        scale = (target - margin.detach()) / flat.pow(2).sum(1).clamp_min(1e-12) * moving
+        scale = (target - margin.detach()) / norm.clamp_min(1e-8) * moving
         x = (x.detach() + (scale[:, None] * flat).view_as(x)).clamp(0, 1)
     return x.detach()
 
