@@ -110,17 +110,14 @@ def select_stage(plan: list[dict], generator, config, store_dir: str | Path, rea
         kept, info = _select(plan, generator, config, store_dir, real, progress=progress)
     if opts.boundary and len(kept):
         kept, info["boundary"] = push_stage(kept, config, store_dir, real, progress=progress)
-    # the selection's and the push's time (their scorer's training included), apart from the generation's
-    spent = [info[k]["seconds"] for k in ("selection", "boundary") if k in info]
-    if spent:
-        info["select_seconds"] = sum(spent)
     return kept, info
 
 
 def stage_seconds(info: dict) -> dict[str, float]:
-    """A recipe's seconds from `select_stage`'s description (taken out of it): `generate`, and
-    `select` where it selected or pushed."""
-    return {"generate": info.pop("seconds"), **({"select": info.pop("select_seconds")} if "select_seconds" in info else {})}
+    """A recipe's seconds from `select_stage`'s description: `generate` (taken out of it), and
+    `select`, the selection's and the push's (their scorer's training included), where it did either."""
+    spent = [info[k]["seconds"] for k in ("selection", "boundary") if k in info]
+    return {"generate": info.pop("seconds"), **({"select": sum(spent)} if spent else {})}
 
 
 def push_stage(kept: ImageDataset, config, store_dir: str | Path, real: ImageDataset, *,
