@@ -586,3 +586,110 @@ def test_a_checkpoint_whose_prior_counted_each_image_by_one_is_not_resumed_by_th
                         lambda self, *a, **k: restored.append(restore(self, *a, **k)) or restored[-1])
     fit_classifier(data, cfg, sample_weights=weights, checkpoint_dir=folder)
     assert (restored[0] is None) == (loss == "balanced-softmax")
+
+
+def test_translated_rows_start_a_share_of_each_cell_from_another_class_s_image():
+    from synthaug.plan import translated_rows
+
+    ds = make_dataset((200, 10, 4))
+    plan = balance_plan(ds, seed=0)  # class 1: 190 rows, class 2: 196
+    rows = translated_rows(plan, ds, share=0.5, strength=0.7, seed=0)
+    assert len(rows) == len(plan) and rows == translated_rows(plan, ds, share=0.5, strength=0.7, seed=0)
+    for c in (1, 2):
+        cell = [r for r in rows if r["label"] == c]
+        half = round(0.5 * len(cell))
+        assert all(r["kind"] == "guided" and r["strength"] == 0.7 for r in cell[:half])
+        assert cell[half:] == [r for r in plan if r["label"] == c][half:]  # the rest as planned
+        sources = ds.labels[[r["source"] for r in cell[:half]]]
+        assert not (sources == c).any() and all(r["id"].endswith(f"-t{r['source']}") for r in cell[:half])
+    # drawn uniformly over the other classes' images: class 2's from class 0 about 200 / 210 of the time
+    every = translated_rows(plan, ds, share=1, seed=0)
+    sources = ds.labels[[r["source"] for r in every if r["label"] == 2]]
+    assert 0.85 < float((sources == 0).float().mean()) < 1
+    assert len({r["id"] for r in rows}) == len(rows) and not {r["id"] for r in rows if "source" in r} & {r["id"] for r in plan}
+    assert translated_rows(plan, ds, share=0, seed=0) == plan
+    ranged = translated_rows(plan, ds, share=1, strength=[0.5, 0.9], seed=0)
+    strengths = [r["strength"] for r in ranged]
+    assert all(0.5 <= s <= 0.9 for s in strengths) and len(set(strengths)) > 10
+
+
+def test_translated_rows_with_groups_draw_from_the_row_s_group():
+    from synthaug.plan import translated_rows
+
+    ds = make_dataset((6, 6, 6))
+    ds.groups, ds.group_names = torch.tensor([0] * 6 + [0] * 5 + [1] + [0] * 6), ["red", "green"]  # green: one 1
+    ds.group_names = ["red", "green"]
+    plan = balance_plan(ds, by_group=True, seed=0)
+    rows = translated_rows(plan, ds, share=1, seed=0)
+    for r in rows:
+        if r["group"] == 1 and r["label"] == 1:
+            assert r["kind"] == "plain"  # no green image of another class: stays plain
+        else:
+            assert r["kind"] == "guided" and int(ds.groups[r["source"]]) == r["group"] and int(ds.labels[r["source"]]) != r["label"]
+    assert any(r["group"] == 1 and r["kind"] == "guided" for r in rows)  # green 0s and 2s from the green 1
+
+
+def test_translation_targets_keep_strength_to_the_gamma_on_the_class():
+    from synthaug.plan import translation_targets
+
+    ds = make_dataset((3, 3, 3))  # labels 0, 0, 0, 1, 1, 1, 2, 2, 2
+    rows = [{"label": 0}, {"label": 2, "source": 3, "strength": 0.49}, {"label": 1, "source": 0, "strength": 1.0}]
+    assert torch.allclose(translation_targets(rows, ds, 0.5), torch.tensor([[1, 0, 0], [0, 0.3, 0.7], [0, 1, 0.0]]))
+    assert torch.equal(translation_targets(rows, ds, 0), torch.eye(3)[[0, 2, 1]])  # gamma 0: the class alone
+
+
+def test_soft_targets_train_as_their_labels_when_one_hot_and_set_the_balanced_softmax_prior(monkeypatch):
+    import synthaug.classify.train as train_module
+
+    ds = make_dataset((12, 6, 3))
+    cfg = TrainConfig(epochs=1, batch_size=8, augment="none", loss="balanced-softmax")
+    plain = fit_classifier(ds, cfg, seed=0).model.state_dict()
+    one_hot = torch.nn.functional.one_hot(ds.labels, 3).float()
+    same = fit_classifier(ds, cfg, seed=0, soft_targets=one_hot).model.state_dict()
+    assert all(torch.equal(plain[k], same[k]) for k in plain)
+    priors = []
+    real_prior = train_module.presented_prior
+    monkeypatch.setattr(train_module, "presented_prior", lambda kind, counts, mass=None: priors.append(mass)
+                        or real_prior(kind, counts, mass))
+    soft = one_hot.clone()
+    soft[:6] = torch.tensor([0.5, 0.5, 0.0])  # half of six class-0 images counted to class 1
+    moved = fit_classifier(ds, cfg, seed=0, soft_targets=soft).model.state_dict()
+    assert torch.allclose(priors[-1], torch.tensor([9.0, 9.0, 3.0]))
+    assert not all(torch.equal(plain[k], moved[k]) for k in plain)
+    with pytest.raises(SynthaugError, match="soft_targets must be"):
+        fit_classifier(ds, cfg, soft_targets=one_hot[:, :2])
+    with pytest.raises(SynthaugError, match="soft_targets must be"):
+        fit_classifier(ds, cfg, soft_targets=one_hot * 2)
+
+
+def test_a_run_translates_its_generated_share_and_trains_on_soft_targets(data, tmp_path, monkeypatch):
+    """The generated half of each cell starts from other classes' real images (in the store),
+    and the trainer gets 0.7^0.8 of each on its class, the rest on its source's class."""
+    from synthaug.store import SyntheticStore
+
+    seen = {}
+    real_fit = synaug_module.fit_classifier
+
+    def spy(train, cfg, **kwargs):
+        seen.update(kwargs, labels=train.labels)
+        return real_fit(train, cfg, **kwargs)
+
+    monkeypatch.setattr(synaug_module, "fit_classifier", spy)
+    store_dir = tmp_path / "store"
+    tiny = ["generator.preset=tiny", "generator.steps=4", "generator.batch_size=8", "generator.sampling_steps=3"]
+    config = load_config(None, [*FAST, *tiny, "synaug.replay_share=0.5", "synaug.translate=1", "synaug.translate_strength=0.7",
+                                f"synaug.store_dir={store_dir}", f"output_dir={tmp_path}"])
+    task = make_task(data, config.split)
+    result = get_recipe("synaug").run(task, config, workdir=tmp_path / "run")
+    rows = SyntheticStore(store_dir, task.train.classes).rows()
+    generated = result.synthetic
+    assert len(rows) == len(generated) > 0 and all(r["kind"] == "guided" and r["strength"] == 0.7 for r in rows)
+    sources = task.train.labels[[r["source"] for r in generated.info["rows"]]]
+    assert not (sources == generated.labels).any()
+    soft, n_real = seen["soft_targets"], len(task.train) + len(result.replayed)
+    assert torch.equal(soft[:n_real], torch.nn.functional.one_hot(seen["labels"][:n_real], 3).float())
+    at = torch.arange(len(generated))
+    assert torch.allclose(soft[n_real:][at, generated.labels], torch.tensor(0.7 ** 0.8))
+    assert torch.allclose(soft[n_real:][at, sources], torch.tensor(1 - 0.7 ** 0.8))
+    info = result.extra["synthetic"]
+    assert info["translated"] == len(generated) and info["translated_target"] == pytest.approx(0.7 ** 0.8)

@@ -83,6 +83,49 @@ def balance_plan(data: ImageDataset, *, target_per_class: int | None = None, by_
     return rows
 
 
+def translated_rows(rows: list[dict], data: ImageDataset, *, share: float, strength=0.7, seed: int = 0) -> list[dict]:
+    """Diff-Mix's inter-class translation (Wang et al., CVPR 2024): the first round(share x n)
+    rows of each (class, group) cell start from a real image of `data` of another class (with
+    groups, of the row's group), noised to `strength` and denoised under the row's class, so a
+    tail cell gets the other classes' variety (stroke, slant, texture) in its own class's
+    shape instead of near-copies of its few images. The source is drawn uniformly over those
+    images (the head's, mostly) from the row's own seed. A translated row is renamed
+    `<id>-t<source>` (a store never confuses it with the plain row) with its own seed; a cell
+    with no image of another class stays plain. `strength` is one number or [low, high]."""
+    low, high = strength_range(strength, "synaug.translate_strength")
+    out = list(rows)
+    position = {row["id"]: i for i, row in enumerate(rows)}
+    for (label, group), cell in plan_cells(rows).items():
+        pool = data.labels != label
+        if group is not None and data.groups is not None:
+            pool &= data.groups == group
+        members = pool.nonzero().flatten()
+        if not len(members):
+            continue
+        for row in cell[:round(share * len(cell))]:
+            g = torch.Generator().manual_seed(int(row["seed"]))
+            source = int(members[torch.randint(len(members), (1,), generator=g)])
+            row_id = f"{row['id']}-t{source}"
+            s = row_seed(seed, row_id)
+            out[position[row["id"]]] = {
+                **row, "id": row_id, "seed": s, "kind": "guided", "conditioning": "image", "source": source,
+                "strength": low if low == high else round(low + (high - low) * ((s % 10_007) / 10_006), 4)}
+    return out
+
+
+def translation_targets(rows: list[dict], data: ImageDataset, gamma: float) -> torch.Tensor:
+    """Soft targets (N, classes) for generated rows: a plain row's class alone; a translated
+    row (`translated_rows`) strength^gamma on its class and the rest on its source's class
+    (Diff-Mix's annotation: a light translation keeps much of its source)."""
+    targets = torch.zeros(len(rows), data.num_classes)
+    for i, row in enumerate(rows):
+        kept = float(row["strength"]) ** gamma if row.get("source") is not None else 1.0
+        targets[i, int(row["label"])] += kept
+        if kept < 1:
+            targets[i, int(data.labels[row["source"]])] += 1 - kept
+    return targets
+
+
 def slow_learnable(losses: torch.Tensor, *, seed: int = 0) -> torch.Tensor:
     """TADA's split (seed 001): k-means with k=2 on each training example's loss early in
     training; the cluster with the higher mean loss is the slow-learnable set. A bool mask

@@ -394,6 +394,7 @@ def fit_classifier(
     seed: int = 0,
     sample_weights: torch.Tensor | None = None,
     domains: torch.Tensor | None = None,
+    soft_targets: torch.Tensor | None = None,
     synthetic_augment: str | None = None,
     unlabeled: ImageDataset | None = None,
     monitor: ImageDataset | None = None,
@@ -408,7 +409,10 @@ def fit_classifier(
     checkpoint: the model as it is a few epochs into its normal training).
 
     `sample_weights` scale each image's loss; `domains` (0 real, 1 synthetic) pair real with
-    synthetic images when `mix="domain-mixup"`; `synthetic_augment` (a spec like `cfg.augment`)
+    synthetic images when `mix="domain-mixup"`; `soft_targets` (N, classes; rows summing to 1)
+    stand in for of the labels' one-hot ones (a translated image's share of its source
+    class, `plan.translation_targets`), the prior of Balanced Softmax counting each image by
+    them; `synthetic_augment` (a spec like `cfg.augment`)
     augments the synthetic images in its place (AdaInf: generated images want weaker augmentation).
 
     With `cfg.ssl`, each step also trains on `ssl_mu` x `batch_size` images of `unlabeled`
@@ -435,8 +439,16 @@ def fit_classifier(
     weights = torch.ones(len(train)) if sample_weights is None else torch.as_tensor(sample_weights, dtype=torch.float32).cpu()
     if weights.shape != (len(train),):
         raise SynthaugError(f"sample_weights has {len(weights)} entries for {len(train)} images")
+    if soft_targets is not None:
+        soft_targets = torch.as_tensor(soft_targets, dtype=torch.float32).cpu()
+        if soft_targets.shape != (len(train), train.num_classes) or bool((soft_targets < 0).any()) \
+                or not torch.allclose(soft_targets.sum(1), torch.ones(len(train))):
+            raise SynthaugError(f"soft_targets must be ({len(train)}, {train.num_classes}) with non-negative rows "
+                                f"summing to 1, got {tuple(soft_targets.shape)}")
     # each class's share of the loss, the prior Balanced Softmax corrects for (the caller's weights, before any group's)
     mass = None if sample_weights is None else torch.zeros(train.num_classes).index_add(0, train.labels, weights)
+    if soft_targets is not None:
+        mass = weights @ soft_targets
     domains = torch.zeros(len(train), dtype=torch.int64) if domains is None else torch.as_tensor(domains, dtype=torch.int64)
     if domains.shape != (len(train),):
         raise SynthaugError(f"domains has {len(domains)} entries for {len(train)} images")
@@ -491,6 +503,8 @@ def fit_classifier(
     history, curve, start_epoch, spent = [], [], 0, 0.0
     # a checkpoint is resumed only by the same training (config, seed, data, weights, domains, pool)
     extras = [hashlib.sha256(t.cpu().numpy().tobytes()).hexdigest() for t in (weights, domains)]
+    if soft_targets is not None:
+        extras.append(hashlib.sha256(soft_targets.numpy().tobytes()).hexdigest())
     dtype = fast_dtype(cfg.precision, device)
     key = {**training_key(train, cfg, seed=seed), "extras": extras}
     if ssl:
@@ -563,7 +577,7 @@ def fit_classifier(
                 x, y, w, dom = images[send(idx, images.device)], train.labels[idx], weights[idx], domains[idx]
                 x = x if augment is None else augment(x, dom)
                 x, y, w = to_device(x), send(y, device), send(w, device)
-                targets = F.one_hot(y, train.num_classes).float()
+                targets = F.one_hot(y, train.num_classes).float() if soft_targets is None else send(soft_targets[idx], device)
                 if cfg.label_smoothing:
                     targets = targets * (1 - cfg.label_smoothing) + cfg.label_smoothing / train.num_classes
                 if cfg.mix == "domain-mixup" and torch.rand(()) < cfg.mix_prob:

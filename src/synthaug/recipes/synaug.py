@@ -18,7 +18,9 @@ of all the generated ones (same counts, same training; the share is then moot): 
 replay matches is "more steps on the tail", not the generator's. `replay_share` (default 0.5)
 fills that share of each cell with real images drawn again and the rest with generated ones,
 so generated images add to replay rather than replace it. `synthetic_augment` gives the added images their own
-augmentation (AdaInf: generated images want a weaker one than real images).
+augmentation (AdaInf: generated images want a weaker one than real images). `translate` makes that share of
+each cell's generated images by translating a real image of another class into the cell's class (Diff-Mix,
+`plan.translated_rows`), labelled strength^`translate_gamma` on the class and the rest on the source's.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from ..classify import evaluate, fit_classifier, refit_head
 from ..config import register_section
@@ -37,7 +40,7 @@ from ..data import concat
 from ..errors import SynthaugError
 from ..generate.cache import check_generator
 from ..generate.stage import generator_stage
-from ..plan import balance_plan, plan_cells
+from ..plan import balance_plan, plan_cells, translated_rows, translation_targets
 from ..select.metrics import diversity_ratio, memorization_ratio
 from ..select.stage import select_stage, stage_seconds
 from ..utils.paths import check_folder
@@ -49,9 +52,11 @@ from .registry import RecipeResult, classifier_inputs, register_recipe
 class SynaugSection:
     """SYNAuG: uniformize with generated images, domain mixup, head re-fit on real data."""
 
-    IMAGE_KEYS = ("target_per_class", "balance_groups")  # the options that change the generated images
-    ADDED: ClassVar[dict[str, object]] = {"replay_share": 0.0, "synthetic_augment": "same"}  # options added
-    # since, at their former values
+    IMAGE_KEYS = ("target_per_class", "balance_groups", "translate", "translate_strength")  # the options that
+    # change the generated images
+    ADDED: ClassVar[dict[str, object]] = {"replay_share": 0.0, "synthetic_augment": "same", "translate": 0.0,
+                                          "translate_strength": 0.7, "translate_gamma": 0.8}  # options added since,
+    # at their former values
 
     target_per_class: int | None = None  # images per class after filling (default: the largest class)
     balance_groups: bool = True  # with groups: fill every (class, group) cell
@@ -68,6 +73,9 @@ class SynaugSection:
     # (0.5: the all-generated fill's accuracy at half the generation; at equal optimiser steps Balanced Softmax ties or
     # beats it, BENCHMARKS.md)
     synthetic_augment: str = "same"  # the added images' augmentation: 'same' (train.augment's) or a spec like it
+    translate: float = 0.0  # the share of each cell's generated images translated from a real image of another class
+    translate_strength: float | list = 0.7  # their SDEdit strength: a number or [low, high] (Diff-Mix's long tail: 0.7)
+    translate_gamma: float = 0.8  # their target: strength^gamma on the class, the rest on the source's (0: the class alone)
 
     def __post_init__(self):
         from ..classify.train import check_augmentation, check_per_class
@@ -84,6 +92,13 @@ class SynaugSection:
         if self.target_per_class is not None and self.target_per_class < 1:
             raise SynthaugError("synaug.target_per_class must be >= 1 (or unset: the largest class)")
         check_folder(self.store_dir, "synaug.store_dir")
+        from ..plan import strength_range
+
+        if not 0 <= self.translate <= 1:
+            raise SynthaugError(f"synaug.translate must be in [0, 1] (0: no translation), got {self.translate}")
+        strength_range(self.translate_strength, "synaug.translate_strength")
+        if not 0 <= self.translate_gamma < float("inf"):
+            raise SynthaugError(f"synaug.translate_gamma must be a finite number >= 0, got {self.translate_gamma}")
 
 
 def check(task, config):
@@ -96,6 +111,9 @@ def check(task, config):
     if config.synaug.domain_mixup and config.train.group_method == "dro":
         raise SynthaugError("Group DRO weighs each image's own loss and synaug's domain mixup blends two images' "
                             "losses: set synaug.domain_mixup=false to train SYNAuG's images with Group DRO")
+    if config.synaug.translate and (config.synaug.replay or config.synaug.replay_share == 1):
+        raise SynthaugError("synaug.translate translates generated images and this run generates none: set "
+                            "synaug.replay=false and synaug.replay_share below 1, or synaug.translate=0")
     if not config.synaug.replay and config.synaug.replay_share < 1:
         check_generator(config.generator, task.train)
 
@@ -140,7 +158,10 @@ def synaug(task, config, *, workdir=None, progress=False, trained=None) -> Recip
     # 1. generator (trained on the real training split, or cached / given), plan, generate
     plan = balance_plan(real, target_per_class=opts.target_per_class, by_group=by_group, seed=config.generator.plan_seed)
     to_replay, to_generate = (plan, []) if opts.replay else split_replay(plan, opts.replay_share, real)
-    replayed, generated = replay(real, to_replay), None  # real images drawn again (the control, or the share)
+    if opts.translate:
+        to_generate = translated_rows(to_generate, real, share=opts.translate, strength=opts.translate_strength,
+                                      seed=config.generator.plan_seed)
+    replayed, generated, targets = replay(real, to_replay), None, None  # real images drawn again (the control, or the share)
     if opts.replay or not to_generate and to_replay:  # the control: the plan's counts filled with real images drawn again
         generator_info = {"source": "none: real replay"}
         synthetic_info = {"images": len(replayed), "generated_now": 0, "replay": True}
@@ -154,6 +175,12 @@ def synaug(task, config, *, workdir=None, progress=False, trained=None) -> Recip
         generated, synthetic_info = select_stage(to_generate, generator, config, store_dir, real, progress=progress)
         seconds.update(stage_seconds(synthetic_info))
         synthetic_info["replayed"] = len(replayed)
+        if opts.translate and len(generated):  # each generated image's target: its class, less a translation's source share
+            targets = translation_targets(generated.info["rows"], real, opts.translate_gamma)
+            translated = torch.tensor([r.get("source") is not None for r in generated.info["rows"]])
+            synthetic_info["translated"] = int(translated.sum())
+            on_class = targets[torch.arange(len(generated)), generated.labels][translated]
+            synthetic_info["translated_target"] = float(on_class.mean()) if len(on_class) else None
     added = [d for d in (replayed, generated) if d is not None and len(d)]
     added = concat(*added) if added else replayed  # every image trained on besides the real set, in the plan's counts
 
@@ -161,11 +188,14 @@ def synaug(task, config, *, workdir=None, progress=False, trained=None) -> Recip
     data = concat(real, added) if len(added) else real
     domains = torch.cat([torch.zeros(len(real)), torch.ones(len(added))]).long()
     weights = torch.cat([torch.ones(len(real)), torch.full((len(added),), opts.synthetic_weight)])
+    soft = None
+    if targets is not None:  # real and replayed images: their class alone
+        soft = torch.cat([F.one_hot(torch.cat([real.labels, replayed.labels]), real.num_classes).float(), targets])
     train_cfg = config.train
     if opts.domain_mixup:
         train_cfg = replace(train_cfg, mix="domain-mixup", mix_alpha=opts.mix_alpha, mix_prob=opts.mix_prob)
     result = fit_classifier(data, replace(train_cfg, refit_head=False), seed=config.seed, domains=domains,
-                            sample_weights=weights, checkpoint_dir=workdir / "checkpoint", progress=progress,
+                            sample_weights=weights, soft_targets=soft, checkpoint_dir=workdir / "checkpoint", progress=progress,
                             synthetic_augment=None if opts.synthetic_augment == "same" else opts.synthetic_augment,
                             **classifier_inputs(task, config))
     seconds["train"] = result.seconds
