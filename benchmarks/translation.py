@@ -1,0 +1,109 @@
+"""Diff-Mix's inter-class translation (`synaug.translate`), judged image by image: the longtail
+suite's translated stores on MNIST-5k-LT r50 (each SYNAuG row with `synaug.translate`, one store
+per generator seed and strength), read by a classifier trained on the full balanced training set
+(the oracle). For each store: the share of the translated images it reads as the class they were
+made for (the label they are trained on at weight strength^gamma), as the class of the real image
+they started from, or as another class, overall and on the tail (classes 8 and 9); and the same
+oracle on the replay share's plain generated images of the same generator, the images translation
+replaces.
+
+    python benchmarks/translation.py      # after the suite's translated rows ran; rows in results/translation.jsonl
+
+A store already judged (same folder and images) is skipped; the table is printed and spliced into
+BENCHMARKS.md (`translation` markers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+import torch
+from common import HERE, append_row, environment, read_rows, splice, trained_oracle
+
+from synthaug.classify.evaluate import predict_logits
+from synthaug.config import load_config
+from synthaug.data import load_dataset
+from synthaug.store import SyntheticStore
+from synthaug.task import make_task
+
+RESULTS = HERE / "results" / "translation.jsonl"
+SUITE = HERE / "results" / "bench" / "longtail"
+SETTING = ["data.dataset=mnist-5k", "split.kind=long-tail", "split.ratio=50", "train.epochs=30"]
+PREFIX = "MNIST-5k-LT_r50-synaug-"
+TAIL = (8, 9)
+
+
+def judge(oracle, store: Path, real, classes) -> dict | None:
+    """The oracle's reading of a store's generated rows: translated rows (with a source) if it
+    has any, else its plain rows."""
+    images = SyntheticStore(store, classes).load()
+    rows = images.info["rows"]
+    translated = torch.tensor([r.get("source") is not None for r in rows])
+    kind = "translated" if translated.any() else "plain"
+    keep = translated if translated.any() else torch.ones(len(rows), dtype=torch.bool)
+    labels = images.labels[keep]
+    read = predict_logits(oracle, images.images[keep]).argmax(1)
+    tail = torch.isin(labels, torch.tensor(TAIL))
+    row = {"store": store.name, "generator": rows[0].get("generator"), "kind": kind, "images": int(keep.sum()),
+           "class_read": float((read == labels).float().mean()),
+           "tail_class_read": float((read[tail] == labels[tail]).float().mean()) if tail.any() else None}
+    if kind == "translated":
+        picked = [r for r, k in zip(rows, keep.tolist()) if k]
+        sources = real.labels[[r["source"] for r in picked]]
+        strengths = sorted({r["strength"] for r in picked})
+        row.update(strength=strengths[0] if len(strengths) == 1 else strengths,
+                   source_read=float((read == sources).float().mean()),
+                   tail_source_read=float((read[tail] == sources[tail]).float().mean()) if tail.any() else None)
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["MNIST-5k-LT r50, the suite's stores: the generated images of the replay share's rows (plain) and of its "
+             "translated rows, read by the oracle; mean over the generator seeds (n).", "",
+             "| images | n | images per store | read as their class | tail: as their class | read as their source's class "
+             "| tail: as their source's |", "|---|---|---|---|---|---|---|"]
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault("plain" if r["kind"] == "plain" else f"translated at {r['strength']}", []).append(r)
+
+    def pct(key, mine):
+        values = [r[key] for r in mine if r.get(key) is not None]
+        return f"{100 * statistics.fmean(values):.1f}%" if values else "-"
+
+    for name, mine in sorted(groups.items()):
+        lines.append(f"| {name} | {len(mine)} | {mine[0]['images']} | {pct('class_read', mine)} | "
+                     f"{pct('tail_class_read', mine)} | {pct('source_read', mine)} | {pct('tail_source_read', mine)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--plain", nargs="*", default=["MNIST-5k-LT_r50-synaug-a5a87d6c37ef",
+                                                       "MNIST-5k-LT_r50-synaug-e035bd60f1b7"],
+                        help="the replay share's stores (plain generated images) to judge beside them")
+    args = parser.parse_args()
+    config = load_config(None, SETTING)
+    task = make_task(load_dataset(config.data.dataset), config.split)
+    done = {(r["store"], r["images"]) for r in read_rows(RESULTS)}
+    stores = [p for p in sorted((SUITE / "stores").glob(f"{PREFIX}*")) if (p / "train" / "metadata.jsonl").exists()]
+    oracle = None
+    for store in stores:
+        rows = SyntheticStore(store, task.train.classes).rows()
+        translated = any(r.get("source") is not None for r in rows)
+        if not translated and store.name not in args.plain or (store.name, len(rows)) in done:
+            continue
+        if oracle is None:
+            oracle = trained_oracle(task.oracle, config.train)
+        row = judge(oracle, store, task.train, task.train.classes)
+        append_row(RESULTS, {**row, **environment()})
+        print(f"{store.name}: {row['kind']} {row.get('strength', '')}, read as their class {100 * row['class_read']:.1f}%",
+              flush=True)
+    text = table(read_rows(RESULTS))
+    print(text)
+    splice(HERE.parent / "BENCHMARKS.md", "translation", text)
+
+
+if __name__ == "__main__":
+    main()
