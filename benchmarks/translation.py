@@ -35,21 +35,26 @@ PREFIX = "MNIST-5k-LT_r50-synaug-"
 TAIL = (8, 9)
 
 
-def judge(oracle, store: Path, real, classes) -> dict | None:
+def judge(oracle, store: Path, real, classes, selected: str | None = None) -> dict:
     """The oracle's reading of a store's generated rows: translated rows (with a source) if it
-    has any, else its plain rows."""
+    has any, else its plain rows; with `selected` (a selector's metadata column, `selected_<method>`),
+    only the rows that selector kept, as the last run that scored the store left them."""
     images = SyntheticStore(store, classes).load()
     rows = images.info["rows"]
     translated = torch.tensor([r.get("source") is not None for r in rows])
     kind = "translated" if translated.any() else "plain"
     keep = translated if translated.any() else torch.ones(len(rows), dtype=torch.bool)
+    kind += suffix(rows, selected)
+    if selected:
+        keep &= torch.tensor([bool((r.get("scores") or {}).get(selected)) for r in rows])
     labels = images.labels[keep]
     read = predict_logits(oracle, images.images[keep]).argmax(1)
     tail = torch.isin(labels, torch.tensor(TAIL))
     row = {"store": store.name, "generator": rows[0].get("generator"), "kind": kind, "images": int(keep.sum()),
+           "candidates": len(rows),
            "class_read": float((read == labels).float().mean()),
            "tail_class_read": float((read[tail] == labels[tail]).float().mean()) if tail.any() else None}
-    if kind == "translated":
+    if translated.any():
         picked = [r for r, k in zip(rows, keep.tolist()) if k]
         sources = real.labels[[r["source"] for r in picked]]
         strengths = sorted({r["strength"] for r in picked})
@@ -59,14 +64,22 @@ def judge(oracle, store: Path, real, classes) -> dict | None:
     return row
 
 
+def suffix(rows: list[dict], selected: str | None) -> str:
+    """What part of a store a row judges: where a selector scored it, every candidate or the kept ones."""
+    if selected:
+        return ", kept by the " + selected.removeprefix("selected_") + " filter"
+    return ", every candidate" if any(k.startswith("selected_") for r in rows for k in r.get("scores") or {}) else ""
+
+
 def table(rows: list[dict]) -> str:
     lines = ["MNIST-5k-LT r50, the suite's stores: the generated images of the replay share's rows (plain) and of its "
              "translated rows, read by the oracle; mean over the generator seeds (n).", "",
-             "| images | n | images per store | read as their class | tail: as their class | read as their source's class "
+             "| images | n | images judged per store | read as their class | tail: as their class | read as their source's class "
              "| tail: as their source's |", "|---|---|---|---|---|---|---|"]
     groups: dict[str, list[dict]] = {}
     for r in rows:
-        groups.setdefault("plain" if r["kind"] == "plain" else f"translated at {r['strength']}", []).append(r)
+        name = r["kind"] if r["kind"] == "plain" else f"translated at {r['strength']}" + r["kind"].removeprefix("translated")
+        groups.setdefault(name, []).append(r)
 
     def pct(key, mine):
         values = [r[key] for r in mine if r.get(key) is not None]
@@ -86,20 +99,24 @@ def main():
     args = parser.parse_args()
     config = load_config(None, SETTING)
     task = make_task(load_dataset(config.data.dataset), config.split)
-    done = {(r["store"], r["images"]) for r in read_rows(RESULTS)}
+    done = {(r["store"], r.get("candidates", r["images"]), r["kind"]) for r in read_rows(RESULTS)}
     stores = [p for p in sorted((SUITE / "stores").glob(f"{PREFIX}*")) if (p / "train" / "metadata.jsonl").exists()]
     oracle = None
     for store in stores:
         rows = SyntheticStore(store, task.train.classes).rows()
         translated = any(r.get("source") is not None for r in rows)
-        if not translated and store.name not in args.plain or (store.name, len(rows)) in done:
+        if not translated and store.name not in args.plain:
             continue
-        if oracle is None:
-            oracle = trained_oracle(task.oracle, config.train)
-        row = judge(oracle, store, task.train, task.train.classes)
-        append_row(RESULTS, {**row, **environment()})
-        print(f"{store.name}: {row['kind']} {row.get('strength', '')}, read as their class {100 * row['class_read']:.1f}%",
-              flush=True)
+        for selected in [None, *sorted({k for r in rows for k in r.get("scores") or {} if k.startswith("selected_")})]:
+            kind = ("translated" if translated else "plain") + suffix(rows, selected)
+            if (store.name, len(rows), kind) in done:
+                continue
+            if oracle is None:
+                oracle = trained_oracle(task.oracle, config.train)
+            row = judge(oracle, store, task.train, task.train.classes, selected)
+            append_row(RESULTS, {**row, **environment()})
+            print(f"{store.name}: {row['kind']} {row.get('strength', '')}, read as their class "
+                  f"{100 * row['class_read']:.1f}%", flush=True)
     text = table(read_rows(RESULTS))
     print(text)
     splice(HERE.parent / "BENCHMARKS.md", "translation", text)
