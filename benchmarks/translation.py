@@ -10,7 +10,10 @@ replaces.
     python benchmarks/translation.py      # after the suite's translated rows ran; rows in results/translation.jsonl
 
 A store already judged (same folder and images) is skipped; the table is printed and spliced into
-BENCHMARKS.md (`translation` markers).
+BENCHMARKS.md (`translation` markers). Then the test confusions of the tail (8's and 9's recall, and how
+many test images of the other classes each reads as 8 or 9) of the classifiers that the suite's cells kept,
+translated at 0.9 against the boundary push 0.5 on the replay share's images (its own classifiers are gone),
+rows in results/translation_confusions.jsonl.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from synthaug.store import SyntheticStore
 from synthaug.task import make_task
 
 RESULTS = HERE / "results" / "translation.jsonl"
+CONFUSIONS = HERE / "results" / "translation_confusions.jsonl"
+COMPARED = ["synaug, replay share 0.5, boundary push 0.5", "synaug, replay share 0.5, translated 0.9"]
 SUITE = HERE / "results" / "bench" / "longtail"
 SETTING = ["data.dataset=mnist-5k", "split.kind=long-tail", "split.ratio=50", "train.epochs=30"]
 PREFIX = "MNIST-5k-LT_r50-synaug-"
@@ -43,7 +48,7 @@ def judge(oracle, store: Path, real, classes, selected: str | None = None) -> di
     rows = images.info["rows"]
     translated = torch.tensor([r.get("source") is not None for r in rows])
     kind = "translated" if translated.any() else "plain"
-    keep = translated if translated.any() else torch.ones(len(rows), dtype=torch.bool)
+    keep = translated.clone() if translated.any() else torch.ones(len(rows), dtype=torch.bool)
     kind += suffix(rows, selected)
     if selected:
         keep &= torch.tensor([bool((r.get("scores") or {}).get(selected)) for r in rows])
@@ -54,7 +59,7 @@ def judge(oracle, store: Path, real, classes, selected: str | None = None) -> di
            "candidates": len(rows),
            "class_read": float((read == labels).float().mean()),
            "tail_class_read": float((read[tail] == labels[tail]).float().mean()) if tail.any() else None}
-    if translated.any():
+    if translated.any() and keep.any():
         picked = [r for r, k in zip(rows, keep.tolist()) if k]
         sources = real.labels[[r["source"] for r in picked]]
         strengths = sorted({r["strength"] for r in picked})
@@ -71,10 +76,32 @@ def suffix(rows: list[dict], selected: str | None) -> str:
     return ", every candidate" if any(k.startswith("selected_") for r in rows for k in r.get("scores") or {}) else ""
 
 
+def confusions(recipe: str, test) -> dict | None:
+    """The mean test confusion (per 100 test images of a class) of a recipe's MNIST-5k-LT classifiers
+    that are still in their cells, summed up for the tail."""
+    from synthaug.classify.models import Classifier
+
+    made, cells = torch.zeros(10, 10), 0
+    for r in read_rows(SUITE / "results.jsonl"):
+        folder = SUITE / str(r.get("run")) / "classifier"
+        if r["recipe"] == recipe and r["setting"] == "MNIST-5k-LT r50" and (folder / "model.safetensors").exists():
+            read = predict_logits(Classifier.from_pretrained(folder).eval(), test.images).argmax(1)
+            made += torch.bincount(test.labels * 10 + read, minlength=100).reshape(10, 10).float()
+            cells += 1
+    if not cells:
+        return None
+    made = 100 * made / cells / test.class_counts().float()[:, None]
+    return {"recipe": recipe, "cells": cells,
+            "recall": {c: round(float(made[c, c]), 2) for c in TAIL},
+            "misread_as": {c: {j: round(float(made[c, j]), 2) for j in range(10) if j != c and made[c, j] > 0}
+                           for c in TAIL},
+            "others_read_as": {c: round(float(made[:, c].sum() - made[c, c]) / 9, 2) for c in TAIL}}
+
+
 def table(rows: list[dict]) -> str:
     lines = ["MNIST-5k-LT r50, the suite's stores: the generated images of the replay share's rows (plain) and of its "
              "translated rows, read by the oracle; mean over the generator seeds (n).", "",
-             "| images | n | images judged per store | read as their class | tail: as their class | read as their source's class "
+             "| images | n | images judged per store (mean) | read as their class | tail: as their class | read as their source's class "
              "| tail: as their source's |", "|---|---|---|---|---|---|---|"]
     groups: dict[str, list[dict]] = {}
     for r in rows:
@@ -86,7 +113,7 @@ def table(rows: list[dict]) -> str:
         return f"{100 * statistics.fmean(values):.1f}%" if values else "-"
 
     for name, mine in sorted(groups.items()):
-        lines.append(f"| {name} | {len(mine)} | {mine[0]['images']} | {pct('class_read', mine)} | "
+        lines.append(f"| {name} | {len(mine)} | {statistics.fmean(r['images'] for r in mine):.0f} | {pct('class_read', mine)} | "
                      f"{pct('tail_class_read', mine)} | {pct('source_read', mine)} | {pct('tail_source_read', mine)} |")
     return "\n".join(lines) + "\n"
 
@@ -120,6 +147,14 @@ def main():
     text = table(read_rows(RESULTS))
     print(text)
     splice(HERE.parent / "BENCHMARKS.md", "translation", text)
+    if not read_rows(CONFUSIONS):
+        for recipe in COMPARED:
+            row = confusions(recipe, task.test)
+            if row is not None:
+                append_row(CONFUSIONS, {**row, **environment()})
+    for row in read_rows(CONFUSIONS):
+        print(f"{row['recipe']} ({row['cells']} classifiers): tail recall {row['recall']}, other classes' test "
+              f"images read as each tail class per 100 of a class {row['others_read_as']}")
 
 
 if __name__ == "__main__":

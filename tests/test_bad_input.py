@@ -230,6 +230,8 @@ CASES = [
     ("translate-share", None, ["run", *FAST, "-s", "synaug.translate=2"], "synaug.translate must be in [0, 1]"),
     ("translate-strength", None, ["run", *FAST, "-s", "synaug.translate=1", "-s", "synaug.translate_strength=0"],
      "synaug.translate_strength must be in (0, 1]"),
+    ("translate-source-leads", None, ["run", *FAST, "-s", "synaug.translate_strength=0.3"],
+     "synaug.translate_strength 0.3 gives its class 0.38 of the target"),
     ("translate-gamma", None, ["run", *FAST, "-s", "synaug.translate_gamma=-1"], "synaug.translate_gamma must be"),
     ("translate-without-generation", None, ["run", *FAST, "-s", "recipe=synaug", "-s", "synaug.translate=1", "-s",
                                             "synaug.replay=true"],

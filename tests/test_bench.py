@@ -236,6 +236,13 @@ def test_the_leaderboard_says_when_rows_ran_in_another_arithmetic():
     head = leaderboard_markdown(None, rows).split("**s**: ")[1].splitlines()[0]
     assert "on CPU, CPU (float32) (costs mix the devices)" in head
     assert "on CPU;" in leaderboard_markdown(None, rows[:2])
+    # a row that pins its arithmetic is named by it, whatever auto would have chosen on its device
+    pinned = [dict(r, auto_precision="bfloat16", settings={"train.precision": "float32"}) for r in rows[:2]]
+    auto = [dict(r, auto_precision="bfloat16", settings={"train.precision": "auto"}) for r in rows[2:]]
+    head = leaderboard_markdown(None, pinned + auto).split("**s**: ")[1].splitlines()[0]
+    assert "on CPU (bfloat16), CPU (float32) (costs mix the devices)" in head
+    made = [dict(r, settings={"train.precision": "float32", "generator.precision": "auto"}) for r in auto]
+    assert "on CPU (float32), CPU (float32, generator bfloat16)" in leaderboard_markdown(None, pinned + made)
 
 
 def test_the_leaderboard_interval_and_verdict_on_a_known_paired_difference():
@@ -412,3 +419,20 @@ def test_a_selection_of_the_plan_itself_shares_the_unselected_store(tmp_path):
     cells = [c for c in load_suite(str(_suite(tmp_path, text))).cells_ if c.seed == 0 and c.recipe != "ce"]
     stores = {c.recipe: with_locations(c, tmp_path).synaug.store_dir for c in cells}
     assert stores["filtered"] == stores["synaug"] != stores["overgenerated"]
+
+
+def test_an_option_added_since_keeps_the_stores_of_rows_that_leave_it_at_its_former_value(tmp_path):
+    """SYNAuG's translation changes the images, so it names another store; left at its former
+    value (off, strength 0.7) the store is the one cells measured before it existed, and a
+    training-only option (the targets' gamma) shares the translated store."""
+    from synthaug.bench.suite import with_locations
+
+    text = TWO_BASELINES.replace("  balanced-softmax: [recipe=balanced-softmax]\n", (
+        "  synaug: [recipe=synaug]\n  untranslated: [recipe=synaug, synaug.translate=0, synaug.translate_strength=0.7]\n"
+        "  translated: [recipe=synaug, synaug.translate=1]\n"
+        "  hard: [recipe=synaug, synaug.translate=1, synaug.translate_gamma=0]\n"
+        "  further: [recipe=synaug, synaug.translate=1, synaug.translate_strength=0.9]\n"))
+    cells = [c for c in load_suite(str(_suite(tmp_path, text))).cells_ if c.seed == 0 and c.recipe != "ce"]
+    stores = {c.recipe: with_locations(c, tmp_path).synaug.store_dir.rsplit("-", 1)[1] for c in cells}
+    assert stores["synaug"] == stores["untranslated"] == "dec4e34ca5a7"  # the key before translation existed (8bce2d9)
+    assert stores["translated"] == stores["hard"] not in (stores["synaug"], stores["further"])

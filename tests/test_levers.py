@@ -7,6 +7,7 @@ half-life); the report's baselines at the recipe's optimiser steps; the weighted
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -649,25 +650,29 @@ def test_soft_targets_train_as_their_labels_when_one_hot_and_set_the_balanced_so
     assert all(torch.equal(plain[k], same[k]) for k in plain)
     priors = []
     real_prior = train_module.presented_prior
-    monkeypatch.setattr(train_module, "presented_prior", lambda kind, counts, mass=None: priors.append(mass)
-                        or real_prior(kind, counts, mass))
+    monkeypatch.setattr(train_module, "presented_prior", lambda kind, counts, mass=None: priors.append(
+        real_prior(kind, counts, mass)) or priors[-1])
     soft = one_hot.clone()
     soft[:6] = torch.tensor([0.5, 0.5, 0.0])  # half of six class-0 images counted to class 1
     fit_classifier(ds, cfg, seed=0, soft_targets=soft)
-    assert torch.allclose(priors[-1], torch.tensor([9.0, 9.0, 3.0]))
+    assert torch.allclose(priors[-1], torch.tensor([9.0, 9.0, 3.0]) / 21)
+    # class-balanced draws: each image drawn as its label's class (1/12, 1/6, 1/3), counted by its target
+    fit_classifier(ds, replace(cfg, sampler="class-balanced"), seed=0, soft_targets=soft)
+    assert torch.allclose(priors[-1], torch.tensor([0.75, 1.25, 1.0]) / 3)
     ce = TrainConfig(epochs=1, batch_size=8, augment="none")  # no prior: the targets alone move the weights
     hard = fit_classifier(ds, ce, seed=0).model.state_dict()
     moved = fit_classifier(ds, ce, seed=0, soft_targets=soft).model.state_dict()
     assert not all(torch.equal(hard[k], moved[k]) for k in hard)
     with pytest.raises(SynthaugError, match="soft_targets must be"):
         fit_classifier(ds, cfg, soft_targets=one_hot[:, :2])
-    with pytest.raises(SynthaugError, match="soft_targets must be"):
+    with pytest.raises(SynthaugError, match="soft_targets must have non-negative rows that sum to 1"):
         fit_classifier(ds, cfg, soft_targets=one_hot * 2)
 
 
 def test_a_run_translates_its_generated_share_and_trains_on_soft_targets(data, tmp_path, monkeypatch):
-    """The generated half of each cell starts from other classes' real images (in the store),
-    and the trainer gets 0.7^0.8 of each on its class, the rest on its source's class."""
+    """Half of each cell's generated images start from other classes' real images (in the store);
+    after a selector has kept part of the candidates, the trainer gets 0.7^0.8 of each translated
+    image on its class and the rest on its source's class, and the plain ones their class alone."""
     from synthaug.store import SyntheticStore
 
     seen = {}
@@ -680,19 +685,23 @@ def test_a_run_translates_its_generated_share_and_trains_on_soft_targets(data, t
     monkeypatch.setattr(synaug_module, "fit_classifier", spy)
     store_dir = tmp_path / "store"
     tiny = ["generator.preset=tiny", "generator.steps=4", "generator.batch_size=8", "generator.sampling_steps=3"]
-    config = load_config(None, [*FAST, *tiny, "synaug.replay_share=0.5", "synaug.translate=1", "synaug.translate_strength=0.7",
-                                f"synaug.store_dir={store_dir}", f"output_dir={tmp_path}"])
+    config = load_config(None, [*FAST, *tiny, "synaug.replay_share=0.5", "synaug.translate=0.5", "synaug.translate_strength=0.7",
+                                "select.method=confidence", f"synaug.store_dir={store_dir}", f"output_dir={tmp_path}"])
     task = make_task(data, config.split)
     result = get_recipe("synaug").run(task, config, workdir=tmp_path / "run")
-    rows = SyntheticStore(store_dir, task.train.classes).rows()
-    generated = result.synthetic
-    assert len(rows) == len(generated) > 0 and all(r["kind"] == "guided" and r["strength"] == 0.7 for r in rows)
-    sources = task.train.labels[[r["source"] for r in generated.info["rows"]]]
-    assert not (sources == generated.labels).any()
+    stored = SyntheticStore(store_dir, task.train.classes).rows()
+    assert {r["kind"] for r in stored} == {"guided", "plain"} and len(stored) == 2 * len(result.synthetic)  # candidates
+    generated, rows = result.synthetic, result.synthetic.info["rows"]
+    translated = torch.tensor([r.get("source") is not None for r in rows])
+    assert 0 < int(translated.sum()) < len(rows) and all(r["strength"] == 0.7 for r, t in zip(rows, translated) if t)
+    sources = task.train.labels[[r["source"] for r, t in zip(rows, translated) if t]]
+    assert not (sources == generated.labels[translated]).any()
     soft, n_real = seen["soft_targets"], len(task.train) + len(result.replayed)
     assert torch.equal(soft[:n_real], torch.nn.functional.one_hot(seen["labels"][:n_real], 3).float())
-    at = torch.arange(len(generated))
-    assert torch.allclose(soft[n_real:][at, generated.labels], torch.tensor(0.7 ** 0.8))
-    assert torch.allclose(soft[n_real:][at, sources], torch.tensor(1 - 0.7 ** 0.8))
+    made = soft[n_real:]
+    at = torch.arange(len(generated))[translated]
+    assert torch.allclose(made[at, generated.labels[translated]], torch.tensor(0.7 ** 0.8))
+    assert torch.allclose(made[at, sources], torch.tensor(1 - 0.7 ** 0.8))
+    assert torch.equal(made[~translated], torch.nn.functional.one_hot(generated.labels[~translated], 3).float())
     info = result.extra["synthetic"]
-    assert info["translated"] == len(generated) and info["translated_target"] == pytest.approx(0.7 ** 0.8)
+    assert info["translated"] == int(translated.sum()) and info["translated_target"] == pytest.approx(0.7 ** 0.8)

@@ -111,13 +111,28 @@ def setting_summary(rows: list[dict], setting) -> dict:
             "verdicts": verdicts, "tied": tied, "costs": costs(rows), "tiebreak": second}
 
 
+def precision_of(row: dict) -> str | None:
+    """The arithmetic a row's classifier trained in, where the row says (its pinned `train.precision`,
+    else the `auto_precision` its device chose), and its generator's where that differs."""
+    settings = row.get("settings") or {}
+
+    def used(key):
+        pinned = settings.get(key)
+        return pinned if pinned not in (None, "auto") else row.get("auto_precision")
+
+    train = used("train.precision")
+    generator = used("generator.precision") if row.get("images_generated") else None
+    return f"{train}, generator {generator}" if generator and train and generator != train else train
+
+
 def markdown_setting(name: str, rows: list[dict], summary: dict, columns: list[str]) -> str:
     metric = summary["metric"]
     columns = [metric, *[c for c in columns if c != metric and any(r["metrics"].get(c) is not None for r in rows)]]
     seeds = sorted({r["seed"] for r in rows})
     gseeds = sorted({r["generator_seed"] for r in rows if r["generator_seed"] is not None})
-    # the device, and where recorded what `precision: auto` computed on it (a CPU without native bfloat16: float32)
-    devices = sorted({r.get("device", "CPU") + (f" ({r['auto_precision']})" if r.get("auto_precision") else "")
+    # the device, and where recorded the classifier's arithmetic: train.precision where the row pins it, else what
+    # `precision: auto` computed on that device (a CPU without native bfloat16: float32)
+    devices = sorted({r.get("device", "CPU") + (f" ({arithmetic})" if (arithmetic := precision_of(r)) else "")
                       for r in rows})
     devices = ", ".join(devices) + (" (costs mix the devices)" if len(devices) > 1 else "")
     commits = ", ".join(sorted({str(r.get("commit")) for r in rows}))

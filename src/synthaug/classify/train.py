@@ -410,9 +410,9 @@ def fit_classifier(
 
     `sample_weights` scale each image's loss; `domains` (0 real, 1 synthetic) pair real with
     synthetic images when `mix="domain-mixup"`; `soft_targets` (N, classes; rows summing to 1)
-    stand in for of the labels' one-hot ones (a translated image's share of its source
-    class, `plan.translation_targets`), the prior of Balanced Softmax counting each image by
-    them; `synthetic_augment` (a spec like `cfg.augment`)
+    stand in for the labels' one-hot ones (a translated image's share of its source class,
+    `plan.translation_targets`): Balanced Softmax's prior counts each image by them (the
+    sampler draws it by its label, and DRW's class weights use the labels); `synthetic_augment` (a spec like `cfg.augment`)
     augments the synthetic images in its place (AdaInf: generated images want weaker augmentation).
 
     With `cfg.ssl`, each step also trains on `ssl_mu` x `batch_size` images of `unlabeled`
@@ -441,14 +441,15 @@ def fit_classifier(
         raise SynthaugError(f"sample_weights has {len(weights)} entries for {len(train)} images")
     if soft_targets is not None:
         soft_targets = torch.as_tensor(soft_targets, dtype=torch.float32).cpu()
-        if soft_targets.shape != (len(train), train.num_classes) or bool((soft_targets < 0).any()) \
-                or not torch.allclose(soft_targets.sum(1), torch.ones(len(train))):
-            raise SynthaugError(f"soft_targets must be ({len(train)}, {train.num_classes}) with non-negative rows "
-                                f"summing to 1, got {tuple(soft_targets.shape)}")
+        if soft_targets.shape != (len(train), train.num_classes):
+            raise SynthaugError(f"soft_targets must be ({len(train)}, {train.num_classes}), got {tuple(soft_targets.shape)}")
+        if bool((soft_targets < 0).any()) or not torch.allclose(soft_targets.sum(1), torch.ones(len(train))):
+            raise SynthaugError("soft_targets must have non-negative rows that sum to 1")
     # each class's share of the loss, the prior Balanced Softmax corrects for (the caller's weights, before any group's)
     mass = None if sample_weights is None else torch.zeros(train.num_classes).index_add(0, train.labels, weights)
-    if soft_targets is not None:
-        mass = weights @ soft_targets
+    if soft_targets is not None:  # an image counts to each class by its target, and is drawn as its label's class
+        draw = class_weights(cfg.sampler, train.class_counts())
+        mass = (weights * draw[train.labels]) @ soft_targets / draw
     domains = torch.zeros(len(train), dtype=torch.int64) if domains is None else torch.as_tensor(domains, dtype=torch.int64)
     if domains.shape != (len(train),):
         raise SynthaugError(f"domains has {len(domains)} entries for {len(train)} images")

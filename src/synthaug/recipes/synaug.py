@@ -96,9 +96,13 @@ class SynaugSection:
 
         if not 0 <= self.translate <= 1:
             raise SynthaugError(f"synaug.translate must be in [0, 1] (0: no translation), got {self.translate}")
-        strength_range(self.translate_strength, "synaug.translate_strength")
+        low, _ = strength_range(self.translate_strength, "synaug.translate_strength")
         if not 0 <= self.translate_gamma < float("inf"):
             raise SynthaugError(f"synaug.translate_gamma must be a finite number >= 0, got {self.translate_gamma}")
+        if low ** self.translate_gamma <= 0.5:  # the image is sampled and counted as its class: that must lead its target
+            raise SynthaugError(f"synaug.translate_strength {low} gives its class {low ** self.translate_gamma:.2f} of the "
+                                "target at synaug.translate_gamma "
+                                f"{self.translate_gamma}: raise the strength or lower the gamma (above 0.5 on the class)")
 
 
 def check(task, config):
