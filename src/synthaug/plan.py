@@ -109,7 +109,7 @@ def translated_rows(rows: list[dict], data: ImageDataset, *, share: float, stren
             s = row_seed(seed, row_id)
             out[position[row["id"]]] = {
                 **row, "id": row_id, "seed": s, "kind": "guided", "conditioning": "image", "source": source,
-                "strength": low if low == high else round(low + (high - low) * ((s % 10_007) / 10_006), 4)}
+                "strength": drawn_strength(low, high, s)}
     return out
 
 
@@ -168,6 +168,11 @@ def strength_range(strength, key: str = "strength") -> tuple[float, float]:
     return float(low), float(high)
 
 
+def drawn_strength(low: float, high: float, seed: int) -> float:
+    """A row's strength in [low, high], from its seed (low when the range is one number)."""
+    return low if low == high else round(low + (high - low) * ((seed % 10_007) / 10_006), 4)
+
+
 def targeted_plan(data: ImageDataset, mask: torch.Tensor, *, variants: int, strength=0.5,
                   seed: int = 0, recipe: str = "tada") -> list[dict]:
     """`variants` image-guided rows per selected training example (`source` = its index in
@@ -184,7 +189,7 @@ def targeted_plan(data: ImageDataset, mask: torch.Tensor, *, variants: int, stre
             rows.append({
                 "id": row_id, "label": int(data.labels[i]), "group": None if data.groups is None else int(data.groups[i]),
                 "seed": s, "recipe": recipe, "kind": "guided", "conditioning": "image", "source": i,
-                "strength": low if low == high else round(low + (high - low) * ((s % 10_007) / 10_006), 4),
+                "strength": drawn_strength(low, high, s),
             })
     return rows
 
