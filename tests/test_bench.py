@@ -424,15 +424,18 @@ def test_a_selection_of_the_plan_itself_shares_the_unselected_store(tmp_path):
 def test_an_option_added_since_keeps_the_stores_of_rows_that_leave_it_at_its_former_value(tmp_path):
     """SYNAuG's translation changes the images, so it names another store; left at its former
     value (off, strength 0.7) the store is the one cells measured before it existed, and a
-    training-only option (the targets' gamma) shares the translated store."""
+    training-only option (the targets' gamma) shares the translated store, as a strength with nothing
+    translated shares the plain one."""
     from synthaug.bench.suite import with_locations
 
     text = TWO_BASELINES.replace("  balanced-softmax: [recipe=balanced-softmax]\n", (
         "  synaug: [recipe=synaug]\n  untranslated: [recipe=synaug, synaug.translate=0, synaug.translate_strength=0.7]\n"
         "  translated: [recipe=synaug, synaug.translate=1]\n"
         "  hard: [recipe=synaug, synaug.translate=1, synaug.translate_gamma=0]\n"
-        "  further: [recipe=synaug, synaug.translate=1, synaug.translate_strength=0.9]\n"))
+        "  further: [recipe=synaug, synaug.translate=1, synaug.translate_strength=0.9]\n"
+        "  inert: [recipe=synaug, synaug.translate=0, synaug.translate_strength=0.9]\n"))
     cells = [c for c in load_suite(str(_suite(tmp_path, text))).cells_ if c.seed == 0 and c.recipe != "ce"]
     stores = {c.recipe: with_locations(c, tmp_path).synaug.store_dir.rsplit("-", 1)[1] for c in cells}
-    assert stores["synaug"] == stores["untranslated"] == "dec4e34ca5a7"  # the key before translation existed (8bce2d9)
+    # the key before translation existed (8bce2d9); a strength with nothing translated changes no image
+    assert stores["synaug"] == stores["untranslated"] == stores["inert"] == "dec4e34ca5a7"
     assert stores["translated"] == stores["hard"] not in (stores["synaug"], stores["further"])

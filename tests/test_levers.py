@@ -669,6 +669,26 @@ def test_soft_targets_train_as_their_labels_when_one_hot_and_set_the_balanced_so
         fit_classifier(ds, cfg, soft_targets=one_hot * 2)
 
 
+def test_a_checkpoint_resumes_only_under_the_soft_targets_it_trained_on(tmp_path, monkeypatch):
+    import synthaug.classify.train as train_module
+
+    ds = make_dataset((12, 6, 3))
+    cfg = TrainConfig(epochs=2, batch_size=8, augment="none", loss="balanced-softmax")
+    soft = torch.nn.functional.one_hot(ds.labels, 3).float()
+    soft[:6] = torch.tensor([0.5, 0.5, 0.0])
+    other = soft.clone()
+    other[:6] = torch.tensor([0.75, 0.25, 0.0])
+    restored = []
+    restore = train_module.Checkpoint.restore
+    monkeypatch.setattr(train_module.Checkpoint, "restore",
+                        lambda self, *a, **k: restored.append(restore(self, *a, **k)) or restored[-1])
+    for targets in (soft, other, None, soft):  # each run stops after its first epoch, leaving its checkpoint
+        fit_classifier(ds, cfg, seed=0, soft_targets=targets, checkpoint_dir=tmp_path / "ck", stop_after_epochs=1)
+    assert [r is None for r in restored] == [True, True, True, True]
+    fit_classifier(ds, cfg, seed=0, soft_targets=soft, checkpoint_dir=tmp_path / "ck")
+    assert restored[-1] is not None and restored[-1]["epoch"] == 1  # the same targets resume
+
+
 def test_a_run_translates_its_generated_share_and_trains_on_soft_targets(data, tmp_path, monkeypatch):
     """Half of each cell's generated images start from other classes' real images (in the store);
     after a selector has kept part of the candidates, the trainer gets 0.7^0.8 of each translated

@@ -346,9 +346,11 @@ def with_locations(cell: Cell, out: Path) -> RunConfig:
         # overgenerate 1 the candidates are the plan's own rows, the unselected store's images
         factor = d["select"]["overgenerate"]
         images["candidates"] = factor if d["select"]["method"] != "none" and factor != 1 else None
-        keys = getattr(type(getattr(config, section)), "IMAGE_KEYS", None)  # the options that change the images
+        settings = getattr(config, section)
+        keys = getattr(settings, "image_keys", None)  # the options that change the images, at these settings
+        keys = keys() if callable(keys) else getattr(settings, "IMAGE_KEYS", None)
         images[section] = drop_former({k: v for k, v in images[section].items()
-                                       if k != "store_dir" and (keys is None or k in keys)}, type(getattr(config, section)))
+                                       if k != "store_dir" and (keys is None or k in keys)}, type(settings))
         key = hashlib.sha256(json.dumps(images, sort_keys=True, default=str).encode()).hexdigest()[:12]
         store = replace(getattr(config, section), store_dir=str(out / "stores" / f"{_slug(cell.stores or cell.setting)}-{section}-{key}"))
         config = replace(config, sections={**config.sections, section: store})

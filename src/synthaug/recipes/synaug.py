@@ -77,6 +77,10 @@ class SynaugSection:
     translate_strength: float | list = 0.7  # their SDEdit strength: a number or [low, high] (Diff-Mix's long tail: 0.7)
     translate_gamma: float = 0.8  # their target: strength^gamma on the class, the rest on the source's (0: the class alone)
 
+    def image_keys(self) -> tuple[str, ...]:
+        """`IMAGE_KEYS` less the ones these settings leave inert (a strength with nothing translated)."""
+        return tuple(k for k in self.IMAGE_KEYS if self.translate or k != "translate_strength")
+
     def __post_init__(self):
         from ..classify.train import check_augmentation, check_per_class
 
