@@ -243,6 +243,7 @@ CASES = [
     ("utilgen-on-ray", None, ["run", *FAST, "-s", "recipe=utilgen", "-s", "split.val_per_class=3", "-s",
                               "executor.name=ray"], "leave executor.name=local"),
     ("unknown-baseline", None, ["run", *FAST, "-s", "report.baselines=[ce,magic]"], "unknown recipe 'magic'"),
+    ("fill-out-of-range", None, ["run", *FAST, "-s", "recipe=synaug", "-s", "synaug.fill=0"], "synaug.fill must be in (0, 1]"),
     ("target-below-largest", None, ["run", *FAST, "-s", "recipe=synaug", "-s", "synaug.target_per_class=3"],
      "below the largest class"),
     ("generator-path-missing", None, ["run", *FAST, "-s", "recipe=synaug", "-s", "generator.path=./nope"], "has no"),

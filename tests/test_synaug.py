@@ -42,6 +42,20 @@ def test_balance_plan():
         balance_plan(ds, by_group=True)
 
 
+def test_a_partial_fill_fills_its_share_of_the_imbalance_in_log_space_with_the_full_fill_s_first_rows():
+    ds = make_dataset((400, 100, 4))
+    full = balance_plan(ds, seed=3)
+    half = balance_plan(ds, seed=3, fill=0.5)
+    assert [sum(r["label"] == c for r in half) for c in range(3)] == [0, 200 - 100, 40 - 4]  # sqrt(400 n)
+    assert half == [r for r in full if int(r["id"].split("-")[-1]) < {0: 0, 1: 100, 2: 36}[r["label"]]]
+    assert balance_plan(ds, seed=3, fill=1.0) == full
+    assert [sum(r["label"] == c for r in balance_plan(ds, target_per_class=900, fill=0.5)) for c in range(3)] == [
+        600 - 400, 300 - 100, 60 - 4]
+    for bad in (0, 1.5):
+        with pytest.raises(SynthaugError, match="synaug.fill must be in"):
+            balance_plan(ds, fill=bad)
+
+
 def test_balance_plan_by_group():
     ds = colored(make_dataset((20, 20, 20)), agreement=0.8, seed=0)
     plan = balance_plan(ds, by_group=True)
@@ -79,6 +93,12 @@ def test_ablations(data, tmp_path, flags):
     config = load_config(None, [*FAST, f"output_dir={tmp_path}", *flags])
     result = get_recipe("synaug").run(make_task(data, config.split), config, workdir=tmp_path / "run")
     assert ("refit_head" in result.seconds) == config.synaug.refit_head
+
+
+def test_a_partial_fill_reaches_the_run(data, tmp_path):
+    config = load_config(None, [*FAST, f"output_dir={tmp_path}", "synaug.fill=0.5", "train.loss=balanced-softmax"])
+    syn = get_recipe("synaug").run(make_task(data, config.split), config, workdir=tmp_path / "run").extra["synthetic"]
+    assert syn["counts_after"] == [32, 19, 11] and syn["images"] == 19 - 11 + 11 - 4  # sqrt(32 n), rounded
 
 
 def test_groups_are_balanced_and_reported(data, tmp_path):

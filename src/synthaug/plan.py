@@ -50,10 +50,13 @@ def plan_cells(plan: list[dict]) -> dict[tuple, list[dict]]:
 
 
 def balance_plan(data: ImageDataset, *, target_per_class: int | None = None, by_group: bool = False,
-                 seed: int = 0, recipe: str = "synaug") -> list[dict]:
+                 seed: int = 0, recipe: str = "synaug", fill: float = 1.0) -> list[dict]:
     """SYNAuG's uniformizing plan: for every class (or every (class, group) cell with
     `by_group`) below the target, rows for the missing images. The target defaults to the
-    largest class (cell)."""
+    largest class (cell). `fill` < 1 fills that share of the imbalance in log space: a cell
+    of n images goes up to target^fill x n^(1 - fill) (0.5: the geometric mean of n and the
+    target, so 50:1 becomes about 7:1; an empty cell counts as one image), for a loss that
+    corrects the rest (Balanced Softmax). Its rows are the first rows of the full fill's."""
     counts = data.class_counts()
     if by_group:
         if data.groups is None or not data.group_names:
@@ -72,9 +75,12 @@ def balance_plan(data: ImageDataset, *, target_per_class: int | None = None, by_
     if target < largest and target_per_class is not None:
         raise SynthaugError(f"synaug.target_per_class={target_per_class} is below the largest class ({largest} per cell): "
                             "raise it or leave it unset (uniformize to the largest class)")
+    if not 0 < fill <= 1:
+        raise SynthaugError(f"synaug.fill must be in (0, 1] (1: every class filled to the target), got {fill}")
     rows = []
     for (c, group), n in cells.items():
-        for k in range(target - n):
+        goal = target if fill == 1 else round(target ** fill * max(n, 1) ** (1 - fill))
+        for k in range(goal - n):
             row_id = f"{recipe}-c{c}" + ("" if group is None else f"-g{group}") + f"-{k:06d}"
             rows.append({
                 "id": row_id, "label": c, "group": group, "seed": row_seed(seed, row_id), "recipe": recipe,

@@ -13,6 +13,8 @@ REAL data.
 
 How the synthetic images are used (issue 21's levers): `synthetic_weight` scales their loss;
 `target_per_class` sets the volume (above the largest class it over-fills the head too);
+`fill` below 1 fills only that share of the imbalance, in log space, and leaves the rest to the loss
+(`train.loss=balanced-softmax`, whose prior counts the real and generated images);
 `replay: true` is the control that puts real images, drawn again from each cell, in place
 of all the generated ones (same counts, same training; the share is then moot): a gain that
 replay matches is "more steps on the tail", not the generator's. `replay_share` (default 0.5)
@@ -52,13 +54,15 @@ from .registry import RecipeResult, classifier_inputs, register_recipe
 class SynaugSection:
     """SYNAuG: uniformize with generated images, domain mixup, head re-fit on real data."""
 
-    IMAGE_KEYS = ("target_per_class", "balance_groups", "translate", "translate_strength")  # the options that
+    IMAGE_KEYS = ("target_per_class", "fill", "balance_groups", "translate", "translate_strength")  # the options that
     # change the generated images
     ADDED: ClassVar[dict[str, object]] = {"replay_share": 0.0, "synthetic_augment": "same", "translate": 0.0,
-                                          "translate_strength": 0.7, "translate_gamma": 0.8}  # options added since,
+                                          "translate_strength": 0.7, "translate_gamma": 0.8, "fill": 1.0}  # options added since,
     # at their former values
 
     target_per_class: int | None = None  # images per class after filling (default: the largest class)
+    fill: float = 1.0  # the share of the imbalance filled, in log space: a class of n goes to target^fill x n^(1-fill)
+    # (1: uniformize; 0.5: the geometric mean, for train.loss=balanced-softmax to correct the rest)
     balance_groups: bool = True  # with groups: fill every (class, group) cell
     domain_mixup: bool = True
     mix_alpha: float = 0.5
@@ -95,6 +99,8 @@ class SynaugSection:
             raise SynthaugError(f"synaug.replay_share must be in [0, 1] (0: all generated), got {self.replay_share}")
         if self.target_per_class is not None and self.target_per_class < 1:
             raise SynthaugError("synaug.target_per_class must be >= 1 (or unset: the largest class)")
+        if not 0 < self.fill <= 1:
+            raise SynthaugError(f"synaug.fill must be in (0, 1] (1: every class filled to the target), got {self.fill}")
         check_folder(self.store_dir, "synaug.store_dir")
         from ..plan import strength_range
 
@@ -112,7 +118,7 @@ class SynaugSection:
 def check(task, config):
     """Fail on an impossible plan or generator before anything is written."""
     by_group = config.synaug.balance_groups and task.train.groups is not None
-    balance_plan(task.train, target_per_class=config.synaug.target_per_class, by_group=by_group)
+    balance_plan(task.train, target_per_class=config.synaug.target_per_class, by_group=by_group, fill=config.synaug.fill)
     if by_group and config.synaug.refit_head and config.synaug.refit_per_class == "all":
         raise SynthaugError("synaug.refit_per_class=all re-fits the head on the real data as it is, where the group "
                             "predicts the class: use 'min' or a number (each (class, group) cell cut to that count)")
@@ -164,7 +170,8 @@ def synaug(task, config, *, workdir=None, progress=False, trained=None) -> Recip
     by_group = opts.balance_groups and real.groups is not None
 
     # 1. generator (trained on the real training split, or cached / given), plan, generate
-    plan = balance_plan(real, target_per_class=opts.target_per_class, by_group=by_group, seed=config.generator.plan_seed)
+    plan = balance_plan(real, target_per_class=opts.target_per_class, by_group=by_group, seed=config.generator.plan_seed,
+                        fill=opts.fill)
     to_replay, to_generate = (plan, []) if opts.replay else split_replay(plan, opts.replay_share, real)
     if opts.translate:
         to_generate = translated_rows(to_generate, real, share=opts.translate, strength=opts.translate_strength,
