@@ -433,9 +433,11 @@ def test_an_option_added_since_keeps_the_stores_of_rows_that_leave_it_at_its_for
         "  translated: [recipe=synaug, synaug.translate=1]\n"
         "  hard: [recipe=synaug, synaug.translate=1, synaug.translate_gamma=0]\n"
         "  further: [recipe=synaug, synaug.translate=1, synaug.translate_strength=0.9]\n"
-        "  inert: [recipe=synaug, synaug.translate=0, synaug.translate_strength=0.9]\n"))
+        "  inert: [recipe=synaug, synaug.translate=0, synaug.translate_strength=0.9]\n"
+        "  partial: [recipe=synaug, synaug.fill=0.5]\n"))
     cells = [c for c in load_suite(str(_suite(tmp_path, text))).cells_ if c.seed == 0 and c.recipe != "ce"]
     stores = {c.recipe: with_locations(c, tmp_path).synaug.store_dir.rsplit("-", 1)[1] for c in cells}
     # the key before translation existed (8bce2d9); a strength with nothing translated changes no image
     assert stores["synaug"] == stores["untranslated"] == stores["inert"] == "dec4e34ca5a7"
     assert stores["translated"] == stores["hard"] not in (stores["synaug"], stores["further"])
+    assert stores["partial"] not in (stores["synaug"], stores["translated"])  # a partial fill makes other images

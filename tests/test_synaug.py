@@ -54,6 +54,21 @@ def test_a_partial_fill_fills_its_share_of_the_imbalance_in_log_space_with_the_f
     for bad in (0, 1.5):
         with pytest.raises(SynthaugError, match="synaug.fill must be in"):
             balance_plan(ds, fill=bad)
+    ds = make_dataset((10, 3))
+    ds.groups, ds.group_names = torch.tensor([0] * 7 + [1] * 3 + [0] * 3), ["red", "green"]  # cell (1, green) is empty
+    filled = {}
+    for r in balance_plan(ds, by_group=True, fill=0.5):
+        filled[r["label"], r["group"]] = filled.get((r["label"], r["group"]), 0) + 1
+    assert filled == {(0, 1): 5 - 3, (1, 0): 5 - 3, (1, 1): 3}  # round(sqrt(7 n)); the empty cell counts as one
+
+
+def test_a_plan_with_nothing_to_generate_trains_no_generator(data, tmp_path, monkeypatch):
+    import synthaug.recipes.synaug as synaug_module
+
+    monkeypatch.setattr(synaug_module, "generator_stage", lambda *a, **k: pytest.fail("a generator for no image"))
+    config = load_config(None, [*FAST, f"output_dir={tmp_path}", "split.kind=none"])  # balanced: nothing to fill
+    result = get_recipe("synaug").run(make_task(data, config.split), config, workdir=tmp_path / "run")
+    assert result.extra["generator"]["source"] == "none: nothing to add" and result.extra["synthetic"]["images"] == 0
 
 
 def test_balance_plan_by_group():

@@ -329,7 +329,7 @@ def with_locations(cell: Cell, out: Path) -> RunConfig:
     """The cell's config writing under the suite's folder `out`: cells/<n>, one generator
     cache, and one store per (setting, generator, recipe section options) shared by the
     classifier seeds and by recipes whose images are the same (TADA's variants; SYNAuG's
-    options that only change the training, named by its section's IMAGE_KEYS; every selector)
+    options that only change the training, named by its section's `image_keys()` or IMAGE_KEYS; every selector)
     and by settings that differ in their test set only (a setting's `stores`)."""
     config = cell.config
     name = hashlib.sha256(cell.key.encode()).hexdigest()[:12]

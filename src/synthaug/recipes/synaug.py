@@ -3,8 +3,9 @@ with domain mixup, then re-fit the classifier's head on a class-balanced subsamp
 REAL data.
 
 1. Count real images per class (or per (class, group) cell); fill every cell below the
-   largest with n_max - n_c images, generated conditioned on its class (and group); by
-   default half of each cell's fill is its real images drawn again (`replay_share`).
+   largest with n_max - n_c images (with `fill` below 1, up to n_max^fill x n_c^(1-fill)),
+   generated conditioned on its class (and group); by default half of each cell's fill is
+   its real images drawn again (`replay_share`).
 2. Train on the now uniform real + synthetic set with the usual augmentation, plus Mixup
    between real and synthetic images ("domain mixup") to narrow the domain gap.
 3. Freeze the features; re-fit only the last layer on real data, each class (with groups,
@@ -13,8 +14,10 @@ REAL data.
 
 How the synthetic images are used (issue 21's levers): `synthetic_weight` scales their loss;
 `target_per_class` sets the volume (above the largest class it over-fills the head too);
-`fill` below 1 fills only that share of the imbalance, in log space, and leaves the rest to the loss
-(`train.loss=balanced-softmax`, whose prior counts the real and generated images);
+`fill` below 1 fills only that share of the imbalance, in log space, and leaves the rest to the
+training (`train.loss=balanced-softmax`, whose prior counts the real and added images, shapes the
+features; the head re-fit, on by default, balances the head; with groups Balanced Softmax corrects the
+classes only, so the cells' remainder needs `train.group_method`);
 `replay: true` is the control that puts real images, drawn again from each cell, in place
 of all the generated ones (same counts, same training; the share is then moot): a gain that
 replay matches is "more steps on the tail", not the generator's. `replay_share` (default 0.5)
@@ -62,7 +65,8 @@ class SynaugSection:
 
     target_per_class: int | None = None  # images per class after filling (default: the largest class)
     fill: float = 1.0  # the share of the imbalance filled, in log space: a class of n goes to target^fill x n^(1-fill)
-    # (1: uniformize; 0.5: the geometric mean, for train.loss=balanced-softmax to correct the rest)
+    # (1: uniformize; 0.5: the geometric mean, the rest left to train.loss=balanced-softmax, or with groups to
+    # train.group_method)
     balance_groups: bool = True  # with groups: fill every (class, group) cell
     domain_mixup: bool = True
     mix_alpha: float = 0.5
@@ -177,9 +181,10 @@ def synaug(task, config, *, workdir=None, progress=False, trained=None) -> Recip
         to_generate = translated_rows(to_generate, real, share=opts.translate, strength=opts.translate_strength,
                                       seed=config.generator.plan_seed)
     replayed, generated, targets = replay(real, to_replay), None, None  # real images drawn again (the control, or the share)
-    if opts.replay or not to_generate and to_replay:  # the control: the plan's counts filled with real images drawn again
-        generator_info = {"source": "none: real replay"}
-        synthetic_info = {"images": len(replayed), "generated_now": 0, "replay": True}
+    if opts.replay or not to_generate:  # the control (the plan's counts filled with real images drawn again), or a
+        # plan with nothing to generate (balanced data, a small fill): no generator
+        generator_info = {"source": "none: real replay" if to_replay else "none: nothing to add"}
+        synthetic_info = {"images": len(replayed), "generated_now": 0, "replay": bool(to_replay)}
     else:
         generator, generator_info = generator_stage(real, config, progress=progress, unlabeled=task.unlabeled)
         seconds["generator"] = generator_info.pop("seconds")
