@@ -347,8 +347,8 @@ def with_locations(cell: Cell, out: Path) -> RunConfig:
         factor = d["select"]["overgenerate"]
         images["candidates"] = factor if d["select"]["method"] != "none" and factor != 1 else None
         settings = getattr(config, section)
-        keys = getattr(settings, "image_keys", None)  # the options that change the images, at these settings
-        keys = keys() if callable(keys) else getattr(settings, "IMAGE_KEYS", None)
+        # the options that change the images (at these settings, where the section says)
+        keys = settings.image_keys() if hasattr(settings, "image_keys") else getattr(settings, "IMAGE_KEYS", None)
         images[section] = drop_former({k: v for k, v in images[section].items()
                                        if k != "store_dir" and (keys is None or k in keys)}, type(settings))
         key = hashlib.sha256(json.dumps(images, sort_keys=True, default=str).encode()).hexdigest()[:12]

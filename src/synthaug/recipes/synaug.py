@@ -181,8 +181,8 @@ def synaug(task, config, *, workdir=None, progress=False, trained=None) -> Recip
         to_generate = translated_rows(to_generate, real, share=opts.translate, strength=opts.translate_strength,
                                       seed=config.generator.plan_seed)
     replayed, generated, targets = replay(real, to_replay), None, None  # real images drawn again (the control, or the share)
-    if opts.replay or not to_generate:  # the control (the plan's counts filled with real images drawn again), or a
-        # plan with nothing to generate (balanced data, a small fill): no generator
+    if not to_generate:  # the control (the plan's counts filled with real images drawn again), or a plan with
+        # nothing to generate (balanced data, a small fill): no generator
         generator_info = {"source": "none: real replay" if to_replay else "none: nothing to add"}
         synthetic_info = {"images": len(replayed), "generated_now": 0, "replay": bool(to_replay)}
     else:
