@@ -62,11 +62,12 @@ class Job:
 
 
 def writes_store(cell: Cell) -> bool:
-    """Whether the cell reads a generator and writes a shared store (the real-replay control does neither)."""
+    """Whether the cell reads a generator and writes a shared store (the real-replay and unseen
+    controls do neither)."""
     if cell.generator_seed is None:
         return False
     synaug = cell.config.sections.get("synaug")
-    return not (cell.config.recipe == "synaug" and synaug is not None and synaug.replay)
+    return not (cell.config.recipe == "synaug" and synaug is not None and (synaug.replay or synaug.unseen))
 
 
 def plan_jobs(suite, setting: str, out: Path, last: list[str] = (), skip: set[str] = frozenset()) -> list[Job]:

@@ -58,7 +58,7 @@ def flat(row: dict) -> dict:
     return {"setting": row["setting"], "method": row["recipe"], "seed": row["seed"],
             "generator_seed": row["generator_seed"], **{k: row["metrics"].get(k) for k in FLAT},
             "synthetic_images": row["images_generated"],
-            "replayed_images": row.get("images_replayed", 0), "seconds": row["seconds"], "wall_seconds": row.get("wall_seconds"),
+            "replayed_images": row.get("images_replayed", 0), "unseen_images": row.get("images_unseen", 0), "seconds": row["seconds"], "wall_seconds": row.get("wall_seconds"),
             "device": row.get("device"), "commit": row.get("commit"), **({"curve": curve} if curve else {})}
 
 

@@ -104,6 +104,40 @@ def test_a_changed_cell_is_refused_then_rerun_with_force(tmp_path, monkeypatch):
     assert all(r["fingerprint"] == fingerprints[r["cell"]] for r in read_results(out))
 
 
+def test_a_stopped_cell_changed_since_is_refused_before_any_write_then_rerun_with_force(tmp_path, monkeypatch):
+    """A cell stopped in its run (its folder holds its config and partial work), then its recipe
+    edited: refused at the start like a finished cell that changed, not in the middle of the suite."""
+    suite, out = load_suite(str(_suite(tmp_path))), tmp_path / "out"
+    real_train_run, calls = synthaug.runs.train_run, []
+
+    def stopped(config, **kwargs):
+        if len(calls) == 2:  # the third cell starts its run, writes some work, then Ctrl-C
+            run_dir = Path(config.output_dir) / config.run_name()
+            synthaug.runs.prepare_run_dir(run_dir, config)
+            (run_dir / "checkpoint").mkdir()
+            raise KeyboardInterrupt
+        calls.append(config.recipe)
+        return real_train_run(config, **kwargs)
+
+    monkeypatch.setattr(synthaug.runs, "train_run", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        run_suite(suite, out, progress=False, echo=lambda _: None)
+    assert calls == ["ce", "ce"]
+    edited = load_suite(str(_suite(tmp_path, TWO_BASELINES.replace("balanced-softmax: [recipe=balanced-softmax]",
+                                                                     "balanced-softmax: [recipe=balanced-softmax, train.lr=0.02]"))))
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    with pytest.raises(SynthaugError, match=r"1 cell\(s\) of suite 'tiny' changed .*train.lr.*--force"):
+        run_suite(edited, out, progress=False, echo=lambda _: None)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # nothing written
+    forced = []
+    monkeypatch.setattr(synthaug.runs, "train_run", lambda config, **kw: (forced.append(kw["force"]),
+                                                                           real_train_run(config, **kw))[1])
+    said = []
+    rows = run_suite(edited, out, force=True, progress=False, echo=said.append)
+    assert sorted(forced) == [False, True] and len(rows) == 4  # the stopped cell's folder replaced, the other new
+    assert said[0].startswith("suite tiny: 4 cells, 2 finished, 2 to run")
+
+
 def test_rerun_runs_only_the_chosen_finished_cells_afresh(tmp_path, monkeypatch):
     suite, out = load_suite(str(_suite(tmp_path))), tmp_path / "out"
     run_suite(suite, out, progress=False, echo=lambda _: None)
@@ -219,6 +253,15 @@ def test_a_replay_control_costs_no_generation_and_is_not_a_classical_baseline(tm
     # half replayed, half generated (synaug.replay_share) is a generative recipe, not a control
     mixed = [dict(r, recipe="half replay", images_generated=50, images_replayed=50) for r in replay]
     assert setting_summary(made + replay + mixed + plain, None)["controls"] == ["real replay"]
+    # the perfect-generator control (synaug.unseen) adds real images only, generates none: a control
+    unseen = [dict(_row("unseen real", s, 0.95), images_unseen=500) for s in range(2)]
+    assert setting_summary(made + replay + unseen + plain, None)["controls"] == ["real replay", "unseen real"]
+    board = leaderboard_markdown(None, made + replay + unseen + plain)  # its gain shown as a control's, not a recipe's
+    assert "| gain (control) |" in next(line for line in board.splitlines() if line.startswith("| unseen real |"))
+    row = result_row(suite, suite.cells_[0], dict(metrics, synthetic={"images": 0, "generated_now": 0, "replay": False,
+                                                                     "replayed": 500, "unseen": 500}),
+                     tmp_path / "out" / "cells" / "x", tmp_path / "out", 60.0, {})
+    assert (row["images_generated"], row["images_replayed"], row["images_unseen"]) == (0, 500, 500)
     # the oracle's gap is closed by generated images, never by the replay control, however high it scores
     oracle = [_row("oracle", s, 1.0) for s in range(2)]
     replay = [dict(r, metrics={"balanced_accuracy": 0.95}) for r in replay]

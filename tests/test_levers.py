@@ -91,6 +91,79 @@ def test_replay_adds_real_copies_in_the_plans_counts_and_weights_them(data, tmp_
     assert seen["augment"] == "crop"  # the added images' own augmentation, passed on
 
 
+def test_unseen_fills_the_generated_share_with_real_images_the_split_left_out(data, tmp_path, monkeypatch):
+    """The perfect-generator control: no generator; the replay share is drawn again from the
+    training split, and every row the run would generate is a real image of its class that the
+    split never held, none twice."""
+    def no_generator(*args, **kwargs):
+        raise AssertionError("synaug.unseen trains or loads no generator")
+
+    monkeypatch.setattr(synaug_module, "generator_stage", no_generator)
+    config = load_config(None, [*FAST, "synaug.unseen=true", "split.val_per_class=2", f"output_dir={tmp_path}"])
+    task = make_task(data, config.split)
+    get_recipe("synaug").check(task, config)
+    result = get_recipe("synaug").run(task, config, workdir=tmp_path / "run")
+    plan = balance_plan(task.train, seed=config.generator.plan_seed)
+    replayed_rows, unseen_rows = synaug_module.split_replay(plan, 0.5, task.train)
+    added = result.replayed
+    train = {bytes(im.numpy().tobytes()) for im in task.train.images}
+    oracle = {bytes(im.numpy().tobytes()): int(label) for im, label in zip(task.oracle.images, task.oracle.labels)}
+    drawn = [(bytes(im.numpy().tobytes()), int(label)) for im, label in zip(added.images, added.labels)]
+    again = [d for d in drawn if d[0] in train]
+    new = [d for d in drawn if d[0] not in train]
+    assert len(again) == len(replayed_rows) and len(new) == len(unseen_rows) > 0
+    val = {bytes(im.numpy().tobytes()) for im in task.val.images}
+    assert not val & {image for image, _ in new}  # the validation split's images are not new to the run
+    assert all(oracle.get(image) == label for image, label in new)  # real images of their own class
+    assert len({image for image, _ in new}) == len(new)  # none twice: the pool is large enough here
+    deficits = (task.train.class_counts().max() - task.train.class_counts()).tolist()
+    assert added.class_counts().tolist() == deficits and result.synthetic is None
+    info = result.extra["synthetic"]
+    assert (info["images"], info["replayed"], info["unseen"]) == (0, len(replayed_rows), len(unseen_rows))
+    assert info["unseen_distinct"] == len(unseen_rows)
+    assert "generator" not in result.seconds
+
+
+def test_draw_unseen_keeps_a_partial_fills_images_a_prefix_and_starts_over_when_the_pool_runs_out():
+    pool = make_dataset((3, 5), seed=4)
+    real = make_dataset((20, 2), seed=5)
+    full = balance_plan(real, seed=0)  # 18 rows of class 1
+    half = balance_plan(real, seed=0, fill=0.5)  # the first 4 of them
+    a, b = synaug_module.draw_unseen(pool, full, seed=3), synaug_module.draw_unseen(pool, half, seed=3)
+    assert torch.equal(a.images[: len(b)], b.images) and a.labels.eq(1).all()
+    firsts = a.images[:5].flatten(1)
+    assert len({bytes(x.numpy().tobytes()) for x in firsts}) == 5  # the 5 pool images of class 1, each once
+    assert torch.equal(a.images[5:10], a.images[:5])  # then again, in the same order
+    assert a.info["distinct"] == 5 and b.info["distinct"] == 4
+    assert not torch.equal(synaug_module.draw_unseen(pool, full, seed=4).images[:5], a.images[:5])  # seeded
+    with pytest.raises(SynthaugError, match="class 'class1' needs images and the oracle holds none"):
+        synaug_module.draw_unseen(pool.subset(torch.arange(3)), full, seed=0)
+
+
+def test_unseen_is_checked_before_anything_is_written(data, tmp_path, capsys, monkeypatch):
+    with pytest.raises(SynthaugError, match="synaug.replay and synaug.unseen both"):
+        load_config(None, ["synaug.replay=true", "synaug.unseen=true"])
+    config = load_config(None, [*FAST, "synaug.unseen=true", "synaug.translate=0.5"])
+    with pytest.raises(SynthaugError, match="synaug.unseen generates none"):
+        get_recipe("synaug").check(make_task(data, config.split), config)
+    for control in ("replay", "unseen"):  # nothing generated: nothing to select
+        config = load_config(None, [*FAST, f"synaug.{control}=true", "select.method=prototype"])
+        with pytest.raises(SynthaugError, match=f"synaug.{control} generates no image, so select.method would do nothing"):
+            get_recipe("synaug").check(make_task(data, config.split), config)
+    # a coloured split repaints the oracle's images: nothing in it is the training split's own image left out
+    data = LoadedDataset("tiny", make_dataset((40, 40, 40), channels=3, seed=0), make_dataset((10, 10, 10), channels=3, seed=1))
+    config = load_config(None, ["recipe=synaug", "split.kind=colored", "split.agreement=0.9", "synaug.unseen=true"])
+    with pytest.raises(SynthaugError, match="a coloured split repaints them"):
+        get_recipe("synaug").check(make_task(data, config.split), config)
+    from conftest import run_cli
+
+    out = tmp_path / "runs"
+    code, _, err = run_cli(["run", "--quiet", "-s", "data.dataset=digits", "-s", "split.kind=colored", "-s", f"output_dir={out}",
+                            "-s", f"data.cache_dir={tmp_path / 'cache'}", "-s", "recipe=synaug", "-s", "synaug.unseen=true"], capsys, monkeypatch)
+    assert code == 2 and "a coloured split repaints them" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() and not (tmp_path / "cache").exists()  # nothing written
+
+
 @pytest.mark.parametrize("real_spec, synthetic_spec", [("cutout", "none"), ("none", "cutout")])
 def test_synthetic_augment_gives_the_synthetic_images_their_own_augmentation(monkeypatch, real_spec, synthetic_spec):
     """Real images are black, synthetic ones white: each augmentation sees its domain's images only."""
@@ -507,7 +580,7 @@ def test_each_tail_lever_names_another_generator_and_the_former_values_keep_the_
 
 
 def test_the_report_counts_replayed_images_apart_and_never_shows_them_as_generated(tmp_path, monkeypatch):
-    """The replay control's report: its added images stacked as "real, drawn again" in the
+    """The replay control's report: its added images stacked as "real, added" in the
     counts plot, none among the generator's samples (there are none)."""
     import sys
 

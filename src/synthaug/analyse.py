@@ -124,10 +124,10 @@ g. groups: the split has groups (split.kind=colored, or group ids) and its (clas
 2. longtail-tiny-tail: imbalance ratio >= 10 and the smallest class under 50 images ->
    balanced-softmax for SYNAuG's optimiser steps (the schedule's epochs over every class filled
    to the largest): on MNIST-5k-LT r50 it beat itself at its own, shorter schedule and tied or
-   beat every SYNAuG row, each of which trains that long.
+   beat every SYNAuG row that generates, each of which trains that long.
 3. longtail-large-tail: imbalance ratio >= 10 and the smallest class 50 images or more ->
    the same, balanced-softmax for SYNAuG's steps: on Fashion-MNIST-LT r100 it beat class-balanced
-   sampling and real replay at those steps, and every SYNAuG row.
+   sampling and real replay at those steps, and every SYNAuG row that generates.
 4. imbalanced: imbalance ratio between 3 and 10 -> balanced-softmax; no suite measures this range.
 5. balanced-moderate: balanced (ratio < 3), 100 to 1,000 images per class -> ce trained 6x
    as long (the optimiser steps that variants of every image, 5 per image, would take). On
@@ -198,7 +198,8 @@ def recommend(profile: dict, probe: dict | None = None, augment: str = "crop", t
                            f"long-tailed (ratio {ratio:.0f}) with a tail of {smallest} images: Balanced Softmax trained "
                            "for the optimiser steps SYNAuG would take here (every class filled to the largest) was the "
                            "best recipe in the benchmark setting of that shape; "
-                           + ("every SYNAuG row tied or lost to it" if tiny else "every SYNAuG row and real replay lost to it"),
+                           + ("every SYNAuG row that generates tied or lost to it" if tiny
+                              else "every SYNAuG row that generates and real replay lost to it"),
                            "longtail-tiny-tail" if tiny else "longtail-large-tail", False, "synaug")
     elif ratio >= 3:
         r = Recommendation("balanced-softmax", [], "balanced-softmax",

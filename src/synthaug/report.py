@@ -55,13 +55,13 @@ def metrics_table(rows: dict[str, dict], recipe: str) -> str:
 
 
 def counts_plot(classes, real_counts, synthetic_counts, replayed_counts=None) -> str:
-    """Training images per class: real, then real drawn again (replay), then synthetic, stacked."""
+    """Training images per class: real, then real added (drawn again, or unseen), then synthetic, stacked."""
     fig, ax = subplots(figsize=(max(6, 0.6 * len(classes)), 3.2))
     x = range(len(classes))
     ax.bar(x, real_counts, label="real", color="#4c72b0")
     bottom = list(real_counts)
     if replayed_counts is not None and any(replayed_counts):
-        ax.bar(x, replayed_counts, bottom=bottom, label="real, drawn again", color="#8fb3de")
+        ax.bar(x, replayed_counts, bottom=bottom, label="real, added", color="#8fb3de")
         bottom = [a + b for a, b in zip(bottom, replayed_counts)]
     ax.bar(x, synthetic_counts, bottom=bottom, label="synthetic", color="#dd8452")
     ax.set_xticks(list(x), classes, rotation=45, ha="right")
@@ -218,7 +218,7 @@ def literal_text():
 def write_report(path: str | Path, metrics: dict, real: ImageDataset, synthetic: ImageDataset | None,
                  config_yaml: str, recipe_sections=None, *, replayed: ImageDataset | None = None) -> Path:
     """Write the run's report.html; `recipe_sections()`: the recipe's own sections (HTML, its
-    `report`), placed after the shared ones; `replayed`: real images drawn again and trained on
+    `report`), placed after the shared ones; `replayed`: real images added (drawn again or unseen) and trained on
     (shown in the counts, never as samples of the generator)."""
     with literal_text():
         sections = [recipe_sections()] if recipe_sections is not None else []
@@ -310,7 +310,9 @@ def _summary(metrics: dict, rows: dict[str, dict]) -> str:
         text += f" {syn['images']} real images drawn again (the replay control), none generated."
     elif syn:
         text += f" {syn['images']} synthetic images" + (
-            f" and {syn['replayed']} real images drawn again (synaug.replay_share)." if syn.get("replayed") else ".")
+            f" and {syn['replayed']} real images drawn again (synaug.replay_share)" if syn.get("replayed") else "") + (
+            f" and {syn['unseen']} real images the split left out (synaug.unseen, the perfect-generator control)."
+            if syn.get("unseen") else ".")
     if metrics.get("auto"):
         text += f"<br>Chosen by <code>recipe: auto</code>: {html.escape(metrics['auto']['why'])}."
     return text

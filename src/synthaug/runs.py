@@ -79,12 +79,7 @@ def prepare_run_dir(run_dir: Path, config: RunConfig, *, force: bool = False) ->
                                 "remove it yourself or set another name (name=...)")
         shutil.rmtree(run_dir)
     elif config_file.is_file():
-        try:  # the same config, up to options added to synthaug since (at their defaults)
-            recorded = yaml.safe_load(config_file.read_text())
-            same = isinstance(recorded, dict) and not config_changes(flatten(recorded), config)
-        except (yaml.YAMLError, UnicodeDecodeError):
-            same = False
-        if same:
+        if recorded_changes(run_dir, config) == []:
             if not ours:  # a run folder of an older synthaug, without the marker
                 (run_dir / MARKER).write_text("a run folder made by synthaug\n")
             return True, []
@@ -102,6 +97,27 @@ def prepare_run_dir(run_dir: Path, config: RunConfig, *, force: bool = False) ->
         raise SynthaugError(f"cannot write to output_dir '{config.output_dir}' ({e.strerror}): choose a folder you "
                             "can write to") from None
     return False, created
+
+
+def recorded_changes(run_dir: Path, config: RunConfig) -> list[str] | None:
+    """How `config` differs from the config that `run_dir` records, up to options added to synthaug
+    since (at their defaults): [] the same, None where the folder records none."""
+    try:
+        recorded = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return ["its config.yaml cannot be read"]
+    return config_changes(flatten(recorded), config) if isinstance(recorded, dict) else ["its config.yaml is not a config"]
+
+
+def started_elsewise(run_dir: Path, config: RunConfig) -> list[str]:
+    """How `config` differs from the run that `run_dir` holds, where that run started (a run
+    stopped, then its config changed): what `prepare_run_dir` refuses without `force`. [] where
+    the folder is absent, holds this config or nothing computed yet."""
+    if not run_dir.is_dir() or _unstarted(run_dir):
+        return []
+    return recorded_changes(run_dir, config) or []
 
 
 def _unstarted(run_dir: Path) -> bool:

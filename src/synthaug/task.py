@@ -4,7 +4,10 @@ balanced training set) that bounds what generated data can recover."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+
+import torch
 
 from .config import SplitSection
 from .data import (
@@ -16,6 +19,7 @@ from .data import (
     few_shot,
     long_tail,
 )
+from .errors import SynthaugError
 
 
 @dataclass
@@ -34,6 +38,29 @@ class Task:
             out["unlabeled"] = {"images": len(self.unlabeled)}
         out["split"] = dict(self.train.info)
         return out
+
+    def unseen(self) -> ImageDataset:
+        """The oracle's images that neither the training split nor the validation split holds:
+        real images of the true distribution that the run has no label for (synaug.unseen, the
+        perfect-generator control; a few-shot split's unlabelled pool is among them). Matched by
+        content, so the oracle must hold the training images as they are (a long-tailed or
+        few-shot split; a coloured split repaints them)."""
+        def digests(ds: ImageDataset) -> list[bytes]:
+            return [hashlib.blake2b(image.numpy().tobytes(), digest_size=16).digest() for image in ds.images]
+
+        oracle = digests(self.oracle)
+        held = set(oracle)
+        seen = set()
+        for ds in (self.train, self.val):
+            if ds is not None:
+                mine = digests(ds)
+                if not all(d in held for d in mine):
+                    raise SynthaugError("synaug.unseen draws the oracle's images that the split left out, and this "
+                                        "split's training images are not the oracle's (a coloured split repaints "
+                                        "them): use a long-tail or few-shot split, or synaug.unseen=false")
+                seen.update(mine)
+        keep = [i for i, d in enumerate(oracle) if d not in seen]
+        return self.oracle.subset(torch.tensor(keep, dtype=torch.long))
 
 
 def make_task(data: LoadedDataset, split: SplitSection) -> Task:

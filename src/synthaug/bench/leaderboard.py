@@ -94,8 +94,9 @@ def setting_summary(rows: list[dict], setting) -> dict:
     metric = setting.metric if setting else rows[0]["metric"]
     recipes = list(dict.fromkeys([*(setting.recipes if setting else []), *(r["recipe"] for r in rows)]))
     recipes = [r for r in recipes if any(row["recipe"] == r for row in rows)]
-    # a control adds only real images drawn again; a recipe that also generates (synaug.replay_share) is not one
-    controls = [r for r in recipes if any(row.get("images_replayed") and not row["images_generated"]
+    # a control adds only real images (drawn again, or the split's unseen ones); a recipe that also generates
+    # (synaug.replay_share) is not one
+    controls = [r for r in recipes if any((row.get("images_replayed") or row.get("images_unseen")) and not row["images_generated"]
                                           for row in rows if row["recipe"] == r)]
     classical = setting.classical if setting else [r for r in recipes if not any(
         row["images_generated"] for row in rows if row["recipe"] == r) and r not in (*controls, "oracle")]
@@ -157,8 +158,11 @@ def markdown_setting(name: str, rows: list[dict], summary: dict, columns: list[s
             paired = (f"tied on every seed; {label(summary['tiebreak'])} {100 * second.difference:+.2f} "
                       f"({100 * second.low:+.2f} to {100 * second.high:+.2f})")
             verdict = f"tie; {label(summary['tiebreak'])}: {second.verdict}"
+        control = recipe in summary["controls"]  # real images added: what a gain of a recipe is measured against
+        if control and found:
+            verdict = f"{verdict} (control)"
         cost = summary["costs"][recipe]
-        mark = f"**{recipe}**" if found and found.verdict == "gain" else recipe
+        mark = f"**{recipe}**" if found and found.verdict == "gain" and not control else recipe
         minutes = cost["total"] / 60
         minutes = f"{minutes:.1f}" if minutes >= 0.95 else f"{minutes:.2f}"
         ratios = [r["memorization"] for r in mine if r.get("memorization") is not None]
@@ -287,7 +291,9 @@ def write_leaderboard(suite, rows: list[dict], out: str | Path) -> tuple[Path, P
             second = label(summary["tiebreak"]) if summary["tiebreak"] else ""
             lines = [v.line_with_tie(summary["tied"].get(r), second)
                      for r, v in summary["verdicts"].items() if v is not None]
-            colour = "#d9f2d9" if any(v and v.verdict == "gain" for v in summary["verdicts"].values()) else "#f6f8fa"
+            # green for a gain of a recipe, not of a control (real images added: replay, or the split's unseen ones)
+            colour = "#d9f2d9" if any(v and v.verdict == "gain" and r not in summary["controls"]
+                                      for r, v in summary["verdicts"].items()) else "#f6f8fa"
             table = markdown_setting(name, mine, summary, setting.columns if setting else [])
             parts.append(f"<h2>{html.escape(name)}</h2><div class='summary' style='background:{colour}'>"
                          + "<br>".join(html.escape(line) for line in lines) + "</div>" + _table_html(table)

@@ -83,14 +83,24 @@ def cell_changes(row: dict, cell: Cell) -> list[str]:
 
 def plan(suite: Suite, out: Path, *, force: bool = False,
          rerun: bool = False) -> tuple[list[Cell], list[Cell], dict[str, dict]]:
-    """(cells to run, of them the finished ones to run afresh, finished rows by cell). Raises on a
-    changed cell without `force`; with `rerun`, every finished cell runs afresh."""
+    """(cells to run, of them the ones to run afresh, finished rows by cell). Raises on a changed
+    cell without `force` (finished, or stopped in its run and changed since); with `rerun`, every
+    finished cell runs afresh."""
+    from ..runs import started_elsewise
+
     done = {r["cell"]: r for r in read_results(out)}
     todo, again, changed, first = [], [], [], None
     for cell in suite.cells_:
         row = done.get(cell.key)
         if row is None:
-            todo.append(cell)
+            config = with_locations(cell, out)
+            found = started_elsewise(Path(config.output_dir) / config.run_name(), config)
+            if found:  # its run folder holds a started run of another config (stopped, then changed): afresh, with force
+                changed.append(cell)
+                again.append(cell)
+                first = first or found[0]
+            else:
+                todo.append(cell)
             continue
         found = cell_changes(row, cell)
         if found:
@@ -184,7 +194,7 @@ def run_suite(suite: Suite, out: str | Path, *, force: bool = False, rerun: bool
     env = environment(suite.device)
     start = time.perf_counter()
     total = len(suite.cells_)
-    finished = sum(c.key in done for c in suite.cells_) - len(changed)
+    finished = sum(c.key in done for c in suite.cells_) - sum(c.key in done for c in changed)
     echo(f"suite {suite.name}: {total} cells, {finished} finished, {len(cells)} to run -> {out}")
     try:
         for n, cell in enumerate(cells, 1):
@@ -234,6 +244,7 @@ def result_row(suite: Suite, cell: Cell, metrics: dict, run_dir: Path, out: Path
         # a replay control's images are real ones drawn again: none generated, none costed
         "images_generated": 0 if synthetic.get("replay") else synthetic.get("images", 0),
         "images_replayed": synthetic.get("images", 0) if synthetic.get("replay") else synthetic.get("replayed", 0),
+        **({"images_unseen": synthetic["unseen"]} if synthetic.get("unseen") else {}),  # synaug.unseen's real images
         "generated_now": synthetic.get("generated_now", 0),
         "generator": Path(generator["path"]).name if generator.get("path") else None,
         "generator_train_seconds": trained,

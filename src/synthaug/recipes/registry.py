@@ -21,7 +21,8 @@ class RecipeResult:
     seconds: dict[str, float]  # wall time per stage
     extra: dict = field(default_factory=dict)  # more results for metrics.json (plan, rounds, generator, ...)
     synthetic: ImageDataset | None = None  # the generated images the model trained on (for the report)
-    replayed: ImageDataset | None = None  # real images drawn again and added to the training set (replay controls)
+    replayed: ImageDataset | None = None  # real images added to the training set: drawn again (replay controls) or
+    # left out by the split (synaug.unseen)
     figures: dict = field(default_factory=dict)  # images only the report shows (name: uint8 tensor)
     curve: list[dict] = field(default_factory=list)  # test accuracy against steps (eval.curve_every)
     steps: int | None = None  # the tested classifier's optimiser steps (the report's baselines train as long)

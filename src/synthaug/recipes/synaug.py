@@ -22,7 +22,9 @@ classes only, so the cells' remainder needs `train.group_method`);
 of all the generated ones (same counts, same training; the share is then moot): a gain that
 replay matches is "more steps on the tail", not the generator's. `replay_share` (default 0.5)
 fills that share of each cell with real images drawn again and the rest with generated ones,
-so generated images add to replay rather than replace it. `synthetic_augment` gives the added images their own
+so generated images add to replay rather than replace it. `unseen: true` is the perfect-generator control: the
+images the run would generate are real images of the class that the split left out (the oracle's others), so it
+measures what this use of added images could gain with images as good as real ones. `synthetic_augment` gives the added images their own
 augmentation (AdaInf: generated images want a weaker one than real images). `translate` makes that share of
 each cell's generated images by translating a real image of another class into the cell's class (Diff-Mix,
 `plan.translated_rows`), labelled strength^`translate_gamma` on the class and the rest on the source's.
@@ -60,7 +62,8 @@ class SynaugSection:
     IMAGE_KEYS = ("target_per_class", "fill", "balance_groups", "translate", "translate_strength")  # the options that
     # change the generated images
     ADDED: ClassVar[dict[str, object]] = {"replay_share": 0.0, "synthetic_augment": "same", "translate": 0.0,
-                                          "translate_strength": 0.7, "translate_gamma": 0.8, "fill": 1.0}  # options added since,
+                                          "translate_strength": 0.7, "translate_gamma": 0.8, "fill": 1.0,
+                                          "unseen": False}  # options added since,
     # at their former values
 
     target_per_class: int | None = None  # images per class after filling (default: the largest class)
@@ -77,6 +80,7 @@ class SynaugSection:
     # same generator and plan can share one store
     synthetic_weight: float = 1.0  # each synthetic image's loss weight (real images: 1)
     replay: bool = False  # the real-replay control: real images drawn again in place of generated ones
+    unseen: bool = False  # the perfect-generator control: real images the split left out in place of generated ones
     replay_share: float = 0.5  # the share of each cell's fill drawn again from its real images, the rest generated
     # (0.5: the all-generated fill's accuracy at half the generation; at equal optimiser steps Balanced Softmax ties or
     # beats it, BENCHMARKS.md)
@@ -99,6 +103,9 @@ class SynaugSection:
             raise SynthaugError("synaug.mix_alpha must be > 0 and synaug.mix_prob in [0, 1]")
         if not 0 < self.synthetic_weight < float("inf"):
             raise SynthaugError(f"synaug.synthetic_weight must be a finite number > 0, got {self.synthetic_weight}")
+        if self.replay and self.unseen:
+            raise SynthaugError("synaug.replay and synaug.unseen both put real images in place of the generated ones: "
+                                "set one of them")
         if not 0 <= self.replay_share <= 1:
             raise SynthaugError(f"synaug.replay_share must be in [0, 1] (0: all generated), got {self.replay_share}")
         if self.target_per_class is not None and self.target_per_class < 1:
@@ -132,7 +139,20 @@ def check(task, config):
     if config.synaug.translate and (config.synaug.replay or config.synaug.replay_share == 1):
         raise SynthaugError("synaug.translate translates generated images and this run generates none: set "
                             "synaug.replay=false and synaug.replay_share below 1, or synaug.translate=0")
-    if not config.synaug.replay and config.synaug.replay_share < 1:
+    control = "synaug.replay" if config.synaug.replay else "synaug.unseen" if config.synaug.unseen else None
+    if control and (config.select.method != "none" or config.select.boundary):
+        option = "select.method" if config.select.method != "none" else "select.boundary"
+        raise SynthaugError(f"{control} generates no image, so {option} would do nothing: leave select.method=none "
+                            f"and select.boundary=0, or set {control}=false")
+    if config.synaug.unseen:
+        if config.synaug.translate:
+            raise SynthaugError("synaug.translate translates generated images and synaug.unseen generates none: set "
+                                "synaug.translate=0 or synaug.unseen=false")
+        plan = balance_plan(task.train, target_per_class=config.synaug.target_per_class, by_group=by_group,
+                            seed=config.generator.plan_seed, fill=config.synaug.fill)
+        draw_unseen(task.unseen(), split_replay(plan, config.synaug.replay_share, task.train)[1],
+                    seed=config.generator.plan_seed)
+    elif not config.synaug.replay and config.synaug.replay_share < 1:
         check_generator(config.generator, task.train)
 
 
@@ -165,6 +185,33 @@ def replay(real, plan: list[dict]):
     return real.subset(torch.tensor(picks, dtype=torch.long))
 
 
+def draw_unseen(pool, plan: list[dict], *, seed: int):
+    """The perfect-generator control: for each plan row, a real image of its class (and group)
+    from `pool`, the images the split left out (`Task.unseen`); a cell whose group the pool lacks
+    draws from its class. Each cell's rows take, in plan order, a permutation of its pool images
+    seeded by `seed` and the cell, so there are no repeats while the pool lasts (then it starts
+    over; `info["distinct"]` counts the images drawn) and a partial fill's images are the full fill's first."""
+    picks, taken = [], {}
+    for row in plan:
+        cell = (row["label"], row.get("group"))
+        if cell not in taken:
+            members = pool.labels == row["label"]
+            if cell[1] is not None and pool.groups is not None and bool((members & (pool.groups == cell[1])).any()):
+                members &= pool.groups == cell[1]
+            members = members.nonzero().flatten()
+            if not len(members):
+                raise SynthaugError(f"synaug.unseen: class '{pool.classes[row['label']]}' needs images and the oracle "
+                                    "holds none that the split left out: set synaug.unseen=false")
+            g = torch.Generator().manual_seed(seed * 1_000_003 + row["label"] * 1_009 + (cell[1] or 0))  # one per cell
+            taken[cell] = [members[torch.randperm(len(members), generator=g)], 0]
+        order, k = taken[cell]
+        picks.append(int(order[k % len(order)]))
+        taken[cell][1] = k + 1
+    drawn = pool.subset(torch.tensor(picks, dtype=torch.long))
+    drawn.info["distinct"] = len(set(picks))
+    return drawn
+
+
 @register_recipe("synaug", "SYNAuG: uniformize classes (or groups) with generated images, domain mixup, head re-fit on real data",
                  check=check, shared_store="synaug", ssl=True, selects=True)
 def synaug(task, config, *, workdir=None, progress=False, trained=None) -> RecipeResult:
@@ -181,7 +228,13 @@ def synaug(task, config, *, workdir=None, progress=False, trained=None) -> Recip
         to_generate = translated_rows(to_generate, real, share=opts.translate, strength=opts.translate_strength,
                                       seed=config.generator.plan_seed)
     replayed, generated, targets = replay(real, to_replay), None, None  # real images drawn again (the control, or the share)
-    if not to_generate:  # the control (the plan's counts filled with real images drawn again), or a plan with
+    unseen = None
+    if opts.unseen:  # the perfect-generator control: real images the run never sees, in place of generated ones
+        unseen = draw_unseen(task.unseen(), to_generate, seed=config.generator.plan_seed)
+        generator_info = {"source": "none: real images the split left out"}
+        synthetic_info = {"images": 0, "generated_now": 0, "replay": False, "replayed": len(replayed),
+                          "unseen": len(unseen), "unseen_distinct": unseen.info["distinct"]}
+    elif not to_generate:  # the control (the plan's counts filled with real images drawn again), or a plan with
         # nothing to generate (balanced data, a small fill): no generator
         generator_info = {"source": "none: real replay" if to_replay else "none: nothing to add"}
         synthetic_info = {"images": len(replayed), "generated_now": 0, "replay": bool(to_replay)}
@@ -201,7 +254,7 @@ def synaug(task, config, *, workdir=None, progress=False, trained=None) -> Recip
             synthetic_info["translated"] = int(translated.sum())
             on_class = targets[torch.arange(len(generated)), generated.labels][translated]
             synthetic_info["translated_target"] = float(on_class.mean()) if len(on_class) else None
-    added = [d for d in (replayed, generated) if d is not None and len(d)]
+    added = [d for d in (replayed, unseen, generated) if d is not None and len(d)]
     added = concat(*added) if added else replayed  # every image trained on besides the real set, in the plan's counts
 
     # 2. train on real + added, with mixup between a real and an added image
@@ -235,7 +288,8 @@ def synaug(task, config, *, workdir=None, progress=False, trained=None) -> Recip
     # memorisation check: are synthetic images as far from the training images as fresh real ones?
     heldout = task.val if task.val is not None else task.test
     generated = generated if generated is not None and len(generated) else None
-    replayed = replayed if len(replayed) else None
+    real_added = [d for d in (replayed, unseen) if d is not None and len(d)]  # the report's real images added
+    replayed = concat(*real_added) if real_added else None
     extra = {
         "memorization": memorization_ratio(generated, real, heldout) if generated is not None else None,
         "diversity_ratio": diversity_ratio(generated, real) if generated is not None else None,
