@@ -17,7 +17,6 @@ and `recipe: auto`.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import asdict, dataclass, field, replace
 
@@ -265,14 +264,10 @@ def _thumbnails(data: ImageDataset) -> torch.Tensor:
     return torch.nn.functional.interpolate(x, size=(16, 16), mode="area").flatten(1)
 
 
-def _hashes(data: ImageDataset) -> list[str]:
-    return [hashlib.sha1(im.numpy().tobytes()).hexdigest() for im in data.images]
-
-
 def duplicates(train: ImageDataset, test: ImageDataset, *, near: float = NEAR, sample: int = SAMPLE,
                seed: int = 0) -> dict:
     """Exact and near copies within the training split and between it and the test split."""
-    train_hashes, test_hashes = _hashes(train), _hashes(test)
+    train_hashes, test_hashes = train.image_hashes(), test.image_hashes()
     seen: dict[str, int] = {}
     for h in train_hashes:
         seen[h] = seen.get(h, 0) + 1

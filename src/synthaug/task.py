@@ -4,7 +4,6 @@ balanced training set) that bounds what generated data can recover."""
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -45,15 +44,12 @@ class Task:
         perfect-generator control; a few-shot split's unlabelled pool is among them). Matched by
         content, so the oracle must hold the training images as they are (a long-tailed or
         few-shot split; a coloured split repaints them)."""
-        def digests(ds: ImageDataset) -> list[bytes]:
-            return [hashlib.blake2b(image.numpy().tobytes(), digest_size=16).digest() for image in ds.images]
-
-        oracle = digests(self.oracle)
+        oracle = self.oracle.image_hashes()
         held = set(oracle)
         seen = set()
         for ds in (self.train, self.val):
             if ds is not None:
-                mine = digests(ds)
+                mine = ds.image_hashes()
                 if not all(d in held for d in mine):
                     raise SynthaugError("synaug.unseen draws the oracle's images that the split left out, and this "
                                         "split's training images are not the oracle's (a coloured split repaints "

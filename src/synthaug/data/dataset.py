@@ -67,6 +67,10 @@ class ImageDataset:
         h.update(json.dumps(self.classes).encode())
         return h.hexdigest()
 
+    def image_hashes(self) -> list[str]:
+        """A hash of each image's pixels: equal images, equal hashes."""
+        return [hashlib.sha1(image.numpy().tobytes()).hexdigest() for image in self.images]
+
     def class_counts(self) -> torch.Tensor:
         """Images per class (unlabeled images are not counted)."""
         labelled = self.labels[self.labels >= 0]

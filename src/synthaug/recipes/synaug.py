@@ -129,7 +129,8 @@ class SynaugSection:
 def check(task, config):
     """Fail on an impossible plan or generator before anything is written."""
     by_group = config.synaug.balance_groups and task.train.groups is not None
-    balance_plan(task.train, target_per_class=config.synaug.target_per_class, by_group=by_group, fill=config.synaug.fill)
+    plan = balance_plan(task.train, target_per_class=config.synaug.target_per_class, by_group=by_group,
+                        seed=config.generator.plan_seed, fill=config.synaug.fill)
     if by_group and config.synaug.refit_head and config.synaug.refit_per_class == "all":
         raise SynthaugError("synaug.refit_per_class=all re-fits the head on the real data as it is, where the group "
                             "predicts the class: use 'min' or a number (each (class, group) cell cut to that count)")
@@ -148,8 +149,6 @@ def check(task, config):
         if config.synaug.translate:
             raise SynthaugError("synaug.translate translates generated images and synaug.unseen generates none: set "
                                 "synaug.translate=0 or synaug.unseen=false")
-        plan = balance_plan(task.train, target_per_class=config.synaug.target_per_class, by_group=by_group,
-                            seed=config.generator.plan_seed, fill=config.synaug.fill)
         draw_unseen(task.unseen(), split_replay(plan, config.synaug.replay_share, task.train)[1],
                     seed=config.generator.plan_seed)
     elif not config.synaug.replay and config.synaug.replay_share < 1:
@@ -170,16 +169,21 @@ def split_replay(plan: list[dict], share: float, real=None) -> tuple[list[dict],
     return [r for r in plan if r["id"] in replayed], [r for r in plan if r["id"] not in replayed]
 
 
+def cell_members(ds, label: int, group) -> torch.Tensor:
+    """The indices of `ds`'s images of class `label` and, where it has any, of `group`; else of the class."""
+    members = ds.labels == label
+    if group is not None and ds.groups is not None and bool((members & (ds.groups == group)).any()):
+        members &= ds.groups == group
+    return members.nonzero().flatten()
+
+
 def replay(real, plan: list[dict]):
     """The real-replay control: for each plan row, a real image of the row's class (and group)
     drawn with the row's own seed, so the control adds exactly the plan's counts. A (class,
     group) cell with no real image at all is filled from its class: real data has nothing closer."""
     picks = []
     for row in plan:
-        cell = real.labels == row["label"]
-        if row.get("group") is not None and real.groups is not None and bool((cell & (real.groups == row["group"])).any()):
-            cell &= real.groups == row["group"]
-        members = cell.nonzero().flatten()
+        members = cell_members(real, row["label"], row.get("group"))
         g = torch.Generator().manual_seed(int(row["seed"]))
         picks.append(int(members[torch.randint(len(members), (1,), generator=g)]))
     return real.subset(torch.tensor(picks, dtype=torch.long))
@@ -195,10 +199,7 @@ def draw_unseen(pool, plan: list[dict], *, seed: int):
     for row in plan:
         cell = (row["label"], row.get("group"))
         if cell not in taken:
-            members = pool.labels == row["label"]
-            if cell[1] is not None and pool.groups is not None and bool((members & (pool.groups == cell[1])).any()):
-                members &= pool.groups == cell[1]
-            members = members.nonzero().flatten()
+            members = cell_members(pool, *cell)
             if not len(members):
                 raise SynthaugError(f"synaug.unseen: class '{pool.classes[row['label']]}' needs images and the oracle "
                                     "holds none that the split left out: set synaug.unseen=false")
