@@ -3,11 +3,13 @@ it costs.
 
     python benchmarks/generator_levers.py                  # MNIST-5k-LT r50, generator seed 0
     python benchmarks/generator_levers.py --seeds 0 1      # a second generator seed
+    python benchmarks/generator_levers.py --again --levers today "base preset"   # measured again here
 
 On MNIST-5k-LT r50 (the longtail suite's setting and generator: 800 steps at lr 1e-3, 10 SDE
 sampling steps), one generator per lever (and seed), each the longtail suite's generator with
 one change: square-root or class-balanced sampling of its training images, Min-SNR-5 loss
-weighting, CBDM's regulariser (tau 1), an EMA half-life of 10% of the run, twice the steps.
+weighting, CBDM's regulariser (tau 1), an EMA half-life of 10% of the run, twice the steps,
+the base preset's network (alone, and on Min-SNR).
 Each draws the same labels and seeds (`--per-class` per class) and is measured against a
 classifier trained on the full balanced real training set (the oracle): the share of images
 it recognises, overall and on the tail (the few-shot classes, under 4% of the largest), the
@@ -17,13 +19,17 @@ images, well below 1 copies) and diversity ratio (the tail's mean pairwise dista
 the real test images'), and the generator's training minutes on this machine.
 
 Resumable: a finished (lever, seed) is a row of benchmarks/results/generator_levers.jsonl;
-an interrupted generator resumes from its checkpoint. The table goes to
+an interrupted generator resumes from its checkpoint. Training minutes compare only on one
+kind of machine: `--again` measures the chosen levers again (a trained generator of the same
+fingerprint trained on this kind of machine is reused), and the table gives each lever a
+line per kind of machine. The table goes to
 benchmarks/results/generator_levers.md and into BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import statistics
 import time
 
@@ -50,6 +56,10 @@ LEVERS = {
     "CBDM tau 1": ["generator.cbdm_weight=1"],
     "EMA half-life 10% of the run": ["generator.ema_half_life=0.1"],
     "2x steps (1600)": ["generator.steps=1600"],
+    # capacity: the base preset (64/128/128 channels, 2 layers a block, attention at 7 px; 6.5M parameters
+    # against the small preset's 1.0M), alone and on the Min-SNR generator the longtail rows use
+    "base preset": ["generator.preset=base"],
+    "Min-SNR gamma 5, base preset": ["generator.min_snr_gamma=5", "generator.preset=base"],
 }
 RESULTS = HERE / "results" / "generator_levers.jsonl"
 
@@ -57,6 +67,8 @@ RESULTS = HERE / "results" / "generator_levers.jsonl"
 def measure(lever: str, seed: int, args, oracle, task, env) -> dict:
     config = load_config(None, [*SETTING, f"generator.seed={seed}", *LEVERS[lever]])
     cache = HERE / "results" / "cache" / "generators"
+    if args.again:  # trained, and so timed, on this kind of machine
+        cache = cache / hashlib.sha256(env["machine"].encode()).hexdigest()[:12]
     generator, made = generator_for(task.train, config.generator, cache_root=cache, progress=True)
     labels = torch.arange(task.train.num_classes).repeat_interleave(args.per_class)
     t0 = time.perf_counter()
@@ -87,23 +99,35 @@ def measure(lever: str, seed: int, args, oracle, task, env) -> dict:
     }
 
 
+def machine_label(row: dict) -> str:
+    """A short name for the machine a row ran on (rows before bench records named the CPU's kind: 'reference')."""
+    machine = row.get("machine", "")
+    return "AMX" if "amx" in machine else "AVX512-BF16" if "bf16" in machine else "reference" if machine == "x86_64" \
+        else machine or "?"
+
+
 def table(rows: list[dict]) -> str:
+    """One line per lever and kind of machine (training minutes compare only on one), the mean of
+    each generator seed's latest row there."""
+    latest = {(r["lever"], r["generator_seed"], machine_label(r)): r for r in rows}
     lines = [f"MNIST-5k-LT r50, the longtail suite's generator with one change per row; {rows[0]['images']} images "
              f"per generator (same labels and seeds), tail = {', '.join(rows[0]['tail_classes'])}; mean over the "
-             "generator seeds (n).", "",
+             "generator seeds (n); training minutes compare only on one machine.", "",
              "| generator | n | oracle recognises | tail recognised | Fréchet distance (oracle features) "
-             "| tail memorisation ratio | tail diversity ratio | training (CPU min) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| tail memorisation ratio | tail diversity ratio | training (CPU min) | machine |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    machines = sorted({machine for _, _, machine in latest}, key=lambda m: m != "reference")
     for lever in LEVERS:
-        mine = [r for r in rows if r["lever"] == lever]
-        if not mine:
-            continue
-        mean = {k: statistics.fmean(r[k] for r in mine) for k in ("oracle_recognition", "tail_recognition",
-                "frechet_distance", "tail_memorisation_ratio", "tail_diversity_ratio", "train_minutes")}
-        lines.append(f"| {lever} | {len(mine)} | {100 * mean['oracle_recognition']:.1f}% | "
-                     f"{100 * mean['tail_recognition']:.1f}% | {mean['frechet_distance']:.2f} | "
-                     f"{mean['tail_memorisation_ratio']:.2f} | {mean['tail_diversity_ratio']:.2f} | "
-                     f"{mean['train_minutes']:.1f} |")
+        for machine in machines:
+            mine = [r for (name, _, kind), r in latest.items() if name == lever and kind == machine]
+            if not mine:
+                continue
+            mean = {k: statistics.fmean(r[k] for r in mine) for k in ("oracle_recognition", "tail_recognition",
+                    "frechet_distance", "tail_memorisation_ratio", "tail_diversity_ratio", "train_minutes")}
+            lines.append(f"| {lever} | {len(mine)} | {100 * mean['oracle_recognition']:.1f}% | "
+                         f"{100 * mean['tail_recognition']:.1f}% | {mean['frechet_distance']:.2f} | "
+                         f"{mean['tail_memorisation_ratio']:.2f} | {mean['tail_diversity_ratio']:.2f} | "
+                         f"{mean['train_minutes']:.1f} | {machine} |")
     return "\n".join(lines) + "\n"
 
 
@@ -112,14 +136,18 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="generator seeds")
     parser.add_argument("--per-class", type=int, default=100)
     parser.add_argument("--levers", nargs="+", default=list(LEVERS), choices=list(LEVERS))
+    parser.add_argument("--again", action="store_true", help="measure the levers again where no row ran on this kind of "
+                        "machine (training minutes compare only on one); the table gives each machine its line")
     args = parser.parse_args()
-    done = {(r["lever"], r["generator_seed"]) for r in read_rows(RESULTS)}
+    env = environment()
+    # --again: done where a row ran on this kind of machine (so an interrupted --again resumes too)
+    done = {(r["lever"], r["generator_seed"]) for r in read_rows(RESULTS) if not args.again
+            or r.get("machine") == env["machine"]}
     todo = [(lever, seed) for seed in args.seeds for lever in args.levers if (lever, seed) not in done]
     if todo:
         config = load_config(None, SETTING)
         task = make_task(load_dataset(config.data.dataset), config.split)
         oracle = trained_oracle(task.oracle, config.train)
-        env = environment()
         for i, (lever, seed) in enumerate(todo, 1):
             print(f"[{i}/{len(todo)}] {lever}, generator seed {seed}", flush=True)
             row = measure(lever, seed, args, oracle, task, env)

@@ -124,6 +124,14 @@ def test_unseen_fills_the_generated_share_with_real_images_the_split_left_out(da
     assert "generator" not in result.seconds
 
 
+def test_unseen_with_the_whole_fill_replayed_reports_real_replay(data, tmp_path):
+    """replay_share 1 leaves the control nothing to fill: the run is real replay and says so."""
+    config = load_config(None, [*FAST, "synaug.unseen=true", "synaug.replay_share=1", f"output_dir={tmp_path}"])
+    result = get_recipe("synaug").run(make_task(data, config.split), config, workdir=tmp_path / "run")
+    assert result.extra["generator"]["source"] == "none: real replay"
+    assert "unseen" not in result.extra["synthetic"] and result.extra["synthetic"]["images"] > 0
+
+
 def test_draw_unseen_keeps_a_partial_fills_images_a_prefix_and_starts_over_when_the_pool_runs_out():
     pool = make_dataset((3, 5), seed=4)
     real = make_dataset((20, 2), seed=5)
