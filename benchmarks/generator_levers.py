@@ -100,7 +100,8 @@ def measure(lever: str, seed: int, args, oracle, task, env) -> dict:
 
 
 def machine_label(row: dict) -> str:
-    """A short name for the machine a row ran on (rows before bench records named the CPU's kind: 'reference')."""
+    """A short name for the kind of machine a row ran on; the first rows, whose record named no CPU
+    kind ('x86_64'), ran on the reference machine."""
     machine = row.get("machine", "")
     return "AMX" if "amx" in machine else "AVX512-BF16" if "bf16" in machine else "reference" if machine == "x86_64" \
         else machine or "?"

@@ -230,8 +230,9 @@ def synaug(task, config, *, workdir=None, progress=False, trained=None) -> Recip
                                       seed=config.generator.plan_seed)
     replayed, generated, targets = replay(real, to_replay), None, None  # real images drawn again (the control, or the share)
     unseen = None
-    if opts.unseen and to_generate:  # the perfect-generator control: real images the run never sees, in place of
-        # generated ones (replay_share 1 leaves it none to fill: then as real replay)
+    # the perfect-generator control: real images the run never sees in place of generated ones (with nothing
+    # to generate, replay_share 1, the run is real replay)
+    if opts.unseen and to_generate:
         unseen = draw_unseen(task.unseen(), to_generate, seed=config.generator.plan_seed)
         generator_info = {"source": "none: real images the split left out"}
         synthetic_info = {"images": 0, "generated_now": 0, "replay": False, "replayed": len(replayed),
