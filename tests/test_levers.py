@@ -158,6 +158,9 @@ def test_unseen_is_checked_before_anything_is_written(data, tmp_path, capsys, mo
         config = load_config(None, [*FAST, f"synaug.{control}=true", "select.method=prototype"])
         with pytest.raises(SynthaugError, match=f"synaug.{control} generates no image, so select.method would do nothing"):
             get_recipe("synaug").check(make_task(data, config.split), config)
+        config = load_config(None, [*FAST, f"synaug.{control}=true", "validate.enabled=true"])
+        with pytest.raises(SynthaugError, match=f"synaug.{control} generates no image, so validate.enabled would do nothing"):
+            get_recipe("synaug").check(make_task(data, config.split), config)
     # a coloured split repaints the oracle's images: nothing in it is the training split's own image left out
     data = LoadedDataset("tiny", make_dataset((40, 40, 40), channels=3, seed=0), make_dataset((10, 10, 10), channels=3, seed=1))
     config = load_config(None, ["recipe=synaug", "split.kind=colored", "split.agreement=0.9", "synaug.unseen=true"])

@@ -225,6 +225,8 @@ def test_dpt_replay_adds_confident_pool_images_under_their_pseudo_labels(tmp_pat
     assert weights.tolist() == [1.0] * len(task.train) + [0.25] * len(replayed)
     with pytest.raises(SynthaugError, match="dpt.synthetic_weight"):
         load_config(None, ["dpt.synthetic_weight=0"])
+    with pytest.raises(SynthaugError, match="dpt.replay generates no image, so validate.enabled would do nothing"):
+        get_recipe("dpt").check(task, load_config(None, ["recipe=dpt", "dpt.replay=true", "validate.enabled=true"]))
     assert result.extra["generator"]["source"].startswith("none") and "generator" not in result.seconds
     assert replayed.class_counts().tolist() == [4, 4, 4]
     seen = {bytes(x.numpy()) for x in concat(task.train, task.unlabeled).images}

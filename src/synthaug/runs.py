@@ -56,6 +56,10 @@ def preflight(config: RunConfig, baselines: list[str] = ()):
             option = "select.method" if config.select.method != "none" else "select.boundary"
             raise SynthaugError(f"recipe {config.recipe} does not select its images, so {option} would do nothing: "
                                 f"use one of {able}, or leave select.method=none and select.boundary=0")
+    if config.validate.enabled and config.recipe != "auto" and not get_recipe(config.recipe).generates:
+        able = ", ".join(sorted(n for n in RECIPES.names() if get_recipe(n).generates and n != "ldmlr"))
+        raise SynthaugError(f"recipe {config.recipe} makes no synthetic images, so validate.enabled would do nothing: "
+                            f"use one of {able}, or set validate.enabled=false")
     GENERATORS.lookup(generator_kind(config.generator))
     check_features(config.select.features, "select.features")
     check_features(config.validate.features, "validate.features")

@@ -98,6 +98,9 @@ def check(task, config):
     if task.unlabeled is None or len(task.unlabeled) == 0:
         raise SynthaugError("dpt pseudo-labels an unlabelled pool and this split has none: use split.kind=few-shot "
                             "with split.unlabeled_pool=true")
+    if config.dpt.replay and config.validate.enabled:
+        raise SynthaugError("dpt.replay generates no image, so validate.enabled would do nothing: set "
+                            "validate.enabled=false, or dpt.replay=false")
     check_generator(config.generator, task.train, image_embed_dim=config.dpt.embed_dim)
 
 

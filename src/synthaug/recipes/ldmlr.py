@@ -55,6 +55,9 @@ class LdmlrSection:
 
 
 def check(task, config):
+    if config.validate.enabled:
+        raise SynthaugError("ldmlr generates features, not images, so validate.enabled would do nothing: set "
+                            "validate.enabled=false")
     counts = task.train.class_counts()
     target = config.ldmlr.target_per_class
     if target is not None and target < int(counts.max()):

@@ -145,6 +145,10 @@ def check(task, config):
         option = "select.method" if config.select.method != "none" else "select.boundary"
         raise SynthaugError(f"{control} generates no image, so {option} would do nothing: leave select.method=none "
                             f"and select.boundary=0, or set {control}=false")
+    if config.validate.enabled and (control or config.synaug.replay_share == 1):
+        cause, fix = (control, f"{control}=false") if control else ("synaug.replay_share=1", "synaug.replay_share below 1")
+        raise SynthaugError(f"{cause} generates no image, so validate.enabled would do nothing: set validate.enabled=false, "
+                            f"or {fix}")
     if config.synaug.unseen:
         if config.synaug.translate:
             raise SynthaugError("synaug.translate translates generated images and synaug.unseen generates none: set "
