@@ -210,6 +210,8 @@ CASES = [
     ("generator-cache-is-a-file", text_file,
      ["run", *FAST, "-s", "recipe=synaug", "-s", "generator.cache_dir=IN"], "is a file"),
     ("store-dir-is-a-file", text_file, ["run", *FAST, "-s", "recipe=synaug", "-s", "synaug.store_dir=IN"], "is a file"),
+    ("dpt-store-dir-not-ours", a_folder("mine", {"keep.txt": b"mine"}),
+     ["run", *FAST, "-s", "recipe=dpt", "-s", "dpt.store_dir=IN"], "holds 'keep.txt', which is not a synthaug store"),
     pytest.param("device-cuda-without-gpu", None, ["train", *FAST, "-s", "train.device=cuda"], "no CUDA",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
     ("device-typo", None, ["train", *FAST, "-s", "train.device=cpux"], "train.device"),

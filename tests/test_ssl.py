@@ -193,6 +193,12 @@ def test_dpt_seeds_share_one_labeller_generator_and_images(tmp_path):
     assert (tmp_path / "store" / a["generator"]["fingerprint"][:16]).is_dir()
     assert torch.equal(runs[0].synthetic.images, runs[1].synthetic.images)
     assert len(concat(task.train, runs[1].synthetic)) == 9 + 6
+    from synthaug.runs import preflight
+
+    preflight(config)  # the folder holds DPT's store alone: a third run may write there
+    (tmp_path / "store" / "notes.txt").write_text("mine")
+    with pytest.raises(SynthaugError, match="holds 'notes.txt', which is not a synthaug store"):
+        preflight(config)
 
 
 def test_the_labeller_is_shared_across_weight_norm():

@@ -41,7 +41,7 @@ def preflight(config: RunConfig, baselines: list[str] = ()):
     from .generate.executors import EXECUTORS
     from .select.features import check_features
     from .select.filters import SELECTORS
-    from .store import check_store_folder
+    from .store import check_store_folder, check_stores_folder
 
     for name in baselines if config.recipe == "auto" else (config.recipe, *baselines):
         get_recipe(name)  # recipe: auto is resolved once the data is loaded
@@ -65,6 +65,7 @@ def preflight(config: RunConfig, baselines: list[str] = ()):
     check_features(config.validate.features, "validate.features")
     for section in STORE_SECTIONS:
         check_store_folder(getattr(config, section).store_dir, f"{section}.store_dir")
+    check_stores_folder(config.dpt.store_dir, "dpt.store_dir")  # DPT's holds one store per generator
     check_name(config.run_name(), "name")
 
 

@@ -51,6 +51,20 @@ def check_store_folder(path, key: str = "store_dir"):
                         "give a new or empty folder")
 
 
+def check_stores_folder(path, key: str = "store_dir"):
+    """Refuse a folder that synthaug may not write stores into, one per subfolder (DPT's, one per
+    generator): a file, a link, or a folder that holds anything but synthaug stores. Writes nothing."""
+    if check_folder(path, key) is None or not (Path(path).exists() or Path(path).is_symlink()):
+        return
+    root = Path(path)
+    if root.is_symlink():
+        raise SynthaugError(f"{key} '{root}' is a link: give the folder itself")
+    strangers = [p.name for p in sorted(root.iterdir()) if p.is_symlink() or not is_store(p)]
+    if strangers:
+        raise SynthaugError(f"{key} '{root}' holds '{strangers[0]}', which is not a synthaug store (no {MARKER}): give a "
+                            "new or empty folder, or one that holds only synthaug stores")
+
+
 def is_store(root: str | os.PathLike) -> bool:
     """Whether `root` is a store synthaug made (its marker, or an older synthaug's rows); a
     Hugging Face imagefolder of the user's own images, train/metadata.jsonl too, is not."""

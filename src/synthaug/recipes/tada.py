@@ -40,7 +40,8 @@ from ..utils.paths import check_folder
 from .registry import RecipeResult, register_recipe, train_and_evaluate
 
 MODES = {
-    "tada": "TADA: image-guided variants of the slow-learnable examples (k-means on early-training losses)",
+    "tada": "TADA: image-guided variants of the slow-learnable examples (the top tada.share of early-training "
+            "losses; k-means on them with share null)",
     "tada-all": "TADA's baseline: image-guided variants of every training example",
     "tada-upsample": "TADA's baseline: the slow-learnable examples duplicated instead of generated",
     "tada-random": "TADA's control: image-guided variants of as many examples as TADA targets, drawn at random",
