@@ -217,6 +217,9 @@ CASES = [
     ("device-typo", None, ["train", *FAST, "-s", "train.device=cpux"], "train.device"),
     ("unknown-dataset", None, ["train", "-s", "data.dataset=nope"], "unknown dataset 'nope'"),
     ("missing-folder", None, ["train", "-s", "data.dataset=./no/such/folder"], "does not exist"),
+    ("seeds-missing-folder", None, ["run", "--seeds", "0,1", "-s", "data.dataset=./no/such/folder"], "does not exist"),
+    ("seeds-recipe-check", None, ["run", "--seeds", "0,1", *FAST, "-s", "recipe=synaug", "-s", "synaug.target_per_class=3"],
+     "below the largest class"),
     ("corrupt-image", corrupt_image, ["train", "-s", "data.dataset=IN"], "cannot read image"),
     ("not-an-image", not_an_image, ["train", "-s", "data.dataset=IN"], "is not an image"),
     ("empty-class-folder", empty_class, ["train", "-s", "data.dataset=IN"], "holds no images"),
@@ -254,6 +257,11 @@ CASES = [
     ("fill-out-of-range", None, ["run", *FAST, "-s", "recipe=synaug", "-s", "synaug.fill=0"], "synaug.fill must be in (0, 1]"),
     ("target-below-largest", None, ["run", *FAST, "-s", "recipe=synaug", "-s", "synaug.target_per_class=3"],
      "below the largest class"),
+    ("pretrained-folder-not-a-pipeline", a_folder("sd", {"notes.txt": b"mine"}),
+     ["run", *FAST, "-s", "recipe=synaug", "-s", "generator.pretrained=IN"], "not a diffusers pipeline folder"),
+    ("encoder-folder-not-a-model", a_folder("enc", {"notes.txt": b"mine"}),
+     ["run", *FAST, "-s", "recipe=synaug", "-s", "select.method=prototype", "-s", "select.features=hf:IN"],
+     "that folder has no config.json"),
     ("generator-path-missing", None, ["run", *FAST, "-s", "recipe=synaug", "-s", "generator.path=./nope"], "has no"),
     ("generator-folder-empty", empty_generator, ["run", *FAST, "-s", "recipe=synaug", "-s", "generator.path=IN"],
      "has no generator.json"),
@@ -271,6 +279,9 @@ CASES = [
     ("bench-unknown-suite", None, ["bench", "nosuch"], "no suite 'nosuch'"),
     ("bench-suite-missing", None, ["bench", "nosuch.yaml"], "does not exist"),
     ("bench-suite-bad-yaml", suite_file("settings: [a\n"), ["bench", "IN"], "not valid YAML"),
+    ("bench-generator-path-missing", suite_file("recipes: {ce: [recipe=ce], gen: [recipe=ldmlr, generator.path=./nope]}\n"
+                                                "settings: {digits: [data.dataset=digits, train.epochs=1]}\n"),
+     ["bench", "IN"], "has no"),
     ("bench-suite-unknown-key", suite_file(SUITE + "seeds: [0]\n"), ["bench", "IN"], "unknown key 'seeds'"),
     ("bench-suite-unknown-label", suite_file("recipes: {ce: [recipe=ce]}\nsettings: {digits: {overrides: "
                                              "[data.dataset=digits], recipes: [cee]}}\n"), ["bench", "IN"],
@@ -320,6 +331,28 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(make, args, match, tmp
     assert len(lines) == 1 and lines[0].startswith("error:"), err
     assert match in err, err
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("package, args, match", [
+    ("ray", ["run", *FAST, "-s", "recipe=synaug", "-s", "executor.name=ray"], "executor 'ray' needs ray"),
+    ("accelerate", ["run", *FAST, "-s", "recipe=synaug", "-s", "executor.name=accelerate"],
+     "executor 'accelerate' needs accelerate"),
+    ("peft", ["run", *FAST, "-s", "recipe=synaug", "-s", "generator.pretrained=org/model"], "Stable Diffusion needs peft"),
+    ("transformers", ["run", *FAST, "-s", "recipe=synaug", "-s", "select.method=prototype", "-s",
+                      "select.features=hf:org/model"], "select.features hf:org/model needs transformers"),
+])
+def test_a_missing_optional_package_is_named_before_anything_is_written(package, args, match, tmp_path, capsys,
+                                                                        monkeypatch):
+    """An option that needs an extra (an executor, Stable Diffusion, a pretrained encoder) fails at
+    once when its package is not installed, not after the generator has trained."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a))
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli([*args, "--quiet"], capsys, monkeypatch)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and match in err, err
+    assert list(tmp_path.iterdir()) == []  # nothing written
 
 
 def test_there_are_at_least_40_kinds_of_bad_input():

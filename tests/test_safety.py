@@ -74,6 +74,47 @@ def test_force_replaces_a_run_synthaug_made(sandbox, capsys, monkeypatch):
     assert not (run / "stale.txt").exists() and (run / "metrics.json").exists() and intact(sandbox)
 
 
+def test_a_folder_without_the_marker_is_resumed_but_never_deleted(sandbox, capsys, monkeypatch):
+    """A folder whose config.yaml is this run's (an older synthaug's run, or a user's folder
+    holding a dumped config) is resumed, and --force still refuses it: it was never marked."""
+    args = ["train", *FAST, "-s", "output_dir=runs", "-s", "name=old"]
+    assert run_cli(args, capsys, monkeypatch)[0] == 0
+    run = sandbox / "work" / "runs" / "old"
+    (run / ".synthaug-run").unlink()
+    (run / "notes.txt").write_text("mine\n")
+    assert run_cli(args, capsys, monkeypatch)[0] == 0  # finished: taken as it is
+    assert not (run / ".synthaug-run").exists()
+    code, _, err = run_cli([*args, "-s", "train.lr=0.01", "--force"], capsys, monkeypatch)
+    assert code == 2 and "has no .synthaug-run" in err
+    assert (run / "notes.txt").exists() and intact(sandbox)
+
+
+def test_force_never_deletes_a_benchmark_or_a_summary(sandbox, capsys, monkeypatch):
+    """Benchmark folders and --seeds summaries carry the run folders' marker: `run --force -s
+    name=bench-smoke` once deleted `synthaug bench smoke`'s whole folder."""
+    for name, held in (("bench-smoke", "results.jsonl"), ("r-seeds-0-1", "summary.json")):
+        folder = sandbox / "work" / "runs" / name
+        folder.mkdir()
+        (folder / ".synthaug-run").write_text("made by synthaug\n")
+        (folder / held).write_text("hours of work\n")
+        code, _, err = run_cli(["train", *FAST, "-s", "output_dir=runs", "-s", f"name={name}", "--force"], capsys,
+                               monkeypatch)
+        assert code == 2 and "deletes only run folders" in err and (folder / held).exists()
+    assert run_cli(["train", *FAST, "-s", "output_dir=runs", "-s", "name=mine"], capsys, monkeypatch)[0] == 0
+    code, _, err = run_cli(["bench", "smoke", "--out", "runs/mine"], capsys, monkeypatch)
+    assert code == 2 and "is a run's folder" in err and not (sandbox / "work" / "runs" / "mine" / "results.jsonl").exists()
+
+
+def test_two_runs_stores_validated_keep_their_own_results(tmp_path):
+    """Every run's store is `synthetic/`: validating a second one once replaced the first's results."""
+    from synthaug.cli import validation_folder
+
+    a, b = tmp_path / "runs" / "A" / "synthetic", tmp_path / "runs" / "B" / "synthetic"
+    assert validation_folder("out", a) != validation_folder("out", b)
+    assert validation_folder("out", a) == validation_folder("out", a.parent / "x" / ".." / "synthetic")  # the same store
+    assert validation_folder("out", a).parent == Path("out") and validation_folder("out", a).name.startswith("validate-synthetic-")
+
+
 def test_a_refused_run_leaves_no_folder_and_a_corrected_command_works(sandbox, capsys, monkeypatch, tmp_path):
     """A run refused inside its recipe (here: a generator folder that does not match the data)
     leaves no config.yaml behind to block the corrected command."""
@@ -161,16 +202,43 @@ def test_a_user_imagefolder_given_as_a_store_is_refused(tmp_path):
     assert "caption" in (tmp_path / "hf" / "train" / "metadata.jsonl").read_text()
 
 
-def test_a_linked_class_folder_is_never_followed(tmp_path):
+def victim(tmp_path, text_file: str) -> Path:
+    """A user's folder outside the store: an image, thesis.png, and a text file holding "mine"."""
     outside = tmp_path / "victim"
     outside.mkdir()
     Image.fromarray(np.zeros((4, 4), np.uint8)).save(outside / "thesis.png")
-    (outside / ".x.tmp").write_text("mine")
+    (outside / text_file).write_text("mine")
+    return outside
+
+
+def test_a_linked_class_folder_is_never_followed(tmp_path):
+    outside = victim(tmp_path, ".x.tmp")
     store = SyntheticStore(tmp_path / "store", ["a", "b"])
     store.fill(rows(["ok"]), gray)
     (store.split_dir / "evil").symlink_to(outside)
     store.fill(rows(["ok", "more"]), gray)
     assert (outside / "thesis.png").exists() and (outside / ".x.tmp").exists()
+
+
+@pytest.mark.parametrize("link", ["train", "train/metadata.jsonl"])
+def test_a_store_whose_image_folder_or_metadata_is_a_link_is_refused(link, tmp_path):
+    """The repair deletes unlisted images and rewrites the metadata: through a linked train/ it
+    would reach the user's own image folder."""
+    outside = victim(tmp_path, "metadata.jsonl")
+    store = SyntheticStore(tmp_path / "store", ["a", "b"])
+    store.fill(rows(["ok"]), gray)
+    target = tmp_path / "store" / link
+    if target.is_dir():
+        import shutil
+
+        shutil.rmtree(target)
+        target.symlink_to(outside)
+    else:
+        target.unlink()
+        target.symlink_to(outside / "metadata.jsonl")
+    with pytest.raises(SynthaugError, match=f"holds a link, '{link}'"):
+        SyntheticStore(tmp_path / "store", ["a", "b"]).fill(rows(["ok", "more"]), gray)
+    assert (outside / "thesis.png").exists() and (outside / "metadata.jsonl").read_text() == "mine"
 
 
 @pytest.mark.parametrize("bad", [{"file_name": "metadata.jsonl"}, {"file_name": "a/x\u0000.png"}, {"id": "x\u0000"}])

@@ -201,13 +201,25 @@ def bench(
     console.print(f"page: {page}")
 
 
+def validation_folder(output_dir: str, synthetic: Path) -> Path:
+    """`validate`'s default out folder: the images' folder name and a hash of its full path, so two
+    runs' `synthetic/` stores never share one."""
+    import hashlib
+
+    from .utils.paths import check_name
+
+    where = synthetic.resolve()
+    return Path(output_dir) / check_name(f"validate-{where.name}-{hashlib.sha256(str(where).encode()).hexdigest()[:8]}",
+                                         "the folder name")
+
+
 @app.command()
 def validate(
     synthetic: Path = typer.Argument(..., help="a synthetic store (a run's synthetic/ folder) or a folder of class subfolders"),
     config_file: Path = typer.Option(None, "--config", "-c", help="config whose data and split are the real images"),
     overrides: list[str] = SET_OPT,
     classifier: Path = typer.Option(None, help="compare in this classifier's features (a save_pretrained folder)"),
-    out: Path = typer.Option(None, help="where validation.json goes (default: <output_dir>/validate-<folder name>/)"),
+    out: Path = typer.Option(None, help="where validation.json goes (default: <output_dir>/validate-<folder name>-<hash of its path>/)"),
     quiet: bool = QUIET_OPT,
 ):
     """Validate a synthetic image set against the real training split: Frechet distance, KID,
@@ -220,7 +232,7 @@ def validate(
     from .select.stage import scorer_for, validation_skip, validation_stage
     from .store import SPLIT, SyntheticStore, is_store
     from .task import make_task
-    from .utils.paths import check_folder, check_name
+    from .utils.paths import check_folder
 
     cfg = load_config(config_file, [*overrides, *([f"validate.features={classifier}"] if classifier else [])])
     check_features(cfg.validate.features, "--classifier" if classifier else "validate.features")
@@ -229,7 +241,7 @@ def validate(
     if synthetic.name == SPLIT and is_store(synthetic.parent):  # a store's image folder: the store
         synthetic = synthetic.parent
     # under synthaug's output folder, never beside the user's images; a folder synthaug did not make is refused
-    out = out or Path(cfg.output_dir) / f"validate-{check_name(synthetic.resolve().name, 'the folder name')}"
+    out = out or validation_folder(cfg.output_dir, synthetic)
     check_folder(out, "--out")
     if out.is_dir() and any(out.iterdir()) and not (out / VALIDATION_MARKER).is_file():
         raise SynthaugError(f"--out '{out}' holds files synthaug did not make: give a new or empty folder")

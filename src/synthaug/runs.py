@@ -28,6 +28,8 @@ from .utils.paths import check_name, make_folders, remove_created
 from .utils.runtime import resolve_device
 
 MARKER = ".synthaug-run"
+# what a benchmark's folder and a --seeds summary hold and a run folder never does (they share its marker)
+NOT_RUNS = ("results.jsonl", ".synthaug-bench.lock", "summary.json")
 STORE_SECTIONS = ("synaug", "tada", "augcond", "utilgen")
 
 
@@ -38,7 +40,7 @@ def preflight(config: RunConfig, baselines: list[str] = ()):
     SynthaugError; writes nothing."""
     from .classify.models import MODELS
     from .generate.cache import GENERATORS, generator_kind
-    from .generate.executors import EXECUTORS
+    from .generate.executors import check_executor
     from .select.features import check_features
     from .select.filters import SELECTORS
     from .store import check_store_folder, check_stores_folder
@@ -47,7 +49,7 @@ def preflight(config: RunConfig, baselines: list[str] = ()):
         get_recipe(name)  # recipe: auto is resolved once the data is loaded
     resolve_device(config.train.device)
     MODELS.lookup(config.train.model)
-    EXECUTORS.lookup(config.executor.name)
+    check_executor(config.executor.name)
     if config.select.method != "none":
         SELECTORS.lookup(config.select.method, also=("none",))
     if (config.select.method != "none" or config.select.boundary) and config.recipe != "auto":
@@ -61,6 +63,10 @@ def preflight(config: RunConfig, baselines: list[str] = ()):
         raise SynthaugError(f"recipe {config.recipe} makes no synthetic images, so validate.enabled would do nothing: "
                             f"use one of {able}, or set validate.enabled=false")
     GENERATORS.lookup(generator_kind(config.generator))
+    if config.generator.pretrained:
+        from .generate.stable_diffusion import check_pretrained
+
+        check_pretrained(config.generator.pretrained)
     check_features(config.select.features, "select.features")
     check_features(config.validate.features, "validate.features")
     for section in STORE_SECTIONS:
@@ -82,12 +88,13 @@ def prepare_run_dir(run_dir: Path, config: RunConfig, *, force: bool = False) ->
         if not ours:
             raise SynthaugError(f"--force deletes only run folders synthaug made, and '{run_dir}' has no {MARKER}: "
                                 "remove it yourself or set another name (name=...)")
+        if any((run_dir / name).exists() for name in NOT_RUNS):  # the marker is shared with these
+            raise SynthaugError(f"--force deletes only run folders, and '{run_dir}' holds a benchmark's or a --seeds "
+                                "summary's results: set another name (name=...)")
         shutil.rmtree(run_dir)
     elif config_file.is_file():
-        if recorded_changes(run_dir, config) == []:
-            if not ours:  # a run folder of an older synthaug, without the marker
-                (run_dir / MARKER).write_text("a run folder made by synthaug\n")
-            return True, []
+        if recorded_changes(run_dir, config) == []:  # resumed; a folder without the marker (an older synthaug's,
+            return True, []  # or the user's) is never marked, so --force never deletes it
         if not (ours and _unstarted(run_dir)):
             raise SynthaugError(f"run folder '{run_dir}' holds a run with a different config: set another name "
                                 "(name=...) or pass --force")
@@ -191,15 +198,10 @@ def check_ssl(task, config: RunConfig, recipes):
                                 f"one of {able}")
 
 
-def train_run(config: RunConfig, *, progress: bool = True, force: bool = False, compare: bool = False,
-              ) -> tuple[Path, dict]:
-    """Run one recipe as configured; returns the run folder and the metrics written there.
-
-    With `compare`, the baselines in `config.report.baselines` (left at the default, the group
-    methods where the split has groups) are trained in the same run on the same split (each saved as it finishes, so an interrupted run keeps them), and
-    `report.html` is written."""
+def checked(config: RunConfig, compare: bool):
+    """Every check of a run, the data's included: (the data, its cache not yet written; the task;
+    the config, `recipe: auto` resolved; auto's record or None). Raises SynthaugError; writes nothing."""
     preflight(config, config.report.every_baseline() if compare else ())
-    t0 = time.perf_counter()
     data = load_dataset(config.data.dataset, image_size=config.data.image_size, channels=config.data.channels,
                         cache_dir=config.data.cache_dir, defer_cache=True)
     task = make_task(data, config.split)
@@ -211,16 +213,30 @@ def train_run(config: RunConfig, *, progress: bool = True, force: bool = False, 
         config = replace(resolved, name=config.name or config.run_name())  # the run folder keeps "auto" in its name
         preflight(config, config.report.every_baseline() if compare else ())
     recipe = get_recipe(config.recipe)
-    # a baseline that is the recipe itself (recipe: auto often picks one) is not trained twice
     names = [b for b in config.report.baselines_for(task.train.groups is not None) if b != recipe.name]
-    baselines = [get_recipe(b) for b in names] if compare else []
-    check_ssl(task, config, [recipe, *baselines])
+    check_ssl(task, config, [recipe, *(get_recipe(b) for b in names)] if compare else [recipe])
     if recipe.check is not None:
         recipe.check(task, config)
     if config.generator.path:
         from .generate.cache import check_generator_folder
 
         check_generator_folder(config.generator.path, task.train)
+    return data, task, config, auto
+
+
+def train_run(config: RunConfig, *, progress: bool = True, force: bool = False, compare: bool = False,
+              ) -> tuple[Path, dict]:
+    """Run one recipe as configured; returns the run folder and the metrics written there.
+
+    With `compare`, the baselines in `config.report.baselines` (left at the default, the group
+    methods where the split has groups) are trained in the same run on the same split (each saved as it finishes, so an interrupted run keeps them), and
+    `report.html` is written."""
+    t0 = time.perf_counter()
+    data, task, config, auto = checked(config, compare)
+    recipe = get_recipe(config.recipe)
+    # a baseline that is the recipe itself (recipe: auto often picks one) is not trained twice
+    names = [b for b in config.report.baselines_for(task.train.groups is not None) if b != recipe.name]
+    baselines = [get_recipe(b) for b in names] if compare else []
     load_seconds = time.perf_counter() - t0
     # Everything above can fail on bad input; nothing is written before this point.
     data.save_cache()
@@ -332,6 +348,7 @@ def seeds_run(config: RunConfig, seeds: list[int], *, progress: bool = True, for
         preflight(c, c.report.every_baseline())  # the run name included
     if summary_dir.exists() and not (summary_dir / MARKER).is_file():
         raise SynthaugError(f"'{summary_dir}' exists and is not a folder synthaug made: choose another name or output_dir")
+    checked(configs[0], compare=True)  # the data's checks: the seeds share the data, the split and the recipe
     make_folders(summary_dir, "the summary folder")  # every check above passed
     (summary_dir / MARKER).touch()
     runs = {}

@@ -45,6 +45,11 @@ def check_store_folder(path, key: str = "store_dir"):
     root = Path(path)
     if root.is_symlink():
         raise SynthaugError(f"{key} '{root}' is a link: give the folder itself")
+    split = root / SPLIT  # a store's repair deletes unlisted images and rewrites metadata: never through a link
+    for part in [split, *(split.glob("metadata*.jsonl") if split.is_dir() and not split.is_symlink() else ())]:
+        if part.is_symlink():
+            raise SynthaugError(f"{key} '{root}' holds a link, '{part.relative_to(root)}': synthaug writes only in "
+                                "folders it made; remove the link or give a new folder")
     if not any(root.iterdir()) or is_store(root):
         return
     raise SynthaugError(f"{key} '{root}' is not empty and is not a synthaug store (no {MARKER}): "

@@ -73,6 +73,9 @@ def check_out(out: Path):
         raise SynthaugError(f"--out '{out}' is a file or a link: give a folder")
     if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
         raise SynthaugError(f"--out '{out}' holds files synthaug did not make (no {MARKER}): give a new or empty folder")
+    if (out / "config.yaml").is_file() or (out / "summary.json").is_file():  # they share the marker
+        raise SynthaugError(f"--out '{out}' is a run's folder or a --seeds summary, not a benchmark's: give a new or "
+                            "empty folder")
 
 
 def cell_changes(row: dict, cell: Cell) -> list[str]:
@@ -116,7 +119,7 @@ def plan(suite: Suite, out: Path, *, force: bool = False,
 
 def preflight(cells: list[Cell], out: Path):
     """Every check a cell's run would make before writing, for every cell to run: config,
-    device, model, store folders, data, split and the recipe's own check."""
+    device, model, store folders, data, split, the recipe's own check and a given generator folder."""
     from ..data import load_dataset
     from ..recipes import get_recipe
     from ..runs import check_ssl
@@ -140,6 +143,10 @@ def preflight(cells: list[Cell], out: Path):
             check_ssl(tasks[key], config, [recipe])
             if recipe.check is not None:
                 recipe.check(tasks[key], config)
+            if config.generator.path:
+                from ..generate.cache import check_generator_folder
+
+                check_generator_folder(config.generator.path, tasks[key].train)
         except SynthaugError as e:
             raise SynthaugError(f"cell '{cell.key}': {e}") from None
 

@@ -40,6 +40,18 @@ from ..utils.runtime import progress_bar
 from .network import SamplerConfig
 
 EXECUTORS: Registry[Callable] = Registry("executor")
+# the package each optional executor needs, and the extra that installs it
+NEEDS = {"accelerate": ("accelerate", "sd"), "ray": ("ray", "ray")}
+
+
+def check_executor(name: str):
+    """Refuse an unknown executor, or one whose package is not installed. Writes nothing."""
+    import importlib.util
+
+    EXECUTORS.lookup(name)
+    if name in NEEDS and importlib.util.find_spec(NEEDS[name][0]) is None:
+        package, extra = NEEDS[name]
+        raise SynthaugError(f"executor '{name}' needs {package}: pip install 'synthaug[{extra}]', or set executor.name=local")
 JOB_DIR = ".job"
 WORKERS_DIR = "workers"  # each live worker writes its pid here (monitoring; tests kill one)
 
@@ -137,10 +149,7 @@ def run_accelerate(store, plan, generator, sampling, sources, *, provenance, pro
                    **_) -> int:
     """`accelerate launch` with `workers` processes (default: one per GPU, else 2 on the
     CPU), each making its share of the shards."""
-    import importlib.util
-
-    if importlib.util.find_spec("accelerate") is None:
-        raise SynthaugError("executor 'accelerate' needs accelerate: pip install 'synthaug[sd]'")
+    check_executor("accelerate")
     before = len(store.done_ids())
     folder, shards = write_job(store, plan, generator, sampling, sources, provenance=provenance, shard_size=shard_size)
     if shards:
@@ -196,10 +205,9 @@ def run_ray(store, plan, generator, sampling, sources, *, provenance, progress=F
     """Ray Data over the shards with `workers` actors (default: one per GPU of the cluster,
     else 2), on the cluster at `address` (default: a running one, else a local instance).
     The store must be on a file system every node sees."""
-    try:
-        import ray
-    except ImportError:
-        raise SynthaugError("executor 'ray' needs Ray: pip install 'synthaug[ray]'") from None
+    check_executor("ray")
+    import ray
+
     before = len(store.done_ids())
     folder, shards = write_job(store, plan, generator, sampling, sources, provenance=provenance, shard_size=shard_size)
     if shards:

@@ -84,6 +84,16 @@ def require(*modules: str):
         raise SynthaugError(f"Stable Diffusion needs {', '.join(missing)}: pip install 'synthaug[sd]'")
 
 
+def check_pretrained(pretrained: str):
+    """What can be told of `generator.pretrained` without loading it: the packages it needs, and
+    that a local folder is a diffusers pipeline. Writes nothing."""
+    require("diffusers", "transformers", "peft")
+    local = Path(pretrained)
+    if (local.exists() or pretrained.startswith((".", "/"))) and not (local / "model_index.json").exists():
+        raise SynthaugError(f"'{pretrained}' is not a diffusers pipeline folder (no model_index.json): point "
+                            "generator.pretrained at a folder saved by save_pretrained or a hub id")
+
+
 def _torch_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         if device.type != "cuda":
@@ -95,13 +105,9 @@ def _torch_dtype(name: str, device: torch.device) -> torch.dtype:
 def load_pipeline(pretrained: str, *, device: torch.device, dtype: torch.dtype):
     """A diffusers pipeline from a hub id or a local folder (safetensors weights), with a
     clear error when it cannot be had (no folder, no network, not a pipeline)."""
+    check_pretrained(pretrained)
     from diffusers import DiffusionPipeline
 
-    require("transformers", "peft")
-    local = Path(pretrained)
-    if (local.exists() or pretrained.startswith((".", "/"))) and not (local / "model_index.json").exists():
-        raise SynthaugError(f"'{pretrained}' is not a diffusers pipeline folder (no model_index.json): point "
-                            "generator.pretrained at a folder saved by save_pretrained or a hub id")
     try:  # diffusers renamed torch_dtype to dtype
         import diffusers.utils.deprecation_utils as deprecation
 

@@ -115,8 +115,17 @@ def check_features(spec: str, key: str = "features"):
     """Raise (one line) unless `spec` names a feature space: a registered one, hf:<...>, or a
     folder holding a saved classifier. Loads nothing."""
     folder = Path(spec)
-    if spec in FEATURES or spec.startswith("hf:") or \
-            ((folder / "config.json").is_file() and (folder / "model.safetensors").is_file()):
+    if spec.startswith("hf:"):
+        import importlib.util
+
+        if importlib.util.find_spec("transformers") is None:
+            raise SynthaugError(f"{key} {spec} needs transformers: pip install 'synthaug[encoders]'")
+        local = Path(spec[3:])
+        if (local.exists() or spec[3:].startswith((".", "/"))) and not (local / "config.json").is_file():
+            raise SynthaugError(f"{key} is '{spec}' and that folder has no config.json: give a folder written by "
+                                "save_pretrained, or a hub id")
+        return
+    if spec in FEATURES or ((folder / "config.json").is_file() and (folder / "model.safetensors").is_file()):
         return
     raise SynthaugError(f"{key} is '{spec}': use {', '.join(FEATURES)}, a classifier folder (save_pretrained) "
                         "or hf:<hub id or folder>")
