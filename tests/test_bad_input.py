@@ -5,6 +5,7 @@ traceback, and leaves every file and folder as it was (the whole sandbox is comp
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import io
 import json
 import os
@@ -16,6 +17,8 @@ import pytest
 import torch
 from conftest import run_cli, write_idx, write_image_folder
 from PIL import Image
+
+from synthaug.errors import SynthaugError
 
 FAST = ["-s", "data.dataset=digits", "-s", "split.ratio=5", "-s", "train.epochs=1", "-s", "train.augment=none"]
 
@@ -162,6 +165,7 @@ def suite_file(text):
     return make
 
 
+HAS_SD = all(importlib.util.find_spec(m) is not None for m in ("diffusers", "transformers", "peft"))
 SUITE = "recipes: {ce: [recipe=ce]}\nsettings: {digits: [data.dataset=digits, train.epochs=1]}\n"
 
 # (case id, input maker or None, command line with IN for the input, what the message says)
@@ -243,6 +247,8 @@ CASES = [
      "synaug.translate translates generated images and this run generates none"),
     ("selector-without-selection", None, ["train", *FAST, "-s", "select.method=prototype"],
      "does not select its images, so select.method would do nothing"),
+    ("validate-auto", None, ["run", *FAST, "-s", "recipe=auto", "-s", "validate.enabled=true"],
+     "recipe auto picks a classical recipe"),
     ("validate-without-images", None, ["train", *FAST, "-s", "validate.enabled=true"],
      "recipe ce makes no synthetic images, so validate.enabled would do nothing"),
     ("validate-features-not-images", None, ["run", *FAST, "-s", "recipe=ldmlr", "-s", "validate.enabled=true"],
@@ -257,11 +263,12 @@ CASES = [
     ("fill-out-of-range", None, ["run", *FAST, "-s", "recipe=synaug", "-s", "synaug.fill=0"], "synaug.fill must be in (0, 1]"),
     ("target-below-largest", None, ["run", *FAST, "-s", "recipe=synaug", "-s", "synaug.target_per_class=3"],
      "below the largest class"),
-    ("pretrained-folder-not-a-pipeline", a_folder("sd", {"notes.txt": b"mine"}),
-     ["run", *FAST, "-s", "recipe=synaug", "-s", "generator.pretrained=IN"], "not a diffusers pipeline folder"),
-    ("encoder-folder-not-a-model", a_folder("enc", {"notes.txt": b"mine"}),
-     ["run", *FAST, "-s", "recipe=synaug", "-s", "select.method=prototype", "-s", "select.features=hf:IN"],
-     "that folder has no config.json"),
+    pytest.param("pretrained-folder-not-a-pipeline", a_folder("sd", {"notes.txt": b"mine"}),
+                 ["run", *FAST, "-s", "recipe=synaug", "-s", "generator.pretrained=IN"], "not a diffusers pipeline folder",
+                 marks=pytest.mark.skipif(not HAS_SD, reason="needs the sd extra")),
+    pytest.param("encoder-folder-not-a-model", a_folder("enc", {"notes.txt": b"mine"}),
+                 ["run", *FAST, "-s", "recipe=synaug", "-s", "select.method=prototype", "-s", "select.features=hf:IN"],
+                 "that folder has no config.json", marks=pytest.mark.skipif(not HAS_SD, reason="needs transformers")),
     ("generator-path-missing", None, ["run", *FAST, "-s", "recipe=synaug", "-s", "generator.path=./nope"], "has no"),
     ("generator-folder-empty", empty_generator, ["run", *FAST, "-s", "recipe=synaug", "-s", "generator.path=IN"],
      "has no generator.json"),
@@ -337,7 +344,7 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(make, args, match, tmp
     ("ray", ["run", *FAST, "-s", "recipe=synaug", "-s", "executor.name=ray"], "executor 'ray' needs ray"),
     ("accelerate", ["run", *FAST, "-s", "recipe=synaug", "-s", "executor.name=accelerate"],
      "executor 'accelerate' needs accelerate"),
-    ("peft", ["run", *FAST, "-s", "recipe=synaug", "-s", "generator.pretrained=org/model"], "Stable Diffusion needs peft"),
+    ("peft", ["run", *FAST, "-s", "recipe=synaug", "-s", "generator.pretrained=org/model"], "Stable Diffusion needs"),
     ("transformers", ["run", *FAST, "-s", "recipe=synaug", "-s", "select.method=prototype", "-s",
                       "select.features=hf:org/model"], "select.features hf:org/model needs transformers"),
 ])
@@ -355,6 +362,20 @@ def test_a_missing_optional_package_is_named_before_anything_is_written(package,
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
+def test_features_that_nothing_uses_need_no_package(monkeypatch):
+    """hf: features name an encoder that only selection (select.method) or validation loads."""
+    import importlib.util
+
+    from synthaug.config import load_config
+    from synthaug.runs import preflight
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else real(name, *a))
+    preflight(load_config(None, ["recipe=synaug", "select.features=hf:org/model", "validate.features=hf:org/model"]))
+    with pytest.raises(SynthaugError, match="validate.features hf:org/model needs transformers"):
+        preflight(load_config(None, ["recipe=synaug", "validate.enabled=true", "validate.features=hf:org/model"]))
+
+
 def test_there_are_at_least_40_kinds_of_bad_input():
     assert len({case(c).id for c in CASES}) == len(CASES) >= 40
 
@@ -369,7 +390,6 @@ def test_an_empty_section_takes_overrides(tmp_path):
 
 def test_gz_truncation_reads_as_a_clear_error(tmp_path):
     from synthaug.data.sources import read_idx
-    from synthaug.errors import SynthaugError
 
     p = tmp_path / "x.gz"
     with gzip.open(p, "wb") as f:

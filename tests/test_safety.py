@@ -92,9 +92,11 @@ def test_a_folder_without_the_marker_is_resumed_but_never_deleted(sandbox, capsy
 def test_force_never_deletes_a_benchmark_or_a_summary(sandbox, capsys, monkeypatch):
     """Benchmark folders and --seeds summaries carry the run folders' marker: `run --force -s
     name=bench-smoke` once deleted `synthaug bench smoke`'s whole folder."""
-    for name, held in (("bench-smoke", "results.jsonl"), ("r-seeds-0-1", "summary.json")):
+    folders = {"bench-smoke": "results.jsonl", "bench-stopped": "generators/g/unet.safetensors",  # stopped in its 1st cell
+            "r-seeds-0-1": "summary.json", "q-seeds-0-1": "synthetic/train/metadata.jsonl"}  # a sweep under way
+    for name, held in folders.items():
         folder = sandbox / "work" / "runs" / name
-        folder.mkdir()
+        (folder / held).parent.mkdir(parents=True)
         (folder / ".synthaug-run").write_text("made by synthaug\n")
         (folder / held).write_text("hours of work\n")
         code, _, err = run_cli(["train", *FAST, "-s", "output_dir=runs", "-s", f"name={name}", "--force"], capsys,
@@ -103,6 +105,14 @@ def test_force_never_deletes_a_benchmark_or_a_summary(sandbox, capsys, monkeypat
     assert run_cli(["train", *FAST, "-s", "output_dir=runs", "-s", "name=mine"], capsys, monkeypatch)[0] == 0
     code, _, err = run_cli(["bench", "smoke", "--out", "runs/mine"], capsys, monkeypatch)
     assert code == 2 and "is a run's folder" in err and not (sandbox / "work" / "runs" / "mine" / "results.jsonl").exists()
+
+
+def test_run_seeds_checks_every_seeds_folder_before_writing(sandbox, capsys, monkeypatch):
+    args = [*FAST, "-s", "output_dir=runs", "-s", "report.baselines=[ce]"]
+    assert run_cli(["train", *args, "-s", "name=x-s1", "-s", "train.lr=0.01"], capsys, monkeypatch)[0] == 0
+    code, _, err = run_cli(["run", "--seeds", "0,1", *args, "-s", "name=x"], capsys, monkeypatch)
+    assert code == 2 and "holds a run with a different config" in err
+    assert sorted(p.name for p in (sandbox / "work" / "runs").iterdir()) == ["x-s1"]  # no summary, no seed 0
 
 
 def test_two_runs_stores_validated_keep_their_own_results(tmp_path):

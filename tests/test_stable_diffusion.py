@@ -174,8 +174,16 @@ def test_an_interrupted_adaptation_resumes(sd_folder, data, tmp_path, monkeypatc
 
 
 def test_errors_name_the_problem_and_the_fix(sd_folder, unclip_folder, data, tmp_path):
+    from synthaug.generate.stable_diffusion import check_pretrained
+
     with pytest.raises(SynthaugError, match="not a diffusers pipeline folder"):
         StableDiffusionGenerator.from_pretrained(tmp_path, data.classes)
+    (tmp_path / "saved").mkdir()  # a folder synthaug's save_pretrained wrote passes the run's early check
+    (tmp_path / "saved" / "generator.json").write_text("{}")
+    check_pretrained(str(tmp_path / "saved"))
+    check_pretrained(str(sd_folder))
+    with pytest.raises(SynthaugError, match="no model_index.json, no generator.json"):
+        check_pretrained(str(tmp_path))
     with pytest.raises(SynthaugError, match="download it first"):
         StableDiffusionGenerator.from_pretrained("nobody/no-such-model", data.classes)
     with pytest.raises(SynthaugError, match="not an unCLIP pipeline"):

@@ -209,7 +209,7 @@ def validation_folder(output_dir: str, synthetic: Path) -> Path:
     from .utils.paths import check_name
 
     where = synthetic.resolve()
-    return Path(output_dir) / check_name(f"validate-{where.name}-{hashlib.sha256(str(where).encode()).hexdigest()[:8]}",
+    return Path(output_dir) / check_name(f"validate-{where.name[:64]}-{hashlib.sha256(str(where).encode()).hexdigest()[:8]}",
                                          "the folder name")
 
 

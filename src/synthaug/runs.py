@@ -27,17 +27,16 @@ from .utils.io import atomic_write_json, atomic_write_text
 from .utils.paths import check_name, make_folders, remove_created
 from .utils.runtime import resolve_device
 
-MARKER = ".synthaug-run"
-# what a benchmark's folder and a --seeds summary hold and a run folder never does (they share its marker)
-NOT_RUNS = ("results.jsonl", ".synthaug-bench.lock", "summary.json")
+MARKER = ".synthaug-run"  # run folders; benchmark folders and --seeds summaries carry it too
 STORE_SECTIONS = ("synaug", "tada", "augcond", "utilgen")
 
 
 def preflight(config: RunConfig, baselines: list[str] = ()):
     """The checks of a run that need no data: recipe and baseline names, device, model,
-    executor, selector, generator kind, feature spaces, store folders and the run name
-    (the generator folder is checked against the data, in `train_run`). Raises
-    SynthaugError; writes nothing."""
+    executor (and its package), selector, options that would do nothing, generator kind (a
+    pretrained pipeline's packages and folder), feature spaces, store folders and the run name
+    (the data and the generator folder against it are `checked`'s). Raises SynthaugError;
+    writes nothing."""
     from .classify.models import MODELS
     from .generate.cache import GENERATORS, generator_kind
     from .generate.executors import check_executor
@@ -58,7 +57,10 @@ def preflight(config: RunConfig, baselines: list[str] = ()):
             option = "select.method" if config.select.method != "none" else "select.boundary"
             raise SynthaugError(f"recipe {config.recipe} does not select its images, so {option} would do nothing: "
                                 f"use one of {able}, or leave select.method=none and select.boundary=0")
-    if config.validate.enabled and config.recipe != "auto" and not get_recipe(config.recipe).generates:
+    if config.validate.enabled and config.recipe == "auto":
+        raise SynthaugError("recipe auto picks a classical recipe, which makes no synthetic images, so validate.enabled "
+                            "would do nothing: set validate.enabled=false, or name a generative recipe")
+    if config.validate.enabled and not get_recipe(config.recipe).generates:
         able = ", ".join(sorted(n for n in RECIPES.names() if get_recipe(n).generates and n != "ldmlr"))
         raise SynthaugError(f"recipe {config.recipe} makes no synthetic images, so validate.enabled would do nothing: "
                             f"use one of {able}, or set validate.enabled=false")
@@ -67,19 +69,19 @@ def preflight(config: RunConfig, baselines: list[str] = ()):
         from .generate.stable_diffusion import check_pretrained
 
         check_pretrained(config.generator.pretrained)
-    check_features(config.select.features, "select.features")
-    check_features(config.validate.features, "validate.features")
+    check_features(config.select.features, "select.features", used=config.select.method != "none")
+    check_features(config.validate.features, "validate.features", used=config.validate.enabled)
     for section in STORE_SECTIONS:
         check_store_folder(getattr(config, section).store_dir, f"{section}.store_dir")
     check_stores_folder(config.dpt.store_dir, "dpt.store_dir")  # DPT's holds one store per generator
     check_name(config.run_name(), "name")
 
 
-def prepare_run_dir(run_dir: Path, config: RunConfig, *, force: bool = False) -> tuple[bool, list[Path]]:
-    """Create `run_dir` with its marker and config.yaml. Returns (whether a run with this
-    config was started there before, the folders created now). A folder holding another
-    config is refused rather than overwritten; with `force`, a run folder synthaug made is
-    deleted first, and any other folder is refused."""
+def check_run_dir(run_dir: Path, config: RunConfig, *, force: bool = False) -> bool:
+    """Refuse a `run_dir` this run may not use: a file or a link; with `force`, a folder that is
+    not a run folder synthaug made (a benchmark's folder and a --seeds summary carry the same
+    marker but no config.yaml); without, a folder holding another run or something else. Returns
+    whether `run_dir` holds this config's run, to resume. Writes nothing."""
     config_file = run_dir / "config.yaml"
     if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
         raise SynthaugError(f"'{run_dir}' is a file or a link, not a run folder: set another name (name=...)")
@@ -88,18 +90,30 @@ def prepare_run_dir(run_dir: Path, config: RunConfig, *, force: bool = False) ->
         if not ours:
             raise SynthaugError(f"--force deletes only run folders synthaug made, and '{run_dir}' has no {MARKER}: "
                                 "remove it yourself or set another name (name=...)")
-        if any((run_dir / name).exists() for name in NOT_RUNS):  # the marker is shared with these
-            raise SynthaugError(f"--force deletes only run folders, and '{run_dir}' holds a benchmark's or a --seeds "
-                                "summary's results: set another name (name=...)")
-        shutil.rmtree(run_dir)
-    elif config_file.is_file():
+        if not config_file.is_file() and any(p.name != MARKER for p in run_dir.iterdir()):
+            raise SynthaugError(f"--force deletes only run folders, and '{run_dir}' holds no run's config.yaml (a "
+                                "benchmark's folder or a --seeds summary): set another name (name=...)")
+        return False
+    if config_file.is_file():
         if recorded_changes(run_dir, config) == []:  # resumed; a folder without the marker (an older synthaug's,
-            return True, []  # or the user's) is never marked, so --force never deletes it
+            return True  # or the user's) is never marked, so --force never deletes it
         if not (ours and _unstarted(run_dir)):
             raise SynthaugError(f"run folder '{run_dir}' holds a run with a different config: set another name "
                                 "(name=...) or pass --force")
     elif run_dir.exists() and any(run_dir.iterdir()):
         raise SynthaugError(f"'{run_dir}' exists and is not a synthaug run: set another name (name=...) or remove it")
+    return False
+
+
+def prepare_run_dir(run_dir: Path, config: RunConfig, *, force: bool = False) -> tuple[bool, list[Path]]:
+    """Create `run_dir` with its marker and config.yaml, after `check_run_dir`. Returns (whether
+    a run with this config was started there before, the folders created now). With `force`, a
+    run folder synthaug made is deleted first."""
+    if check_run_dir(run_dir, config, force=force):
+        return True, []
+    if force and run_dir.exists() and any(run_dir.iterdir()):
+        shutil.rmtree(run_dir)
+    config_file = run_dir / "config.yaml"
     created = make_folders(run_dir, "output_dir")
     try:
         (run_dir / MARKER).write_text("a run folder made by synthaug\n")
@@ -238,9 +252,10 @@ def train_run(config: RunConfig, *, progress: bool = True, force: bool = False, 
     names = [b for b in config.report.baselines_for(task.train.groups is not None) if b != recipe.name]
     baselines = [get_recipe(b) for b in names] if compare else []
     load_seconds = time.perf_counter() - t0
+    run_dir = Path(config.output_dir) / config.run_name()
+    check_run_dir(run_dir, config, force=force)
     # Everything above can fail on bad input; nothing is written before this point.
     data.save_cache()
-    run_dir = Path(config.output_dir) / config.run_name()
     started, created = prepare_run_dir(run_dir, config, force=force)
     if started and (done := _finished(run_dir, config, compare, task.train.classes, names)) is not None:
         remove_checkpoints(run_dir)  # a run finished by an older synthaug, or stopped before its cleanup
@@ -349,6 +364,8 @@ def seeds_run(config: RunConfig, seeds: list[int], *, progress: bool = True, for
     if summary_dir.exists() and not (summary_dir / MARKER).is_file():
         raise SynthaugError(f"'{summary_dir}' exists and is not a folder synthaug made: choose another name or output_dir")
     checked(configs[0], compare=True)  # the data's checks: the seeds share the data, the split and the recipe
+    for c in configs:
+        check_run_dir(Path(c.output_dir) / c.run_name(), c, force=force)
     make_folders(summary_dir, "the summary folder")  # every check above passed
     (summary_dir / MARKER).touch()
     runs = {}

@@ -52,6 +52,8 @@ def check_executor(name: str):
     if name in NEEDS and importlib.util.find_spec(NEEDS[name][0]) is None:
         package, extra = NEEDS[name]
         raise SynthaugError(f"executor '{name}' needs {package}: pip install 'synthaug[{extra}]', or set executor.name=local")
+
+
 JOB_DIR = ".job"
 WORKERS_DIR = "workers"  # each live worker writes its pid here (monitoring; tests kill one)
 

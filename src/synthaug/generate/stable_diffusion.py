@@ -89,9 +89,11 @@ def check_pretrained(pretrained: str):
     that a local folder is a diffusers pipeline. Writes nothing."""
     require("diffusers", "transformers", "peft")
     local = Path(pretrained)
+    if (local / "generator.json").is_file():  # one that synthaug's save_pretrained wrote (a base and its adapter)
+        return
     if (local.exists() or pretrained.startswith((".", "/"))) and not (local / "model_index.json").exists():
-        raise SynthaugError(f"'{pretrained}' is not a diffusers pipeline folder (no model_index.json): point "
-                            "generator.pretrained at a folder saved by save_pretrained or a hub id")
+        raise SynthaugError(f"'{pretrained}' is not a diffusers pipeline folder (no model_index.json, no generator.json): "
+                            "point generator.pretrained at a folder saved by save_pretrained or a hub id")
 
 
 def _torch_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -111,13 +111,16 @@ class PretrainedEncoder:
         return torch.cat(out) if out else torch.empty(0, 0)
 
 
-def check_features(spec: str, key: str = "features"):
+def check_features(spec: str, key: str = "features", used: bool = True):
     """Raise (one line) unless `spec` names a feature space: a registered one, hf:<...>, or a
-    folder holding a saved classifier. Loads nothing."""
+    folder holding a saved classifier; where it is `used`, an hf: one needs transformers and, as
+    a local folder, its config.json. Loads nothing."""
     folder = Path(spec)
     if spec.startswith("hf:"):
         import importlib.util
 
+        if not used:
+            return
         if importlib.util.find_spec("transformers") is None:
             raise SynthaugError(f"{key} {spec} needs transformers: pip install 'synthaug[encoders]'")
         local = Path(spec[3:])
