@@ -165,6 +165,16 @@ def test_analyse_on_a_built_in_dataset_and_an_image_folder(tmp_path, capsys, mon
     code, out, err = run_cli(["analyse", "digits", "--probe-steps", "0", "--json", str(tmp_path / "a.json")],
                              capsys, monkeypatch)
     assert code == 2 and "overwrites nothing" in err
+    # nor does a file that appears while the analysis runs get replaced
+    import synthaug.analyse
+
+    real = synthaug.analyse.analyse
+    monkeypatch.setattr(synthaug.analyse, "analyse",
+                        lambda *a, **k: (tmp_path / "late.json").write_text("theirs") and real(*a, **k))
+    code, out, err = run_cli(["analyse", "digits", "--probe-steps", "0", "--json", str(tmp_path / "late.json")],
+                             capsys, monkeypatch)
+    assert code == 2 and "appeared while the analysis ran" in err and (tmp_path / "late.json").read_text() == "theirs"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".late.json")]  # no temporary file left
 
 
 @pytest.mark.parametrize("name", ["mnist-5k", "fashion-mnist"])

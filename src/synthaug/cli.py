@@ -146,7 +146,7 @@ def analyse(
     from .analyse import analyse as run_analysis
     from .analyse import summary_lines
     from .config import load_config
-    from .utils.io import atomic_write_json
+    from .utils.io import write_new_json
 
     cfg = load_config(config_file, [*overrides, f"data.dataset={data}"])
     if probe_steps < 0:
@@ -158,7 +158,9 @@ def analyse(
     for line in summary_lines(found):
         console.print(line, markup=False, highlight=False, soft_wrap=True)
     if json_out is not None:
-        atomic_write_json(json_out, found)
+        if not write_new_json(json_out, found):
+            raise SynthaugError(f"--json '{json_out}' appeared while the analysis ran: give a new file (synthaug "
+                                "overwrites nothing)")
         console.print(f"written: {json_out}")
 
 

@@ -43,6 +43,27 @@ def atomic_write_json(path, obj):
     atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
 
 
+def write_new_json(path: str | os.PathLike, obj) -> bool:
+    """Write `obj` to `path` whole, only where no file is there: a temporary file of a unique name
+    is linked into place, which fails rather than replace one that appeared meanwhile. Returns
+    whether it was written."""
+    import tempfile
+
+    path = Path(path)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as f:
+            f.write(json.dumps(obj, indent=2, default=_json_default) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)
+
+
 def read_keyed(path: str | os.PathLike, key: dict) -> dict | None:
     """The JSON object `atomic_write_json` saved at `path` with `"key": key`, or None when there
     is none, it cannot be read, or it was made under another key (compared as JSON)."""
