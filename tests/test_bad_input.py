@@ -120,6 +120,24 @@ bad_generator_json = a_folder("gen", {"generator.json": b"{not json", "unet/conf
 bad_classifier = a_folder("clf", {"config.json": b"{oops", "model.safetensors": b"\0" * 16})
 
 
+def colour_classifier(root):
+    """A classifier saved for 3-channel 8 px images (the digits are 1-channel)."""
+    from synthaug.classify.models import create_model
+
+    create_model("small-cnn", num_classes=10, in_channels=3, image_size=8).save_pretrained(root / "clf3")
+    return root / "clf3"
+
+
+def small_store(root):
+    """A store synthaug made of the digits' classes, its images 5 px where the digits are 8."""
+    from synthaug.store import SyntheticStore
+
+    plan = [{"id": f"r{i}", "label": i, "seed": i, "group": None, "recipe": "t"} for i in range(10)]
+    SyntheticStore(root / "store", [str(c) for c in range(10)]).fill(
+        plan, lambda rows: torch.zeros((len(rows), 1, 5, 5), dtype=torch.uint8))
+    return root / "store"
+
+
 def truncated_tarball(root):
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
@@ -277,6 +295,12 @@ CASES = [
     ("classifier-config-corrupt", bad_classifier, ["validate", "IN/..", "-s", "data.dataset=digits",
                                                    "--classifier", "IN"], "config.json"),
     ("validate-missing-folder", None, ["validate", "./nope", *FAST], "is not a folder"),
+    ("validate-store-other-size", small_store, ["validate", "IN", *FAST], "holds 1x5x5 images and the config's data is 1x8x8"),
+    ("validate-classifier-other-channels", colour_classifier, ["validate", "IN/..", *FAST, "--classifier", "IN"],
+     "reads 3-channel 8 px images and these are 1-channel 8 px"),
+    ("features-classifier-other-channels", colour_classifier, ["run", *FAST, "-s", "recipe=synaug", "-s",
+                                                               "select.method=prototype", "-s", "select.features=IN"],
+     "reads 3-channel 8 px images"),
     ("validate-store-escapes", escaping_store, ["validate", "IN", *FAST], "outside"),
     ("validate-store-images-escape", escaping_store_images, ["validate", "IN", *FAST], "outside"),
     ("cifar-tarball-truncated", truncated_tarball, ["datasets", "cifar10"], "truncated"),
@@ -293,6 +317,13 @@ CASES = [
     ("bench-suite-unknown-label", suite_file("recipes: {ce: [recipe=ce]}\nsettings: {digits: {overrides: "
                                              "[data.dataset=digits], recipes: [cee]}}\n"), ["bench", "IN"],
      "no recipe labelled 'cee'"),
+    ("bench-suite-unknown-metric", suite_file(SUITE + "metric: balanced_acc\n"), ["bench", "IN"],
+     "'balanced_acc' is not a metric synthaug measures"),
+    ("bench-suite-append-unknown-key", suite_file("recipes: {ce: [recipe=ce, train.augmnet+=flip]}\n"
+                                                  "settings: {digits: [data.dataset=digits, train.epochs=1]}\n"),
+     ["bench", "IN"], "no config key 'train.augmnet' to append to"),
+    ("bench-worst-group-without-groups", suite_file(SUITE + "metric: worst_group_accuracy\n"), ["bench", "IN"],
+     "its split has no groups"),
     ("bench-suite-bad-seeds", suite_file(SUITE + "classifier_seeds: [0, 0]\n"), ["bench", "IN"], "different whole numbers"),
     ("bench-suite-bad-override", suite_file(SUITE.replace("train.epochs=1", "train.epochs=abc")), ["bench", "IN"],
      "expected int"),
@@ -360,6 +391,17 @@ def test_a_missing_optional_package_is_named_before_anything_is_written(package,
     code, out, err = run_cli([*args, "--quiet"], capsys, monkeypatch)
     assert code == 2 and len(err.strip().splitlines()) == 1 and match in err, err
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_out_of_gpu_memory_is_one_line_naming_the_batch_sizes(capsys, monkeypatch):
+    import synthaug.runs
+
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(synthaug.runs, "train_run", oom)
+    code, _, err = run_cli(["train", *FAST, "--quiet"], capsys, monkeypatch)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "lower train.batch_size" in err and "Traceback" not in err
 
 
 def test_features_that_nothing_uses_need_no_package(monkeypatch):

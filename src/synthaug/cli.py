@@ -230,7 +230,7 @@ def validate(
     from .config import load_config
     from .data import load_dataset
     from .data.sources import read_class_folder
-    from .select.features import check_features
+    from .select.features import check_features, check_features_fit
     from .select.stage import scorer_for, validation_skip, validation_stage
     from .store import SPLIT, SyntheticStore, is_store
     from .task import make_task
@@ -250,12 +250,18 @@ def validate(
     data = load_dataset(cfg.data.dataset, image_size=cfg.data.image_size, channels=cfg.data.channels,
                         cache_dir=cfg.data.cache_dir, defer_cache=True)
     task = make_task(data, cfg.split)
+    check_features_fit(cfg.validate.features, "--classifier" if classifier else "validate.features", task.train)
     if is_store(synthetic):
         store = SyntheticStore(synthetic, task.train.classes)
         store.verify()
         images = store.load()
     else:
         images = read_class_folder(synthetic, task.train)
+    if images.images.shape[1:] != task.train.images.shape[1:]:
+        shape = "x".join(map(str, images.images.shape[1:]))
+        raise SynthaugError(f"'{synthetic}' holds {shape} images and the config's data is "
+                            f"{'x'.join(map(str, task.train.images.shape[1:]))}: give the config that made them "
+                            "(-c <run folder>/config.yaml), or set data.image_size / data.channels / split.kind to match")
     skip = validation_skip(task, images, cfg)
     if skip:  # before anything is written
         raise SynthaugError(f"cannot validate '{synthetic}': {skip}")
@@ -326,6 +332,11 @@ def main():
             sys.exit(e.exit_code)
         if type(e).__name__ == "Abort":
             sys.exit(130)
+        if type(e).__name__ == "OutOfMemoryError":  # torch's, on a GPU: the batch sizes are the user's to lower
+            Console(stderr=True).print("[bold red]error:[/] out of GPU memory: lower train.batch_size, generator.batch_size "
+                                       "or generator.sampling_batch_size, then run the same command again to resume",
+                                       highlight=False, soft_wrap=True)
+            sys.exit(2)
         raise
 
 

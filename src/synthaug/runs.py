@@ -231,11 +231,23 @@ def checked(config: RunConfig, compare: bool):
     check_ssl(task, config, [recipe, *(get_recipe(b) for b in names)] if compare else [recipe])
     if recipe.check is not None:
         recipe.check(task, config)
+    check_folders_fit(task, config)
+    return data, task, config, auto
+
+
+def check_folders_fit(task, config: RunConfig):
+    """The folders a run reads a model from, against the data: the generator folder and a
+    classifier folder used for features. Writes nothing."""
+    from .select.features import check_features_fit
+
     if config.generator.path:
         from .generate.cache import check_generator_folder
 
         check_generator_folder(config.generator.path, task.train)
-    return data, task, config, auto
+    if config.select.method != "none":
+        check_features_fit(config.select.features, "select.features", task.train)
+    if config.validate.enabled:
+        check_features_fit(config.validate.features, "validate.features", task.train)
 
 
 def train_run(config: RunConfig, *, progress: bool = True, force: bool = False, compare: bool = False,

@@ -117,12 +117,13 @@ def plan(suite: Suite, out: Path, *, force: bool = False,
     return todo + again, again, done
 
 
-def preflight(cells: list[Cell], out: Path):
+def preflight(cells: list[Cell], out: Path, metrics: dict[str, str] | None = None):
     """Every check a cell's run would make before writing, for every cell to run: config,
-    device, model, store folders, data, split, the recipe's own check and a given generator folder."""
+    device, model, store folders, data, split, the recipe's own check and the model folders it
+    reads (`check_folders_fit`); and that the setting's `metrics` (by setting) can be measured."""
     from ..data import load_dataset
     from ..recipes import get_recipe
-    from ..runs import check_ssl
+    from ..runs import check_folders_fit, check_ssl
     from ..runs import preflight as run_preflight
     from ..task import make_task
 
@@ -143,10 +144,10 @@ def preflight(cells: list[Cell], out: Path):
             check_ssl(tasks[key], config, [recipe])
             if recipe.check is not None:
                 recipe.check(tasks[key], config)
-            if config.generator.path:
-                from ..generate.cache import check_generator_folder
-
-                check_generator_folder(config.generator.path, tasks[key].train)
+            check_folders_fit(tasks[key], config)
+            if (metrics or {}).get(cell.setting) == "worst_group_accuracy" and tasks[key].train.groups is None:
+                raise SynthaugError("its metric is worst_group_accuracy and its split has no groups: use "
+                                    "split.kind=colored, or another metric")
         except SynthaugError as e:
             raise SynthaugError(f"cell '{cell.key}': {e}") from None
 
@@ -193,7 +194,7 @@ def run_suite(suite: Suite, out: str | Path, *, force: bool = False, rerun: bool
     cells, changed, done = plan(suite, out, force=force, rerun=rerun)
     cells = [c for c in cells if chosen(c)]
     changed = [c for c in changed if chosen(c)]
-    preflight(cells, out)
+    preflight(cells, out, {s.name: s.metric for s in suite.settings})
     # every check passed: the first write
     make_folders(out, "--out")
     (out / MARKER).write_text("a benchmark folder made by synthaug\n")

@@ -235,6 +235,11 @@ def _setting(suite: str, label: str, spec: dict, common: list[str], recipes: dic
     if classical is not None:
         if not isinstance(classical, list) or any(c not in chosen for c in classical):
             raise SynthaugError(f"{where}: classical must list recipes the setting runs ({', '.join(chosen)})")
+    from .leaderboard import LABELS
+
+    for metric in [spec["metric"], *_strings(spec["columns"], f"{where}: columns")]:
+        if metric not in LABELS:
+            raise SynthaugError(f"{where}: '{metric}' is not a metric synthaug measures: use one of {', '.join(LABELS)}")
     setting = Setting(label, overrides, {r: recipes[r] for r in chosen}, [], str(spec["metric"]),
                       _seeds(spec["classifier_seeds"], f"{where}: classifier_seeds"),
                       _seeds(spec["generator_seeds"], f"{where}: generator_seeds"), steps,
@@ -269,6 +274,9 @@ def _appending(overrides: list[str], base: list[str]) -> list[str]:
             current = load_config(None, [*base, *out])
             node = current
             for part in key.strip().split("."):
+                if not hasattr(node, part):
+                    raise SynthaugError(f"'{item}': no config key '{key.strip()}' to append to (+= adds to a '+'-joined "
+                                        "option such as train.augment)")
                 node = getattr(node, part)
             item = f"{key.strip()}={node}+{value.strip()}"
         out.append(item)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -24,6 +25,9 @@ from ..classify.models import Classifier
 from ..errors import SynthaugError
 from ..utils.registry import Registry
 from ..utils.runtime import infer, resolve_device
+
+if TYPE_CHECKING:
+    from ..data.dataset import ImageDataset
 
 Extractor = Callable[[torch.Tensor], torch.Tensor]
 FEATURES: Registry[Callable[..., Extractor]] = Registry("feature space")
@@ -132,6 +136,27 @@ def check_features(spec: str, key: str = "features", used: bool = True):
         return
     raise SynthaugError(f"{key} is '{spec}': use {', '.join(FEATURES)}, a classifier folder (save_pretrained) "
                         "or hf:<hub id or folder>")
+
+
+def check_features_fit(spec: str, key: str, train: ImageDataset):
+    """Refuse a classifier folder whose network cannot read `train`'s images (other channels or
+    size); registered and hf: feature spaces adapt to any image. Reads config.json; writes nothing."""
+    import json
+
+    folder = Path(spec)
+    if spec in FEATURES or spec.startswith("hf:") or not (folder / "config.json").is_file():
+        return
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        made_for = (int(config["in_channels"]), int(config["image_size"]))
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise SynthaugError(f"{key}: '{folder}/config.json' is not a classifier config: point at a folder written by "
+                            "save_pretrained") from None
+    images = (int(train.images.shape[1]), int(max(train.images.shape[2:])))
+    if made_for != images:
+        raise SynthaugError(f"{key}: the classifier in '{folder}' reads {made_for[0]}-channel {made_for[1]} px images and "
+                            f"these are {images[0]}-channel {images[1]} px: give a classifier trained on this data, or "
+                            "the data it was trained on (data.dataset, data.image_size, data.channels)")
 
 
 def feature_extractor(spec: str | nn.Module | Callable = "classifier", *, classifier: Classifier | None = None,
