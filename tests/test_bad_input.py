@@ -128,6 +128,20 @@ def colour_classifier(root):
     return root / "clf3"
 
 
+def plain_generator(channels: int):
+    """An input maker: a tiny generator saved for the digits' classes at 8 px, conditioned on the
+    class alone (no image embedding, no groups)."""
+    def make(root):
+        from synthaug.generate import DiffusionGenerator, GeneratorConfig
+
+        config = GeneratorConfig(image_size=8, channels=channels, classes=[str(c) for c in range(10)], preset="tiny")
+        DiffusionGenerator(config).save_pretrained(root / "gen")
+        return root / "gen"
+
+    make.__name__ = f"plain_generator_{channels}"
+    return make
+
+
 def small_store(root):
     """A store synthaug made of the digits' classes, its images 5 px where the digits are 8."""
     from synthaug.store import SyntheticStore
@@ -287,6 +301,11 @@ CASES = [
     pytest.param("encoder-folder-not-a-model", a_folder("enc", {"notes.txt": b"mine"}),
                  ["run", *FAST, "-s", "recipe=synaug", "-s", "select.method=prototype", "-s", "select.features=hf:IN"],
                  "that folder has no config.json", marks=pytest.mark.skipif(not HAS_SD, reason="needs transformers")),
+    ("generator-path-not-image-conditioned", plain_generator(1),
+     ["run", *FAST, "-s", "recipe=augcond", "-s", "generator.path=IN"], "is not image-conditioned"),
+    ("generator-path-without-groups", plain_generator(3),
+     ["run", *FAST, "-s", "recipe=synaug", "-s", "split.kind=colored", "-s", "generator.path=IN"],
+     "is not conditioned on groups"),
     ("generator-path-missing", None, ["run", *FAST, "-s", "recipe=synaug", "-s", "generator.path=./nope"], "has no"),
     ("generator-folder-empty", empty_generator, ["run", *FAST, "-s", "recipe=synaug", "-s", "generator.path=IN"],
      "has no generator.json"),

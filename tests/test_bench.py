@@ -429,6 +429,18 @@ def test_recipes_from_reads_the_mapping_form_of_another_suite(tmp_path):
     assert [c.config.recipe for c in suite.cells_] == ["ce"]
 
 
+def test_an_append_after_a_seed_placeholder_loads(tmp_path):
+    """`+=` reads the value so far before the cell's seeds are known: a {seed} placeholder
+    among the overrides once made the suite unloadable."""
+    (tmp_path / "s.yaml").write_text('common: ["generator.sample_seed={seed}"]\n'
+                                     "classifier_seeds: [0, 3]\n"
+                                     "recipes: {strong: [recipe=ce, train.augment+=randaugment]}\n"
+                                     "settings: {digits: [data.dataset=digits, train.augment=flip]}\n")
+    cells = load_suite(str(tmp_path / "s.yaml")).cells_
+    assert [(c.config.train.augment, c.config.generator.sample_seed) for c in cells] == [("flip+randaugment", 0),
+                                                                                          ("flip+randaugment", 3)]
+
+
 def test_a_setting_that_differs_in_its_test_only_shares_the_stores_it_names(tmp_path):
     """`stores` names another setting whose images a setting reuses (only its test differs);
     the store's key still holds the images' settings, so a setting whose training data differs

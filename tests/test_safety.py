@@ -373,6 +373,23 @@ def test_validation_is_redone_when_its_inputs_change(tmp_path):
 # --------------------------------------------------------------------------- 17. checkpoints
 
 
+def test_a_data_cache_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    """safetensors reports a folder it cannot write as its own error, not an OSError."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from synthaug.data.sources import save_decoded
+
+    def refuse(tensors, path):
+        open(path, "wb").close()
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", refuse)
+    with pytest.raises(SynthaugError, match="cannot write the data cache in .* set data.cache_dir"):
+        save_decoded(tmp_path / "cache" / "x.safetensors", {"images": torch.zeros(2)})
+    assert list((tmp_path / "cache").iterdir()) == []  # no temporary file left
+
+
 def test_a_generator_checkpoint_resumes_only_on_the_same_data(tmp_path, monkeypatch):
     from synthaug.generate import (
         DiffusionGenerator,

@@ -193,6 +193,11 @@ def test_dpt_seeds_share_one_labeller_generator_and_images(tmp_path):
     assert (tmp_path / "store" / a["generator"]["fingerprint"][:16]).is_dir()
     assert torch.equal(runs[0].synthetic.images, runs[1].synthetic.images)
     assert len(concat(task.train, runs[1].synthetic)) == 9 + 6
+    # damaged pseudo-labels (a parallel run's half-written file, a full disk) are computed again
+    (done,) = (tmp_path / "run0").parent.rglob("pseudo-labels/*/labels.safetensors")
+    done.write_bytes(b"\0" * 8)
+    again = get_recipe("dpt").run(task, config, workdir=tmp_path / "run2")
+    assert not again.extra["dpt"]["labeller_cached"] and torch.equal(again.synthetic.images, runs[1].synthetic.images)
     from synthaug.runs import preflight
 
     preflight(config)  # the folder holds DPT's store alone: a third run may write there

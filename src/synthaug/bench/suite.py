@@ -271,7 +271,8 @@ def _appending(overrides: list[str], base: list[str]) -> list[str]:
     for item in overrides:
         key, sep, value = item.partition("+=")
         if sep and "=" not in key:
-            current = load_config(None, [*base, *out])
+            # the cell's seeds are not known yet: a {seed} placeholder stands for any seed here
+            current = load_config(None, [o.replace("{seed}", "0").replace("{generator_seed}", "0") for o in [*base, *out]])
             node = current
             for part in key.strip().split("."):
                 if not hasattr(node, part):

@@ -412,12 +412,18 @@ def _decode(files: list[tuple[Path, int]], classes: list[str], image_size=None,
 
 def save_decoded(path: Path, tensors: dict):
     """Write a decoded folder's tensors into the cache, atomically."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     make_folders(path.parent, "the cache folder")
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, tmp)
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, tmp)
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:  # a folder that exists but cannot be written, or a full disk
+        tmp.unlink(missing_ok=True)
+        raise SynthaugError(f"cannot write the data cache in '{path.parent}' ({str(e).splitlines()[0][:120]}): set "
+                            "data.cache_dir to a folder you can write to") from None
 
 
 def _read_image(path: Path) -> torch.Tensor:

@@ -167,8 +167,19 @@ def resolved_precision(precision: str, device: str) -> str:
     return "bfloat16" if fast_dtype(precision, resolve_device(device)) is not None else "float32"
 
 
-def check_generator(section, data: ImageDataset, *, image_embed_dim: int = 0):
-    """Fail, before anything is written, on an embedded generator that cannot be built for `data`."""
+def check_generator(section, data: ImageDataset, *, image_embed_dim: int = 0, groups: bool | None = None):
+    """Fail, before anything is written, on an embedded generator that cannot be built for `data`,
+    or a saved one (`generator.path`) that cannot serve the recipe: not image-conditioned where
+    `image_embed_dim` asks for it, not conditioned on groups where `groups` (default: whether the
+    data has groups) asks for them."""
+    if section.path:
+        gen = check_generator_folder(section.path, data)
+        if gen is not None and image_embed_dim and not gen.image_embed_dim:
+            raise SynthaugError(f"the generator in '{section.path}' is not image-conditioned: train one "
+                                "(leave generator.path unset)")
+        if gen is not None and (data.groups is not None if groups is None else groups) and not gen.config.num_groups:
+            raise SynthaugError(f"the generator in '{section.path}' is not conditioned on groups and this run draws "
+                                "(class, group) cells: train one on this split (leave generator.path unset)")
     if trains_embedded(section):
         network_config(section, data, image_embed_dim=image_embed_dim)
         if section.group_sampler not in ("auto", "uniform") and (data.groups is None or not data.group_names):
@@ -237,10 +248,10 @@ def _kind(folder: Path) -> str | None:
                             "written by save_pretrained") from None
 
 
-def check_generator_folder(folder: str | Path, data: ImageDataset | None = None):
+def check_generator_folder(folder: str | Path, data: ImageDataset | None = None) -> DiffusionGenerator | None:
     """Raise (one line) unless `folder` holds a saved generator that loads (and, given
     `data`, makes images for it): the embedded generator is loaded on the CPU (it is
-    small); a Stable Diffusion folder is checked for its generator.json. Writes nothing."""
+    small) and returned; a Stable Diffusion folder is checked for its generator.json. Writes nothing."""
     folder = Path(folder)
     if not folder.is_dir():
         raise SynthaugError(f"generator folder '{folder}' has no generator.json (it is not a folder): point "
@@ -251,10 +262,11 @@ def check_generator_folder(folder: str | Path, data: ImageDataset | None = None)
         if not isinstance(json.loads((folder / "generator.json").read_text()).get("config"), dict):
             raise SynthaugError(f"generator folder '{folder}': generator.json has no config: point at a folder "
                                 "written by save_pretrained")
-        return
+        return None
     gen = DiffusionGenerator.from_pretrained(folder, device="cpu")
     if data is not None:
         gen.check_compatible(data)
+    return gen
 
 
 def load_generator(folder: str | Path, *, device: str = "auto") -> Generator:

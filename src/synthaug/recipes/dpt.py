@@ -24,6 +24,8 @@ from __future__ import annotations
 import hashlib
 import html
 import json
+import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -118,8 +120,11 @@ def pseudo_labels(task, config, cache_root: Path, workdir: Path, *, progress: bo
 
     folder = cache_root / "pseudo-labels" / labeller_key(task, config)
     if (folder / "done.json").exists():
-        tensors = load_file(folder / "labels.safetensors")
-        return {**json.loads((folder / "done.json").read_text()), **tensors, "cached": True}
+        try:
+            tensors = load_file(folder / "labels.safetensors")
+            return {**json.loads((folder / "done.json").read_text()), **tensors, "cached": True}
+        except Exception as e:  # damaged: computed again, and the files replaced whole
+            print(f"pseudo-labels in '{folder}' cannot be read ({type(e).__name__}): labelling again", file=sys.stderr)
     seed = config.seed if config.dpt.labeller_seed is None else config.dpt.labeller_seed
     result = fit_classifier(task.train, labeller_config(config), seed=seed,
                             unlabeled=task.unlabeled, checkpoint_dir=workdir / "labeller-checkpoint", progress=progress)
@@ -127,7 +132,9 @@ def pseudo_labels(task, config, cache_root: Path, workdir: Path, *, progress: bo
     accuracy = evaluate(result.model, task.test)["accuracy"]
     folder.mkdir(parents=True, exist_ok=True)
     result.model.save_pretrained(folder / "classifier")
-    save_file({"labels": labels.contiguous(), "confidence": confidence.contiguous()}, folder / "labels.safetensors")
+    tmp = folder / f".labels.{os.getpid()}.tmp"  # a name of this process's: whole, also beside a parallel run
+    save_file({"labels": labels.contiguous(), "confidence": confidence.contiguous()}, tmp)
+    os.replace(tmp, folder / "labels.safetensors")
     info = {"seed": seed, "test_accuracy": accuracy, "seconds": result.seconds}
     atomic_write_json(folder / "done.json", info)  # last: a folder without it is redone
     return {**info, "labels": labels, "confidence": confidence, "cached": False}

@@ -156,7 +156,7 @@ def check(task, config):
         draw_unseen(task.unseen(), split_replay(plan, config.synaug.replay_share, task.train)[1],
                     seed=config.generator.plan_seed)
     elif not config.synaug.replay and config.synaug.replay_share < 1:
-        check_generator(config.generator, task.train)
+        check_generator(config.generator, task.train, groups=by_group)
 
 
 def split_replay(plan: list[dict], share: float, real=None) -> tuple[list[dict], list[dict]]:
