@@ -439,6 +439,10 @@ def test_an_append_after_a_seed_placeholder_loads(tmp_path):
     cells = load_suite(str(tmp_path / "s.yaml")).cells_
     assert [(c.config.train.augment, c.config.generator.sample_seed) for c in cells] == [("flip+randaugment", 0),
                                                                                           ("flip+randaugment", 3)]
+    # every metric a row records is one a suite may rank by
+    (tmp_path / "g.yaml").write_text("metric: mean_group_accuracy\nrecipes: {ce: [recipe=ce]}\n"
+                                     "settings: {coloured: [data.dataset=digits, split.kind=colored]}\n")
+    assert load_suite(str(tmp_path / "g.yaml")).settings[0].metric == "mean_group_accuracy"
 
 
 def test_a_setting_that_differs_in_its_test_only_shares_the_stores_it_names(tmp_path):

@@ -232,3 +232,28 @@ def test_both_generators_implement_the_interface(tmp_path):
     for gen in (embedded, sd):
         assert isinstance(gen, Generator)
         assert gen.policy_embeddings().ndim >= 2 and gen.image_embed_dim == 0
+
+
+def test_a_saved_generator_is_checked_for_what_the_recipe_needs_and_loaded_once(tmp_path, monkeypatch):
+    """generator.path: refused where the recipe draws (class, group) cells and the generator has
+    no groups, accepted where it draws classes alone (AugCond on a coloured split); the checks of
+    one run load the folder once, and again once its files change."""
+    from synthaug.config import load_config
+    from synthaug.generate import cache
+
+    data = make_dataset((6, 6), channels=3, seed=0)
+    data.groups, data.group_names = torch.tensor([0, 1] * 6), ["red", "green"]
+    DiffusionGenerator(GeneratorConfig(image_size=8, channels=3, classes=data.classes, preset="tiny")).save_pretrained(
+        tmp_path / "gen")
+    section = load_config(None, [f"generator.path={tmp_path / 'gen'}"]).generator
+    loads, real = [], DiffusionGenerator.from_pretrained
+    monkeypatch.setattr(DiffusionGenerator, "from_pretrained", lambda *a, **k: loads.append(1) or real(*a, **k))
+    cache.check_generator(section, data)  # classes alone
+    with pytest.raises(SynthaugError, match="is not conditioned on groups"):
+        cache.check_generator(section, data, groups=True)
+    with pytest.raises(SynthaugError, match="is not image-conditioned"):
+        cache.check_generator(section, data, image_embed_dim=4)
+    assert len(loads) == 1
+    (tmp_path / "gen" / "generator.json").write_text((tmp_path / "gen" / "generator.json").read_text())
+    cache.check_generator_folder(tmp_path / "gen", data)
+    assert len(loads) == 2

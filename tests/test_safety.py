@@ -373,6 +373,21 @@ def test_validation_is_redone_when_its_inputs_change(tmp_path):
 # --------------------------------------------------------------------------- 17. checkpoints
 
 
+@pytest.mark.parametrize("links", [True, False])
+def test_a_new_file_is_written_whole_and_never_over_another(links, tmp_path, monkeypatch):
+    """analyse --json's write; without hard links (FAT, some network mounts) it creates the file exclusively."""
+    import os
+
+    from synthaug.utils.io import write_new_json
+
+    if not links:
+        monkeypatch.setattr(os, "link", lambda *a: (_ for _ in ()).throw(PermissionError(1, "Operation not permitted")))
+    assert write_new_json(tmp_path / "a.json", {"x": 1}) and json.loads((tmp_path / "a.json").read_text()) == {"x": 1}
+    (tmp_path / "b.json").write_text("theirs")
+    assert not write_new_json(tmp_path / "b.json", {"x": 2}) and (tmp_path / "b.json").read_text() == "theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json"]  # no temporary file left
+
+
 def test_a_data_cache_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
     """safetensors reports a folder it cannot write as its own error, not an OSError."""
     import safetensors.torch

@@ -18,7 +18,7 @@ from ..verdict import compare, compare_tied
 
 LABELS = {"accuracy": "accuracy", "balanced_accuracy": "balanced acc", "few_shot_accuracy": "few-shot",
           "many_shot_accuracy": "many-shot", "medium_shot_accuracy": "medium-shot",
-          "worst_class_accuracy": "worst class", "worst_group_accuracy": "worst group",
+          "worst_class_accuracy": "worst class", "worst_group_accuracy": "worst group", "mean_group_accuracy": "mean group",
           "synthetic_only_accuracy": "synthetic only"}
 COSTLESS = ("load_data", "generator", "generate")  # counted apart: generator training and generation
 

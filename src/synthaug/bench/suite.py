@@ -238,7 +238,7 @@ def _setting(suite: str, label: str, spec: dict, common: list[str], recipes: dic
     from .leaderboard import LABELS
 
     for metric in [spec["metric"], *_strings(spec["columns"], f"{where}: columns")]:
-        if metric not in LABELS:
+        if not isinstance(metric, str) or metric not in LABELS:
             raise SynthaugError(f"{where}: '{metric}' is not a metric synthaug measures: use one of {', '.join(LABELS)}")
     setting = Setting(label, overrides, {r: recipes[r] for r in chosen}, [], str(spec["metric"]),
                       _seeds(spec["classifier_seeds"], f"{where}: classifier_seeds"),
@@ -295,8 +295,12 @@ def _cells(setting: Setting, device: str) -> list[Cell]:
         get_recipe(recipe)  # an unknown name fails here, with the registry's line
         own = [o.split("=", 1)[1] for o in recipe_overrides if o.startswith("generator_seeds=")]
         recipe_overrides = [o for o in recipe_overrides if not o.startswith("generator_seeds=")]
-        overrides = [*setting.overrides, *_appending(recipe_overrides, setting.overrides),
-                     *([f"train.steps={setting.steps}"] if setting.steps else []), f"train.device={device}"]
+        try:
+            appended = _appending(recipe_overrides, setting.overrides)
+        except SynthaugError as e:
+            raise SynthaugError(f"setting '{setting.name}', recipe '{label}': {e}") from None
+        overrides = [*setting.overrides, *appended, *([f"train.steps={setting.steps}"] if setting.steps else []),
+                     f"train.device={device}"]
         generator_seeds = ([int(x) for x in own[-1].split(",")] if own else setting.generator_seeds) \
             if _generates(recipe) else [None]
         for g in generator_seeds:

@@ -167,17 +167,17 @@ def resolved_precision(precision: str, device: str) -> str:
     return "bfloat16" if fast_dtype(precision, resolve_device(device)) is not None else "float32"
 
 
-def check_generator(section, data: ImageDataset, *, image_embed_dim: int = 0, groups: bool | None = None):
+def check_generator(section, data: ImageDataset, *, image_embed_dim: int = 0, groups: bool = False):
     """Fail, before anything is written, on an embedded generator that cannot be built for `data`,
     or a saved one (`generator.path`) that cannot serve the recipe: not image-conditioned where
-    `image_embed_dim` asks for it, not conditioned on groups where `groups` (default: whether the
-    data has groups) asks for them."""
+    `image_embed_dim` asks for it, not conditioned on groups where the recipe draws (class, group)
+    cells (`groups`)."""
     if section.path:
         gen = check_generator_folder(section.path, data)
         if gen is not None and image_embed_dim and not gen.image_embed_dim:
             raise SynthaugError(f"the generator in '{section.path}' is not image-conditioned: train one "
                                 "(leave generator.path unset)")
-        if gen is not None and (data.groups is not None if groups is None else groups) and not gen.config.num_groups:
+        if gen is not None and groups and not gen.config.num_groups:
             raise SynthaugError(f"the generator in '{section.path}' is not conditioned on groups and this run draws "
                                 "(class, group) cells: train one on this split (leave generator.path unset)")
     if trains_embedded(section):
@@ -248,6 +248,9 @@ def _kind(folder: Path) -> str | None:
                             "written by save_pretrained") from None
 
 
+_CHECKED: dict = {}  # check_generator_folder's loads, by folder, its files' times and the data's shape
+
+
 def check_generator_folder(folder: str | Path, data: ImageDataset | None = None) -> DiffusionGenerator | None:
     """Raise (one line) unless `folder` holds a saved generator that loads (and, given
     `data`, makes images for it): the embedded generator is loaded on the CPU (it is
@@ -263,7 +266,12 @@ def check_generator_folder(folder: str | Path, data: ImageDataset | None = None)
             raise SynthaugError(f"generator folder '{folder}': generator.json has no config: point at a folder "
                                 "written by save_pretrained")
         return None
-    gen = DiffusionGenerator.from_pretrained(folder, device="cpu")
+    stamp = tuple(p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file())
+    key = (str(folder.resolve()), stamp)  # the checks of a run and its bench cells load a folder once
+    if key not in _CHECKED:
+        _CHECKED.clear()
+        _CHECKED[key] = DiffusionGenerator.from_pretrained(folder, device="cpu")
+    gen = _CHECKED[key]
     if data is not None:
         gen.check_compatible(data)
     return gen

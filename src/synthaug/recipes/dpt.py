@@ -44,7 +44,7 @@ from ..generate.stage import generate_stage, generator_stage
 from ..plan import conditioned_plan
 from ..report import pct
 from ..select.metrics import diversity_ratio, memorization_ratio
-from ..utils.io import atomic_write_json
+from ..utils.io import atomic_write_json, exclusive
 from ..utils.keys import key_dict
 from ..utils.paths import check_folder
 from .registry import RecipeResult, register_recipe, train_and_evaluate
@@ -103,7 +103,8 @@ def check(task, config):
     if config.dpt.replay and config.validate.enabled:
         raise SynthaugError("dpt.replay generates no image, so validate.enabled would do nothing: set "
                             "validate.enabled=false, or dpt.replay=false")
-    check_generator(config.generator, task.train, image_embed_dim=config.dpt.embed_dim)
+    if not config.dpt.replay:  # the control trains and loads no generator
+        check_generator(config.generator, task.train, image_embed_dim=config.dpt.embed_dim)
 
 
 def labeller_key(task, config) -> str:
@@ -116,9 +117,16 @@ def labeller_key(task, config) -> str:
 def pseudo_labels(task, config, cache_root: Path, workdir: Path, *, progress: bool = False) -> dict:
     """Step 1: the labeller's pseudo-label and confidence for every pool image, and its test
     accuracy; trained now (resumably) or read from `cache_root/pseudo-labels/<key>/`."""
+    key = labeller_key(task, config)
+    folder = cache_root / "pseudo-labels" / key
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive(folder.parent / f"{key}.lock"):  # cells side by side that share a labeller train it once
+        return _pseudo_labels(task, config, folder, workdir, progress=progress)
+
+
+def _pseudo_labels(task, config, folder: Path, workdir: Path, *, progress: bool = False) -> dict:
     from safetensors.torch import load_file, save_file
 
-    folder = cache_root / "pseudo-labels" / labeller_key(task, config)
     if (folder / "done.json").exists():
         try:
             tensors = load_file(folder / "labels.safetensors")
@@ -132,9 +140,12 @@ def pseudo_labels(task, config, cache_root: Path, workdir: Path, *, progress: bo
     accuracy = evaluate(result.model, task.test)["accuracy"]
     folder.mkdir(parents=True, exist_ok=True)
     result.model.save_pretrained(folder / "classifier")
-    tmp = folder / f".labels.{os.getpid()}.tmp"  # a name of this process's: whole, also beside a parallel run
-    save_file({"labels": labels.contiguous(), "confidence": confidence.contiguous()}, tmp)
-    os.replace(tmp, folder / "labels.safetensors")
+    tmp = folder / ".labels.safetensors.tmp"
+    try:
+        save_file({"labels": labels.contiguous(), "confidence": confidence.contiguous()}, tmp)
+        os.replace(tmp, folder / "labels.safetensors")  # whole: a run stopped mid-write leaves the old file or none
+    finally:
+        tmp.unlink(missing_ok=True)
     info = {"seed": seed, "test_accuracy": accuracy, "seconds": result.seconds}
     atomic_write_json(folder / "done.json", info)  # last: a folder without it is redone
     return {**info, "labels": labels, "confidence": confidence, "cached": False}

@@ -94,7 +94,7 @@ def check(task, config):
     if config.tada.early_epochs >= config.train.epochs:
         raise SynthaugError(f"tada.early_epochs ({config.tada.early_epochs}) must be below train.epochs "
                             f"({config.train.epochs}): the split needs a model that has not finished training")
-    check_generator(config.generator, task.train)
+    check_generator(config.generator, task.train, groups=task.train.groups is not None)  # variants keep their group
 
 
 def score_examples(task, config, *, workdir: Path, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict]:

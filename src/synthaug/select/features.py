@@ -139,8 +139,9 @@ def check_features(spec: str, key: str = "features", used: bool = True):
 
 
 def check_features_fit(spec: str, key: str, train: ImageDataset):
-    """Refuse a classifier folder whose network cannot read `train`'s images (other channels or
-    size); registered and hf: feature spaces adapt to any image. Reads config.json; writes nothing."""
+    """Refuse a classifier folder whose network cannot read `train`'s images (other channels; its
+    pooling takes any size); registered and hf: feature spaces adapt to any image. Reads
+    config.json; writes nothing."""
     import json
 
     folder = Path(spec)
@@ -148,15 +149,14 @@ def check_features_fit(spec: str, key: str, train: ImageDataset):
         return
     try:
         config = json.loads((folder / "config.json").read_text())
-        made_for = (int(config["in_channels"]), int(config["image_size"]))
+        channels = int(config["in_channels"])
     except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
         raise SynthaugError(f"{key}: '{folder}/config.json' is not a classifier config: point at a folder written by "
                             "save_pretrained") from None
-    images = (int(train.images.shape[1]), int(max(train.images.shape[2:])))
-    if made_for != images:
-        raise SynthaugError(f"{key}: the classifier in '{folder}' reads {made_for[0]}-channel {made_for[1]} px images and "
-                            f"these are {images[0]}-channel {images[1]} px: give a classifier trained on this data, or "
-                            "the data it was trained on (data.dataset, data.image_size, data.channels)")
+    if channels != int(train.images.shape[1]):
+        raise SynthaugError(f"{key}: the classifier in '{folder}' reads {channels}-channel images and these have "
+                            f"{int(train.images.shape[1])}: give a classifier trained on this data, or the data it was "
+                            "trained on (data.dataset, data.channels)")
 
 
 def feature_extractor(spec: str | nn.Module | Callable = "classifier", *, classifier: Classifier | None = None,

@@ -56,7 +56,13 @@ def write_new_json(path: str | os.PathLike, obj) -> bool:
             f.write(json.dumps(obj, indent=2, default=_json_default) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        os.link(tmp, path)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError:  # a file system without hard links: create the file exclusively and copy into it
+            with open(path, "x") as out, open(tmp) as f:
+                out.write(f.read())
         return True
     except FileExistsError:
         return False
