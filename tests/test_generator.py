@@ -217,6 +217,8 @@ def test_resume_after_interruption(tmp_path, monkeypatch):
     undo()
     resumed = DiffusionGenerator.fit(ds, tiny_config(ds), TRAIN, seed=1, checkpoint_dir=tmp_path)
     assert [h["step"] for h in resumed.history] == [h["step"] for h in reference.history]
+    # the loss recorded at step 4 is the mean over steps 1-4 in both, not over the resumed 3-4 alone
+    assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in reference.history], rel=1e-5)
     for (k, a), b in zip(reference.unet.state_dict().items(), resumed.unet.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), k
 

@@ -271,6 +271,23 @@ def test_synthetic_weight_is_checked():
         load_config(None, ["synaug.synthetic_weight=0"])
 
 
+def test_feature_diffusion_starts_from_its_seed_whatever_ran_before():
+    """LDMLR builds its denoiser after the classifier: a run resumed past the classifier's
+    training once started it from other weights than an uninterrupted run."""
+    from synthaug.generate.features import FeatureDiffusion
+
+    torch.manual_seed(1)
+    a = FeatureDiffusion(4, 2, hidden=8, blocks=1, seed=3)
+    torch.manual_seed(2)
+    before = torch.get_rng_state()
+    b = FeatureDiffusion(4, 2, hidden=8, blocks=1, seed=3)
+    assert torch.equal(torch.get_rng_state(), before)  # the global generator is left as it was
+    pairs = zip(a.denoiser.state_dict().values(), b.denoiser.state_dict().values(), strict=True)
+    assert all(torch.equal(x, y) for x, y in pairs)
+    other = FeatureDiffusion(4, 2, hidden=8, blocks=1, seed=4)
+    assert not torch.equal(next(iter(other.denoiser.parameters())), next(iter(a.denoiser.parameters())))
+
+
 def test_feature_diffusion_learns_each_class_s_distribution():
     """Two classes of 2-D features around (-3, 0) and (+3, 0): generated features land by
     their class (a denoiser that ignored the label would put half of them by the other)."""

@@ -388,6 +388,22 @@ def test_a_new_file_is_written_whole_and_never_over_another(links, tmp_path, mon
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json"]  # no temporary file left
 
 
+def test_a_scorer_saved_half_is_trained_again_from_its_checkpoint(tmp_path, monkeypatch):
+    """save_pretrained writes the weights last; a folder that holds them without config.json (a
+    kill between the two under an older order) is not taken as a saved scorer."""
+    import synthaug.select.stage as stage
+    from synthaug.config import load_config
+
+    data = make_dataset((12, 12), seed=0)
+    config = load_config(None, ["train.epochs=1", "train.batch_size=8", "train.augment=none"])
+    first = stage.scorer_for(data, config, tmp_path / "scorers")
+    (saved,) = [p for p in (tmp_path / "scorers").iterdir() if p.is_dir()]
+    (saved / "config.json").unlink()
+    again = stage.scorer_for(data, config, tmp_path / "scorers")  # trained again, not a raw error
+    assert (saved / "config.json").is_file()
+    assert all(torch.equal(x, y) for x, y in zip(first.state_dict().values(), again.state_dict().values(), strict=True))
+
+
 def test_a_data_cache_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
     """safetensors reports a folder it cannot write as its own error, not an OSError."""
     import safetensors.torch

@@ -48,16 +48,17 @@ class Classifier(nn.Module):
         return self.head(self.forward_features(x))
 
     def save_pretrained(self, folder: str | os.PathLike):
-        """config.json + model.safetensors, written atomically."""
+        """config.json + model.safetensors, each written atomically, the weights last: a folder
+        holding model.safetensors holds a whole classifier."""
         from safetensors.torch import save_file
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json.tmp").write_text(json.dumps(self.config, indent=2))
+        os.replace(folder / "config.json.tmp", folder / "config.json")
         tmp = folder / "model.safetensors.tmp"
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, tmp)
         os.replace(tmp, folder / "model.safetensors")
-        (folder / "config.json.tmp").write_text(json.dumps(self.config, indent=2))
-        os.replace(folder / "config.json.tmp", folder / "config.json")
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> Classifier:

@@ -52,11 +52,13 @@ class FeatureDiffusion:
     kind = "feature-diffusion"
 
     def __init__(self, dim: int, classes: int, *, hidden: int = 512, blocks: int = 3, train_timesteps: int = 1000,
-                 label_dropout: float = 0.1):
+                 label_dropout: float = 0.1, seed: int = 0):
         from diffusers import DDPMScheduler
 
         self.dim, self.classes, self.label_dropout = dim, classes, label_dropout
-        self.denoiser = FeatureDenoiser(dim, classes, hidden, blocks)
+        with torch.random.fork_rng(devices=[]):  # its first weights from `seed`, not from what ran before
+            torch.manual_seed(seed)
+            self.denoiser = FeatureDenoiser(dim, classes, hidden, blocks)
         self.schedule = DDPMScheduler(num_train_timesteps=train_timesteps, beta_schedule="squaredcos_cap_v2",
                                       clip_sample=False)
         self.mean = torch.zeros(dim)

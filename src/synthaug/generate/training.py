@@ -100,11 +100,13 @@ def train_generator(gen: DiffusionGenerator, data: ImageDataset, cfg: GeneratorT
     if gen.condition is not None:
         stateful["condition"] = gen.condition
     state = checkpoint.restore(**stateful)
+    window = []  # the losses since the last history entry
     if state is not None:
         ema.to(device)
         start, history, spent = state["step"], state["history"], state["seconds"]
+        window = [torch.tensor(v, device=device) for v in state.get("window", [])]
 
-    t0, window = time.perf_counter(), []
+    t0 = time.perf_counter()
     with progress_bar(progress) as bar:
         task = bar.add_task("train generator", total=cfg.steps, completed=start, info="")
         for step in range(start, cfg.steps):
@@ -170,8 +172,8 @@ def train_generator(gen: DiffusionGenerator, data: ImageDataset, cfg: GeneratorT
                 window = []
                 bar.update(task, completed=done, info=f"loss {history[-1]['loss']:.4f}")
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                checkpoint.save({"step": done, "history": history, "seconds": spent + time.perf_counter() - t0},
-                                **stateful)
+                checkpoint.save({"step": done, "history": history, "seconds": spent + time.perf_counter() - t0,
+                                 "window": [float(v) for v in window]}, **stateful)  # a resumed history is the same
     ema.copy_to(params)  # sample with the EMA weights
     for net in nets:
         net.eval()

@@ -86,7 +86,8 @@ def ldmlr(task, config, *, workdir=None, progress=False, trained=None) -> Recipe
     t0 = time.perf_counter()
     device = next(model.parameters()).device
     feats = extract_features(model, real.images).float().cpu()
-    diffusion = FeatureDiffusion(feats.shape[1], real.num_classes, hidden=opts.hidden, blocks=opts.blocks)
+    diffusion = FeatureDiffusion(feats.shape[1], real.num_classes, hidden=opts.hidden, blocks=opts.blocks,
+                                 seed=config.generator.seed)
     diffusion.fit(feats, real.labels, steps=opts.steps, batch_size=opts.batch_size, lr=opts.lr,
                   seed=config.generator.seed, progress=progress)
     seconds["generator"] = time.perf_counter() - t0

@@ -80,9 +80,10 @@ def scorer_for(real: ImageDataset, config, folder: Path, *, progress: bool = Fal
                                     default=str).encode()).hexdigest()[:16]
     target, checkpoint = folder / key, folder / f"{key}-checkpoint"  # the checkpoint: gone once the scorer is saved
     with exclusive(folder / f"{key}.lock"):  # cells side by side that need the same scorer train it once
-        if (target / "model.safetensors").exists():
-            shutil.rmtree(checkpoint, ignore_errors=True)
-            return Classifier.from_pretrained(target).to(resolve_device(config.train.device))
+        if (target / "model.safetensors").exists() and (target / "config.json").exists():
+            model = Classifier.from_pretrained(target).to(resolve_device(config.train.device))
+            shutil.rmtree(checkpoint, ignore_errors=True)  # only once the scorer it protects has loaded
+            return model
         result = fit_classifier(real, train_cfg, seed=config.seed, checkpoint_dir=checkpoint, progress=progress)
         result.model.save_pretrained(target)
         shutil.rmtree(checkpoint, ignore_errors=True)
