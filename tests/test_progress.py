@@ -37,3 +37,22 @@ def test_a_long_stage_prints_lines_when_stdout_is_not_a_terminal(capsys, monkeyp
     out = [line for line in capsys.readouterr().out.splitlines() if line.startswith("train classifier: ")]
     assert [line.split(" (")[0] for line in out] == [f"train classifier: {k}/3" for k in (1, 2, 3)]
     assert all("loss " in line for line in out)
+
+
+def test_utilgen_s_generator_stages_show_progress(capsys, monkeypatch):
+    """DPO, the class embeddings and DDIM inversion run for minutes between UtilGen's bars:
+    each shows its own, step by step, in a log too."""
+    import torch
+
+    from synthaug.generate import DiffusionGenerator, GeneratorConfig
+
+    monkeypatch.setenv("SYNTHAUG_PROGRESS_SECONDS", "0")
+    ds = make_dataset((4, 4), size=8)
+    gen = DiffusionGenerator(GeneratorConfig(image_size=8, channels=1, classes=ds.classes, preset="tiny"))
+    gen.finetune_dpo(ds.images[:2], ds.images[2:4], ds.labels[:2], steps=3, lr=1e-5, beta=1.0, seed=0, progress=True)
+    gen.optimise_policy_embeddings(ds.images[:2], ds.labels[:2], steps=2, lr=1e-3, proximity=1.0, anchor=None, seed=0,
+                                   progress=True)
+    gen.invert_noise(ds.images[:3], torch.tensor([0, 0, 1]), steps=2, guidance_scale=1.0, batch_size=2, progress=True)
+    out = [line.split(" (")[0] for line in capsys.readouterr().out.splitlines()]
+    assert out == ["DPO: 1/3", "DPO: 2/3", "DPO: 3/3", "class embeddings: 1/2", "class embeddings: 2/2",
+                   "DDIM inversion, batches: 1/2", "DDIM inversion, batches: 2/2"]

@@ -62,14 +62,15 @@ class Generator(Protocol):
         """The condition vectors the instance-level policy moves (class or prompt embeddings)."""
 
     def optimise_policy_embeddings(self, images: torch.Tensor, labels: torch.Tensor, *, steps: int, lr: float,
-                                   proximity: float, anchor: torch.Tensor | None, seed: int) -> dict:
+                                   proximity: float, anchor: torch.Tensor | None, seed: int, progress: bool = False) -> dict:
         """Move the classes' policy vectors to lower the denoising loss on `images`, kept near `anchor`."""
 
-    def invert_noise(self, images: torch.Tensor, labels, *, steps: int, guidance_scale: float) -> torch.Tensor:
+    def invert_noise(self, images: torch.Tensor, labels, *, steps: int, guidance_scale: float,
+                     progress: bool = False) -> torch.Tensor:
         """The initial noise from which the deterministic sampler returns to each image."""
 
     def finetune_dpo(self, preferred: torch.Tensor, rejected: torch.Tensor, labels: torch.Tensor, *, steps: int,
-                     lr: float, beta: float, seed: int) -> list[dict]:
+                     lr: float, beta: float, seed: int, progress: bool = False) -> list[dict]:
         """Diffusion-DPO: prefer `preferred[i]` over `rejected[i]` (same class); the training log."""
 
 

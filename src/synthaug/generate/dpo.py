@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from ..errors import SynthaugError
 from ..utils.loop import step_generator
+from ..utils.runtime import shown_steps
 from .diffusion import DiffusionGenerator
 from .network import build_train_scheduler
 
@@ -51,7 +52,7 @@ def dpo_update(err: torch.Tensor, ref_err: torch.Tensor, beta: float, optimizer,
 
 def finetune_dpo(generator: DiffusionGenerator, preferred: torch.Tensor, rejected: torch.Tensor, labels: torch.Tensor, *,
                  steps: int = 200, batch_size: int = 32, lr: float = 1e-5, beta: float = 2000.0, seed: int = 0,
-                 ) -> list[dict]:
+                 progress: bool = False) -> list[dict]:
     """Fine-tune `generator`'s UNet weights in place with Diffusion-DPO on pairs
     (`preferred[i]`, `rejected[i]`, both uint8 and of class `labels[i]`). The class-embedding
     table is left alone: it is the generation policy, optimised on its own
@@ -73,7 +74,7 @@ def finetune_dpo(generator: DiffusionGenerator, preferred: torch.Tensor, rejecte
     lose = rejected.float().div(127.5).sub(1)
     cells = generator.condition_ids(torch.as_tensor(labels))
     history, t0 = [], time.perf_counter()
-    for step in range(steps):
+    for step in shown_steps(range(steps), progress, "DPO"):
         g = step_generator(seed, step)
         idx = torch.randint(len(labels), (min(batch_size, len(labels)),), generator=g)
         x0 = torch.cat([win[idx], lose[idx]]).to(dev)

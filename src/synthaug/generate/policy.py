@@ -21,13 +21,14 @@ import torch
 import torch.nn.functional as F
 
 from ..utils.loop import step_generator
+from ..utils.runtime import shown_steps
 from .diffusion import DiffusionGenerator
 from .network import build_train_scheduler
 
 
 def optimise_class_embeddings(generator: DiffusionGenerator, images: torch.Tensor, labels: torch.Tensor, *,
                               steps: int = 200, lr: float = 5e-3, proximity: float = 1.0, batch_size: int = 32,
-                              anchor: torch.Tensor | None = None, seed: int = 0) -> dict:
+                              anchor: torch.Tensor | None = None, seed: int = 0, progress: bool = False) -> dict:
     """Move the embedding vectors of the classes in `labels` (and only those) to lower the
     denoising loss on `images` (uint8, high-utility samples of those classes), penalised by
     `proximity` x the mean squared distance to `anchor` (the original table, e.g. the base
@@ -52,7 +53,7 @@ def optimise_class_embeddings(generator: DiffusionGenerator, images: torch.Tenso
     x0_all = images.float().div(127.5).sub(1)
     losses = []
     try:
-        for step in range(steps):
+        for step in shown_steps(range(steps), progress, "class embeddings"):
             g = step_generator(seed, step)
             idx = torch.randint(len(cells), (min(batch_size, len(cells)),), generator=g)
             x0 = x0_all[idx].to(device)
@@ -82,7 +83,7 @@ def optimise_class_embeddings(generator: DiffusionGenerator, images: torch.Tenso
 
 @torch.no_grad()
 def invert_noise(generator: DiffusionGenerator, images: torch.Tensor, labels, *, steps: int = 25,
-                 guidance_scale: float = 1.0, batch_size: int = 128) -> torch.Tensor:
+                 guidance_scale: float = 1.0, batch_size: int = 128, progress: bool = False) -> torch.Tensor:
     """DDIM inversion: for each uint8 image, the initial noise x_T from which the DDIM
     sampler (same steps, this guidance) returns close to it (for Stable Diffusion: the initial
     latents, `StableDiffusionGenerator.invert_noise`)."""
@@ -92,7 +93,7 @@ def invert_noise(generator: DiffusionGenerator, images: torch.Tensor, labels, *,
     train = build_train_scheduler(generator.config).config
     out = []
     labels = torch.as_tensor(labels)
-    for i in range(0, len(images), batch_size):
+    for i in shown_steps(range(0, len(images), batch_size), progress, "DDIM inversion, batches"):
         scheduler = DDIMInverseScheduler.from_config(train, timestep_spacing="leading", clip_sample=False)
         scheduler.set_timesteps(steps)
         x = images[i : i + batch_size].to(device).float() / 127.5 - 1

@@ -15,7 +15,7 @@ import torch
 from ..data.dataset import ImageDataset
 from ..errors import SynthaugError
 from ..utils.loop import Checkpoint, step_generator
-from ..utils.runtime import progress_bar
+from ..utils.runtime import progress_bar, shown_steps
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TRAIN_BATCH = 8  # at most this many images per fine-tuning step (memory at 512 px)
@@ -186,7 +186,7 @@ class StableDiffusionTraining:
 
     def optimise_policy_embeddings(self, images: torch.Tensor, labels: torch.Tensor, *, steps: int = 200,
                                    lr: float = 5e-3, proximity: float = 1.0, batch_size: int = 32,
-                                   anchor: torch.Tensor | None = None, seed: int = 0) -> dict:
+                                   anchor: torch.Tensor | None = None, seed: int = 0, progress: bool = False) -> dict:
         """UtilGen's prompt-embedding optimisation (`policy.optimise_class_embeddings` for
         Stable Diffusion): the prompt embeddings of the classes in `labels` (every modifier's)
         move to lower the denoising error on those high-utility images, penalised by
@@ -201,7 +201,7 @@ class StableDiffusionTraining:
         per, losses = emb.shape[1], []
         batch_size = min(batch_size, TRAIN_BATCH)
         with self._frozen_unet(), self._training():
-            for step in range(steps):
+            for step in shown_steps(range(steps), progress, "prompt embeddings"):
                 g = step_generator(seed, step)
                 idx = torch.randint(len(labels), (min(batch_size, len(labels)),), generator=g)
                 modifier = torch.randint(per, (len(idx),), generator=g)
@@ -223,7 +223,7 @@ class StableDiffusionTraining:
 
     @torch.no_grad()
     def invert_noise(self, images: torch.Tensor, labels, *, steps: int = 25, guidance_scale: float = 1.0,
-                     batch_size: int = 32) -> torch.Tensor:
+                     batch_size: int = 32, progress: bool = False) -> torch.Tensor:
         """DDIM inversion in latent space (`policy.invert_noise` for Stable Diffusion): the
         initial latents from which the DDIM sampler (same steps) returns close to each image,
         under its class prompt (with `prompt_modifiers`, the first modifier's: the image a
@@ -232,7 +232,7 @@ class StableDiffusionTraining:
 
         labels = torch.as_tensor(labels)
         out = []
-        for i in range(0, len(images), batch_size):
+        for i in shown_steps(range(0, len(images), batch_size), progress, "DDIM inversion, batches"):
             scheduler = DDIMInverseScheduler.from_config(self.pipe.scheduler.config)
             scheduler.set_timesteps(steps)
             x = self._latents(images[i : i + batch_size])
@@ -250,7 +250,8 @@ class StableDiffusionTraining:
         return torch.cat(out) if out else torch.empty(0)
 
     def finetune_dpo(self, preferred: torch.Tensor, rejected: torch.Tensor, labels: torch.Tensor, *, steps: int = 200,
-                     batch_size: int = 8, lr: float = 1e-4, beta: float = 2000.0, seed: int = 0) -> list[dict]:
+                     batch_size: int = 8, lr: float = 1e-4, beta: float = 2000.0, seed: int = 0,
+                     progress: bool = False) -> list[dict]:
         """UtilGen's model level for Stable Diffusion: Diffusion-DPO (`dpo.dpo_loss`) on a LoRA
         adapter of the UNet. The reference is the generator as it was before: the UNet with
         its adapter switched off when the adapter is new, else a frozen copy."""
@@ -273,16 +274,17 @@ class StableDiffusionTraining:
         unet.train()
         with self._training():
             self._dpo_steps(win, lose, labels, reference, params, optimizer, steps=steps, batch_size=batch_size, beta=beta,
-                            seed=seed, history=history)
+                            seed=seed, history=history, progress=progress)
         unet.eval()
         self.train_seconds += time.perf_counter() - t0
         return history
 
-    def _dpo_steps(self, win, lose, labels, reference, params, optimizer, *, steps, batch_size, beta, seed, history):
+    def _dpo_steps(self, win, lose, labels, reference, params, optimizer, *, steps, batch_size, beta, seed, history,
+                   progress=False):
         from .dpo import dpo_update
 
         unet = self.pipe.unet
-        for step in range(steps):
+        for step in shown_steps(range(steps), progress, "DPO"):
             g = step_generator(seed, step)
             idx = torch.randint(len(labels), (min(batch_size, len(labels)),), generator=g)
             noise = torch.randn(win[idx].shape, generator=g).repeat(2, 1, 1, 1).to(self.device)  # same noise for both

@@ -343,18 +343,18 @@ def utilgen(task, config, *, workdir=None, progress=False, trained=None) -> Reci
         if opts.model_level:
             summary["dpo"] = generator.finetune_dpo(synthetic.images[top], synthetic.images[bottom], synthetic.labels[top],
                                                     steps=opts.dpo_steps, lr=opts.dpo_lr, beta=opts.dpo_beta,
-                                                    seed=config.seed + r)
+                                                    seed=config.seed + r, progress=progress)
         seconds["model"] += time.perf_counter() - t0
         # 4. instance level: class embeddings and initial noise, from the high-utility images
         t0 = time.perf_counter()
         if opts.embedding:
             summary["embedding"] = generator.optimise_policy_embeddings(
                 synthetic.images[top], synthetic.labels[top], steps=opts.embedding_steps, lr=opts.embedding_lr,
-                proximity=opts.embedding_proximity, anchor=anchor, seed=config.seed + r)
+                proximity=opts.embedding_proximity, anchor=anchor, seed=config.seed + r, progress=progress)
         if opts.noise:
             kept = synthetic.images[top] if renoise else generator.invert_noise(
                 synthetic.images[top], synthetic.labels[top], steps=opts.sampling_steps,
-                guidance_scale=opts.inversion_guidance)
+                guidance_scale=opts.inversion_guidance, progress=progress)
             noise_bank = {ids[i]: kept[k] for k, i in enumerate(top.tolist())}
             noise_from = {}
             for i in top.tolist():

@@ -131,6 +131,15 @@ def progress_bar(enabled: bool = True):
     )
 
 
+def shown_steps(items, progress: bool, description: str):
+    """`items` (a range, a list), iterated with a progress bar (`progress_bar`) advanced per item."""
+    with progress_bar(progress) as bar:
+        task = bar.add_task(description, total=len(items), info="")
+        for n, item in enumerate(items, 1):
+            yield item
+            bar.update(task, completed=n)
+
+
 class ProgressLines:
     """Progress for a log file, CI or `nohup`: one plain line per task every `every` seconds
     (default 30, or $SYNTHAUG_PROGRESS_SECONDS) and when it completes, e.g.
