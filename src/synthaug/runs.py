@@ -228,11 +228,17 @@ def checked(config: RunConfig, compare: bool):
         preflight(config, config.report.every_baseline() if compare else ())
     recipe = get_recipe(config.recipe)
     names = [b for b in config.report.baselines_for(task.train.groups is not None) if b != recipe.name]
-    check_ssl(task, config, [recipe, *(get_recipe(b) for b in names)] if compare else [recipe])
-    if recipe.check is not None:
-        recipe.check(task, config)
-    check_folders_fit(task, config)
+    check_task(task, config, [recipe, *(get_recipe(b) for b in names)] if compare else [recipe])
     return data, task, config, auto
+
+
+def check_task(task, config: RunConfig, recipes: list):
+    """The checks against the split of a run whose recipe is `recipes[0]` (the others its
+    baselines): semi-supervised training, the recipe's own check, the model folders it reads."""
+    check_ssl(task, config, recipes)
+    if recipes[0].check is not None:
+        recipes[0].check(task, config)
+    check_folders_fit(task, config)
 
 
 def check_folders_fit(task, config: RunConfig):

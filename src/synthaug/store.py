@@ -36,15 +36,23 @@ SPLIT = "train"
 MARKER = ".synthaug-store"
 
 
+def _given_folder(path, key: str) -> Path | None:
+    """`path` as a folder that is there to check (None: unset or not there yet); a file, or a
+    folder under one, or a link is refused."""
+    if check_folder(path, key) is None or not (Path(path).exists() or Path(path).is_symlink()):
+        return None
+    if Path(path).is_symlink():
+        raise SynthaugError(f"{key} '{path}' is a link: give the folder itself")
+    return Path(path)
+
+
 def check_store_folder(path, key: str = "store_dir"):
     """Refuse a folder that synthaug may not write into as a store: a file, a link, or a
     folder that holds something and is not a store synthaug made (one with the marker, or
     one of an older synthaug: every metadata line a synthaug row). Writes nothing."""
-    if check_folder(path, key) is None or not (Path(path).exists() or Path(path).is_symlink()):
+    root = _given_folder(path, key)
+    if root is None:
         return
-    root = Path(path)
-    if root.is_symlink():
-        raise SynthaugError(f"{key} '{root}' is a link: give the folder itself")
     split = root / SPLIT  # a store's repair deletes unlisted images and rewrites metadata: never through a link
     for part in [split, *(split.glob("metadata*.jsonl") if split.is_dir() and not split.is_symlink() else ())]:
         if part.is_symlink():
@@ -59,11 +67,9 @@ def check_store_folder(path, key: str = "store_dir"):
 def check_stores_folder(path, key: str = "store_dir"):
     """Refuse a folder that synthaug may not write stores into, one per subfolder (DPT's, one per
     generator): a file, a link, or a folder that holds anything but synthaug stores. Writes nothing."""
-    if check_folder(path, key) is None or not (Path(path).exists() or Path(path).is_symlink()):
+    root = _given_folder(path, key)
+    if root is None:
         return
-    root = Path(path)
-    if root.is_symlink():
-        raise SynthaugError(f"{key} '{root}' is a link: give the folder itself")
     strangers = [p.name for p in sorted(root.iterdir()) if p.is_symlink() or not is_store(p)]
     if strangers:
         raise SynthaugError(f"{key} '{root}' holds '{strangers[0]}', which is not a synthaug store (no {MARKER}): give a "

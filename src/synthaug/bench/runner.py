@@ -123,7 +123,7 @@ def preflight(cells: list[Cell], out: Path, metrics: dict[str, str] | None = Non
     reads (`check_folders_fit`); and that the setting's `metrics` (by setting) can be measured."""
     from ..data import load_dataset
     from ..recipes import get_recipe
-    from ..runs import check_folders_fit, check_ssl
+    from ..runs import check_task
     from ..runs import preflight as run_preflight
     from ..task import make_task
 
@@ -139,12 +139,8 @@ def preflight(cells: list[Cell], out: Path, metrics: dict[str, str] | None = Non
                 tasks[key] = make_task(data, config.split)
             except SynthaugError as e:
                 raise SynthaugError(f"setting '{cell.setting}': {e}") from None
-        recipe = get_recipe(config.recipe)
         try:
-            check_ssl(tasks[key], config, [recipe])
-            if recipe.check is not None:
-                recipe.check(tasks[key], config)
-            check_folders_fit(tasks[key], config)
+            check_task(tasks[key], config, [get_recipe(config.recipe)])
             if (metrics or {}).get(cell.setting) == "worst_group_accuracy" and tasks[key].train.groups is None:
                 raise SynthaugError("its metric is worst_group_accuracy and its split has no groups: use "
                                     "split.kind=colored, or another metric")
