@@ -152,6 +152,16 @@ def small_store(root):
     return root / "store"
 
 
+def digits_store(root):
+    """A store synthaug made of the digits' classes and size."""
+    from synthaug.store import SyntheticStore
+
+    plan = [{"id": f"r{i}", "label": i % 10, "seed": i, "group": None, "recipe": "t"} for i in range(40)]
+    SyntheticStore(root / "store", [str(c) for c in range(10)]).fill(
+        plan, lambda rows: torch.randint(0, 255, (len(rows), 1, 8, 8), dtype=torch.uint8))
+    return root / "store"
+
+
 def truncated_tarball(root):
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
@@ -242,6 +252,10 @@ CASES = [
     ("output-dir-is-a-file", text_file, ["train", *FAST, "-s", "output_dir=IN"], "is a file"),
     ("output-dir-under-a-file", text_file, ["train", *FAST, "-s", "output_dir=IN/runs"], "is a file"),
     ("output-dir-unwritable", None, ["train", *FAST, "-s", "output_dir=/proc/synthaug-runs"], "cannot write"),
+    ("output-dir-unwritable-before-the-data-cache", folder,
+     ["train", "-s", "data.dataset=IN", "-s", "train.epochs=1", "-s", "output_dir=/proc/synthaug-runs"], "cannot write"),
+    ("validate-out-unwritable", digits_store, ["validate", "IN", *FAST, "--out", "/proc/synthaug-validation"],
+     "cannot write to --out"),
     ("cache-dir-is-a-file", text_file, ["train", *FAST, "-s", "data.cache_dir=IN"], "is a file"),
     ("generator-cache-is-a-file", text_file,
      ["run", *FAST, "-s", "recipe=synaug", "-s", "generator.cache_dir=IN"], "is a file"),
@@ -388,6 +402,19 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(make, args, match, tmp
     assert len(lines) == 1 and lines[0].startswith("error:"), err
     assert match in err, err
     assert snapshot(tmp_path) == before
+
+
+def test_a_data_cache_that_cannot_be_written_leaves_no_run_folder(tmp_path, capsys, monkeypatch):
+    """The run folder is made before the data cache is written (a run folder that cannot be made
+    leaves no cache) and is removed again when the cache cannot be written."""
+    monkeypatch.chdir(tmp_path)
+    images = folder(tmp_path)
+    before = set(snapshot(tmp_path))
+    code, out, err = run_cli(["train", "-s", f"data.dataset={images}", "-s", "train.epochs=1", "-s", "output_dir=runs",
+                              "-s", "data.cache_dir=/proc/synthaug-cache", "--quiet"], capsys, monkeypatch)
+    assert code == 2 and "Traceback" not in out + err and len(err.strip().splitlines()) == 1
+    assert "cannot write to data.cache_dir" in err, err
+    assert set(snapshot(tmp_path)) == before  # no run folder, no output_dir left behind
 
 
 @pytest.mark.parametrize("package, args, match", [

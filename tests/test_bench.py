@@ -155,6 +155,49 @@ def test_rerun_runs_only_the_chosen_finished_cells_afresh(tmp_path, monkeypatch)
         assert (row == before[key]) == (row["recipe"] == "ce")  # each rerun cell's row replaced, not added
 
 
+@pytest.mark.parametrize("again", [True, False], ids=["the same --rerun", "a plain run"])
+def test_an_interrupted_rerun_goes_on_where_it_stopped(tmp_path, monkeypatch, again):
+    """Interrupted in its second cell, a --rerun run again keeps the cell it redid and resumes the
+    one it was running from its checkpoint (a plain run goes on with it too)."""
+    suite, out = load_suite(str(_suite(tmp_path))), tmp_path / "out"
+    run_suite(suite, out, progress=False, echo=lambda _: None)
+    real_train_run, calls = synthaug.runs.train_run, []
+
+    def interrupted(config, **kw):
+        calls.append((config.name, kw["force"]))
+        if len(calls) == 2:  # the second cell's fresh run starts, writes a checkpoint, then Ctrl-C
+            run_dir = Path(config.output_dir) / config.run_name()
+            synthaug.runs.prepare_run_dir(run_dir, config, force=kw["force"])
+            (run_dir / "checkpoint").mkdir()
+            raise KeyboardInterrupt
+        return real_train_run(config, **kw)
+
+    monkeypatch.setattr(synthaug.runs, "train_run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_suite(suite, out, rerun=True, recipes=["balanced-softmax"], progress=False, echo=lambda _: None)
+    assert [force for _, force in calls] == [True, True]
+    stopped = calls[1][0]
+    before = {r["cell"]: r for r in read_results(out)}
+    resumed = []
+
+    def resume(config, **kw):
+        run_dir = Path(config.output_dir) / config.run_name()
+        resumed.append((config.name, kw["force"], (run_dir / "checkpoint").is_dir()))
+        return real_train_run(config, **kw)
+
+    monkeypatch.setattr(synthaug.runs, "train_run", resume)
+    said = []
+    run_suite(suite, out, rerun=again, recipes=["balanced-softmax"] if again else (), progress=False, echo=said.append)
+    assert resumed == [(stopped, False, True)]  # not redone from scratch; the redone cell not at all
+    assert any("the 1 cell(s) it redid are kept" in s for s in said)
+    after = {r["cell"]: r for r in read_results(out)}
+    assert [after[k]["run"] for k in after if after[k] != before[k]] == [f"cells/{stopped}"]
+    assert not (out / ".synthaug-pending.json").exists()
+    resumed.clear()
+    run_suite(suite, out, progress=False, echo=lambda _: None)
+    assert resumed == []
+
+
 def _fake_runs(monkeypatch, out: Path, what) -> list:
     """Replace each cell's run by a stub that records `what(config)` and a result; returns the records."""
     calls = []

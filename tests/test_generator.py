@@ -52,6 +52,9 @@ def test_samplers_and_guidance(trained, sampler, guidance):
     assert images.shape == (3, 1, 8, 8)
     # stochastic samplers too: an image depends on its own seed, not on its batch
     assert (gen.generate([1], [3], sampler=config)[0].int() - images[2].int()).abs().max() <= 1
+    if guidance != 1.0:  # the scale is used: more than the batch's last-bit differences from the unguided images
+        plain = gen.generate([0, 2, 1], [1, 2, 3], sampler=SamplerConfig(sampler=sampler, steps=3, guidance_scale=1.0))
+        assert (images.float() - plain.float()).abs().mean() > 2, (images.float() - plain.float()).abs().mean()
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)

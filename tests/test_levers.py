@@ -50,6 +50,18 @@ def test_the_filters_keep_what_they_should(method, kept):
     assert set(mask.nonzero().flatten().tolist()) == kept and len(scores) == 4
 
 
+@pytest.mark.parametrize("threshold, kept", [(0.5, {0, 2}), (0.35, {0, 2, 3}), (0.85, {0})])
+def test_the_agreement_filter_keeps_the_candidates_read_as_their_class_confidently(threshold, kept):
+    # the scorer reads candidate 1 as another class; candidate 3 as its own, at 0.4
+    probs = torch.tensor([[0.9, 0.05, 0.05], [0.3, 0.7, 0.0], [0.8, 0.1, 0.1], [0.4, 0.3, 0.3]])
+    c = Candidates(labels=LABELS, probs=lambda: probs, features=lambda: None, real_features=lambda: None,
+                   real_labels=REAL_LABELS)
+    mask, scores = get_selector("agreement")(c, {0: 4}, threshold=threshold, seed=0)
+    assert set(mask.nonzero().flatten().tolist()) == kept and scores.tolist() == pytest.approx([0.9, 0.3, 0.8, 0.4])
+    mask, _ = get_selector("agreement")(c, {0: 1}, threshold=threshold, seed=0)
+    assert mask.sum() == 1 and set(mask.nonzero().flatten().tolist()) <= kept  # as many as the class needs
+
+
 def test_prototype_margins():
     # prototypes (0, 0) and (10, 0): the distance to the other class's prototype minus to one's own
     margins = prototype_margins(FEATURES, LABELS, REAL, REAL_LABELS)
@@ -318,6 +330,7 @@ def test_ldmlr_fills_the_tail_with_features_and_retrains_only_the_head(data, tmp
 
     def spy(model, feats, labels, num_classes, **kwargs):
         seen["labels"], seen["backbone"] = labels.cpu(), {k: v.clone() for k, v in model.backbone.state_dict().items()}
+        seen["features"] = feats.cpu().clone()
         out = real_fit_head(model, feats, labels, num_classes, **kwargs)
         seen["after"] = model.backbone.state_dict()
         return out
@@ -334,6 +347,14 @@ def test_ldmlr_fills_the_tail_with_features_and_retrains_only_the_head(data, tmp
     assert result.extra["synthetic"]["images"] == int((counts.max() - counts).sum())
     assert all(torch.equal(seen["backbone"][k], v) for k, v in seen["after"].items())  # the features stay
     assert 0 <= result.metrics["balanced_accuracy"] <= 1
+    # the head sees the real images' features, then generated ones: new vectors, not copies of real ones
+    from synthaug.classify.train import extract_features
+
+    real = extract_features(result.model, task.train.images).cpu()
+    n = len(task.train)
+    assert torch.allclose(seen["features"][:n], real, atol=1e-5)
+    generated = seen["features"][n:]
+    assert len(generated) and torch.cdist(generated, real).min() > 1e-3
 
 
 def test_tada_targeting_per_class_and_by_share():
@@ -367,6 +388,35 @@ def test_tada_averages_the_losses_of_the_last_early_epochs(data, tmp_path, monke
     assert len(calls) == 2 and torch.allclose(losses, torch.tensor(2.0)) and int(mask.sum()) == len(losses) // 2
     with pytest.raises(SynthaugError, match="tada.loss_epochs"):
         load_config(None, ["tada.early_epochs=2", "tada.loss_epochs=3"])
+
+
+@pytest.mark.parametrize("per_class", [True, False])
+def test_tada_targets_the_slowest_share_of_each_class_or_of_all(data, tmp_path, monkeypatch, per_class):
+    """Per class (TADA's k-means and share inside each class), every class gives its slowest
+    half; over all classes, the class that is slow everywhere takes the share."""
+    import synthaug.recipes.tada as tada_module
+
+    def fake_losses(model, train):  # class 0 slow throughout; inside each class, a loss rising with the index
+        rank = torch.zeros(len(train))
+        for c in range(train.num_classes):
+            members = torch.nonzero(train.labels == c).flatten()
+            rank[members] = torch.arange(len(members), dtype=torch.float) / len(members)
+        return rank + 10.0 * (train.labels == 0)
+
+    monkeypatch.setattr(tada_module, "example_losses", fake_losses)
+    config = load_config(None, ["recipe=tada", "train.epochs=2", "train.batch_size=16", "train.augment=none",
+                                "split.kind=few-shot", "split.k=10", "split.unlabeled_pool=false", "tada.early_epochs=1",
+                                "tada.loss_epochs=1", "tada.share=0.5", f"tada.per_class={str(per_class).lower()}",
+                                f"output_dir={tmp_path}"])
+    task = make_task(data, config.split)
+    losses, mask, _ = tada_module.score_examples(task, config, workdir=tmp_path)
+    labels = task.train.labels
+    counts = torch.bincount(labels[mask], minlength=3).tolist()
+    assert counts == [5, 5, 5] if per_class else (counts[0] == 10 and sum(counts) == 15)
+    for c in range(3):  # inside a class, the targeted ones are its slowest
+        of_class = labels == c
+        if (mask & of_class).any() and (~mask & of_class).any():
+            assert losses[mask & of_class].min() > losses[~mask & of_class].max()
 
 
 def _grouped(n_major=40, n_minor=4, seed=0):
@@ -409,16 +459,31 @@ def test_group_sampling_and_weighting_reach_every_cell(monkeypatch):
     assert w.max() / w.min() == pytest.approx(10.0, rel=1e-4)  # a minority image weighs 10 majority ones
 
 
-def test_group_methods_need_groups_and_train(tmp_path):
+def test_group_methods_need_groups_and_train(tmp_path, monkeypatch):
+    import synthaug.classify.train as train_module
+    from synthaug.classify.losses import GroupDRO
     from synthaug.classify.train import TrainConfig, fit_classifier
 
     with pytest.raises(SynthaugError, match="needs a split with groups"):
         fit_classifier(make_dataset((10, 10)), TrainConfig(epochs=1, group_method="dro"))
     with pytest.raises(SynthaugError, match="train.mix=none"):
         TrainConfig(group_method="dro", mix="mixup")
+    made, returned = [], []
+
+    class Spy(GroupDRO):  # the DRO the loop builds: its q-weighted loss is the one trained on
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self)
+
+        def forward(self, per_sample, group):
+            returned.append(loss := super().forward(per_sample, group))
+            return loss
+
+    monkeypatch.setattr(train_module, "GroupDRO", Spy)
     result = fit_classifier(_grouped(), TrainConfig(epochs=2, batch_size=16, augment="none", group_method="dro"),
                             checkpoint_dir=tmp_path / "ck")
-    assert len(result.history) == 2
+    assert len(result.history) == 2 and len(made) == 1 and len(returned) == 2 * 6  # every batch of both epochs
+    assert not torch.allclose(made[0].q, torch.full((4,), 0.25))  # the weights moved towards the worst cells
 
 
 @pytest.mark.parametrize("balanced", [True, False])

@@ -4,8 +4,10 @@ close match and the choices; a registered entry is found by name."""
 import pytest
 
 from synthaug.classify.models import MODELS
+from synthaug.config import SECTIONS
 from synthaug.data.sources import SOURCES
 from synthaug.errors import SynthaugError
+from synthaug.generate.cache import GENERATORS
 from synthaug.generate.executors import EXECUTORS
 from synthaug.recipes import RECIPES
 from synthaug.select.features import FEATURES
@@ -13,7 +15,7 @@ from synthaug.select.filters import SELECTORS
 from synthaug.utils.registry import Registry
 
 REGISTRIES = {"recipe": RECIPES, "model": MODELS, "dataset": SOURCES, "selection method": SELECTORS,
-              "feature space": FEATURES, "executor": EXECUTORS}
+              "feature space": FEATURES, "executor": EXECUTORS, "generator": GENERATORS, "config section": SECTIONS}
 
 
 @pytest.mark.parametrize("kind", list(REGISTRIES))

@@ -404,6 +404,22 @@ def test_a_scorer_saved_half_is_trained_again_from_its_checkpoint(tmp_path, monk
     assert all(torch.equal(x, y) for x, y in zip(first.state_dict().values(), again.state_dict().values(), strict=True))
 
 
+def test_a_scorer_read_back_scores_as_the_one_just_trained(tmp_path):
+    """A resumed run reads the scorer it trained before: in the memory layout it trained in
+    (channels_last), so its scores, and the images they keep, are the same to the bit."""
+    import synthaug.select.stage as stage
+    from synthaug.config import load_config
+
+    data = make_dataset((12, 12), seed=0, size=12)
+    config = load_config(None, ["train.epochs=1", "train.batch_size=8", "train.augment=none", "train.channels_last=true"])
+    trained = stage.scorer_for(data, config, tmp_path / "scorers")
+    read = stage.scorer_for(data, config, tmp_path / "scorers")
+    assert read is not trained
+    x = data.images.float()
+    with torch.no_grad():
+        assert torch.equal(trained.eval()(x), read.eval()(x))
+
+
 def test_a_data_cache_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
     """safetensors reports a folder it cannot write as its own error, not an OSError."""
     import safetensors.torch

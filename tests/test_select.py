@@ -164,8 +164,13 @@ def data():
     return LoadedDataset("tiny", make_dataset((40, 40, 40), seed=0), make_dataset((10, 10, 10), seed=1))
 
 
-def test_selection_keeps_the_planned_count(data, tmp_path):
+def test_selection_keeps_the_planned_count(data, tmp_path, monkeypatch):
+    from synthaug.select.filters import SELECTORS
+
     store_dir = tmp_path / "store"  # shared: every method selects from the same candidates
+    given = []
+    for method, selector in list(SELECTORS.items()):  # each told the config's options
+        monkeypatch.setitem(SELECTORS, method, lambda *a, f=selector, **kw: (given.append(kw), f(*a, **kw))[1])
     for method in ("confidence", "agreement", "realism", "cluster", "random", "diffult", "diffult-band", "prototype"):
         config = load_config(None, [*FAST, "recipe=synaug", f"output_dir={tmp_path}", f"synaug.store_dir={store_dir}",
                                     f"select.method={method}", "select.overgenerate=2", "select.threshold=0.2",
@@ -175,6 +180,8 @@ def test_selection_keeps_the_planned_count(data, tmp_path):
         deficits = (task.train.class_counts().max() - task.train.class_counts()).tolist()
         info = result.extra["synthetic"]["selection"]
         assert info["candidates"] == 2 * sum(deficits)
+        assert given and all(kw == {"threshold": 0.2, "k": 2, "clusters": 2, "seed": config.seed} for kw in given)
+        given.clear()
         rows = SyntheticStore(store_dir, task.train.classes).rows()
         assert len(rows) == 2 * sum(deficits)  # generated once, scored by every method
         kept = {r["id"] for r in rows if r["scores"][f"selected_{method}"]}

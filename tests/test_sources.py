@@ -1,4 +1,5 @@
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,44 +82,100 @@ def test_cifar10_from_jpeg_tarball(tmp_path, monkeypatch):
         for p in ("train", "test"):
             tar.add(src / p, arcname=p)
     monkeypatch.setenv("SYNTHAUG_CIFAR10", str(tarball))
+    cache = tmp_path / "cache"  # conftest's SYNTHAUG_CACHE
     data = load_dataset("cifar10")
     assert data.classes == ["airplane", "cat"]
     assert data.train.images.shape == (6, 3, 32, 32) and len(data.test) == 4
     again = load_dataset("cifar10")  # second load comes from the decoded cache
     assert torch.equal(again.train.images, data.train.images)
+    assert [p.name for p in (cache / "folders").iterdir()][0].startswith("archive-")  # read, not extracted
+    assert sorted(p.name for p in cache.iterdir()) == ["folders"]
 
 
-@pytest.mark.parametrize("with_data_filter", [True, False])
-def test_a_tarball_with_unsafe_members_is_refused(tmp_path, monkeypatch, with_data_filter):
-    from synthaug.data.sources import _extract_once
-
-    if not with_data_filter:  # the check used on Pythons older than 3.10.12
-        monkeypatch.delattr(tarfile, "data_filter", raising=False)
-    (tmp_path / "ok.txt").write_text("x")
-    good, bad = tmp_path / "good.tar", tmp_path / "bad.tar"
-    with tarfile.open(good, "w") as tar:
-        tar.add(tmp_path / "ok.txt", arcname="train/a/ok.txt")
-    with tarfile.open(bad, "w") as tar:
-        tar.add(tmp_path / "ok.txt", arcname="../escaped.txt")
-    assert (_extract_once(good, tmp_path / "out-good") / "train" / "a" / "ok.txt").read_text() == "x"
-    with pytest.raises(SynthaugError, match="cannot extract"):
-        _extract_once(bad, tmp_path / "out" / "bad")
-    assert not (tmp_path / "out" / "escaped.txt").exists() and not (tmp_path / "out" / "bad").exists()
-    assert not list((tmp_path / "out").glob(".extract-*"))  # nothing half-written left behind
+def _tar(folder, archive, mode="w:gz", extra=()):
+    with tarfile.open(archive, mode) as tar:
+        for p in sorted(folder.iterdir(), reverse=True):  # an order unlike the folder's listing
+            tar.add(p, arcname=p.name)
+        for name, path in extra:
+            tar.add(path, arcname=name)
+    return archive
 
 
-def test_cifar10_torchvision_path(monkeypatch, tmp_path):
-    class FakeCIFAR10:
-        classes = ["a", "b"]
+@pytest.mark.parametrize("layout", ["train and test", "classes only"])
+def test_an_archive_is_read_as_its_extracted_folder_without_extracting_it(tmp_path, layout):
+    src = tmp_path / "src"
+    if layout == "train and test":
+        write_image_folder(src / "train", counts=(3, 2, 4), size=(12, 12))
+        write_image_folder(src / "test", counts=(2, 2, 1), size=(12, 12))
+        write_image_folder(src / "train" / "cls1" / "more", counts=(2,), size=(12, 12))  # nested, as rglob reads it
+    else:
+        write_image_folder(src, counts=(5, 6), size=(12, 12), mode="L")
+    (tmp_path / "escaped.png").write_bytes((src / ("train/cls0" if "test" in layout else "cls0") / "0.png").read_bytes())
+    archive = _tar(src, tmp_path / "data.tar.gz", extra=[("../escaped.png", tmp_path / "escaped.png")])
+    folder = load_dataset(str(src), cache_dir=tmp_path / "folder-cache")
+    cache = tmp_path / "cache"
+    read = load_dataset(str(archive), cache_dir=cache, defer_cache=True)
+    assert not cache.exists()  # nothing written before the run's checks pass
+    assert read.classes == folder.classes
+    for a, b in ((read.train, folder.train), (read.test, folder.test)):
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    read.save_cache()
+    assert [p.name.startswith("archive-") for p in (cache / "folders").iterdir()] == [True]
+    again = load_dataset(str(archive), cache_dir=cache)  # from the decoded cache, the same split
+    assert torch.equal(again.train.images, folder.train.images) and torch.equal(again.test.labels, folder.test.labels)
 
-        def __init__(self, root, train, download):
-            self.data = np.zeros((4 if train else 2, 32, 32, 3), np.uint8)
-            self.targets = [0, 1] * (2 if train else 1)
 
-    monkeypatch.setattr("synthaug.data.sources._find_cifar10_tarball", lambda: None)
-    monkeypatch.setattr("torchvision.datasets.CIFAR10", FakeCIFAR10)
+def test_a_damaged_archive_or_one_without_classes_is_one_clear_error(tmp_path):
+    write_image_folder(tmp_path / "src" / "train", counts=(2, 2))
+    archive = _tar(tmp_path / "src", tmp_path / "data.tar.gz")
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    with pytest.raises(SynthaugError, match="cannot read .*cut.tar.gz.*truncated or corrupt"):
+        load_dataset(str(cut), cache_dir=tmp_path / "cache")
+    (tmp_path / "src" / "train" / "cls1" / "notes.txt").write_text("x")
+    with pytest.raises(SynthaugError, match="notes.txt' in .* is not an image"):
+        load_dataset(str(_tar(tmp_path / "src", tmp_path / "text.tar")), cache_dir=tmp_path / "cache")
+    (tmp_path / "src" / "train" / "cls1" / "notes.txt").unlink()
+    (tmp_path / "src" / "train" / "cls2").mkdir()
+    with pytest.raises(SynthaugError, match="class folder 'train/cls2' in .* holds no images"):
+        load_dataset(str(_tar(tmp_path / "src", tmp_path / "empty.tar")), cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_cifar10_downloads_its_binary_version_and_reads_it_without_pickle(monkeypatch, tmp_path):
+    import hashlib
+    import io
+    import pickle
+
+    rng = np.random.default_rng(0)
+    labels = {f"data_batch_{i}.bin": rng.integers(0, 2, 3) for i in range(1, 6)} | {"test_batch.bin": np.array([1, 0])}
+    pixels = {n: rng.integers(0, 256, (len(v), 3072)) for n, v in labels.items()}
+    fake = tmp_path / "cifar-10-binary.tar.gz"
+    with tarfile.open(fake, "w:gz") as tar:
+        files = {n: np.column_stack([labels[n], pixels[n]]).astype(np.uint8).tobytes() for n in labels}
+        for name, data in {**files, "batches.meta.txt": b"airplane\nautomobile\n\n"}.items():
+            info = tarfile.TarInfo(f"cifar-10-batches-bin/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    md5 = hashlib.md5(fake.read_bytes()).hexdigest()
+    downloads = []
+
+    def download_url(url, root, md5=None):
+        downloads.append(url)
+        Path(root).mkdir(parents=True, exist_ok=True)
+        (Path(root) / url.rsplit("/", 1)[1]).write_bytes(fake.read_bytes())
+
+    monkeypatch.setattr("synthaug.data.sources.CIFAR10_BINARY", ("https://example.org/cifar-10-binary.tar.gz", md5))
+    monkeypatch.setattr("torchvision.datasets.utils.download_url", download_url)
+    monkeypatch.setattr(pickle, "load", lambda *a, **k: pytest.fail("pickle"))
     data = load_dataset("cifar10")
-    assert data.train.images.shape == (4, 3, 32, 32) and data.classes == ["a", "b"]
+    assert data.classes == ["airplane", "automobile"] and data.train.images.shape == (15, 3, 32, 32)
+    train = np.concatenate([pixels[f"data_batch_{i}.bin"] for i in range(1, 6)]).reshape(-1, 3, 32, 32)
+    assert np.array_equal(data.train.images.numpy(), train)
+    assert data.train.labels.tolist() == np.concatenate([labels[f"data_batch_{i}.bin"] for i in range(1, 6)]).tolist()
+    assert data.test.labels.tolist() == [1, 0]
+    load_dataset("cifar10")
+    assert len(downloads) == 1  # kept in the cache, checked against its MD5
 
 
 def test_image_folder_flat_rgb(tmp_path):

@@ -109,6 +109,15 @@ def test_fixmatch_trains_on_the_pool_and_keeps_the_ema():
     assert result.history[-1]["pseudo_labelled"] > 0  # the easy problem's pool gets pseudo-labels
     assert result.curve[-1]["accuracy"] > 0.9
 
+    def weights(**options):
+        model = fit_classifier(ds, TrainConfig(**{**SSL, "epochs": 3, **options}), unlabeled=pool).model
+        return torch.cat([v.flatten().float() for v in model.state_dict().values()])
+
+    default = torch.cat([v.flatten().float() for v in result.model.state_dict().values()])
+    assert torch.equal(weights(), default)  # the same seed, the same model
+    assert not torch.equal(weights(ssl_weight=0.0), default)  # the pool's loss reaches the gradient
+    assert not torch.equal(weights(ssl_ema=0.0), default)  # the model kept is the weights' average
+
 
 def test_weight_average_warms_up_and_keeps_averaged_models_state():
     model = create_model("small-cnn", num_classes=3, in_channels=1, image_size=(8, 8))
@@ -217,19 +226,39 @@ def test_the_labeller_is_shared_across_weight_norm():
     assert labeller_key(task, load_config(None, [*base, "train.lr=0.1"])) not in keys
 
 
+def test_the_confident_pool_images_join_under_their_pseudo_labels_and_the_rest_is_the_null_class():
+    from synthaug.recipes.dpt import labelled_pool
+
+    data = LoadedDataset("tiny", make_dataset((20, 20, 20), seed=0), make_dataset((5, 5, 5), seed=1))
+    task = make_task(data, load_config(None, ["split.kind=few-shot", "split.k=3"]).split)
+    n = len(task.unlabeled)
+    labels, confidence = (torch.arange(n) + 1) % 3, torch.linspace(0, 1, n)
+    labelled, rest = labelled_pool(task, labels, confidence, 0.9)
+    confident = confidence >= 0.9
+    assert 0 < int(confident.sum()) < n and len(rest) == n - int(confident.sum())
+    assert torch.equal(labelled.images, torch.cat([task.train.images, task.unlabeled.images[confident]]))
+    assert labelled.labels.tolist() == task.train.labels.tolist() + labels[confident].tolist()
+    assert torch.equal(rest.images, task.unlabeled.images[~confident])
+    assert labelled_pool(task, labels, confidence, 0.0)[1] is None  # every pool image confident: no null class
+
+
 def test_dpt_replay_adds_confident_pool_images_under_their_pseudo_labels(tmp_path, monkeypatch):
     """The control trains no generator: per_class images per class from the labelled and the
     confident pseudo-labelled pool images, at dpt.synthetic_weight in the final training."""
     import synthaug.classify as classify
+    import synthaug.recipes.dpt as dpt_module
 
     seen, real_fit = [], classify.fit_classifier
     monkeypatch.setattr(classify, "fit_classifier", lambda train, cfg, **kw: seen.append(kw) or real_fit(train, cfg, **kw))
+    pools, real_pool = [], dpt_module.labelled_pool
+    monkeypatch.setattr(dpt_module, "labelled_pool", lambda *a: pools.append(a) or real_pool(*a))
     data = LoadedDataset("tiny", make_dataset((20, 20, 20), seed=0), make_dataset((5, 5, 5), seed=1))
     config = load_config(None, ["split.kind=few-shot", "split.k=3", "train.epochs=1", "train.batch_size=4",
                                 "train.augment=none", "train.ssl_mu=2", "dpt.per_class=4", "dpt.replay=true",
-                                "dpt.confidence=0", "dpt.synthetic_weight=0.25", "recipe=dpt", f"output_dir={tmp_path}"])
+                                "dpt.confidence=0.01", "dpt.synthetic_weight=0.25", "recipe=dpt", f"output_dir={tmp_path}"])
     task = make_task(data, config.split)
     result = get_recipe("dpt").run(task, config, workdir=tmp_path / "run")
+    assert [a[-1] for a in pools] == [0.01]  # the pool is cut at dpt.confidence (3 classes: every image is above)
     weights = seen[-1]["sample_weights"]  # the final training's (the labeller is the first call)
     replayed = result.replayed  # pool images drawn again: not generated, so the report never shows them as such
     assert result.synthetic is None

@@ -56,6 +56,23 @@ def test_the_tiny_pipeline_is_laid_out_and_loads_like_a_checkpoint(sd_folder, te
     assert text_gen.config.prompts(1) == ["a photo of a class1, on grass", "a photo of a class1, at night"]
 
 
+@pytest.mark.parametrize("slicing", [False, True])
+def test_training_on_a_gpu_gives_the_attention_back_as_it_was(sd_folder, data, slicing):
+    """On a GPU the UNet trains with plain SDPA attention; afterwards it has the processors it
+    had, so a generator trained in this process samples as the same generator read back."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    gen = StableDiffusionGenerator.from_pretrained(sd_folder, data.classes, channels=1, image_size=8, resolution=16)
+    if slicing:
+        gen.pipe.enable_attention_slicing()
+    before = {name: type(p) for name, p in gen.pipe.unet.attn_processors.items()}
+    gen.device = torch.device("cuda")  # only the context's switches: nothing moves to a GPU
+    with gen._training() as unet:
+        assert {type(p) for p in unet.attn_processors.values()} == {AttnProcessor2_0}
+    assert {name: type(p) for name, p in gen.pipe.unet.attn_processors.items()} == before
+    assert slicing == any(p is not AttnProcessor2_0 for p in before.values())
+
+
 def test_text_to_image_is_per_seed(text_gen):
     out = text_gen.generate([0, 1, 2, 1, 0], [1, 2, 3, 4, 5], sampler=SAMPLING)
     assert out.shape == (5, 1, 8, 8) and out.dtype == torch.uint8

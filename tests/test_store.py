@@ -35,6 +35,22 @@ def test_layout_metadata_and_load(tmp_path):
     store.verify()
 
 
+def test_rows_load_in_the_order_asked_not_the_order_written(tmp_path):
+    """A store filled out of plan order (a repair, a resumed job, another plan sharing it) loads
+    a plan's rows in the plan's order, so the training set and the selectors' draws do not
+    depend on the store's history."""
+    store = SyntheticStore(tmp_path, CLASSES)
+    rows = plan(8)
+    store.fill(rows[4:], fake_images)
+    store.fill(rows, fake_images)  # the first four written last
+    ids = [r["id"] for r in rows]
+    ds = store.load(ids=ids)
+    assert [r["id"] for r in ds.info["rows"]] == ids
+    assert ds.images[:, 0, 0, 0].tolist() == [r["seed"] for r in rows] and ds.labels.tolist() == [0, 1] * 4
+    assert [r["id"] for r in store.load(ids=ids[::-1] + ids[:2]).info["rows"]] == ids[::-1]  # once each
+    assert [r["id"] for r in store.load().info["rows"]] == ids[4:] + ids[:4]  # the whole store: as written
+
+
 def test_interrupted_fill_resumes_without_duplicates(tmp_path):
     store = SyntheticStore(tmp_path, CLASSES)
     calls = []

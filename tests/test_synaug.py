@@ -2,6 +2,7 @@
 store, train with domain mixup, re-fit the head; caching, resume and the report."""
 
 import json
+import math
 import sys
 
 import pytest
@@ -103,11 +104,25 @@ def test_synaug_end_to_end_reuses_generator_and_store(data, tmp_path):
     assert again.extra["generator"]["source"] == "cache" and again.extra["synthetic"]["generated_now"] == 0
 
 
-@pytest.mark.parametrize("flags", [["synaug.domain_mixup=false"], ["synaug.refit_head=false"]])
-def test_ablations(data, tmp_path, flags):
+@pytest.mark.parametrize("flags", [[], ["synaug.domain_mixup=false"], ["synaug.refit_head=false"]])
+def test_ablations(data, tmp_path, flags, monkeypatch):
+    import synthaug.classify.train as train_module
+    import synthaug.recipes.synaug as synaug_module
+
+    seen, partners = {}, []
+    real_fit, real_mix, real_refit = synaug_module.fit_classifier, train_module.mix_batch, synaug_module.refit_head
+    monkeypatch.setattr(synaug_module, "fit_classifier",
+                        lambda train, cfg, **kw: seen.update(mix=cfg.mix, domains=kw["domains"]) or real_fit(train, cfg, **kw))
+    monkeypatch.setattr(train_module, "mix_batch", lambda *a, **kw: partners.append(kw.get("partner")) or real_mix(*a, **kw))
+    monkeypatch.setattr(synaug_module, "refit_head", lambda *a, **kw: seen.update(refit=True) or real_refit(*a, **kw))
     config = load_config(None, [*FAST, f"output_dir={tmp_path}", *flags])
     result = get_recipe("synaug").run(make_task(data, config.split), config, workdir=tmp_path / "run")
-    assert ("refit_head" in result.seconds) == config.synaug.refit_head
+    assert ("refit_head" in result.seconds) == config.synaug.refit_head == seen.get("refit", False)
+    on = config.synaug.domain_mixup
+    assert seen["mix"] == ("domain-mixup" if on else "none") and seen["domains"].unique().tolist() == [0, 1]
+    # every batch mixed (mix_prob 1), each image with a partner from the other domain, not a random one
+    assert len(partners) == (2 * math.ceil(len(seen["domains"]) / 16) if on else 0)
+    assert all(p is not None for p in partners)
 
 
 def test_a_partial_fill_reaches_the_run(data, tmp_path):
@@ -129,16 +144,26 @@ def test_with_groups_the_head_is_re_fit_on_cell_balanced_real_data(data, tmp_pat
     """SYNAuG's last step re-fits the head on uniformly subsampled real data: with groups, each
     (class, group) cell cut to the same count, or the colour-biased real data teaches the
     head the colour again."""
+    import synthaug.data.splits as splits
     import synthaug.recipes.synaug as synaug_module
 
-    given = []
-    real = synaug_module.refit_head
+    given, cells = [], []
+    real, real_subsample = synaug_module.refit_head, splits.class_balanced_subsample
     monkeypatch.setattr(synaug_module, "refit_head", lambda *a, **kw: given.append(kw["by_group"]) or real(*a, **kw))
+
+    def subsample(*a, **kw):  # the real images the head is re-fit on: their (class, group) cells' sizes
+        kept = real_subsample(*a, **kw)
+        counts = torch.bincount(kept.cells())
+        cells.append(counts[counts > 0])
+        return kept
+
+    monkeypatch.setattr(splits, "class_balanced_subsample", subsample)
     base = [*FAST, f"output_dir={tmp_path}", "split.kind=colored", "split.agreement=0.9", "synaug.replay=true"]
     for flags, by_group in (([], True), (["synaug.balance_groups=false"], False)):
         config = load_config(None, [*base, *flags])
         get_recipe("synaug").run(make_task(data, config.split), config, workdir=tmp_path / f"run{by_group}")
-    assert given == [True, False]
+    assert given == [True, False] and len(cells) == 2
+    assert len(cells[0].unique()) == 1 and len(cells[1].unique()) > 1  # every cell alike, or the colour's bias kept
     config = load_config(None, [*base, "synaug.refit_per_class=all"])
     with pytest.raises(SynthaugError, match="refit_per_class=all"):
         get_recipe("synaug").check(make_task(data, config.split), config)

@@ -36,20 +36,43 @@ def test_learns_the_tiny_problem(precision, channels_last):
     assert [h["epoch"] for h in result.history] == list(range(1, 7))
 
 
+def _spy_loss(monkeypatch) -> list[dict]:
+    """Each call of the training loss: its targets' classes and its keyword arguments."""
+    import synthaug.classify.train as train_module
+
+    calls, real = [], train_module.soft_cross_entropy
+
+    def spy(logits, targets, **kw):
+        calls.append({"classes": targets.argmax(1).cpu(), **kw})
+        return real(logits, targets, **kw)
+
+    monkeypatch.setattr(train_module, "soft_cross_entropy", spy)
+    return calls
+
+
 @pytest.mark.parametrize("sampler", SAMPLERS)
-def test_samplers(sampler):
+def test_samplers(sampler, monkeypatch):
     labels = torch.tensor([0] * 90 + [1] * 10)
     drawn = labels[list(make_sampler(sampler, labels, 2, torch.Generator().manual_seed(0)))]
     share = (drawn == 1).float().mean()
     expected = {"uniform": 0.1, "class-balanced": 0.5, "sqrt": 1 / (1 + 3)}[sampler]
     assert abs(share - expected) < 0.12
-    small_train(sampler=sampler)
+    calls = _spy_loss(monkeypatch)  # the batches the training loop draws follow the sampler too
+    fit_classifier(make_dataset((48, 24, 12)), TrainConfig(**{**FAST, "epochs": 3, "sampler": sampler}), seed=0)
+    smallest = float((torch.cat([c["classes"] for c in calls]) == 2).float().mean())
+    expected = {"uniform": 12 / 84, "class-balanced": 1 / 3, "sqrt": 12**0.5 / (48**0.5 + 24**0.5 + 12**0.5)}[sampler]
+    assert abs(smallest - expected) < 0.05, smallest
 
 
 @pytest.mark.parametrize("loss", ["ce", "logit-adjusted", "balanced-softmax"])
-def test_losses_train(loss):
+def test_losses_train(loss, monkeypatch):
+    calls = _spy_loss(monkeypatch)
     result = small_train(loss=loss, tau=2.0)
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
+    # the training set's log class frequencies, scaled by tau: 0 for ce, train.tau for logit adjustment, 1 for
+    # balanced softmax
+    assert torch.allclose(calls[0]["log_prior"].cpu().exp(), torch.tensor([24, 12, 6]) / 42, atol=1e-5)
+    assert calls[0]["tau"] == {"ce": 0.0, "logit-adjusted": 2.0, "balanced-softmax": 1.0}[loss]
 
 
 def test_soft_cross_entropy_matches_torch_and_logit_adjustment():

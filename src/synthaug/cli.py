@@ -82,7 +82,7 @@ def train(
     force: bool = FORCE_OPT,
     quiet: bool = QUIET_OPT,
 ):
-    """Train and evaluate a classifier with a baseline recipe; writes a run folder."""
+    """Train and evaluate one recipe (no baselines, no report); writes a run folder."""
     from .config import load_config
     from .runs import train_run
 
@@ -170,7 +170,7 @@ def bench(
                                           "targeted-small, full, cifar10-gpu, fewshot-cifar10-gpu) or a suite YAML file"),
     out: Path = typer.Option(None, help="the suite's folder (default: runs/bench-<suite>)"),
     force: bool = typer.Option(False, help="re-run the cells whose config changed since they ran"),
-    rerun: bool = typer.Option(False, help="run the chosen finished cells (--recipe, --setting) afresh, replacing "
+    rerun: bool = typer.Option(False, help="run the chosen finished cells (--recipe, --setting, --generator-seed, --seed) afresh, replacing "
                                            "their rows: for a code change behind a recipe"),
     report_only: bool = typer.Option(False, "--report-only", help="only rewrite the leaderboard from results.jsonl"),
     setting: list[str] = typer.Option([], help="run only this setting's cells (repeatable)"),
@@ -234,7 +234,7 @@ def validate(
     from .select.stage import scorer_for, validation_skip, validation_stage
     from .store import SPLIT, SyntheticStore, is_store
     from .task import make_task
-    from .utils.paths import check_folder
+    from .utils.paths import check_folder, make_folders, remove_created
 
     cfg = load_config(config_file, [*overrides, *([f"validate.features={classifier}"] if classifier else [])])
     check_features(cfg.validate.features, "--classifier" if classifier else "validate.features")
@@ -265,9 +265,17 @@ def validate(
     skip = validation_skip(task, images, cfg)
     if skip:  # before anything is written
         raise SynthaugError(f"cannot validate '{synthetic}': {skip}")
-    data.save_cache()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / VALIDATION_MARKER).write_text("a validation folder made by synthaug\n")
+    created, marked = make_folders(out, "--out"), (out / VALIDATION_MARKER).is_file()
+    try:
+        (out / VALIDATION_MARKER).write_text("a validation folder made by synthaug\n")
+        data.save_cache()  # after the folder, which is undone if the cache cannot be written
+    except (OSError, SynthaugError) as e:
+        if not marked:
+            (out / VALIDATION_MARKER).unlink(missing_ok=True)
+        remove_created(created)
+        if isinstance(e, SynthaugError):
+            raise
+        raise SynthaugError(f"cannot write to --out '{out}' ({e.strerror or e}): choose a folder you can write to") from None
     model = None
     if cfg.validate.features == "classifier":  # no classifier given: one trained on the real split
         model = scorer_for(task.train, cfg, out / "classifier", progress=not quiet)

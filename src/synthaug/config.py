@@ -253,7 +253,7 @@ class SelectSection:
     k: int = 3  # realism: neighbours that set each real image's k-NN radius
     clusters: int = 10  # cluster: k-means centres per class
     features: str = "classifier"  # classifier (the scorer's), pixels, a classifier folder, or hf:<hub id or folder>
-    scorer_epochs: int | None = None  # epochs of the scorer (trained on the real split); default train.epochs
+    scorer_epochs: int | None = None  # epochs of the scorer (trained on the real split); default train.epochs, or train.steps when set
     read_groups: bool = True  # with groups: drop the candidates a group reader reads as another group first
     # DBG's boundary push: move each kept image this share of the way to its nearest rival class under the
     # scorer (0: off; 1 would put it on the boundary)
@@ -263,7 +263,7 @@ class SelectSection:
         if not 0 <= self.boundary < 1:
             raise SynthaugError(f"select.boundary must be in [0, 1) (0: off), got {self.boundary}")
         if self.scorer_epochs is not None and self.scorer_epochs < 1:
-            raise SynthaugError("select.scorer_epochs must be >= 1 (or unset: train.epochs)")
+            raise SynthaugError("select.scorer_epochs must be >= 1 (or unset: train.epochs, or train.steps when set)")
         if self.overgenerate < 1 or not 0 <= self.threshold <= 1 or self.k < 1 or self.clusters < 1:
             raise SynthaugError("select.overgenerate must be >= 1, threshold in [0, 1], k and clusters >= 1")
 

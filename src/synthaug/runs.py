@@ -111,8 +111,8 @@ def prepare_run_dir(run_dir: Path, config: RunConfig, *, force: bool = False) ->
     run folder synthaug made is deleted first."""
     if check_run_dir(run_dir, config, force=force):
         return True, []
-    if force and run_dir.exists() and any(run_dir.iterdir()):
-        shutil.rmtree(run_dir)
+    if force:
+        clear_run_dir(run_dir, config)
     config_file = run_dir / "config.yaml"
     created = make_folders(run_dir, "output_dir")
     try:
@@ -123,6 +123,13 @@ def prepare_run_dir(run_dir: Path, config: RunConfig, *, force: bool = False) ->
         raise SynthaugError(f"cannot write to output_dir '{config.output_dir}' ({e.strerror}): choose a folder you "
                             "can write to") from None
     return False, created
+
+
+def clear_run_dir(run_dir: Path, config: RunConfig):
+    """Delete the run folder at `run_dir`, only where `--force` may (`check_run_dir`)."""
+    check_run_dir(run_dir, config, force=True)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        shutil.rmtree(run_dir)
 
 
 def recorded_changes(run_dir: Path, config: RunConfig) -> list[str] | None:
@@ -273,8 +280,14 @@ def train_run(config: RunConfig, *, progress: bool = True, force: bool = False, 
     run_dir = Path(config.output_dir) / config.run_name()
     check_run_dir(run_dir, config, force=force)
     # Everything above can fail on bad input; nothing is written before this point.
-    data.save_cache()
     started, created = prepare_run_dir(run_dir, config, force=force)
+    try:
+        data.save_cache()  # after the run folder, which is undone if the cache cannot be written
+    except SynthaugError:
+        if created and _unstarted(run_dir):
+            shutil.rmtree(run_dir)
+            remove_created(created[:-1])
+        raise
     if started and (done := _finished(run_dir, config, compare, task.train.classes, names)) is not None:
         remove_checkpoints(run_dir)  # a run finished by an older synthaug, or stopped before its cleanup
         return run_dir, done

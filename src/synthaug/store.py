@@ -194,12 +194,13 @@ class SyntheticStore:
                                 "again: it regenerates exactly those images")
 
     def load(self, ids: Sequence[str] | None = None) -> ImageDataset:
-        """The store (or only the rows in `ids`) as a dataset in metadata order, with
-        `info['rows']` holding the metadata."""
+        """The store as a dataset in metadata order, or only the rows in `ids` in their order
+        (not the order they were written in, which a repair, a resumed job or another plan
+        sharing the store changes), with `info['rows']` holding the metadata."""
         rows = self.rows()
         if ids is not None:
-            wanted = set(ids)
-            rows = [r for r in rows if r["id"] in wanted]
+            by_id = {r["id"]: r for r in rows}
+            rows = [by_id[i] for i in dict.fromkeys(ids) if i in by_id]
         images = []
         for r in rows:
             try:

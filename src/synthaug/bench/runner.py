@@ -9,7 +9,10 @@
 
 A finished cell is never redone. A cell whose config changed since it ran (an edited suite) is
 refused, or re-run with `force`; `rerun` re-runs chosen cells whose config did not change (the
-code did). Every check that can fail runs before the first write."""
+code did). The cells a `force` or `rerun` runs afresh are listed in <out>/.synthaug-pending.json
+until each finishes, so that one interrupted goes on where it stopped: the cells it redid are
+kept, the one it was running resumes from its checkpoint. Every check that can fail runs before
+the first write."""
 
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from .suite import Cell, Suite, changes, settings_of, with_locations
 MARKER = ".synthaug-run"
 RESULTS = "results.jsonl"
 LOCK = ".synthaug-bench.lock"  # the pid of the bench writing into the folder
+PENDING = ".synthaug-pending.json"  # {cell: "chosen" | "started" | "redone"} for the cells run afresh
 
 
 def check_lock(out: Path):
@@ -66,6 +70,31 @@ def read_results(out: Path) -> list[dict]:
     return rows
 
 
+def read_pending(out: Path) -> dict[str, str]:
+    """The cells an interrupted `force` or `rerun` chose to run afresh, by state: "chosen" (its old
+    run folder still there), "started" (its fresh run began: resume it), "redone"; {} where none
+    (a damaged list is read as none, with a warning: its cells run afresh again)."""
+    path = Path(out) / PENDING
+    try:
+        found = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        found = None
+    if not isinstance(found, dict) or not all(v in ("chosen", "started", "redone") for v in found.values()):
+        print(f"{path} cannot be read: ignored", file=sys.stderr)
+        return {}
+    return found
+
+
+def write_pending(out: Path, pending: dict[str, str]):
+    """Keep the list while a cell of it is left; remove it once every one is redone."""
+    if all(v == "redone" for v in pending.values()):
+        (out / PENDING).unlink(missing_ok=True)
+    else:
+        atomic_write_text(out / PENDING, json.dumps(pending, indent=1) + "\n")
+
+
 def check_out(out: Path):
     """The suite's folder: new, empty, or one synthaug made. Writes nothing."""
     check_folder(out, "--out")
@@ -84,11 +113,13 @@ def cell_changes(row: dict, cell: Cell) -> list[str]:
     return [] if row.get("fingerprint") == cell.fingerprint else changes(row.get("settings") or {}, cell.config)
 
 
-def plan(suite: Suite, out: Path, *, force: bool = False,
-         rerun: bool = False) -> tuple[list[Cell], list[Cell], dict[str, dict]]:
+def plan(suite: Suite, out: Path, *, force: bool = False, rerun: bool = False,
+         pending: dict[str, str] | None = None) -> tuple[list[Cell], list[Cell], dict[str, dict]]:
     """(cells to run, of them the ones to run afresh, finished rows by cell). Raises on a changed
     cell without `force` (finished, or stopped in its run and changed since); with `rerun`, every
-    finished cell runs afresh."""
+    finished cell runs afresh but one an interrupted rerun redid (`pending`), and the cells that
+    one left run whether or not `rerun` is given."""
+    pending = pending or {}
     from ..runs import started_elsewise
 
     done = {r["cell"]: r for r in read_results(out)}
@@ -109,7 +140,7 @@ def plan(suite: Suite, out: Path, *, force: bool = False,
         if found:
             changed.append(cell)
             first = first or found[0]
-        if found or rerun:
+        if found or (rerun and pending.get(cell.key) != "redone") or pending.get(cell.key) in ("chosen", "started"):
             again.append(cell)
     if changed and not force:
         raise SynthaugError(f"{len(changed)} cell(s) of suite '{suite.name}' changed since they ran (first: "
@@ -157,7 +188,7 @@ def run_suite(suite: Suite, out: str | Path, *, force: bool = False, rerun: bool
     replaced (trained generators and stores whose fingerprints still match are reused), for when
     the code behind a recipe changed.
     Stops starting cells once `suite.minutes` are spent (run again to go on)."""
-    from ..runs import train_run
+    from ..runs import clear_run_dir, started_elsewise, train_run
     from .leaderboard import write_leaderboard
 
     out = Path(out)
@@ -187,7 +218,9 @@ def run_suite(suite: Suite, out: str | Path, *, force: bool = False, rerun: bool
         return ((not settings or c.setting in settings) and (not recipes or c.recipe in recipes)
                 and (not generator_seeds or c.generator_seed in generator_seeds) and (not seeds or c.seed in seeds))
 
-    cells, changed, done = plan(suite, out, force=force, rerun=rerun)
+    keys = {c.key for c in suite.cells_}
+    pending = {k: v for k, v in read_pending(out).items() if k in keys}  # a cell edited out of the suite is dropped
+    cells, changed, done = plan(suite, out, force=force, rerun=rerun, pending=pending)
     cells = [c for c in cells if chosen(c)]
     changed = [c for c in changed if chosen(c)]
     preflight(cells, out, {s.name: s.metric for s in suite.settings})
@@ -195,11 +228,20 @@ def run_suite(suite: Suite, out: str | Path, *, force: bool = False, rerun: bool
     make_folders(out, "--out")
     (out / MARKER).write_text("a benchmark folder made by synthaug\n")
     (out / LOCK).write_text(f"{os.getpid()}\n")
+    kept = sum(v == "redone" for v in pending.values())
+    for cell in changed:
+        if pending.get(cell.key) in (None, "redone"):
+            pending[cell.key] = "chosen"
+    if pending:
+        write_pending(out, pending)
     env = environment(suite.device)
     start = time.perf_counter()
     total = len(suite.cells_)
-    finished = sum(c.key in done for c in suite.cells_) - sum(c.key in done for c in changed)
+    afresh = {c.key for c in changed} | {k for k, v in pending.items() if v != "redone"}
+    finished = sum(c.key in done and c.key not in afresh for c in suite.cells_)
     echo(f"suite {suite.name}: {total} cells, {finished} finished, {len(cells)} to run -> {out}")
+    if kept:
+        echo(f"going on with an interrupted --rerun or --force: the {kept} cell(s) it redid are kept")
     try:
         for n, cell in enumerate(cells, 1):
             spent = (time.perf_counter() - start) / 60
@@ -208,10 +250,19 @@ def run_suite(suite: Suite, out: str | Path, *, force: bool = False, rerun: bool
                 break
             config = with_locations(cell, out)
             t0 = time.perf_counter()
-            run_dir, metrics = train_run(config, progress=progress, force=cell in changed)
+            fresh = cell in changed and (pending.get(cell.key) != "started"
+                                         or bool(started_elsewise(Path(config.output_dir) / config.run_name(), config)))
+            if fresh:  # its old run folder goes first, then the list says its fresh run is the one to resume
+                clear_run_dir(Path(config.output_dir) / config.run_name(), config)
+                pending[cell.key] = "started"
+                write_pending(out, pending)
+            run_dir, metrics = train_run(config, progress=progress, force=fresh)
             row = result_row(suite, cell, metrics, run_dir, out, time.perf_counter() - t0, env)
             done[cell.key] = row
             atomic_write_text(out / RESULTS, "".join(json.dumps(r) + "\n" for r in done.values()))
+            if cell.key in pending:
+                pending[cell.key] = "redone"
+                write_pending(out, pending)
             echo(f"[{n}/{len(cells)}] {cell.key}: {cell.config.recipe} {row['metric']} "
                  f"{100 * row['metrics'][row['metric']]:.2f} ({row['wall_seconds']:.0f} s)")
     finally:

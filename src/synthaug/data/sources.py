@@ -2,22 +2,24 @@
 Hugging Face datasets, all returned as in-memory `ImageDataset`s.
 
 Add a source with `@register_source("name", "one line")` on a function
-`(cache_dir: Path) -> (train, test)`.
+`(cache_dir: Path) -> (train, test)`; one that writes into the cache takes `pending` too, a list
+it appends its writes to (`(path, tensors, metadata)`, for `LoadedDataset.save_cache` once a
+run's checks have passed).
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import inspect
+import io
 import json
 import os
-import shutil
 import tarfile
-import tempfile
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
@@ -25,7 +27,7 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from ..errors import SynthaugError
-from ..utils.paths import make_folders, remove_created
+from ..utils.paths import make_folders
 from ..utils.registry import Registry
 from ..utils.runtime import progress_bar
 from .dataset import ImageDataset, LoadedDataset
@@ -39,6 +41,7 @@ HELD_OUT_FRACTION = 0.2  # test share when a source has no test split of its own
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 CIFAR10_TARBALL = "cifar10-jpg.tar.gz"
+CIFAR10_BINARY = ("https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz", "c32a1d4ab5d03f1284b67883e8d87530")
 
 
 def default_cache_dir() -> Path:
@@ -49,7 +52,13 @@ def default_cache_dir() -> Path:
 class Source:
     name: str
     description: str
-    load: Callable[[Path], tuple[ImageDataset, ImageDataset]]
+    load: Callable[..., tuple[ImageDataset, ImageDataset]]
+
+    def read(self, cache_dir: Path, pending: list) -> tuple[ImageDataset, ImageDataset]:
+        """`load`, handed the list of deferred cache writes where it takes one."""
+        if "pending" in inspect.signature(self.load).parameters:
+            return self.load(cache_dir, pending=pending)
+        return self.load(cache_dir)
 
 
 SOURCES: Registry[Source] = Registry("dataset")
@@ -72,7 +81,8 @@ def load_dataset(
 
     `name_or_path`: a registered name (`synthaug datasets` lists them), a folder of class
     subfolders (ImageFolder, optionally with `train/` and `test/`), or `hf:<folder or hub id>`
-    for a Hugging Face dataset. `image_size` resizes, `channels` (1 or 3) converts.
+    for a Hugging Face dataset; a tar archive of such a folder is read without extracting it.
+    `image_size` resizes, `channels` (1 or 3) converts.
 
     A folder's decoded images are cached under `cache_dir`; with `defer_cache` that write
     waits for `LoadedDataset.save_cache()` (a run calls it once its checks have passed).
@@ -82,11 +92,14 @@ def load_dataset(
     key = str(name_or_path)
     if key in SOURCES:
         source = SOURCES[key]
-        train, test = source.load(cache)
+        train, test = source.read(cache, pending)
         description = source.description
     elif key.startswith("hf:"):
         train, test = _load_hf(key[3:], cache, image_size)
         description = f"Hugging Face dataset {key[3:]}"
+    elif Path(key).is_file() and tarfile.is_tarfile(key):
+        train, test = _load_archive(Path(key), image_size=image_size, cache_dir=cache / "folders", pending=pending)
+        description = f"ImageFolder archive {key}"
     elif Path(key).exists():
         train, test = _load_image_folder(Path(key), image_size=image_size, cache_dir=cache / "folders", pending=pending)
         description = f"ImageFolder {key}"
@@ -224,26 +237,48 @@ def read_idx(path: Path) -> np.ndarray:
 
 
 @register_source("cifar10", "CIFAR-10: 50,000 train / 10,000 test, 32x32 RGB, 10 classes (JPEG folders or torchvision)")
-def _cifar10(cache_dir: Path):
-    tarball = _find_cifar10_tarball()
-    if tarball is not None:
-        key = archive_key(tarball)
-        folder = _extract_once(tarball, cache_dir / f"cifar10-jpg-{key}")  # a folder is used as it is
-        return _load_image_folder(folder, cache_dir=cache_dir / "folders")  # decoded once, then cached
-    from torchvision.datasets import CIFAR10
+def _cifar10(cache_dir: Path, pending: list | None = None):
+    found = _find_cifar10_tarball()
+    if found is not None:  # read as it is (an archive without extracting it), decoded once, then cached
+        load = _load_image_folder if found.is_dir() else _load_archive
+        return load(found, cache_dir=cache_dir / "folders", pending=pending)
+    url, md5 = CIFAR10_BINARY
+    archive = cache_dir / "cifar10" / url.rsplit("/", 1)[1]
+    from torchvision.datasets.utils import check_integrity, download_url
 
-    def get(train):
+    if not check_integrity(str(archive), md5):
         try:
-            ds = CIFAR10(str(cache_dir / "torchvision"), train=train, download=True)
+            download_url(url, str(archive.parent), md5=md5)  # checked against its MD5 once downloaded
         except Exception as e:
             raise SynthaugError(
                 f"CIFAR-10 is not on this machine and could not be downloaded ({type(e).__name__}): "
                 f"set SYNTHAUG_CIFAR10 to {CIFAR10_TARBALL} or its extracted folder"
             ) from None
-        images = torch.from_numpy(np.asarray(ds.data)).permute(0, 3, 1, 2).contiguous()
-        return ImageDataset(images, torch.as_tensor(ds.targets), list(ds.classes))
+    return read_cifar10_binary(archive)
 
-    return get(True), get(False)
+
+def read_cifar10_binary(archive: Path) -> tuple[ImageDataset, ImageDataset]:
+    """CIFAR-10's binary version (per image a label byte, then 3,072 pixel bytes, channel by
+    channel), read from its archive as raw bytes: the python version's batches are pickles."""
+    try:
+        with tarfile.open(archive) as tar:
+            parts = {PurePosixPath(m.name).name: tar.extractfile(m).read() for m in tar if m.isfile()}
+    except (EOFError, zlib.error, tarfile.TarError, OSError) as e:
+        raise SynthaugError(f"cannot read {archive} ({e or type(e).__name__}): the archive is truncated or corrupt; "
+                            "remove it to download it again") from None
+    batches = [[f"data_batch_{i}.bin" for i in range(1, 6)], ["test_batch.bin"]]
+    missing = [n for n in ["batches.meta.txt", *batches[0], *batches[1]] if n not in parts]
+    if missing or any(len(parts[n]) % 3073 for names in batches for n in names):
+        what = f"no {missing[0]}" if missing else "a batch of another size"
+        raise SynthaugError(f"{archive} is not CIFAR-10's binary version ({what}): remove it to download it again")
+    classes = [c.strip() for c in parts["batches.meta.txt"].decode().splitlines() if c.strip()]
+
+    def records(names: list[str]) -> ImageDataset:
+        raw = np.frombuffer(b"".join(parts[n] for n in names), np.uint8).reshape(-1, 3073)
+        images = torch.from_numpy(raw[:, 1:].reshape(-1, 3, 32, 32).copy())
+        return ImageDataset(images, torch.from_numpy(raw[:, 0].astype(np.int64)), classes)
+
+    return records(batches[0]), records(batches[1])
 
 
 def _find_cifar10_tarball() -> Path | None:
@@ -256,42 +291,98 @@ def _find_cifar10_tarball() -> Path | None:
     return None
 
 
-def archive_key(archive: Path) -> str:
-    """Names an archive's extraction in the cache: its name, size and modification time, so
-    another (or a repaired) archive is extracted anew."""
+def _load_archive(archive: Path, image_size=None, cache_dir: Path | None = None, pending: list | None = None):
+    """A tar archive (.tar, .tar.gz, ...) of an ImageFolder, read in memory without extracting it:
+    the images `_load_image_folder` reads from the extracted folder, in the same order. With
+    `cache_dir`, the decoded tensors are kept as `<cache_dir>/archive-<key>.safetensors`, the key a
+    hash of the archive's path, size and modification time and the size asked for."""
     st = archive.stat()
-    return hashlib.sha256(f"{archive.name}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    size = _size_pair(image_size) if image_size is not None else None
+    key = hashlib.sha256(json.dumps([str(archive.resolve()), st.st_size, st.st_mtime_ns, size]).encode()).hexdigest()
+    cached = Path(cache_dir) / f"archive-{key[:24]}.safetensors" if cache_dir is not None else None
+    if cached is not None and cached.is_file():
+        try:
+            from safetensors import safe_open
 
-
-def _extract_once(archive: Path, target: Path) -> Path:
-    """Extract a tarball into `target` atomically (a temp folder renamed at the end). On any
-    failure, the temp folder and the cache folders made for it are removed."""
-    if archive.is_dir():
-        return archive
-    if target.exists():
-        return target
-    created = make_folders(target.parent, "the cache folder")
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".extract-"))
+            with safe_open(cached, "pt") as f:
+                classes = json.loads(f.metadata()["classes"])
+                t = {k: f.get_tensor(k) for k in f.keys()}
+            train = ImageDataset(t["train_images"], t["train_labels"], classes)
+            if "test_images" not in t:
+                return _stratified_split(train.images, train.labels, classes)
+            return train, ImageDataset(t["test_images"], t["test_labels"], classes)
+        except Exception:  # cut short or from another layout: decode again
+            pass
     try:
         with tarfile.open(archive) as tar:
-            if hasattr(tarfile, "data_filter"):  # Python >= 3.10.12: refuses unsafe members
-                tar.extractall(tmp, filter="data")
-            else:  # older Pythons: regular files and folders inside the target only
-                members = tar.getmembers()
-                unsafe = [m.name for m in members if not (m.isfile() or m.isdir())
-                          or Path(m.name).is_absolute() or ".." in Path(m.name).parts]
-                if unsafe:
-                    raise tarfile.TarError(f"unsafe member '{unsafe[0]}'")
-                tar.extractall(tmp, members=members)
-        os.replace(tmp, target)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        remove_created(created)
-        if isinstance(e, (EOFError, zlib.error, tarfile.TarError, OSError)):
-            raise SynthaugError(f"cannot extract {archive} ({e or type(e).__name__}): the archive is truncated or "
-                                "corrupt; replace it") from None
-        raise
-    return target
+            files, folders = {}, set()
+            for m in tar:  # in the archive's order: a compressed archive is read once, front to back
+                parts = PurePosixPath(m.name).parts
+                parts = parts[1:] if parts[:1] == (".",) else parts
+                if PurePosixPath(m.name).is_absolute() or ".." in parts:  # no place in a folder
+                    continue
+                if m.isdir():
+                    folders.add(parts)
+                elif m.isfile() and parts and not parts[-1].startswith(".") and parts[-1].lower() not in SIDE_FILES:
+                    files[parts] = tar.extractfile(m).read()
+    except (EOFError, zlib.error, tarfile.TarError, OSError) as e:
+        raise SynthaugError(f"cannot read {archive} ({e or type(e).__name__}): the archive is truncated or corrupt; "
+                            "replace it") from None
+
+    def part(prefix: tuple) -> tuple[list[tuple[tuple, int]], list[str]]:  # as _list_class_folder lists a folder
+        inside = sorted(p for p in files if p[:len(prefix)] == prefix and len(p) > len(prefix) + 1
+                        and not p[len(prefix)].startswith("."))
+        classes = sorted({p[len(prefix)] for p in inside})
+        empty = sorted(f[-1] for f in folders if len(f) == len(prefix) + 1 and f[:len(prefix)] == prefix
+                       and not f[-1].startswith(".") and f[-1] not in classes)
+        if empty:
+            raise SynthaugError(f"class folder '{'/'.join((*prefix, empty[0]))}' in '{archive}' holds no images: add "
+                                "images or remove the folder")
+        if not classes:
+            raise SynthaugError(f"archive '{archive}' has no class folders{' in ' + '/'.join(prefix) if prefix else ''}: "
+                                "put images in <folder>/<class name>/")
+        for p in inside:
+            if PurePosixPath(p[-1]).suffix.lower() not in IMAGE_EXTENSIONS:
+                raise SynthaugError(f"'{'/'.join(p)}' in '{archive}' is not an image ({', '.join(IMAGE_EXTENSIONS)}): "
+                                    "remove it from the class folder")
+        return [(p, classes.index(p[len(prefix)])) for p in inside], classes
+
+    def decode(listed: list[tuple[tuple, int]], classes: list[str]) -> ImageDataset:
+        tensors = []
+        with progress_bar(len(listed) >= 2000) as bar:
+            task = bar.add_task("decode images", total=len(listed), info="")
+            for p, _ in listed:
+                tensors.append(_read_image(io.BytesIO(files[p]), f"{archive}:{'/'.join(p)}"))
+                bar.advance(task)
+        named = [("/".join(p), label) for p, label in listed]
+        return ImageDataset(_stack(tensors, size, named), torch.tensor([label for _, label in listed]), classes)
+
+    test_name = next((n for n in TEST_DIR_NAMES if any(p[0] == n for p in files)), None)
+    if any(p[0] == "train" for p in files):
+        listed, classes = part(("train",))
+        train = decode(listed, classes)
+        tensors = {"train_images": train.images, "train_labels": train.labels}
+        if test_name is not None:
+            listed, test_classes = part((test_name,))
+            if test_classes != classes:
+                raise SynthaugError(f"'{test_name}' in '{archive}' has classes {test_classes}, train has {classes}: "
+                                    "use the same class folders")
+            test = decode(listed, classes)
+            if test.images.shape[1:] != train.images.shape[1:]:
+                test = _convert(test, train.image_size, train.channels)
+            tensors |= {"test_images": test.images, "test_labels": test.labels}
+    else:
+        train, test_name = decode(*part(())), None
+        classes, tensors = train.classes, {"train_images": train.images, "train_labels": train.labels}
+    if cached is not None:
+        write = (cached, {k: v.contiguous() for k, v in tensors.items()}, {"classes": json.dumps(classes)})
+        if pending is None:
+            save_decoded(*write)
+        else:
+            pending.append(write)
+    if test_name is None:
+        return _stratified_split(train.images, train.labels, classes)
+    return train, ImageDataset(tensors["test_images"], tensors["test_labels"], classes)
 
 
 # --------------------------------------------------------------------------- folders
@@ -410,15 +501,15 @@ def _decode(files: list[tuple[Path, int]], classes: list[str], image_size=None,
     return ds
 
 
-def save_decoded(path: Path, tensors: dict):
+def save_decoded(path: Path, tensors: dict, metadata: dict | None = None):
     """Write a decoded folder's tensors into the cache, atomically."""
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    make_folders(path.parent, "the cache folder")
+    make_folders(path.parent, "data.cache_dir")
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        save_file(tensors, tmp)
+        save_file(tensors, tmp, metadata=metadata)
         os.replace(tmp, path)
     except (OSError, SafetensorError) as e:  # a folder that exists but cannot be written, or a full disk
         tmp.unlink(missing_ok=True)
@@ -426,16 +517,18 @@ def save_decoded(path: Path, tensors: dict):
                             "data.cache_dir to a folder you can write to") from None
 
 
-def _read_image(path: Path) -> torch.Tensor:
+def _read_image(source: Path | io.BytesIO, name: str | Path | None = None) -> torch.Tensor:
+    """An image file (or its bytes, `name` saying where from) as a uint8 tensor."""
+    name = name or source
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             img.load()
-            return to_uint8(img, path)
+            return to_uint8(img, name)
     except Image.DecompressionBombError:
-        raise SynthaugError(f"image '{path}' is too large to decode safely (over {2 * Image.MAX_IMAGE_PIXELS:,} "
+        raise SynthaugError(f"image '{name}' is too large to decode safely (over {2 * Image.MAX_IMAGE_PIXELS:,} "
                             "pixels, Pillow's decompression-bomb limit): downscale it or remove it") from None
     except (OSError, ValueError, SyntaxError, EOFError, zlib.error) as e:
-        raise SynthaugError(f"cannot read image '{path}' ({e}): remove or replace the file") from None
+        raise SynthaugError(f"cannot read image '{name}' ({e}): remove or replace the file") from None
 
 
 HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")

@@ -2,7 +2,9 @@
 denoiser trained with diffusers' DDPM noise schedule on a classifier's penultimate features,
 sampled with DDIM. It makes features, not images, so it is not a `Generator` (which makes
 uint8 images); the `ldmlr` recipe is its one user. Small enough to train on a CPU in a
-minute: features are 64 numbers (the small CNN) where images are 784."""
+minute: features are 64 numbers (the small CNN) where images are 784. It trains and samples
+on the classifier's device; its random draws come from CPU generators, so a seed gives the
+same draws on any device."""
 
 from __future__ import annotations
 
@@ -65,26 +67,29 @@ class FeatureDiffusion:
         self.std = torch.ones(dim)
         self.history: list[dict] = []
         self.train_seconds = 0.0
+        self.device = torch.device("cpu")
 
     def fit(self, features: torch.Tensor, labels: torch.Tensor, *, steps: int = 3000, batch_size: int = 256,
-            lr: float = 1e-3, seed: int = 0, progress: bool = False) -> FeatureDiffusion:
+            lr: float = 1e-3, seed: int = 0, progress: bool = False, device=None) -> FeatureDiffusion:
         t0 = time.perf_counter()
         torch.manual_seed(seed)
         g = torch.Generator().manual_seed(seed)
-        features = features.float()
+        features = features.float().cpu()
         self.mean, self.std = features.mean(0), features.std(0).clamp_min(1e-4)
-        x0_all = (features - self.mean) / self.std
-        self.denoiser.train()
+        self.device = torch.device(device or "cpu")
+        x0_all = ((features - self.mean) / self.std).to(self.device)
+        labels = labels.to(self.device)
+        self.denoiser.to(self.device).train()
         optimizer = torch.optim.AdamW(self.denoiser.parameters(), lr=lr, weight_decay=1e-4)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
         with progress_bar(progress) as bar:
             task = bar.add_task("train feature diffusion", total=steps, info="")
             for step in range(steps):
-                idx = torch.randint(len(x0_all), (min(batch_size, len(x0_all)),), generator=g)
+                idx = torch.randint(len(x0_all), (min(batch_size, len(x0_all)),), generator=g).to(self.device)
                 x0, y = x0_all[idx], labels[idx].clone()
-                y[torch.rand(len(y), generator=g) < self.label_dropout] = self.classes  # the null class
-                noise = torch.randn(x0.shape, generator=g)
-                t = torch.randint(self.schedule.config.num_train_timesteps, (len(x0),), generator=g)
+                y[(torch.rand(len(y), generator=g) < self.label_dropout).to(self.device)] = self.classes  # the null class
+                noise = torch.randn(x0.shape, generator=g).to(self.device)
+                t = torch.randint(self.schedule.config.num_train_timesteps, (len(x0),), generator=g).to(self.device)
                 loss = nn.functional.mse_loss(self.denoiser(self.schedule.add_noise(x0, noise, t), t, y), noise)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -107,14 +112,14 @@ class FeatureDiffusion:
 
         sampler = DDIMScheduler.from_config(self.schedule.config)
         sampler.set_timesteps(sampling_steps)
-        labels = torch.as_tensor(labels, dtype=torch.long)
-        x = torch.randn((len(labels), self.dim), generator=torch.Generator().manual_seed(seed))
+        labels = torch.as_tensor(labels, dtype=torch.long).to(self.device)
+        x = torch.randn((len(labels), self.dim), generator=torch.Generator().manual_seed(seed)).to(self.device)
         null = torch.full_like(labels, self.classes)
         for t in sampler.timesteps:
-            steps = t.repeat(len(labels))
+            steps = t.repeat(len(labels)).to(self.device)
             eps = self.denoiser(x, steps, labels)
             if guidance_scale != 1.0:
                 plain = self.denoiser(x, steps, null)
                 eps = plain + guidance_scale * (eps - plain)
             x = sampler.step(eps, t, x).prev_sample
-        return x * self.std + self.mean
+        return x.cpu() * self.std + self.mean

@@ -59,18 +59,21 @@ class StableDiffusionTraining:
     def _training(self):
         """Context for the steps that backpropagate through the UNet: on a GPU, plain SDPA
         attention (slicing would keep every attention map for the backward pass) and
-        gradient checkpointing; slicing comes back afterwards."""
+        gradient checkpointing; the attention processors it had come back afterwards, so a
+        generator trained in this process samples as the same generator read back."""
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
         unet, gpu = self.pipe.unet, self.device.type == "cuda"
+        before = unet.attn_processors if gpu else None
         if gpu:
-            unet.set_default_attn_processor()
+            unet.set_attn_processor(AttnProcessor2_0())
             unet.enable_gradient_checkpointing()
         try:
             yield unet
         finally:
             if gpu:
                 unet.disable_gradient_checkpointing()
-                if self.config.attention_slicing:
-                    self.pipe.enable_attention_slicing()
+                unet.set_attn_processor(before)
 
     def latents_of(self, images: torch.Tensor) -> torch.Tensor:
         """The VAE's (scaled) latent means of uint8 data images."""

@@ -89,7 +89,7 @@ def ldmlr(task, config, *, workdir=None, progress=False, trained=None) -> Recipe
     diffusion = FeatureDiffusion(feats.shape[1], real.num_classes, hidden=opts.hidden, blocks=opts.blocks,
                                  seed=config.generator.seed)
     diffusion.fit(feats, real.labels, steps=opts.steps, batch_size=opts.batch_size, lr=opts.lr,
-                  seed=config.generator.seed, progress=progress)
+                  seed=config.generator.seed, progress=progress, device=device)
     seconds["generator"] = time.perf_counter() - t0
 
     # 4. features for the classes below the target

@@ -54,7 +54,7 @@ from .registry import RecipeResult, register_recipe, train_and_evaluate
 @register_section("utilgen")
 @dataclass
 class UtilgenSection:
-    """UtilGen: rounds of generate -> value (meta-learned weights) -> optimise policy -> optimise model."""
+    """UtilGen: rounds of generate -> value (meta-learned weights) -> optimise model -> optimise policy."""
 
     rounds: int = 2
     per_round: float = 1.0  # images generated per round, x the real training set (class-balanced)
@@ -283,7 +283,7 @@ def _feature_map(model, real, store, rounds, final, n: int = 300, seed: int = 0)
     return out
 
 
-@register_recipe("utilgen", "UtilGen: rounds of generate, value (meta-learned weights), optimise policy and model; "
+@register_recipe("utilgen", "UtilGen: rounds of generate, value (meta-learned weights), optimise model and policy; "
                  "then train on the final synthetic set, alone and with real data", check=check, report=report,
                  generates=True, ssl=True)
 def utilgen(task, config, *, workdir=None, progress=False, trained=None) -> RecipeResult:

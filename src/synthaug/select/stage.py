@@ -81,7 +81,8 @@ def scorer_for(real: ImageDataset, config, folder: Path, *, progress: bool = Fal
     target, checkpoint = folder / key, folder / f"{key}-checkpoint"  # the checkpoint: gone once the scorer is saved
     with exclusive(folder / f"{key}.lock"):  # cells side by side that need the same scorer train it once
         if (target / "model.safetensors").exists() and (target / "config.json").exists():
-            model = Classifier.from_pretrained(target).to(resolve_device(config.train.device))
+            layout = torch.channels_last if train_cfg.channels_last else torch.contiguous_format  # as trained
+            model = Classifier.from_pretrained(target).to(resolve_device(config.train.device), memory_format=layout)
             shutil.rmtree(checkpoint, ignore_errors=True)  # only once the scorer it protects has loaded
             return model
         result = fit_classifier(real, train_cfg, seed=config.seed, checkpoint_dir=checkpoint, progress=progress)
