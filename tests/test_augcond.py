@@ -161,6 +161,28 @@ def test_image_conditioned_generator(tmp_path):
 
 
 @pytest.mark.parametrize("pairing", ["self", "class"])
+def test_each_training_image_is_conditioned_on_itself_or_on_another_of_its_class(monkeypatch, pairing):
+    from types import SimpleNamespace
+
+    import synthaug.generate.training as training
+
+    monkeypatch.setattr(training, "random_shift", lambda x, shift, g: x)  # the partner itself, unshifted
+    gen = SimpleNamespace(config=SimpleNamespace(image_pairing=pairing, image_shift=0, image_dropout=0.0),
+                          null_class=-1, encoder=lambda view: view.flatten())
+    labels = torch.tensor([0] * 6 + [1] * 6 + [-1] * 2)  # the last two from the pool: no class
+    images = torch.arange(len(labels)).float().view(-1, 1, 1, 1)  # each image its own index
+    by_class = [torch.nonzero(labels == c).flatten() for c in (0, 1)]
+    idx = torch.arange(len(labels))
+    partner, keep = training.training_image_condition(gen, images, idx, labels, by_class, torch.Generator().manual_seed(0))
+    partner = partner.long()
+    assert keep.all() and torch.equal(partner[-2:], idx[-2:])  # pool images pair with themselves
+    if pairing == "self":
+        assert torch.equal(partner, idx)
+    else:
+        assert torch.equal(labels[partner], labels) and (partner != idx).sum() >= 6
+
+
+@pytest.mark.parametrize("pairing", ["self", "class"])
 def test_image_conditioned_training_resumes(tmp_path, monkeypatch, pairing):
     ds = make_dataset((12, 8, 4))
     pool = make_dataset((6, 6, 6), seed=5)

@@ -240,6 +240,15 @@ def test_seed_runs_only_that_classifier_seeds_cells(tmp_path, monkeypatch):
     assert sorted(calls) == [("balanced-softmax", 0), ("ce", 0)]
 
 
+def test_the_command_line_passes_its_cell_filters_on(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    calls = _fake_runs(monkeypatch, out, lambda config: (config.recipe, config.seed))
+    code, _, err = run_cli(["bench", str(_suite(tmp_path)), "--out", str(out), "--seed", "1", "--recipe", "ce",
+                            "--setting", "digits", "--quiet"], capsys, monkeypatch)
+    assert code == 0, err
+    assert calls == [("ce", 1)]
+
+
 def _row(recipe, seed, score, generator_seed=None, images=0):
     return {"suite": "made-up", "setting": "s", "recipe": recipe, "seed": seed, "generator_seed": generator_seed,
             "cell": f"s | {recipe} | {generator_seed} | {seed}", "metric": "balanced_accuracy",

@@ -62,6 +62,17 @@ def test_the_agreement_filter_keeps_the_candidates_read_as_their_class_confident
     assert mask.sum() == 1 and set(mask.nonzero().flatten().tolist()) <= kept  # as many as the class needs
 
 
+def test_realism_and_confidence_keep_the_most_realistic_and_the_most_confident():
+    # realism (Kynkaanniemi et al.): the candidates inside class 0's real neighbourhoods score highest
+    mask, scores = get_selector("realism")(_candidates(FEATURES, LABELS, REAL, REAL_LABELS), {0: 2}, k=3)
+    assert set(mask.nonzero().flatten().tolist()) == {0, 1} and scores[0] > scores[2] > scores[3]
+    probs = torch.tensor([[0.2, 0.8, 0.0], [0.6, 0.2, 0.2], [0.9, 0.05, 0.05], [0.4, 0.3, 0.3]])
+    c = Candidates(labels=LABELS, probs=lambda: probs, features=lambda: None, real_features=lambda: None,
+                   real_labels=REAL_LABELS)
+    mask, scores = get_selector("confidence")(c, {0: 2})
+    assert set(mask.nonzero().flatten().tolist()) == {1, 2} and scores.tolist() == pytest.approx([0.2, 0.6, 0.9, 0.4])
+
+
 def test_prototype_margins():
     # prototypes (0, 0) and (10, 0): the distance to the other class's prototype minus to one's own
     margins = prototype_margins(FEATURES, LABELS, REAL, REAL_LABELS)
@@ -636,6 +647,14 @@ def test_cbdm_regulariser_pulls_the_true_class_towards_the_other_and_commits_a_q
     assert _fit_generator(ds, cbdm_weight=1.0).history[-1]["loss"] > _fit_generator(ds).history[-1]["loss"]
 
 
+def test_cbdm_draws_the_other_class_by_the_training_set_s_class_frequencies(monkeypatch):
+    drawn, real = [], torch.multinomial
+    monkeypatch.setattr(torch, "multinomial", lambda weights, *a, **kw: (drawn.append(weights.clone()), real(weights, *a, **kw))[1])
+    _fit_generator(make_dataset((12, 8, 4)), steps=3, cbdm_weight=1.0)
+    by_class = [w for w in drawn if len(w) == 3]  # y' per labelled sample (the image draws weigh 24 images)
+    assert len(by_class) == 3 and all(torch.allclose(w.float(), torch.tensor([12, 8, 4]) / 24) for w in by_class)
+
+
 def test_ema_half_life_sets_the_decay_from_the_run_s_length(monkeypatch):
     import diffusers.training_utils
 
@@ -654,6 +673,17 @@ def test_ema_half_life_sets_the_decay_from_the_run_s_length(monkeypatch):
     assert ema.get_decay(50) == 0.9 and real([torch.nn.Parameter(torch.zeros(1))], decay=0.9).get_decay(50) < 0.9
     with pytest.raises(SynthaugError, match="ema_half_life"):
         GeneratorTrainConfig(ema_half_life=2.0)
+
+
+def test_the_generator_samples_with_its_ema_weights():
+    """The same training with two half-lives: the weights it keeps differ only if the average is
+    what it keeps."""
+    def weights(half_life):
+        gen = _fit_generator(make_dataset((12, 8, 4)), steps=8, ema_half_life=half_life)
+        return torch.cat([p.detach().flatten() for p in gen.unet.parameters()])
+
+    short, long = weights(0.01), weights(1.0)
+    assert not torch.allclose(short, long)
 
 
 @pytest.mark.parametrize("lever", ["class_sampler=sqrt", "min_snr_gamma=5", "cbdm_weight=1", "ema_half_life=0.1",

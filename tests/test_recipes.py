@@ -66,6 +66,29 @@ def test_shared_training_between_baselines(data):
     assert not torch.equal(ce.model.head.weight, crt.model.head.weight)  # crt re-fitted a copy
 
 
+def test_post_hoc_logit_adjustment_subtracts_tau_log_prior(data, monkeypatch):
+    import sys
+
+    import synthaug.recipes.baselines as baselines
+
+    evaluate_module = sys.modules["synthaug.classify.evaluate"]  # the package's `evaluate` is the function
+
+    test = make_dataset((4, 4), seed=1)
+    monkeypatch.setattr(evaluate_module, "predict_logits", lambda model, images: torch.zeros(len(images), 2))
+    plain = evaluate_module.evaluate(None, test, train_counts=torch.tensor([10, 1]))
+    adjusted = evaluate_module.evaluate(None, test, train_counts=torch.tensor([10, 1]), posthoc_tau=1.0)
+    assert plain["per_class_accuracy"] == {"class0": 1.0, "class1": 0.0}  # a tie goes to the first class
+    assert adjusted["per_class_accuracy"] == {"class0": 0.0, "class1": 1.0}  # the rare class's logit raised by log(11)
+    monkeypatch.undo()  # the real logits again
+    given, real = [], baselines.evaluate
+    monkeypatch.setattr(baselines, "evaluate", lambda *a, **kw: given.append(kw["posthoc_tau"]) or real(*a, **kw))
+    config = load_config(None, [*FAST, "eval.posthoc_tau=0.7"])
+    task = make_task(data, config.split)
+    get_recipe("posthoc-la").run(task, config, trained={})
+    get_recipe("ce").run(task, config, trained={})
+    assert given == [0.7, 0.0]
+
+
 def test_task_kinds(data):
     few = make_task(data, load_config(None, ["split.kind=few-shot", "split.k=5"]).split)
     assert few.train.class_counts().tolist() == [5, 5, 5] and len(few.unlabeled) == 105

@@ -22,6 +22,7 @@ from synthaug.data import UNLABELED, LoadedDataset, concat
 from synthaug.errors import SynthaugError
 from synthaug.recipes import get_recipe
 from synthaug.recipes.dpt import labelled_pool, labeller_key
+from synthaug.store import SyntheticStore
 from synthaug.task import make_task
 
 SSL = dict(epochs=2, batch_size=4, lr=0.05, augment="none", ssl="fixmatch", ssl_mu=2)
@@ -180,6 +181,9 @@ def test_dpt_splits_the_pool_by_confidence():
     assert len(conditions) == len(task.train) + int(confident.sum()) and len(rest) == int((~confident).sum())
     assert torch.equal(conditions.labels[len(task.train):], labels[confident])  # the pseudo-labels, not the truth
     assert (rest.labels == UNLABELED).all()
+    assert torch.equal(conditions.images, torch.cat([task.train.images, task.unlabeled.images[confident]]))
+    assert torch.equal(rest.images, task.unlabeled.images[~confident])
+    assert labelled_pool(task, labels, confidence, 0.0)[1] is None  # every pool image confident: no null class
 
 
 def test_dpt_seeds_share_one_labeller_generator_and_images(tmp_path):
@@ -188,7 +192,7 @@ def test_dpt_seeds_share_one_labeller_generator_and_images(tmp_path):
     data = LoadedDataset("tiny", make_dataset((20, 20, 20), seed=0), make_dataset((5, 5, 5), seed=1))
     over = ["split.kind=few-shot", "split.k=3", "train.epochs=1", "train.batch_size=4", "train.augment=none",
             "train.ssl_mu=2", "generator.preset=tiny", "generator.steps=3", "generator.batch_size=8",
-            "generator.sampling_steps=2", "dpt.per_class=2", "dpt.embed_dim=4", "dpt.labeller_seed=0",
+            "generator.sampling_steps=2", "dpt.per_class=2", "dpt.embed_dim=4", "dpt.labeller_seed=0", "dpt.mode=mixup",
             f"dpt.store_dir={tmp_path / 'store'}", f"output_dir={tmp_path}"]
     runs = []
     for seed in (0, 1):
@@ -200,6 +204,8 @@ def test_dpt_seeds_share_one_labeller_generator_and_images(tmp_path):
     assert a["generator"]["fingerprint"] == b["generator"]["fingerprint"]
     assert b["synthetic"]["generated_now"] == 0 and b["synthetic"]["images"] == 6
     assert (tmp_path / "store" / a["generator"]["fingerprint"][:16]).is_dir()
+    rows = SyntheticStore(tmp_path / "store" / a["generator"]["fingerprint"][:16], task.train.classes).rows()
+    assert {r["conditioning"] for r in rows} == {"mixup"} and all(len(r["sources"]) == 2 for r in rows)  # dpt.mode
     assert torch.equal(runs[0].synthetic.images, runs[1].synthetic.images)
     assert len(concat(task.train, runs[1].synthetic)) == 9 + 6
     # damaged pseudo-labels (a parallel run's half-written file, a full disk) are computed again
@@ -224,22 +230,6 @@ def test_the_labeller_is_shared_across_weight_norm():
     keys = {labeller_key(task, load_config(None, [*base, f"train.weight_norm={v}"])) for v in ("false", "true")}
     assert len(keys) == 1
     assert labeller_key(task, load_config(None, [*base, "train.lr=0.1"])) not in keys
-
-
-def test_the_confident_pool_images_join_under_their_pseudo_labels_and_the_rest_is_the_null_class():
-    from synthaug.recipes.dpt import labelled_pool
-
-    data = LoadedDataset("tiny", make_dataset((20, 20, 20), seed=0), make_dataset((5, 5, 5), seed=1))
-    task = make_task(data, load_config(None, ["split.kind=few-shot", "split.k=3"]).split)
-    n = len(task.unlabeled)
-    labels, confidence = (torch.arange(n) + 1) % 3, torch.linspace(0, 1, n)
-    labelled, rest = labelled_pool(task, labels, confidence, 0.9)
-    confident = confidence >= 0.9
-    assert 0 < int(confident.sum()) < n and len(rest) == n - int(confident.sum())
-    assert torch.equal(labelled.images, torch.cat([task.train.images, task.unlabeled.images[confident]]))
-    assert labelled.labels.tolist() == task.train.labels.tolist() + labels[confident].tolist()
-    assert torch.equal(rest.images, task.unlabeled.images[~confident])
-    assert labelled_pool(task, labels, confidence, 0.0)[1] is None  # every pool image confident: no null class
 
 
 def test_dpt_replay_adds_confident_pool_images_under_their_pseudo_labels(tmp_path, monkeypatch):

@@ -131,6 +131,12 @@ def test_a_partial_fill_reaches_the_run(data, tmp_path):
     assert syn["counts_after"] == [32, 19, 11] and syn["images"] == 19 - 11 + 11 - 4  # sqrt(32 n), rounded
 
 
+def test_a_target_above_the_largest_class_fills_every_class_to_it(data, tmp_path):
+    config = load_config(None, [*FAST, f"output_dir={tmp_path}", "synaug.target_per_class=40", "synaug.replay=true"])
+    syn = get_recipe("synaug").run(make_task(data, config.split), config, workdir=tmp_path / "run").extra["synthetic"]
+    assert syn["counts_after"] == [40, 40, 40] and syn["images"] == 40 - 32 + 40 - 11 + 40 - 4
+
+
 def test_groups_are_balanced_and_reported(data, tmp_path):
     config = load_config(None, [*FAST, f"output_dir={tmp_path}", "split.kind=colored", "split.agreement=0.9"])
     task = make_task(data, config.split)

@@ -151,8 +151,30 @@ def test_mix_batch(mode):
 
 
 @pytest.mark.parametrize("mix", [m for m in MIXES if m != "none"])
-def test_training_with_mix(mix):
+def test_training_with_mix(mix, monkeypatch):
+    import synthaug.classify.train as train_module
+
+    calls, real = [], train_module.mix_batch
+    monkeypatch.setattr(train_module, "mix_batch", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
     small_train(mix=mix, mix_alpha=0.4)
+    batches = 2 * -(-42 // 16)  # every batch of both epochs (mix_prob 1)
+    if mix == "domain-mixup":  # one domain only: each image mixed with a partner from it
+        assert len(calls) == batches and all(c["partner"] is not None for c in calls)
+    else:
+        assert calls == [{"mode": mix, "alpha": 0.4}] * batches
+    calls.clear()
+    small_train(mix=mix, mix_alpha=0.4, mix_prob=0.0)
+    assert calls == []
+
+
+def test_label_smoothing_softens_the_targets(monkeypatch):
+    import synthaug.classify.train as train_module
+
+    targets, real = [], train_module.soft_cross_entropy
+    monkeypatch.setattr(train_module, "soft_cross_entropy", lambda logits, t, **kw: targets.append(t) or real(logits, t, **kw))
+    small_train(label_smoothing=0.3)
+    t = torch.cat(targets)
+    assert float(t.min()) == pytest.approx(0.1) and float(t.max()) == pytest.approx(0.8)  # 0.3 / 3, 1 - 0.3 + 0.1
 
 
 def test_sam_restores_and_steps():
@@ -170,7 +192,25 @@ def test_sam_restores_and_steps():
     sam.second_step()
     for p, b, g in zip(model.parameters(), before, grads_at_perturbed):
         assert torch.allclose(p, b - 0.1 * g, atol=1e-6)  # stepped from the original weights
+
+
+def test_sam_takes_both_steps_on_every_batch(monkeypatch):
+    import synthaug.classify.train as train_module
+
+    steps = []
+
+    class Spy(SAM):
+        def first_step(self):
+            steps.append("first")
+            super().first_step()
+
+        def second_step(self):
+            steps.append("second")
+            super().second_step()
+
+    monkeypatch.setattr(train_module, "SAM", Spy)
     small_train(sam_rho=0.05)
+    assert steps == ["first", "second"] * (2 * -(-42 // 16))
 
 
 def test_sample_weights_shape_and_effect():

@@ -258,7 +258,11 @@ def test_noise_optimisation_off_ddim_renoises_the_high_utility_images(digits_tas
     result = get_recipe("utilgen").run(digits_task, config, workdir=tmp_path / "run")
     store = SyntheticStore(tmp_path / "run" / "synthetic", digits_task.train.classes)
     rows = {r["id"]: r for r in store.rows()}
-    high = result.extra["utilgen"]["rounds"][0]["examples"]["highest"]
+    first = result.extra["utilgen"]["rounds"][0]
+    high = first["examples"]["highest"]
+    assert "dpo" not in first and "embedding" not in first  # the switched-off steps did not run
+    # top_share 0.5: half of each class's round images, as many high as low
+    assert len(high) == len(first["examples"]["lowest"]) == 10 * (first["images"] // 10 // 2)
     final = [r for i, r in rows.items() if i.startswith("utilgen-final-")]
     assert final and all(r["noise_from"] in high and r["strength"] == 0.5 and r["conditioning"] == "class+image"
                          and "noise_mix" not in r for r in final)
@@ -278,6 +282,16 @@ def test_noise_optimisation_off_ddim_renoises_the_high_utility_images(digits_tas
     assert sum(nearer) > 0.8 * len(nearer)
     with pytest.raises(SynthaugError, match="renoise_strength"):
         load_config(None, [*UTILGEN, "utilgen.renoise_strength=0"])
+
+
+def test_with_every_policy_step_off_the_final_set_starts_from_fresh_noise(digits_task, tmp_path):
+    config = load_config(None, [*UTILGEN, f"output_dir={tmp_path}", "utilgen.rounds=1", "utilgen.model_level=false",
+                                "utilgen.embedding=false", "utilgen.noise=false"])
+    result = get_recipe("utilgen").run(digits_task, config, workdir=tmp_path / "run")
+    assert not {"dpo", "embedding"} & set(result.extra["utilgen"]["rounds"][0])
+    rows = SyntheticStore(tmp_path / "run" / "synthetic", digits_task.train.classes).rows()
+    final = [r for r in rows if r["id"].startswith("utilgen-final-")]
+    assert final and not any("noise_from" in r or "noise_mix" in r for r in final)
 
 
 def test_dpo_leaves_the_class_embeddings_to_the_policy(tiny_generator):
