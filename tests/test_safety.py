@@ -336,15 +336,28 @@ def test_pairs_grid_takes_any_row_id():
 # --------------------------------------------------------------------------- 15. train, then run
 
 
-def test_run_after_train_compares_and_reports(tmp_path, capsys, monkeypatch):
-    base = [*FAST, "-s", f"output_dir={tmp_path}", "-s", "name=x", "-s", "report.baselines=[ce,balanced-softmax]"]
+@pytest.mark.parametrize("recipe", ["ce", "synaug"])
+def test_run_after_train_compares_and_reports_without_training_the_classifier_again(tmp_path, capsys, monkeypatch,
+                                                                                    recipe):
+    from synthaug.utils.loop import Checkpoint
+
+    base = [*FAST, "-s", f"output_dir={tmp_path}", "-s", "name=x", "-s", "report.baselines=[ce,balanced-softmax]",
+            "-s", f"recipe={recipe}", "-s", "generator.preset=tiny", "-s", "generator.steps=4",
+            "-s", "generator.sampling_steps=2"]
     assert run_cli(["train", *base], capsys, monkeypatch)[0] == 0
+    trained = json.loads((tmp_path / "x" / "metrics.json").read_text())
     assert not (tmp_path / "x" / "report.html").exists()
+    assert (tmp_path / "x" / "checkpoint").is_dir()  # train keeps its classifier's last checkpoint, for run
+    saved, real_save = [], Checkpoint.save
+    monkeypatch.setattr(Checkpoint, "save", lambda self, *a, **kw: saved.append(self.folder) or real_save(self, *a, **kw))
     code, out, err = run_cli(["run", *base], capsys, monkeypatch)
     assert code == 0, err
     metrics = json.loads((tmp_path / "x" / "metrics.json").read_text())
     # the recipe (ce) is not trained again as its own baseline
-    assert set(metrics["baselines"]) == {"balanced-softmax"} and (tmp_path / "x" / "report.html").exists()
+    assert set(metrics["baselines"]) == ({"balanced-softmax"} if recipe == "ce" else {"ce", "balanced-softmax"})
+    assert (tmp_path / "x" / "report.html").exists()
+    assert tmp_path / "x" / "checkpoint" not in saved  # its classifier resumed at its end: not one step trained
+    assert metrics["test"] == trained["test"] and not (tmp_path / "x" / "checkpoint").exists()
 
 
 # --------------------------------------------------------------------------- 16. validation

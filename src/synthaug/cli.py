@@ -88,7 +88,7 @@ def train(
 
     shortcuts = [f"{k}={v}" for k, v in (("recipe", recipe), ("data.dataset", dataset), ("seed", seed)) if v is not None]
     cfg = load_config(config_file, [*overrides, *shortcuts])
-    run_dir, metrics = train_run(cfg, progress=not quiet, force=force)
+    run_dir, metrics = train_run(cfg, progress=not quiet, force=force, keep_checkpoint=True)
     print_metrics(metrics)
     console.print(f"run folder: {run_dir}")
 

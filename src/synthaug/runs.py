@@ -264,8 +264,11 @@ def check_folders_fit(task, config: RunConfig):
 
 
 def train_run(config: RunConfig, *, progress: bool = True, force: bool = False, compare: bool = False,
-              ) -> tuple[Path, dict]:
+              keep_checkpoint: bool = False) -> tuple[Path, dict]:
     """Run one recipe as configured; returns the run folder and the metrics written there.
+    `keep_checkpoint` keeps the classifier's last training checkpoint in the finished folder
+    (`train`'s: `run` on the same folder then adds the baselines and the report without
+    training that classifier again; every other checkpoint goes).
 
     With `compare`, the baselines in `config.report.baselines` (left at the default, the group
     methods where the split has groups) are trained in the same run on the same split (each saved as it finishes, so an interrupted run keeps them), and
@@ -288,8 +291,9 @@ def train_run(config: RunConfig, *, progress: bool = True, force: bool = False, 
             shutil.rmtree(run_dir)
             remove_created(created[:-1])
         raise
+    kept = ("checkpoint",) if keep_checkpoint else ()
     if started and (done := _finished(run_dir, config, compare, task.train.classes, names)) is not None:
-        remove_checkpoints(run_dir)  # a run finished by an older synthaug, or stopped before its cleanup
+        remove_checkpoints(run_dir, keep=kept)  # a run finished by an older synthaug, or stopped before its cleanup
         return run_dir, done
     try:
         result = recipe.run(task, config, workdir=run_dir, progress=progress)
@@ -347,7 +351,7 @@ def train_run(config: RunConfig, *, progress: bool = True, force: bool = False, 
         sections = (lambda: recipe.report(result, task.train)) if recipe.report is not None else None
         write_report(run_dir / "report.html", metrics, task.train, result.synthetic, dump_config(config), sections,
                      replayed=result.replayed)
-    remove_checkpoints(run_dir)
+    remove_checkpoints(run_dir, keep=kept)
     return run_dir, metrics
 
 
@@ -357,9 +361,10 @@ def train_run(config: RunConfig, *, progress: bool = True, force: bool = False, 
 CHECKPOINTS = ("checkpoint", "early-checkpoint", "labeller-checkpoint", "checkpoint-synthetic-only", "rounds/r*/valuation")
 
 
-def remove_checkpoints(run_dir: Path):
-    """Drop the stages' training checkpoints from a finished run's folder (`CHECKPOINTS`)."""
-    for pattern in CHECKPOINTS:
+def remove_checkpoints(run_dir: Path, keep: tuple[str, ...] = ()):
+    """Drop the stages' training checkpoints from a finished run's folder (`CHECKPOINTS`), but
+    those named in `keep`."""
+    for pattern in (p for p in CHECKPOINTS if p not in keep):
         for leftover in run_dir.glob(pattern):
             shutil.rmtree(leftover, ignore_errors=True)
 
