@@ -417,6 +417,18 @@ def test_a_data_cache_that_cannot_be_written_leaves_no_run_folder(tmp_path, caps
     assert set(snapshot(tmp_path)) == before  # no run folder, no output_dir left behind
 
 
+def test_force_with_a_data_cache_that_cannot_be_written_leaves_the_old_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    images = folder(tmp_path)
+    base = ["train", "-s", f"data.dataset={images}", "-s", "train.epochs=1", "-s", "output_dir=runs", "-s", "name=x",
+            "--quiet"]
+    assert run_cli(base, capsys, monkeypatch)[0] == 0
+    before = snapshot(tmp_path / "runs")
+    code, out, err = run_cli([*base, "-s", "data.cache_dir=/proc/synthaug-cache", "--force"], capsys, monkeypatch)
+    assert code == 2 and "cannot write to data.cache_dir" in err and len(err.strip().splitlines()) == 1, err
+    assert snapshot(tmp_path / "runs") == before  # --force deletes nothing before the cache is written
+
+
 @pytest.mark.parametrize("package, args, match", [
     ("ray", ["run", *FAST, "-s", "recipe=synaug", "-s", "executor.name=ray"], "executor 'ray' needs ray"),
     ("accelerate", ["run", *FAST, "-s", "recipe=synaug", "-s", "executor.name=accelerate"],

@@ -198,6 +198,31 @@ def test_an_interrupted_rerun_goes_on_where_it_stopped(tmp_path, monkeypatch, ag
     assert resumed == []
 
 
+def test_a_rerun_left_interrupted_does_not_hold_back_a_later_rerun_of_other_cells(tmp_path, monkeypatch):
+    suite, out = load_suite(str(_suite(tmp_path))), tmp_path / "out"
+    run_suite(suite, out, progress=False, echo=lambda _: None)
+    real_train_run, calls = synthaug.runs.train_run, []
+
+    def interrupted(config, **kw):
+        calls.append(config.recipe)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_train_run(config, **kw)
+
+    monkeypatch.setattr(synthaug.runs, "train_run", interrupted)
+    with pytest.raises(KeyboardInterrupt):  # balanced-softmax's batch: one cell redone, one left
+        run_suite(suite, out, rerun=True, recipes=["balanced-softmax"], progress=False, echo=lambda _: None)
+    monkeypatch.setattr(synthaug.runs, "train_run", lambda config, **kw: (calls.append(config.recipe),
+                                                                           real_train_run(config, **kw))[1])
+    for _ in range(2):  # ce's own batch, finished, then ce's cells afresh again after another code change
+        calls.clear()
+        run_suite(suite, out, rerun=True, recipes=["ce"], progress=False, echo=lambda _: None)
+        assert calls == ["ce", "ce"]
+    calls.clear()
+    run_suite(suite, out, progress=False, echo=lambda _: None)  # balanced-softmax's batch goes on
+    assert calls == ["balanced-softmax"] and not (out / ".synthaug-pending.json").exists()
+
+
 def _fake_runs(monkeypatch, out: Path, what) -> list:
     """Replace each cell's run by a stub that records `what(config)` and a result; returns the records."""
     calls = []

@@ -101,17 +101,31 @@ def _tar(folder, archive, mode="w:gz", extra=()):
     return archive
 
 
-@pytest.mark.parametrize("layout", ["train and test", "classes only"])
+@pytest.mark.parametrize("layout", ["train and test", "classes only", "inside its own folder"])
 def test_an_archive_is_read_as_its_extracted_folder_without_extracting_it(tmp_path, layout):
+    import os
+
     src = tmp_path / "src"
-    if layout == "train and test":
+    if layout == "classes only":
+        write_image_folder(src, counts=(5, 6), size=(12, 12), mode="L")
+        cls0 = src / "cls0"
+    else:
         write_image_folder(src / "train", counts=(3, 2, 4), size=(12, 12))
         write_image_folder(src / "test", counts=(2, 2, 1), size=(12, 12))
         write_image_folder(src / "train" / "cls1" / "more", counts=(2,), size=(12, 12))  # nested, as rglob reads it
+        cls0 = src / "train" / "cls0"
+    os.link(cls0 / "0.png", cls0 / "9-hard.png")  # a hard link (the second copy a tar stores as a link) and a
+    (cls0 / "8-soft.png").symlink_to("1.png")  # symbolic one: read through, as from the extracted folder
+    (tmp_path / "escaped.png").write_bytes((cls0 / "0.png").read_bytes())
+    if layout == "inside its own folder":  # tar czf data.tar.gz src/
+        archive = tmp_path / "data.tar.gz"
+        with tarfile.open(archive, "w:gz") as tar:
+            tar.add(src, arcname="src")
     else:
-        write_image_folder(src, counts=(5, 6), size=(12, 12), mode="L")
-    (tmp_path / "escaped.png").write_bytes((src / ("train/cls0" if "test" in layout else "cls0") / "0.png").read_bytes())
-    archive = _tar(src, tmp_path / "data.tar.gz", extra=[("../escaped.png", tmp_path / "escaped.png")])
+        archive = _tar(src, tmp_path / "data.tar.gz", extra=[("../escaped.png", tmp_path / "escaped.png")])
+    with tarfile.open(archive) as tar:
+        kinds = {m.name.rsplit("/", 1)[-1]: m.type for m in tar}
+    assert kinds["9-hard.png"] == tarfile.LNKTYPE and kinds["8-soft.png"] == tarfile.SYMTYPE
     folder = load_dataset(str(src), cache_dir=tmp_path / "folder-cache")
     cache = tmp_path / "cache"
     read = load_dataset(str(archive), cache_dir=cache, defer_cache=True)

@@ -283,6 +283,8 @@ def train_run(config: RunConfig, *, progress: bool = True, force: bool = False, 
     run_dir = Path(config.output_dir) / config.run_name()
     check_run_dir(run_dir, config, force=force)
     # Everything above can fail on bad input; nothing is written before this point.
+    if force:  # before --force deletes the old run: a cache that cannot be written leaves it as it was
+        data.save_cache()
     started, created = prepare_run_dir(run_dir, config, force=force)
     try:
         data.save_cache()  # after the run folder, which is undone if the cache cannot be written

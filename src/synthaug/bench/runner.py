@@ -31,7 +31,7 @@ from .suite import Cell, Suite, changes, settings_of, with_locations
 MARKER = ".synthaug-run"
 RESULTS = "results.jsonl"
 LOCK = ".synthaug-bench.lock"  # the pid of the bench writing into the folder
-PENDING = ".synthaug-pending.json"  # {cell: "chosen" | "started" | "redone"} for the cells run afresh
+PENDING = ".synthaug-pending.json"  # the cells `force` or `rerun` run afresh, by command and state (`Pending`)
 
 
 def check_lock(out: Path):
@@ -70,29 +70,49 @@ def read_results(out: Path) -> list[dict]:
     return rows
 
 
-def read_pending(out: Path) -> dict[str, str]:
-    """The cells an interrupted `force` or `rerun` chose to run afresh, by state: "chosen" (its old
-    run folder still there), "started" (its fresh run began: resume it), "redone"; {} where none
-    (a damaged list is read as none, with a warning: its cells run afresh again)."""
-    path = Path(out) / PENDING
-    try:
-        found = json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        found = None
-    if not isinstance(found, dict) or not all(v in ("chosen", "started", "redone") for v in found.values()):
-        print(f"{path} cannot be read: ignored", file=sys.stderr)
-        return {}
-    return found
+class Pending:
+    """The cells `force` or `rerun` chose to run afresh, one batch per command, each cell by state:
+    "chosen" (its old run folder still there), "started" (its fresh run began: resume it) or
+    "redone". A batch is dropped once every cell of it is redone, so the same command, interrupted
+    and run again, goes on with its batch (the cells it redid are kept) and a later one starts
+    its own. A damaged list is read as none, with a warning (its cells run afresh again)."""
 
+    STATES = ("chosen", "started", "redone")
 
-def write_pending(out: Path, pending: dict[str, str]):
-    """Keep the list while a cell of it is left; remove it once every one is redone."""
-    if all(v == "redone" for v in pending.values()):
-        (out / PENDING).unlink(missing_ok=True)
-    else:
-        atomic_write_text(out / PENDING, json.dumps(pending, indent=1) + "\n")
+    def __init__(self, out: Path, keys: set[str]):
+        self.path, self.batches = Path(out) / PENDING, []
+        try:
+            found = json.loads(self.path.read_text()).get("batches")
+            assert isinstance(found, list) and all(isinstance(b, dict) and set(b.values()) <= set(self.STATES)
+                                                   for b in found)
+        except FileNotFoundError:
+            found = []
+        except (OSError, ValueError, AttributeError, AssertionError):
+            print(f"{self.path} cannot be read: ignored", file=sys.stderr)
+            found = []
+        for batch in found:  # a cell edited out of the suite is dropped, and a batch left with nothing to do
+            batch = {k: v for k, v in batch.items() if k in keys}
+            if any(v != "redone" for v in batch.values()):
+                self.batches.append(batch)
+        self.new: dict[str, str] = {}
+
+    def states(self) -> dict[str, str]:
+        return {k: v for batch in [*self.batches, self.new] for k, v in batch.items()}
+
+    def get(self, key: str) -> str | None:
+        return self.states().get(key)
+
+    def set(self, key: str, state: str):
+        batch = next((b for b in self.batches if key in b), None)
+        (batch if batch is not None else self.new)[key] = state
+
+    def save(self):
+        """Write the batches left (none: the file goes)."""
+        left = [b for b in [*self.batches, self.new] if any(v != "redone" for v in b.values())]
+        if left:
+            atomic_write_text(self.path, json.dumps({"batches": left}, indent=1) + "\n")
+        else:
+            self.path.unlink(missing_ok=True)
 
 
 def check_out(out: Path):
@@ -218,9 +238,8 @@ def run_suite(suite: Suite, out: str | Path, *, force: bool = False, rerun: bool
         return ((not settings or c.setting in settings) and (not recipes or c.recipe in recipes)
                 and (not generator_seeds or c.generator_seed in generator_seeds) and (not seeds or c.seed in seeds))
 
-    keys = {c.key for c in suite.cells_}
-    pending = {k: v for k, v in read_pending(out).items() if k in keys}  # a cell edited out of the suite is dropped
-    cells, changed, done = plan(suite, out, force=force, rerun=rerun, pending=pending)
+    pending = Pending(out, {c.key for c in suite.cells_})
+    cells, changed, done = plan(suite, out, force=force, rerun=rerun, pending=pending.states())
     cells = [c for c in cells if chosen(c)]
     changed = [c for c in changed if chosen(c)]
     preflight(cells, out, {s.name: s.metric for s in suite.settings})
@@ -228,20 +247,20 @@ def run_suite(suite: Suite, out: str | Path, *, force: bool = False, rerun: bool
     make_folders(out, "--out")
     (out / MARKER).write_text("a benchmark folder made by synthaug\n")
     (out / LOCK).write_text(f"{os.getpid()}\n")
-    kept = sum(v == "redone" for v in pending.values())
+    kept = sum(v == "redone" for v in pending.states().values())
     for cell in changed:
         if pending.get(cell.key) in (None, "redone"):
-            pending[cell.key] = "chosen"
-    if pending:
-        write_pending(out, pending)
+            pending.set(cell.key, "chosen")
+    pending.save()
     env = environment(suite.device)
     start = time.perf_counter()
     total = len(suite.cells_)
-    afresh = {c.key for c in changed} | {k for k, v in pending.items() if v != "redone"}
+    afresh = {c.key for c in changed} | {k for k, v in pending.states().items() if v != "redone"}
     finished = sum(c.key in done and c.key not in afresh for c in suite.cells_)
     echo(f"suite {suite.name}: {total} cells, {finished} finished, {len(cells)} to run -> {out}")
     if kept:
-        echo(f"going on with an interrupted --rerun or --force: the {kept} cell(s) it redid are kept")
+        echo(f"going on with an interrupted --rerun or --force: the {kept} cell(s) it redid are kept (to redo them "
+             f"too, remove {pending.path})")
     try:
         for n, cell in enumerate(cells, 1):
             spent = (time.perf_counter() - start) / 60
@@ -254,15 +273,15 @@ def run_suite(suite: Suite, out: str | Path, *, force: bool = False, rerun: bool
                                          or bool(started_elsewise(Path(config.output_dir) / config.run_name(), config)))
             if fresh:  # its old run folder goes first, then the list says its fresh run is the one to resume
                 clear_run_dir(Path(config.output_dir) / config.run_name(), config)
-                pending[cell.key] = "started"
-                write_pending(out, pending)
+                pending.set(cell.key, "started")
+                pending.save()
             run_dir, metrics = train_run(config, progress=progress, force=fresh)
             row = result_row(suite, cell, metrics, run_dir, out, time.perf_counter() - t0, env)
             done[cell.key] = row
             atomic_write_text(out / RESULTS, "".join(json.dumps(r) + "\n" for r in done.values()))
-            if cell.key in pending:
-                pending[cell.key] = "redone"
-                write_pending(out, pending)
+            if pending.get(cell.key) is not None:
+                pending.set(cell.key, "redone")
+                pending.save()
             echo(f"[{n}/{len(cells)}] {cell.key}: {cell.config.recipe} {row['metric']} "
                  f"{100 * row['metrics'][row['metric']]:.2f} ({row['wall_seconds']:.0f} s)")
     finally:

@@ -15,6 +15,7 @@ import inspect
 import io
 import json
 import os
+import posixpath
 import tarfile
 import zlib
 from collections.abc import Callable
@@ -315,19 +316,31 @@ def _load_archive(archive: Path, image_size=None, cache_dir: Path | None = None,
             pass
     try:
         with tarfile.open(archive) as tar:
-            files, folders = {}, set()
+            files, folders, links = {}, set(), {}
             for m in tar:  # in the archive's order: a compressed archive is read once, front to back
                 parts = PurePosixPath(m.name).parts
-                parts = parts[1:] if parts[:1] == (".",) else parts
-                if PurePosixPath(m.name).is_absolute() or ".." in parts:  # no place in a folder
+                if not parts or PurePosixPath(m.name).is_absolute() or ".." in parts:  # no place in a folder
                     continue
                 if m.isdir():
                     folders.add(parts)
-                elif m.isfile() and parts and not parts[-1].startswith(".") and parts[-1].lower() not in SIDE_FILES:
-                    files[parts] = tar.extractfile(m).read()
+                elif len(parts) < 2 or parts[-1].startswith(".") or parts[-1].lower() in SIDE_FILES:
+                    continue  # never a class's image
+                elif m.islnk() or m.issym():  # read through, as from the extracted folder
+                    links[parts] = PurePosixPath(m.linkname) if m.islnk() else PurePosixPath(*parts[:-1]) / m.linkname
+                elif m.isfile():  # only an image's bytes are kept: another file is an error, named below
+                    image = PurePosixPath(parts[-1]).suffix.lower() in IMAGE_EXTENSIONS
+                    files[parts] = tar.extractfile(m).read() if image else b""
     except (EOFError, zlib.error, tarfile.TarError, OSError) as e:
         raise SynthaugError(f"cannot read {archive} ({e or type(e).__name__}): the archive is truncated or corrupt; "
                             "replace it") from None
+    for parts, target in links.items():
+        target = PurePosixPath(posixpath.normpath(target)).parts
+        if target in files:
+            files[parts] = files[target]
+    tops = {p[0] for p in [*files, *folders]}
+    if len(tops) == 1 and not tops & {"train", *TEST_DIR_NAMES} and files and all(len(p) > 2 for p in files):
+        # an archive of the folder itself (`tar czf data.tar.gz data/`): its inside is the dataset
+        files, folders = {p[1:]: b for p, b in files.items()}, {f[1:] for f in folders if len(f) > 1}
 
     def part(prefix: tuple) -> tuple[list[tuple[tuple, int]], list[str]]:  # as _list_class_folder lists a folder
         inside = sorted(p for p in files if p[:len(prefix)] == prefix and len(p) > len(prefix) + 1
@@ -357,8 +370,11 @@ def _load_archive(archive: Path, image_size=None, cache_dir: Path | None = None,
         named = [("/".join(p), label) for p, label in listed]
         return ImageDataset(_stack(tensors, size, named), torch.tensor([label for _, label in listed]), classes)
 
-    test_name = next((n for n in TEST_DIR_NAMES if any(p[0] == n for p in files)), None)
-    if any(p[0] == "train" for p in files):
+    def has(name: str) -> bool:
+        return (name,) in folders or any(p[0] == name for p in files)
+
+    test_name = next((n for n in TEST_DIR_NAMES if has(n)), None)
+    if has("train"):
         listed, classes = part(("train",))
         train = decode(listed, classes)
         tensors = {"train_images": train.images, "train_labels": train.labels}
