@@ -223,6 +223,20 @@ def test_a_rerun_left_interrupted_does_not_hold_back_a_later_rerun_of_other_cell
     assert calls == ["balanced-softmax"] and not (out / ".synthaug-pending.json").exists()
 
 
+def test_the_data_caches_are_written_before_the_first_cell(tmp_path, monkeypatch):
+    """So a cache that cannot be written stops the bench before --rerun or --force clears a cell."""
+    from conftest import write_image_folder
+
+    images, cache = write_image_folder(tmp_path / "images", counts=(6, 6)), tmp_path / "cache"
+    suite = load_suite(str(_suite(tmp_path, TWO_BASELINES.replace("data.dataset=digits",
+                                                                  f"data.dataset={images}, data.cache_dir={cache}"))))
+    real_train_run, cached = synthaug.runs.train_run, []
+    monkeypatch.setattr(synthaug.runs, "train_run", lambda config, **kw: (
+        cached.append(sorted(p.name for p in (cache / "folders").glob("*.safetensors"))), real_train_run(config, **kw))[1])
+    run_suite(suite, tmp_path / "out", seeds=[0], recipes=["ce"], progress=False, echo=lambda _: None)
+    assert len(cached) == 1 and len(cached[0]) == 1  # the folder's decoded images, there before the cell ran
+
+
 def _fake_runs(monkeypatch, out: Path, what) -> list:
     """Replace each cell's run by a stub that records `what(config)` and a result; returns the records."""
     calls = []

@@ -168,17 +168,18 @@ def plan(suite: Suite, out: Path, *, force: bool = False, rerun: bool = False,
     return todo + again, again, done
 
 
-def preflight(cells: list[Cell], out: Path, metrics: dict[str, str] | None = None):
+def preflight(cells: list[Cell], out: Path, metrics: dict[str, str] | None = None) -> list:
     """Every check a cell's run would make before writing, for every cell to run: config,
     device, model, store folders, data, split, the recipe's own check and the model folders it
-    reads (`check_folders_fit`); and that the setting's `metrics` (by setting) can be measured."""
+    reads (`check_folders_fit`); and that the setting's `metrics` (by setting) can be measured.
+    Returns the datasets loaded, their cache writes held back (`LoadedDataset.save_cache`)."""
     from ..data import load_dataset
     from ..recipes import get_recipe
     from ..runs import check_task
     from ..runs import preflight as run_preflight
     from ..task import make_task
 
-    tasks = {}
+    tasks, loaded = {}, []
     for cell in cells:
         config = with_locations(cell, out)
         run_preflight(config)
@@ -186,6 +187,7 @@ def preflight(cells: list[Cell], out: Path, metrics: dict[str, str] | None = Non
         if key not in tasks:
             data = load_dataset(config.data.dataset, image_size=config.data.image_size, channels=config.data.channels,
                                 cache_dir=config.data.cache_dir, defer_cache=True)
+            loaded.append(data)
             try:
                 tasks[key] = make_task(data, config.split)
             except SynthaugError as e:
@@ -197,6 +199,7 @@ def preflight(cells: list[Cell], out: Path, metrics: dict[str, str] | None = Non
                                     "split.kind=colored, or another metric")
         except SynthaugError as e:
             raise SynthaugError(f"cell '{cell.key}': {e}") from None
+    return loaded
 
 
 def run_suite(suite: Suite, out: str | Path, *, force: bool = False, rerun: bool = False, progress: bool = True,
@@ -242,11 +245,14 @@ def run_suite(suite: Suite, out: str | Path, *, force: bool = False, rerun: bool
     cells, changed, done = plan(suite, out, force=force, rerun=rerun, pending=pending.states())
     cells = [c for c in cells if chosen(c)]
     changed = [c for c in changed if chosen(c)]
-    preflight(cells, out, {s.name: s.metric for s in suite.settings})
+    loaded = preflight(cells, out, {s.name: s.metric for s in suite.settings})
     # every check passed: the first write
     make_folders(out, "--out")
     (out / MARKER).write_text("a benchmark folder made by synthaug\n")
     (out / LOCK).write_text(f"{os.getpid()}\n")
+    for data in loaded:  # the data caches before any cell's old run folder is cleared
+        data.save_cache()
+    del loaded
     kept = sum(v == "redone" for v in pending.states().values())
     for cell in changed:
         if pending.get(cell.key) in (None, "redone"):
