@@ -18,7 +18,8 @@ def test_train_writes_a_run_folder_and_does_not_redo_it(tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     run = tmp_path / "digits-lt5-ce-s0"
-    assert {p.name for p in run.iterdir()} == {".synthaug-run", "config.yaml", "metrics.json", "classifier"}
+    # the classifier's last checkpoint stays, for `run` on the same folder (baselines and report, no retraining)
+    assert {p.name for p in run.iterdir()} == {".synthaug-run", "config.yaml", "metrics.json", "classifier", "checkpoint"}
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["test"]["balanced_accuracy"] > 0.1 and metrics["task"]["train"]["class_counts"]["0"] > 0
     assert "balanced_accuracy" in done.stdout

@@ -440,7 +440,7 @@ def test_a_data_cache_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
 
     from synthaug.data.sources import save_decoded
 
-    def refuse(tensors, path):
+    def refuse(tensors, path, metadata=None):
         open(path, "wb").close()
         raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
 
