@@ -158,6 +158,13 @@ def _unstarted(run_dir: Path) -> bool:
     return {p.name for p in run_dir.iterdir()} <= {MARKER, "config.yaml"}
 
 
+def _undo_unstarted(run_dir: Path, created: list[Path]):
+    """Remove a run folder made now (`prepare_run_dir`'s `created`) where nothing was computed in it."""
+    if created and _unstarted(run_dir):
+        shutil.rmtree(run_dir)
+        remove_created(created[:-1])
+
+
 def _trained_for(done_file: Path):
     """The step budget a finished baseline trained for (None: its own schedule), or a marker that
     matches no budget when it has not finished or cannot be read."""
@@ -289,9 +296,7 @@ def train_run(config: RunConfig, *, progress: bool = True, force: bool = False, 
     try:
         data.save_cache()  # after the run folder, which is undone if the cache cannot be written
     except SynthaugError:
-        if created and _unstarted(run_dir):
-            shutil.rmtree(run_dir)
-            remove_created(created[:-1])
+        _undo_unstarted(run_dir, created)
         raise
     kept = ("checkpoint",) if keep_checkpoint else ()
     if started and (done := _finished(run_dir, config, compare, task.train.classes, names)) is not None:
@@ -299,10 +304,8 @@ def train_run(config: RunConfig, *, progress: bool = True, force: bool = False, 
         return run_dir, done
     try:
         result = recipe.run(task, config, workdir=run_dir, progress=progress)
-    except SynthaugError:
-        if created and _unstarted(run_dir):  # refused before computing anything: leave no trace
-            shutil.rmtree(run_dir)
-            remove_created(created[:-1])
+    except SynthaugError:  # refused before computing anything: leave no trace
+        _undo_unstarted(run_dir, created)
         raise
     result.model.save_pretrained(run_dir / "classifier")
     validation = None

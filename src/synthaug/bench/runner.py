@@ -275,10 +275,10 @@ def run_suite(suite: Suite, out: str | Path, *, force: bool = False, rerun: bool
                 break
             config = with_locations(cell, out)
             t0 = time.perf_counter()
-            fresh = cell in changed and (pending.get(cell.key) != "started"
-                                         or bool(started_elsewise(Path(config.output_dir) / config.run_name(), config)))
+            cell_dir = Path(config.output_dir) / config.run_name()
+            fresh = cell in changed and (pending.get(cell.key) != "started" or bool(started_elsewise(cell_dir, config)))
             if fresh:  # its old run folder goes first, then the list says its fresh run is the one to resume
-                clear_run_dir(Path(config.output_dir) / config.run_name(), config)
+                clear_run_dir(cell_dir, config)
                 pending.set(cell.key, "started")
                 pending.save()
             run_dir, metrics = train_run(config, progress=progress, force=fresh)
