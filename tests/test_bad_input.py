@@ -98,6 +98,8 @@ text_file = a_file("file.txt", b"not a folder\n")
 non_utf8_config = a_file("latin1.yaml", "name: caf\xe9\n".encode("latin-1"))
 bad_yaml = a_file("bad.yaml", b"train: [epochs: 3\n")
 list_yaml = a_file("list.yaml", b"- a\n- b\n")
+number_key_yaml = a_file("numbers.yaml", b"train: {3: 1}\n")
+nul_output_yaml = a_file("nul.yaml", b'output_dir: "runs\\x00x"\n')  # YAML's escape: a NUL in the path
 
 
 def a_folder(name: str, files: dict[str, bytes]):
@@ -184,6 +186,14 @@ def truncated_idx(root):
     return d
 
 
+def store_metadata_a_folder(root):
+    """A store synthaug made whose metadata file has become a folder."""
+    d = digits_store(root)
+    (d / "train" / "metadata.jsonl").unlink()
+    (d / "train" / "metadata.jsonl").mkdir()
+    return d
+
+
 def escaping_store(root):
     """A synthetic store (its marker says synthaug made it) whose metadata points outside it."""
     d = root / "store"
@@ -222,6 +232,12 @@ CASES = [
     ("override-wrong-type", None, ["train", "-s", "train.epochs=abc"], "expected int"),
     ("override-bad-choice", None, ["train", "-s", "train.loss=hinge"], "use one of"),
     ("override-value-not-a-section", None, ["train", "-s", "seed.x=1"], "not a section"),
+    ("override-section-not-a-mapping", None, ["train", "-s", "train=0"], "config section 'train' must be a mapping"),
+    ("config-key-not-a-name", number_key_yaml, ["train", "IN"], "config key 3 under 'train' is not a name"),
+    ("option-not-parsed", None, ["train", "--seed", "abc"], "see 'synthaug train --help'"),
+    ("command-unknown", None, ["trian"], "No such command 'trian'"),
+    ("output-dir-nul", nul_output_yaml, ["train", "IN"], "holds a NUL character"),
+    ("baselines-nested", None, ["run", *FAST, "-s", "report.baselines=[ce,[x]]"], "report.baselines must be a list"),
     ("ratio-nan", None, ["train", *FAST, "-s", "split.ratio=.nan"], "finite"),
     ("ratio-inf", None, ["train", *FAST, "-s", "split.ratio=.inf"], "finite"),
     ("ratio-below-1", None, ["train", *FAST, "-s", "split.ratio=0.5"], "ratio must be >= 1"),
@@ -335,6 +351,8 @@ CASES = [
                                                                "select.method=prototype", "-s", "select.features=IN"],
      "reads 3-channel images"),
     ("validate-store-escapes", escaping_store, ["validate", "IN", *FAST], "outside"),
+    ("validate-store-metadata-a-folder", store_metadata_a_folder, ["validate", "IN", *FAST],
+     "cannot read the store's metadata"),
     ("validate-store-images-escape", escaping_store_images, ["validate", "IN", *FAST], "outside"),
     ("cifar-tarball-truncated", truncated_tarball, ["datasets", "cifar10"], "truncated"),
     ("fashion-gz-truncated", truncated_idx, ["datasets", "fashion-mnist"], "truncated"),
@@ -343,6 +361,9 @@ CASES = [
     ("bench-unknown-suite", None, ["bench", "nosuch"], "no suite 'nosuch'"),
     ("bench-suite-missing", None, ["bench", "nosuch.yaml"], "does not exist"),
     ("bench-suite-bad-yaml", suite_file("settings: [a\n"), ["bench", "IN"], "not valid YAML"),
+    ("bench-suite-a-folder", config_dir, ["bench", "IN"], "is a folder, not a file"),
+    ("bench-generator-seeds-as-override", suite_file(SUITE.replace("[recipe=ce]", "[recipe=ce, generator_seeds=a]")),
+     ["bench", "IN"], "generator_seeds is not an override"),
     ("bench-generator-path-missing", suite_file("recipes: {ce: [recipe=ce], gen: [recipe=ldmlr, generator.path=./nope]}\n"
                                                 "settings: {digits: [data.dataset=digits, train.epochs=1]}\n"),
      ["bench", "IN"], "has no"),

@@ -86,6 +86,27 @@ def test_an_interrupted_suite_resumes_without_redoing_finished_cells(tmp_path, m
     assert calls == []  # idempotent
 
 
+def test_damaged_result_rows_are_skipped_and_their_cells_run_again(tmp_path, capsys, monkeypatch):
+    """A results line that is JSON but not a bench row (a field missing or of the wrong type) is
+    skipped with a warning, like one that is not JSON: the leaderboard is written from the rest
+    and the damaged cell runs again."""
+    suite, out = load_suite(str(_suite(tmp_path))), tmp_path / "out"
+    rows = run_suite(suite, out, progress=False, echo=lambda _: None)
+    good, damaged = rows[0], dict(rows[1], settings=5)
+    lines = [json.dumps(good), json.dumps(damaged), json.dumps({"cell": "x"}),
+             json.dumps(dict(rows[2], metrics=5)), json.dumps(dict(rows[3], seed="0"))]
+    (out / "results.jsonl").write_text("\n".join(lines) + "\n")
+    assert read_results(out) == [good]
+    assert "line 2 is not a bench row" in capsys.readouterr().err
+    code, _, err = run_cli(["bench", str(_suite(tmp_path)), "--out", str(out), "--report-only"], capsys, monkeypatch)
+    assert code == 0 and "Traceback" not in err, err
+    real_train_run, calls = synthaug.runs.train_run, []
+    monkeypatch.setattr(synthaug.runs, "train_run", lambda config, **kw: (calls.append(config.name),
+                                                                           real_train_run(config, **kw))[1])
+    run_suite(suite, out, progress=False, echo=lambda _: None)
+    assert len(calls) == 3 and {r["cell"] for r in read_results(out)} == {c.key for c in suite.cells_}
+
+
 def test_a_changed_cell_is_refused_then_rerun_with_force(tmp_path, monkeypatch):
     out = tmp_path / "out"
     run_suite(load_suite(str(_suite(tmp_path))), out, progress=False, echo=lambda _: None)

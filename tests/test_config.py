@@ -49,6 +49,10 @@ def test_a_path_from_the_home_folder_means_the_home_folder(tmp_path, monkeypatch
         (["split.val_per_class=-1"], "val_per_class must be >= 0"),
         (["train.lr=[0.1"], "not valid YAML"),
         (["train.lr=fast"], "train.lr' got 'fast': expected float"),
+        (["data.channels=7"], "data.channels must be 1 or 3"),
+        (["data.image_size=2"], "data.image_size must be >= 4"),
+        (["synaug=false"], "config section 'synaug' must be a mapping"),
+        (["report.baselines=[ce,[crt]]"], "report.baselines must be a list of recipe names"),
     ],
 )
 def test_bad_config(overrides, match):

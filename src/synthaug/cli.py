@@ -323,7 +323,7 @@ def print_metrics(metrics: dict):
 
 def main():
     try:
-        rc = app(standalone_mode=False)
+        rc = app(standalone_mode=False, prog_name="synthaug")
         if isinstance(rc, int) and rc:  # typer turns Ctrl-C into exit code 130
             if rc == 130:
                 Console(stderr=True).print("interrupted: run the same command again to resume")
@@ -334,10 +334,12 @@ def main():
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted: run the same command again to resume")
         sys.exit(130)
-    except Exception as e:  # the CLI parser's own usage errors (typer vendors click)
-        if hasattr(e, "show") and hasattr(e, "exit_code"):
-            e.show()
-            sys.exit(e.exit_code)
+    except Exception as e:  # the CLI parser's own usage errors (typer vendors click): one line, like ours
+        if hasattr(e, "format_message") and hasattr(e, "exit_code"):
+            command = getattr(getattr(e, "ctx", None), "command_path", None) or "synthaug"
+            Console(stderr=True).print(f"[bold red]error:[/] {escape(e.format_message().rstrip('.'))} (see '{command} --help')",
+                                       highlight=False, soft_wrap=True)
+            sys.exit(2)
         if type(e).__name__ == "Abort":
             sys.exit(130)
         if type(e).__name__ == "OutOfMemoryError":  # torch's, on a GPU: the batch sizes are the user's to lower

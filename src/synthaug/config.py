@@ -70,6 +70,12 @@ class DataSection:
     channels: int | None = None  # 1 or 3 to convert; None keeps the source's
     cache_dir: str | None = None  # where extracted / downloaded data is kept (default ~/.cache/synthaug)
 
+    def __post_init__(self):
+        if self.image_size is not None and self.image_size < 4:
+            raise SynthaugError(f"data.image_size must be >= 4 pixels (or unset: the source's size), got {self.image_size}")
+        if self.channels not in (None, 1, 3):
+            raise SynthaugError(f"data.channels must be 1 or 3 (or unset: the source's), got {self.channels}")
+
 
 @dataclass
 class SplitSection:
@@ -295,6 +301,11 @@ class ReportSection:
     baselines: list = field(default_factory=lambda: list(DEFAULT_BASELINES))
     html: bool = True
 
+    def __post_init__(self):
+        if not isinstance(self.baselines, list) or not all(isinstance(b, str) for b in self.baselines):
+            raise SynthaugError(f"report.baselines must be a list of recipe names, e.g. [ce, balanced-softmax], "
+                                f"got {self.baselines!r}")
+
     def baselines_for(self, grouped: bool) -> list:
         """The baselines a run trains: the group methods for the default where the split has groups."""
         return list(GROUP_BASELINES) if grouped and self.baselines == DEFAULT_BASELINES else list(self.baselines)
@@ -415,23 +426,29 @@ def expand_home(raw: dict) -> None:
 def build(cls, raw: dict, prefix: str):
     """Instantiate dataclass `cls` from a dict, checking keys, types and (`Literal`) choices."""
     if not isinstance(raw, dict):
-        raise SynthaugError(f"config section '{prefix.rstrip('.')}' must be a mapping")
+        raise SynthaugError(f"config section '{prefix.rstrip('.')}' must be a mapping of its keys, got {raw!r}: "
+                            f"set a key of it, e.g. {prefix}<key>=<value>")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "sections"}
     kwargs = {}
     if cls is RunConfig:  # the recipes' sections, each built by its own dataclass
-        sections = {name: build(section, raw.get(name) or {}, f"{name}.") for name, section in SECTIONS.items()}
+        sections = {name: build(section, {} if raw.get(name) is None else raw[name], f"{name}.")
+                    for name, section in SECTIONS.items()}
         raw = {k: v for k, v in raw.items() if k not in SECTIONS}
         kwargs["sections"] = sections
         fields.update({name: None for name in SECTIONS})  # known keys, for the did-you-mean below
     for key, value in raw.items():
+        if not isinstance(key, str):
+            where = f"under '{prefix.rstrip('.')}'" if prefix else "at the top level"
+            raise SynthaugError(f"config key {key!r} {where} is not a name: keys are words, e.g. "
+                                f"{prefix}{next(iter(fields))}")
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f"; known keys: {', '.join(fields)}"
             raise SynthaugError(f"unknown config key '{prefix}{key}'{hint}")
         kind = hints[key]
         if dataclasses.is_dataclass(kind):
-            kwargs[key] = build(kind, value or {}, f"{prefix}{key}.")
+            kwargs[key] = build(kind, {} if value is None else value, f"{prefix}{key}.")
             continue
         if isinstance(value, dict):
             raise SynthaugError(f"config key '{prefix}{key}' is a value, not a section (got {value!r}): "

@@ -98,8 +98,9 @@ def check_run_dir(run_dir: Path, config: RunConfig, *, force: bool = False) -> b
         if recorded_changes(run_dir, config) == []:  # resumed; a folder without the marker (an older synthaug's,
             return True  # or the user's) is never marked, so --force never deletes it
         if not (ours and _unstarted(run_dir)):
-            raise SynthaugError(f"run folder '{run_dir}' holds a run with a different config: set another name "
-                                "(name=...) or pass --force")
+            fix = "set another name (name=...) or pass --force" if ours else \
+                f"set another name (name=...), or remove it yourself (it has no {MARKER}, so --force leaves it)"
+            raise SynthaugError(f"run folder '{run_dir}' holds a run with a different config: {fix}")
     elif run_dir.exists() and any(run_dir.iterdir()):
         raise SynthaugError(f"'{run_dir}' exists and is not a synthaug run: set another name (name=...) or remove it")
     return False

@@ -107,7 +107,11 @@ class SyntheticStore:
 
     def _lines(self) -> list[str]:
         files = ([self.metadata_file] if self.metadata_file.exists() else []) + self.shard_files()
-        return [line for f in files for line in f.read_text(encoding="utf-8", errors="replace").splitlines()]
+        try:
+            return [line for f in files for line in f.read_text(encoding="utf-8", errors="replace").splitlines()]
+        except OSError as e:
+            raise SynthaugError(f"cannot read the store's metadata '{e.filename}' ({e.strerror or e}): it should be a "
+                                "file synthaug wrote; move it away or give another store folder") from None
 
     def _parse(self, line: str) -> dict | None:
         """A metadata line as a row, or None if it is not one: not JSON (e.g. cut off by a

@@ -65,9 +65,31 @@ def read_results(out: Path) -> list[dict]:
         except json.JSONDecodeError:
             print(f"{path} line {n} is not JSON: skipped (its cell runs again)", file=sys.stderr)
             continue
-        if isinstance(row, dict) and "cell" in row:
-            rows.append(row)
+        if not _well_formed(row):
+            print(f"{path} line {n} is not a bench row (a field is missing or of the wrong type): skipped (its cell "
+                  "runs again)", file=sys.stderr)
+            continue
+        rows.append(row)
     return rows
+
+
+NUMBER = (int, float)
+# the fields the bench and its leaderboard read from every row, by type (None allowed for the second group)
+ROW_FIELDS = {"cell": str, "setting": str, "recipe": str, "seed": int, "metrics": dict, "seconds": dict,
+              "images_generated": int, "generated_now": int}
+OPTIONAL_FIELDS = {"generator_seed": int, "generator": str, "generator_train_seconds": NUMBER, "memorization": NUMBER,
+                   "per_class": dict, "settings": dict}
+
+
+def _well_formed(row) -> bool:
+    """Whether a results line has the fields a bench row has, of their types."""
+    def of(value, kind) -> bool:
+        return isinstance(value, kind) and not isinstance(value, bool)
+
+    return (isinstance(row, dict) and all(of(row.get(key), kind) for key, kind in ROW_FIELDS.items())
+            and all(key in row and (row[key] is None or of(row[key], kind)) for key, kind in OPTIONAL_FIELDS.items())
+            and all(v is None or of(v, NUMBER) for v in row["metrics"].values())
+            and all(of(v, NUMBER) for v in row["seconds"].values()))
 
 
 class Pending:

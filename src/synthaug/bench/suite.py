@@ -102,7 +102,8 @@ def suite_path(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
-            raise SynthaugError(f"suite file '{path}' does not exist: give a YAML file or a shipped suite "
+            what = "is a folder, not a file" if path.is_dir() else "does not exist"
+            raise SynthaugError(f"suite file '{path}' {what}: give a YAML file or a shipped suite "
                                 f"({', '.join(shipped())})")
         return path
     if (SHIPPED / f"{name_or_path}.yaml").is_file():
@@ -140,13 +141,17 @@ def _strings(value, what: str) -> list[str]:
 def _recipe(value, what: str) -> list[str]:
     """A recipe entry: a list of overrides, or {overrides: [...], generator_seeds: [...]} (its
     own generator seeds, kept as a `generator_seeds=` marker the cells read)."""
+    overrides = _strings(value.get("overrides") if isinstance(value, dict) else value, what)
+    if any(o.startswith("generator_seeds=") for o in overrides):
+        raise SynthaugError(f"{what}: generator_seeds is not an override: write the recipe as {{overrides: [...], "
+                            "generator_seeds: [0, 1]}")
     if isinstance(value, dict):
         if set(value) - {"overrides", "generator_seeds"}:
             raise SynthaugError(f"{what} takes overrides and generator_seeds")
         seeds = value.get("generator_seeds")
         marker = [f"generator_seeds={','.join(map(str, _seeds(seeds, what + ': generator_seeds')))}"] if seeds else []
-        return [*_strings(value.get("overrides"), what), *marker]
-    return _strings(value, what)
+        return [*overrides, *marker]
+    return overrides
 
 
 def _seeds(value, what: str) -> list[int]:

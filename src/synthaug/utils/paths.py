@@ -38,6 +38,8 @@ def check_folder(value, key: str) -> Path | None:
     """A folder option (None allowed): no existing part of the path may be a file. Writes nothing."""
     if value is None:
         return None
+    if "\x00" in str(value):
+        raise SynthaugError(f"{key} {str(value)!r} holds a NUL character: give a plain folder path")
     path = Path(value)
     for part in (path, *path.parents):
         if part.exists() or part.is_symlink():
