@@ -74,19 +74,23 @@ def test_force_replaces_a_run_synthaug_made(sandbox, capsys, monkeypatch):
     assert not (run / "stale.txt").exists() and (run / "metrics.json").exists() and intact(sandbox)
 
 
-def test_a_folder_without_the_marker_is_resumed_but_never_deleted(sandbox, capsys, monkeypatch):
-    """A folder whose config.yaml is this run's (an older synthaug's run, or a user's folder
-    holding a dumped config) is resumed, and --force still refuses it: it was never marked."""
+def test_a_folder_without_the_marker_is_never_written_into(sandbox, capsys, monkeypatch):
+    """A folder whose config.yaml is this run's but that has no marker (a user's folder holding a
+    dumped config, or an older synthaug's run) is neither resumed nor deleted: resuming writes
+    into it and removes its checkpoint folders."""
     args = ["train", *FAST, "-s", "output_dir=runs", "-s", "name=old"]
     assert run_cli(args, capsys, monkeypatch)[0] == 0
     run = sandbox / "work" / "runs" / "old"
     (run / ".synthaug-run").unlink()
-    (run / "notes.txt").write_text("mine\n")
-    assert run_cli(args, capsys, monkeypatch)[0] == 0  # finished: taken as it is
-    assert not (run / ".synthaug-run").exists()
-    code, _, err = run_cli([*args, "-s", "train.lr=0.01", "--force"], capsys, monkeypatch)
-    assert code == 2 and "has no .synthaug-run" in err
-    assert (run / "notes.txt").exists() and intact(sandbox)
+    (run / "checkpoint").mkdir(exist_ok=True)  # train keeps its classifier's: here the user's own
+    (run / "checkpoint" / "notes.txt").write_text("mine\n")
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    for extra, says in (([], "but no .synthaug-run"), (["-s", "train.lr=0.01", "--force"], "has no .synthaug-run")):
+        code, _, err = run_cli([*args, *extra], capsys, monkeypatch)
+        assert code == 2 and says in err, err
+        assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before and intact(sandbox)
+    (run / ".synthaug-run").write_text("")  # the fix the message gives: the run is resumed as it is
+    assert run_cli(args, capsys, monkeypatch)[0] == 0
 
 
 def test_force_never_deletes_a_benchmark_or_a_summary(sandbox, capsys, monkeypatch):
@@ -271,6 +275,81 @@ def test_a_store_folder_that_is_not_a_store_is_refused(tmp_path):
     with pytest.raises(SynthaugError, match="not a synthaug store"):
         SyntheticStore(tmp_path / "mine", ["a", "b"]).fill(rows(["x"]), gray)
     assert (tmp_path / "mine" / "cat" / "photo.png").exists() and not (tmp_path / "mine" / "train").exists()
+
+
+@pytest.mark.parametrize("planted", ["train/a/.more.png.tmp", "train/.metadata.jsonl.tmp", ".synthaug-store"])
+def test_a_link_planted_where_the_store_writes_is_refused_not_followed(planted, tmp_path):
+    """Temporary files and the marker are written at fixed names: a link planted at one would
+    carry the write into the user's file."""
+    outside = victim(tmp_path, "notes.txt")
+    store = SyntheticStore(tmp_path / "store", ["a", "b"])
+    store.fill(rows(["ok"]), gray)
+    if planted == ".synthaug-store":
+        (store.root / planted).unlink()
+    if "metadata" in planted:  # a line cut off by a crash: the repair rewrites the metadata
+        with open(store.metadata_file, "a") as f:
+            f.write('{"id": "cut')
+    (store.root / planted).symlink_to(outside / "notes.txt")
+    with pytest.raises(SynthaugError, match="is a link, not a file synthaug wrote"):
+        store.fill(rows(["ok", "more"]), gray)
+    assert (outside / "notes.txt").read_text() == "mine"
+
+
+def test_a_store_of_other_data_is_refused_before_the_run_writes(sandbox, capsys, monkeypatch):
+    """Its classes are checked with the data, before the run folder is made and the generator
+    trained (it was checked once the images were about to be added)."""
+    store = SyntheticStore(sandbox / "other", ["cat", "dog"])
+    store.fill(rows(["c0"]), gray)
+    before = {p: p.stat().st_mtime_ns for p in (sandbox / "other").rglob("*")}
+    code, _, err = run_cli(["run", *FAST, "-s", "recipe=synaug", "-s", "output_dir=runs", "-s",
+                            f"synaug.store_dir={sandbox / 'other'}"], capsys, monkeypatch)
+    assert code == 2 and "belongs to other data" in err, err
+    assert not any((sandbox / "work" / "runs").iterdir()) and intact(sandbox)
+    assert {p: p.stat().st_mtime_ns for p in (sandbox / "other").rglob("*")} == before
+
+
+def test_checkpoints_are_removed_only_inside_the_run_folder(tmp_path):
+    """`rounds/r*/valuation` is globbed: a `rounds` link planted in a run folder led the removal out."""
+    from synthaug.runs import remove_checkpoints
+
+    outside = tmp_path / "victim"
+    (outside / "r1" / "valuation").mkdir(parents=True)
+    (outside / "r1" / "valuation" / "data.txt").write_text("mine")
+    run = tmp_path / "run"
+    (run / "checkpoint").mkdir(parents=True)
+    (run / "rounds").symlink_to(outside)
+    remove_checkpoints(run)
+    assert not (run / "checkpoint").exists() and (outside / "r1" / "valuation" / "data.txt").read_text() == "mine"
+
+
+def test_a_linked_marker_marks_nothing(sandbox, capsys, monkeypatch):
+    """A benchmark folder or a run folder whose marker is a link to a user's file is not
+    synthaug's: refused, and the file is not written through the link."""
+    target = sandbox / "victim" / "thesis.tex"
+    bench = sandbox / "work" / "bench"
+    bench.mkdir()
+    (bench / ".synthaug-run").symlink_to(target)
+    code, _, err = run_cli(["bench", "smoke", "--out", str(bench)], capsys, monkeypatch)
+    assert code == 2 and "did not make" in err and target.read_text() == "years of work\n"
+    args = ["train", *FAST, "-s", "output_dir=runs", "-s", "name=linked"]
+    assert run_cli(args, capsys, monkeypatch)[0] == 0
+    run = sandbox / "work" / "runs" / "linked"
+    (run / ".synthaug-run").unlink()
+    (run / ".synthaug-run").symlink_to(target)
+    code, _, err = run_cli(args, capsys, monkeypatch)
+    assert code == 2 and "but no .synthaug-run" in err and target.read_text() == "years of work\n"
+
+
+def test_a_seeds_summary_is_never_a_runs_folder(sandbox, capsys, monkeypatch):
+    """`run --seeds 0,1 name=x` writes its summary to x-seeds-0-1: a run named so is not taken over."""
+    args = [*FAST, "-s", "output_dir=runs", "-s", "report.baselines=[ce]"]
+    assert run_cli(["train", *args, "-s", "name=x-seeds-0-1"], capsys, monkeypatch)[0] == 0
+    run = sandbox / "work" / "runs" / "x-seeds-0-1"
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    code, _, err = run_cli(["run", "--seeds", "0,1", *args, "-s", "name=x"], capsys, monkeypatch)
+    assert code == 2 and "is a run's folder, not a --seeds summary" in err, err
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+    assert sorted(p.name for p in (sandbox / "work" / "runs").iterdir()) == ["x-seeds-0-1"]
 
 
 # --------------------------------------------------------------------------- 3, 4. images

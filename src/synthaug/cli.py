@@ -234,6 +234,7 @@ def validate(
     from .select.stage import scorer_for, validation_skip, validation_stage
     from .store import SPLIT, SyntheticStore, is_store
     from .task import make_task
+    from .utils.io import marked, write_marker
     from .utils.paths import check_folder, make_folders, remove_created
 
     cfg = load_config(config_file, [*overrides, *([f"validate.features={classifier}"] if classifier else [])])
@@ -245,7 +246,7 @@ def validate(
     # under synthaug's output folder, never beside the user's images; a folder synthaug did not make is refused
     out = out or validation_folder(cfg.output_dir, synthetic)
     check_folder(out, "--out")
-    if out.is_dir() and any(out.iterdir()) and not (out / VALIDATION_MARKER).is_file():
+    if out.is_dir() and any(out.iterdir()) and not marked(out, VALIDATION_MARKER):
         raise SynthaugError(f"--out '{out}' holds files synthaug did not make: give a new or empty folder")
     data = load_dataset(cfg.data.dataset, image_size=cfg.data.image_size, channels=cfg.data.channels,
                         cache_dir=cfg.data.cache_dir, defer_cache=True)
@@ -265,12 +266,12 @@ def validate(
     skip = validation_skip(task, images, cfg)
     if skip:  # before anything is written
         raise SynthaugError(f"cannot validate '{synthetic}': {skip}")
-    created, marked = make_folders(out, "--out"), (out / VALIDATION_MARKER).is_file()
+    created, was_marked = make_folders(out, "--out"), marked(out, VALIDATION_MARKER)
     try:
-        (out / VALIDATION_MARKER).write_text("a validation folder made by synthaug\n")
+        write_marker(out / VALIDATION_MARKER, "a validation folder made by synthaug\n")
         data.save_cache()  # after the folder, which is undone if the cache cannot be written
     except (OSError, SynthaugError) as e:
-        if not marked:
+        if not was_marked:
             (out / VALIDATION_MARKER).unlink(missing_ok=True)
         remove_created(created)
         if isinstance(e, SynthaugError):

@@ -23,7 +23,7 @@ from .data import load_dataset
 from .errors import SynthaugError
 from .recipes import RECIPES, get_recipe
 from .task import make_task
-from .utils.io import atomic_write_json, atomic_write_text
+from .utils.io import atomic_write_json, atomic_write_text, marked, write_marker
 from .utils.paths import check_name, make_folders, remove_created
 from .utils.runtime import resolve_device
 
@@ -80,12 +80,13 @@ def preflight(config: RunConfig, baselines: list[str] = ()):
 def check_run_dir(run_dir: Path, config: RunConfig, *, force: bool = False) -> bool:
     """Refuse a `run_dir` this run may not use: a file or a link; with `force`, a folder that is
     not a run folder synthaug made (a benchmark's folder and a --seeds summary carry the same
-    marker but no config.yaml); without, a folder holding another run or something else. Returns
+    marker but no config.yaml); without, a folder holding another run, one without the marker
+    (a config.yaml alone does not make a folder synthaug's) or something else. Returns
     whether `run_dir` holds this config's run, to resume. Writes nothing."""
     config_file = run_dir / "config.yaml"
     if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
         raise SynthaugError(f"'{run_dir}' is a file or a link, not a run folder: set another name (name=...)")
-    ours = (run_dir / MARKER).is_file()
+    ours = marked(run_dir, MARKER)
     if force and run_dir.exists() and any(run_dir.iterdir()):
         if not ours:
             raise SynthaugError(f"--force deletes only run folders synthaug made, and '{run_dir}' has no {MARKER}: "
@@ -95,12 +96,15 @@ def check_run_dir(run_dir: Path, config: RunConfig, *, force: bool = False) -> b
                                 "benchmark's folder or a --seeds summary): set another name (name=...)")
         return False
     if config_file.is_file():
-        if recorded_changes(run_dir, config) == []:  # resumed; a folder without the marker (an older synthaug's,
-            return True  # or the user's) is never marked, so --force never deletes it
-        if not (ours and _unstarted(run_dir)):
-            fix = "set another name (name=...) or pass --force" if ours else \
-                f"set another name (name=...), or remove it yourself (it has no {MARKER}, so --force leaves it)"
-            raise SynthaugError(f"run folder '{run_dir}' holds a run with a different config: {fix}")
+        if not ours:  # a user's folder holding a dumped config, or an older synthaug's run: never written into
+            raise SynthaugError(f"'{run_dir}' holds a config.yaml but no {MARKER}, so synthaug did not make it: set "
+                                f"another name (name=...), or, if it is a synthaug run to resume, create the empty file "
+                                f"'{run_dir / MARKER}'")
+        if recorded_changes(run_dir, config) == []:
+            return True  # resumed
+        if not _unstarted(run_dir):
+            raise SynthaugError(f"run folder '{run_dir}' holds a run with a different config: set another name "
+                                "(name=...) or pass --force")
     elif run_dir.exists() and any(run_dir.iterdir()):
         raise SynthaugError(f"'{run_dir}' exists and is not a synthaug run: set another name (name=...) or remove it")
     return False
@@ -117,7 +121,7 @@ def prepare_run_dir(run_dir: Path, config: RunConfig, *, force: bool = False) ->
     config_file = run_dir / "config.yaml"
     created = make_folders(run_dir, "output_dir")
     try:
-        (run_dir / MARKER).write_text("a run folder made by synthaug\n")
+        write_marker(run_dir / MARKER, "a run folder made by synthaug\n")
         atomic_write_text(config_file, dump_config(config))
     except OSError as e:
         remove_created(created)
@@ -257,9 +261,18 @@ def check_task(task, config: RunConfig, recipes: list):
 
 
 def check_folders_fit(task, config: RunConfig):
-    """The folders a run reads a model from, against the data: the generator folder and a
-    classifier folder used for features. Writes nothing."""
+    """The folders a run reads from, against the data: the generator folder, a classifier
+    folder used for features, and the stores it would add to (a store of other data is refused
+    before the run writes, not once its generator has trained). Writes nothing."""
     from .select.features import check_features_fit
+    from .store import SyntheticStore, is_store
+
+    stores = [getattr(config, section).store_dir for section in STORE_SECTIONS]
+    if config.dpt.store_dir and Path(config.dpt.store_dir).is_dir():  # DPT's: one store per generator
+        stores += sorted(Path(config.dpt.store_dir).iterdir())
+    for folder in stores:
+        if folder and is_store(folder):
+            SyntheticStore(folder, task.train.classes).check_rows()
 
     if config.generator.path:
         from .generate.cache import check_generator_folder
@@ -369,10 +382,12 @@ CHECKPOINTS = ("checkpoint", "early-checkpoint", "labeller-checkpoint", "checkpo
 
 def remove_checkpoints(run_dir: Path, keep: tuple[str, ...] = ()):
     """Drop the stages' training checkpoints from a finished run's folder (`CHECKPOINTS`), but
-    those named in `keep`."""
+    those named in `keep`. Only what lies in the run folder itself: a link on the way leads out."""
+    inside = run_dir.resolve()
     for pattern in (p for p in CHECKPOINTS if p not in keep):
         for leftover in run_dir.glob(pattern):
-            shutil.rmtree(leftover, ignore_errors=True)
+            if leftover.resolve().is_relative_to(inside) and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def seeds_run(config: RunConfig, seeds: list[int], *, progress: bool = True, force: bool = False) -> tuple[Path, dict]:
@@ -403,13 +418,16 @@ def seeds_run(config: RunConfig, seeds: list[int], *, progress: bool = True, for
         configs = [replace(c, sections={**c.sections, section: shared}) for c in configs]
     for c in configs:
         preflight(c, c.report.every_baseline())  # the run name included
-    if summary_dir.exists() and not (summary_dir / MARKER).is_file():
+    if summary_dir.exists() and not marked(summary_dir, MARKER):
         raise SynthaugError(f"'{summary_dir}' exists and is not a folder synthaug made: choose another name or output_dir")
+    if (summary_dir / "config.yaml").exists():  # a run's folder carries the same marker
+        raise SynthaugError(f"'{summary_dir}' is a run's folder, not a --seeds summary: choose another name or output_dir")
     checked(configs[0], compare=True)  # the data's checks: the seeds share the data, the split and the recipe
     for c in configs:
         check_run_dir(Path(c.output_dir) / c.run_name(), c, force=force)
     make_folders(summary_dir, "the summary folder")  # every check above passed
-    (summary_dir / MARKER).touch()
+    if not marked(summary_dir, MARKER):
+        write_marker(summary_dir / MARKER, "a --seeds summary made by synthaug\n")
     runs = {}
     for c in configs:
         run_dir, metrics = train_run(c, progress=progress, force=force, compare=True)

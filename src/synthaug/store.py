@@ -28,7 +28,7 @@ from PIL import Image
 
 from .data.dataset import ImageDataset
 from .errors import SynthaugError
-from .utils.io import exclusive
+from .utils.io import exclusive, marked, temp_for, write_marker
 from .utils.paths import check_folder, check_name, inside, make_folders, remove_created
 from .utils.runtime import progress_bar
 
@@ -80,7 +80,7 @@ def is_store(root: str | os.PathLike) -> bool:
     """Whether `root` is a store synthaug made (its marker, or an older synthaug's rows); a
     Hugging Face imagefolder of the user's own images, train/metadata.jsonl too, is not."""
     root = Path(root)
-    return root.is_dir() and ((root / MARKER).is_file() or _older_store(root))
+    return root.is_dir() and (marked(root, MARKER) or _older_store(root))
 
 
 def _older_store(root: Path) -> bool:
@@ -180,6 +180,18 @@ class SyntheticStore:
         a row's class is not one of `classes`."""
         if not self.split_dir.exists():
             return
+        self.check_rows()
+        found = {kind: items for kind, items in self.problems().items() if items}
+        if found:
+            summary = ", ".join(f"{len(v)} {k.replace('_', ' ')} (e.g. {v[0]})" for k, v in found.items())
+            raise SynthaugError(f"synthetic store '{self.root}' is damaged: {summary}; run the command that made it "
+                                "again: it regenerates exactly those images")
+
+    def check_rows(self):
+        """Raise (one line) if a row leaves the store or its class is not one of `classes` (a store
+        of other data): checked before a run writes, where damage is for the run to repair."""
+        if not self.split_dir.is_dir():
+            return
         for n, line in enumerate(self._lines(), 1):
             try:
                 row = json.loads(line)
@@ -191,11 +203,6 @@ class SyntheticStore:
             if self._parse(line) is not None and self.classes and row["class"] not in self.classes:
                 raise SynthaugError(f"{self.metadata_file} line {n} has unknown class {row['class']!r}: "
                                     "this store belongs to other data; use another folder")
-        found = {kind: items for kind, items in self.problems().items() if items}
-        if found:
-            summary = ", ".join(f"{len(v)} {k.replace('_', ' ')} (e.g. {v[0]})" for k, v in found.items())
-            raise SynthaugError(f"synthetic store '{self.root}' is damaged: {summary}; run the command that made it "
-                                "again: it regenerates exactly those images")
 
     def load(self, ids: Sequence[str] | None = None) -> ImageDataset:
         """The store as a dataset in metadata order, or only the rows in `ids` in their order
@@ -303,7 +310,7 @@ class SyntheticStore:
         path = inside(self.split_dir, rel, "image path")
         path.parent.mkdir(parents=True, exist_ok=True)
         array = image.permute(1, 2, 0).numpy()
-        tmp = path.with_name(f".{path.name}.tmp")
+        tmp = temp_for(path)
         with open(tmp, "wb") as f:
             Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(f, format="PNG")
             f.flush()
@@ -317,8 +324,8 @@ class SyntheticStore:
         check_store_folder(self.root, f"store '{self.root}'")
         created = make_folders(self.split_dir, "the synthetic store")
         try:
-            if not (self.root / MARKER).is_file():
-                (self.root / MARKER).write_text("a synthetic image store made by synthaug\n")
+            if not marked(self.root, MARKER):
+                write_marker(self.root / MARKER, "a synthetic image store made by synthaug\n")
         except OSError as e:
             remove_created(created)
             raise SynthaugError(f"cannot write to the synthetic store '{self.root}' ({e.strerror}): choose a folder "
@@ -339,7 +346,7 @@ class SyntheticStore:
                 f.unlink()
 
     def _rewrite(self, rows: list[dict]):
-        tmp = self.metadata_file.with_name(".metadata.jsonl.tmp")
+        tmp = temp_for(self.metadata_file)
         with open(tmp, "w") as f:
             f.write("".join(json.dumps(r) + "\n" for r in rows))
             f.flush()

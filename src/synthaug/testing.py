@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import SynthaugError
+
 
 def tiny_pipeline(folder: str | os.PathLike, *, unclip: bool = False, seed: int = 0) -> Path:
     """Write a random miniature Stable Diffusion pipeline (32 px, a few thousand weights per
@@ -29,6 +31,8 @@ def tiny_pipeline(folder: str | os.PathLike, *, unclip: bool = False, seed: int 
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise SynthaugError(f"'{folder}' is not a new or empty folder: the tiny pipeline is saved only into one")
     folder.mkdir(parents=True, exist_ok=True)
     dim = 32
     torch.manual_seed(seed)

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from ..errors import SynthaugError
-from ..utils.io import atomic_write_text
+from ..utils.io import atomic_write_text, marked, write_marker
 from ..utils.paths import check_folder, make_folders
 from .suite import Cell, Suite, changes, settings_of, with_locations
 
@@ -142,7 +142,7 @@ def check_out(out: Path):
     check_folder(out, "--out")
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise SynthaugError(f"--out '{out}' is a file or a link: give a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+    if out.is_dir() and any(out.iterdir()) and not marked(out, MARKER):
         raise SynthaugError(f"--out '{out}' holds files synthaug did not make (no {MARKER}): give a new or empty folder")
     if (out / "config.yaml").is_file() or (out / "summary.json").is_file():  # they share the marker
         raise SynthaugError(f"--out '{out}' is a run's folder or a --seeds summary, not a benchmark's: give a new or "
@@ -270,8 +270,8 @@ def run_suite(suite: Suite, out: str | Path, *, force: bool = False, rerun: bool
     loaded = preflight(cells, out, {s.name: s.metric for s in suite.settings})
     # every check passed: the first write
     make_folders(out, "--out")
-    (out / MARKER).write_text("a benchmark folder made by synthaug\n")
-    (out / LOCK).write_text(f"{os.getpid()}\n")
+    write_marker(out / MARKER, "a benchmark folder made by synthaug\n")
+    write_marker(out / LOCK, f"{os.getpid()}\n")
     for data in loaded:  # the data caches before any cell's old run folder is cleared
         data.save_cache()
     del loaded

@@ -28,6 +28,7 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from ..errors import SynthaugError
+from ..utils.io import temp_for
 from ..utils.paths import make_folders
 from ..utils.registry import Registry
 from ..utils.runtime import progress_bar
@@ -523,7 +524,7 @@ def save_decoded(path: Path, tensors: dict, metadata: dict | None = None):
     from safetensors.torch import save_file
 
     make_folders(path.parent, "data.cache_dir")
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temp_for(path)
     try:
         save_file(tensors, tmp, metadata=metadata)
         os.replace(tmp, path)

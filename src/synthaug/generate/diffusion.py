@@ -16,7 +16,7 @@ import torch
 from ..data.dataset import ImageDataset
 from ..errors import SynthaugError
 from ..plan import split_by_kind
-from ..utils.io import atomic_write_json
+from ..utils.io import atomic_write_json, temp_for
 from ..utils.runtime import autocast, fast_dtype, progress_bar, resolve_device
 from .base import generate_arguments
 from .image_condition import ConditionEmbedding, PCAEncoder
@@ -306,7 +306,7 @@ class DiffusionGenerator:
         self.unet.save_pretrained(folder / "unet", safe_serialization=True)
         if self.condition is not None:
             extra = {k: v.detach().cpu().contiguous() for k, v in self._state().items() if k.split(".")[0] in ("condition", "encoder")}
-            tmp = folder / ".image_condition.safetensors.tmp"
+            tmp = temp_for(folder / "image_condition.safetensors")
             save_file(extra, tmp)
             os.replace(tmp, folder / "image_condition.safetensors")
         atomic_write_json(folder / "generator.json", {

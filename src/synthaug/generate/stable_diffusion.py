@@ -38,7 +38,7 @@ from ..choices import Dtype
 from ..data.dataset import ImageDataset
 from ..errors import SynthaugError
 from ..plan import split_by_kind
-from ..utils.io import atomic_write_json
+from ..utils.io import atomic_write_json, temp_for
 from ..utils.runtime import progress_bar, resolve_device
 from .base import generate_arguments
 from .network import SamplerConfig
@@ -215,7 +215,7 @@ class StableDiffusionGenerator(StableDiffusionTraining):
 
             state.update({f"lora.{k}": v.detach().cpu().contiguous()
                           for k, v in get_peft_model_state_dict(self.pipe.unet).items()})
-        tmp = folder / ".policy.safetensors.tmp"
+        tmp = temp_for(folder / "policy.safetensors")
         save_file(state, tmp)
         os.replace(tmp, folder / "policy.safetensors")
         atomic_write_json(folder / "generator.json", {"kind": KIND, "config": asdict(self.config), "history": self.history,

@@ -44,7 +44,7 @@ from ..generate.stage import generate_stage, generator_stage
 from ..plan import conditioned_plan
 from ..report import pct
 from ..select.metrics import diversity_ratio, memorization_ratio
-from ..utils.io import atomic_write_json, exclusive
+from ..utils.io import atomic_write_json, exclusive, temp_for
 from ..utils.keys import key_dict
 from ..utils.paths import check_folder
 from .registry import RecipeResult, register_recipe, train_and_evaluate
@@ -140,7 +140,7 @@ def _pseudo_labels(task, config, folder: Path, workdir: Path, *, progress: bool 
     accuracy = evaluate(result.model, task.test)["accuracy"]
     folder.mkdir(parents=True, exist_ok=True)
     result.model.save_pretrained(folder / "classifier")
-    tmp = folder / ".labels.safetensors.tmp"
+    tmp = temp_for(folder / "labels.safetensors")
     try:
         save_file({"labels": labels.contiguous(), "confidence": confidence.contiguous()}, tmp)
         os.replace(tmp, folder / "labels.safetensors")  # whole: a run stopped mid-write leaves the old file or none

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import SynthaugError
+
 
 @contextlib.contextmanager
 def exclusive(path: str | os.PathLike):
@@ -30,10 +32,34 @@ def exclusive(path: str | os.PathLike):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def temp_for(path: str | os.PathLike) -> Path:
+    """The temporary file a write to `path` goes through before it is renamed into place, refused
+    where a link stands: synthaug writes its own files, never through a link to another's."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if tmp.is_symlink():
+        raise SynthaugError(f"'{tmp}' is a link, not a file synthaug wrote: remove it, then run again")
+    return tmp
+
+
+def marked(folder: str | os.PathLike, marker: str) -> bool:
+    """Whether `folder` carries synthaug's `marker`: a plain file (a link in its place marks nothing)."""
+    path = Path(folder) / marker
+    return path.is_file() and not path.is_symlink()
+
+
+def write_marker(path: str | os.PathLike, text: str):
+    """Write a folder's marker (or lock) file, refused where a link stands in its place."""
+    path = Path(path)
+    if path.is_symlink():
+        raise SynthaugError(f"'{path}' is a link, not a file synthaug wrote: remove it, then run again")
+    path.write_text(text)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temp_for(path)
     tmp.write_text(text)
     _fsync(tmp)
     os.replace(tmp, path)
@@ -123,7 +149,7 @@ def save_state(folder: str | os.PathLike, state: dict):
     folder.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _split_tensors(state, "s", tensors)
-    tmp = folder / ".state.safetensors.tmp"
+    tmp = temp_for(folder / "state.safetensors")
     save_file(tensors, tmp, metadata={"synthaug_state": json.dumps(skeleton)})
     _fsync(tmp)
     os.replace(tmp, folder / "state.safetensors")
