@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .data.dataset import ImageDataset
-from .utils.io import temp_for
+from .utils.io import atomic_write_text
 from .verdict import headline
 
 STYLE = """
@@ -282,9 +282,7 @@ def write_page(path: str | Path, title: str, body: str) -> Path:
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{STYLE}</style></head><body>{body}</body></html>")
     path = Path(path)
-    tmp = temp_for(path)
-    tmp.write_text(page)
-    tmp.replace(path)
+    atomic_write_text(path, page)
     return path
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import SynthaugError
-from ..utils.io import temp_for
+from ..utils.io import atomic_write_text, temp_for
 from ..utils.registry import Registry
 
 MODELS: Registry[Callable[..., Classifier]] = Registry("model")
@@ -55,9 +55,7 @@ class Classifier(nn.Module):
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = temp_for(folder / "config.json")
-        tmp.write_text(json.dumps(self.config, indent=2))
-        os.replace(tmp, folder / "config.json")
+        atomic_write_text(folder / "config.json", json.dumps(self.config, indent=2))
         tmp = temp_for(folder / "model.safetensors")
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, tmp)
         os.replace(tmp, folder / "model.safetensors")

@@ -36,10 +36,7 @@ def temp_for(path: str | os.PathLike) -> Path:
     """The temporary file a write to `path` goes through before it is renamed into place, refused
     where a link stands: synthaug writes its own files, never through a link to another's."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    if tmp.is_symlink():
-        raise SynthaugError(f"'{tmp}' is a link, not a file synthaug wrote: remove it, then run again")
-    return tmp
+    return _not_a_link(path.with_name(f".{path.name}.tmp"))
 
 
 def marked(folder: str | os.PathLike, marker: str) -> bool:
@@ -50,10 +47,13 @@ def marked(folder: str | os.PathLike, marker: str) -> bool:
 
 def write_marker(path: str | os.PathLike, text: str):
     """Write a folder's marker (or lock) file, refused where a link stands in its place."""
-    path = Path(path)
+    _not_a_link(Path(path)).write_text(text)
+
+
+def _not_a_link(path: Path) -> Path:
     if path.is_symlink():
         raise SynthaugError(f"'{path}' is a link, not a file synthaug wrote: remove it, then run again")
-    path.write_text(text)
+    return path
 
 
 def atomic_write_text(path: str | os.PathLike, text: str):
