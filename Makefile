@@ -8,7 +8,7 @@ STAMP := $(VENV)/.synthaug-installed
 # torch from this pin installs from the machine's wheel cache in about a minute; see README.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-slow bench-smoke bench-longtail bench-levers bench-generator-levers bench-coloured-generator bench-coloured-filter bench-fewshot bench-ssl bench-targeted bench-tables bench-speed bench-sampler bench-selection bench-executors lint clean
+.PHONY: demo test test-slow bench-smoke bench-longtail bench-levers bench-generator-levers bench-coloured-generator bench-coloured-filter bench-fewshot bench-ssl bench-targeted bench-tables bench-speed bench-sampler bench-selection bench-executors gpu-lease-prep lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -77,6 +77,14 @@ bench-executors: $(STAMP)
 
 bench-selection: $(STAMP)
 	$(BIN)/python benchmarks/selection.py
+
+# what benchmarks/gpu_lease.sh carries to the bare, offline device machine (.gpu/, git-ignored): the CIFAR-10
+# archive and the wheels the device lacks; then run it with the device tool (the script's header says how)
+gpu-lease-prep:
+	mkdir -p .gpu
+	cp -n ../shared/data/cifar10-jpg.tar.gz .gpu/
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux2014_x86_64 -d .gpu diffusers==0.42.1 importlib_metadata
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

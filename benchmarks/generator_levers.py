@@ -9,8 +9,9 @@ On MNIST-5k-LT r50 (the longtail suite's setting and generator: 800 steps at lr 
 sampling steps), one generator per lever (and seed), each the longtail suite's generator with
 one change: square-root or class-balanced sampling of its training images, Min-SNR-5 loss
 weighting, CBDM's regulariser (tau 1), an EMA half-life of 10% of the run, twice the steps,
-the base preset's network (alone, and on Min-SNR), and the Min-SNR generator sampled at a lower
-classifier-free guidance (2 and 1.5; the same trained generator).
+the base preset's network (alone, and on Min-SNR), the Min-SNR generator sampled at a lower
+classifier-free guidance (2 and 1.5; the same trained generator), and the Min-SNR generator trained
+with non-leaking augmentation (`generator.augment`).
 Each draws the same labels and seeds (`--per-class` per class) and is measured against a
 classifier trained on the full balanced real training set (the oracle): the share of images
 it recognises, overall and on the tail (the few-shot classes, under 4% of the largest), the
@@ -65,6 +66,8 @@ LEVERS = {
     # not part of its fingerprint); at 2 the sampler table's 2,400-step generator had its closest features
     "Min-SNR gamma 5, guidance 2": ["generator.min_snr_gamma=5", "generator.guidance_scale=2"],
     "Min-SNR gamma 5, guidance 1.5": ["generator.min_snr_gamma=5", "generator.guidance_scale=1.5"],
+    # non-leaking augmentation of its training images (CBDM's long-tail code: p 0.12), on the Min-SNR generator
+    "Min-SNR gamma 5, augment 0.12": ["generator.min_snr_gamma=5", "generator.augment=0.12"],
 }
 RESULTS = HERE / "results" / "generator_levers.jsonl"
 

@@ -7,12 +7,8 @@
 #   2. the CIFAR-10-LT r100 cells no earlier lease finished, side by side (parallel_cells.py),
 #      their rows written to $OUT/rows.jsonl as they land, so a lease that ends early keeps them.
 #
-# Prepared here (the device machine is bare and offline), in the repository's root:
-#   mkdir -p .gpu && cp ../shared/data/cifar10-jpg.tar.gz .gpu/
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux2014_x86_64 -d .gpu diffusers==0.42.1 importlib_metadata   # what the device lacks
-#   echo /.gpu/ >> .git/info/exclude
-# then the device tool: run(command="COMMIT=<git rev-parse HEAD> bash benchmarks/gpu_lease.sh",
+# Prepared here (the device machine is bare and offline): `make gpu-lease-prep` (the CIFAR-10 archive and the
+# wheels the device lacks, into the git-ignored .gpu/); then the device tool: run(command="COMMIT=<git rev-parse HEAD> bash benchmarks/gpu_lease.sh",
 # carry=[".gpu"], timeout_s=600), and here:
 #   python benchmarks/parallel_cells.py --merge <files_at>/rows.jsonl --into benchmarks/results/bench/cifar10-gpu
 #   synthaug bench cifar10-gpu --out benchmarks/results/bench/cifar10-gpu --report-only

@@ -1,6 +1,7 @@
 """The embedded diffusion generator on a tiny in-code UNet and 8x8 images."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -210,15 +211,17 @@ def test_group_guidance_scale_weighs_the_group_s_term_alone():
         load_config(None, ["generator.group_guidance_scale=-1"])
 
 
-def test_resume_after_interruption(tmp_path, monkeypatch):
+@pytest.mark.parametrize("augment", [0.0, 0.5])  # with augmentation its map into the timestep embedding resumes too
+def test_resume_after_interruption(augment, tmp_path, monkeypatch):
     ds = make_dataset((12, 8, 4))
-    reference = DiffusionGenerator.fit(ds, tiny_config(ds), TRAIN, seed=1)
+    train = replace(TRAIN, augment=augment)
+    reference = DiffusionGenerator.fit(ds, tiny_config(ds), train, seed=1)
 
     undo = die_after_saving_step(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
-        DiffusionGenerator.fit(ds, tiny_config(ds), TRAIN, seed=1, checkpoint_dir=tmp_path)
+        DiffusionGenerator.fit(ds, tiny_config(ds), train, seed=1, checkpoint_dir=tmp_path)
     undo()
-    resumed = DiffusionGenerator.fit(ds, tiny_config(ds), TRAIN, seed=1, checkpoint_dir=tmp_path)
+    resumed = DiffusionGenerator.fit(ds, tiny_config(ds), train, seed=1, checkpoint_dir=tmp_path)
     assert [h["step"] for h in resumed.history] == [h["step"] for h in reference.history]
     # the loss recorded at step 4 is the mean over steps 1-4 in both, not over the resumed 3-4 alone
     assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in reference.history], rel=1e-5)

@@ -686,8 +686,65 @@ def test_the_generator_samples_with_its_ema_weights():
     assert not torch.allclose(short, long)
 
 
+def test_augmentation_moves_pixels_as_its_parameters_say_and_leaves_the_untold_images_alone():
+    from synthaug.generate.augment import augment_images, warp
+
+    dot = torch.zeros(1, 1, 16, 16)
+    dot[0, 0, 4, 3] = 1
+    none, none2 = torch.zeros(1), torch.zeros(1, 2)
+    where = lambda im: torch.nonzero(im[0, 0] > 0.5).tolist()  # noqa: E731
+    assert where(warp(dot, torch.tensor([[1.0, 0]]), none, none, none, none, none2)) == [[4, 12]]  # x-flip
+    assert where(warp(dot, torch.tensor([[0, 1.0]]), none, none, none, none, none2)) == [[11, 3]]  # y-flip
+    assert where(warp(dot, torch.zeros(1, 2), none, none, none, none, torch.tensor([[1.0, 0]]))) == [[4, 5]]  # 1/8 right
+    images = torch.rand(256, 1, 8, 8) * 2 - 1
+    same, told = augment_images(images, 0.0, torch.Generator().manual_seed(0))
+    assert same is images and not told.any()
+    out, told = augment_images(images, 0.5, torch.Generator().manual_seed(0))
+    again, _ = augment_images(images, 0.5, torch.Generator().manual_seed(0))
+    changed = (out != images).flatten(1).any(1)
+    assert torch.equal(out, again) and torch.equal(changed, told.ne(0).any(1))  # untold images keep every pixel
+    assert 0.93 < float(changed.float().mean()) < 0.995  # untold: 0.5^4 (no continuous transform) x 0.75^2 (no flip)
+    with pytest.raises(SynthaugError, match="generator.augment"):
+        load_config(None, ["generator.augment=1.5"])
+
+
+def test_augmentation_tells_the_network_in_training_and_samples_untold(monkeypatch):
+    """The transform's parameters reach the UNet (its map into the timestep embedding learns)
+    while training, and the trained generator samples as its UNet alone, also after a training
+    that stopped on an error."""
+    import synthaug.generate.training as training
+    from synthaug.generate import DiffusionGenerator, GeneratorTrainConfig
+    from synthaug.generate.augment import AugmentEmbedding
+
+    made, calls = [], []
+    real_init, real_augment = AugmentEmbedding.__init__, training.augment_images
+    monkeypatch.setattr(AugmentEmbedding, "__init__", lambda self, dim: (real_init(self, dim), made.append(self))[0])
+    monkeypatch.setattr(training, "augment_images", lambda x, p, g: calls.append(p) or real_augment(x, p, g))
+    ds = make_dataset((12, 8, 4))
+    gen = _fit_generator(ds, steps=3, augment=1.0)
+    assert calls == [1.0] * 3 and len(made) == 1
+    assert made[0].linear.weight.grad is not None and float(made[0].linear.weight.grad.abs().sum()) > 0
+    bare = DiffusionGenerator(gen.config)  # the same weights, never hooked
+    bare.unet.load_state_dict(gen.unet.state_dict())
+    assert torch.equal(gen.generate([0, 1, 2], [0, 1, 2]), bare.generate([0, 1, 2], [0, 1, 2]))
+
+    def fail_second(x, p, g):
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        calls.append(p)
+        return real_augment(x, p, g)
+
+    monkeypatch.setattr(training, "augment_images", fail_second)
+    with pytest.raises(KeyboardInterrupt):
+        training.train_generator(bare, ds, GeneratorTrainConfig(steps=3, batch_size=16, warmup_steps=1, precision="float32",
+                                                                augment=1.0))
+    assert not bare.unet.time_embedding._forward_hooks
+    monkeypatch.setattr(training, "augment_images", real_augment)
+    _fit_generator(ds, steps=2, augment=1.0, cbdm_weight=1.0)  # CBDM's second pass carries the parameters too
+
+
 @pytest.mark.parametrize("lever", ["class_sampler=sqrt", "min_snr_gamma=5", "cbdm_weight=1", "ema_half_life=0.1",
-                                   "group_sampler=balanced"])
+                                   "group_sampler=balanced", "augment=0.12"])
 def test_each_tail_lever_names_another_generator_and_the_former_values_keep_the_old_name(lever):
     from synthaug.generate.cache import generator_fingerprint
     from synthaug.generate.network import GeneratorTrainConfig

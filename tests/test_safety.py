@@ -658,3 +658,26 @@ def test_a_corrupt_cached_generator_names_the_folder_to_delete(tmp_path):
     (folder / "generator.json").write_text("{broken")
     with pytest.raises(SynthaugError, match=f"delete the folder '{folder}'"):
         generator_for(data, section, cache_root=tmp_path)
+
+
+@pytest.mark.parametrize("planted", ["unet", "unet/config.json", "unet/diffusion_pytorch_model.safetensors"])
+def test_a_saved_generator_never_writes_through_a_planted_link(planted, tmp_path):
+    from synthaug.generate.diffusion import DiffusionGenerator
+    from synthaug.generate.network import GeneratorConfig
+
+    gen = DiffusionGenerator(GeneratorConfig(image_size=8, channels=1, classes=["a", "b"], preset="tiny"))
+    folder, outside = tmp_path / "generator", tmp_path / "outside"
+    outside.mkdir()
+    (outside / "config.json").write_text("theirs")
+    (outside / "diffusion_pytorch_model.safetensors").write_text("theirs")
+    (folder / planted).parent.mkdir(parents=True, exist_ok=True)
+    (folder / planted).symlink_to(outside if planted == "unet" else outside / Path(planted).name)
+    try:
+        gen.save_pretrained(folder)
+    except SynthaugError as e:
+        assert "is a link" in str(e)
+    assert [p.read_text() for p in sorted(outside.iterdir())] == ["theirs", "theirs"]
+    if planted != "unet":  # a link at a file's name is replaced by the file, and the folder loads back
+        assert not (folder / planted).is_symlink()
+        back = DiffusionGenerator.from_pretrained(folder, device="cpu")
+        assert all(torch.equal(v, back.unet.state_dict()[k]) for k, v in gen.unet.state_dict().items())

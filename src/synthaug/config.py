@@ -195,6 +195,10 @@ class GeneratorSection:
     min_snr_gamma: float = 5.0
     cbdm_weight: float = 0.0  # > 0: CBDM's class-balancing regulariser at strength tau (Qin et al. 2023; tau 1)
     ema_half_life: float = 0.0  # > 0: a constant EMA decay with this half-life, as a share of the training steps
+    # > 0: non-leaking augmentation of the training images (Karras et al. 2022; CBDM's code uses 0.12 and also
+    # x-flips half of all images, which this does not): each of x- and y-flip, scale, rotation, stretch and shift
+    # applied with this probability, the network told its parameters and sampled untold
+    augment: float = 0.0
 
     @property
     def plan_seed(self) -> int:
@@ -210,6 +214,8 @@ class GeneratorSection:
         if self.min_snr_gamma < 0 or self.cbdm_weight < 0 or not 0 <= self.ema_half_life <= 1:
             raise SynthaugError("generator.min_snr_gamma and generator.cbdm_weight must be >= 0, "
                                 "generator.ema_half_life in [0, 1] (0: use generator.ema_decay)")
+        if not 0 <= self.augment <= 1:
+            raise SynthaugError(f"generator.augment is a probability in [0, 1] (0: off), got {self.augment}")
         if not 0 <= self.label_dropout < 1 or not 0 < self.ema_decay < 1 or self.lr <= 0:
             raise SynthaugError("generator.label_dropout must be in [0, 1), generator.ema_decay in (0, 1), generator.lr > 0")
         if self.guidance_scale < 1:

@@ -16,7 +16,7 @@ import torch
 from ..data.dataset import ImageDataset
 from ..errors import SynthaugError
 from ..plan import split_by_kind
-from ..utils.io import atomic_write_json, temp_for
+from ..utils.io import atomic_write_json, atomic_write_text, not_a_link, temp_for
 from ..utils.runtime import autocast, fast_dtype, progress_bar, resolve_device
 from .base import generate_arguments
 from .image_condition import ConditionEmbedding, PCAEncoder
@@ -303,7 +303,15 @@ class DiffusionGenerator:
         from safetensors.torch import save_file
 
         folder = Path(folder)
-        self.unet.save_pretrained(folder / "unet", safe_serialization=True)
+        # the UNet's folder as diffusers' save_pretrained lays it out, each file written through
+        # temp_for (diffusers' own writer would follow a link planted at its file names)
+        unet_dir = not_a_link(folder / "unet")
+        unet_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(unet_dir / "config.json", self.unet.to_json_string())
+        tmp = temp_for(unet_dir / "diffusion_pytorch_model.safetensors")
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.unet.state_dict().items()}, tmp,
+                  metadata={"format": "pt"})
+        os.replace(tmp, unet_dir / "diffusion_pytorch_model.safetensors")
         if self.condition is not None:
             extra = {k: v.detach().cpu().contiguous() for k, v in self._state().items() if k.split(".")[0] in ("condition", "encoder")}
             tmp = temp_for(folder / "image_condition.safetensors")

@@ -111,7 +111,7 @@ class GeneratorTrainConfig:
     # levers for a long-tailed training set (issue 21), with the values generators had before them:
     # left out of checkpoint keys at those (utils/keys.py)
     ADDED: ClassVar[dict[str, object]] = {"class_sampler": "uniform", "min_snr_gamma": 0.0, "cbdm_weight": 0.0,
-                                          "ema_half_life": 0.0, "group_sampler": "uniform"}
+                                          "ema_half_life": 0.0, "group_sampler": "uniform", "augment": 0.0}
     class_sampler: ClassSampler = "uniform"  # how the labelled images are drawn: per image, per sqrt(n_c), per class
     # with groups: how each class's share is split over its (class, group) cells: per image, per sqrt(n_cg),
     # per cell (balanced: a class's minority colours drawn as often as its majority colour)
@@ -121,12 +121,17 @@ class GeneratorTrainConfig:
     min_snr_gamma: float = 5.0
     cbdm_weight: float = 0.0  # > 0: CBDM's class-balancing regulariser at this strength tau (Qin et al. 2023)
     ema_half_life: float = 0.0  # > 0: a constant EMA decay with this half-life, as a share of the steps
+    # > 0: non-leaking augmentation (generate/augment.py): each transform applied with this probability and
+    # the network told its parameters; sampled untold (CBDM's code: 0.12)
+    augment: float = 0.0
 
     def __post_init__(self):
         check_choices(self, "generator.")
         if self.min_snr_gamma < 0 or self.cbdm_weight < 0 or not 0 <= self.ema_half_life <= 1:
             raise SynthaugError("generator.min_snr_gamma and generator.cbdm_weight must be >= 0, "
                                 "generator.ema_half_life in [0, 1] (0: use generator.ema_decay)")
+        if not 0 <= self.augment <= 1:
+            raise SynthaugError(f"generator.augment is a probability in [0, 1] (0: off), got {self.augment}")
 
     @property
     def decay(self) -> float:

@@ -17,6 +17,7 @@ from ..errors import SynthaugError
 from ..utils.keys import key_dict
 from ..utils.loop import Checkpoint, step_generator, warmup_constant
 from ..utils.runtime import autocast, fast_dtype, progress_bar, resolve_device, send
+from .augment import AugmentEmbedding, augment_images, told
 from .diffusion import DiffusionGenerator
 from .image_condition import random_shift
 from .network import GeneratorConfig, GeneratorTrainConfig, build_train_scheduler
@@ -62,10 +63,14 @@ def train_generator(gen: DiffusionGenerator, data: ImageDataset, cfg: GeneratorT
     nets = [net.to(device).train() for net in gen.networks()]
     unet = nets[0]
     params = gen.trainable_parameters()
+    augment = None
+    if cfg.augment:  # non-leaking augmentation: a training-only map of the transform into the timestep embedding
+        augment = AugmentEmbedding(unet.time_embedding.linear_2.out_features).to(device)
     # diffusers caps the decay at (1 + step) / (10 + step): ema_decay 0.999 binds only after ~9,000 steps, so a
     # shorter run averages over about its last tenth; a half-life sets a constant decay instead
     ema = EMAModel(params, decay=cfg.decay, min_decay=cfg.decay if cfg.ema_half_life else 0.0)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params + ([] if augment is None else list(augment.parameters())), lr=cfg.lr,
+                                  weight_decay=0.0)
     schedule = warmup_constant(optimizer, cfg.warmup_steps)
     noise_scheduler = build_train_scheduler(gen.config)
     images = data.images
@@ -99,6 +104,8 @@ def train_generator(gen: DiffusionGenerator, data: ImageDataset, cfg: GeneratorT
     stateful = {"unet": unet, "ema": ema, "optimizer": optimizer, "schedule": schedule}
     if gen.condition is not None:
         stateful["condition"] = gen.condition
+    if augment is not None:
+        stateful["augment"] = augment
     state = checkpoint.restore(**stateful)
     window = []  # the losses since the last history entry
     if state is not None:
@@ -107,7 +114,8 @@ def train_generator(gen: DiffusionGenerator, data: ImageDataset, cfg: GeneratorT
         window = [torch.tensor(v, device=device) for v in state.get("window", [])]
 
     t0 = time.perf_counter()
-    with progress_bar(progress) as bar:
+    # told: the augmentation's map joins the UNet for the training only (sampled untold, it adds nothing)
+    with progress_bar(progress) as bar, told(augment, unet):
         task = bar.add_task("train generator", total=cfg.steps, completed=start, info="")
         for step in range(start, cfg.steps):
             g = step_generator(seed, step)
@@ -117,7 +125,10 @@ def train_generator(gen: DiffusionGenerator, data: ImageDataset, cfg: GeneratorT
                                   labelled_draw(n_labelled, cfg.batch_size, draw, g))
             else:
                 idx = labelled_draw(n_labelled, cfg.batch_size, draw, g)
-            x0 = send(images[idx], device)
+            x0 = images[idx]
+            if augment is not None:
+                x0, augment.parameters_now = augment_images(x0, cfg.augment, g)
+            x0 = send(x0, device)
             cond_labels = labels[idx].clone()
             drop = torch.rand(len(idx), generator=g) < gen.config.label_dropout
             cond_labels[drop] = gen.null_class
@@ -148,6 +159,8 @@ def train_generator(gen: DiffusionGenerator, data: ImageDataset, cfg: GeneratorT
                 other_in = gen.class_input(send(gen.condition_ids(other, picked[0]), device), *picked[1:])
                 noisy, t_in, class_in = torch.cat([noisy, noisy[labelled]]), torch.cat([t, t[labelled]]), torch.cat([class_in, other_in])
                 cond_map = None if cond_map is None else torch.cat([cond_map, cond_map[labelled]])
+                if augment is not None:
+                    augment.parameters_now = torch.cat([augment.parameters_now, augment.parameters_now[labelled_here]])
             with autocast(device, dtype):
                 predicted = gen.predict_noise(noisy, t_in, class_in, cond_map).float()
             predicted, predicted_other = predicted[:len(idx)], predicted[len(idx):]
@@ -161,7 +174,7 @@ def train_generator(gen: DiffusionGenerator, data: ImageDataset, cfg: GeneratorT
                                                gen.config.num_train_timesteps) * len(labelled) / len(idx)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)  # the generator's own (not the augmentation's map)
             optimizer.step()
             schedule.step()
             ema.step(params)

@@ -36,7 +36,7 @@ def temp_for(path: str | os.PathLike) -> Path:
     """The temporary file a write to `path` goes through before it is renamed into place, refused
     where a link stands: synthaug writes its own files, never through a link to another's."""
     path = Path(path)
-    return _not_a_link(path.with_name(f".{path.name}.tmp"))
+    return not_a_link(path.with_name(f".{path.name}.tmp"))
 
 
 def marked(folder: str | os.PathLike, marker: str) -> bool:
@@ -47,10 +47,11 @@ def marked(folder: str | os.PathLike, marker: str) -> bool:
 
 def write_marker(path: str | os.PathLike, text: str):
     """Write a folder's marker (or lock) file, refused where a link stands in its place."""
-    _not_a_link(Path(path)).write_text(text)
+    not_a_link(Path(path)).write_text(text)
 
 
-def _not_a_link(path: Path) -> Path:
+def not_a_link(path: Path) -> Path:
+    """`path`, refused where a link stands at it."""
     if path.is_symlink():
         raise SynthaugError(f"'{path}' is a link, not a file synthaug wrote: remove it, then run again")
     return path
