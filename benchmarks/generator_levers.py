@@ -11,7 +11,7 @@ one change: square-root or class-balanced sampling of its training images, Min-S
 weighting, CBDM's regulariser (tau 1), an EMA half-life of 10% of the run, twice the steps,
 the base preset's network (alone, and on Min-SNR), the Min-SNR generator sampled at a lower
 classifier-free guidance (2 and 1.5; the same trained generator), and the Min-SNR generator trained
-with non-leaking augmentation (`generator.augment`).
+with non-leaking augmentation (`generator.augment`), at 800 steps and, beside Min-SNR alone, at 2,400.
 Each draws the same labels and seeds (`--per-class` per class) and is measured against a
 classifier trained on the full balanced real training set (the oracle): the share of images
 it recognises, overall and on the tail (the few-shot classes, under 4% of the largest), the
@@ -68,6 +68,10 @@ LEVERS = {
     "Min-SNR gamma 5, guidance 1.5": ["generator.min_snr_gamma=5", "generator.guidance_scale=1.5"],
     # non-leaking augmentation of its training images (CBDM's long-tail code: p 0.12), on the Min-SNR generator
     "Min-SNR gamma 5, augment 0.12": ["generator.min_snr_gamma=5", "generator.augment=0.12"],
+    # the same at three times the steps, with and without it: whether a longer training learns the augmented views
+    "Min-SNR gamma 5, 3x steps (2400)": ["generator.min_snr_gamma=5", "generator.steps=2400"],
+    "Min-SNR gamma 5, augment 0.12, 3x steps (2400)": ["generator.min_snr_gamma=5", "generator.augment=0.12",
+                                                       "generator.steps=2400"],
 }
 RESULTS = HERE / "results" / "generator_levers.jsonl"
 
