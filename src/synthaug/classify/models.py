@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import SynthaugError
-from ..utils.io import atomic_write_text, temp_for
+from ..utils.io import atomic_save_tensors, atomic_write_text
 from ..utils.registry import Registry
 
 MODELS: Registry[Callable[..., Classifier]] = Registry("model")
@@ -51,14 +51,11 @@ class Classifier(nn.Module):
     def save_pretrained(self, folder: str | os.PathLike):
         """config.json + model.safetensors, each written atomically, the weights last: a folder
         holding model.safetensors holds a whole classifier."""
-        from safetensors.torch import save_file
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(folder / "config.json", json.dumps(self.config, indent=2))
-        tmp = temp_for(folder / "model.safetensors")
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, tmp)
-        os.replace(tmp, folder / "model.safetensors")
+        atomic_save_tensors(folder / "model.safetensors", {k: v.contiguous() for k, v in self.state_dict().items()})
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> Classifier:

@@ -28,7 +28,7 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from ..errors import SynthaugError
-from ..utils.io import temp_for
+from ..utils.io import atomic_save_tensors
 from ..utils.paths import make_folders
 from ..utils.registry import Registry
 from ..utils.runtime import progress_bar
@@ -521,15 +521,11 @@ def _decode(files: list[tuple[Path, int]], classes: list[str], image_size=None,
 def save_decoded(path: Path, tensors: dict, metadata: dict | None = None):
     """Write a decoded folder's tensors into the cache, atomically."""
     from safetensors import SafetensorError
-    from safetensors.torch import save_file
 
     make_folders(path.parent, "data.cache_dir")
-    tmp = temp_for(path)
     try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
+        atomic_save_tensors(path, tensors, metadata)
     except (OSError, SafetensorError) as e:  # a folder that exists but cannot be written, or a full disk
-        tmp.unlink(missing_ok=True)
         raise SynthaugError(f"cannot write the data cache in '{path.parent}' ({str(e).splitlines()[0][:120]}): set "
                             "data.cache_dir to a folder you can write to") from None
 

@@ -16,7 +16,7 @@ import torch
 from ..data.dataset import ImageDataset
 from ..errors import SynthaugError
 from ..plan import split_by_kind
-from ..utils.io import atomic_write_json, atomic_write_text, not_a_link, temp_for
+from ..utils.io import atomic_save_tensors, atomic_write_json, atomic_write_text, not_a_link
 from ..utils.runtime import autocast, fast_dtype, progress_bar, resolve_device
 from .base import generate_arguments
 from .image_condition import ConditionEmbedding, PCAEncoder
@@ -300,7 +300,6 @@ class DiffusionGenerator:
     def save_pretrained(self, folder: str | os.PathLike):
         """`generator.json` + `unet/` (diffusers config.json + safetensors weights), and with
         image conditioning `image_condition.safetensors` (condition embedding + encoder)."""
-        from safetensors.torch import save_file
 
         folder = Path(folder)
         # the UNet's folder as diffusers' save_pretrained lays it out, each file written through
@@ -308,15 +307,11 @@ class DiffusionGenerator:
         unet_dir = not_a_link(folder / "unet")
         unet_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(unet_dir / "config.json", self.unet.to_json_string())
-        tmp = temp_for(unet_dir / "diffusion_pytorch_model.safetensors")
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.unet.state_dict().items()}, tmp,
-                  metadata={"format": "pt"})
-        os.replace(tmp, unet_dir / "diffusion_pytorch_model.safetensors")
+        atomic_save_tensors(unet_dir / "diffusion_pytorch_model.safetensors",
+                            {k: v.detach().cpu().contiguous() for k, v in self.unet.state_dict().items()}, {"format": "pt"})
         if self.condition is not None:
             extra = {k: v.detach().cpu().contiguous() for k, v in self._state().items() if k.split(".")[0] in ("condition", "encoder")}
-            tmp = temp_for(folder / "image_condition.safetensors")
-            save_file(extra, tmp)
-            os.replace(tmp, folder / "image_condition.safetensors")
+            atomic_save_tensors(folder / "image_condition.safetensors", extra)
         atomic_write_json(folder / "generator.json", {
             "config": self.config.key(), "history": self.history, "train_seconds": self.train_seconds,
             "fingerprint": self.fingerprint(),

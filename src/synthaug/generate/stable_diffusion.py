@@ -38,7 +38,7 @@ from ..choices import Dtype
 from ..data.dataset import ImageDataset
 from ..errors import SynthaugError
 from ..plan import split_by_kind
-from ..utils.io import atomic_write_json, temp_for
+from ..utils.io import atomic_save_tensors, atomic_write_json
 from ..utils.runtime import progress_bar, resolve_device
 from .base import generate_arguments
 from .network import SamplerConfig
@@ -205,7 +205,6 @@ class StableDiffusionGenerator(StableDiffusionTraining):
         """`generator.json` (the base pipeline's id or folder, prompts, sizes) and
         `policy.safetensors` (prompt embeddings and LoRA weights); the base weights stay where
         they are."""
-        from safetensors.torch import save_file
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -215,9 +214,7 @@ class StableDiffusionGenerator(StableDiffusionTraining):
 
             state.update({f"lora.{k}": v.detach().cpu().contiguous()
                           for k, v in get_peft_model_state_dict(self.pipe.unet).items()})
-        tmp = temp_for(folder / "policy.safetensors")
-        save_file(state, tmp)
-        os.replace(tmp, folder / "policy.safetensors")
+        atomic_save_tensors(folder / "policy.safetensors", state)
         atomic_write_json(folder / "generator.json", {"kind": KIND, "config": asdict(self.config), "history": self.history,
                                                       "train_seconds": self.train_seconds, "fingerprint": self.fingerprint()})
         self.folder = folder

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import html
 import json
-import os
 import sys
 import tempfile
 import time
@@ -44,7 +43,7 @@ from ..generate.stage import generate_stage, generator_stage
 from ..plan import conditioned_plan
 from ..report import pct
 from ..select.metrics import diversity_ratio, memorization_ratio
-from ..utils.io import atomic_write_json, exclusive, temp_for
+from ..utils.io import atomic_save_tensors, atomic_write_json, exclusive
 from ..utils.keys import key_dict
 from ..utils.paths import check_folder
 from .registry import RecipeResult, register_recipe, train_and_evaluate
@@ -125,7 +124,7 @@ def pseudo_labels(task, config, cache_root: Path, workdir: Path, *, progress: bo
 
 
 def _pseudo_labels(task, config, folder: Path, workdir: Path, *, progress: bool = False) -> dict:
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     if (folder / "done.json").exists():
         try:
@@ -140,12 +139,7 @@ def _pseudo_labels(task, config, folder: Path, workdir: Path, *, progress: bool 
     accuracy = evaluate(result.model, task.test)["accuracy"]
     folder.mkdir(parents=True, exist_ok=True)
     result.model.save_pretrained(folder / "classifier")
-    tmp = temp_for(folder / "labels.safetensors")
-    try:
-        save_file({"labels": labels.contiguous(), "confidence": confidence.contiguous()}, tmp)
-        os.replace(tmp, folder / "labels.safetensors")  # whole: a run stopped mid-write leaves the old file or none
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_save_tensors(folder / "labels.safetensors", {"labels": labels.contiguous(), "confidence": confidence.contiguous()})
     info = {"seed": seed, "test_accuracy": accuracy, "seconds": result.seconds}
     atomic_write_json(folder / "done.json", info)  # last: a folder without it is redone
     return {**info, "labels": labels, "confidence": confidence, "cached": False}

@@ -45,7 +45,7 @@ from ..plan import row_kind, utility_plan
 from ..report import image_row, pct, png, subplots
 from ..select.metrics import diversity_ratio, memorization_ratio
 from ..store import SyntheticStore
-from ..utils.io import atomic_write_json, read_keyed, temp_for
+from ..utils.io import atomic_save_tensors, atomic_write_json, read_keyed
 from ..utils.paths import check_folder
 from ..value import MetaWeightConfig, fit_meta_weighted, utilities
 from .registry import RecipeResult, register_recipe, train_and_evaluate
@@ -244,12 +244,8 @@ def _hist(values: torch.Tensor, bins: int = 20) -> list[int]:
 
 
 def _save_noise(folder: Path, bank: dict[str, torch.Tensor], noise_from: dict[int, list[str]]):
-    from safetensors.torch import save_file
-
-    tmp = temp_for(folder / "noise.safetensors")
-    save_file({k: v.contiguous() for k, v in bank.items()} or {"_empty": torch.zeros(1)}, tmp,
-              metadata={"noise_from": json.dumps(noise_from)})
-    tmp.replace(folder / "noise.safetensors")
+    atomic_save_tensors(folder / "noise.safetensors", {k: v.contiguous() for k, v in bank.items()} or {"_empty": torch.zeros(1)},
+                        {"noise_from": json.dumps(noise_from)})
 
 
 def _load_noise(folder: Path) -> tuple[dict[str, torch.Tensor], dict[int, list[str]]]:

@@ -66,6 +66,21 @@ def atomic_write_text(path: str | os.PathLike, text: str):
     os.replace(tmp, path)
 
 
+def atomic_save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict | None = None):
+    """A safetensors file written whole: through `temp_for`, synced, renamed into place (a write
+    stopped midway leaves the old file or none, and no temporary file)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = temp_for(path)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        _fsync(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def atomic_write_json(path, obj):
     atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
 
@@ -144,16 +159,11 @@ def save_state(folder: str | os.PathLike, state: dict):
     """Save a nested dict of tensors and plain values (state_dicts, counters, history) as one
     `state.safetensors`: the tensors, with the rest as JSON in the file's metadata. One file
     renamed into place, so a checkpoint is either the old one or the new one, never a mix."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _split_tensors(state, "s", tensors)
-    tmp = temp_for(folder / "state.safetensors")
-    save_file(tensors, tmp, metadata={"synthaug_state": json.dumps(skeleton)})
-    _fsync(tmp)
-    os.replace(tmp, folder / "state.safetensors")
+    atomic_save_tensors(folder / "state.safetensors", tensors, {"synthaug_state": json.dumps(skeleton)})
 
 
 def load_state(folder: str | os.PathLike) -> dict | None:
