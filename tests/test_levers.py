@@ -978,3 +978,88 @@ def test_a_run_translates_its_generated_share_and_trains_on_soft_targets(data, t
     assert torch.equal(made[~translated], torch.nn.functional.one_hot(generated.labels[~translated], 3).float())
     info = result.extra["synthetic"]
     assert info["translated"] == int(translated.sum()) and info["translated_target"] == pytest.approx(0.7 ** 0.8)
+
+
+class _ReadsByBrightness(torch.nn.Module):
+    """A stand-in scorer whose reading follows each image's mean brightness m: logits (8m, 0, 8(1 - m)),
+    so the generated stand-ins (all 255) read as class 0 and each real image its own way."""
+
+    @staticmethod
+    def read(x):
+        m = x.flatten(1).mean(1)
+        return torch.stack([8 * m, torch.zeros_like(m), 8 * (1 - m)], 1)
+
+    def forward(self, x):
+        return self.read(x)
+
+
+@pytest.mark.parametrize("control", [False, True])
+def test_relabel_moves_that_share_of_each_added_image_s_target_onto_the_scorer_s_reading(data, tmp_path, monkeypatch,
+                                                                                       control):
+    """Every added image (generated and drawn again; in the real-replay control the replayed
+    ones) trains on (1 - relabel) x its class + relabel x the scorer's softmax of that image;
+    the real split keeps its class alone."""
+    seen, asked = {}, []
+    real_fit = synaug_module.fit_classifier
+
+    def fake_generator_stage(real, config, **kwargs):
+        return type("G", (), {"config": type("C", (), {"num_groups": 0})()})(), {"seconds": 0.0}
+
+    def fake_select_stage(plan, generator, config, store_dir, real, **kwargs):
+        images = torch.full((len(plan), *real.images.shape[1:]), 255, dtype=torch.uint8)
+        return ImageDataset(images, torch.tensor([r["label"] for r in plan]), real.classes), {"seconds": 0.0}
+
+    def spy(train, cfg, **kwargs):
+        seen.update(kwargs, labels=train.labels, images=train.images)
+        return real_fit(train, cfg, **kwargs)
+
+    monkeypatch.setattr(synaug_module, "generator_stage", fake_generator_stage)
+    monkeypatch.setattr(synaug_module, "select_stage", fake_select_stage)
+    monkeypatch.setattr(synaug_module, "fit_classifier", spy)
+    monkeypatch.setattr(synaug_module, "scorer_for",
+                        lambda real, config, folder, **kw: asked.append(folder) or _ReadsByBrightness())
+    config = load_config(None, [*FAST, "synaug.relabel=0.4", f"synaug.replay={str(control).lower()}",
+                                f"synaug.store_dir={tmp_path / 'store'}", f"output_dir={tmp_path}"])
+    task = make_task(data, config.split)
+    result = get_recipe("synaug").run(task, config, workdir=tmp_path / "run")
+    n_real, labels = len(task.train), seen["labels"]
+    soft = seen["soft_targets"]
+    one_hot = torch.nn.functional.one_hot(labels, 3).float()
+    assert torch.equal(soft[:n_real], one_hot[:n_real])  # the real split: its class alone
+    reading = _ReadsByBrightness.read(seen["images"][n_real:].float() / 255).softmax(1)
+    assert len(soft) > n_real and torch.allclose(soft[n_real:], 0.6 * one_hot[n_real:] + 0.4 * reading)
+    assert asked == [tmp_path / "store" / "scorers"]  # select's scorer, kept in the store
+    info = result.extra["synthetic"]["relabel"]
+    added, n_replayed = labels[n_real:], len(result.replayed)
+    on_class = reading[torch.arange(len(added)), added]
+    for kind, part in [("replayed", slice(0, n_replayed))] + ([] if control else [("generated", slice(n_replayed, None))]):
+        assert info[kind]["read_as_class"] == pytest.approx(float((reading[part].argmax(1) == added[part]).float().mean()))
+        assert info[kind]["class_probability"] == pytest.approx(float(on_class[part].mean()))
+    assert ("generated" in info) != control and "unseen" not in info and "relabel" in result.seconds
+    if not control:  # the generated stand-ins (all 255) read as class 0
+        assert info["generated"]["read_as_class"] == pytest.approx(float((added[n_replayed:] == 0).float().mean()))
+
+
+def test_relabel_zero_trains_on_hard_labels_and_is_checked(data, tmp_path, monkeypatch):
+    seen = {}
+    real_fit = synaug_module.fit_classifier
+    monkeypatch.setattr(synaug_module, "fit_classifier", lambda train, cfg, **kw: seen.update(kw) or real_fit(train, cfg, **kw))
+    monkeypatch.setattr(synaug_module, "scorer_for", lambda *a, **kw: pytest.fail("no scorer without relabel"))
+    config = load_config(None, [*FAST, "synaug.replay=true", f"output_dir={tmp_path}"])
+    get_recipe("synaug").run(make_task(data, config.split), config, workdir=tmp_path / "run")
+    assert seen["soft_targets"] is None
+    monkeypatch.undo()  # and with select's real scorer, trained here on the real split and kept beside the store
+    monkeypatch.setattr(synaug_module, "fit_classifier", lambda train, cfg, **kw: seen.update(kw) or real_fit(train, cfg, **kw))
+    config = load_config(None, [*FAST, "synaug.replay=true", "synaug.relabel=0.5", f"synaug.store_dir={tmp_path / 'store'}",
+                                f"output_dir={tmp_path}"])
+    task = make_task(data, config.split)
+    get_recipe("synaug").run(task, config, workdir=tmp_path / "run2")
+    added = seen["soft_targets"][len(task.train):]
+    assert torch.allclose(added.sum(1), torch.ones(len(added))) and added.max(1).values.ge(0.5).all()
+    assert (added < 1).all() and any((tmp_path / "store" / "scorers").glob("*/model.safetensors"))
+    from synthaug.store import check_store_folder
+
+    check_store_folder(tmp_path / "store")  # the folder holding the scorer is a store, which the next run may share
+    for bad in ("-0.1", "1.5"):
+        with pytest.raises(SynthaugError, match=r"synaug.relabel must be in \[0, 1\]"):
+            load_config(None, [f"synaug.relabel={bad}"])

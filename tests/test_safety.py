@@ -681,3 +681,52 @@ def test_a_saved_generator_never_writes_through_a_planted_link(planted, tmp_path
         assert not (folder / planted).is_symlink()
         back = DiffusionGenerator.from_pretrained(folder, device="cpu")
         assert all(torch.equal(v, back.unet.state_dict()[k]) for k, v in gen.unet.state_dict().items())
+
+
+def test_a_link_planted_at_the_store_s_job_folder_is_refused_not_followed_nor_emptied(tmp_path):
+    """The parallel executors empty and refill `<store>/.job`: a link planted there is refused in one
+    line (it had ended in a traceback), and what it points at is neither emptied nor written."""
+    from synthaug.generate.diffusion import DiffusionGenerator
+    from synthaug.generate.executors import JOB_DIR, write_job
+    from synthaug.generate.network import GeneratorConfig, SamplerConfig
+
+    outside = victim(tmp_path, "notes.txt")
+    store = SyntheticStore(tmp_path / "store", ["a", "b"])
+    store.fill(rows(["ok"]), gray)
+    (store.root / JOB_DIR).symlink_to(outside, target_is_directory=True)
+    gen = DiffusionGenerator(GeneratorConfig(image_size=8, channels=1, classes=["a", "b"], preset="tiny"))
+    with pytest.raises(SynthaugError, match="is a link, not a file synthaug wrote"):
+        write_job(store, rows(["ok", "more"]), gen, SamplerConfig(), None, provenance={}, shard_size=4)
+    assert sorted(p.name for p in outside.iterdir()) == ["notes.txt", "thesis.png"]
+    assert (outside / "notes.txt").read_text() == "mine"
+
+
+def test_a_store_made_at_another_guidance_is_refused_before_the_generator_trains(sandbox, capsys, monkeypatch):
+    """The sampler's settings are known before the generator: a store that holds this plan's rows made
+    at another guidance is refused by the run's checks, not once a generator has trained for it."""
+    from synthaug.config import load_config
+    from synthaug.data import load_dataset
+    from synthaug.generate.cache import sampler_config
+    from synthaug.plan import balance_plan
+    from synthaug.recipes.synaug import split_replay
+    from synthaug.task import make_task
+
+    store_dir = sandbox / "store"
+    args = ["data.dataset=digits", "split.ratio=5", "train.epochs=1", "recipe=synaug", "output_dir=runs",
+            f"synaug.store_dir={store_dir}", "generator.preset=tiny", "generator.steps=2"]
+    config = load_config(None, args)
+    task = make_task(load_dataset("digits"), config.split)
+    plan = balance_plan(task.train, seed=config.generator.plan_seed)
+    made = split_replay(plan, config.synaug.replay_share, task.train)[1][:3]
+    sampling = sampler_config(config.generator)
+    SyntheticStore(store_dir, task.train.classes).fill(
+        made, lambda r: torch.zeros((len(r), 1, 8, 8), dtype=torch.uint8),
+        provenance={"generator": "0" * 16, "guidance_scale": 2.0, "sampler": f"{sampling.sampler}/{sampling.steps}"})
+    before = {p: p.stat().st_mtime_ns for p in store_dir.rglob("*")}
+    code, _, err = run_cli(["run", *(a for arg in args for a in ("-s", arg)), "--quiet"], capsys, monkeypatch)
+    assert code == 2 and f"holds '{made[0]['id']}' made with guidance_scale 2.0, not 3.0" in err, err
+    assert len(err.strip().splitlines()) == 1 and not any((sandbox / "work" / "runs").iterdir()) and intact(sandbox)
+    assert {p: p.stat().st_mtime_ns for p in store_dir.rglob("*")} == before
+    from synthaug.recipes import synaug
+
+    synaug.check(task, load_config(None, [*args, "generator.guidance_scale=2"]))  # the store's own guidance passes

@@ -253,17 +253,7 @@ class SyntheticStore:
             check_name(shard, "shard name")
             self.split_dir.mkdir(parents=True, exist_ok=True)
         metadata_file = self.metadata_file if shard is None else self.split_dir / f"metadata-{shard}.jsonl"
-        existing = {r["id"]: r for r in self.rows()}
-        # a stored row is reused only if it was made the same way: the plan row's own fields (label,
-        # seed, source, strength, ...) and `provenance` (generator, sampler, ...) must match
-        for r in plan:
-            made = existing.get(r["id"])
-            if made is None:
-                continue
-            for key, value in [*r.items(), *(provenance or {}).items()]:
-                if key in made and json.loads(json.dumps(value)) != made[key]:
-                    raise SynthaugError(f"store '{self.root}' holds '{r['id']}' made with {key} {made[key]}, not {value}: "
-                                        f"use another store folder for this {key}")
+        existing = self.check_made(plan, provenance or {})
         todo = [r for r in plan if r["id"] not in existing]
         written = 0
         with progress_bar(progress) as bar:
@@ -283,6 +273,22 @@ class SyntheticStore:
                 written += len(rows)
                 bar.advance(task, len(rows))
         return written
+
+    def check_made(self, plan: list[dict], provenance: dict) -> dict[str, dict]:
+        """Raise (one line) where the store holds a plan row's id made another way: a stored row is
+        reused only if the plan row's own fields (label, seed, source, strength, ...) and `provenance`
+        (generator, sampler, ...) match it, where it records them. Returns the stored rows by id.
+        Reads only: a recipe's check calls it with the provenance known before the generator exists."""
+        existing = {r["id"]: r for r in self.rows()}
+        for r in plan:
+            made = existing.get(r["id"])
+            if made is None:
+                continue
+            for key, value in [*r.items(), *provenance.items()]:
+                if key in made and json.loads(json.dumps(value)) != made[key]:
+                    raise SynthaugError(f"store '{self.root}' holds '{r['id']}' made with {key} {made[key]}, not {value}: "
+                                        f"use another store folder for this {key}")
+        return existing
 
     def set_scores(self, scores: dict[str, dict]):
         """Merge per-image scores (`{id: {"utility_r1": 0.8, ...}}`) into the rows' `scores`

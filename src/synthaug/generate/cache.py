@@ -189,15 +189,31 @@ def check_generator(section, data: ImageDataset, *, image_embed_dim: int = 0, gr
 
 def provenance(generator: Generator, sampling: SamplerConfig) -> dict:
     """What made an image, as recorded in a store's metadata (a store refuses rows made otherwise)."""
-    made = {"generator": generator.fingerprint(), "guidance_scale": sampling.guidance_scale,
-            "sampler": f"{sampling.sampler}/{sampling.steps}"}
+    return {"generator": generator.fingerprint(), **sampling_provenance(sampling, generator.kind)}
+
+
+def sampling_provenance(sampling: SamplerConfig, kind: str | None) -> dict:
+    """`provenance` less the generator's fingerprint: how a generator of `kind` samples (None:
+    not known yet, so the arithmetic, which only the embedded generator records, is left out)."""
+    made = {"guidance_scale": sampling.guidance_scale, "sampler": f"{sampling.sampler}/{sampling.steps}"}
     # the UNet's arithmetic when not float32 (float32 stores keep their rows; Stable Diffusion
     # computes in its own generator.dtype)
-    if sampling.precision != "float32" and generator.kind == "embedded":
+    if sampling.precision != "float32" and kind == "embedded":
         made["precision"] = sampling.precision
     if sampling.group_guidance_scale is not None:  # added later: stores made before keep their rows
         made["group_guidance_scale"] = sampling.group_guidance_scale
     return made
+
+
+def check_store_made(store_dir, classes: list[str], plan: list[dict], section, device: str = "auto"):
+    """Fail, before the generator is trained, where the store at `store_dir` (if it is one) holds
+    one of `plan`'s rows made another way than this run would (the rows' fields, the sampler's
+    settings; the generator's fingerprint is checked once it exists). Reads only."""
+    from ..store import SyntheticStore, is_store
+
+    if store_dir and is_store(store_dir):
+        kind = generator_kind(section) if not section.path else None  # a saved generator's kind: known once loaded
+        SyntheticStore(store_dir, classes).check_made(plan, sampling_provenance(sampler_config(section, device), kind))
 
 
 @register_generator(SD_KIND, load=StableDiffusionGenerator.from_pretrained)

@@ -34,7 +34,7 @@ import torch
 from ..data.dataset import ImageDataset
 from ..errors import SynthaugError
 from ..store import SyntheticStore
-from ..utils.io import atomic_write_json
+from ..utils.io import atomic_save_tensors, atomic_write_json, atomic_write_text, not_a_link
 from ..utils.registry import Registry
 from ..utils.runtime import progress_bar
 from .network import SamplerConfig
@@ -87,17 +87,15 @@ def write_job(store: SyntheticStore, plan: list[dict], generator, sampling: Samp
     store.repair()  # nobody else is writing now
     done = store.done_ids()
     todo = [r for r in plan if r["id"] not in done]
-    folder = store.root / JOB_DIR
+    folder = not_a_link(store.root / JOB_DIR)  # the store's own: a link planted there is neither followed nor removed
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     generator.save_pretrained(folder / "generator")
     needs_sources = any(r.get("source") is not None or r.get("sources") is not None for r in todo)
     if needs_sources:
-        from safetensors.torch import save_file
-
-        save_file({"images": sources.images.contiguous(), "labels": sources.labels.contiguous()}, folder / "sources.safetensors")
-    with open(folder / "rows.jsonl", "w") as f:
-        f.write("".join(json.dumps(r) + "\n" for r in todo))
+        atomic_save_tensors(folder / "sources.safetensors",
+                            {"images": sources.images.contiguous(), "labels": sources.labels.contiguous()})
+    atomic_write_text(folder / "rows.jsonl", "".join(json.dumps(r) + "\n" for r in todo))
     shards = (len(todo) + shard_size - 1) // shard_size
     atomic_write_json(folder / "job.json", {
         "store": str(store.root.resolve()), "classes": store.classes, "sampling": asdict(sampling), "provenance": provenance,

@@ -28,6 +28,13 @@ measures what this use of added images could gain with images as good as real on
 augmentation (AdaInf: generated images want a weaker one than real images). `translate` makes that share of
 each cell's generated images by translating a real image of another class into the cell's class (Diff-Mix,
 `plan.translated_rows`), labelled strength^`translate_gamma` on the class and the rest on the source's.
+`relabel` puts that share of each added image's target on how select's scorer reads it (`scorer_for`: Balanced
+Softmax on the real split, whose softmax is the balanced posterior; with groups, cross-entropy on cell-balanced batches)
+and the rest on its target: an added image that looks like another class is not taught as its own (knowledge
+distillation's soft targets, Hinton et al. 2015; DBG relabels its pushed images so). It applies to every added image;
+the scorer trained on the replayed images and reads them almost as their class, so for a control of the same targets
+on images it never saw, relabel the unseen control. On a translated image it can leave the source's share above its
+class's (the sampler still draws it as its class).
 """
 
 from __future__ import annotations
@@ -42,14 +49,16 @@ import torch
 import torch.nn.functional as F
 
 from ..classify import evaluate, fit_classifier, refit_head
+from ..classify.evaluate import predict_logits
 from ..config import register_section
 from ..data import concat
 from ..errors import SynthaugError
-from ..generate.cache import check_generator
+from ..generate.cache import check_generator, check_store_made
 from ..generate.stage import generator_stage
 from ..plan import balance_plan, plan_cells, translated_rows, translation_targets
 from ..select.metrics import diversity_ratio, memorization_ratio
-from ..select.stage import select_stage, stage_seconds
+from ..select.stage import scorer_for, select_stage, stage_seconds
+from ..store import SyntheticStore
 from ..utils.paths import check_folder
 from .registry import RecipeResult, classifier_inputs, register_recipe
 
@@ -63,7 +72,7 @@ class SynaugSection:
     # change the generated images
     ADDED: ClassVar[dict[str, object]] = {"replay_share": 0.0, "synthetic_augment": "same", "translate": 0.0,
                                           "translate_strength": 0.7, "translate_gamma": 0.8, "fill": 1.0,
-                                          "unseen": False}  # options added since,
+                                          "unseen": False, "relabel": 0.0}  # options added since,
     # at their former values
 
     target_per_class: int | None = None  # images per class after filling (default: the largest class)
@@ -88,6 +97,7 @@ class SynaugSection:
     translate: float = 0.0  # the share of each cell's generated images translated from a real image of another class
     translate_strength: float | list = 0.7  # their SDEdit strength: a number or [low, high] (Diff-Mix's long tail: 0.7)
     translate_gamma: float = 0.8  # their target: strength^gamma on the class, the rest on the source's (0: the class alone)
+    relabel: float = 0.0  # the share of each added image's target on the scorer's reading of it, the rest on its class
 
     def image_keys(self) -> tuple[str, ...]:
         """`IMAGE_KEYS` less the ones these settings leave inert (a strength with nothing translated)."""
@@ -117,6 +127,8 @@ class SynaugSection:
 
         if not 0 <= self.translate <= 1:
             raise SynthaugError(f"synaug.translate must be in [0, 1] (0: no translation), got {self.translate}")
+        if not 0 <= self.relabel <= 1:
+            raise SynthaugError(f"synaug.relabel must be in [0, 1] (0: each added image's class alone), got {self.relabel}")
         low, _ = strength_range(self.translate_strength, "synaug.translate_strength")
         if not 0 <= self.translate_gamma < float("inf"):
             raise SynthaugError(f"synaug.translate_gamma must be a finite number >= 0, got {self.translate_gamma}")
@@ -157,6 +169,11 @@ def check(task, config):
                     seed=config.generator.plan_seed)
     elif not config.synaug.replay and config.synaug.replay_share < 1:
         check_generator(config.generator, task.train, groups=by_group)
+        to_generate = split_replay(plan, config.synaug.replay_share, task.train)[1]
+        if config.synaug.translate:
+            to_generate = translated_rows(to_generate, task.train, share=config.synaug.translate,
+                                          strength=config.synaug.translate_strength, seed=config.generator.plan_seed)
+        check_store_made(config.synaug.store_dir, task.train.classes, to_generate, config.generator, config.train.device)
 
 
 def split_replay(plan: list[dict], share: float, real=None) -> tuple[list[dict], list[dict]]:
@@ -193,6 +210,27 @@ def replay(real, plan: list[dict]):
     return real.subset(torch.tensor(picks, dtype=torch.long))
 
 
+def relabelled(targets: torch.Tensor, added, real, config, store_dir: Path, *, parts: dict[str, int],
+               progress: bool = False) -> tuple[torch.Tensor, dict]:
+    """`targets` of the `added` images with `synaug.relabel` of each moved onto the scorer's
+    reading of the image (its softmax), and how the scorer read each of `parts` (`{kind: count}`,
+    in `added`'s order): the share it reads as their class and its mean probability of it."""
+    SyntheticStore(store_dir, real.classes).claim()  # the scorer is kept in the store: one even where nothing is generated
+    scorer = scorer_for(real, config, store_dir / "scorers", progress=progress)
+    reading = predict_logits(scorer, added.images).float().softmax(1).cpu()
+    share = config.synaug.relabel
+    on_class = reading[torch.arange(len(added)), added.labels]
+    agrees = reading.argmax(1) == added.labels
+    info, start = {"relabel": share}, 0
+    for kind, count in parts.items():
+        if count:
+            part = slice(start, start + count)
+            info[kind] = {"read_as_class": float(agrees[part].float().mean()),
+                          "class_probability": float(on_class[part].mean())}
+            start += count
+    return (1 - share) * targets + share * reading, info
+
+
 def draw_unseen(pool, plan: list[dict], *, seed: int):
     """The perfect-generator control: for each plan row, a real image of its class (and group)
     from `pool`, the images the split left out (`Task.unseen`); a cell whose group the pool lacks
@@ -222,6 +260,7 @@ def draw_unseen(pool, plan: list[dict], *, seed: int):
 def synaug(task, config, *, workdir=None, progress=False, trained=None) -> RecipeResult:
     opts, seconds = config.synaug, {}
     workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="synthaug-"))
+    store_dir = Path(opts.store_dir) if opts.store_dir else workdir / "synthetic"
     real = task.train
     by_group = opts.balance_groups and real.groups is not None
 
@@ -251,7 +290,6 @@ def synaug(task, config, *, workdir=None, progress=False, trained=None) -> Recip
         if by_group and generator.config.num_groups == 0:
             raise SynthaugError("the generator is not conditioned on groups: train one on this split or set "
                                 "synaug.balance_groups=false")
-        store_dir = Path(opts.store_dir) if opts.store_dir else workdir / "synthetic"
         generated, synthetic_info = select_stage(to_generate, generator, config, store_dir, real, progress=progress)
         seconds.update(stage_seconds(synthetic_info))
         synthetic_info["replayed"] = len(replayed)
@@ -269,8 +307,17 @@ def synaug(task, config, *, workdir=None, progress=False, trained=None) -> Recip
     domains = torch.cat([torch.zeros(len(real)), torch.ones(len(added))]).long()
     weights = torch.cat([torch.ones(len(real)), torch.full((len(added),), opts.synthetic_weight)])
     soft = None
-    if targets is not None:  # real and replayed images: their class alone
-        soft = torch.cat([F.one_hot(torch.cat([real.labels, replayed.labels]), real.num_classes).float(), targets])
+    if targets is not None or (opts.relabel and len(added)):  # else every image's class alone
+        soft = F.one_hot(data.labels, real.num_classes).float()
+        if targets is not None:  # the translated images' (generated come last)
+            soft[len(data) - len(targets):] = targets
+        if opts.relabel and len(added):
+            t0 = time.perf_counter()
+            parts = {kind: len(d) if d is not None else 0
+                     for kind, d in (("replayed", replayed), ("unseen", unseen), ("generated", generated))}
+            soft[len(real):], synthetic_info["relabel"] = relabelled(soft[len(real):], added, real, config, store_dir,
+                                                                     parts=parts, progress=progress)
+            seconds["relabel"] = time.perf_counter() - t0
     train_cfg = config.train
     if opts.domain_mixup:
         train_cfg = replace(train_cfg, mix="domain-mixup", mix_alpha=opts.mix_alpha, mix_prob=opts.mix_prob)
