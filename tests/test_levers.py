@@ -1063,3 +1063,17 @@ def test_relabel_zero_trains_on_hard_labels_and_is_checked(data, tmp_path, monke
     for bad in ("-0.1", "1.5"):
         with pytest.raises(SynthaugError, match=r"synaug.relabel must be in \[0, 1\]"):
             load_config(None, [f"synaug.relabel={bad}"])
+
+
+@pytest.mark.parametrize("layout", ["false", "true"])
+def test_the_scorer_reads_alike_fresh_and_loaded_so_a_relabelled_run_resumes(tmp_path, layout):
+    """The relabelled targets are hashed into the training's checkpoint key: a run resumed after the
+    scorer was saved loads it, and must read the images bit for bit as the run that trained it."""
+    from synthaug.classify.evaluate import predict_logits
+    from synthaug.select.stage import scorer_for
+
+    ds = make_dataset()
+    config = load_config(None, ["train.epochs=2", "train.batch_size=16", f"train.channels_last={layout}"])
+    fresh = predict_logits(scorer_for(ds, config, tmp_path), ds.images)
+    assert len(list(tmp_path.glob("*/model.safetensors"))) == 1
+    assert torch.equal(predict_logits(scorer_for(ds, config, tmp_path), ds.images), fresh)
