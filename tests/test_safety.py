@@ -701,32 +701,38 @@ def test_a_link_planted_at_the_store_s_job_folder_is_refused_not_followed_nor_em
     assert (outside / "notes.txt").read_text() == "mine"
 
 
-def test_a_store_made_at_another_guidance_is_refused_before_the_generator_trains(sandbox, capsys, monkeypatch):
+@pytest.mark.parametrize("recipe", ["synaug", "augcond"])
+def test_a_store_made_at_another_guidance_is_refused_before_the_generator_trains(recipe, sandbox, capsys, monkeypatch):
     """The sampler's settings are known before the generator: a store that holds this plan's rows made
     at another guidance is refused by the run's checks, not once a generator has trained for it."""
     from synthaug.config import load_config
     from synthaug.data import load_dataset
     from synthaug.generate.cache import sampler_config
     from synthaug.plan import balance_plan
+    from synthaug.recipes import get_recipe
+    from synthaug.recipes.augcond import plan_of
     from synthaug.recipes.synaug import split_replay
     from synthaug.task import make_task
 
     store_dir = sandbox / "store"
-    args = ["data.dataset=digits", "split.ratio=5", "train.epochs=1", "recipe=synaug", "output_dir=runs",
-            f"synaug.store_dir={store_dir}", "generator.preset=tiny", "generator.steps=2"]
+    split = {"synaug": ["split.ratio=5"], "augcond": ["split.kind=few-shot", "split.k=5", "augcond.expand=3",
+                                                     "augcond.embed_dim=8"]}[recipe]
+    args = ["data.dataset=digits", *split, "train.epochs=1", f"recipe={recipe}", "output_dir=runs",
+            f"{recipe}.store_dir={store_dir}", "generator.preset=tiny", "generator.steps=2"]
     config = load_config(None, args)
     task = make_task(load_dataset("digits"), config.split)
-    plan = balance_plan(task.train, seed=config.generator.plan_seed)
-    made = split_replay(plan, config.synaug.replay_share, task.train)[1][:3]
-    sampling = sampler_config(config.generator)
+    if recipe == "synaug":
+        plan = split_replay(balance_plan(task.train, seed=config.generator.plan_seed), config.synaug.replay_share, task.train)[1]
+    else:
+        plan = plan_of(task, config)
+    made, sampling = plan[:3], sampler_config(config.generator)
     SyntheticStore(store_dir, task.train.classes).fill(
         made, lambda r: torch.zeros((len(r), 1, 8, 8), dtype=torch.uint8),
         provenance={"generator": "0" * 16, "guidance_scale": 2.0, "sampler": f"{sampling.sampler}/{sampling.steps}"})
     before = {p: p.stat().st_mtime_ns for p in store_dir.rglob("*")}
     code, _, err = run_cli(["run", *(a for arg in args for a in ("-s", arg)), "--quiet"], capsys, monkeypatch)
-    assert code == 2 and f"holds '{made[0]['id']}' made with guidance_scale 2.0, not 3.0" in err, err
+    want = f"holds '{made[0]['id']}' made with guidance_scale 2.0, not {sampling.guidance_scale}"
+    assert code == 2 and want in err, err
     assert len(err.strip().splitlines()) == 1 and not any((sandbox / "work" / "runs").iterdir()) and intact(sandbox)
     assert {p: p.stat().st_mtime_ns for p in store_dir.rglob("*")} == before
-    from synthaug.recipes import synaug
-
-    synaug.check(task, load_config(None, [*args, "generator.guidance_scale=2"]))  # the store's own guidance passes
+    get_recipe(recipe).check(task, load_config(None, [*args, "generator.guidance_scale=2"]))  # the store's own passes

@@ -24,7 +24,7 @@ from ..choices import Operator
 from ..config import register_section
 from ..data import ImageDataset, concat
 from ..errors import SynthaugError
-from ..generate.cache import check_generator
+from ..generate.cache import check_generator, check_store_made
 from ..generate.stage import generator_stage
 from ..plan import conditioned_plan
 from ..report import png, show, subplots
@@ -63,10 +63,18 @@ def target_count(task, config) -> int:
     return target
 
 
+def plan_of(task, config) -> list[dict]:
+    """The rows to generate: each class expanded to the target, each row conditioned on real images."""
+    opts = config.augcond
+    return conditioned_plan(task.train, target_per_class=target_count(task, config), mode=opts.mode,
+                            seed=config.generator.plan_seed, dropout=opts.dropout)
+
+
 def check(task, config):
-    """Fail on an impossible plan or generator before anything is written."""
-    target_count(task, config)
+    """Fail on an impossible plan, generator or store before anything is written."""
+    plan = plan_of(task, config)
     check_generator(config.generator, task.train, image_embed_dim=config.augcond.embed_dim)
+    check_store_made(config.augcond.store_dir, task.train.classes, plan, config.generator, config.train.device)
 
 
 # ---------------------------------------------------------------------------- report
@@ -124,8 +132,7 @@ def augcond(task, config, *, workdir=None, progress=False, trained=None) -> Reci
     seconds["generator"] = generator_info.pop("seconds")
 
     # 2-3. plan and generate
-    plan = conditioned_plan(real, target_per_class=target_count(task, config), mode=opts.mode, seed=config.generator.plan_seed,
-                            dropout=opts.dropout)
+    plan = plan_of(task, config)
     store_dir = Path(opts.store_dir) if opts.store_dir else workdir / "synthetic"
     synthetic, synthetic_info = select_stage(plan, generator, config, store_dir, real, progress=progress)
     seconds.update(stage_seconds(synthetic_info))
