@@ -141,8 +141,7 @@ class SynaugSection:
 def check(task, config):
     """Fail on an impossible plan or generator before anything is written."""
     by_group = config.synaug.balance_groups and task.train.groups is not None
-    plan = balance_plan(task.train, target_per_class=config.synaug.target_per_class, by_group=by_group,
-                        seed=config.generator.plan_seed, fill=config.synaug.fill)
+    to_generate = planned(task.train, config)[1]  # an impossible plan fails here
     if by_group and config.synaug.refit_head and config.synaug.refit_per_class == "all":
         raise SynthaugError("synaug.refit_per_class=all re-fits the head on the real data as it is, where the group "
                             "predicts the class: use 'min' or a number (each (class, group) cell cut to that count)")
@@ -165,15 +164,23 @@ def check(task, config):
         if config.synaug.translate:
             raise SynthaugError("synaug.translate translates generated images and synaug.unseen generates none: set "
                                 "synaug.translate=0 or synaug.unseen=false")
-        draw_unseen(task.unseen(), split_replay(plan, config.synaug.replay_share, task.train)[1],
-                    seed=config.generator.plan_seed)
+        draw_unseen(task.unseen(), to_generate, seed=config.generator.plan_seed)
     elif not config.synaug.replay and config.synaug.replay_share < 1:
         check_generator(config.generator, task.train, groups=by_group)
-        to_generate = split_replay(plan, config.synaug.replay_share, task.train)[1]
-        if config.synaug.translate:
-            to_generate = translated_rows(to_generate, task.train, share=config.synaug.translate,
-                                          strength=config.synaug.translate_strength, seed=config.generator.plan_seed)
         check_store_made(config.synaug.store_dir, task.train.classes, to_generate, config.generator, config.train.device)
+
+
+def planned(real, config) -> tuple[list[dict], list[dict]]:
+    """The plan's rows to fill with real images drawn again and the rows to generate (a share of
+    them translated from another class's image, with `translate`)."""
+    opts = config.synaug
+    plan = balance_plan(real, target_per_class=opts.target_per_class, by_group=opts.balance_groups and real.groups is not None,
+                        seed=config.generator.plan_seed, fill=opts.fill)
+    to_replay, to_generate = (plan, []) if opts.replay else split_replay(plan, opts.replay_share, real)
+    if opts.translate:
+        to_generate = translated_rows(to_generate, real, share=opts.translate, strength=opts.translate_strength,
+                                      seed=config.generator.plan_seed)
+    return to_replay, to_generate
 
 
 def split_replay(plan: list[dict], share: float, real=None) -> tuple[list[dict], list[dict]]:
@@ -265,12 +272,7 @@ def synaug(task, config, *, workdir=None, progress=False, trained=None) -> Recip
     by_group = opts.balance_groups and real.groups is not None
 
     # 1. generator (trained on the real training split, or cached / given), plan, generate
-    plan = balance_plan(real, target_per_class=opts.target_per_class, by_group=by_group, seed=config.generator.plan_seed,
-                        fill=opts.fill)
-    to_replay, to_generate = (plan, []) if opts.replay else split_replay(plan, opts.replay_share, real)
-    if opts.translate:
-        to_generate = translated_rows(to_generate, real, share=opts.translate, strength=opts.translate_strength,
-                                      seed=config.generator.plan_seed)
+    to_replay, to_generate = planned(real, config)
     replayed, generated, targets = replay(real, to_replay), None, None  # real images drawn again (the control, or the share)
     unseen = None
     # the perfect-generator control: real images the run never sees in place of generated ones (with nothing
