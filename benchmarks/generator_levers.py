@@ -11,7 +11,8 @@ one change: square-root or class-balanced sampling of its training images, Min-S
 weighting, CBDM's regulariser (tau 1), an EMA half-life of 10% of the run, twice the steps,
 the base preset's network (alone, and on Min-SNR), the Min-SNR generator sampled at a lower
 classifier-free guidance (2 and 1.5; the same trained generator), and the Min-SNR generator trained
-with non-leaking augmentation (`generator.augment`), at 800 steps and, beside Min-SNR alone, at 2,400.
+with non-leaking augmentation (`generator.augment`), at 800 steps and, beside Min-SNR alone, at 2,400, and
+the Min-SNR generator sampled with feedback guidance (`generator.feedback`, select's scorer guiding).
 Each draws the same labels and seeds (`--per-class` per class) and is measured against a
 classifier trained on the full balanced real training set (the oracle): the share of images
 it recognises, overall and on the tail (the few-shot classes, under 4% of the largest), the
@@ -46,10 +47,12 @@ from synthaug.data.splits import shot_thresholds
 from synthaug.generate.cache import generator_for, sampler_config
 from synthaug.select.features import classifier_features
 from synthaug.select.metrics import diversity_ratio, frechet_distance, memorization_ratio
+from synthaug.select.stage import scorer_for
 from synthaug.task import make_task
 
 SETTING = ["data.dataset=mnist-5k", "split.kind=long-tail", "split.ratio=50", "train.epochs=30",
            "generator.steps=800", "generator.sampling_steps=10", "generator.min_snr_gamma=0"]
+GUIDE = ["train.precision=float32", "select.scorer_epochs=107"]  # the guiding scorer's training (feedback rows)
 LEVERS = {
     "today": [],  # the plain loss: synthaug's generator before these rows made Min-SNR its default
     "sqrt class sampling": ["generator.class_sampler=sqrt"],
@@ -72,6 +75,10 @@ LEVERS = {
     "Min-SNR gamma 5, 3x steps (2400)": ["generator.min_snr_gamma=5", "generator.steps=2400"],
     "Min-SNR gamma 5, augment 0.12, 3x steps (2400)": ["generator.min_snr_gamma=5", "generator.augment=0.12",
                                                        "generator.steps=2400"],
+    # feedback guidance (session 53) on the Min-SNR generator, as the longtail rows guide it: select's scorer (Balanced
+    # Softmax on the real split, float32, 107 epochs = 960 steps) at the generator's seed climbs its reading's entropy
+    "Min-SNR gamma 5, feedback 0.03": ["generator.min_snr_gamma=5", "generator.feedback=0.03", *GUIDE],
+    "Min-SNR gamma 5, feedback 0.1": ["generator.min_snr_gamma=5", "generator.feedback=0.1", *GUIDE],
 }
 RESULTS = HERE / "results" / "generator_levers.jsonl"
 
@@ -83,8 +90,12 @@ def measure(lever: str, seed: int, args, oracle, task, env) -> dict:
         cache = cache / hashlib.sha256(env["machine"].encode()).hexdigest()[:12]
     generator, made = generator_for(task.train, config.generator, cache_root=cache, progress=True)
     labels = torch.arange(task.train.num_classes).repeat_interleave(args.per_class)
-    t0 = time.perf_counter()
-    images = generator.generate(labels, list(range(len(labels))), sampler=sampler_config(config.generator), progress=True)
+    guide = None
+    if config.generator.feedback:  # select's scorer at the generator's seed, as generate_stage asks for it
+        guide = scorer_for(task.train, config, HERE / "results" / "cache" / "scorers", seed=seed, progress=True)
+    t0 = time.perf_counter()  # the sampling alone
+    images = generator.generate(labels, list(range(len(labels))), sampler=sampler_config(config.generator), guide=guide,
+                                progress=True)
     seconds = time.perf_counter() - t0
     synthetic = ImageDataset(images, labels, classes=task.train.classes)
     counts = task.train.class_counts()

@@ -592,6 +592,24 @@ def test_a_selection_of_the_plan_itself_shares_the_unselected_store(tmp_path):
     assert stores["filtered"] == stores["synaug"] != stores["overgenerated"]
 
 
+def test_feedback_guided_rows_share_a_store_only_where_their_guide_trains_alike(tmp_path):
+    """Feedback guidance's images depend on the scorer that guides them, so on the training
+    settings and select.scorer_epochs: the classifier seeds share one store, a row that trains
+    otherwise gets its own, and at feedback 0 the store is the one it always was."""
+    from synthaug.bench.suite import with_locations
+
+    text = TWO_BASELINES.replace("  balanced-softmax: [recipe=balanced-softmax]\n", (
+        "  synaug: [recipe=synaug]\n  unguided: [recipe=synaug, generator.feedback=0, select.scorer_epochs=3]\n"
+        "  guided: [recipe=synaug, generator.feedback=0.1]\n"
+        "  longer: [recipe=synaug, generator.feedback=0.1, select.scorer_epochs=3]\n"
+        "  lr: [recipe=synaug, generator.feedback=0.1, train.lr=0.01]\n"))
+    cells = [c for c in load_suite(str(_suite(tmp_path, text))).cells_ if c.recipe != "ce"]
+    stores = {(c.recipe, c.seed): with_locations(c, tmp_path).synaug.store_dir for c in cells}
+    assert stores[("guided", 0)] == stores[("guided", 1)]
+    assert stores[("synaug", 0)] == stores[("unguided", 0)]
+    assert len({stores[(r, 0)] for r in ("synaug", "guided", "longer", "lr")}) == 4
+
+
 def test_an_option_added_since_keeps_the_stores_of_rows_that_leave_it_at_its_former_value(tmp_path):
     """SYNAuG's translation changes the images, so it names another store; left at its former
     value (off, strength 0.7) the store is the one cells measured before it existed, and a

@@ -18,6 +18,7 @@ GroupGuidance = Literal["joint", "composed"]  # how a group-conditioned generato
 # arithmetic of the embedded generator and the classifier; auto: bfloat16 where the hardware
 # computes it natively (utils/runtime.fast_dtype), else float32
 Precision = Literal["auto", "float32", "bfloat16"]
+FeedbackCriterion = Literal["entropy", "loss"]  # feedback guidance: what the sampler climbs (generate/feedback.py)
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]  # Stable Diffusion's weights
 Operator = Literal["image", "dropout", "mixup", "cutmix", "embed-mixup", "embed-cutmix", "embed-cutmix-dropout",
                    "label-only"]  # AugCond's conditioning operators

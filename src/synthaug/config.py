@@ -23,6 +23,7 @@ import yaml
 from .choices import (
     ClassSampler,
     Dtype,
+    FeedbackCriterion,
     GroupSamplerChoice,
     Pairing,
     Precision,
@@ -138,7 +139,8 @@ class GeneratorSection:
 
     # options added later, with the values generators had before them: left out of cache keys (trained
     # generators, shared stores) at those (utils/keys.py); the training's own list, and sampling's
-    ADDED: ClassVar[dict[str, object]] = {**GeneratorTrainConfig.ADDED, "group_guidance_scale": None}
+    ADDED: ClassVar[dict[str, object]] = {**GeneratorTrainConfig.ADDED, "group_guidance_scale": None, "feedback": 0.0,
+                                          "feedback_criterion": "entropy", "feedback_every": 1}
 
     path: str | None = None  # a folder written by save_pretrained: use it instead of training one
     # embedded, stable-diffusion or a registered kind (generate/cache.py); auto: stable-diffusion with pretrained
@@ -174,6 +176,12 @@ class GeneratorSection:
     # guidance_scale (default: guidance_scale for both; 0: the class's guidance alone)
     group_guidance_scale: float | None = None
     sampling_batch_size: int = 128
+    # > 0: feedback guidance (Askari-Hemmat et al. 2024; generate/feedback.py): each sampling step (every
+    # feedback_every-th) moves x_t by this share of its norm up the criterion (entropy or loss) of select's scorer,
+    # towards images it finds hard (the paper's code: 0.03, entropy); the embedded generator, local executor
+    feedback: float = 0.0
+    feedback_criterion: FeedbackCriterion = "entropy"
+    feedback_every: int = 1
     # the embedded generator's arithmetic in training and sampling: auto is bfloat16 autocast where
     # the hardware computes it natively (a CPU with AVX512-BF16 or AMX, a recent GPU), else float32
     precision: Precision = "auto"
@@ -223,6 +231,9 @@ class GeneratorSection:
         if self.group_guidance_scale is not None and self.group_guidance_scale < 0:
             raise SynthaugError(f"generator.group_guidance_scale must be >= 0 (0: the class's guidance alone), "
                                 f"got {self.group_guidance_scale}")
+        if not 0 <= self.feedback < float("inf") or self.feedback_every < 1:
+            raise SynthaugError(f"generator.feedback must be a finite number >= 0 (0: off) and generator.feedback_every "
+                                f">= 1, got {self.feedback} and {self.feedback_every}")
         if self.path and self.pretrained:
             raise SynthaugError("set generator.path (a saved generator) or generator.pretrained (a Stable Diffusion "
                                 "pipeline), not both")

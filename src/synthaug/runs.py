@@ -65,6 +65,11 @@ def preflight(config: RunConfig, baselines: list[str] = ()):
         raise SynthaugError(f"recipe {config.recipe} makes no synthetic images, so validate.enabled would do nothing: "
                             f"use one of {able}, or set validate.enabled=false")
     GENERATORS.lookup(generator_kind(config.generator))
+    if config.generator.feedback:
+        from .generate.cache import saved_kind
+
+        path = config.generator.path  # a saved generator: the kind its folder names
+        check_feedback(config, (saved_kind(path) or "embedded") if path else generator_kind(config.generator))
     if config.generator.pretrained:
         from .generate.stable_diffusion import check_pretrained
 
@@ -75,6 +80,22 @@ def preflight(config: RunConfig, baselines: list[str] = ()):
         check_store_folder(getattr(config, section).store_dir, f"{section}.store_dir")
     check_stores_folder(config.dpt.store_dir, "dpt.store_dir")  # DPT's holds one store per generator
     check_name(config.run_name(), "name")
+
+
+def check_feedback(config: RunConfig, kind: str):
+    """Refuse feedback guidance where it would do nothing or cannot run: a recipe whose images do not
+    pass the generation stage, a generator other than the embedded one, an executor with workers."""
+    from .generate.executors import check_guided
+
+    name = "generator.feedback"
+    if config.recipe == "auto" or not get_recipe(config.recipe).selects:  # their images pass select_stage
+        able = ", ".join(sorted(n for n in RECIPES.names() if get_recipe(n).selects))
+        raise SynthaugError(f"recipe {config.recipe} takes no {name} (the recipes whose images pass select's stage "
+                            f"do): use one of {able}, or set {name}=0")
+    if kind != "embedded":
+        raise SynthaugError(f"{name} guides the embedded generator's sampling, not the {kind} generator's: leave "
+                            f"generator.pretrained unset, or set {name}=0")
+    check_guided(config.executor.name)
 
 
 def check_run_dir(run_dir: Path, config: RunConfig, *, force: bool = False) -> bool:

@@ -347,7 +347,8 @@ def with_locations(cell: Cell, out: Path) -> RunConfig:
     """The cell's config writing under the suite's folder `out`: cells/<n>, one generator
     cache, and one store per (setting, generator, recipe section options) shared by the
     classifier seeds and by recipes whose images are the same (TADA's variants; SYNAuG's
-    options that only change the training, named by its section's `image_keys()` or IMAGE_KEYS; every selector)
+    options that only change the training, named by its section's `image_keys()` or IMAGE_KEYS; every selector;
+    with feedback guidance, only cells whose guiding scorer trains alike)
     and by settings that differ in their test set only (a setting's `stores`)."""
     config = cell.config
     name = hashlib.sha256(cell.key.encode()).hexdigest()[:12]
@@ -364,6 +365,8 @@ def with_locations(cell: Cell, out: Path) -> RunConfig:
         # overgenerate 1 the candidates are the plan's own rows, the unselected store's images
         factor = d["select"]["overgenerate"]
         images["candidates"] = factor if d["select"]["method"] != "none" and factor != 1 else None
+        if config.generator.feedback:  # the images also depend on the guiding scorer's training (generate/feedback.py)
+            images["guide"] = [d["train"], d["select"]["scorer_epochs"]]
         settings = getattr(config, section)
         # the options that change the images (at these settings, where the section says)
         keys = settings.image_keys() if hasattr(settings, "image_keys") else getattr(settings, "IMAGE_KEYS", None)

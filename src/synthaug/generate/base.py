@@ -48,7 +48,9 @@ class Generator(Protocol):
 
     def generate_rows(self, rows: list[dict], sampler: SamplerConfig | None = None,
                       sources: ImageDataset | None = None) -> torch.Tensor:
-        """uint8 images for plan rows (rows that start from real images index `sources`)."""
+        """uint8 images for plan rows (rows that start from real images index `sources`). A
+        generator that takes feedback guidance (the embedded one) also accepts `guide=`, the
+        classifier that steers its sampling (`feedback.py`)."""
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """generator.json + weights (safetensors), read back by `from_pretrained`."""

@@ -159,7 +159,9 @@ def sampler_config(section, device: str = "auto") -> SamplerConfig:
     provenance names the arithmetic its images were made in, wherever they were made)."""
     return SamplerConfig(sampler=section.sampler, steps=section.sampling_steps, guidance_scale=section.guidance_scale,
                          group_guidance_scale=section.group_guidance_scale,
-                         batch_size=section.sampling_batch_size, precision=resolved_precision(section.precision, device))
+                         batch_size=section.sampling_batch_size, precision=resolved_precision(section.precision, device),
+                         feedback=section.feedback, feedback_criterion=section.feedback_criterion,
+                         feedback_every=section.feedback_every)
 
 
 def resolved_precision(precision: str, device: str) -> str:
@@ -187,15 +189,22 @@ def check_generator(section, data: ImageDataset, *, image_embed_dim: int = 0, gr
                                 "training data has no groups: use split.kind=colored, or generator.group_sampler=uniform")
 
 
-def provenance(generator: Generator, sampling: SamplerConfig) -> dict:
-    """What made an image, as recorded in a store's metadata (a store refuses rows made otherwise)."""
-    return {"generator": generator.fingerprint(), **sampling_provenance(sampling, generator.kind)}
+def provenance(generator: Generator, sampling: SamplerConfig, guide: str | None = None) -> dict:
+    """What made an image, as recorded in a store's metadata (a store refuses rows made otherwise):
+    with feedback guidance, also which classifier guided it (`guide`: its training key)."""
+    made = {"generator": generator.fingerprint(), **sampling_provenance(sampling, generator.kind)}
+    if guide is not None:
+        made["feedback_guide"] = guide
+    return made
 
 
 def sampling_provenance(sampling: SamplerConfig, kind: str | None) -> dict:
     """`provenance` less the generator's fingerprint: how a generator of `kind` samples (None:
     not known yet, so the arithmetic, which only the embedded generator records, is left out)."""
     made = {"guidance_scale": sampling.guidance_scale, "sampler": f"{sampling.sampler}/{sampling.steps}"}
+    if sampling.feedback:  # in the sampler's name, which every store records: a store made without it refuses it
+        made["sampler"] += (f" feedback {sampling.feedback_criterion} {sampling.feedback:g}"
+                            f"{f' every {sampling.feedback_every}' if sampling.feedback_every != 1 else ''}")
     # the UNet's arithmetic when not float32 (float32 stores keep their rows; Stable Diffusion
     # computes in its own generator.dtype)
     if sampling.precision != "float32" and kind == "embedded":
@@ -251,9 +260,9 @@ def stable_diffusion_for(data: ImageDataset, section, *, cache_root: Path, progr
     return gen, info
 
 
-def _kind(folder: Path) -> str | None:
+def saved_kind(folder: str | Path) -> str | None:
     """The kind a generator folder's generator.json names (None: the embedded generator)."""
-    meta = folder / "generator.json"
+    meta = Path(folder) / "generator.json"
     if not meta.is_file():
         return None
     try:
@@ -275,7 +284,7 @@ def check_generator_folder(folder: str | Path, data: ImageDataset | None = None)
     if not folder.is_dir():
         raise SynthaugError(f"generator folder '{folder}' has no generator.json (it is not a folder): point "
                             "generator.path at a folder written by save_pretrained")
-    kind = _kind(folder) or "embedded"
+    kind = saved_kind(folder) or "embedded"
     GENERATORS.lookup(kind)
     if kind != "embedded":  # loading a pipeline is heavy: its generator.json is checked
         if not isinstance(json.loads((folder / "generator.json").read_text()).get("config"), dict):
@@ -295,4 +304,4 @@ def check_generator_folder(folder: str | Path, data: ImageDataset | None = None)
 
 def load_generator(folder: str | Path, *, device: str = "auto") -> Generator:
     """A generator saved with `save_pretrained`, of the kind its generator.json names."""
-    return GENERATORS.lookup(_kind(Path(folder)) or "embedded").load(folder, device=device)
+    return GENERATORS.lookup(saved_kind(Path(folder)) or "embedded").load(folder, device=device)

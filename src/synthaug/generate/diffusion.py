@@ -19,6 +19,7 @@ from ..plan import split_by_kind
 from ..utils.io import atomic_save_tensors, atomic_write_json, atomic_write_text, not_a_link
 from ..utils.runtime import autocast, fast_dtype, progress_bar, resolve_device
 from .base import generate_arguments
+from .feedback import feedback_step
 from .image_condition import ConditionEmbedding, PCAEncoder
 from .network import GeneratorConfig, GeneratorTrainConfig, SamplerConfig, build_sampler, build_unet
 
@@ -139,7 +140,7 @@ class DiffusionGenerator:
     def generate(self, labels, seeds, groups=None, sampler: SamplerConfig | None = None, *,
                  init_images: torch.Tensor | None = None, strength=1.0, image_embeds: torch.Tensor | None = None,
                  image_keep: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-                 progress: bool = False) -> torch.Tensor:
+                 guide: torch.nn.Module | None = None, progress: bool = False) -> torch.Tensor:
         """uint8 images (N, C, H, W), image i drawn from initial noise seeded by `seeds[i]`:
         the same (label, group, seed, sampler settings) gives the same image again.
 
@@ -153,8 +154,13 @@ class DiffusionGenerator:
         with (null class, null image).
 
         `noise` (N, C, H, W) replaces the initial noise drawn from the seeds (UtilGen's
-        optimised initial noise); a stochastic sampler still draws its later noise from them."""
+        optimised initial noise); a stochastic sampler still draws its later noise from them.
+
+        `guide`, a classifier of the images (float in [0, 1]), steers the sampling where
+        `sampler.feedback` > 0 (feedback guidance, `feedback.py`)."""
         sampling = sampler or SamplerConfig()
+        if bool(sampling.feedback) != (guide is not None):
+            raise SynthaugError("feedback guidance needs both sampler.feedback > 0 and a guiding classifier (guide)")
         labels = torch.as_tensor(labels, dtype=torch.int64)
         seeds = [int(s) for s in seeds]
         if len(seeds) != len(labels):
@@ -197,7 +203,7 @@ class DiffusionGenerator:
                         labels[idx], [seeds[j] for j in idx], None if groups is None else groups[idx], sampling,
                         init=None if init_images is None else init_images[idx], start=start,
                         image=None if image_embeds is None else (image_embeds[idx], image_keep[idx]),
-                        noise=None if noise is None else noise[idx])
+                        noise=None if noise is None else noise[idx], guide=guide)
                 bar.advance(task, len(batch))
         return out
 
@@ -211,22 +217,22 @@ class DiffusionGenerator:
         return out.reshape(n, k, *out.shape[1:])
 
     def generate_rows(self, rows: list[dict], sampler: SamplerConfig | None = None,
-                      sources: ImageDataset | None = None) -> torch.Tensor:
+                      sources: ImageDataset | None = None, guide: torch.nn.Module | None = None) -> torch.Tensor:
         """Images for plan rows (`label`, `seed`, optional `group`): what a store's `fill`
         calls. Image-guided rows also have `source` (an index into `sources`) and `strength`;
         image-conditioned rows `sources` (two indices into `sources`, same class) and a
         conditioning mode in `conditioning` (see `image_condition.OPERATORS`). Rows of
-        different kinds may come mixed."""
-        mixed = split_by_kind(rows, lambda part: self.generate_rows(part, sampler, sources))
+        different kinds may come mixed. `guide`: feedback guidance's classifier (see `generate`)."""
+        mixed = split_by_kind(rows, lambda part: self.generate_rows(part, sampler, sources, guide))
         if mixed is not None:
             return mixed
         if rows and rows[0].get("sources") is not None and self.encoder is None:
             raise SynthaugError("these plan rows need image conditioning but this generator is not image-conditioned: "
                                 "train one with image_embed_dim > 0 (recipe augcond does)")
-        return self.generate(**generate_arguments(rows, sources, self.encoder), sampler=sampler)
+        return self.generate(**generate_arguments(rows, sources, self.encoder), sampler=sampler, guide=guide)
 
     def _sample_batch(self, labels, seeds, groups, sampling: SamplerConfig, init=None, start: int = 0,
-                      image=None, noise=None) -> torch.Tensor:
+                      image=None, noise=None, guide=None) -> torch.Tensor:
         device = next(self.unet.parameters()).device
         c, s = self.config.channels, self.config.image_size
         # one random stream per image (its initial noise, then a stochastic sampler's noise),
@@ -238,6 +244,7 @@ class DiffusionGenerator:
         embeds, keep = (None, None) if image is None else (image[0].to(device), image[1].to(device))
         cond = self.class_input(self.condition_ids(labels, groups).to(device), embeds, keep)
         cond_map = self.condition_map(len(labels), embeds, keep, device=device)
+        own = cond  # each image's own (class, group) cell: what feedback guidance differentiates
         composed = self.config.composed and groups is not None
         guided = sampling.guidance_scale != 1.0 or composed
         if guided:
@@ -257,7 +264,7 @@ class DiffusionGenerator:
                 scheduler.set_begin_index(start)
             x = scheduler.add_noise(init.to(device).float() / 127.5 - 1, x, timesteps[:1].repeat(len(x)))
         dtype = fast_dtype(sampling.precision, device)  # the UNet in bfloat16 where native; the solver in float32
-        for t in timesteps:
+        for step, t in enumerate(timesteps):
             model_in = scheduler.scale_model_input(x, t)
             with autocast(device, dtype):
                 if composed:
@@ -276,6 +283,8 @@ class DiffusionGenerator:
             elif guided:
                 eps_cond, eps_uncond = eps.chunk(2)
                 eps = eps_uncond + sampling.guidance_scale * (eps_cond - eps_uncond)
+            if guide is not None and step % sampling.feedback_every == 0:  # moves x_t; the solver steps from there
+                x = feedback_step(self, x, t, scheduler, own, cond_map, labels, guide, sampling, dtype)
             x = scheduler.step(eps, t, x, generator=streams).prev_sample
         return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
 

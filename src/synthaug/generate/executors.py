@@ -54,6 +54,13 @@ def check_executor(name: str):
         raise SynthaugError(f"executor '{name}' needs {package}: pip install 'synthaug[{extra}]', or set executor.name=local")
 
 
+def check_guided(name: str):
+    """Refuse feedback guidance on an executor whose workers sample without its classifier. Writes nothing."""
+    if name != "local":
+        raise SynthaugError(f"generator.feedback guides the sampling in this process and executor '{name}' samples in "
+                            "workers: set executor.name=local, or generator.feedback=0")
+
+
 JOB_DIR = ".job"
 WORKERS_DIR = "workers"  # each live worker writes its pid here (monitoring; tests kill one)
 
@@ -66,16 +73,20 @@ def register_executor(name: str):
 
 def execute(name: str, store: SyntheticStore, plan: list[dict], generator, sampling: SamplerConfig, sources: ImageDataset,
             *, provenance: dict, progress: bool = False, workers: int | None = None, shard_size: int | None = None,
-            address: str | None = None) -> int:
+            address: str | None = None, guide=None) -> int:
     """Make the plan's missing images into `store` with executor `name`. Returns the number
-    of images written."""
+    of images written. `guide`: feedback guidance's classifier, which only `local` takes."""
+    if guide is not None:
+        check_guided(name)
+    options = {"guide": guide} if guide is not None else {}
     return EXECUTORS.lookup(name)(store, plan, generator, sampling, sources, provenance=provenance, progress=progress, workers=workers,
-                           shard_size=shard_size or sampling.batch_size, address=address)
+                           shard_size=shard_size or sampling.batch_size, address=address, **options)
 
 
 @register_executor("local")
-def run_local(store, plan, generator, sampling, sources, *, provenance, progress=False, **_) -> int:
-    return store.fill(plan, lambda rows: generator.generate_rows(rows, sampling, sources=sources),
+def run_local(store, plan, generator, sampling, sources, *, provenance, progress=False, guide=None, **_) -> int:
+    options = {"guide": guide} if guide is not None else {}
+    return store.fill(plan, lambda rows: generator.generate_rows(rows, sampling, sources=sources, **options),
                       batch_size=sampling.batch_size, progress=progress, provenance=provenance)
 
 

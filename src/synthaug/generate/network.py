@@ -9,6 +9,7 @@ from typing import ClassVar, get_args
 
 from ..choices import (
     ClassSampler,
+    FeedbackCriterion,
     GroupGuidance,
     GroupSampler,
     Pairing,
@@ -150,6 +151,11 @@ class SamplerConfig:
     group_guidance_scale: float | None = None
     batch_size: int = 128
     precision: Precision = "auto"  # the UNet's arithmetic: bfloat16 autocast where native (utils/runtime.fast_dtype)
+    # feedback guidance (generate/feedback.py): x_t moved by this share of its norm up the guiding classifier's
+    # criterion, every `feedback_every`-th step (0: off)
+    feedback: float = 0.0
+    feedback_criterion: FeedbackCriterion = "entropy"
+    feedback_every: int = 1
 
     def __post_init__(self):
         check_choices(self, "sampling.")

@@ -6,11 +6,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from ..classify.evaluate import predict_logits
 from ..data.dataset import ImageDataset
 from ..store import SyntheticStore
 from .base import Generator
 from .cache import generator_for, provenance, sampler_config
-from .executors import execute
+from .executors import check_guided, execute
+from .feedback import criterion
 
 
 def generator_stage(real: ImageDataset, config, *, progress: bool = False, unlabeled: ImageDataset | None = None,
@@ -27,16 +29,32 @@ def generator_stage(real: ImageDataset, config, *, progress: bool = False, unlab
 def generate_stage(plan: list[dict], generator: Generator, config, store_dir: str | Path, real: ImageDataset,
                    *, progress: bool = False) -> tuple[ImageDataset, dict]:
     """Generate the plan's missing rows into the store at `store_dir` (rows that start from
-    real images index into `real`), check the store, and load the plan's images."""
+    real images index into `real`), check the store, and load the plan's images. With
+    `generator.feedback`, select's scorer (trained at the generator's seed, kept in the store's
+    `scorers/`) guides the sampling (`feedback.py`)."""
     sampling = sampler_config(config.generator, config.train.device)
     store = SyntheticStore(store_dir, real.classes)
     t0 = time.perf_counter()
     ex = config.executor
-    written = execute(ex.name, store, plan, generator, sampling, real, provenance=provenance(generator, sampling),
-                      progress=progress, workers=ex.workers, shard_size=ex.shard_size, address=ex.address)
+    guide, guide_key = None, None
+    if sampling.feedback and plan:  # feedback guidance: select's scorer, at the generator's seed
+        from ..select.stage import scorer_for, scorer_settings
+
+        check_guided(ex.name)
+        guide_key = scorer_settings(real, config, config.generator.seed)[1]
+        store.check_made(plan, provenance(generator, sampling, guide_key))  # before the scorer trains (reads only)
+        store.claim()  # the scorer is kept in the store
+        guide = scorer_for(real, config, store.root / "scorers", seed=config.generator.seed, progress=progress)
+    written = execute(ex.name, store, plan, generator, sampling, real, provenance=provenance(generator, sampling, guide_key),
+                      progress=progress, workers=ex.workers, shard_size=ex.shard_size, address=ex.address, guide=guide)
     seconds = time.perf_counter() - t0
     store.verify()
     synthetic = store.load(ids=[r["id"] for r in plan]) if plan else real.subset([])
-    return synthetic, {"planned": len(plan), "generated_now": written, "images": len(synthetic), "store": str(store.root),
-                       "images_per_second": written / seconds if written else None, "seconds": seconds,
-                       "executor": ex.name}
+    info = {"planned": len(plan), "generated_now": written, "images": len(synthetic), "store": str(store.root),
+            "images_per_second": written / seconds if written else None, "seconds": seconds, "executor": ex.name}
+    if guide is not None:  # how the guide reads what it guided: its criterion, and the share it reads as their class
+        logits = predict_logits(guide, synthetic.images)
+        info["feedback"] = {"criterion": sampling.feedback_criterion, "scale": sampling.feedback,
+                            "value": float(criterion(logits, synthetic.labels, sampling.feedback_criterion).mean()),
+                            "read_as_class": float((logits.argmax(1) == synthetic.labels).float().mean())}
+    return synthetic, info

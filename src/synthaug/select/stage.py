@@ -66,18 +66,28 @@ def overgenerate_plan(plan: list[dict], factor: float) -> list[dict]:
     return out
 
 
-def scorer_for(real: ImageDataset, config, folder: Path, *, progress: bool = False) -> Classifier:
-    """The classifier that scores candidates: trained on the real split with balanced softmax
-    (with groups: cross-entropy on cell-balanced batches, which balance the classes too), the
-    run's other training settings, saved under `folder/<fingerprint>/` and reused."""
+def scorer_settings(real: ImageDataset, config, seed: int) -> tuple:
+    """The scorer's training settings on `real` at `seed`, and their key (the folder it is kept
+    under, known before it trains)."""
     grouped = real.groups is not None
     train_cfg = replace(config.train, loss="ce" if grouped else "balanced-softmax", sampler="uniform", mix="none",
                         group_method="balanced-sampling" if grouped else "none", group_dro_balanced=False,
                         refit_head=False, ssl="none",
                         epochs=config.select.scorer_epochs or config.train.epochs,
                         steps=None if config.select.scorer_epochs else config.train.steps)
-    key = hashlib.sha256(json.dumps([real.fingerprint(), key_dict(train_cfg), config.seed], sort_keys=True,
+    key = hashlib.sha256(json.dumps([real.fingerprint(), key_dict(train_cfg), seed], sort_keys=True,
                                     default=str).encode()).hexdigest()[:16]
+    return train_cfg, key
+
+
+def scorer_for(real: ImageDataset, config, folder: Path, *, seed: int | None = None,
+               progress: bool = False) -> Classifier:
+    """The classifier that scores candidates: trained on the real split with balanced softmax
+    (with groups: cross-entropy on cell-balanced batches, which balance the classes too), the
+    run's other training settings, at `seed` (default: the run's), saved under
+    `folder/<fingerprint>/` and reused."""
+    seed = config.seed if seed is None else seed
+    train_cfg, key = scorer_settings(real, config, seed)
     target, checkpoint = folder / key, folder / f"{key}-checkpoint"  # the checkpoint: gone once the scorer is saved
     with exclusive(folder / f"{key}.lock"):  # cells side by side that need the same scorer train it once
         if (target / "model.safetensors").exists() and (target / "config.json").exists():
@@ -85,7 +95,7 @@ def scorer_for(real: ImageDataset, config, folder: Path, *, progress: bool = Fal
             model = Classifier.from_pretrained(target).to(resolve_device(config.train.device), memory_format=layout)
             shutil.rmtree(checkpoint, ignore_errors=True)  # only once the scorer it protects has loaded
             return model
-        result = fit_classifier(real, train_cfg, seed=config.seed, checkpoint_dir=checkpoint, progress=progress)
+        result = fit_classifier(real, train_cfg, seed=seed, checkpoint_dir=checkpoint, progress=progress)
         result.model.save_pretrained(target)
         shutil.rmtree(checkpoint, ignore_errors=True)
         return result.model
