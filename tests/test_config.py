@@ -117,7 +117,9 @@ def test_options_added_later_leave_cache_keys_alone_at_their_former_values():
     from synthaug.utils.keys import drop_former, key_dict
 
     # the section's list: the training's, and sampling's (a store made before keeps its name)
-    assert TrainConfig.ADDED and GeneratorSection.ADDED == {**GeneratorTrainConfig.ADDED, "group_guidance_scale": None}
+    assert TrainConfig.ADDED and GeneratorSection.ADDED == {**GeneratorTrainConfig.ADDED, "group_guidance_scale": None,
+                                                            "feedback": 0.0, "feedback_criterion": "entropy",
+                                                            "feedback_every": 1}
     plain = key_dict(TrainConfig())
     assert not set(TrainConfig.ADDED) & set(plain)
     assert plain == {k: v for k, v in asdict(TrainConfig()).items() if k not in TrainConfig.ADDED}
@@ -129,6 +131,7 @@ def test_options_added_later_leave_cache_keys_alone_at_their_former_values():
     assert "min_snr_gamma" not in drop_former(asdict(GeneratorSection(min_snr_gamma=0.0)), GeneratorSection)
     assert "group_guidance_scale" not in kept
     assert drop_former(asdict(GeneratorSection(group_guidance_scale=1.0)), GeneratorSection)["group_guidance_scale"] == 1.0
+    assert not any(k.startswith("feedback") for k in kept)  # a store made before feedback guidance keeps its name
 
 
 def test_a_record_without_a_later_option_ran_at_its_former_value():

@@ -201,6 +201,12 @@ def test_the_sampler_guides_every_nth_step_on_each_image_s_own_cell(trained, mon
                      guide=ReadsByBrightness())
     own = grouped.class_input(grouped.condition_ids(labels, groups))
     assert len(calls) == 2 and all(torch.equal(cond, own) for _, cond, _ in calls)
+    # image-guided rows (SDEdit, TADA's variants): feedback on the steps that run, from the noised image
+    calls.clear()
+    gen.generate([0, 1], [5, 6], sampler=replace(SAMPLER, feedback=0.1), guide=ReadsByBrightness(),
+                 init_images=torch.full((2, 1, 8, 8), 128, dtype=torch.uint8), strength=0.5)
+    scheduler.set_timesteps(SAMPLER.steps)
+    assert [t for t, _, _ in calls] == [int(t) for t in scheduler.timesteps[SAMPLER.steps // 2:]]
 
 
 def test_feedback_runs_only_where_its_classifier_is(trained, tmp_path):
