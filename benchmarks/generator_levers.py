@@ -85,14 +85,15 @@ RESULTS = HERE / "results" / "generator_levers.jsonl"
 
 def measure(lever: str, seed: int, args, oracle, task, env) -> dict:
     config = load_config(None, [*SETTING, f"generator.seed={seed}", *LEVERS[lever]])
-    cache = HERE / "results" / "cache" / "generators"
-    if args.again:  # trained, and so timed, on this kind of machine
-        cache = cache / hashlib.sha256(env["machine"].encode()).hexdigest()[:12]
-    generator, made = generator_for(task.train, config.generator, cache_root=cache, progress=True)
+    root = HERE / "results" / "cache"
+    # --again: trained, and so timed, on this kind of machine (its generators and guides apart)
+    machine = [hashlib.sha256(env["machine"].encode()).hexdigest()[:12]] if args.again else []
+    generator, made = generator_for(task.train, config.generator, cache_root=root.joinpath("generators", *machine),
+                                    progress=True)
     labels = torch.arange(task.train.num_classes).repeat_interleave(args.per_class)
     guide = None
     if config.generator.feedback:  # select's scorer at the generator's seed, as generate_stage asks for it
-        guide = scorer_for(task.train, config, HERE / "results" / "cache" / "scorers", seed=seed, progress=True)
+        guide = scorer_for(task.train, config, root.joinpath("scorers", *machine), seed=seed, progress=True)
     t0 = time.perf_counter()  # the sampling alone
     images = generator.generate(labels, list(range(len(labels))), sampler=sampler_config(config.generator), guide=guide,
                                 progress=True)
