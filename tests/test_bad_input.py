@@ -313,6 +313,8 @@ CASES = [
     ("translate-share", None, ["run", *FAST, "-s", "synaug.translate=2"], "synaug.translate must be in [0, 1]"),
     ("translate-strength", None, ["run", *FAST, "-s", "synaug.translate=1", "-s", "synaug.translate_strength=0"],
      "synaug.translate_strength must be in (0, 1]"),
+    ("translate-from", None, ["run", *FAST, "-s", "synaug.translate_from=same"],
+     "synaug.translate_from must be one of other, own"),
     ("translate-source-leads", None, ["run", *FAST, "-s", "synaug.translate_strength=0.3"],
      "synaug.translate_strength 0.3 gives its class 0.38 of the target"),
     ("translate-gamma", None, ["run", *FAST, "-s", "synaug.translate_gamma=-1"], "synaug.translate_gamma must be"),

@@ -883,6 +883,32 @@ def test_translated_rows_with_groups_draw_from_the_row_s_group():
     assert any(r["group"] == 1 and r["kind"] == "guided" for r in rows)  # green 0s and 2s from the green 1
 
 
+def test_own_class_translation_starts_each_row_from_a_real_image_of_its_own_cell():
+    """DA-Fusion's variations: the source is a real image of the row's class (and group), and
+    the target is the class alone."""
+    from synthaug.plan import translated_rows, translation_targets
+
+    ds = make_dataset((20, 6, 3))
+    plan = balance_plan(ds, seed=0)
+    rows = translated_rows(plan, ds, share=1, strength=0.5, seed=0, source="own")
+    guided = [r for r in rows if r["kind"] == "guided"]
+    assert len(guided) == len(plan) and all(int(ds.labels[r["source"]]) == r["label"] for r in guided)
+    assert len({r["source"] for r in guided if r["label"] == 2}) == 3  # every one of class 2's images serves
+    assert not {r["id"] for r in guided} & {r["id"] for r in translated_rows(plan, ds, share=1, strength=0.5, seed=0)}
+    assert torch.equal(translation_targets(rows, ds, 0.8), torch.eye(3)[[r["label"] for r in rows]])
+    grouped = make_dataset((8, 6, 4))
+    grouped.groups, grouped.group_names = torch.tensor([0] * 5 + [1] * 3 + [0] * 4 + [1] * 2 + [0] * 3 + [1]), ["red", "green"]
+    cells = translated_rows(balance_plan(grouped, by_group=True, seed=0), grouped, share=1, seed=0, source="own")
+    assert len(cells) == 5 * 6 - 18 and all(int(grouped.groups[r["source"]]) == r["group"] and int(grouped.labels[r["source"]]) == r["label"]
+               for r in cells)
+    with pytest.raises(SynthaugError, match="translate_from must be one of other, own"):
+        translated_rows(plan, ds, share=1, source="same")
+    # its target is the class alone at any strength, so a light one is not refused as the other source's is
+    assert load_config(None, ["synaug.translate_from=own", "synaug.translate_strength=0.3"]).synaug.translate_strength == 0.3
+    with pytest.raises(SynthaugError, match="gives its class 0.38"):
+        load_config(None, ["synaug.translate_strength=0.3"])
+
+
 def test_translation_targets_keep_strength_to_the_gamma_on_the_class():
     from synthaug.plan import translation_targets
 
@@ -942,10 +968,12 @@ def test_a_checkpoint_resumes_only_under_the_soft_targets_it_trained_on(tmp_path
     assert restored[-1] is not None and restored[-1]["epoch"] == 1  # the same targets resume
 
 
-def test_a_run_translates_its_generated_share_and_trains_on_soft_targets(data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("source", ["other", "own"])
+def test_a_run_translates_its_generated_share_and_trains_on_soft_targets(data, tmp_path, monkeypatch, source):
     """Half of each cell's generated images start from other classes' real images (in the store);
     after a selector has kept part of the candidates, the trainer gets 0.7^0.8 of each translated
-    image on its class and the rest on its source's class, and the plain ones their class alone."""
+    image on its class and the rest on its source's class, and the plain ones their class alone.
+    From the image's own class (`translate_from: own`) every target is its class alone."""
     from synthaug.store import SyntheticStore
 
     seen = {}
@@ -959,7 +987,7 @@ def test_a_run_translates_its_generated_share_and_trains_on_soft_targets(data, t
     store_dir = tmp_path / "store"
     tiny = ["generator.preset=tiny", "generator.steps=4", "generator.batch_size=8", "generator.sampling_steps=3"]
     config = load_config(None, [*FAST, *tiny, "synaug.replay_share=0.5", "synaug.translate=0.5", "synaug.translate_strength=0.7",
-                                "select.method=confidence", f"synaug.store_dir={store_dir}", f"output_dir={tmp_path}"])
+                                f"synaug.translate_from={source}", "select.method=confidence", f"synaug.store_dir={store_dir}", f"output_dir={tmp_path}"])
     task = make_task(data, config.split)
     result = get_recipe("synaug").run(task, config, workdir=tmp_path / "run")
     stored = SyntheticStore(store_dir, task.train.classes).rows()
@@ -968,16 +996,18 @@ def test_a_run_translates_its_generated_share_and_trains_on_soft_targets(data, t
     translated = torch.tensor([r.get("source") is not None for r in rows])
     assert 0 < int(translated.sum()) < len(rows) and all(r["strength"] == 0.7 for r, t in zip(rows, translated) if t)
     sources = task.train.labels[[r["source"] for r, t in zip(rows, translated) if t]]
-    assert not (sources == generated.labels[translated]).any()
+    assert (sources == generated.labels[translated]).all() if source == "own" else not (sources == generated.labels[translated]).any()
     soft, n_real = seen["soft_targets"], len(task.train) + len(result.replayed)
     assert torch.equal(soft[:n_real], torch.nn.functional.one_hot(seen["labels"][:n_real], 3).float())
     made = soft[n_real:]
     at = torch.arange(len(generated))[translated]
-    assert torch.allclose(made[at, generated.labels[translated]], torch.tensor(0.7 ** 0.8))
-    assert torch.allclose(made[at, sources], torch.tensor(1 - 0.7 ** 0.8))
+    kept = 1.0 if source == "own" else 0.7 ** 0.8
+    assert torch.allclose(made[at, generated.labels[translated]], torch.tensor(kept))
+    if source == "other":
+        assert torch.allclose(made[at, sources], torch.tensor(1 - kept))
     assert torch.equal(made[~translated], torch.nn.functional.one_hot(generated.labels[~translated], 3).float())
     info = result.extra["synthetic"]
-    assert info["translated"] == int(translated.sum()) and info["translated_target"] == pytest.approx(0.7 ** 0.8)
+    assert info["translated"] == int(translated.sum()) and info["translated_target"] == pytest.approx(kept)
 
 
 class _ReadsByBrightness(torch.nn.Module):

@@ -89,20 +89,28 @@ def balance_plan(data: ImageDataset, *, target_per_class: int | None = None, by_
     return rows
 
 
-def translated_rows(rows: list[dict], data: ImageDataset, *, share: float, strength=0.7, seed: int = 0) -> list[dict]:
+SOURCES = ("other", "own")  # where a translated row's real image comes from: another class, or its own cell
+
+
+def translated_rows(rows: list[dict], data: ImageDataset, *, share: float, strength=0.7, seed: int = 0,
+                    source: str = "other") -> list[dict]:
     """Diff-Mix's inter-class translation (Wang et al., CVPR 2024): the first round(share x n)
     rows of each (class, group) cell start from a real image of `data` of another class (with
     groups, of the row's group), noised to `strength` and denoised under the row's class, so a
     tail cell gets the other classes' variety (stroke, slant, texture) in its own class's
-    shape instead of near-copies of its few images. The source is drawn uniformly over those
-    images (the head's, mostly) from the row's own seed. A translated row is renamed
-    `<id>-t<source>` (a store never confuses it with the plain row) with its own seed; a cell
-    with no image of another class stays plain. `strength` is one number or [low, high]."""
+    shape instead of near-copies of its few images. With `source="own"` the image is one of
+    the row's own cell instead (DA-Fusion's variations, Trabucco et al., ICLR 2024): a real
+    tail image re-drawn by the denoiser that all classes trained. The source is drawn uniformly
+    over those images from the row's own seed. A translated row is renamed `<id>-t<source>`
+    (a store never confuses it with the plain row) with its own seed; a cell with no such
+    image stays plain. `strength` is one number or [low, high]."""
+    if source not in SOURCES:
+        raise SynthaugError(f"synaug.translate_from must be one of {', '.join(SOURCES)}, got '{source}'")
     low, high = strength_range(strength, "synaug.translate_strength")
     out = list(rows)
     position = {row["id"]: i for i, row in enumerate(rows)}
     for (label, group), cell in plan_cells(rows).items():
-        pool = data.labels != label
+        pool = data.labels == label if source == "own" else data.labels != label
         if group is not None and data.groups is not None:
             pool &= data.groups == group
         members = pool.nonzero().flatten()
@@ -110,11 +118,11 @@ def translated_rows(rows: list[dict], data: ImageDataset, *, share: float, stren
             continue
         for row in cell[:round(share * len(cell))]:
             g = torch.Generator().manual_seed(int(row["seed"]))
-            source = int(members[torch.randint(len(members), (1,), generator=g)])
-            row_id = f"{row['id']}-t{source}"
+            image = int(members[torch.randint(len(members), (1,), generator=g)])
+            row_id = f"{row['id']}-t{image}"
             s = row_seed(seed, row_id)
             out[position[row["id"]]] = {
-                **row, "id": row_id, "seed": s, "kind": "guided", "conditioning": "image", "source": source,
+                **row, "id": row_id, "seed": s, "kind": "guided", "conditioning": "image", "source": image,
                 "strength": drawn_strength(low, high, s)}
     return out
 

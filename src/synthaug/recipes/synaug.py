@@ -27,7 +27,8 @@ images the run would generate are real images of the class that the split left o
 measures what this use of added images could gain with images as good as real ones. `synthetic_augment` gives the added images their own
 augmentation (AdaInf: generated images want a weaker one than real images). `translate` makes that share of
 each cell's generated images by translating a real image of another class into the cell's class (Diff-Mix,
-`plan.translated_rows`), labelled strength^`translate_gamma` on the class and the rest on the source's.
+`plan.translated_rows`), labelled strength^`translate_gamma` on the class and the rest on the source's; with
+`translate_from: own` the real image is one of the cell's own (DA-Fusion's variations), labelled as its class.
 `relabel` puts that share of each added image's target on how select's scorer reads it (`scorer_for`: Balanced
 Softmax on the real split, whose softmax is the balanced posterior; with groups, cross-entropy on cell-balanced batches)
 and the rest on its target: an added image that looks like another class is not taught as its own (knowledge
@@ -68,10 +69,11 @@ from .registry import RecipeResult, classifier_inputs, register_recipe
 class SynaugSection:
     """SYNAuG: uniformize with generated images, domain mixup, head re-fit on real data."""
 
-    IMAGE_KEYS = ("target_per_class", "fill", "balance_groups", "translate", "translate_strength")  # the options that
+    IMAGE_KEYS = ("target_per_class", "fill", "balance_groups", "translate", "translate_strength", "translate_from")  # the options that
     # change the generated images
     ADDED: ClassVar[dict[str, object]] = {"replay_share": 0.0, "synthetic_augment": "same", "translate": 0.0,
                                           "translate_strength": 0.7, "translate_gamma": 0.8, "fill": 1.0,
+                                          "translate_from": "other",
                                           "unseen": False, "relabel": 0.0}  # options added since,
     # at their former values
 
@@ -94,14 +96,17 @@ class SynaugSection:
     # (0.5: the all-generated fill's accuracy at half the generation; at equal optimiser steps Balanced Softmax ties or
     # beats it, BENCHMARKS.md)
     synthetic_augment: str = "same"  # the added images' augmentation: 'same' (train.augment's) or a spec like it
-    translate: float = 0.0  # the share of each cell's generated images translated from a real image of another class
+    translate: float = 0.0  # the share of each cell's generated images translated from a real image (translate_from)
     translate_strength: float | list = 0.7  # their SDEdit strength: a number or [low, high] (Diff-Mix's long tail: 0.7)
     translate_gamma: float = 0.8  # their target: strength^gamma on the class, the rest on the source's (0: the class alone)
+    # where the real image comes from: another class (other: Diff-Mix), or the row's own class and group (own: DA-Fusion's
+    # variations of a real image, Trabucco et al. 2024; its target is the class alone, so translate_gamma is inert)
+    translate_from: str = "other"
     relabel: float = 0.0  # the share of each added image's target on the scorer's reading of it, the rest on its class
 
     def image_keys(self) -> tuple[str, ...]:
-        """`IMAGE_KEYS` less the ones these settings leave inert (a strength with nothing translated)."""
-        return tuple(k for k in self.IMAGE_KEYS if self.translate or k != "translate_strength")
+        """`IMAGE_KEYS` less the ones these settings leave inert (a strength or source with nothing translated)."""
+        return tuple(k for k in self.IMAGE_KEYS if self.translate or k not in ("translate_strength", "translate_from"))
 
     def __post_init__(self):
         from ..classify.train import check_augmentation, check_per_class
@@ -123,7 +128,7 @@ class SynaugSection:
         if not 0 < self.fill <= 1:
             raise SynthaugError(f"synaug.fill must be in (0, 1] (1: every class filled to the target), got {self.fill}")
         check_folder(self.store_dir, "synaug.store_dir")
-        from ..plan import strength_range
+        from ..plan import SOURCES, strength_range
 
         if not 0 <= self.translate <= 1:
             raise SynthaugError(f"synaug.translate must be in [0, 1] (0: no translation), got {self.translate}")
@@ -132,7 +137,10 @@ class SynaugSection:
         low, _ = strength_range(self.translate_strength, "synaug.translate_strength")
         if not 0 <= self.translate_gamma < float("inf"):
             raise SynthaugError(f"synaug.translate_gamma must be a finite number >= 0, got {self.translate_gamma}")
-        if low ** self.translate_gamma <= 0.5:  # the image is sampled and counted as its class: that must lead its target
+        if self.translate_from not in SOURCES:
+            raise SynthaugError(f"synaug.translate_from must be one of {', '.join(SOURCES)} (another class's real image, "
+                                f"or one of the row's own class), got '{self.translate_from}'")
+        if self.translate_from == "other" and low ** self.translate_gamma <= 0.5:  # the image is sampled and counted as its class: that must lead its target
             raise SynthaugError(f"synaug.translate_strength {low} gives its class {low ** self.translate_gamma:.2f} of the "
                                 "target at synaug.translate_gamma "
                                 f"{self.translate_gamma}: raise the strength or lower the gamma (above 0.5 on the class)")
@@ -179,7 +187,7 @@ def planned(real, config) -> tuple[list[dict], list[dict]]:
     to_replay, to_generate = (plan, []) if opts.replay else split_replay(plan, opts.replay_share, real)
     if opts.translate:
         to_generate = translated_rows(to_generate, real, share=opts.translate, strength=opts.translate_strength,
-                                      seed=config.generator.plan_seed)
+                                      seed=config.generator.plan_seed, source=opts.translate_from)
     return to_replay, to_generate
 
 
