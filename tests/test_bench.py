@@ -625,11 +625,12 @@ def test_an_option_added_since_keeps_the_stores_of_rows_that_leave_it_at_its_for
         "  inert: [recipe=synaug, synaug.translate=0, synaug.translate_strength=0.9]\n"
         "  own: [recipe=synaug, synaug.translate=1, synaug.translate_from=own]\n"
         "  inert-own: [recipe=synaug, synaug.translate=0, synaug.translate_from=own]\n"
+        "  ensembled: [recipe=synaug, generator.ensemble=2]\n  one: [recipe=synaug, generator.ensemble=1]\n"
         "  partial: [recipe=synaug, synaug.fill=0.5]\n"))
     cells = [c for c in load_suite(str(_suite(tmp_path, text))).cells_ if c.seed == 0 and c.recipe != "ce"]
     stores = {c.recipe: with_locations(c, tmp_path).synaug.store_dir.rsplit("-", 1)[1] for c in cells}
     # the key before translation existed (8bce2d9); a strength with nothing translated changes no image
     assert stores["synaug"] == stores["untranslated"] == stores["inert"] == stores["inert-own"] == "dec4e34ca5a7"
     assert stores["translated"] == stores["hard"] not in (stores["synaug"], stores["further"], stores["own"])
-    assert stores["own"] != stores["synaug"]
+    assert stores["own"] != stores["synaug"] == stores["one"] != stores["ensembled"]  # an ensemble makes other images
     assert stores["partial"] not in (stores["synaug"], stores["translated"])  # a partial fill makes other images

@@ -140,7 +140,7 @@ class GeneratorSection:
     # options added later, with the values generators had before them: left out of cache keys (trained
     # generators, shared stores) at those (utils/keys.py); the training's own list, and sampling's
     ADDED: ClassVar[dict[str, object]] = {**GeneratorTrainConfig.ADDED, "group_guidance_scale": None, "feedback": 0.0,
-                                          "feedback_criterion": "entropy", "feedback_every": 1}
+                                          "feedback_criterion": "entropy", "feedback_every": 1, "ensemble": 1}
 
     path: str | None = None  # a folder written by save_pretrained: use it instead of training one
     # embedded, stable-diffusion or a registered kind (generate/cache.py); auto: stable-diffusion with pretrained
@@ -182,6 +182,9 @@ class GeneratorSection:
     feedback: float = 0.0
     feedback_criterion: FeedbackCriterion = "entropy"
     feedback_every: int = 1
+    # > 1: that many embedded generators, trained alike at seeds seed, seed + 1, ..., each making the images whose seed
+    # falls to it (generate/ensemble.py): each class learnt several ways; the recipes whose images pass select's stage
+    ensemble: int = 1
     # the embedded generator's arithmetic in training and sampling: auto is bfloat16 autocast where
     # the hardware computes it natively (a CPU with AVX512-BF16 or AMX, a recent GPU), else float32
     precision: Precision = "auto"
@@ -231,6 +234,8 @@ class GeneratorSection:
         if self.group_guidance_scale is not None and self.group_guidance_scale < 0:
             raise SynthaugError(f"generator.group_guidance_scale must be >= 0 (0: the class's guidance alone), "
                                 f"got {self.group_guidance_scale}")
+        if self.ensemble < 1:
+            raise SynthaugError(f"generator.ensemble is the number of generators, >= 1 (1: one), got {self.ensemble}")
         if not 0 <= self.feedback < float("inf") or self.feedback_every < 1:
             raise SynthaugError(f"generator.feedback must be a finite number >= 0 (0: off) and generator.feedback_every "
                                 f">= 1, got {self.feedback} and {self.feedback_every}")

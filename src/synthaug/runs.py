@@ -65,11 +65,15 @@ def preflight(config: RunConfig, baselines: list[str] = ()):
         raise SynthaugError(f"recipe {config.recipe} makes no synthetic images, so validate.enabled would do nothing: "
                             f"use one of {able}, or set validate.enabled=false")
     GENERATORS.lookup(generator_kind(config.generator))
-    if config.generator.feedback:
+    if config.generator.feedback or config.generator.ensemble > 1:
         from .generate.cache import saved_kind
 
         path = config.generator.path  # a saved generator: the kind its folder names
-        check_feedback(config, (saved_kind(path) or "embedded") if path else generator_kind(config.generator))
+        kind = (saved_kind(path) or "embedded") if path else generator_kind(config.generator)
+        if config.generator.feedback:
+            check_feedback(config, kind)
+        if config.generator.ensemble > 1:
+            check_ensemble(config, kind)
     if config.generator.pretrained:
         from .generate.stable_diffusion import check_pretrained
 
@@ -96,6 +100,20 @@ def check_feedback(config: RunConfig, kind: str):
         raise SynthaugError(f"{name} guides the embedded generator's sampling, not the {kind} generator's: leave "
                             f"generator.pretrained unset, or set {name}=0")
     check_guided(config.executor.name)
+
+
+def check_ensemble(config: RunConfig, kind: str):
+    """Refuse a generator ensemble where it would do nothing or cannot be trained: a recipe whose images
+    do not pass the generation stage, a generator the run does not train (Stable Diffusion, a saved one)."""
+    name = "generator.ensemble"
+    if config.recipe == "auto" or not get_recipe(config.recipe).selects:
+        able = ", ".join(sorted(n for n in RECIPES.names() if get_recipe(n).selects))
+        raise SynthaugError(f"recipe {config.recipe} takes no {name} (the recipes whose images pass select's stage "
+                            f"do): use one of {able}, or set {name}=1")
+    if kind != "embedded" or config.generator.path:
+        what = f"the saved generator in '{config.generator.path}'" if config.generator.path else f"the {kind} generator"
+        raise SynthaugError(f"{name} trains that many embedded generators at successive seeds, and this run uses "
+                            f"{what}: leave generator.path and generator.pretrained unset, or set {name}=1")
 
 
 def check_run_dir(run_dir: Path, config: RunConfig, *, force: bool = False) -> bool:

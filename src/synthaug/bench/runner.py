@@ -332,8 +332,12 @@ def result_row(suite: Suite, cell: Cell, metrics: dict, run_dir: Path, out: Path
     # the generator (by fingerprint) and its training time as it records it: all of it, in every cell that used
     # it (also one that resumed an interrupted training, or found it trained by a cell that then stopped); a
     # cell's own unnamed generator (LDMLR's feature model) is costed by its stage's seconds instead
-    trained = None
+    trained, name = None, None
     if generator.get("path"):
+        name = Path(generator["path"]).name
+    elif generator.get("members"):  # an ensemble (generator.ensemble): its members' folders, their training summed
+        name = "+".join(Path(m["path"]).name for m in generator["members"])
+    if name:
         trained = generator.get("train_seconds") or (metrics["seconds"].get("generator") if generator.get("trained_now") else None)
     return {
         "suite": suite.name, "setting": cell.setting, "recipe": cell.recipe, "recipe_name": cell.config.recipe,
@@ -348,7 +352,7 @@ def result_row(suite: Suite, cell: Cell, metrics: dict, run_dir: Path, out: Path
         "images_replayed": synthetic.get("images", 0) if synthetic.get("replay") else synthetic.get("replayed", 0),
         **({"images_unseen": synthetic["unseen"]} if synthetic.get("unseen") else {}),  # synaug.unseen's real images
         "generated_now": synthetic.get("generated_now", 0),
-        "generator": Path(generator["path"]).name if generator.get("path") else None,
+        "generator": name,
         "generator_train_seconds": trained,
         "train_steps": cell.config.train.steps, "run": str(run_dir.relative_to(out)),
         # test accuracy against optimiser steps (eval.curve_every), when the cell recorded it

@@ -207,7 +207,7 @@ def sampling_provenance(sampling: SamplerConfig, kind: str | None) -> dict:
                             f"{f' every {sampling.feedback_every}' if sampling.feedback_every != 1 else ''}")
     # the UNet's arithmetic when not float32 (float32 stores keep their rows; Stable Diffusion
     # computes in its own generator.dtype)
-    if sampling.precision != "float32" and kind == "embedded":
+    if sampling.precision != "float32" and kind in ("embedded", "ensemble"):  # an ensemble's: embedded generators
         made["precision"] = sampling.precision
     if sampling.group_guidance_scale is not None:  # added later: stores made before keep their rows
         made["group_guidance_scale"] = sampling.group_guidance_scale
@@ -276,7 +276,7 @@ def saved_kind(folder: str | Path) -> str | None:
 _CHECKED: dict = {}  # check_generator_folder's loads, by folder, its files' times and the data's shape
 
 
-def check_generator_folder(folder: str | Path, data: ImageDataset | None = None) -> DiffusionGenerator | None:
+def check_generator_folder(folder: str | Path, data: ImageDataset | None = None) -> Generator | None:
     """Raise (one line) unless `folder` holds a saved generator that loads (and, given
     `data`, makes images for it): the embedded generator is loaded on the CPU (it is
     small) and returned; a Stable Diffusion folder is checked for its generator.json. Writes nothing."""
@@ -284,9 +284,12 @@ def check_generator_folder(folder: str | Path, data: ImageDataset | None = None)
     if not folder.is_dir():
         raise SynthaugError(f"generator folder '{folder}' has no generator.json (it is not a folder): point "
                             "generator.path at a folder written by save_pretrained")
+    from .ensemble import KIND, Ensemble
+
     kind = saved_kind(folder) or "embedded"
-    GENERATORS.lookup(kind)
-    if kind != "embedded":  # loading a pipeline is heavy: its generator.json is checked
+    if kind != KIND:
+        GENERATORS.lookup(kind)
+    if kind not in ("embedded", KIND):  # loading a pipeline is heavy: its generator.json is checked
         if not isinstance(json.loads((folder / "generator.json").read_text()).get("config"), dict):
             raise SynthaugError(f"generator folder '{folder}': generator.json has no config: point at a folder "
                                 "written by save_pretrained")
@@ -295,7 +298,7 @@ def check_generator_folder(folder: str | Path, data: ImageDataset | None = None)
     key = (str(folder.resolve()), stamp)  # the checks of a run and its bench cells load a folder once
     if key not in _CHECKED:
         _CHECKED.clear()
-        _CHECKED[key] = DiffusionGenerator.from_pretrained(folder, device="cpu")
+        _CHECKED[key] = (Ensemble if kind == KIND else DiffusionGenerator).from_pretrained(folder, device="cpu")
     gen = _CHECKED[key]
     if data is not None:
         gen.check_compatible(data)
@@ -304,4 +307,9 @@ def check_generator_folder(folder: str | Path, data: ImageDataset | None = None)
 
 def load_generator(folder: str | Path, *, device: str = "auto") -> Generator:
     """A generator saved with `save_pretrained`, of the kind its generator.json names."""
-    return GENERATORS.lookup(saved_kind(Path(folder)) or "embedded").load(folder, device=device)
+    from .ensemble import KIND, Ensemble
+
+    kind = saved_kind(Path(folder)) or "embedded"
+    if kind == KIND:  # generators made of generators: not a kind a run asks for (generator.ensemble is)
+        return Ensemble.from_pretrained(folder, device=device)
+    return GENERATORS.lookup(kind).load(folder, device=device)

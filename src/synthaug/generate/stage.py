@@ -4,6 +4,7 @@ or trained now), then fill a store with a plan's images and load them back."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from ..classify.evaluate import predict_logits
@@ -11,17 +12,27 @@ from ..data.dataset import ImageDataset
 from ..store import SyntheticStore
 from .base import Generator
 from .cache import generator_for, provenance, sampler_config
+from .ensemble import Ensemble, member_seeds
 from .executors import check_guided, execute
 from .feedback import criterion
 
 
 def generator_stage(real: ImageDataset, config, *, progress: bool = False, unlabeled: ImageDataset | None = None,
                     image_embed_dim: int = 0) -> tuple[Generator, dict]:
-    """The run's generator and a description of it (source, fingerprint, training curve, seconds)."""
+    """The run's generator and a description of it (source, fingerprint, training curve, seconds);
+    with `generator.ensemble` > 1, an `Ensemble` of that many trained at successive seeds."""
     t0 = time.perf_counter()
     cache_root = config.generator.cache_dir or Path(config.output_dir) / "generators"
-    generator, info = generator_for(real, config.generator, cache_root=cache_root, progress=progress,
-                                    device=config.train.device, unlabeled=unlabeled, image_embed_dim=image_embed_dim)
+    section = config.generator
+    made = [generator_for(real, replace(section, seed=seed), cache_root=cache_root, progress=progress,
+                          device=config.train.device, unlabeled=unlabeled, image_embed_dim=image_embed_dim)
+            for seed in member_seeds(section.seed, section.ensemble)]
+    if len(made) == 1:
+        generator, info = made[0]
+    else:
+        generator = Ensemble([g for g, _ in made])
+        info = {"source": "ensemble", "trained_now": any(i["trained_now"] for _, i in made),
+                "members": [{**i, "fingerprint": g.fingerprint()} for g, i in made]}
     return generator, {**info, "fingerprint": generator.fingerprint(), "train_seconds": generator.train_seconds,
                        "history": generator.history, "seconds": time.perf_counter() - t0}
 
