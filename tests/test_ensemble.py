@@ -111,3 +111,22 @@ def test_an_ensemble_of_one_is_the_generator_and_leaves_names_alone(tmp_path):
         generator_fingerprint(ds, _config(tmp_path, "generator.ensemble=3").generator, 0)
     gen, _ = generator_stage(ds, plain)
     assert isinstance(gen, DiffusionGenerator)
+
+
+def test_a_saved_ensemble_serves_the_recipes_an_ensemble_serves_and_the_stage_trains_only_embedded_ones(members,
+                                                                                                      tmp_path):
+    """generator.path at a saved ensemble: refused for a recipe whose images skip select's stage
+    (UtilGen moves a single generator's policy), taken by SYNAuG, with feedback too; the stage
+    itself refuses an ensemble of a generator the run does not train."""
+    from synthaug.runs import preflight
+
+    _, gens = members
+    Ensemble(gens[:2]).save_pretrained(tmp_path / "saved")
+    path = f"generator.path={tmp_path / 'saved'}"
+    with pytest.raises(SynthaugError, match="recipe utilgen takes no generator.ensemble .* point generator.path at a "
+                                            "single generator"):
+        preflight(_config(tmp_path, path, "recipe=utilgen"))
+    preflight(_config(tmp_path, path))
+    preflight(_config(tmp_path, path, "generator.feedback=0.03"))
+    with pytest.raises(SynthaugError, match="generator.ensemble trains that many embedded generators"):
+        generator_stage(make_dataset((6, 4, 2)), _config(tmp_path, path, "generator.ensemble=2"))

@@ -266,9 +266,12 @@ def _write_report(path, metrics, real, synthetic, config_yaml, sections, replaye
                      f"{html.escape(str(generator.get('path', '')))} (fingerprint {html.escape(str(generator.get('fingerprint')))})"
                      "; not fine-tuned on this data.</p>")
     if generator and generator.get("history"):
+        members = generator.get("members")  # an ensemble: its first member's curve (the others' run alike)
+        where = ", ".join(str(m.get("path", "")) for m in members) if members else generator.get("path", "")
+        history = [h for h in generator["history"] if h.get("member", 0) == 0]
         parts.append(f"<h2>Generator training</h2><p class='muted'>{html.escape(generator.get('source', ''))}: "
-                     f"{html.escape(generator.get('path', ''))}</p>"
-                     + curve_plot(generator["history"], "step", "loss", "step", "denoising loss"))
+                     f"{html.escape(where)}{f'; the first of {len(members)} generators' if members else ''}</p>"
+                     + curve_plot(history, "step", "loss", "step", "denoising loss"))
     if metrics.get("history"):
         parts.append("<h2>Classifier training</h2>" + curve_plot(metrics["history"], "epoch", "loss", "epoch", "training loss"))
     stage_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.1f}</td></tr>" for k, v in metrics["seconds"].items())

@@ -65,14 +65,14 @@ def preflight(config: RunConfig, baselines: list[str] = ()):
         raise SynthaugError(f"recipe {config.recipe} makes no synthetic images, so validate.enabled would do nothing: "
                             f"use one of {able}, or set validate.enabled=false")
     GENERATORS.lookup(generator_kind(config.generator))
-    if config.generator.feedback or config.generator.ensemble > 1:
+    if config.generator.feedback or config.generator.ensemble > 1 or config.generator.path:
         from .generate.cache import saved_kind
 
         path = config.generator.path  # a saved generator: the kind its folder names
         kind = (saved_kind(path) or "embedded") if path else generator_kind(config.generator)
         if config.generator.feedback:
             check_feedback(config, kind)
-        if config.generator.ensemble > 1:
+        if config.generator.ensemble > 1 or kind == "ensemble":  # a saved ensemble serves the same recipes
             check_ensemble(config, kind)
     if config.generator.pretrained:
         from .generate.stable_diffusion import check_pretrained
@@ -96,7 +96,7 @@ def check_feedback(config: RunConfig, kind: str):
         able = ", ".join(sorted(n for n in RECIPES.names() if get_recipe(n).selects))
         raise SynthaugError(f"recipe {config.recipe} takes no {name} (the recipes whose images pass select's stage "
                             f"do): use one of {able}, or set {name}=0")
-    if kind != "embedded":
+    if kind not in ("embedded", "ensemble"):  # an ensemble passes the guide to its embedded generators
         raise SynthaugError(f"{name} guides the embedded generator's sampling, not the {kind} generator's: leave "
                             f"generator.pretrained unset, or set {name}=0")
     check_guided(config.executor.name)
@@ -108,9 +108,10 @@ def check_ensemble(config: RunConfig, kind: str):
     name = "generator.ensemble"
     if config.recipe == "auto" or not get_recipe(config.recipe).selects:
         able = ", ".join(sorted(n for n in RECIPES.names() if get_recipe(n).selects))
+        fix = f"set {name}=1" if config.generator.ensemble > 1 else "point generator.path at a single generator"
         raise SynthaugError(f"recipe {config.recipe} takes no {name} (the recipes whose images pass select's stage "
-                            f"do): use one of {able}, or set {name}=1")
-    if kind != "embedded" or config.generator.path:
+                            f"do): use one of {able}, or {fix}")
+    if config.generator.ensemble > 1 and (kind != "embedded" or config.generator.path):
         what = f"the saved generator in '{config.generator.path}'" if config.generator.path else f"the {kind} generator"
         raise SynthaugError(f"{name} trains that many embedded generators at successive seeds, and this run uses "
                             f"{what}: leave generator.path and generator.pretrained unset, or set {name}=1")

@@ -9,9 +9,10 @@ from pathlib import Path
 
 from ..classify.evaluate import predict_logits
 from ..data.dataset import ImageDataset
+from ..errors import SynthaugError
 from ..store import SyntheticStore
 from .base import Generator
-from .cache import generator_for, provenance, sampler_config
+from .cache import generator_for, provenance, sampler_config, trains_embedded
 from .ensemble import Ensemble, member_seeds
 from .executors import check_guided, execute
 from .feedback import criterion
@@ -24,6 +25,9 @@ def generator_stage(real: ImageDataset, config, *, progress: bool = False, unlab
     t0 = time.perf_counter()
     cache_root = config.generator.cache_dir or Path(config.output_dir) / "generators"
     section = config.generator
+    if section.ensemble > 1 and not trains_embedded(section):
+        raise SynthaugError("generator.ensemble trains that many embedded generators at successive seeds: leave "
+                            "generator.path and generator.pretrained unset, or set generator.ensemble=1")
     made = [generator_for(real, replace(section, seed=seed), cache_root=cache_root, progress=progress,
                           device=config.train.device, unlabeled=unlabeled, image_embed_dim=image_embed_dim)
             for seed in member_seeds(section.seed, section.ensemble)]
