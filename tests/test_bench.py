@@ -337,6 +337,11 @@ def test_a_replay_control_costs_no_generation_and_is_not_a_classical_baseline(tm
                     generator={"path": "generators/abc", "trained_now": trained_now, "train_seconds": 3209.0})
         row = result_row(suite, suite.cells_[0], used, tmp_path / "out" / "cells" / "x", tmp_path / "out", 60.0, {})
         assert row["generator"] == "abc" and row["generator_train_seconds"] == 3209.0
+    # an ensemble (generator.ensemble) is named by its members' folders and costs their training together
+    ensemble = dict(metrics, generator={"source": "ensemble", "trained_now": False, "train_seconds": 900.0,
+                                        "members": [{"path": "generators/abc"}, {"path": "generators/def"}]})
+    row = result_row(suite, suite.cells_[0], ensemble, tmp_path / "out" / "cells" / "x", tmp_path / "out", 60.0, {})
+    assert row["generator"] == "abc+def" and row["generator_train_seconds"] == 900.0
     # a cell's own unnamed generator (LDMLR's feature model) is costed by its stage, once, and by no other recipe
     features = dict(metrics, seconds={"train": 60.0, "generator": 50.0}, generator={"kind": "features", "train_seconds": 50.0})
     row = result_row(suite, suite.cells_[0], features, tmp_path / "out" / "cells" / "x", tmp_path / "out", 60.0, {})

@@ -51,6 +51,24 @@ def test_each_image_is_its_seed_s_member_s_image_in_any_batch(members):
     assert sorted(i for part in by_member for i in part) == list(range(len(rows))) and all(by_member)
 
 
+def test_generate_splits_every_per_image_argument_by_member(members):
+    """Image-guided generation from given images at one strength per image, and generation from
+    given initial noise: each image as its member makes it alone from its own arguments."""
+    ds, gens = members
+    ensemble = Ensemble(gens)
+    labels, seeds, strengths = [0, 1, 2, 0, 1], [10, 11, 12, 13, 14], [0.5, 0.6, 0.7, 0.8, 0.9]
+    init = ds.images[[0, 12, 20, 1, 13]]
+    guided = ensemble.generate(labels, seeds, sampler=SAMPLER, init_images=init, strength=strengths)
+    noise = torch.randn(5, *ensemble.noise_shape, generator=torch.Generator().manual_seed(0))
+    noised = ensemble.generate(labels, seeds, sampler=SAMPLER, noise=noise)
+    for i, seed in enumerate(seeds):
+        member = gens[seed % 3]
+        assert torch.equal(guided[i], member.generate([labels[i]], [seed], sampler=SAMPLER, init_images=init[i:i + 1],
+                                                      strength=[strengths[i]])[0])
+        assert torch.equal(noised[i], member.generate([labels[i]], [seed], sampler=SAMPLER, noise=noise[i:i + 1])[0])
+    assert not torch.equal(guided, noised)
+
+
 def test_the_ensemble_is_named_by_its_members_and_saved_as_their_folders(members, tmp_path):
     ds, gens = members
     ensemble = Ensemble(gens[:2])
@@ -64,6 +82,11 @@ def test_the_ensemble_is_named_by_its_members_and_saved_as_their_folders(members
     assert torch.equal(loaded.generate_rows(rows, SAMPLER), ensemble.generate_rows(rows, SAMPLER))
     with pytest.raises(SynthaugError, match="at least 2 generators"):
         Ensemble(gens[:1])
+    two = DiffusionGenerator(GeneratorConfig(image_size=8, channels=1, classes=["a", "b"], preset="tiny"))
+    grouped = DiffusionGenerator(GeneratorConfig(image_size=8, channels=1, classes=ds.classes, num_groups=2, preset="tiny"))
+    for other in (two, grouped):
+        with pytest.raises(SynthaugError, match="one shape, conditioning, classes and groups"):
+            Ensemble([gens[0], other])
 
 
 def _config(tmp_path, *extra):

@@ -39,9 +39,12 @@ class Ensemble:
     def __init__(self, members: Sequence):
         if len(members) < 2:
             raise SynthaugError(f"an ensemble needs at least 2 generators, got {len(members)}")
-        shapes = {(m.noise_shape, m.image_embed_dim) for m in members}
-        if len(shapes) > 1:
-            raise SynthaugError("an ensemble's generators must make images of one shape and conditioning")
+        def made(m):  # what a member makes: the images' shape, conditioning, classes and groups
+            config = getattr(m, "config", None)
+            return (m.noise_shape, m.image_embed_dim, tuple(getattr(config, "classes", ())), getattr(config, "num_groups", 0))
+
+        if len({made(m) for m in members}) > 1:
+            raise SynthaugError("an ensemble's generators must make images of one shape, conditioning, classes and groups")
         self.members = list(members)
         self.history = [{**h, "member": j} for j, m in enumerate(self.members) for h in m.history]
         self.train_seconds = sum(m.train_seconds for m in self.members)
