@@ -169,6 +169,23 @@ def test_the_step_is_the_classifier_s_gradient_through_the_blended_clean_image(n
     assert torch.equal(feedback_step(_Squares(), x, torch.tensor(1), _Schedule(), None, None, labels, guide, sampling), x)
 
 
+def test_the_guide_reads_in_eval_mode_and_is_left_as_it_came():
+    """A guide with batch norm handed over in training mode reads each image as in eval mode (no
+    batch statistics, none updated) and is returned in training mode."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 2, 2) * 0.5
+    labels = torch.tensor([0, 1, 0, 1])
+    guide = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    guide[1].running_mean.fill_(0.3)
+    sampling = replace(SAMPLER, feedback=0.05)
+    before = guide[1].running_mean.clone()
+    moved = feedback_step(_Squares(), x, torch.tensor(0), _Schedule(), None, None, labels, guide, sampling)
+    assert guide.training and torch.equal(guide[1].running_mean, before)
+    guide.eval()
+    assert torch.equal(moved, feedback_step(_Squares(), x, torch.tensor(0), _Schedule(), None, None, labels, guide, sampling))
+    assert not guide.training
+
+
 def test_the_sampler_guides_every_nth_step_on_each_image_s_own_cell(trained, monkeypatch):
     """Feedback sees the images' own (class) conditioning, not the guided pair, on steps 0,
     every, 2 x every, ..."""

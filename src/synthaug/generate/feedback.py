@@ -57,8 +57,12 @@ def feedback_step(generator, x: torch.Tensor, t, scheduler, cond: torch.Tensor, 
     low, high = seen.min(1, keepdim=True).values.detach(), seen.max(1, keepdim=True).values.detach()
     image = ((seen - low) / (high - low).clamp_min(1e-8)).view_as(x_in)
     device = next(guide.parameters()).device
-    guide.eval()
-    value = criterion(guide(image.to(device)), labels.to(device), sampling.feedback_criterion)
+    was_training = guide.training
+    guide.eval()  # its reading of an image must not depend on the batch (batch norm), nor update its statistics
+    try:
+        value = criterion(guide(image.to(device)), labels.to(device), sampling.feedback_criterion)
+    finally:
+        guide.train(was_training)  # the caller's module is left as it came
     (grad,) = torch.autograd.grad(value.sum(), x_in)
     shape = (-1,) + (1,) * (x.dim() - 1)
     norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(shape)
