@@ -153,3 +153,15 @@ def test_a_saved_ensemble_serves_the_recipes_an_ensemble_serves_and_the_stage_tr
     preflight(_config(tmp_path, path, "generator.feedback=0.03"))
     with pytest.raises(SynthaugError, match="generator.ensemble trains that many embedded generators"):
         generator_stage(make_dataset((6, 4, 2)), _config(tmp_path, path, "generator.ensemble=2"))
+
+
+def test_saving_refuses_a_link_planted_at_a_member_s_folder(members, tmp_path):
+    """A link at `member-0` (pointing elsewhere) is refused, and nothing is written through it."""
+    _, gens = members
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "saved").mkdir()
+    (tmp_path / "saved" / "member-0").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(SynthaugError, match="is a link, not a file synthaug wrote"):
+        Ensemble(gens[:2]).save_pretrained(tmp_path / "saved")
+    assert not any(outside.iterdir()) and not (tmp_path / "saved" / "generator.json").exists()

@@ -86,16 +86,21 @@ def preflight(config: RunConfig, baselines: list[str] = ()):
     check_name(config.run_name(), "name")
 
 
+def check_selects(config: RunConfig, option: str, fix: str):
+    """Refuse `option` for a recipe whose images do not pass the generation stage (select_stage)."""
+    if config.recipe == "auto" or not get_recipe(config.recipe).selects:
+        able = ", ".join(sorted(n for n in RECIPES.names() if get_recipe(n).selects))
+        raise SynthaugError(f"recipe {config.recipe} takes no {option} (the recipes whose images pass select's stage "
+                            f"do): use one of {able}, or {fix}")
+
+
 def check_feedback(config: RunConfig, kind: str):
     """Refuse feedback guidance where it would do nothing or cannot run: a recipe whose images do not
     pass the generation stage, a generator other than the embedded one, an executor with workers."""
     from .generate.executors import check_guided
 
     name = "generator.feedback"
-    if config.recipe == "auto" or not get_recipe(config.recipe).selects:  # their images pass select_stage
-        able = ", ".join(sorted(n for n in RECIPES.names() if get_recipe(n).selects))
-        raise SynthaugError(f"recipe {config.recipe} takes no {name} (the recipes whose images pass select's stage "
-                            f"do): use one of {able}, or set {name}=0")
+    check_selects(config, name, f"set {name}=0")
     if kind not in ("embedded", "ensemble"):  # an ensemble passes the guide to its embedded generators
         raise SynthaugError(f"{name} guides the embedded generator's sampling, not the {kind} generator's: leave "
                             f"generator.pretrained unset, or set {name}=0")
@@ -106,11 +111,8 @@ def check_ensemble(config: RunConfig, kind: str):
     """Refuse a generator ensemble where it would do nothing or cannot be trained: a recipe whose images
     do not pass the generation stage, a generator the run does not train (Stable Diffusion, a saved one)."""
     name = "generator.ensemble"
-    if config.recipe == "auto" or not get_recipe(config.recipe).selects:
-        able = ", ".join(sorted(n for n in RECIPES.names() if get_recipe(n).selects))
-        fix = f"set {name}=1" if config.generator.ensemble > 1 else "point generator.path at a single generator"
-        raise SynthaugError(f"recipe {config.recipe} takes no {name} (the recipes whose images pass select's stage "
-                            f"do): use one of {able}, or {fix}")
+    check_selects(config, name, f"set {name}=1" if config.generator.ensemble > 1 else
+                  "point generator.path at a single generator")
     if config.generator.ensemble > 1 and (kind != "embedded" or config.generator.path):
         what = f"the saved generator in '{config.generator.path}'" if config.generator.path else f"the {kind} generator"
         raise SynthaugError(f"{name} trains that many embedded generators at successive seeds, and this run uses "

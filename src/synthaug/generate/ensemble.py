@@ -88,24 +88,22 @@ class Ensemble:
 
     def generate(self, labels, seeds, groups=None, sampler: SamplerConfig | None = None, *,
                  init_images: torch.Tensor | None = None, strength=1.0, image_embeds: torch.Tensor | None = None,
-                 noise: torch.Tensor | None = None, **options) -> torch.Tensor:
+                 image_keep: torch.Tensor | None = None, noise: torch.Tensor | None = None, **options) -> torch.Tensor:
         """`Generator.generate`, each image by its seed's member (per-image arguments split alike)."""
         seeds = list(seeds)
 
-        def pick(value, idx):
+        def pick(value, idx):  # a per-image argument's share for `idx` (one value for all stays as it is)
             if value is None or isinstance(value, (int, float)):
                 return value
             return value[idx] if isinstance(value, torch.Tensor) else [value[i] for i in idx]
 
-        per_image = {"init_images": init_images, "image_embeds": image_embeds, "noise": noise,
-                     **{k: v for k, v in options.items() if k == "image_keep"}}
-        rest = {k: v for k, v in options.items() if k != "image_keep"}
+        per_image = {"init_images": init_images, "strength": strength, "image_embeds": image_embeds, "noise": noise}
+        if image_keep is not None:  # passed on only when given (a member without image conditioning takes none)
+            per_image["image_keep"] = image_keep
 
         def make(member, idx):
-            return member.generate(pick(list(labels), idx), [seeds[i] for i in idx],
-                                   pick(list(groups), idx) if groups is not None else None, sampler,
-                                   strength=pick(strength, idx), **{k: pick(v, idx) for k, v in per_image.items()},
-                                   **rest)
+            return member.generate(pick(list(labels), idx), [seeds[i] for i in idx], pick(groups, idx), sampler,
+                                   **{k: pick(v, idx) for k, v in per_image.items()}, **options)
 
         return self._assemble(len(seeds), self.parts(seeds), make)
 
