@@ -12,7 +12,8 @@ weighting, CBDM's regulariser (tau 1), an EMA half-life of 10% of the run, twice
 the base preset's network (alone, and on Min-SNR), the Min-SNR generator sampled at a lower
 classifier-free guidance (2 and 1.5; the same trained generator), and the Min-SNR generator trained
 with non-leaking augmentation (`generator.augment`), at 800 steps and, beside Min-SNR alone, at 2,400, and
-the Min-SNR generator sampled with feedback guidance (`generator.feedback`, select's scorer guiding).
+the Min-SNR generator sampled with feedback guidance (`generator.feedback`, select's scorer guiding), and
+sampled with classifier-free guidance only at the middle noise levels (`generator.guidance_interval`).
 Each draws the same labels and seeds (`--per-class` per class) and is measured against a
 classifier trained on the full balanced real training set (the oracle): the share of images
 it recognises, overall and on the tail (the few-shot classes, under 4% of the largest), the
@@ -79,6 +80,12 @@ LEVERS = {
     # Softmax on the real split, float32, 107 epochs = 960 steps) at the generator's seed climbs its reading's entropy
     "Min-SNR gamma 5, feedback 0.03": ["generator.min_snr_gamma=5", "generator.feedback=0.03", *GUIDE],
     "Min-SNR gamma 5, feedback 0.1": ["generator.min_snr_gamma=5", "generator.feedback=0.1", *GUIDE],
+    # guidance only at the middle noise levels (session 55, `generator.guidance_interval`; Kynkaanniemi et al. 2024's
+    # EDM2 interval): the first two of the 10 steps and the last sample the class alone
+    "Min-SNR gamma 5, guidance 3 in (0.28, 5.42]": ["generator.min_snr_gamma=5", "generator.guidance_interval=[0.28,5.42]"],
+    "Min-SNR gamma 5, guidance 4 in (0.28, 5.42]": ["generator.min_snr_gamma=5", "generator.guidance_scale=4",
+                                                    "generator.guidance_interval=[0.28,5.42]"],
+    "Min-SNR gamma 5, guidance 3 in (0.28, 2.5]": ["generator.min_snr_gamma=5", "generator.guidance_interval=[0.28,2.5]"],
 }
 RESULTS = HERE / "results" / "generator_levers.jsonl"
 

@@ -119,7 +119,8 @@ def test_options_added_later_leave_cache_keys_alone_at_their_former_values():
     # the section's list: the training's, and sampling's (a store made before keeps its name)
     assert TrainConfig.ADDED and GeneratorSection.ADDED == {**GeneratorTrainConfig.ADDED, "group_guidance_scale": None,
                                                             "feedback": 0.0, "feedback_criterion": "entropy",
-                                                            "feedback_every": 1, "ensemble": 1}
+                                                            "feedback_every": 1, "ensemble": 1,
+                                                            "guidance_interval": None}
     plain = key_dict(TrainConfig())
     assert not set(TrainConfig.ADDED) & set(plain)
     assert plain == {k: v for k, v in asdict(TrainConfig()).items() if k not in TrainConfig.ADDED}

@@ -211,6 +211,71 @@ def test_group_guidance_scale_weighs_the_group_s_term_alone():
         load_config(None, ["generator.group_guidance_scale=-1"])
 
 
+def test_guidance_interval_guides_only_the_steps_whose_noise_level_lies_in_it(trained, monkeypatch):
+    """Guidance limited to noise levels (low, high]: the steps outside run the class's branch alone;
+    the whole range gives the images guided at every step, bit for bit, a range no step reaches the
+    unguided ones, and a range between gives neither."""
+    from synthaug.generate.network import build_sampler, guided_steps
+
+    ds, gen = trained
+    schedule = build_sampler(gen.config, "sde-dpm-solver++")
+    schedule.set_timesteps(10)
+    alpha_bar = schedule.alphas_cumprod[schedule.timesteps.long()].double()
+    sigma = ((1 - alpha_bar) / alpha_bar).sqrt().tolist()  # 2.0e4, 6.4, 3.1, 2.0, ..., 0.34, 0.17 (cosine schedule)
+    assert guided_steps(schedule, schedule.timesteps, None) == [True] * 10
+    assert guided_steps(schedule, schedule.timesteps, (0.28, 5.42)) == [False, False] + [True] * 7 + [False]
+    assert guided_steps(schedule, schedule.timesteps, (sigma[3], sigma[2])) == [i == 2 for i in range(10)]  # (low, high]
+    batches = []
+    real = DiffusionGenerator.predict_noise
+    monkeypatch.setattr(DiffusionGenerator, "predict_noise", lambda self, x, t, c, m: batches.append(len(x)) or real(self, x, t, c, m))
+    labels, seeds = [0, 1, 2], [5, 6, 7]
+    sampler = SamplerConfig(steps=10, guidance_scale=3.0, precision="float32")
+    everywhere = gen.generate(labels, seeds, sampler=sampler)
+    assert batches == [6] * 10  # (class, null class) each step
+    batches.clear()
+    limited = gen.generate(labels, seeds, sampler=replace(sampler, guidance_interval=(0.28, 5.42)))
+    assert batches == [3, 3] + [6] * 7 + [3]
+    assert torch.equal(gen.generate(labels, seeds, sampler=replace(sampler, guidance_interval=(0, float("inf")))), everywhere)
+    unguided = gen.generate(labels, seeds, sampler=replace(sampler, guidance_scale=1.0))
+    assert torch.equal(gen.generate(labels, seeds, sampler=replace(sampler, guidance_interval=(1e6, 1e7))), unguided)
+    assert not torch.equal(limited, everywhere) and not torch.equal(limited, unguided)
+    for bad in [(5.42, 0.28), (1.0,), (-1, 2), ("a", 2), (float("nan"), 1)]:
+        with pytest.raises(SynthaugError, match="guidance_interval is two noise levels"):
+            SamplerConfig(guidance_interval=bad)
+
+
+def test_guidance_interval_is_a_sampling_option_a_store_records(trained, tmp_path):
+    """Unset (the former sampling) the store's provenance is what it was; set, the stage samples with
+    it and the sampler's name in the store carries it, so a store made guiding every step refuses the
+    run before writing; the trained generator keeps its name, and the bench's stores theirs while unset."""
+    from synthaug.config import load_config
+    from synthaug.generate.cache import generator_fingerprint, sampler_config, sampling_provenance
+    from synthaug.generate.stage import generate_stage
+    from synthaug.store import SyntheticStore
+    from synthaug.utils.keys import key_dict
+
+    ds, gen = trained
+    config = lambda *o: load_config(None, ["recipe=synaug", "generator.sampling_steps=3",  # noqa: E731
+                                           "generator.precision=float32", f"output_dir={tmp_path}", *o])
+    plain, limited = config(), config("generator.guidance_interval=[0.28, 5.42]")
+    assert sampler_config(limited.generator).guidance_interval == (0.28, 5.42)
+    assert sampling_provenance(sampler_config(plain.generator), "embedded")["sampler"] == "sde-dpm-solver++/3"
+    assert generator_fingerprint(ds, plain.generator, 0) == generator_fingerprint(ds, limited.generator, 0)
+    assert "guidance_interval" not in key_dict(plain.generator)
+    assert key_dict(limited.generator)["guidance_interval"] == [0.28, 5.42]
+    plan = [{"id": f"r{i}", "label": i % 3, "seed": i} for i in range(4)]
+    images, _ = generate_stage(plan, gen, limited, tmp_path / "limited", ds)
+    assert {r["sampler"] for r in SyntheticStore(tmp_path / "limited", ds.classes).rows()} == \
+        {"sde-dpm-solver++/3 guided in (0.28, 5.42]"}
+    assert torch.equal(images.images, gen.generate([r["label"] for r in plan], [r["seed"] for r in plan],
+                                                   sampler=sampler_config(limited.generator)))
+    generate_stage(plan, gen, plain, tmp_path / "plain", ds)
+    before = sorted(p.name for p in (tmp_path / "plain").rglob("*"))
+    with pytest.raises(SynthaugError, match=r"made with sampler sde-dpm-solver\+\+/3, not sde-dpm-solver\+\+/3 guided in"):
+        generate_stage(plan, gen, limited, tmp_path / "plain", ds)
+    assert sorted(p.name for p in (tmp_path / "plain").rglob("*")) == before
+
+
 @pytest.mark.parametrize("augment", [0.0, 0.5])  # with augmentation its map into the timestep embedding resumes too
 def test_resume_after_interruption(augment, tmp_path, monkeypatch):
     ds = make_dataset((12, 8, 4))

@@ -35,7 +35,7 @@ from .choices import (
 )
 from .classify.train import TrainConfig
 from .errors import SynthaugError
-from .generate.network import GeneratorTrainConfig
+from .generate.network import GeneratorTrainConfig, check_interval
 from .utils.paths import check_folder, check_name
 from .utils.registry import Registry
 
@@ -140,7 +140,8 @@ class GeneratorSection:
     # options added later, with the values generators had before them: left out of cache keys (trained
     # generators, shared stores) at those (utils/keys.py); the training's own list, and sampling's
     ADDED: ClassVar[dict[str, object]] = {**GeneratorTrainConfig.ADDED, "group_guidance_scale": None, "feedback": 0.0,
-                                          "feedback_criterion": "entropy", "feedback_every": 1, "ensemble": 1}
+                                          "feedback_criterion": "entropy", "feedback_every": 1, "ensemble": 1,
+                                          "guidance_interval": None}
 
     path: str | None = None  # a folder written by save_pretrained: use it instead of training one
     # embedded, stable-diffusion or a registered kind (generate/cache.py); auto: stable-diffusion with pretrained
@@ -175,6 +176,10 @@ class GeneratorSection:
     # a group-conditioned generator's (composed) guidance: the group's term at this scale, the class's at
     # guidance_scale (default: guidance_scale for both; 0: the class's guidance alone)
     group_guidance_scale: float | None = None
+    # [low, high]: the embedded generator guides only the sampling steps whose noise level sigma lies in (low, high]
+    # and samples the class alone at the others (Kynkaanniemi et al. 2024, whose EDM2 models used [0.28, 5.42]:
+    # guided at high noise, the images crowd into a few modes of their class); unset: guidance at every step
+    guidance_interval: list | None = None
     sampling_batch_size: int = 128
     # > 0: feedback guidance (Askari-Hemmat et al. 2024; generate/feedback.py): each sampling step (every
     # feedback_every-th) moves x_t by this share of its norm up the criterion (entropy or loss) of select's scorer,
@@ -234,6 +239,7 @@ class GeneratorSection:
         if self.group_guidance_scale is not None and self.group_guidance_scale < 0:
             raise SynthaugError(f"generator.group_guidance_scale must be >= 0 (0: the class's guidance alone), "
                                 f"got {self.group_guidance_scale}")
+        check_interval(self.guidance_interval, "generator.guidance_interval")
         if self.ensemble < 1:
             raise SynthaugError(f"generator.ensemble is the number of generators, >= 1 (1: one), got {self.ensemble}")
         if not 0 <= self.feedback < float("inf") or self.feedback_every < 1:

@@ -65,13 +65,17 @@ def preflight(config: RunConfig, baselines: list[str] = ()):
         raise SynthaugError(f"recipe {config.recipe} makes no synthetic images, so validate.enabled would do nothing: "
                             f"use one of {able}, or set validate.enabled=false")
     GENERATORS.lookup(generator_kind(config.generator))
-    if config.generator.feedback or config.generator.ensemble > 1 or config.generator.path:
+    if (config.generator.feedback or config.generator.ensemble > 1 or config.generator.path
+            or config.generator.guidance_interval is not None):
         from .generate.cache import saved_kind
 
         path = config.generator.path  # a saved generator: the kind its folder names
         kind = (saved_kind(path) or "embedded") if path else generator_kind(config.generator)
         if config.generator.feedback:
             check_feedback(config, kind)
+        if config.generator.guidance_interval is not None and kind not in ("embedded", "ensemble"):
+            raise SynthaugError(f"generator.guidance_interval limits the embedded generator's guidance, not the {kind} "
+                                "generator's: leave generator.pretrained unset, or generator.guidance_interval unset")
         if config.generator.ensemble > 1 or kind == "ensemble":  # a saved ensemble serves the same recipes
             check_ensemble(config, kind)
     if config.generator.pretrained:

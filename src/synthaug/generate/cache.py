@@ -161,7 +161,7 @@ def sampler_config(section, device: str = "auto") -> SamplerConfig:
                          group_guidance_scale=section.group_guidance_scale,
                          batch_size=section.sampling_batch_size, precision=resolved_precision(section.precision, device),
                          feedback=section.feedback, feedback_criterion=section.feedback_criterion,
-                         feedback_every=section.feedback_every)
+                         feedback_every=section.feedback_every, guidance_interval=section.guidance_interval)
 
 
 def resolved_precision(precision: str, device: str) -> str:
@@ -205,6 +205,9 @@ def sampling_provenance(sampling: SamplerConfig, kind: str | None) -> dict:
     if sampling.feedback:  # in the sampler's name, which every store records: a store made without it refuses it
         made["sampler"] += (f" feedback {sampling.feedback_criterion} {sampling.feedback:g}"
                             f"{f' every {sampling.feedback_every}' if sampling.feedback_every != 1 else ''}")
+    if sampling.guidance_interval is not None:  # in the sampler's name too: a store made guiding every step refuses it
+        low, high = sampling.guidance_interval
+        made["sampler"] += f" guided in ({low:g}, {high:g}]"
     # the UNet's arithmetic when not float32 (float32 stores keep their rows; Stable Diffusion
     # computes in its own generator.dtype)
     if sampling.precision != "float32" and kind in ("embedded", "ensemble"):  # an ensemble's: embedded generators

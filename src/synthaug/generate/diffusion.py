@@ -21,7 +21,14 @@ from ..utils.runtime import autocast, fast_dtype, progress_bar, resolve_device
 from .base import generate_arguments
 from .feedback import feedback_step
 from .image_condition import ConditionEmbedding, PCAEncoder
-from .network import GeneratorConfig, GeneratorTrainConfig, SamplerConfig, build_sampler, build_unet
+from .network import (
+    GeneratorConfig,
+    GeneratorTrainConfig,
+    SamplerConfig,
+    build_sampler,
+    build_unet,
+    guided_steps,
+)
 
 
 class DiffusionGenerator:
@@ -257,6 +264,7 @@ class DiffusionGenerator:
         scheduler = build_sampler(self.config, sampling.sampler)
         scheduler.set_timesteps(sampling.steps)
         timesteps = scheduler.timesteps[start:]
+        guiding = guided_steps(scheduler, timesteps, sampling.guidance_interval) if guided else [False] * len(timesteps)
         if init is None:
             x = x * scheduler.init_noise_sigma
         else:  # SDEdit: the real image noised to the first timestep run, as diffusers' img2img does
@@ -269,18 +277,18 @@ class DiffusionGenerator:
             with autocast(device, dtype):
                 if composed:
                     eps = self.predict_noise(torch.cat([model_in] * 3), t, torch.cat([cond, uncond]), None).float()
-                elif guided:
+                elif guiding[step]:
                     eps = self.predict_noise(torch.cat([model_in, model_in]), t, torch.cat([cond, uncond]), both).float()
                 else:
                     eps = self.predict_noise(model_in, t, cond, cond_map).float()
             if composed:
                 eps_class, eps_group, eps_uncond = eps.chunk(3)
-                w, w_group = sampling.guidance_scale, sampling.group_guidance_scale
+                w, w_group = (sampling.guidance_scale, sampling.group_guidance_scale) if guiding[step] else (1.0, 1.0)
                 if w_group is None or w_group == w:  # one scale (the images made before the split, bit for bit)
                     eps = eps_uncond + w * (eps_class + eps_group - 2 * eps_uncond)
                 else:
                     eps = eps_uncond + w * (eps_class - eps_uncond) + w_group * (eps_group - eps_uncond)
-            elif guided:
+            elif guiding[step]:
                 eps_cond, eps_uncond = eps.chunk(2)
                 eps = eps_uncond + sampling.guidance_scale * (eps_cond - eps_uncond)
             if guide is not None and step % sampling.feedback_every == 0:  # moves x_t; the solver steps from there

@@ -316,6 +316,9 @@ class StableDiffusionGenerator(StableDiffusionTraining):
         Arguments as in `DiffusionGenerator.generate`: `init_images` + `strength` for img2img,
         `image_embeds` (+ `image_keep`) for unCLIP, `noise` (N, 4, h, w) for the initial latents."""
         sampling = sampler or SamplerConfig(guidance_scale=7.5, steps=25)
+        if sampling.guidance_interval is not None:
+            raise SynthaugError("generator.guidance_interval limits the embedded generator's guidance; a Stable Diffusion "
+                                "pipeline guides every step: leave generator.guidance_interval unset")
         if groups is not None:
             raise SynthaugError("Stable Diffusion generators are not group-conditioned: set synaug.balance_groups=false")
         labels = torch.as_tensor(labels, dtype=torch.int64)
