@@ -701,31 +701,44 @@ def test_a_link_planted_at_the_store_s_job_folder_is_refused_not_followed_nor_em
     assert (outside / "notes.txt").read_text() == "mine"
 
 
-@pytest.mark.parametrize("recipe", ["synaug", "augcond"])
+@pytest.mark.parametrize("recipe", ["synaug", "augcond", "tada", "utilgen", "utilgen-later"])
 def test_a_store_made_at_another_guidance_is_refused_before_the_generator_trains(recipe, sandbox, capsys, monkeypatch):
-    """The sampler's settings are known before the generator: a store that holds this plan's rows made
-    at another guidance is refused by the run's checks, not once a generator has trained for it."""
+    """The sampler's settings are known before the generator: a store that holds rows this run may
+    write made at another guidance is refused by the run's checks, not once a generator (and TADA's
+    early model, UtilGen's rounds) has trained for it. TADA's rows do not depend on which examples
+    its early model targets, and UtilGen's later rounds' ids and classes not on the earlier rounds."""
     from synthaug.config import load_config
     from synthaug.data import load_dataset
     from synthaug.generate.cache import sampler_config
-    from synthaug.plan import balance_plan
+    from synthaug.plan import balance_plan, targeted_plan, utility_plan
     from synthaug.recipes import get_recipe
     from synthaug.recipes.augcond import plan_of
     from synthaug.recipes.synaug import split_replay
+    from synthaug.recipes.utilgen import sampling_of
     from synthaug.task import make_task
 
     store_dir = sandbox / "store"
+    name = recipe.split("-")[0]
     split = {"synaug": ["split.ratio=5"], "augcond": ["split.kind=few-shot", "split.k=5", "augcond.expand=3",
-                                                     "augcond.embed_dim=8"]}[recipe]
-    args = ["data.dataset=digits", *split, "train.epochs=1", f"recipe={recipe}", "output_dir=runs",
-            f"{recipe}.store_dir={store_dir}", "generator.preset=tiny", "generator.steps=2"]
+                                                     "augcond.embed_dim=8"],
+             "tada": ["split.kind=none"], "utilgen": ["split.ratio=5", "split.val_per_class=3", "utilgen.rounds=2"]}[name]
+    args = ["data.dataset=digits", *split, "train.epochs=4", f"recipe={name}", "output_dir=runs",
+            f"{name}.store_dir={store_dir}", "generator.preset=tiny", "generator.steps=2"]
     config = load_config(None, args)
     task = make_task(load_dataset("digits"), config.split)
-    if recipe == "synaug":
-        plan = split_replay(balance_plan(task.train, seed=config.generator.plan_seed), config.synaug.replay_share, task.train)[1]
-    else:
+    sampling, seed = sampler_config(config.generator), config.generator.plan_seed
+    if name == "synaug":
+        plan = split_replay(balance_plan(task.train, seed=seed), config.synaug.replay_share, task.train)[1]
+    elif name == "augcond":
         plan = plan_of(task, config)
-    made, sampling = plan[:3], sampler_config(config.generator)
+    elif name == "tada":  # the last examples: ones the early model may well have learnt
+        every = torch.ones(len(task.train), dtype=torch.bool)
+        plan = targeted_plan(task.train, every, variants=config.tada.variants, strength=config.tada.strength, seed=seed)[-3:]
+    else:
+        sampling = sampling_of(config)
+        round_name = "r1" if recipe == "utilgen" else "final"  # the final set starts from the last round's images
+        plan = utility_plan(task.train, per_class=2, round_name=round_name, seed=seed)
+    made = plan[:3]
     SyntheticStore(store_dir, task.train.classes).fill(
         made, lambda r: torch.zeros((len(r), 1, 8, 8), dtype=torch.uint8),
         provenance={"generator": "0" * 16, "guidance_scale": 2.0, "sampler": f"{sampling.sampler}/{sampling.steps}"})
@@ -735,4 +748,4 @@ def test_a_store_made_at_another_guidance_is_refused_before_the_generator_trains
     assert code == 2 and want in err, err
     assert len(err.strip().splitlines()) == 1 and not any((sandbox / "work" / "runs").iterdir()) and intact(sandbox)
     assert {p: p.stat().st_mtime_ns for p in store_dir.rglob("*")} == before
-    get_recipe(recipe).check(task, load_config(None, [*args, "generator.guidance_scale=2"]))  # the store's own passes
+    get_recipe(name).check(task, load_config(None, [*args, "generator.guidance_scale=2"]))  # the store's own passes

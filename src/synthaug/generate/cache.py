@@ -217,15 +217,18 @@ def sampling_provenance(sampling: SamplerConfig, kind: str | None) -> dict:
     return made
 
 
-def check_store_made(store_dir, classes: list[str], plan: list[dict], section, device: str = "auto"):
+def check_store_made(store_dir, classes: list[str], plan: list[dict], section, device: str = "auto", *,
+                     sampling: SamplerConfig | None = None):
     """Fail, before the generator is trained, where the store at `store_dir` (if it is one) holds
-    one of `plan`'s rows made another way than this run would (the rows' fields, the sampler's
-    settings; the generator's fingerprint is checked once it exists). Reads only."""
+    one of `plan`'s rows made another way than this run would (the fields the rows carry, the
+    sampler's settings: the section's, or `sampling` where the recipe samples otherwise; the
+    generator's fingerprint is checked once it exists). Reads only."""
     from ..store import SyntheticStore, is_store
 
     if store_dir and is_store(store_dir):
         kind = generator_kind(section) if not section.path else None  # a saved generator's kind: known once loaded
-        SyntheticStore(store_dir, classes).check_made(plan, sampling_provenance(sampler_config(section, device), kind))
+        made = sampling_provenance(sampling or sampler_config(section, device), kind)
+        SyntheticStore(store_dir, classes).check_made(plan, made)
 
 
 @register_generator(SD_KIND, load=StableDiffusionGenerator.from_pretrained)

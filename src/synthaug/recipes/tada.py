@@ -30,7 +30,7 @@ from ..classify import example_losses, fit_classifier, training_key
 from ..config import register_section
 from ..data import ImageDataset, concat
 from ..errors import SynthaugError
-from ..generate.cache import check_generator
+from ..generate.cache import check_generator, check_store_made
 from ..generate.stage import generator_stage
 from ..plan import target_mask, targeted_plan
 from ..report import image_row, pct, png, show, subplots
@@ -89,12 +89,18 @@ class TadaSection:
 
 
 def check(task, config):
-    """Fail on a generator that cannot be built, or an early checkpoint that is not early,
-    before anything is written."""
-    if config.tada.early_epochs >= config.train.epochs:
-        raise SynthaugError(f"tada.early_epochs ({config.tada.early_epochs}) must be below train.epochs "
+    """Fail on a generator that cannot be built, an early checkpoint that is not early, or a given
+    store that holds a variant this run may make made another way, before anything is written."""
+    opts = config.tada
+    if opts.early_epochs >= config.train.epochs:
+        raise SynthaugError(f"tada.early_epochs ({opts.early_epochs}) must be below train.epochs "
                             f"({config.train.epochs}): the split needs a model that has not finished training")
     check_generator(config.generator, task.train, groups=task.train.groups is not None)  # variants keep their group
+    if opts.store_dir:  # which examples are targeted is known after the early training; a variant's row is not
+        every = torch.ones(len(task.train), dtype=torch.bool)
+        plan = targeted_plan(task.train, every, variants=opts.variants, strength=opts.strength,
+                             seed=config.generator.plan_seed)
+        check_store_made(opts.store_dir, task.train.classes, plan, config.generator, config.train.device)
 
 
 def score_examples(task, config, *, workdir: Path, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict]:

@@ -38,7 +38,8 @@ from ..classify import evaluate, extract_features, fit_classifier, training_key
 from ..config import register_section
 from ..data import ImageDataset, concat
 from ..errors import SynthaugError
-from ..generate.cache import check_generator, load_generator, sampler_config
+from ..generate.cache import check_generator, check_store_made, load_generator, sampler_config
+from ..generate.network import SamplerConfig
 from ..generate.policy import mix_noise
 from ..generate.stage import generator_stage
 from ..plan import row_kind, utility_plan
@@ -105,10 +106,32 @@ def check(task, config):
     if config.executor.name != "local":
         raise SynthaugError("utilgen generates in this process: leave executor.name=local")
     check_generator(config.generator, task.train)
+    if config.utilgen.store_dir:
+        check_store_made(config.utilgen.store_dir, task.train.classes, store_rows(task, config), config.generator,
+                         config.train.device, sampling=sampling_of(config))
 
 
 def per_class(task, multiple: float) -> int:
     return max(1, round(multiple * len(task.train) / task.train.num_classes))
+
+
+def sampling_of(config) -> SamplerConfig:
+    """UtilGen's sampling: the generator section's, with its own sampler and steps (DDIM inverts)."""
+    return replace(sampler_config(config.generator, config.train.device), sampler=config.utilgen.sampler,
+                   steps=config.utilgen.sampling_steps)
+
+
+def store_rows(task, config) -> list[dict]:
+    """Every row the run may write, with what is known of it before anything trains: the first
+    round's (without rounds, the final set's) whole; the later rounds' and the final set's id, class
+    and seed (which image each starts from depends on the rounds before it)."""
+    opts, seed = config.utilgen, config.generator.plan_seed
+    rows = []
+    for i, name in enumerate([*(f"r{r}" for r in range(1, opts.rounds + 1)), "final"]):
+        multiple = opts.final_multiple if name == "final" else opts.per_round
+        plan = utility_plan(task.train, per_class=per_class(task, multiple), round_name=name, seed=seed)
+        rows += plan if i == 0 else [{k: r[k] for k in ("id", "label", "group", "seed", "recipe")} for r in plan]
+    return rows
 
 
 # ---------------------------------------------------------------------------- report
@@ -289,8 +312,7 @@ def utilgen(task, config, *, workdir=None, progress=False, trained=None) -> Reci
     real = task.train
     generator, generator_info = generator_stage(real, config, progress=progress, unlabeled=task.unlabeled)
     seconds["generator"] = generator_info.pop("seconds")
-    sampling = replace(sampler_config(config.generator, config.train.device), sampler=opts.sampler,
-                       steps=opts.sampling_steps)
+    sampling = sampling_of(config)
     store = SyntheticStore(Path(opts.store_dir) if opts.store_dir else workdir / "synthetic", real.classes)
     for key in ("generate", "value", "policy", "model"):
         seconds[key] = 0.0
