@@ -203,6 +203,10 @@ def test_group_guidance_scale_weighs_the_group_s_term_alone():
     assert torch.equal(sample([0, 0], group_guidance_scale=0.0), sample([1, 1], group_guidance_scale=0.0))
     assert not torch.equal(sample([0, 0]), sample([1, 1]))
     assert not torch.equal(sample([0, 0]), sample([0, 0], group_guidance_scale=5.0))
+    # outside a guidance interval each term is at scale 1 at most: the group's 0 stays 0
+    outside = dict(group_guidance_scale=0.0, guidance_interval=(1e6, 1e7))
+    assert torch.equal(sample([0, 0], **outside), sample([1, 1], **outside))
+    assert not torch.equal(sample([0, 0], guidance_interval=(1e6, 1e7)), sample([1, 1], guidance_interval=(1e6, 1e7)))
     unset, split = (load_config(None, o).generator for o in ([], ["generator.group_guidance_scale=1.5"]))
     assert generator_fingerprint(ds, unset, 2) == generator_fingerprint(ds, split, 2)
     assert "group_guidance_scale" not in provenance(gen, sampler_config(unset))
@@ -239,6 +243,10 @@ def test_guidance_interval_guides_only_the_steps_whose_noise_level_lies_in_it(tr
     unguided = gen.generate(labels, seeds, sampler=replace(sampler, guidance_scale=1.0))
     assert torch.equal(gen.generate(labels, seeds, sampler=replace(sampler, guidance_interval=(1e6, 1e7))), unguided)
     assert not torch.equal(limited, everywhere) and not torch.equal(limited, unguided)
+    batches.clear()  # SDEdit from strength 0.5: the run's last five steps, sigma 1.0 to 0.17, guided but the last
+    gen.generate(labels, seeds, sampler=replace(sampler, guidance_interval=(0.28, 5.42)),
+                 init_images=ds.images[:3], strength=0.5)
+    assert batches == [6] * 4 + [3]
     for bad in [(5.42, 0.28), (1.0,), (-1, 2), ("a", 2), (float("nan"), 1)]:
         with pytest.raises(SynthaugError, match="guidance_interval is two noise levels"):
             SamplerConfig(guidance_interval=bad)
@@ -263,6 +271,9 @@ def test_guidance_interval_is_a_sampling_option_a_store_records(trained, tmp_pat
     assert generator_fingerprint(ds, plain.generator, 0) == generator_fingerprint(ds, limited.generator, 0)
     assert "guidance_interval" not in key_dict(plain.generator)
     assert key_dict(limited.generator)["guidance_interval"] == [0.28, 5.42]
+    assert config("generator.guidance_interval=[0, 5]").generator.guidance_interval == [0.0, 5.0]  # as numbers
+    assert sampling_provenance(SamplerConfig(steps=3, guidance_interval=(0.1234567, 5)), None)["sampler"] == \
+        "sde-dpm-solver++/3 guided in (0.1234567, 5.0]"  # every digit: intervals that guide other steps differ
     plan = [{"id": f"r{i}", "label": i % 3, "seed": i} for i in range(4)]
     images, _ = generate_stage(plan, gen, limited, tmp_path / "limited", ds)
     assert {r["sampler"] for r in SyntheticStore(tmp_path / "limited", ds.classes).rows()} == \

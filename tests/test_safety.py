@@ -701,12 +701,13 @@ def test_a_link_planted_at_the_store_s_job_folder_is_refused_not_followed_nor_em
     assert (outside / "notes.txt").read_text() == "mine"
 
 
-@pytest.mark.parametrize("recipe", ["synaug", "augcond", "tada", "utilgen", "utilgen-later"])
+@pytest.mark.parametrize("recipe", ["synaug", "synaug-selected", "augcond", "tada", "utilgen", "utilgen-later"])
 def test_a_store_made_at_another_guidance_is_refused_before_the_generator_trains(recipe, sandbox, capsys, monkeypatch):
     """The sampler's settings are known before the generator: a store that holds rows this run may
     write made at another guidance is refused by the run's checks, not once a generator (and TADA's
     early model, UtilGen's rounds) has trained for it. TADA's rows do not depend on which examples
-    its early model targets, and UtilGen's later rounds' ids and classes not on the earlier rounds."""
+    its early model targets, UtilGen's later rounds' ids and classes not on the earlier rounds, and a
+    selection's over-generated candidates not on the selection."""
     from synthaug.config import load_config
     from synthaug.data import load_dataset
     from synthaug.generate.cache import sampler_config
@@ -715,6 +716,7 @@ def test_a_store_made_at_another_guidance_is_refused_before_the_generator_trains
     from synthaug.recipes.augcond import plan_of
     from synthaug.recipes.synaug import split_replay
     from synthaug.recipes.utilgen import sampling_of
+    from synthaug.select.stage import overgenerate_plan
     from synthaug.task import make_task
 
     store_dir = sandbox / "store"
@@ -723,12 +725,15 @@ def test_a_store_made_at_another_guidance_is_refused_before_the_generator_trains
                                                      "augcond.embed_dim=8"],
              "tada": ["split.kind=none"], "utilgen": ["split.ratio=5", "split.val_per_class=3", "utilgen.rounds=2"]}[name]
     args = ["data.dataset=digits", *split, "train.epochs=4", f"recipe={name}", "output_dir=runs",
-            f"{name}.store_dir={store_dir}", "generator.preset=tiny", "generator.steps=2"]
+            f"{name}.store_dir={store_dir}", "generator.preset=tiny", "generator.steps=2",
+            *(["select.method=random"] if recipe == "synaug-selected" else [])]
     config = load_config(None, args)
     task = make_task(load_dataset("digits"), config.split)
     sampling, seed = sampler_config(config.generator), config.generator.plan_seed
     if name == "synaug":
         plan = split_replay(balance_plan(task.train, seed=seed), config.synaug.replay_share, task.train)[1]
+        if recipe == "synaug-selected":  # the candidates beyond the plan's own rows
+            plan = overgenerate_plan(plan, config.select.overgenerate)[len(plan):]
     elif name == "augcond":
         plan = plan_of(task, config)
     elif name == "tada":  # the last examples: ones the early model may well have learnt

@@ -167,6 +167,21 @@ def test_ddim_inversion_finds_the_noise_of_an_image(tiny_generator):
         gen.generate(ds.labels[:2], [0, 1], sampler=sampler, noise=inverted)
 
 
+def test_ddim_inversion_guides_the_steps_its_sampler_guides(tiny_generator, monkeypatch):
+    """With a guidance interval the inversion guides exactly the timesteps the sampler does (two
+    branches there, the class's alone elsewhere), so the sampler can return along the same path."""
+    ds, gen = tiny_generator
+    passes = []
+    real = type(gen).predict_noise
+    monkeypatch.setattr(type(gen), "predict_noise", lambda self, x, t, c, m: passes.append((int(t), len(x))) or real(self, x, t, c, m))
+    sampler = SamplerConfig(sampler="ddim", steps=10, guidance_scale=3.0, guidance_interval=(0.28, 5.42))
+    gen.generate(ds.labels[:2], [0, 1], sampler=sampler)
+    sampled = dict(passes)
+    passes.clear()
+    invert_noise(gen, ds.images[:2], ds.labels[:2], steps=10, guidance_scale=3.0, guidance_interval=(0.28, 5.42))
+    assert dict(passes) == sampled and sorted(set(sampled.values())) == [2, 4]
+
+
 def test_utility_plan():
     ds = make_dataset((4, 4, 4))
     plan = utility_plan(ds, per_class=3, round_name="r1", seed=0)

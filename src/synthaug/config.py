@@ -239,7 +239,8 @@ class GeneratorSection:
         if self.group_guidance_scale is not None and self.group_guidance_scale < 0:
             raise SynthaugError(f"generator.group_guidance_scale must be >= 0 (0: the class's guidance alone), "
                                 f"got {self.group_guidance_scale}")
-        check_interval(self.guidance_interval, "generator.guidance_interval")
+        if self.guidance_interval is not None:  # as numbers, so equal intervals name the same stores
+            self.guidance_interval = list(check_interval(self.guidance_interval, "generator.guidance_interval"))
         if self.ensemble < 1:
             raise SynthaugError(f"generator.ensemble is the number of generators, >= 1 (1: one), got {self.ensemble}")
         if not 0 <= self.feedback < float("inf") or self.feedback_every < 1:

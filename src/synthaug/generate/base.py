@@ -68,8 +68,9 @@ class Generator(Protocol):
         """Move the classes' policy vectors to lower the denoising loss on `images`, kept near `anchor`."""
 
     def invert_noise(self, images: torch.Tensor, labels, *, steps: int, guidance_scale: float,
-                     progress: bool = False) -> torch.Tensor:
-        """The initial noise from which the deterministic sampler returns to each image."""
+                     guidance_interval: tuple[float, float] | None = None, progress: bool = False) -> torch.Tensor:
+        """The initial noise from which the deterministic sampler (guided as it samples: at
+        `guidance_scale`, within `guidance_interval` where set) returns to each image."""
 
     def finetune_dpo(self, preferred: torch.Tensor, rejected: torch.Tensor, labels: torch.Tensor, *, steps: int,
                      lr: float, beta: float, seed: int, progress: bool = False) -> list[dict]:

@@ -207,7 +207,7 @@ def sampling_provenance(sampling: SamplerConfig, kind: str | None) -> dict:
                             f"{f' every {sampling.feedback_every}' if sampling.feedback_every != 1 else ''}")
     if sampling.guidance_interval is not None:  # in the sampler's name too: a store made guiding every step refuses it
         low, high = sampling.guidance_interval
-        made["sampler"] += f" guided in ({low:g}, {high:g}]"
+        made["sampler"] += f" guided in ({low!r}, {high!r}]"
     # the UNet's arithmetic when not float32 (float32 stores keep their rows; Stable Diffusion
     # computes in its own generator.dtype)
     if sampling.precision != "float32" and kind in ("embedded", "ensemble"):  # an ensemble's: embedded generators

@@ -283,7 +283,9 @@ class DiffusionGenerator:
                     eps = self.predict_noise(model_in, t, cond, cond_map).float()
             if composed:
                 eps_class, eps_group, eps_uncond = eps.chunk(3)
-                w, w_group = (sampling.guidance_scale, sampling.group_guidance_scale) if guiding[step] else (1.0, 1.0)
+                w, w_group = sampling.guidance_scale, sampling.group_guidance_scale
+                if not guiding[step]:  # outside the interval each term at scale 1 at most (a group's 0 stays 0)
+                    w, w_group = 1.0, None if w_group is None else min(w_group, 1.0)
                 if w_group is None or w_group == w:  # one scale (the images made before the split, bit for bit)
                     eps = eps_uncond + w * (eps_class + eps_group - 2 * eps_uncond)
                 else:

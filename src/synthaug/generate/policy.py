@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..utils.loop import step_generator
 from ..utils.runtime import shown_steps
 from .diffusion import DiffusionGenerator
-from .network import build_train_scheduler
+from .network import build_train_scheduler, guided_steps
 
 
 def optimise_class_embeddings(generator: DiffusionGenerator, images: torch.Tensor, labels: torch.Tensor, *,
@@ -83,10 +83,11 @@ def optimise_class_embeddings(generator: DiffusionGenerator, images: torch.Tenso
 
 @torch.no_grad()
 def invert_noise(generator: DiffusionGenerator, images: torch.Tensor, labels, *, steps: int = 25,
-                 guidance_scale: float = 1.0, batch_size: int = 128, progress: bool = False) -> torch.Tensor:
+                 guidance_scale: float = 1.0, guidance_interval: tuple[float, float] | None = None,
+                 batch_size: int = 128, progress: bool = False) -> torch.Tensor:
     """DDIM inversion: for each uint8 image, the initial noise x_T from which the DDIM
-    sampler (same steps, this guidance) returns close to it (for Stable Diffusion: the initial
-    latents, `StableDiffusionGenerator.invert_noise`)."""
+    sampler (same steps, this guidance, within `guidance_interval` where set) returns close to it
+    (for Stable Diffusion: the initial latents, `StableDiffusionGenerator.invert_noise`)."""
     from diffusers import DDIMInverseScheduler
 
     device = next(generator.unet.parameters()).device
@@ -102,8 +103,9 @@ def invert_noise(generator: DiffusionGenerator, images: torch.Tensor, labels, *,
         cond_map = generator.condition_map(len(x), device=device)
         if guidance_scale != 1.0:
             null = generator.class_input(generator.condition_ids(torch.full_like(cells, generator.null_class).cpu()).to(device))
-        for t in scheduler.timesteps:
-            if guidance_scale != 1.0:
+        guiding = guided_steps(scheduler, scheduler.timesteps, guidance_interval)
+        for t, guided in zip(scheduler.timesteps, guiding):
+            if guidance_scale != 1.0 and guided:
                 both = None if cond_map is None else torch.cat([cond_map, cond_map])
                 e_c, e_u = generator.predict_noise(torch.cat([x, x]), t, torch.cat([cond, null]), both).chunk(2)
                 eps = e_u + guidance_scale * (e_c - e_u)

@@ -226,12 +226,16 @@ class StableDiffusionTraining:
 
     @torch.no_grad()
     def invert_noise(self, images: torch.Tensor, labels, *, steps: int = 25, guidance_scale: float = 1.0,
-                     batch_size: int = 32, progress: bool = False) -> torch.Tensor:
+                     guidance_interval: tuple[float, float] | None = None, batch_size: int = 32,
+                     progress: bool = False) -> torch.Tensor:
         """DDIM inversion in latent space (`policy.invert_noise` for Stable Diffusion): the
         initial latents from which the DDIM sampler (same steps) returns close to each image,
         under its class prompt (with `prompt_modifiers`, the first modifier's: the image a
         new seed makes from them carries that seed's modifier)."""
         from diffusers import DDIMInverseScheduler
+
+        if guidance_interval is not None:  # as its sampling: a Stable Diffusion pipeline guides every step
+            raise SynthaugError("a Stable Diffusion pipeline guides every step: leave generator.guidance_interval unset")
 
         labels = torch.as_tensor(labels)
         out = []

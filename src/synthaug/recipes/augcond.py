@@ -28,7 +28,7 @@ from ..generate.cache import check_generator, check_store_made
 from ..generate.stage import generator_stage
 from ..plan import conditioned_plan
 from ..report import png, show, subplots
-from ..select.stage import select_stage, stage_seconds
+from ..select.stage import generated_rows, select_stage, stage_seconds
 from ..utils.paths import check_folder
 from .registry import RecipeResult, register_recipe, train_and_evaluate
 
@@ -74,7 +74,8 @@ def check(task, config):
     """Fail on an impossible plan, generator or store before anything is written."""
     plan = plan_of(task, config)
     check_generator(config.generator, task.train, image_embed_dim=config.augcond.embed_dim)
-    check_store_made(config.augcond.store_dir, task.train.classes, plan, config.generator, config.train.device)
+    check_store_made(config.augcond.store_dir, task.train.classes, generated_rows(plan, config), config.generator,
+                     config.train.device)
 
 
 # ---------------------------------------------------------------------------- report

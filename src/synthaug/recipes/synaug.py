@@ -58,7 +58,7 @@ from ..generate.cache import check_generator, check_store_made
 from ..generate.stage import generator_stage
 from ..plan import balance_plan, plan_cells, translated_rows, translation_targets
 from ..select.metrics import diversity_ratio, memorization_ratio
-from ..select.stage import scorer_for, select_stage, stage_seconds
+from ..select.stage import generated_rows, scorer_for, select_stage, stage_seconds
 from ..store import SyntheticStore
 from ..utils.paths import check_folder
 from .registry import RecipeResult, classifier_inputs, register_recipe
@@ -175,7 +175,8 @@ def check(task, config):
         draw_unseen(task.unseen(), to_generate, seed=config.generator.plan_seed)
     elif not config.synaug.replay and config.synaug.replay_share < 1:
         check_generator(config.generator, task.train, groups=by_group)
-        check_store_made(config.synaug.store_dir, task.train.classes, to_generate, config.generator, config.train.device)
+        check_store_made(config.synaug.store_dir, task.train.classes, generated_rows(to_generate, config), config.generator,
+                         config.train.device)
 
 
 def planned(real, config) -> tuple[list[dict], list[dict]]:

@@ -34,7 +34,7 @@ from ..generate.cache import check_generator, check_store_made
 from ..generate.stage import generator_stage
 from ..plan import target_mask, targeted_plan
 from ..report import image_row, pct, png, show, subplots
-from ..select.stage import select_stage, stage_seconds
+from ..select.stage import generated_rows, select_stage, stage_seconds
 from ..utils.io import atomic_write_json, read_keyed
 from ..utils.paths import check_folder
 from .registry import RecipeResult, register_recipe, train_and_evaluate
@@ -100,7 +100,8 @@ def check(task, config):
         every = torch.ones(len(task.train), dtype=torch.bool)
         plan = targeted_plan(task.train, every, variants=opts.variants, strength=opts.strength,
                              seed=config.generator.plan_seed)
-        check_store_made(opts.store_dir, task.train.classes, plan, config.generator, config.train.device)
+        check_store_made(opts.store_dir, task.train.classes, generated_rows(plan, config), config.generator,
+                         config.train.device)
 
 
 def score_examples(task, config, *, workdir: Path, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict]:

@@ -79,7 +79,8 @@ class UtilgenSection:
     dpo_lr: float = 1.0e-5
     dpo_beta: float = 2000.0
     # rounds and the final set sample with this; ddim is deterministic, so an image's inverted noise leads
-    # back to it (exactly when inversion_guidance equals generator.guidance_scale, near it otherwise)
+    # back to it (exactly when inversion_guidance equals generator.guidance_scale, near it otherwise; the
+    # inversion guides the steps generator.guidance_interval does)
     sampler: Sampler = "ddim"
     sampling_steps: int = 25
     store_dir: str | None = None  # where generated images go (default: <run folder>/synthetic)
@@ -372,7 +373,7 @@ def utilgen(task, config, *, workdir=None, progress=False, trained=None) -> Reci
         if opts.noise:
             kept = synthetic.images[top] if renoise else generator.invert_noise(
                 synthetic.images[top], synthetic.labels[top], steps=opts.sampling_steps,
-                guidance_scale=opts.inversion_guidance, progress=progress)
+                guidance_scale=opts.inversion_guidance, guidance_interval=sampling.guidance_interval, progress=progress)
             noise_bank = {ids[i]: kept[k] for k, i in enumerate(top.tolist())}
             noise_from = {}
             for i in top.tolist():

@@ -152,10 +152,16 @@ def push_stage(kept: ImageDataset, config, store_dir: str | Path, real: ImageDat
     return replace(kept, images=images, info=dict(kept.info)), info
 
 
+def generated_rows(plan: list[dict], config) -> list[dict]:
+    """The rows `select_stage` generates for `plan`: the plan, and with a selection method its
+    over-generated candidates (what a recipe's store check looks for before anything trains)."""
+    return plan if config.select.method == "none" else overgenerate_plan(plan, config.select.overgenerate)
+
+
 def _select(plan: list[dict], generator, config, store_dir: str | Path, real: ImageDataset, *,
             progress: bool = False) -> tuple[ImageDataset, dict]:
     opts = config.select
-    candidates_plan = overgenerate_plan(plan, opts.overgenerate)
+    candidates_plan = generated_rows(plan, config)
     candidates, info = generate_stage(candidates_plan, generator, config, store_dir, real, progress=progress)
     t0 = time.perf_counter()
     selector = get_selector(opts.method)
