@@ -88,6 +88,13 @@ def test_confidence_agreement_and_top_k():
     assert agreement(probs, labels, threshold=0.6).tolist() == [True, False, True, False, False]
     mask = top_k_per_class(confidence(probs, labels), labels, {0: 2, 1: 1})
     assert mask.tolist() == [True, False, True, False, True]
+    # hard: the least sure among the ones read as their class (never image 1 or 3, read as the other class)
+    from synthaug.select.filters import Candidates, select_hard
+
+    seen = Candidates(labels=labels, probs=lambda: probs, features=None, real_features=None, real_labels=None)
+    kept, hardness = select_hard(seen, {0: 1, 1: 1})
+    assert kept.tolist() == [False, False, True, False, True] and hardness.tolist() == pytest.approx([0.1, 0.6, 0.2, 0.7, 0.45])
+    assert select_hard(seen, {0: 3, 1: 3})[0].tolist() == [True, False, True, False, True]  # a filter: fewer where too few
 
 
 def test_cluster_selection_keeps_one_of_every_cluster():
@@ -171,7 +178,7 @@ def test_selection_keeps_the_planned_count(data, tmp_path, monkeypatch):
     given = []
     for method, selector in list(SELECTORS.items()):  # each told the config's options
         monkeypatch.setitem(SELECTORS, method, lambda *a, f=selector, **kw: (given.append(kw), f(*a, **kw))[1])
-    for method in ("confidence", "agreement", "realism", "cluster", "random", "diffult", "diffult-band", "prototype"):
+    for method in ("confidence", "agreement", "realism", "cluster", "random", "diffult", "diffult-band", "prototype", "hard"):
         config = load_config(None, [*FAST, "recipe=synaug", f"output_dir={tmp_path}", f"synaug.store_dir={store_dir}",
                                     f"select.method={method}", "select.overgenerate=2", "select.threshold=0.2",
                                     "select.clusters=2", "select.k=2", "train.epochs=1", "synaug.replay_share=0"])
@@ -186,7 +193,7 @@ def test_selection_keeps_the_planned_count(data, tmp_path, monkeypatch):
         assert len(rows) == 2 * sum(deficits)  # generated once, scored by every method
         kept = {r["id"] for r in rows if r["scores"][f"selected_{method}"]}
         assert kept == {r["id"] for r in result.synthetic.info["rows"]}
-        if method in ("agreement", "diffult", "diffult-band", "prototype"):  # filters: may keep fewer, and say so
+        if method in ("agreement", "diffult", "diffult-band", "prototype", "hard"):  # filters: may keep fewer, and say so
             assert all(k <= d for k, d in zip(result.synthetic.class_counts().tolist(), deficits))
             assert info["kept"] + info["shortfall"] == sum(deficits)
             continue

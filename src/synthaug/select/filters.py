@@ -19,6 +19,9 @@ to keep per class, and returns (mask, scores). The built-in ones:
   "approximately in distribution" band (d_f, 2 d_f], the images DiffuLT found most useful.
 - `prototype`: cleaning by prototypes: a candidate nearer another class's real prototype
   (mean feature) than its own is dropped, k kept at random among the rest.
+- `hard`: the hard, right examples: among the candidates the scorer reads as their class, the k
+  per class it is least sure of (generated images are easier for a classifier than fresh real
+  ones, and what a classifier learns from are the hard ones it still gets right).
 """
 
 from __future__ import annotations
@@ -137,6 +140,13 @@ def select_agreement(c: Candidates, keep, *, threshold=0.5, seed=0, **_):
     probs = c.probs()
     passed = agreement(probs, c.labels, threshold=threshold)
     return top_k_per_class(_random_scores(len(c.labels), seed), c.labels, keep, allowed=passed), confidence(probs, c.labels)
+
+
+@register_selector("hard")
+def select_hard(c: Candidates, keep, **_):
+    probs = c.probs()
+    hardness = 1 - confidence(probs, c.labels)
+    return top_k_per_class(hardness, c.labels, keep, allowed=probs.argmax(1) == c.labels), hardness
 
 
 @register_selector("realism")
