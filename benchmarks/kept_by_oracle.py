@@ -3,10 +3,12 @@
     python benchmarks/kept_by_oracle.py "synaug, replay share 0.5, hard filter"
 
 For a longtail row with `select.method` set (MNIST-5k-LT r50), every store its cells used: each
-candidate's group (kept; dropped; misread by select's scorer, hardness above 0.5, for the `hard`
-selector) by the store's recorded selection (the last classifier seed's), and the share of each
-group the oracle (a classifier trained on the full balanced training set) reads as its class,
-over every class and over the tail (the classes under 4% of the largest). Prints; writes nothing.
+candidate's group (kept; dropped; for the `hard` selector, dropped with the scorer under 50% sure of
+its class, which are the ones it misread wherever no kept image is that unsure) by the store's
+recorded selection (the last classifier seed's), and the share of each group the oracle (a
+classifier trained on the full balanced training set) reads as its class, over every class and over
+the tail (the classes under 4% of the largest). Prints; writes only the oracle into the benchmarks'
+cache the first time (`common.trained_oracle`).
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def main():
         for row, ok in zip(made, right):
             scores = row["scores"]
             group = ("kept" if scores[f"selected_{method}"] else
-                     "misread by the scorer" if method == "hard" and scores["select_hard"] > 0.5 else "dropped")
+                     "dropped, under 50% sure" if method == "hard" and scores["select_hard"] > 0.5 else "dropped")
             for scope in ("every class", "tail") if row["label"] in tail else ("every class",):
                 for name in (group, "every candidate"):
                     read.setdefault((scope, name), []).append(ok)

@@ -98,6 +98,14 @@ def test_a_store_refuses_images_from_another_generator_or_sampler(tmp_path):
         store.fill(plan(6), fake_images, provenance={"generator": "aaa", "sampler": "ddim/30"})
     assert len(store.load(ids=["synaug-0001", "synaug-0003"])) == 2
     assert store.fill(plan(6), fake_images, provenance={"generator": "aaa", "sampler": "ddim/15"}) == 2
+    # a key recorded only away from its former value: its absence is that value, both ways
+    with pytest.raises(SynthaugError, match="made with group_guidance_scale None, not 1.5"):
+        store.check_made(plan(6), {"generator": "aaa", "sampler": "ddim/15", "group_guidance_scale": 1.5})
+    split = SyntheticStore(tmp_path / "split", CLASSES)
+    split.fill(plan(2), fake_images, provenance={"generator": "aaa", "group_guidance_scale": 1.5})
+    with pytest.raises(SynthaugError, match="made with group_guidance_scale 1.5, not None"):
+        split.check_made(plan(2), {"generator": "aaa"})
+    assert len(split.check_made(plan(2), {"generator": "aaa", "group_guidance_scale": 1.5})) == 2
 
 
 def test_metadata_that_disagrees_with_files(tmp_path):

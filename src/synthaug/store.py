@@ -34,6 +34,9 @@ from .utils.runtime import progress_bar
 
 SPLIT = "train"
 MARKER = ".synthaug-store"
+# provenance a row records only away from its former value (`generate.cache.sampling_provenance`): a row
+# without it was made at that value, and a run at another value may not take the row, nor the reverse
+RECORDED_AWAY_FROM = {"group_guidance_scale": None}
 
 
 def _given_folder(path, key: str) -> Path | None:
@@ -284,9 +287,10 @@ class SyntheticStore:
             made = existing.get(r["id"])
             if made is None:
                 continue
-            for key, value in [*r.items(), *provenance.items()]:
-                if key in made and json.loads(json.dumps(value)) != made[key]:
-                    raise SynthaugError(f"store '{self.root}' holds '{r['id']}' made with {key} {made[key]}, not {value}: "
+            for key, value in {**r, **RECORDED_AWAY_FROM, **provenance}.items():
+                recorded = made.get(key, RECORDED_AWAY_FROM.get(key, value))  # unrecorded: its former value, else any
+                if json.loads(json.dumps(value)) != recorded:
+                    raise SynthaugError(f"store '{self.root}' holds '{r['id']}' made with {key} {recorded}, not {value}: "
                                         f"use another store folder for this {key}")
         return existing
 

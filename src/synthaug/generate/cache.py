@@ -212,7 +212,7 @@ def sampling_provenance(sampling: SamplerConfig, kind: str | None) -> dict:
     # computes in its own generator.dtype)
     if sampling.precision != "float32" and kind in ("embedded", "ensemble"):  # an ensemble's: embedded generators
         made["precision"] = sampling.precision
-    if sampling.group_guidance_scale is not None:  # added later: stores made before keep their rows
+    if sampling.group_guidance_scale is not None:  # added later: a row without it was made at None (RECORDED_AWAY_FROM)
         made["group_guidance_scale"] = sampling.group_guidance_scale
     return made
 
