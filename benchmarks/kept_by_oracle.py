@@ -7,7 +7,7 @@ candidate's group (kept; dropped; for the `hard` selector, dropped with the scor
 its class, which are the ones it misread wherever no kept image is that unsure) by the store's
 recorded selection (the last classifier seed's), and the share of each group the oracle (a
 classifier trained on the full balanced training set) reads as its class, over every class and over
-the tail (the classes under 4% of the largest). Prints; writes only the oracle into the benchmarks'
+the tail (the classes under 4% of the largest); and per store, its candidates' share on each tail class. Prints; writes only the oracle into the benchmarks'
 cache the first time (`common.trained_oracle`).
 """
 
@@ -37,19 +37,26 @@ def main():
     method = cells[0]["settings"]["select.method"] if cells else "none"
     if method == "none":
         raise SystemExit(f"no MNIST-5k-LT cell of '{args.row}' selects its images")
-    stores = sorted({json.loads((HERE / "results" / "bench" / "longtail" / c["run"] / "metrics.json").read_text())
-                     ["synthetic"]["store"] for c in cells})
+    stores = {}  # store -> the generator seed that made it
+    for c in cells:
+        metrics = json.loads((HERE / "results" / "bench" / "longtail" / c["run"] / "metrics.json").read_text())
+        stores[metrics["synthetic"]["store"]] = c["generator_seed"]
     config = load_config(None, SETTING)
     task = make_task(load_dataset(config.data.dataset), config.split)
     oracle = trained_oracle(task.oracle, config.train)
     counts = task.train.class_counts()
     tail = set((counts < shot_thresholds(int(counts.max()))[1]).nonzero().flatten().tolist())
     read = {}
-    for folder in stores:
+    per_store = []
+    for folder, generator_seed in sorted(stores.items(), key=lambda item: item[1]):
         store = SyntheticStore(HERE.parent / folder, task.train.classes)
         made = store.rows()
         images = store.load([r["id"] for r in made])
         right = (predict_logits(oracle, images.images).argmax(1) == images.labels).tolist()
+        on_tail = {c: [ok for row, ok in zip(made, right) if row["label"] == c] for c in sorted(tail)}
+        per_store.append(f"  generator seed {generator_seed}: every candidate {100 * sum(right) / len(right):.1f}% read "
+                         "as its class; " + ", ".join(f"class {c} {100 * sum(v) / max(1, len(v)):.0f}%"
+                                                       for c, v in on_tail.items()))
         for row, ok in zip(made, right):
             scores = row["scores"]
             group = ("kept" if scores[f"selected_{method}"] else
@@ -58,6 +65,7 @@ def main():
                 for name in (group, "every candidate"):
                     read.setdefault((scope, name), []).append(ok)
     print(f"{args.row}: {len(stores)} stores, select.method={method}, tail = {sorted(tail)}")
+    print("\n".join(per_store))
     for (scope, group), oks in sorted(read.items()):
         print(f"  {scope:12s} {group:22s} {len(oks):6d} images, the oracle reads {100 * sum(oks) / len(oks):.1f}% as their class")
 
