@@ -7,8 +7,9 @@ candidate's group (kept; dropped; for the `hard` selector, dropped with the scor
 its class, which are the ones it misread wherever no kept image is that unsure) by the store's
 recorded selection (the last classifier seed's), and the share of each group the oracle (a
 classifier trained on the full balanced training set) reads as its class, over every class and over
-the tail (the classes under 4% of the largest); and per store, its candidates' share on each tail class. Prints; writes only the oracle into the benchmarks'
-cache the first time (`common.trained_oracle`).
+the tail (the classes under 4% of the largest); and per store, its candidates' share on each tail
+class. Prints; writes only the oracle into the benchmarks' cache the first time
+(`common.trained_oracle`).
 """
 
 from __future__ import annotations
