@@ -14,7 +14,7 @@ from synthaug.generate import (
     GeneratorTrainConfig,
     SamplerConfig,
 )
-from synthaug.generate.cache import load_generator
+from synthaug.generate.cache import check_store_made, load_generator
 from synthaug.generate.ensemble import Ensemble, member_seeds
 from synthaug.generate.stage import generate_stage, generator_stage
 from synthaug.store import SyntheticStore
@@ -115,11 +115,18 @@ def test_the_stage_trains_the_members_at_successive_seeds_and_a_store_names_the_
     assert {r["generator"] for r in SyntheticStore(tmp_path / "store", ds.classes).rows()} == {ensemble.fingerprint()}
     assert torch.equal(images.images, ensemble.generate_rows(plan, SamplerConfig(steps=3, guidance_scale=3.0,
                                                                                       precision="float32")))
-    with pytest.raises(SynthaugError, match="made with generator"):
+    assert {r["ensemble"] for r in SyntheticStore(tmp_path / "store", ds.classes).rows()} == {2}
+    with pytest.raises(SynthaugError, match="made with ensemble 2, not 1"):
         generate_stage(plan, single, _config(tmp_path), tmp_path / "store", ds)
     generate_stage(plan, single, _config(tmp_path), tmp_path / "single", ds)
-    with pytest.raises(SynthaugError, match="made with generator"):
+    assert all("ensemble" not in r for r in SyntheticStore(tmp_path / "single", ds.classes).rows())
+    with pytest.raises(SynthaugError, match="made with ensemble 1, not 2"):
         generate_stage(plan, ensemble, config, tmp_path / "single", ds)
+    # the ensemble's size is known before its members train: a recipe's store check refuses there already
+    for store, other in [("single", config), ("store", _config(tmp_path))]:
+        with pytest.raises(SynthaugError, match="made with ensemble"):
+            check_store_made(tmp_path / store, ds.classes, plan, other.generator)
+    check_store_made(tmp_path / "store", ds.classes, plan, config.generator)  # its own passes
 
 
 def test_an_ensemble_of_one_is_the_generator_and_leaves_names_alone(tmp_path):

@@ -36,7 +36,7 @@ SPLIT = "train"
 MARKER = ".synthaug-store"
 # provenance a row records only away from its former value (`generate.cache.sampling_provenance`): a row
 # without it was made at that value, and a run at another value may not take the row, nor the reverse
-RECORDED_AWAY_FROM = {"group_guidance_scale": None}
+RECORDED_AWAY_FROM = {"group_guidance_scale": None, "ensemble": 1}
 
 
 def _given_folder(path, key: str) -> Path | None:

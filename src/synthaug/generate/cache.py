@@ -193,6 +193,8 @@ def provenance(generator: Generator, sampling: SamplerConfig, guide: str | None 
     """What made an image, as recorded in a store's metadata (a store refuses rows made otherwise):
     with feedback guidance, also which classifier guided it (`guide`: its training key)."""
     made = {"generator": generator.fingerprint(), **sampling_provenance(sampling, generator.kind)}
+    if generator.kind == "ensemble":  # known before its members train (check_store_made), unlike its fingerprint
+        made["ensemble"] = len(generator.members)
     if guide is not None:
         made["feedback_guide"] = guide
     return made
@@ -228,6 +230,8 @@ def check_store_made(store_dir, classes: list[str], plan: list[dict], section, d
     if store_dir and is_store(store_dir):
         kind = generator_kind(section) if not section.path else None  # a saved generator's kind: known once loaded
         made = sampling_provenance(sampling or sampler_config(section, device), kind)
+        if section.ensemble > 1:  # a store one generator made refuses an ensemble before its members train
+            made["ensemble"] = section.ensemble
         SyntheticStore(store_dir, classes).check_made(plan, made)
 
 
