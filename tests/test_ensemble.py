@@ -127,6 +127,11 @@ def test_the_stage_trains_the_members_at_successive_seeds_and_a_store_names_the_
         with pytest.raises(SynthaugError, match="made with ensemble"):
             check_store_made(tmp_path / store, ds.classes, plan, other.generator)
     check_store_made(tmp_path / "store", ds.classes, plan, config.generator)  # its own passes
+    ensemble.save_pretrained(tmp_path / "saved")  # a saved ensemble as generator.path: its size read from its folder
+    saved = _config(tmp_path, f"generator.path={tmp_path / 'saved'}").generator
+    check_store_made(tmp_path / "store", ds.classes, plan, saved)
+    with pytest.raises(SynthaugError, match="made with ensemble 1, not 2"):
+        check_store_made(tmp_path / "single", ds.classes, plan, saved)
 
 
 def test_an_ensemble_of_one_is_the_generator_and_leaves_names_alone(tmp_path):

@@ -230,8 +230,9 @@ def check_store_made(store_dir, classes: list[str], plan: list[dict], section, d
     if store_dir and is_store(store_dir):
         kind = generator_kind(section) if not section.path else None  # a saved generator's kind: known once loaded
         made = sampling_provenance(sampling or sampler_config(section, device), kind)
-        if section.ensemble > 1:  # a store one generator made refuses an ensemble before its members train
-            made["ensemble"] = section.ensemble
+        size = saved_ensemble_size(section.path) if section.path else section.ensemble
+        if size > 1:  # a store one generator made refuses an ensemble before its members train, and the reverse
+            made["ensemble"] = size
         SyntheticStore(store_dir, classes).check_made(plan, made)
 
 
@@ -268,6 +269,17 @@ def stable_diffusion_for(data: ImageDataset, section, *, cache_root: Path, progr
         raise SynthaugError(f"this recipe conditions on images (augcond, dpt): '{section.pretrained}' is not an unCLIP "
                             "pipeline (use e.g. stabilityai/stable-diffusion-2-1-unclip)")
     return gen, info
+
+
+def saved_ensemble_size(folder: str | Path) -> int:
+    """How many generators a saved generator folder holds: an ensemble's members, else 1."""
+    if saved_kind(folder) != "ensemble":
+        return 1
+    try:
+        return int(json.loads((Path(folder) / "generator.json").read_text())["config"]["members"])
+    except (KeyError, TypeError, ValueError):
+        raise SynthaugError(f"generator folder '{folder}' is not an ensemble save_pretrained wrote (no member count in "
+                            "generator.json)") from None
 
 
 def saved_kind(folder: str | Path) -> str | None:
