@@ -273,13 +273,9 @@ def stable_diffusion_for(data: ImageDataset, section, *, cache_root: Path, progr
 
 def saved_ensemble_size(folder: str | Path) -> int:
     """How many generators a saved generator folder holds: an ensemble's members, else 1."""
-    if saved_kind(folder) != "ensemble":
-        return 1
-    try:
-        return int(json.loads((Path(folder) / "generator.json").read_text())["config"]["members"])
-    except (KeyError, TypeError, ValueError):
-        raise SynthaugError(f"generator folder '{folder}' is not an ensemble save_pretrained wrote (no member count in "
-                            "generator.json)") from None
+    from .ensemble import KIND, saved_size
+
+    return saved_size(folder) if saved_kind(folder) == KIND else 1
 
 
 def saved_kind(folder: str | Path) -> str | None:

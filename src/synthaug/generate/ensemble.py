@@ -128,8 +128,12 @@ class Ensemble:
         from .cache import load_generator
 
         folder = Path(folder)
-        try:
-            size = int(json.loads((folder / "generator.json").read_text())["config"]["members"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise SynthaugError(f"generator folder '{folder}' is not an ensemble save_pretrained wrote ({e})") from None
-        return cls([load_generator(folder / f"member-{j}", device=device) for j in range(size)])
+        return cls([load_generator(folder / f"member-{j}", device=device) for j in range(saved_size(folder))])
+
+
+def saved_size(folder: str | os.PathLike) -> int:
+    """How many members the ensemble `save_pretrained` wrote to `folder` holds (its generator.json)."""
+    try:
+        return int(json.loads((Path(folder) / "generator.json").read_text())["config"]["members"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SynthaugError(f"generator folder '{folder}' is not an ensemble save_pretrained wrote ({e})") from None
