@@ -86,6 +86,15 @@ LEVERS = {
     "Min-SNR gamma 5, guidance 4 in (0.28, 5.42]": ["generator.min_snr_gamma=5", "generator.guidance_scale=4",
                                                     "generator.guidance_interval=[0.28,5.42]"],
     "Min-SNR gamma 5, guidance 3 in (0.28, 2.5]": ["generator.min_snr_gamma=5", "generator.guidance_interval=[0.28,2.5]"],
+    # CBDM below the paper's strength (session 56), on the Min-SNR generator: y' by the class frequencies (the
+    # reference code's training, which pulls the tail towards the head) or uniformly (its fine-tuning)
+    "Min-SNR gamma 5, CBDM tau 0.1": ["generator.min_snr_gamma=5", "generator.cbdm_weight=0.1"],
+    "Min-SNR gamma 5, CBDM tau 0.1, y' uniform": ["generator.min_snr_gamma=5", "generator.cbdm_weight=0.1",
+                                                  "generator.cbdm_draw=uniform"],
+    "Min-SNR gamma 5, CBDM tau 0.3, y' uniform": ["generator.min_snr_gamma=5", "generator.cbdm_weight=0.3",
+                                                  "generator.cbdm_draw=uniform"],
+    "Min-SNR gamma 5, CBDM tau 1, y' uniform": ["generator.min_snr_gamma=5", "generator.cbdm_weight=1",
+                                                "generator.cbdm_draw=uniform"],
 }
 RESULTS = HERE / "results" / "generator_levers.jsonl"
 

@@ -647,12 +647,24 @@ def test_cbdm_regulariser_pulls_the_true_class_towards_the_other_and_commits_a_q
     assert _fit_generator(ds, cbdm_weight=1.0).history[-1]["loss"] > _fit_generator(ds).history[-1]["loss"]
 
 
-def test_cbdm_draws_the_other_class_by_the_training_set_s_class_frequencies(monkeypatch):
+@pytest.mark.parametrize("draw, shares", [("frequency", [12 / 24, 8 / 24, 4 / 24]), ("uniform", [1 / 3] * 3)])
+def test_cbdm_draws_the_other_class_by_the_class_frequencies_or_uniformly(monkeypatch, draw, shares):
     drawn, real = [], torch.multinomial
     monkeypatch.setattr(torch, "multinomial", lambda weights, *a, **kw: (drawn.append(weights.clone()), real(weights, *a, **kw))[1])
-    _fit_generator(make_dataset((12, 8, 4)), steps=3, cbdm_weight=1.0)
-    by_class = [w for w in drawn if len(w) == 3]  # y' per labelled sample (the image draws weigh 24 images)
-    assert len(by_class) == 3 and all(torch.allclose(w.float(), torch.tensor([12, 8, 4]) / 24) for w in by_class)
+    _fit_generator(make_dataset((12, 8, 4)), steps=3, cbdm_weight=1.0, cbdm_draw=draw)
+    by_class = [w / w.sum() for w in drawn if len(w) == 3]  # y' per labelled sample (the image draws weigh 24 images)
+    assert len(by_class) == 3 and all(torch.allclose(w.float(), torch.tensor(shares)) for w in by_class)
+
+
+def test_cbdm_draw_names_another_generator_and_needs_the_regulariser():
+    from synthaug.generate.cache import generator_fingerprint
+
+    ds = make_dataset((12, 8, 4))
+    by_frequency = load_config(None, ["generator.cbdm_weight=0.3"]).generator
+    uniform = load_config(None, ["generator.cbdm_weight=0.3", "generator.cbdm_draw=uniform"]).generator
+    assert generator_fingerprint(ds, by_frequency, 0) != generator_fingerprint(ds, uniform, 0)
+    with pytest.raises(SynthaugError, match="cbdm_weight > 0"):
+        load_config(None, ["generator.cbdm_draw=uniform"])
 
 
 def test_ema_half_life_sets_the_decay_from_the_run_s_length(monkeypatch):

@@ -25,6 +25,7 @@ Operator = Literal["image", "dropout", "mixup", "cutmix", "embed-mixup", "embed-
 ClassSampler = Literal["uniform", "class-balanced", "sqrt"]  # how batches draw the classes (classifier, generator)
 GroupSampler = Literal["uniform", "sqrt", "balanced"]  # how the generator draws a class's (class, group) cells
 GroupSamplerChoice = Literal["auto", GroupSampler]  # the run config's: auto is sqrt with groups, else uniform
+CbdmDraw = Literal["frequency", "uniform"]  # how CBDM draws its other class y' (the reference code: by frequency)
 Loss = Literal["ce", "logit-adjusted", "balanced-softmax"]
 Mix = Literal["none", "mixup", "cutmix", "mixup-cutmix", "domain-mixup"]
 GroupMethod = Literal["none", "balanced-sampling", "reweighted", "dro"]  # the (class, group) cells' treatment

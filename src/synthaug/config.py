@@ -21,6 +21,7 @@ from typing import ClassVar
 import yaml
 
 from .choices import (
+    CbdmDraw,
     ClassSampler,
     Dtype,
     FeedbackCriterion,
@@ -210,6 +211,7 @@ class GeneratorSection:
     # (BENCHMARKS.md, issue 21); 0: the plain loss
     min_snr_gamma: float = 5.0
     cbdm_weight: float = 0.0  # > 0: CBDM's class-balancing regulariser at strength tau (Qin et al. 2023; tau 1)
+    cbdm_draw: CbdmDraw = "frequency"  # its other class y': by the class frequencies (reference code) or uniform
     ema_half_life: float = 0.0  # > 0: a constant EMA decay with this half-life, as a share of the training steps
     # > 0: non-leaking augmentation of the training images (Karras et al. 2022; CBDM's code uses 0.12 and also
     # x-flips half of all images, which this does not): each of x- and y-flip, scale, rotation, stretch and shift
@@ -232,6 +234,9 @@ class GeneratorSection:
                                 "generator.ema_half_life in [0, 1] (0: use generator.ema_decay)")
         if not 0 <= self.augment <= 1:
             raise SynthaugError(f"generator.augment is a probability in [0, 1] (0: off), got {self.augment}")
+        if self.cbdm_draw != "frequency" and not self.cbdm_weight:
+            raise SynthaugError("generator.cbdm_draw sets how CBDM draws its other class: set generator.cbdm_weight > 0 "
+                                "too, or leave cbdm_draw out")
         if not 0 <= self.label_dropout < 1 or not 0 < self.ema_decay < 1 or self.lr <= 0:
             raise SynthaugError("generator.label_dropout must be in [0, 1), generator.ema_decay in (0, 1), generator.lr > 0")
         if self.guidance_scale < 1:

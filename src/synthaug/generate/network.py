@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from typing import ClassVar, get_args
 
 from ..choices import (
+    CbdmDraw,
     ClassSampler,
     FeedbackCriterion,
     GroupGuidance,
@@ -112,7 +113,8 @@ class GeneratorTrainConfig:
     # levers for a long-tailed training set (issue 21), with the values generators had before them:
     # left out of checkpoint keys at those (utils/keys.py)
     ADDED: ClassVar[dict[str, object]] = {"class_sampler": "uniform", "min_snr_gamma": 0.0, "cbdm_weight": 0.0,
-                                          "ema_half_life": 0.0, "group_sampler": "uniform", "augment": 0.0}
+                                          "ema_half_life": 0.0, "group_sampler": "uniform", "augment": 0.0,
+                                          "cbdm_draw": "frequency"}
     class_sampler: ClassSampler = "uniform"  # how the labelled images are drawn: per image, per sqrt(n_c), per class
     # with groups: how each class's share is split over its (class, group) cells: per image, per sqrt(n_cg),
     # per cell (balanced: a class's minority colours drawn as often as its majority colour)
@@ -121,6 +123,9 @@ class GeneratorTrainConfig:
     # MNIST-5k-LT (BENCHMARKS.md, issue 21); 0: the plain loss
     min_snr_gamma: float = 5.0
     cbdm_weight: float = 0.0  # > 0: CBDM's class-balancing regulariser at this strength tau (Qin et al. 2023)
+    # the other class y' it pulls towards: drawn by the training set's class frequencies (the reference code's
+    # training) or uniformly over the classes (its fine-tuning), so the tail is pulled towards every class alike
+    cbdm_draw: CbdmDraw = "frequency"
     ema_half_life: float = 0.0  # > 0: a constant EMA decay with this half-life, as a share of the steps
     # > 0: non-leaking augmentation (generate/augment.py): each transform applied with this probability and
     # the network told its parameters; sampled untold (CBDM's code: 0.12)

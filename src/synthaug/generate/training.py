@@ -84,10 +84,10 @@ def train_generator(gen: DiffusionGenerator, data: ImageDataset, cfg: GeneratorT
     images = images.float().div(127.5).sub(1.0)  # [-1, 1]
     by_class = [torch.nonzero(data.labels == c).flatten() for c in range(gen.config.num_classes)]
     counts = torch.bincount(data.labels, minlength=gen.config.num_classes)
-    # the labelled images' draw weights (class_sampler, group_sampler), and the class frequencies CBDM draws its y' from
+    # the labelled images' draw weights (class_sampler, group_sampler), and the class shares CBDM draws its y' by
     draw = draw_weights(data.labels, None if groups is None else groups[:n_labelled], cfg.class_sampler,
                         cfg.group_sampler, gen.config.num_classes)
-    frequencies = counts.double() / counts.sum()
+    other_shares = counts.double() / counts.sum() if cfg.cbdm_draw == "frequency" else torch.ones(len(counts), dtype=torch.float64)
 
     start, history, spent = 0, [], 0.0
     # a checkpoint is resumed only by the same training (network, settings, seed, data size)
@@ -153,8 +153,8 @@ def train_generator(gen: DiffusionGenerator, data: ImageDataset, cfg: GeneratorT
             labelled_here = torch.nonzero(cond_labels != gen.null_class).flatten()  # on the CPU
             labelled = send(labelled_here, device)
             t_in = t
-            if cfg.cbdm_weight:  # CBDM: the labelled samples once more in the same pass, under a class y' drawn by frequency
-                other = torch.multinomial(frequencies, len(labelled), replacement=True, generator=g) if len(labelled) else labelled_here
+            if cfg.cbdm_weight:  # CBDM: the labelled samples once more in the same pass, under another class y'
+                other = torch.multinomial(other_shares, len(labelled), replacement=True, generator=g) if len(labelled) else labelled_here
                 picked = [None if v is None else v[send(labelled_here, v.device)] for v in (cond_groups, embeds, keep)]
                 other_in = gen.class_input(send(gen.condition_ids(other, picked[0]), device), *picked[1:])
                 noisy, t_in, class_in = torch.cat([noisy, noisy[labelled]]), torch.cat([t, t[labelled]]), torch.cat([class_in, other_in])
