@@ -39,6 +39,19 @@ def test_verdicts(ours, theirs, verdict):
     assert math.isnan(low) == (len(ours) == 1)
 
 
+def test_seeds_that_change_neither_score_are_one_replicate_not_an_exact_difference():
+    """Both methods the same on every seed (seeds that reach neither, a deterministic head
+    re-fit, say): a difference there is one replicate, never a gain with a zero-width interval;
+    equal there is a tie, which the tie-break reads."""
+    mean, low, high = paired_interval([0.9, 0.9, 0.9], [0.8, 0.8, 0.8])
+    assert mean == pytest.approx(0.1) and math.isnan(low) and math.isnan(high)
+    found = compare({"synaug": {0: 0.9, 1: 0.9, 2: 0.9}, "ce": {0: 0.8, 1: 0.8, 2: 0.8}}, "synaug")
+    assert found.verdict == "the seeds change neither score: no interval" and found.verdict != "gain"
+    assert "interval" not in found.difference_text().split(":")[0]  # no "(95% interval ...)" printed
+    tie = compare({"synaug": {0: 0.0, 1: 0.0}, "ce": {0: 0.0, 1: 0.0}}, "synaug")
+    assert tie.tied and tie.verdict == "no significant difference"
+
+
 def test_compare_pairs_with_the_best_classical_baseline_not_the_oracle():
     scores = {"synaug": {0: 0.90, 1: 0.92, 2: 0.91}, "ce": {0: 0.70, 1: 0.72, 2: 0.71},
               "balanced-softmax": {0: 0.89, 1: 0.90, 2: 0.92}, "oracle": {0: 0.99, 1: 0.99, 2: 0.99}}

@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass
 
 # Baselines trained on data the user does not have: reference lines, never the bar to beat.
 UPPER_BOUNDS = ("oracle",)
+# the verdict where every seed gave each method the same score, and the two differ: one replicate
+UNCHANGED_BY_SEEDS = "the seeds change neither score: no interval"
 
 
 def headline(test: dict) -> tuple[str, str]:
@@ -29,9 +31,9 @@ class Verdict:
     recipe_mean: float
     baseline_mean: float
     difference: float  # mean of the paired differences (recipe - baseline)
-    low: float  # the 95% interval of that mean (nan with fewer than two seeds)
+    low: float  # the 95% interval of that mean (nan with fewer than two seeds, or seeds that change neither score)
     high: float
-    verdict: str  # "gain", "no significant difference", "loss", or "one seed: no interval"
+    verdict: str  # "gain", "no significant difference", "loss", "one seed: no interval" or UNCHANGED_BY_SEEDS
 
     def line(self, scale: float = 100.0, unit: str = " points") -> str:
         """e.g. 'synaug against balanced-softmax over 5 seeds: +0.30 points (95% interval
@@ -60,14 +62,16 @@ class Verdict:
 
 def paired_interval(a: list[float], b: list[float], level: float = 0.95) -> tuple[float, float, float]:
     """The mean of the paired differences a - b and its `level` t-interval (Student's t with
-    n - 1 degrees of freedom); the interval is (nan, nan) for fewer than two pairs."""
+    n - 1 degrees of freedom); the interval is (nan, nan) for fewer than two pairs, and where
+    the seeds changed neither score but the two differ: that is one replicate, not a difference
+    known exactly. (The same score on every seed for both is a tie, interval (0, 0).)"""
     from scipy import stats
 
     if len(a) != len(b) or not a:
         raise ValueError("paired_interval needs two lists of the same, non-zero length")
     differences = [x - y for x, y in zip(a, b)]
     mean = statistics.fmean(differences)
-    if len(differences) < 2:
+    if len(differences) < 2 or (mean != 0 and len(set(a)) == 1 and len(set(b)) == 1):
         return mean, math.nan, math.nan
     half = stats.t.ppf((1 + level) / 2, len(differences) - 1) * statistics.stdev(differences) / math.sqrt(len(differences))
     return mean, mean - half, mean + half
@@ -102,8 +106,8 @@ def compare(scores: dict[str, dict[int, float]], recipe: str, classical: list[st
     seeds = shared[best]
     ours, theirs = [mine[s] for s in seeds], [baselines[best][s] for s in seeds]
     difference, low, high = paired_interval(ours, theirs)
-    return Verdict(recipe, best, seeds, statistics.fmean(ours), statistics.fmean(theirs), difference, low, high,
-                   verdict_of(low, high))
+    verdict = verdict_of(low, high) if len(seeds) < 2 or not math.isnan(low) else UNCHANGED_BY_SEEDS
+    return Verdict(recipe, best, seeds, statistics.fmean(ours), statistics.fmean(theirs), difference, low, high, verdict)
 
 
 def compare_tied(found: Verdict | None, tiebreak: dict[str, dict[int, float]]) -> Verdict | None:
