@@ -13,7 +13,9 @@ the base preset's network (alone, and on Min-SNR), the Min-SNR generator sampled
 classifier-free guidance (2 and 1.5; the same trained generator), and the Min-SNR generator trained
 with non-leaking augmentation (`generator.augment`), at 800 steps and, beside Min-SNR alone, at 2,400, and
 the Min-SNR generator sampled with feedback guidance (`generator.feedback`, select's scorer guiding), and
-sampled with classifier-free guidance only at the middle noise levels (`generator.guidance_interval`).
+sampled with classifier-free guidance only at the middle noise levels (`generator.guidance_interval`), and
+trained with CBDM's regulariser below the paper's strength (tau 0.1, 0.3, 1; its other class by frequency
+or uniformly, `generator.cbdm_draw`).
 Each draws the same labels and seeds (`--per-class` per class) and is measured against a
 classifier trained on the full balanced real training set (the oracle): the share of images
 it recognises, overall and on the tail (the few-shot classes, under 4% of the largest), the
@@ -87,7 +89,7 @@ LEVERS = {
                                                     "generator.guidance_interval=[0.28,5.42]"],
     "Min-SNR gamma 5, guidance 3 in (0.28, 2.5]": ["generator.min_snr_gamma=5", "generator.guidance_interval=[0.28,2.5]"],
     # CBDM below the paper's strength (session 56), on the Min-SNR generator: y' by the class frequencies (the
-    # reference code's training, which pulls the tail towards the head) or uniformly (its fine-tuning)
+    # reference code's training) or uniformly (its fine-tuning)
     "Min-SNR gamma 5, CBDM tau 0.1": ["generator.min_snr_gamma=5", "generator.cbdm_weight=0.1"],
     "Min-SNR gamma 5, CBDM tau 0.1, y' uniform": ["generator.min_snr_gamma=5", "generator.cbdm_weight=0.1",
                                                   "generator.cbdm_draw=uniform"],

@@ -316,6 +316,16 @@ def _row(recipe, seed, score, generator_seed=None, images=0):
             "images_generated": images, "generated_now": images, "device": "CPU", "commit": "x"}
 
 
+def test_a_recipe_the_seeds_do_not_change_gets_no_interval_in_the_leaderboard():
+    rows = [_row("synaug", s, 0.9, images=1000) for s in range(3)] + [_row("ce", s, 0.8 + 0.01 * s) for s in range(3)]
+    rows += [_row("crt", s, 0.7) for s in range(3)]  # every seed one score, as synaug: their pair is one replicate
+    line = next(line for line in leaderboard_markdown(None, rows).splitlines() if line.startswith("| **synaug** |"))
+    assert "| +9.00 (" in line and "| gain |" in line  # against ce, which the seeds move: an interval (and in bold)
+    lone = [r for r in rows if r["recipe"] != "ce"]
+    line = next(line for line in leaderboard_markdown(None, lone).splitlines() if line.startswith("| synaug |"))
+    assert "| +20.00 |" in line and "the seeds change neither score: no interval" in line and "nan" not in line
+
+
 def test_a_replay_control_costs_no_generation_and_is_not_a_classical_baseline(tmp_path):
     made = [dict(_row("synaug", s, 0.9, images=1000), seconds={"train": 60.0, "generate": 100.0}) for s in range(2)]
     replay = [dict(_row("real replay", s, 0.9), images_replayed=1000) for s in range(2)]
@@ -371,7 +381,7 @@ def test_a_replay_control_costs_no_generation_and_is_not_a_classical_baseline(tm
     mixed = [dict(r, recipe="half replay", images_generated=50, images_replayed=50) for r in replay]
     assert setting_summary(made + replay + mixed + plain, None)["controls"] == ["real replay"]
     # the perfect-generator control (synaug.unseen) adds real images only, generates none: a control
-    unseen = [dict(_row("unseen real", s, 0.95), images_unseen=500) for s in range(2)]
+    unseen = [dict(_row("unseen real", s, 0.95 + 0.01 * s), images_unseen=500) for s in range(2)]
     assert setting_summary(made + replay + unseen + plain, None)["controls"] == ["real replay", "unseen real"]
     board = leaderboard_markdown(None, made + replay + unseen + plain)  # its gain shown as a control's, not a recipe's
     assert "| gain (control) |" in next(line for line in board.splitlines() if line.startswith("| unseen real |"))

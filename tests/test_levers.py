@@ -657,7 +657,7 @@ def test_cbdm_draws_the_other_class_by_the_class_frequencies_or_uniformly(monkey
 
 
 def test_cbdm_draw_names_another_generator_and_needs_the_regulariser():
-    from synthaug.generate.cache import generator_fingerprint
+    from synthaug.generate.cache import generator_fingerprint, train_config
 
     ds = make_dataset((12, 8, 4))
     by_frequency = load_config(None, ["generator.cbdm_weight=0.3"]).generator
@@ -665,6 +665,9 @@ def test_cbdm_draw_names_another_generator_and_needs_the_regulariser():
     assert generator_fingerprint(ds, by_frequency, 0) != generator_fingerprint(ds, uniform, 0)
     with pytest.raises(SynthaugError, match="cbdm_weight > 0"):
         load_config(None, ["generator.cbdm_draw=uniform"])
+    with pytest.raises(SynthaugError, match="cbdm_weight > 0"):  # the library's own config too
+        _fit_generator(ds, cbdm_draw="uniform")
+    assert train_config(uniform).cbdm_draw == "uniform"  # the run config's reaches the training
 
 
 def test_ema_half_life_sets_the_decay_from_the_run_s_length(monkeypatch):

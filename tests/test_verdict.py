@@ -48,6 +48,7 @@ def test_seeds_that_change_neither_score_are_one_replicate_not_an_exact_differen
     found = compare({"synaug": {0: 0.9, 1: 0.9, 2: 0.9}, "ce": {0: 0.8, 1: 0.8, 2: 0.8}}, "synaug")
     assert found.verdict == "the seeds change neither score: no interval" and found.verdict != "gain"
     assert "interval" not in found.difference_text().split(":")[0]  # no "(95% interval ...)" printed
+    assert found.to_dict()["low"] is None and json.dumps(found.to_dict(), allow_nan=False)  # summary.json stays JSON
     tie = compare({"synaug": {0: 0.0, 1: 0.0}, "ce": {0: 0.0, 1: 0.0}}, "synaug")
     assert tie.tied and tie.verdict == "no significant difference"
 

@@ -1,6 +1,7 @@
 """Is a difference real? The paired comparison that every claim of a gain needs: over the
 same seeds, the mean difference between a recipe and the best classical baseline, its 95%
-t-interval, and a plain verdict (gain, no significant difference, loss)."""
+t-interval, and a plain verdict (gain, no significant difference, loss; no interval from one seed,
+or from seeds that gave each method one score)."""
 
 from __future__ import annotations
 
@@ -57,7 +58,8 @@ class Verdict:
         return len(self.seeds) > 1 and self.difference == self.low == self.high == 0
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Its fields, an absent interval as None (JSON has no NaN)."""
+        return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in asdict(self).items()}
 
 
 def paired_interval(a: list[float], b: list[float], level: float = 0.95) -> tuple[float, float, float]:

@@ -10,6 +10,7 @@ classifier seeds' spread, the generator seeds' own spread is shown beside it."""
 from __future__ import annotations
 
 import html
+import math
 import statistics
 from pathlib import Path
 
@@ -32,6 +33,14 @@ def mean_std(values: list[float], scale: float = 100.0) -> str:
         return "n/a"
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{scale * statistics.fmean(values):.2f} ± {scale * spread:.2f}"
+
+
+def paired_text(found) -> str:
+    """A verdict's paired difference and its interval, e.g. '+0.30 (-0.21 to +0.81)'; the
+    difference alone where there is no interval (seeds that gave each method one score)."""
+    if math.isnan(found.low):
+        return f"{100 * found.difference:+.2f}"
+    return f"{100 * found.difference:+.2f} ({100 * found.low:+.2f} to {100 * found.high:+.2f})"
 
 
 def by_seed(rows: list[dict], metric: str) -> dict[int, float]:
@@ -150,13 +159,11 @@ def markdown_setting(name: str, rows: list[dict], summary: dict, columns: list[s
         cells = [mean_std([r["metrics"][c] for r in mine if r["metrics"].get(c) is not None]) for c in columns]
         found = summary["verdicts"].get(recipe)
         best = best or (found and found.baseline)
-        paired = (f"{100 * found.difference:+.2f} ({100 * found.low:+.2f} to {100 * found.high:+.2f})"
-                  if found and len(found.seeds) > 1 else "-")
+        paired = paired_text(found) if found and len(found.seeds) > 1 else "-"
         verdict = found.verdict if found else ("classical baseline" if recipe in summary["classical"] else "reference")
         second = summary.get("tied", {}).get(recipe)
         if second:  # the metric equal on every seed: its interval says nothing, the next column's does
-            paired = (f"tied on every seed; {label(summary['tiebreak'])} {100 * second.difference:+.2f} "
-                      f"({100 * second.low:+.2f} to {100 * second.high:+.2f})")
+            paired = f"tied on every seed; {label(summary['tiebreak'])} {paired_text(second)}"
             verdict = f"tie; {label(summary['tiebreak'])}: {second.verdict}"
         control = recipe in summary["controls"]  # real images added: what a gain of a recipe is measured against
         if control and found:
@@ -284,7 +291,8 @@ def write_leaderboard(suite, rows: list[dict], out: str | Path) -> tuple[Path, P
     parts = [f"<h1>synthaug bench: {html.escape(suite.name)}</h1><p class='muted'>{html.escape(suite.description)}</p>",
              "<p class='muted'>Verdict: the paired 95% t-interval of the recipe's difference to the best classical "
              "baseline (the highest mean; never the oracle) over the classifier seeds: <b>gain</b> when it lies above 0, "
-             "<b>loss</b> below, <b>no significant difference</b> when it holds 0.</p>"]
+             "<b>loss</b> below, <b>no significant difference</b> when it holds 0; no interval where every seed gave "
+             "each the same score.</p>"]
     with literal_text():
         for name, mine, setting in _settings(suite, rows):
             summary = setting_summary(mine, setting)

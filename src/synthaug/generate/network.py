@@ -138,6 +138,9 @@ class GeneratorTrainConfig:
                                 "generator.ema_half_life in [0, 1] (0: use generator.ema_decay)")
         if not 0 <= self.augment <= 1:
             raise SynthaugError(f"generator.augment is a probability in [0, 1] (0: off), got {self.augment}")
+        if self.cbdm_draw != "frequency" and not self.cbdm_weight:
+            raise SynthaugError("generator.cbdm_draw sets how CBDM draws its other class: set generator.cbdm_weight > 0 "
+                                "too, or leave cbdm_draw out")
 
     @property
     def decay(self) -> float:
