@@ -36,7 +36,7 @@ from .choices import (
 )
 from .classify.train import TrainConfig
 from .errors import SynthaugError
-from .generate.network import GeneratorTrainConfig, check_interval
+from .generate.network import GeneratorTrainConfig, check_interval, check_levers
 from .utils.paths import check_folder, check_name
 from .utils.registry import Registry
 
@@ -229,14 +229,7 @@ class GeneratorSection:
         for key in ("steps", "batch_size", "checkpoint_every", "sampling_steps", "sampling_batch_size"):
             if getattr(self, key) < 1:
                 raise SynthaugError(f"generator.{key} must be >= 1, got {getattr(self, key)}")
-        if self.min_snr_gamma < 0 or self.cbdm_weight < 0 or not 0 <= self.ema_half_life <= 1:
-            raise SynthaugError("generator.min_snr_gamma and generator.cbdm_weight must be >= 0, "
-                                "generator.ema_half_life in [0, 1] (0: use generator.ema_decay)")
-        if not 0 <= self.augment <= 1:
-            raise SynthaugError(f"generator.augment is a probability in [0, 1] (0: off), got {self.augment}")
-        if self.cbdm_draw != "frequency" and not self.cbdm_weight:
-            raise SynthaugError("generator.cbdm_draw sets how CBDM draws its other class: set generator.cbdm_weight > 0 "
-                                "too, or leave cbdm_draw out")
+        check_levers(self)
         if not 0 <= self.label_dropout < 1 or not 0 < self.ema_decay < 1 or self.lr <= 0:
             raise SynthaugError("generator.label_dropout must be in [0, 1), generator.ema_decay in (0, 1), generator.lr > 0")
         if self.guidance_scale < 1:

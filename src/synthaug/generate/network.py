@@ -99,6 +99,19 @@ class GeneratorConfig:
         return self.num_groups > 0 and self.group_guidance == "composed"
 
 
+def check_levers(settings):
+    """The tail levers' values (`GeneratorTrainConfig.ADDED`), on the run config's generator
+    section and on the training config alike."""
+    if settings.min_snr_gamma < 0 or settings.cbdm_weight < 0 or not 0 <= settings.ema_half_life <= 1:
+        raise SynthaugError("generator.min_snr_gamma and generator.cbdm_weight must be >= 0, "
+                            "generator.ema_half_life in [0, 1] (0: use generator.ema_decay)")
+    if not 0 <= settings.augment <= 1:
+        raise SynthaugError(f"generator.augment is a probability in [0, 1] (0: off), got {settings.augment}")
+    if settings.cbdm_draw != "frequency" and not settings.cbdm_weight:
+        raise SynthaugError("generator.cbdm_draw sets how CBDM draws its other class: set generator.cbdm_weight > 0 "
+                            "too, or leave cbdm_draw out")
+
+
 @dataclass
 class GeneratorTrainConfig:
     steps: int = 2400
@@ -133,14 +146,7 @@ class GeneratorTrainConfig:
 
     def __post_init__(self):
         check_choices(self, "generator.")
-        if self.min_snr_gamma < 0 or self.cbdm_weight < 0 or not 0 <= self.ema_half_life <= 1:
-            raise SynthaugError("generator.min_snr_gamma and generator.cbdm_weight must be >= 0, "
-                                "generator.ema_half_life in [0, 1] (0: use generator.ema_decay)")
-        if not 0 <= self.augment <= 1:
-            raise SynthaugError(f"generator.augment is a probability in [0, 1] (0: off), got {self.augment}")
-        if self.cbdm_draw != "frequency" and not self.cbdm_weight:
-            raise SynthaugError("generator.cbdm_draw sets how CBDM draws its other class: set generator.cbdm_weight > 0 "
-                                "too, or leave cbdm_draw out")
+        check_levers(self)
 
     @property
     def decay(self) -> float:
