@@ -97,6 +97,28 @@ def test_confidence_agreement_and_top_k():
     assert select_hard(seen, {0: 3, 1: 3})[0].tolist() == [True, False, True, False, True]  # a filter: fewer where too few
 
 
+def test_novel_keeps_what_the_real_images_do_not_show():
+    from synthaug.select.filters import Candidates, select_novel
+
+    real, real_labels = torch.tensor([[0.0, 0.0], [10.0, 10.0]]), torch.tensor([0, 1])
+    # class 0: a near-copy of its real image, two far ones next to each other, one on the other side, and a far one
+    # the scorer reads as class 1; class 1: one candidate
+    features = torch.tensor([[0.1, 0.0], [5.0, 0.0], [5.2, 0.0], [0.0, -3.0], [9.0, 0.0], [10.0, 9.0]])
+    labels = torch.tensor([0, 0, 0, 0, 0, 1])
+    probs = torch.tensor([[0.9, 0.1]] * 4 + [[0.2, 0.8], [0.1, 0.9]])
+    seen = Candidates(labels=labels, probs=lambda: probs, features=lambda: features, real_features=lambda: real,
+                      real_labels=real_labels)
+    kept, scores = select_novel(seen, {0: 2, 1: 1})
+    # the farthest readable one first (5.2), then the one farthest from the real image and it (0, -3), not its neighbour
+    assert kept.tolist() == [False, False, True, True, False, True]
+    assert scores[:4].tolist() == pytest.approx([0.1, 0.2, 5.2, 3.0])
+    assert select_novel(seen, {0: 9, 1: 9})[0].tolist() == [True, True, True, True, False, True]  # a filter: fewer
+    # a class without real images starts from its candidates' centre
+    alone = Candidates(labels=labels[:4], probs=lambda: probs[:4], features=lambda: features[:4],
+                       real_features=lambda: real[1:], real_labels=real_labels[1:])
+    assert select_novel(alone, {0: 1})[0].tolist() == [False, False, False, True]
+
+
 def test_cluster_selection_keeps_one_of_every_cluster():
     centres = torch.tensor([[0.0, 0.0], [20.0, 0.0], [0.0, 20.0]])
     g = torch.Generator().manual_seed(0)
@@ -178,7 +200,8 @@ def test_selection_keeps_the_planned_count(data, tmp_path, monkeypatch):
     given = []
     for method, selector in list(SELECTORS.items()):  # each told the config's options
         monkeypatch.setitem(SELECTORS, method, lambda *a, f=selector, **kw: (given.append(kw), f(*a, **kw))[1])
-    for method in ("confidence", "agreement", "realism", "cluster", "random", "diffult", "diffult-band", "prototype", "hard"):
+    for method in ("confidence", "agreement", "realism", "cluster", "random", "diffult", "diffult-band", "prototype", "hard",
+                   "novel"):
         config = load_config(None, [*FAST, "recipe=synaug", f"output_dir={tmp_path}", f"synaug.store_dir={store_dir}",
                                     f"select.method={method}", "select.overgenerate=2", "select.threshold=0.2",
                                     "select.clusters=2", "select.k=2", "train.epochs=1", "synaug.replay_share=0"])
@@ -193,7 +216,7 @@ def test_selection_keeps_the_planned_count(data, tmp_path, monkeypatch):
         assert len(rows) == 2 * sum(deficits)  # generated once, scored by every method
         kept = {r["id"] for r in rows if r["scores"][f"selected_{method}"]}
         assert kept == {r["id"] for r in result.synthetic.info["rows"]}
-        if method in ("agreement", "diffult", "diffult-band", "prototype", "hard"):  # filters: may keep fewer, and say so
+        if method in ("agreement", "diffult", "diffult-band", "prototype", "hard", "novel"):  # filters: may keep fewer, and say so
             assert all(k <= d for k, d in zip(result.synthetic.class_counts().tolist(), deficits))
             assert info["kept"] + info["shortfall"] == sum(deficits)
             continue

@@ -279,7 +279,7 @@ class SelectSection:
     TADA, AugCond), optionally push the kept images towards the boundary (`boundary`). Scores and
     choices are written to the store's metadata."""
 
-    # none, or a selector: random, confidence, agreement, realism, cluster, diffult, diffult-band, prototype, hard
+    # none, or a selector: random, confidence, agreement, realism, cluster, diffult, diffult-band, prototype, hard, novel
     method: str = "none"
     overgenerate: float = 2.0  # candidates per planned image (with a method)
     threshold: float = 0.5  # agreement: least confidence in the intended class

@@ -22,6 +22,10 @@ to keep per class, and returns (mask, scores). The built-in ones:
 - `hard`: the hard, right examples: among the candidates the scorer reads as their class, the k
   per class it is least sure of (generated images are easier for a classifier than fresh real
   ones, and what a classifier learns from are the hard ones it still gets right).
+- `novel`: what the real images do not already show: among the candidates the scorer reads as
+  their class, greedy k-centre per class (Sener & Savarese 2018's core set) started from the
+  class's real images, so each kept image is the one farthest from every real image and every
+  image kept before it (a near-copy of a real tail image adds nothing that replaying it does not).
 """
 
 from __future__ import annotations
@@ -216,6 +220,40 @@ def prototype_margins(features: torch.Tensor, labels: torch.Tensor, real: torch.
 def select_prototype(c: Candidates, keep, *, seed=0, **_):
     margin = prototype_margins(c.features(), c.labels, c.real_features(), c.real_labels)
     return top_k_per_class(_random_scores(len(c.labels), seed), c.labels, keep, allowed=margin > 0), margin
+
+
+def novelty_picks(features: torch.Tensor, labels: torch.Tensor, real: torch.Tensor, real_labels: torch.Tensor,
+                  keep: dict[int, int], allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per class c, greedy k-centre among the `allowed` candidates: `keep[c]` times, keep the one
+    farthest from its class's real images and the ones kept so far. Each candidate's score is that
+    distance when it was kept, or at the end if it was not, so a kept image never scores below a
+    dropped one of its class."""
+    mask = torch.zeros(len(labels), dtype=torch.bool)
+    scores = torch.zeros(len(labels))
+    for c, k in keep.items():
+        members = torch.nonzero(labels == c).flatten()
+        if not len(members):
+            continue
+        x = features[members].double()
+        reference = real[real_labels == c].double()
+        if not len(reference):  # a class without real images: start from its candidates' centre
+            reference = x.mean(0, keepdim=True)
+        nearest = torch.cdist(x, reference).min(1).values
+        free = allowed[members].clone()
+        for _ in range(min(k, int(free.sum()))):
+            j = int(torch.where(free, nearest, torch.tensor(-1.0, dtype=torch.float64)).argmax())
+            scores[members[j]] = float(nearest[j])
+            mask[members[j]], free[j] = True, False
+            nearest = torch.minimum(nearest, (x - x[j]).norm(dim=1))
+        dropped = ~mask[members]
+        scores[members[dropped]] = nearest[dropped].float()
+    return mask, scores
+
+
+@register_selector("novel")
+def select_novel(c: Candidates, keep, **_):
+    readable = c.probs().argmax(1) == c.labels
+    return novelty_picks(c.features(), c.labels, c.real_features(), c.real_labels, keep, readable)
 
 
 def get_selector(name: str) -> Callable:
