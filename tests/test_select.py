@@ -101,18 +101,23 @@ def test_novel_keeps_what_the_real_images_do_not_show():
     from synthaug.select.filters import Candidates, select_novel
 
     real, real_labels = torch.tensor([[0.0, 0.0], [10.0, 10.0]]), torch.tensor([0, 1])
-    # class 0: a near-copy of its real image, two far ones next to each other, one on the other side, and a far one
-    # the scorer reads as class 1; class 1: one candidate
-    features = torch.tensor([[0.1, 0.0], [5.0, 0.0], [5.2, 0.0], [0.0, -3.0], [9.0, 0.0], [10.0, 9.0]])
-    labels = torch.tensor([0, 0, 0, 0, 0, 1])
-    probs = torch.tensor([[0.9, 0.1]] * 4 + [[0.2, 0.8], [0.1, 0.9]])
+    # class 0: a near-copy of its real image, two far ones next to each other, one on the other side, one far from it
+    # but on class 1's real image, and a far one the scorer reads as class 1; class 1: one candidate
+    features = torch.tensor([[0.1, 0.0], [5.0, 0.0], [5.2, 0.0], [0.0, -3.0], [10.0, 10.5], [9.0, 0.0], [10.0, 9.0]])
+    labels = torch.tensor([0, 0, 0, 0, 0, 0, 1])
+    probs = torch.tensor([[0.9, 0.1]] * 5 + [[0.2, 0.8], [0.1, 0.9]])
     seen = Candidates(labels=labels, probs=lambda: probs, features=lambda: features, real_features=lambda: real,
                       real_labels=real_labels)
-    kept, scores = select_novel(seen, {0: 2, 1: 1})
-    # the farthest readable one first (5.2), then the one farthest from the real image and it (0, -3), not its neighbour
-    assert kept.tolist() == [False, False, True, True, False, True]
-    assert scores[:4].tolist() == pytest.approx([0.1, 0.2, 5.2, 3.0])
-    assert select_novel(seen, {0: 9, 1: 9})[0].tolist() == [True, True, True, True, False, True]  # a filter: fewer
+    kept, scores = select_novel(seen, {0: 3, 1: 1})
+    # farthest from its own class's real image first (10, 10.5), then 5.2, then the one farthest from the real image
+    # and those (0, -3), not 5.2's neighbour
+    assert kept.tolist() == [False, False, True, True, True, False, True]
+    assert scores[:5].tolist() == pytest.approx([0.1, 0.2, 5.2, 3.0, float(torch.tensor([10.0, 10.5]).norm())])
+    readable = probs.argmax(1) == labels
+    assert scores[kept & (labels == 0)].min() >= scores[~kept & readable & (labels == 0)].max()
+    kept, scores = select_novel(seen, {0: 9, 1: 9})  # a filter: fewer, and no candidate kept twice
+    assert kept.tolist() == [True, True, True, True, True, False, True]
+    assert scores[:5].tolist() == pytest.approx([0.1, 0.2, 5.2, 3.0, float(torch.tensor([10.0, 10.5]).norm())])
     # a class without real images starts from its candidates' centre
     alone = Candidates(labels=labels[:4], probs=lambda: probs[:4], features=lambda: features[:4],
                        real_features=lambda: real[1:], real_labels=real_labels[1:])

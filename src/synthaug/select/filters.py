@@ -226,8 +226,8 @@ def novelty_picks(features: torch.Tensor, labels: torch.Tensor, real: torch.Tens
                   keep: dict[int, int], allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per class c, greedy k-centre among the `allowed` candidates: `keep[c]` times, keep the one
     farthest from its class's real images and the ones kept so far. Each candidate's score is that
-    distance when it was kept, or at the end if it was not, so a kept image never scores below a
-    dropped one of its class."""
+    distance when it was kept, or at the end if it was not, so among the allowed candidates of a
+    class a kept one never scores below a dropped one (a disallowed one may score anything)."""
     mask = torch.zeros(len(labels), dtype=torch.bool)
     scores = torch.zeros(len(labels))
     for c, k in keep.items():
