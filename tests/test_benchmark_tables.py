@@ -66,3 +66,45 @@ def test_backfill_gives_older_rows_what_their_cells_recorded(tmp_path, monkeypat
     assert [r["generator_train_seconds"] for r in rows] == [3209.0, 3209.0, 63.0, 3209.0, None]
     assert rows[0]["curve"] == [[10, 0.5]] and "curve" not in rows[2]
     assert not tables.backfill(rows, tmp_path)  # nothing more to give
+
+
+CONTROL = ["synaug, Min-SNR float32, replay share 0.5@0,1", "synaug, replay share 0.5, generator seeds 2 and 3@2,3"]
+CBDM = "synaug, replay share 0.5, generator CBDM 0.1"
+
+
+@pytest.mark.parametrize("row, baseline, quoted", [
+    (CBDM, CONTROL, "-0.04 (-0.26 to +0.17)"),
+    (f"{CBDM}, guidance 4", [CBDM], "-0.01 (-0.31 to +0.29)"),
+    (f"{CBDM}, novel filter", [CBDM], "+0.20 (-0.14 to +0.54)"),
+    (f"{CBDM}, novel filter of 4x", [CBDM], "+0.06 (-0.20 to +0.32)"),
+    (f"{CBDM}, novel filter", ["balanced-softmax, replay's steps (960)"], "-0.29 (-0.76 to +0.18)"),
+])
+def test_readings_over_generators_regenerate_from_the_results(row, baseline, quoted, monkeypatch):
+    """BENCHMARKS' readings that pair rows over four generator seeds (benchmarks/pair_rows.py), from the results file."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    pair_rows = importlib.import_module("pair_rows")
+    rows = pair_rows.read_rows(pair_rows.RESULTS)
+    result = pair_rows.pair(pair_rows.cells(rows, "MNIST-5k-LT r50", row), pair_rows.control(rows, "MNIST-5k-LT r50", baseline))
+    assert result["generators"] == [0, 1, 2, 3] and result["seeds"] == [0, 1, 2, 3, 4]
+    assert pair_rows.interval_text(*result["over"]) == quoted
+    assert quoted in (BENCHMARKS.parent / "BENCHMARKS.md").read_text()
+
+
+def test_pair_rows_merges_a_control_and_pairs_a_baseline_without_generator(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    pair_rows = importlib.import_module("pair_rows")
+    rows = [{"setting": "s", "recipe": r, "generator_seed": g, "seed": s, "metrics": {"balanced_accuracy": v}}
+            for r, g, s, v in [("a", 0, 0, 0.90), ("a", 0, 1, 0.92), ("a", 1, 0, 0.94), ("a", 1, 1, 0.98),
+                               ("c", 0, 0, 0.90), ("c", 0, 1, 0.91), ("c", 1, 0, 0.5), ("c", 1, 1, 0.5),
+                               ("d", 1, 0, 0.93), ("d", 1, 1, 0.95), ("bs", None, 0, 0.91), ("bs", None, 1, 0.93)]]
+    merged = pair_rows.control(rows, "s", ["c@0", "d@1"])  # c's generator 1 left out
+    assert merged == {(0, 0): 0.90, (0, 1): 0.91, (1, 0): 0.93, (1, 1): 0.95}
+    result = pair_rows.pair(pair_rows.cells(rows, "s", "a"), merged)
+    assert result["by_generator"][0][0] == pytest.approx(0.005) and result["by_generator"][1][0] == pytest.approx(0.02)
+    assert result["means"] == pytest.approx((0.935, 0.9225))
+    against = pair_rows.pair(pair_rows.cells(rows, "s", "a"), pair_rows.cells(rows, "s", "bs"))
+    assert against["by_generator"] == {} and against["means"] == pytest.approx((0.935, 0.92))
+    with pytest.raises(SystemExit, match="already"):
+        pair_rows.control(rows, "s", ["c", "d"])
+    with pytest.raises(SystemExit, match="no cells"):
+        pair_rows.cells(rows, "s", "c@7")
