@@ -7,7 +7,8 @@
 
 The readings in BENCHMARKS.md that pair rows over several generator seeds come from here. The
 baseline is one row, or a control made of several rows on the generator seeds each covers:
-`LABEL@0,1` takes that row's generator seeds 0 and 1. For each generator seed the script gives the
+`LABEL@0,1` takes that row's generator seeds 0 and 1 (the row itself, too, can be made of several:
+`--also LABEL@2,3`). For each generator seed the script gives the
 paired 95% interval over the classifier seeds. Over the generators, it pairs the per-classifier-seed
 means over the generator seeds both rows have. A row without a generator (a classical baseline)
 pairs by classifier seed with the other row's mean over its generators.
@@ -61,6 +62,8 @@ def pair(a: dict[tuple, float], b: dict[tuple, float]) -> dict:
     the mean over the generator seeds; a side without a generator is its own mean)."""
     gens_a, gens_b = {g for g, _ in a} - {None}, {g for g, _ in b} - {None}
     gens = sorted(gens_a & gens_b) if gens_a and gens_b else sorted(gens_a | gens_b)
+    if gens_a and gens_b and not gens:
+        raise SystemExit(f"the two rows share no generator seed ({sorted(gens_a)} against {sorted(gens_b)})")
     by_generator = {}
     for g in sorted(gens_a & gens_b):
         seeds = sorted(s for gg, s in a if gg == g and (g, s) in b)
@@ -91,13 +94,14 @@ def interval_text(m: float, low: float, high: float) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("row", help="the row's label (or LABEL@generator seeds)")
+    parser.add_argument("--also", action="append", default=[], help="another row making up the row, as LABEL@seeds")
     parser.add_argument("baseline", nargs="+", help="the row it is paired with, or the rows of a merged control")
     parser.add_argument("--setting", default="MNIST-5k-LT r50")
     parser.add_argument("--metric", default="balanced_accuracy", help="balanced_accuracy, few_shot_accuracy, ...")
     parser.add_argument("--worth", nargs=2, metavar=("REPLAY", "UNSEEN"), default=WORTH)
     args = parser.parse_args()
     rows = read_rows(RESULTS)
-    a = cells(rows, args.setting, args.row, args.metric)
+    a = control(rows, args.setting, [args.row, *args.also], args.metric)
     b = control(rows, args.setting, args.baseline, args.metric)
     result = pair(a, b)
     for g, interval in result["by_generator"].items():
