@@ -16,6 +16,9 @@ pairs by classifier seed with the other row's mean over its generators.
 The worth is the row's gain over the real-replay control, as a share of what unseen real images
 gain over it (`--worth REPLAY UNSEEN`; default MNIST-5k-LT's "real replay" and "unseen real, replay
 share 0.5"). The script prints and writes nothing.
+
+The intervals vary the classifier seeds with the generators held fixed: they speak for these trained
+generators, and the spread between generators is shown per generator seed, not folded in.
 """
 
 from __future__ import annotations
@@ -32,17 +35,32 @@ WORTH = ("real replay", "unseen real, replay share 0.5")
 
 
 def cells(rows: list[dict], setting: str, spec: str, metric: str = "balanced_accuracy") -> dict[tuple, float]:
-    """(generator seed, classifier seed) -> score of the row `spec` names: a label, or `LABEL@g,...`
-    for those generator seeds only."""
-    label, gens = spec, None
+    """(generator seed, classifier seed) -> score of the row `spec` names: a label; `LABEL@g,...` for
+    those generator seeds only; or `LABEL@-` for a row that uses no generator though its cells carry a
+    generator seed (real replay, the unseen control), read as generator-free."""
+    labels = {r["recipe"] for r in rows if r["setting"] == setting}
+    label, gens, free = spec, None, False
     head, _, tail = spec.rpartition("@")
-    if head and tail.replace(",", "").isdigit():
-        label, gens = head, {int(g) for g in tail.split(",")}
-    found = {(r["generator_seed"], r["seed"]): r["metrics"][metric] for r in rows
-             if r["setting"] == setting and r["recipe"] == label and (gens is None or r["generator_seed"] in gens)}
+    if spec not in labels and head:
+        label = head
+        if tail == "-":
+            free = True
+        elif all(part.isdigit() for part in tail.split(",")):
+            gens = {int(part) for part in tail.split(",")}
+        else:
+            raise SystemExit(f"'{spec}': after '@', generator seeds (0,1) or '-' (no generator)")
+    found = {}
+    for r in rows:
+        if r["setting"] == setting and r["recipe"] == label and (gens is None or r["generator_seed"] in gens):
+            cell = (None if free else r["generator_seed"], r["seed"])
+            if cell in found:
+                raise SystemExit(f"'{label}' has two cells at generator seed {cell[0]}, classifier seed {cell[1]}")
+            found[cell] = r["metrics"][metric]
     if not found:
-        raise SystemExit(f"no cells of '{label}' in setting '{setting}'" + (f" at generator seeds {sorted(gens)}"
-                                                                             if gens else ""))
+        raise SystemExit(f"no cells of '{label}' in setting '{setting}'")
+    missing = sorted(gens - {g for g, _ in found}) if gens else []
+    if missing:
+        raise SystemExit(f"'{label}' has no cells at generator seeds {missing}")
     return found
 
 
@@ -53,6 +71,8 @@ def control(rows: list[dict], setting: str, specs: list[str], metric: str = "bal
         part = cells(rows, setting, spec, metric)
         if set(part) & set(out):
             raise SystemExit(f"'{spec}' covers cells another part of the control already does")
+        if out and ({g is None for g, _ in part} != {g is None for g, _ in out}):
+            raise SystemExit(f"'{spec}': a control cannot mix rows with and without a generator")
         out.update(part)
     return out
 
@@ -67,7 +87,8 @@ def pair(a: dict[tuple, float], b: dict[tuple, float]) -> dict:
     by_generator = {}
     for g in sorted(gens_a & gens_b):
         seeds = sorted(s for gg, s in a if gg == g and (g, s) in b)
-        by_generator[g] = paired_interval([a[(g, s)] for s in seeds], [b[(g, s)] for s in seeds])
+        if seeds:
+            by_generator[g] = paired_interval([a[(g, s)] for s in seeds], [b[(g, s)] for s in seeds])
 
     def mean_over(side, s):
         return statistics.fmean(side[(g, s)] for g in gens) if {g for g, _ in side} - {None} else side[(None, s)]
@@ -76,15 +97,19 @@ def pair(a: dict[tuple, float], b: dict[tuple, float]) -> dict:
         return all((g, s) in side for g in gens) if {g for g, _ in side} - {None} else (None, s) in side
 
     seeds = sorted(s for s in {s for _, s in a} if covers(a, s) and covers(b, s))
+    if not seeds:
+        raise SystemExit("the two rows share no classifier seed with every generator seed's cell")
     first, second = [mean_over(a, s) for s in seeds], [mean_over(b, s) for s in seeds]
     return {"generators": gens, "seeds": seeds, "by_generator": by_generator,
             "over": paired_interval(first, second), "means": (statistics.fmean(first), statistics.fmean(second))}
 
 
-def worth(rows: list[dict], setting: str, row: dict[tuple, float], replay: str, unseen: str) -> float:
-    """The row's gain over real replay as a share of unseen real images' gain over it (means)."""
+def worth(rows: list[dict], setting: str, row: dict[tuple, float], replay: str, unseen: str) -> float | None:
+    """The row's gain over real replay as a share of unseen real images' gain over it (means); None
+    where unseen images gain nothing over replay (no share to speak of)."""
     base = statistics.fmean(cells(rows, setting, replay).values())
-    return (statistics.fmean(row.values()) - base) / (statistics.fmean(cells(rows, setting, unseen).values()) - base)
+    scale = statistics.fmean(cells(rows, setting, unseen).values()) - base
+    return (statistics.fmean(row.values()) - base) / scale if scale > 0 else None
 
 
 def interval_text(m: float, low: float, high: float) -> str:
@@ -108,8 +133,14 @@ def main():
         print(f"generator seed {g}: {interval_text(*interval)}")
     print(f"over generator seeds {result['generators']} x classifier seeds {result['seeds']}: "
           f"{100 * result['means'][0]:.2f} against {100 * result['means'][1]:.2f}, {interval_text(*result['over'])}")
-    if args.metric == "balanced_accuracy" and args.setting == "MNIST-5k-LT r50":
-        print(f"worth {worth(rows, args.setting, a, *args.worth):.0%} of an unseen real image")
+    for name, side in (("row", a), ("baseline", b)):
+        left = sorted({g for g, _ in side} - {None} - set(result["generators"]))
+        if left:
+            print(f"note: the {name}'s generator seeds {left} have no partner and are left out")
+    if args.metric == "balanced_accuracy":
+        share = worth(rows, args.setting, a, *args.worth)
+        print(f"worth {share:.0%} of an unseen real image" if share is not None
+              else "worth: unseen real images gain nothing over real replay here")
 
 
 if __name__ == "__main__":

@@ -83,15 +83,17 @@ CBDM = "synaug, replay share 0.5, generator CBDM 0.1"
     (["synaug, replay share 0.5, guidance 3 in (0.28, 5.42]"], CONTROL, "-0.23 (-0.46 to -0.00)"),
     (["synaug, replay share 0.5, guidance 2@0,1", "synaug, replay share 0.5, guidance 2, generator seeds 2 and 3@2,3"],
      CONTROL, "-0.00 (-0.21 to +0.20)"),
+    (["synaug, replay share 0.5, guidance 2"], ["real replay@-"], "+1.33 (+0.89 to +1.77)"),
 ])
 def test_readings_over_generators_regenerate_from_the_results(row, baseline, quoted, monkeypatch):
-    """BENCHMARKS' readings that pair rows over four generator seeds (benchmarks/pair_rows.py), from the results file."""
+    """BENCHMARKS' readings that pair rows over generator seeds (benchmarks/pair_rows.py), from the results file."""
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     pair_rows = importlib.import_module("pair_rows")
     rows = pair_rows.read_rows(pair_rows.RESULTS)
     result = pair_rows.pair(pair_rows.control(rows, "MNIST-5k-LT r50", row),
                             pair_rows.control(rows, "MNIST-5k-LT r50", baseline))
-    assert result["generators"] == [0, 1, 2, 3] and result["seeds"] == [0, 1, 2, 3, 4]
+    assert result["generators"] == ([0, 1] if "real replay@-" in baseline else [0, 1, 2, 3])
+    assert result["seeds"] == [0, 1, 2, 3, 4]
     assert pair_rows.interval_text(*result["over"]) == quoted
     assert quoted in (BENCHMARKS.parent / "BENCHMARKS.md").read_text()
 
@@ -116,3 +118,17 @@ def test_pair_rows_merges_a_control_and_pairs_a_baseline_without_generator(monke
         pair_rows.pair(pair_rows.cells(rows, "s", "c@0"), pair_rows.cells(rows, "s", "d"))
     with pytest.raises(SystemExit, match="no cells"):
         pair_rows.cells(rows, "s", "c@7")
+    with pytest.raises(SystemExit, match=r"no cells at generator seeds \[7\]"):
+        pair_rows.cells(rows, "s", "c@0,7")
+    with pytest.raises(SystemExit, match="after '@'"):
+        pair_rows.cells(rows, "s", "c@0,")
+    free = pair_rows.cells(rows, "s", "d@-")  # a row without a generator whose cells carry a generator seed
+    assert free == {(None, 0): 0.93, (None, 1): 0.95}
+    with pytest.raises(SystemExit, match="cannot mix"):
+        pair_rows.control(rows, "s", ["c@0", "bs"])
+    with pytest.raises(SystemExit, match="two cells"):
+        pair_rows.cells(rows + rows[:1], "s", "a")
+    with pytest.raises(SystemExit, match="no classifier seed"):
+        pair_rows.pair({(0, 0): 0.9}, {(0, 1): 0.9})
+    assert pair_rows.worth(rows, "s", pair_rows.cells(rows, "s", "a"), "bs", "d@-") == pytest.approx((0.935 - 0.92) / 0.02)
+    assert pair_rows.worth(rows, "s", pair_rows.cells(rows, "s", "a"), "bs", "bs") is None
