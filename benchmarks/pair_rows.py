@@ -90,16 +90,17 @@ def pair(a: dict[tuple, float], b: dict[tuple, float]) -> dict:
         if seeds:
             by_generator[g] = paired_interval([a[(g, s)] for s in seeds], [b[(g, s)] for s in seeds])
 
-    def mean_over(side, s):
-        return statistics.fmean(side[(g, s)] for g in gens) if {g for g, _ in side} - {None} else side[(None, s)]
+    def per_seed(side, generated):  # classifier seed -> its score, averaged over `gens` where the side has them
+        if not generated:
+            return {s: v for (_, s), v in side.items()}
+        return {s: statistics.fmean(side[(g, s)] for g in gens) for s in {s for _, s in side}
+                if all((g, s) in side for g in gens)}
 
-    def covers(side, s):
-        return all((g, s) in side for g in gens) if {g for g, _ in side} - {None} else (None, s) in side
-
-    seeds = sorted(s for s in {s for _, s in a} if covers(a, s) and covers(b, s))
+    mine, theirs = per_seed(a, gens_a), per_seed(b, gens_b)
+    seeds = sorted(set(mine) & set(theirs))
     if not seeds:
         raise SystemExit("the two rows share no classifier seed with every generator seed's cell")
-    first, second = [mean_over(a, s) for s in seeds], [mean_over(b, s) for s in seeds]
+    first, second = [mine[s] for s in seeds], [theirs[s] for s in seeds]
     return {"generators": gens, "seeds": seeds, "by_generator": by_generator,
             "over": paired_interval(first, second), "means": (statistics.fmean(first), statistics.fmean(second))}
 
